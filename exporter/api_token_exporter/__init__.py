@@ -1,0 +1,13 @@
+"""api-token-exporter: per-API-token usage analytics for Prometheus.
+
+    from api_token_exporter import TokenAnalytics
+    TokenAnalytics(app, keys_file="keys.yml")
+"""
+from .config import Settings, load_settings
+from .keystore import KeyStore, hash_key, mask_key
+from .middleware import TokenAnalytics, current_token, record_llm_usage
+from .usage import UsageError
+
+__version__ = "0.1.0"
+__all__ = ["TokenAnalytics", "record_llm_usage", "current_token", "Settings", "load_settings",
+           "KeyStore", "hash_key", "mask_key", "UsageError", "__version__"]

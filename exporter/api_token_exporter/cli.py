@@ -1,0 +1,144 @@
+"""Command line: `api-token-exporter keys|serve|demo`."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import List, Optional
+
+DEFAULT_KEYS_FILE = os.environ.get("ATE_KEYS_FILE", "keys.yml")
+
+
+def _window_limits(args) -> dict:
+    return {w: getattr(args, w) for w in ("minute", "hour", "day") if getattr(args, w) is not None}
+
+
+def cmd_keys(args) -> int:
+    from .keystore import KeyStoreError, add_key, load_keys, set_active
+    try:
+        if args.keys_cmd == "add":
+            budget = {p: v for p, v in (("daily", args.daily_budget),
+                                        ("monthly", args.monthly_budget)) if v is not None}
+            raw = add_key(args.file, args.id, name=args.name, tenant=args.tenant,
+                          rate_limits=_window_limits(args), budget_usd=budget,
+                          expires_at=args.expires)
+            print(f"added {args.id} to {args.file}", file=sys.stderr)
+            print("the key is shown this once; store it now:", file=sys.stderr)
+            print(raw)
+        elif args.keys_cmd == "list":
+            keys = load_keys(args.file) if os.path.exists(args.file) else []
+            rows = [("ID", "NAME", "TENANT", "KEY", "ACTIVE", "EXPIRES", "LIMITS m/h/d")]
+            for k in keys:
+                limits = "/".join(str(k.rate_limits.get(w, "-")) for w in ("minute", "hour", "day"))
+                rows.append((k.id, k.name, k.tenant, k.masked or "-", "yes" if k.active else "no",
+                             k.expires_at.isoformat() if k.expires_at else "-", limits))
+            widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+            for row in rows:
+                print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+        elif args.keys_cmd in ("revoke", "activate"):
+            key = set_active(args.file, args.id, args.keys_cmd == "activate")
+            print(f"{key.id} is now {'active' if key.active else 'inactive'}")
+    except (KeyStoreError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _settings_env(args) -> dict:
+    env = {}
+    if args.config:
+        env["ATE_CONFIG"] = os.path.abspath(args.config)
+    if args.keys_file:
+        env["ATE_KEYS_FILE"] = os.path.abspath(args.keys_file)
+    if args.storage_uri:
+        env["ATE_STORAGE_URI"] = args.storage_uri
+    return env
+
+
+def cmd_serve(args) -> int:
+    from .config import ConfigError
+    env = _settings_env(args)
+    if args.workers > 1:
+        from .server import run_gunicorn
+        return run_gunicorn("api_token_exporter.server:app_from_env()", args.host, args.port,
+                            args.workers, env)
+    os.environ.update(env)
+    from werkzeug.serving import run_simple
+    from .server import app_from_env
+    try:
+        app = app_from_env()
+    except (ConfigError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"api-token-exporter on http://{args.host}:{args.port}  "
+          f"(/metrics, /healthz{', /v1/events' if app.settings.ingest_token else ''}"
+          f"{', /admin/stats' if app.settings.admin_token else ''})", file=sys.stderr)
+    run_simple(args.host, args.port, app, threaded=True)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+    run_demo(host=args.host, port=args.port,
+             exporter_port=None if args.no_exporter else args.exporter_port,
+             data_dir=args.data_dir, duration=args.duration, traffic=not args.no_traffic,
+             storage_uri=args.storage_uri or "memory://", speed=args.speed)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="api-token-exporter",
+                                     description="Per-API-token usage analytics for Prometheus.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    keys = sub.add_parser("keys", help="manage the API key file")
+    keys_sub = keys.add_subparsers(dest="keys_cmd", required=True)
+    for name, help_text in (("add", "add a key and print its secret once"),
+                            ("list", "list keys (never their secrets)"),
+                            ("revoke", "mark a key inactive"),
+                            ("activate", "mark a key active again")):
+        p = keys_sub.add_parser(name, help=help_text)
+        p.add_argument("--file", default=DEFAULT_KEYS_FILE, help="key file (default %(default)s)")
+        if name != "list":
+            p.add_argument("id", help="the key's id, used as its metric label")
+        if name == "add":
+            p.add_argument("--name", default="")
+            p.add_argument("--tenant", default="")
+            p.add_argument("--expires", help="ISO 8601 time after which the key is refused")
+            for w in ("minute", "hour", "day"):
+                p.add_argument(f"--{w}", type=int, help=f"requests per {w} (overrides the default)")
+            p.add_argument("--daily-budget", type=float, help="USD per day")
+            p.add_argument("--monthly-budget", type=float, help="USD per month")
+    keys.set_defaults(func=cmd_keys)
+
+    serve = sub.add_parser("serve", help="run the exporter service (/metrics, ingest, admin)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=9464)
+    serve.add_argument("--workers", type=int, default=1, help="gunicorn workers (default 1)")
+    serve.add_argument("--config", help="YAML settings file (see docs/configuration.md)")
+    serve.add_argument("--keys-file")
+    serve.add_argument("--storage-uri", help="rate-limit storage: memory:// or redis://host:port/db")
+    serve.set_defaults(func=cmd_serve)
+
+    demo = sub.add_parser("demo", help="run a demo API with traffic so every metric moves")
+    demo.add_argument("--host", default="127.0.0.1")
+    demo.add_argument("--port", type=int, default=8000)
+    demo.add_argument("--exporter-port", type=int, default=9464,
+                      help="port of the sidecar exporter that receives ingest events")
+    demo.add_argument("--no-exporter", action="store_true")
+    demo.add_argument("--data-dir", default="demo-data")
+    demo.add_argument("--duration", type=float, default=0, help="seconds to run (0: until Ctrl-C)")
+    demo.add_argument("--no-traffic", action="store_true")
+    demo.add_argument("--speed", type=float, default=1.0, help="traffic speed factor")
+    demo.add_argument("--storage-uri")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

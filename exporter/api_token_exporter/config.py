@@ -1,0 +1,131 @@
+"""One settings object, from keyword arguments, a YAML file and ATE_* environment variables.
+
+Precedence: explicit keyword arguments > environment > YAML file > defaults. Secrets (ingest,
+admin, metrics credentials) are read from the environment or from a file named by
+``*_file``/``ATE_*_FILE`` so they never have to live in the repository.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from typing import Dict, List, Optional
+
+import yaml
+
+DEFAULT_RATE_LIMITS = {"minute": 100, "hour": 1000, "day": 10000}  # seed 002
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class Settings:
+    keys_file: Optional[str] = None
+    header_name: str = "X-API-Key"
+    rate_limits: Dict[str, int] = field(default_factory=lambda: dict(DEFAULT_RATE_LIMITS))
+    storage_uri: str = "memory://"
+    observe_only: bool = False
+    metrics_path: str = "/metrics"
+    metrics_port: Optional[int] = None      # serve /metrics on its own port instead of the app
+    metrics_addr: str = "127.0.0.1"
+    metrics_basic_user: Optional[str] = None
+    metrics_basic_password: Optional[str] = None
+    metrics_bearer_token: Optional[str] = None
+    admin_token: Optional[str] = None       # enables /admin/* when set
+    ingest_token: Optional[str] = None      # enables the ingest endpoint when set
+    ingest_allow_unknown_tokens: bool = False
+    ingest_max_events: int = 1000
+    ingest_max_bytes: int = 1_048_576
+    max_tokens: int = 10_000                # distinct token label values per family
+    max_routes: int = 500
+    max_models: int = 200
+    exempt_paths: List[str] = field(default_factory=lambda: ["/healthz"])
+    recent_requests: int = 100              # ring buffer behind /admin/stats
+
+    def validate(self) -> "Settings":
+        for window, value in self.rate_limits.items():
+            if window not in DEFAULT_RATE_LIMITS:
+                raise ConfigError(f"rate_limits: unknown window {window!r} (minute, hour, day)")
+            if not isinstance(value, int) or value < 0:
+                raise ConfigError(f"rate_limits.{window} must be a whole number >= 0")
+        if not self.header_name or not self.header_name.replace("-", "").isalnum():
+            raise ConfigError(f"header_name {self.header_name!r} is not a valid header name")
+        if not self.metrics_path.startswith("/"):
+            raise ConfigError("metrics_path must start with /")
+        if bool(self.metrics_basic_user) != bool(self.metrics_basic_password):
+            raise ConfigError("metrics basic auth needs both user and password")
+        for name in ("max_tokens", "max_routes", "max_models", "ingest_max_events",
+                     "recent_requests"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1")
+        return self
+
+
+_SECRET_FIELDS = ("metrics_basic_password", "metrics_bearer_token", "admin_token", "ingest_token")
+_BOOL_TRUE = {"1", "true", "yes", "on"}
+
+
+def _coerce(name: str, value, template):
+    if isinstance(template, bool):
+        return value if isinstance(value, bool) else str(value).strip().lower() in _BOOL_TRUE
+    if isinstance(template, int) and not isinstance(value, int):
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"{name} must be a whole number, got {value!r}") from None
+    if isinstance(template, list) and isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    if isinstance(template, dict) and isinstance(value, str):
+        out = {}
+        for part in value.split(","):
+            k, _, v = part.partition("=")
+            try:
+                out[k.strip()] = int(v)
+            except ValueError:
+                raise ConfigError(f"{name}: expected window=N pairs, got {part!r}") from None
+        return out
+    return value
+
+
+def _read_secret_file(name: str, path: str) -> str:
+    try:
+        with open(path, "r", encoding="utf-8") as fh:
+            return fh.read().strip()
+    except OSError as exc:
+        raise ConfigError(f"{name}_file {path}: {exc.strerror}") from None
+
+
+def load_settings(config_file: Optional[str] = None, environ=None, **overrides) -> Settings:
+    environ = os.environ if environ is None else environ
+    defaults = Settings()
+    values: Dict[str, object] = {}
+    config_file = config_file or environ.get("ATE_CONFIG")
+    if config_file:
+        try:
+            with open(config_file, "r", encoding="utf-8") as fh:
+                doc = yaml.safe_load(fh) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"config file {config_file}: {exc}") from None
+        if not isinstance(doc, dict):
+            raise ConfigError(f"config file {config_file}: expected a mapping")
+        values.update(doc)
+    known = {f.name for f in fields(Settings)}
+    for f in fields(Settings):
+        env_value = environ.get("ATE_" + f.name.upper())
+        if env_value is not None:
+            values[f.name] = env_value
+        if f.name in _SECRET_FIELDS:
+            file_value = values.pop(f.name + "_file", None) or environ.get(
+                "ATE_" + f.name.upper() + "_FILE")
+            if file_value and f.name not in values:
+                values[f.name] = _read_secret_file(f.name, file_value)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown setting(s): {', '.join(unknown)}")
+    for name, value in list(values.items()):
+        values[name] = _coerce(name, value, getattr(defaults, name))
+    if "rate_limits" in values:
+        values["rate_limits"] = {**DEFAULT_RATE_LIMITS, **values["rate_limits"]}
+    return Settings(**values).validate()

@@ -1,0 +1,256 @@
+"""`api-token-exporter demo`: a small API behind the middleware, plus a traffic generator whose
+clients are steady, bursty, erroring, slow, over their limit, LLM-heavy, and missing or
+inventing keys, so that every metric moves. A sidecar exporter receives ingest events too."""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import random
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import requests
+from flask import Flask, jsonify, request
+
+from .keystore import add_key, load_keys, save_keys
+from .middleware import TokenAnalytics, record_llm_usage
+
+# id -> (name, tenant, per-key rate limits)
+DEMO_KEYS = {
+    "demo-steady": ("Steady integration", "acme", {}),
+    "demo-bursty": ("Nightly batch", "acme", {"minute": 60}),
+    "demo-errors": ("Flaky partner", "globex", {}),
+    "demo-slow": ("Report builder", "globex", {}),
+    "demo-limited": ("Over-eager script", "initech", {"minute": 20, "hour": 300}),
+    "demo-llm": ("Chat assistant", "initech", {}),
+    "demo-playground": ("You, with curl", "acme", {}),
+    "demo-inactive": ("Revoked key", "acme", {}),
+    "demo-expired": ("Expired trial", "globex", {}),
+    "demo-sidecar": ("Go service (ingest)", "umbrella", {}),
+}
+MODELS = [("openai", "gpt-4"), ("openai", "gpt-4-turbo"), ("openai", "gpt-3.5-turbo"),
+          ("anthropic", "claude-3-5-sonnet"), ("anthropic", "claude-3-opus"),
+          ("cohere", "command-r")]
+
+
+def create_demo_api(**analytics_settings) -> Flask:
+    """The demo API with TokenAnalytics wired in, as a user would do it."""
+    app = Flask("api_token_exporter.demo")
+
+    @app.get("/api/v1/items")
+    def list_items():
+        return jsonify({"items": [{"id": i, "name": f"item {i}"} for i in range(1, 6)]})
+
+    @app.get("/api/v1/items/<int:item_id>")
+    def get_item(item_id):
+        if item_id > 100:
+            return jsonify({"detail": "Not found"}), 404
+        return jsonify({"id": item_id, "name": f"item {item_id}"})
+
+    @app.get("/api/v1/repos/<owner>/<repo>")
+    def get_repo(owner, repo):
+        return jsonify({"full_name": f"{owner}/{repo}", "stars": len(owner) * 7 + len(repo)})
+
+    @app.get("/api/v1/flaky")
+    def flaky():
+        if random.random() < float(request.args.get("fail", "0.3")):
+            return jsonify({"detail": "Internal server error"}), 500
+        return jsonify({"ok": True})
+
+    @app.get("/api/v1/slow")
+    def slow():
+        delay = min(float(request.args.get("seconds", "1.5")), 5.0)
+        time.sleep(delay)
+        return jsonify({"slept": delay})
+
+    @app.post("/api/v1/chat")
+    def chat():
+        body = request.get_json(silent=True) or {}
+        service, model = body.get("service", "openai"), body.get("model", "gpt-4")
+        prompt = str(body.get("prompt", "hello"))
+        prompt_tokens = max(1, len(prompt.split())) * 3
+        completion_tokens = random.randint(20, 400)
+        record_llm_usage(service, model, prompt_tokens, completion_tokens)
+        return jsonify({"model": model, "choices": [{"message": {"content": "…"}}],
+                        "usage": {"prompt_tokens": prompt_tokens,
+                                  "completion_tokens": completion_tokens,
+                                  "total_tokens": prompt_tokens + completion_tokens}})
+
+    TokenAnalytics(app, **analytics_settings)
+    return app
+
+
+def app_from_env():
+    """Factory for gunicorn: settings from ATE_* variables."""
+    return create_demo_api()
+
+
+def write_demo_keys(path: str) -> Dict[str, str]:
+    """Create the demo key file; returns id -> raw key (kept in memory for the generator)."""
+    if os.path.exists(path):
+        os.unlink(path)
+    raw = {}
+    for token_id, (name, tenant, limits) in DEMO_KEYS.items():
+        raw[token_id] = add_key(path, token_id, name=name, tenant=tenant, rate_limits=limits,
+                                budget_usd={"daily": 5.0, "monthly": 100.0})
+    keys = load_keys(path)
+    for key in keys:
+        if key.id == "demo-inactive":
+            key.active = False
+        if key.id == "demo-expired":
+            key.expires_at = dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc)
+    save_keys(path, keys)
+    return raw
+
+
+@dataclass
+class TrafficStats:
+    sent: int = 0
+    failed: int = 0
+
+
+class TrafficGenerator:
+    """Bounded background traffic: every client stops when ``stop()`` is called."""
+
+    def __init__(self, base_url: str, keys: Dict[str, str], sidecar_url: Optional[str] = None,
+                 ingest_token: Optional[str] = None, speed: float = 1.0, seed: int = 0):
+        self.base_url = base_url.rstrip("/")
+        self.keys = keys
+        self.sidecar_url = sidecar_url
+        self.ingest_token = ingest_token
+        self.speed = speed
+        self.stats = TrafficStats()
+        self._stop = threading.Event()
+        self._threads = []
+        self._lock = threading.Lock()
+        self._random = random.Random(seed)
+
+    def _get(self, session, path, key=None, method="GET", **kw):
+        headers = {"X-API-Key": key} if key else {}
+        try:
+            session.request(method, self.base_url + path, headers=headers, timeout=10, **kw)
+        except requests.RequestException:
+            with self._lock:
+                self.stats.failed += 1
+            return
+        with self._lock:
+            self.stats.sent += 1
+
+    def _loop(self, interval: float, action):
+        session = requests.Session()
+        while not self._stop.wait(interval / self.speed):
+            action(session)
+
+    def start(self) -> "TrafficGenerator":
+        r, k = self._random, self.keys
+        clients = [
+            (0.5, lambda s: self._get(s, r.choice(["/api/v1/items", f"/api/v1/items/{r.randint(1, 50)}",
+                                                    "/api/v1/repos/acme/portfolio"]), k["demo-steady"])),
+            (20.0, lambda s: [self._get(s, "/api/v1/items", k["demo-bursty"]) for _ in range(40)]),
+            (1.0, lambda s: self._get(s, r.choice(["/api/v1/flaky?fail=0.4", "/api/v1/items/404",
+                                                   f"/api/v1/items/{r.randint(101, 999)}"]),
+                                      k["demo-errors"])),
+            (4.0, lambda s: self._get(s, f"/api/v1/slow?seconds={r.choice([0.3, 1.2, 2.5])}",
+                                      k["demo-slow"])),
+            (1.0, lambda s: self._get(s, "/api/v1/items", k["demo-limited"])),
+            (2.0, lambda s: self._get(s, "/api/v1/chat", k["demo-llm"], method="POST",
+                                      json=dict(zip(("service", "model"), r.choice(MODELS)),
+                                                prompt="summarise this " * r.randint(1, 40)))),
+            (8.0, lambda s: self._get(s, "/api/v1/items")),                                 # missing
+            (6.0, lambda s: self._get(s, "/api/v1/items", "atk_" + secrets.token_urlsafe(24))),  # invalid
+            (15.0, lambda s: self._get(s, "/api/v1/items", k["demo-inactive"])),
+            (15.0, lambda s: self._get(s, "/api/v1/items", k["demo-expired"])),
+            (10.0, lambda s: self._get(s, f"/no/such/path/{r.randint(1, 10**6)}", k["demo-steady"])),
+        ]
+        if self.sidecar_url and self.ingest_token:
+            clients.append((5.0, self._post_events))
+        for interval, action in clients:
+            t = threading.Thread(target=self._loop, args=(interval, action), daemon=True)
+            t.start()
+            self._threads.append(t)
+        return self
+
+    def _post_events(self, session):
+        r = self._random
+        events = []
+        for _ in range(r.randint(5, 15)):
+            service, model = r.choice(MODELS)
+            event = {"token": "demo-sidecar", "route": r.choice(["/v1/orders", "/v1/orders/{id}"]),
+                     "method": r.choice(["GET", "POST"]), "status": r.choice([200] * 9 + [503]),
+                     "duration_ms": r.randint(5, 900)}
+            if r.random() < 0.3:
+                event["llm"] = {"service": service, "model": model,
+                                "input_tokens": r.randint(10, 500), "output_tokens": r.randint(10, 800)}
+            events.append(event)
+        events.append({"token": "demo-sidecar", "route": "/v1/orders", "status": 999})  # refused
+        try:
+            session.post(self.sidecar_url.rstrip("/") + "/v1/events", json={"events": events},
+                         headers={"Authorization": f"Bearer {self.ingest_token}"}, timeout=10)
+        except requests.RequestException:
+            pass
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=15)
+
+
+def run_demo(host: str = "127.0.0.1", port: int = 8000, exporter_port: Optional[int] = 9464,
+             data_dir: str = "demo-data", duration: float = 0, traffic: bool = True,
+             storage_uri: str = "memory://", speed: float = 1.0, out=print) -> None:
+    import logging
+    from werkzeug.serving import make_server
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)   # no access log flood
+    os.makedirs(data_dir, exist_ok=True)
+    keys_file = os.path.join(data_dir, "keys.yml")
+    raw_keys = write_demo_keys(keys_file)
+    admin_token = secrets.token_urlsafe(16)
+    ingest_token = secrets.token_urlsafe(16)
+    with open(os.path.join(data_dir, "admin-token"), "w") as fh:
+        fh.write(admin_token)
+    os.chmod(os.path.join(data_dir, "admin-token"), 0o600)
+
+    api = create_demo_api(keys_file=keys_file, storage_uri=storage_uri, admin_token=admin_token)
+    servers = [make_server(host, port, api, threaded=True)]
+    sidecar_url = None
+    if exporter_port is not None:
+        from .server import create_app
+        exporter = create_app(keys_file=keys_file, ingest_token=ingest_token,
+                              admin_token=admin_token)
+        servers.append(make_server(host, exporter_port, exporter, threaded=True))
+        sidecar_url = f"http://{host}:{exporter_port}"
+    for server in servers:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+
+    base = f"http://{host}:{port}"
+    out(f"demo API        {base}/api/v1/items   (X-API-Key header required)")
+    out(f"its metrics     {base}/metrics")
+    out(f"admin JSON      {base}/admin/stats and /admin/token-details "
+        f"(Authorization: Bearer <{os.path.join(data_dir, 'admin-token')}>)")
+    if sidecar_url:
+        out(f"exporter        {sidecar_url}/metrics   ingest: POST {sidecar_url}/v1/events")
+    out(f"key file        {keys_file}")
+    out(f"try it          curl -i -H 'X-API-Key: {raw_keys['demo-playground']}' {base}/api/v1/items")
+    generator = None
+    if traffic:
+        generator = TrafficGenerator(base, raw_keys, sidecar_url, ingest_token, speed=speed).start()
+        out("traffic         steady, bursty, erroring, slow, over-limit, LLM, missing and invalid keys")
+    out("Ctrl-C stops the demo." if not duration else f"running for {duration:.0f} s")
+    try:
+        deadline = time.monotonic() + duration if duration else None
+        while deadline is None or time.monotonic() < deadline:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if generator:
+            generator.stop()
+            out(json.dumps({"requests_sent": generator.stats.sent,
+                            "connection_failures": generator.stats.failed}))
+        for server in servers:
+            server.shutdown()

@@ -1,0 +1,230 @@
+"""Built-in endpoints: /metrics, /healthz, /admin/token-details, /admin/stats and the ingest
+endpoint /v1/events. Every credential is compared in constant time."""
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import json
+import math
+import time
+from typing import List, Optional, Tuple
+
+from flask import Flask, Response, jsonify, request
+
+from .keystore import valid_token_id, well_formed_key
+from .usage import UsageError, validate_usage
+
+ADMIN_PATHS = ("/admin/token-details", "/admin/stats")
+INGEST_PATH = "/v1/events"
+HEALTH_PATH = "/healthz"
+METHODS = {"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"}
+MAX_DURATION_SECONDS = 3600.0
+MAX_ROUTE_LENGTH = 200
+
+
+def _same(given: Optional[str], expected: str) -> bool:
+    if given is None:
+        return False
+    return hmac.compare_digest(given.encode("utf-8"), expected.encode("utf-8"))
+
+
+def _bearer(header: Optional[str]) -> Optional[str]:
+    if header and header[:7].lower() == "bearer ":
+        return header[7:].strip()
+    return None
+
+
+def _basic(header: Optional[str]) -> Optional[Tuple[str, str]]:
+    if not header or header[:6].lower() != "basic ":
+        return None
+    try:
+        user, _, password = base64.b64decode(header[6:].strip()).decode("utf-8").partition(":")
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        return None
+    return user, password
+
+
+def _unauthorized(detail: str, scheme: str):
+    response = jsonify({"detail": detail})
+    response.status_code = 401
+    response.headers["WWW-Authenticate"] = f'{scheme} realm="api-token-exporter"'
+    return response
+
+
+def build_endpoints(core, serve_metrics: bool = True, admin: bool = True, health: bool = False):
+    """Return (wsgi_app, paths it answers) for a TokenAnalytics instance."""
+    s = core.settings
+    app = Flask("api_token_exporter.endpoints")
+    app.json.sort_keys = False
+    paths = set()
+
+    @app.errorhandler(404)
+    def _not_found(_):
+        return jsonify({"detail": "Not found"}), 404
+
+    @app.errorhandler(405)
+    def _not_allowed(_):
+        return jsonify({"detail": "Method not allowed"}), 405
+
+    if serve_metrics:
+        paths.add(s.metrics_path)
+
+        @app.route(s.metrics_path, methods=["GET"])
+        def metrics():
+            header = request.headers.get("Authorization")
+            if s.metrics_bearer_token:
+                if not _same(_bearer(header), s.metrics_bearer_token):
+                    return _unauthorized("Metrics need a valid bearer token", "Bearer")
+            elif s.metrics_basic_user:
+                creds = _basic(header) or ("", "")
+                user_ok = _same(creds[0], s.metrics_basic_user)
+                password_ok = _same(creds[1], s.metrics_basic_password)
+                if not (user_ok and password_ok):
+                    return _unauthorized("Metrics need valid basic credentials", "Basic")
+            body, content_type = core.view.render(request.headers.get("Accept"))
+            return Response(body, content_type=content_type)
+
+    if health:
+        paths.add(HEALTH_PATH)
+
+    @app.route(HEALTH_PATH, methods=["GET"])
+    def healthz():
+        return jsonify({"status": "ok", "keys": len(core.keystore),
+                        "key_file_error": core.keystore.last_error})
+
+    if admin and s.admin_token:
+        paths.update(ADMIN_PATHS)
+
+        def admin_denied():
+            given = _bearer(request.headers.get("Authorization")) or request.headers.get("X-Admin-Token")
+            if not _same(given, s.admin_token):
+                return _unauthorized("Admin endpoints need the admin token", "Bearer")
+            return None
+
+        @app.route("/admin/token-details", methods=["GET"])
+        def token_details():
+            return admin_denied() or jsonify(core.tracker.token_details(core.keystore, s.rate_limits))
+
+        @app.route("/admin/stats", methods=["GET"])
+        def admin_stats():
+            return admin_denied() or jsonify(core.tracker.stats(core.keystore, s.rate_limits))
+
+    if admin and s.ingest_token:
+        paths.add(INGEST_PATH)
+
+        @app.route(INGEST_PATH, methods=["POST"])
+        def ingest():
+            if not _same(_bearer(request.headers.get("Authorization")), s.ingest_token):
+                return _unauthorized("Ingest needs the ingest token as a bearer token", "Bearer")
+            if request.content_length is not None and request.content_length > s.ingest_max_bytes:
+                return jsonify({"detail": f"Body larger than {s.ingest_max_bytes} bytes"}), 413
+            raw = request.get_data(cache=False)
+            if len(raw) > s.ingest_max_bytes:
+                return jsonify({"detail": f"Body larger than {s.ingest_max_bytes} bytes"}), 413
+            try:
+                doc = json.loads(raw)
+            except (ValueError, UnicodeDecodeError) as exc:
+                return jsonify({"detail": f"Body is not valid JSON: {exc}"}), 400
+            events = doc.get("events") if isinstance(doc, dict) else doc
+            if not isinstance(events, list):
+                return jsonify({"detail": "Body must be {\"events\": [...]} or a JSON list of events"}), 400
+            if len(events) > s.ingest_max_events:
+                return jsonify({"detail": f"At most {s.ingest_max_events} events per batch, "
+                                          f"got {len(events)}"}), 413
+            accepted, errors = 0, []
+            for index, event in enumerate(events):
+                problems = ingest_event(core, event)
+                if problems:
+                    errors.append({"index": index, "errors": problems})
+                else:
+                    accepted += 1
+            core.metrics.ingest_events.labels("accepted").inc(accepted)
+            core.metrics.ingest_events.labels("rejected").inc(len(errors))
+            status = 200 if accepted or not events else 400
+            return jsonify({"accepted": accepted, "rejected": len(errors), "errors": errors}), status
+
+    return app, paths
+
+
+def validate_event(core, event) -> Tuple[Optional[dict], List[str]]:
+    """Check one ingest event; returns (clean event, []) or (None, [reasons])."""
+    if not isinstance(event, dict):
+        return None, ["event must be a JSON object"]
+    errors: List[str] = []
+    clean = {}
+    token, api_key = event.get("token"), event.get("api_key")
+    if api_key is not None:
+        key = None
+        if isinstance(api_key, str) and well_formed_key(api_key):
+            key = core.keystore.lookup(api_key)
+        if key is None:
+            errors.append("api_key is not a known key")   # never echo the key itself
+        else:
+            clean["token"] = key.id
+    elif token is None:
+        errors.append("token (a key id) or api_key is required")
+    elif not valid_token_id(token):
+        errors.append("token must be 1-64 characters of letters, digits, _ . : -")
+    elif core.keystore.get(token) is None and not core.settings.ingest_allow_unknown_tokens:
+        errors.append(f"token {token!r} is not a key id in the key store")
+    else:
+        clean["token"] = token
+
+    route = event.get("route")
+    if not isinstance(route, str) or not route.startswith("/") or len(route) > MAX_ROUTE_LENGTH:
+        errors.append(f"route must be a path template starting with / and at most "
+                      f"{MAX_ROUTE_LENGTH} characters")
+    else:
+        clean["route"] = route
+    method = event.get("method", "GET")
+    if not isinstance(method, str) or method.upper() not in METHODS:
+        errors.append(f"method must be one of {', '.join(sorted(METHODS))}")
+    else:
+        clean["method"] = method.upper()
+    status = event.get("status")
+    if isinstance(status, bool) or not isinstance(status, int) or not 100 <= status <= 599:
+        errors.append("status must be an HTTP status code from 100 to 599")
+    else:
+        clean["status"] = status
+    duration = event.get("duration_seconds")
+    if duration is None and "duration_ms" in event:
+        duration = event["duration_ms"]
+        if isinstance(duration, (int, float)) and not isinstance(duration, bool):
+            duration = duration / 1000.0
+    if (isinstance(duration, bool) or not isinstance(duration, (int, float))
+            or not math.isfinite(duration) or not 0 <= duration <= MAX_DURATION_SECONDS):
+        errors.append(f"duration_seconds (or duration_ms) must be a number from 0 to "
+                      f"{MAX_DURATION_SECONDS:.0f} seconds")
+    else:
+        clean["duration"] = float(duration)
+    llm = event.get("llm")
+    if llm is not None:
+        if not isinstance(llm, dict):
+            errors.append("llm must be an object with service, model, input_tokens, output_tokens")
+        else:
+            try:
+                clean["llm"] = validate_usage(llm.get("service"), llm.get("model"),
+                                              llm.get("input_tokens", 0), llm.get("output_tokens", 0))
+            except UsageError as exc:
+                errors.append(f"llm: {exc}")
+    return (None, errors) if errors else (clean, [])
+
+
+def ingest_event(core, event) -> List[str]:
+    clean, errors = validate_event(core, event)
+    if errors:
+        return errors
+    now = time.time()
+    token = clean["token"]
+    core.metrics.observe_request(token, clean["route"], clean["method"], clean["status"],
+                                 clean["duration"], authenticated=True, now=now)
+    key = core.keystore.get(token)
+    core.tracker.record(token, (key.masked or key.id) if key else token, clean["route"],
+                        clean["method"], clean["status"], now)
+    usage = clean.get("llm")
+    if usage is not None:
+        core.metrics.observe_llm(token, usage.service, usage.model, usage.input_tokens,
+                                 usage.output_tokens)
+    return []
+

@@ -1,0 +1,292 @@
+"""API keys in a YAML file: stored as SHA-256 hashes, reloaded when the file changes.
+
+The raw key exists only in the response to ``keys add`` and in the client's hands. A request's
+key is hashed and looked up by hash, so no comparison ever runs over the raw secret.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import os
+import re
+import secrets
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Optional
+
+import yaml
+
+WINDOWS = ("minute", "hour", "day")
+BUDGET_PERIODS = ("daily", "monthly")
+KEY_PREFIX = "atk_"
+MAX_KEY_LENGTH = 256
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
+_KEY_RE = re.compile(r"^[\x21-\x7e]+$")  # printable ASCII, no spaces
+
+
+class KeyStoreError(ValueError):
+    """The key file or a key entry is malformed; the message says where."""
+
+
+def hash_key(raw_key: str) -> str:
+    return "sha256:" + hashlib.sha256(raw_key.encode("utf-8")).hexdigest()
+
+
+def mask_key(raw_key: str) -> str:
+    """`atk_abcd…wxyz`: enough to recognise a key, never enough to use it."""
+    if len(raw_key) <= 12:
+        return raw_key[:2] + "…"
+    head = raw_key[: len(KEY_PREFIX) + 4] if raw_key.startswith(KEY_PREFIX) else raw_key[:4]
+    return f"{head}…{raw_key[-4:]}"
+
+
+def well_formed_key(raw_key: str) -> bool:
+    return 0 < len(raw_key) <= MAX_KEY_LENGTH and bool(_KEY_RE.match(raw_key))
+
+
+def valid_token_id(token_id: str) -> bool:
+    return isinstance(token_id, str) and bool(_ID_RE.match(token_id))
+
+
+def _parse_time(value) -> Optional[dt.datetime]:
+    if value in (None, ""):
+        return None
+    if isinstance(value, dt.datetime):
+        parsed = value
+    elif isinstance(value, dt.date):
+        parsed = dt.datetime(value.year, value.month, value.day)
+    else:
+        try:
+            parsed = dt.datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+        except ValueError as exc:
+            raise KeyStoreError(f"not an ISO 8601 time: {value!r}") from exc
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=dt.timezone.utc)
+    return parsed
+
+
+@dataclass
+class ApiKey:
+    id: str
+    key_hash: str
+    name: str = ""
+    tenant: str = ""
+    active: bool = True
+    expires_at: Optional[dt.datetime] = None
+    rate_limits: Dict[str, int] = field(default_factory=dict)
+    budget_usd: Dict[str, float] = field(default_factory=dict)
+    masked: str = ""
+    created_at: Optional[dt.datetime] = None
+
+    def expired(self, now: Optional[float] = None) -> bool:
+        if self.expires_at is None:
+            return False
+        return (now if now is not None else time.time()) >= self.expires_at.timestamp()
+
+    @classmethod
+    def from_dict(cls, raw: dict, where: str) -> "ApiKey":
+        if not isinstance(raw, dict):
+            raise KeyStoreError(f"{where}: a key entry must be a mapping")
+        token_id = raw.get("id")
+        if not valid_token_id(token_id):
+            raise KeyStoreError(
+                f"{where}: id {token_id!r} must be 1-64 characters of letters, digits, _ . : -")
+        key_hash = str(raw.get("hash", ""))
+        if not re.match(r"^sha256:[0-9a-f]{64}$", key_hash):
+            raise KeyStoreError(f"{where} ({token_id}): hash must be 'sha256:' and 64 hex digits")
+        limits = raw.get("rate_limits") or {}
+        if not isinstance(limits, dict) or any(w not in WINDOWS for w in limits):
+            raise KeyStoreError(f"{where} ({token_id}): rate_limits takes minute, hour, day")
+        for window, value in limits.items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise KeyStoreError(
+                    f"{where} ({token_id}): rate_limits.{window} must be a whole number >= 0")
+        budget = raw.get("budget_usd") or {}
+        if not isinstance(budget, dict) or any(p not in BUDGET_PERIODS for p in budget):
+            raise KeyStoreError(f"{where} ({token_id}): budget_usd takes daily, monthly")
+        for period, value in budget.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise KeyStoreError(f"{where} ({token_id}): budget_usd.{period} must be >= 0")
+        try:
+            expires_at = _parse_time(raw.get("expires_at"))
+            created_at = _parse_time(raw.get("created_at"))
+        except KeyStoreError as exc:
+            raise KeyStoreError(f"{where} ({token_id}): {exc}") from None
+        return cls(
+            id=token_id,
+            key_hash=key_hash,
+            name=str(raw.get("name", "") or ""),
+            tenant=str(raw.get("tenant", "") or ""),
+            active=bool(raw.get("active", True)),
+            expires_at=expires_at,
+            rate_limits={w: int(v) for w, v in limits.items()},
+            budget_usd={p: float(v) for p, v in budget.items()},
+            masked=str(raw.get("masked", "") or ""),
+            created_at=created_at,
+        )
+
+    def to_dict(self) -> dict:
+        out = {"id": self.id, "name": self.name, "tenant": self.tenant, "hash": self.key_hash,
+               "masked": self.masked, "active": self.active}
+        if self.created_at:
+            out["created_at"] = self.created_at.isoformat()
+        if self.expires_at:
+            out["expires_at"] = self.expires_at.isoformat()
+        if self.rate_limits:
+            out["rate_limits"] = dict(self.rate_limits)
+        if self.budget_usd:
+            out["budget_usd"] = dict(self.budget_usd)
+        return out
+
+
+class KeyStore:
+    """Keys from a YAML file, re-read when its modification time or size changes.
+
+    The file is checked at most every ``check_interval`` seconds, so a busy API does not stat
+    it on every request. A file that fails to parse leaves the last good set in place.
+    """
+
+    def __init__(self, path: Optional[str] = None, keys: Iterable[ApiKey] = (),
+                 check_interval: float = 1.0, logger=None):
+        self.path = path
+        self.check_interval = check_interval
+        self._lock = threading.Lock()
+        self._by_hash: Dict[str, ApiKey] = {}
+        self._by_id: Dict[str, ApiKey] = {}
+        self._stamp = None
+        self._next_check = 0.0
+        self._logger = logger
+        self.last_error: Optional[str] = None
+        if keys:
+            self._install(list(keys))
+        if path:
+            self.reload(force=True)
+
+    # -- reading -----------------------------------------------------------------------------
+    def _install(self, keys: List[ApiKey]) -> None:
+        by_id, by_hash = {}, {}
+        for key in keys:
+            if key.id in by_id:
+                raise KeyStoreError(f"duplicate key id {key.id!r}")
+            if key.key_hash in by_hash:
+                raise KeyStoreError(f"key {key.id!r} has the same hash as {by_hash[key.key_hash].id!r}")
+            by_id[key.id] = key
+            by_hash[key.key_hash] = key
+        self._by_id, self._by_hash = by_id, by_hash
+
+    def reload(self, force: bool = False) -> bool:
+        """Re-read the file if it changed. Returns True when a new set was installed."""
+        if not self.path:
+            return False
+        now = time.monotonic()
+        if not force and now < self._next_check:
+            return False
+        with self._lock:
+            self._next_check = now + self.check_interval
+            try:
+                st = os.stat(self.path)
+            except FileNotFoundError:
+                stamp = None
+            else:
+                stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+            if not force and stamp == self._stamp:
+                return False
+            try:
+                keys = load_keys(self.path) if stamp else []
+                self._install(keys)
+            except (KeyStoreError, yaml.YAMLError, OSError) as exc:
+                self.last_error = f"{self.path}: {exc}"
+                if self._logger:
+                    self._logger.error("key file not reloaded, keeping the previous keys: %s",
+                                       self.last_error)
+                if force and self._stamp is None and not self._by_id:
+                    raise KeyStoreError(self.last_error) from None
+                return False
+            self._stamp = stamp
+            self.last_error = None
+            return True
+
+    def lookup(self, raw_key: str) -> Optional[ApiKey]:
+        self.reload()
+        return self._by_hash.get(hash_key(raw_key))
+
+    def get(self, token_id: str) -> Optional[ApiKey]:
+        self.reload()
+        return self._by_id.get(token_id)
+
+    def all(self) -> List[ApiKey]:
+        self.reload()
+        return list(self._by_id.values())
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+
+def load_keys(path: str) -> List[ApiKey]:
+    with open(path, "r", encoding="utf-8") as fh:
+        doc = yaml.safe_load(fh) or {}
+    if not isinstance(doc, dict) or not isinstance(doc.get("keys", []), list):
+        raise KeyStoreError("the key file must be a mapping with a 'keys:' list")
+    return [ApiKey.from_dict(raw, f"keys[{i}]") for i, raw in enumerate(doc.get("keys") or [])]
+
+
+def save_keys(path: str, keys: Iterable[ApiKey]) -> None:
+    """Write atomically (temp file + rename) so a reader never sees half a file."""
+    doc = {"keys": [k.to_dict() for k in keys]}
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".keys-", suffix=".yml", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write("# api-token-exporter key store: hashes only, never raw keys.\n")
+            yaml.safe_dump(doc, fh, sort_keys=False)
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def generate_key() -> str:
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def add_key(path: str, token_id: str, name: str = "", tenant: str = "",
+            rate_limits: Optional[Dict[str, int]] = None,
+            budget_usd: Optional[Dict[str, float]] = None,
+            expires_at: Optional[str] = None, raw_key: Optional[str] = None) -> str:
+    """Add a key to the file and return the raw secret (the only time it is seen)."""
+    keys = load_keys(path) if os.path.exists(path) else []
+    if not valid_token_id(token_id):
+        raise KeyStoreError(
+            f"id {token_id!r} must be 1-64 characters of letters, digits, _ . : - "
+            "(it becomes a metric label; do not use the secret as an id)")
+    if any(k.id == token_id for k in keys):
+        raise KeyStoreError(f"a key with id {token_id!r} exists already")
+    raw_key = raw_key or generate_key()
+    if not well_formed_key(raw_key):
+        raise KeyStoreError("a key must be 1-256 printable ASCII characters without spaces")
+    entry = ApiKey.from_dict({
+        "id": token_id, "name": name, "tenant": tenant, "hash": hash_key(raw_key),
+        "rate_limits": rate_limits or {}, "budget_usd": budget_usd or {},
+        "expires_at": expires_at, "active": True,
+    }, "new key")
+    entry.masked = mask_key(raw_key)
+    entry.created_at = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+    if any(k.key_hash == entry.key_hash for k in keys):
+        raise KeyStoreError("that key is already in the file under another id")
+    save_keys(path, keys + [entry])
+    return raw_key
+
+
+def set_active(path: str, token_id: str, active: bool) -> ApiKey:
+    keys = load_keys(path)
+    for key in keys:
+        if key.id == token_id:
+            key.active = active
+            save_keys(path, keys)
+            return key
+    raise KeyStoreError(f"no key with id {token_id!r} in {path}")

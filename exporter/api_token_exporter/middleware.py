@@ -1,0 +1,351 @@
+"""The WSGI middleware and Flask extension: API-key auth, rate limits with headers, metrics.
+
+    app = Flask(__name__)
+    TokenAnalytics(app, keys_file="keys.yml")            # Flask: one line
+
+    application = TokenAnalytics(wsgi_app, keys_file="keys.yml",
+                                 routes=["/items/<id>"])  # any WSGI app
+"""
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import threading
+import time
+from typing import Dict, Iterable, List, Optional, Tuple
+
+from werkzeug.exceptions import HTTPException
+from werkzeug.routing import Map, Rule
+
+from .config import Settings, load_settings
+from .keystore import ApiKey, KeyStore, mask_key, well_formed_key
+from .metrics import UNAUTHENTICATED, UNMATCHED_ROUTE, Metrics, ScrapeView
+from .ratelimit import WINDOW_SECONDS, Decision, RateLimiter, StorageUnavailable
+from .stats import UsageTracker
+from .usage import LLMUsage, UsageError, validate_usage
+
+log = logging.getLogger("api_token_exporter")
+
+ENVIRON_TOKEN = "api_token_exporter.token"
+ENVIRON_ROUTE = "api_token_exporter.route"
+_current_token: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar(
+    "api_token_exporter_token", default=None)
+_current_analytics: contextvars.ContextVar[Optional["TokenAnalytics"]] = contextvars.ContextVar(
+    "api_token_exporter_analytics", default=None)
+
+REFUSALS = {
+    "missing": (401, "Missing API key"),
+    "invalid": (401, "Invalid API key"),
+    "inactive": (403, "API key is inactive"),
+    "expired": (401, "API key has expired"),
+}
+WINDOW_ORDER = ("minute", "hour", "day")
+
+
+def current_token() -> Optional[str]:
+    """The id of the API token of the request being handled, or None."""
+    return _current_token.get()
+
+
+def record_llm_usage(service: str, model: str, input_tokens: int = 0, output_tokens: int = 0,
+                     token: Optional[str] = None) -> LLMUsage:
+    """Count LLM usage for the current request's token (or ``token``). Raises UsageError."""
+    analytics = _current_analytics.get()
+    if analytics is None:
+        raise RuntimeError("record_llm_usage() called outside a request handled by TokenAnalytics")
+    return analytics.record_llm_usage(service, model, input_tokens, output_tokens, token=token)
+
+
+def _status_code(status: str) -> int:
+    try:
+        return int(status.split(" ", 1)[0])
+    except (ValueError, AttributeError):
+        return 500
+
+
+def json_response(start_response, code: int, body: dict,
+                  headers: Iterable[Tuple[str, str]] = ()) -> List[bytes]:
+    from http import HTTPStatus
+    payload = json.dumps(body).encode("utf-8")
+    start_response(f"{code} {HTTPStatus(code).phrase}",
+                   [("Content-Type", "application/json"), ("Content-Length", str(len(payload)))]
+                   + list(headers))
+    return [payload]
+
+
+class _Finishing:
+    """Wraps the app's response iterable so metrics are recorded when the body is done."""
+
+    __slots__ = ("_result", "_finish", "_done")
+
+    def __init__(self, result, finish):
+        self._result = result
+        self._finish = finish
+        self._done = False
+
+    def __iter__(self):
+        return iter(self._result)
+
+    def close(self):
+        try:
+            close = getattr(self._result, "close", None)
+            if close is not None:
+                close()
+        finally:
+            if not self._done:
+                self._done = True
+                self._finish()
+
+
+class TokenAnalytics:
+    def __init__(self, app=None, *, settings: Optional[Settings] = None,
+                 config_file: Optional[str] = None, routes: Optional[List[str]] = None,
+                 keystore: Optional[KeyStore] = None, registry=None, **overrides):
+        self.settings = settings or load_settings(config_file, **overrides)
+        s = self.settings
+        self.keystore = keystore if keystore is not None else KeyStore(s.keys_file, logger=log)
+        self.limiter = RateLimiter(s.storage_uri)
+        self.metrics = Metrics(registry, max_tokens=s.max_tokens, max_routes=s.max_routes,
+                               max_models=s.max_models)
+        self.view = ScrapeView(self.metrics, self.keystore)
+        self.tracker = UsageTracker(s.recent_requests)
+        self._key_environ = "HTTP_" + s.header_name.upper().replace("-", "_")
+        self._exempt = set(s.exempt_paths)
+        self._route_map = Map([Rule(r) for r in routes]) if routes else None
+        self._route_adapter_source = None
+        self._metrics_server = None
+        from .endpoints import build_endpoints  # the built-in /metrics and /admin/* endpoints
+        self.endpoints, self._internal_paths = build_endpoints(
+            self, serve_metrics=s.metrics_port is None, health=app is None)
+        self.app = None
+        if app is not None:
+            if hasattr(app, "url_map") and hasattr(app, "wsgi_app"):
+                self.init_app(app)
+            else:
+                self.app = app
+        if s.metrics_port is not None:
+            self.start_metrics_server(s.metrics_port, s.metrics_addr)
+
+    # -- wiring ------------------------------------------------------------------------------
+    def init_app(self, flask_app) -> "TokenAnalytics":
+        """Flask: wrap ``app.wsgi_app`` and label requests by Flask's own route templates."""
+        self.app = flask_app.wsgi_app
+        flask_app.wsgi_app = self
+        self._route_adapter_source = flask_app.url_map
+        flask_app.extensions["api_token_exporter"] = self
+
+        from flask import request
+
+        @flask_app.before_request
+        def _remember_route():
+            rule = request.url_rule
+            request.environ[ENVIRON_ROUTE] = rule.rule if rule is not None else UNMATCHED_ROUTE
+        return self
+
+    def start_metrics_server(self, port: int, addr: str = "127.0.0.1"):
+        """Serve /metrics (with the same auth) on its own port, in a daemon thread."""
+        from werkzeug.serving import make_server
+        from .endpoints import build_endpoints
+        metrics_app, _ = build_endpoints(self, serve_metrics=True, admin=False)
+        server = make_server(addr, port, metrics_app, threaded=True)
+        thread = threading.Thread(target=server.serve_forever, name="metrics-server", daemon=True)
+        thread.start()
+        self._metrics_server = server
+        return server
+
+    def stop(self) -> None:
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server = None
+
+    # -- request path ------------------------------------------------------------------------
+    def _route(self, environ) -> str:
+        route = environ.get(ENVIRON_ROUTE)
+        if route:
+            return route
+        source = self._route_map or self._route_adapter_source
+        if source is None:
+            return UNMATCHED_ROUTE
+        try:
+            rule, _ = source.bind_to_environ(environ).match(return_rule=True)
+            return rule.rule
+        except HTTPException:
+            return UNMATCHED_ROUTE
+        except Exception:  # a malformed path must not break the request
+            return UNMATCHED_ROUTE
+
+    def _authenticate(self, environ) -> Tuple[Optional[ApiKey], Optional[str]]:
+        raw = environ.get(self._key_environ)
+        if not raw:
+            return None, "missing"
+        if not well_formed_key(raw):
+            return None, "invalid"
+        key = self.keystore.lookup(raw)
+        if key is None:
+            return None, "invalid"
+        if not key.active:
+            return key, "inactive"
+        if key.expired():
+            return key, "expired"
+        return key, None
+
+    def limits_for(self, key: ApiKey) -> Dict[str, int]:
+        if not key.rate_limits:
+            return self.settings.rate_limits
+        return {**self.settings.rate_limits, **key.rate_limits}
+
+    def __call__(self, environ, start_response):
+        path = environ.get("PATH_INFO", "")
+        if path in self._internal_paths:
+            return self.endpoints(environ, start_response)
+        if self.app is None:
+            return json_response(start_response, 404, {"detail": "Not found"})
+        if path in self._exempt:
+            return self.app(environ, start_response)
+
+        started = time.perf_counter()
+        key, reason = self._authenticate(environ)
+        token = key.id if key is not None else UNAUTHENTICATED
+        observe = self.settings.observe_only
+        if reason is not None:
+            self.metrics.auth_failures.labels(reason).inc()
+            if not observe:
+                code, detail = REFUSALS[reason]
+                body = json_response(start_response, code, {"detail": detail})
+                self._record(environ, key, token, code, started)
+                return body
+
+        extra_headers: List[Tuple[str, str]] = []
+        if key is not None and reason is None and not observe:
+            decision = self._hit(key)
+            if decision is not None:
+                now = time.time()
+                extra_headers = rate_limit_headers(decision, now)
+                if not decision.allowed:
+                    refused = decision.refused_by
+                    self.metrics.observe_rate_limited(key.id, refused.window)
+                    wait = refused.reset_in(now)
+                    body = json_response(start_response, 429, {
+                        "detail": f"Rate limit exceeded for {refused.window}. "
+                                  f"Try again in {wait} seconds"},
+                        extra_headers + [("Retry-After", str(wait))])
+                    self._record(environ, key, token, 429, started)
+                    return body
+
+        state = {"code": 500}
+        identified = key is not None and reason is None
+
+        def _start_response(status, headers, exc_info=None):
+            state["code"] = _status_code(status)
+            if observe and identified:
+                self._observe_upstream_limits(key.id, headers, state["code"])
+            if extra_headers:
+                headers = list(headers) + extra_headers
+            return start_response(status, headers, exc_info)
+
+        environ[ENVIRON_TOKEN] = key.id if identified else None
+        ctx_token = _current_token.set(key.id if identified else None)
+        ctx_self = _current_analytics.set(self)
+        try:
+            result = self.app(environ, _start_response)
+        except BaseException:
+            self._record(environ, key, token, 500, started)
+            raise
+        finally:
+            _current_token.reset(ctx_token)
+            _current_analytics.reset(ctx_self)
+        return _Finishing(result, lambda: self._record(environ, key, token, state["code"], started))
+
+    def _hit(self, key: ApiKey) -> Optional[Decision]:
+        try:
+            decision = self.limiter.hit(key.id, self.limits_for(key))
+        except StorageUnavailable as exc:
+            # fail open: an outage of the shared store must not take the API down with it
+            log.error("%s; request for token %s allowed without rate limiting", exc, key.id)
+            self.metrics.rate_limit_storage_errors.inc()
+            return None
+        for state in decision.windows:
+            self.metrics.set_window(key.id, state.window, state.limit, state.remaining,
+                                    state.reset_at)
+        self.tracker.record_windows(key.id, decision.windows)
+        return decision
+
+    def _record(self, environ, key: Optional[ApiKey], token: str, code: int, started: float) -> None:
+        duration = time.perf_counter() - started
+        route = self._route(environ)
+        method = environ.get("REQUEST_METHOD", "GET")
+        now = time.time()
+        self.metrics.observe_request(token, route, method, code, duration,
+                                     authenticated=key is not None, now=now)
+        masked = (key.masked or key.id) if key is not None else "(none)"
+        self.tracker.record(token, masked, route, method, code, now)
+
+    def _observe_upstream_limits(self, token_id: str, headers, code: int) -> None:
+        """Observe-only mode: take rate-limit values from the headers the app (or its upstream)
+        set, in the seed 002 form ``X-RateLimit-Minute-Remaining`` or GitHub's
+        ``X-RateLimit-Remaining`` (reported as the ``default`` window)."""
+        found: Dict[str, Dict[str, float]] = {}
+        for name, value in headers:
+            lname = name.lower()
+            if not lname.startswith("x-ratelimit-"):
+                continue
+            parts = lname[len("x-ratelimit-"):].split("-")
+            if len(parts) == 2 and parts[0] in WINDOW_ORDER:
+                window, field = parts
+            elif len(parts) == 1:
+                window, field = "default", parts[0]
+            else:
+                continue
+            if field not in ("limit", "remaining", "reset"):
+                continue
+            try:
+                found.setdefault(window, {})[field] = float(value)
+            except ValueError:
+                continue
+        now = time.time()
+        exhausted = None
+        for window, values in found.items():
+            if "limit" not in values or "remaining" not in values:
+                continue
+            reset = values.get("reset", 0.0)
+            reset_at = reset if reset > 1e9 else now + reset   # epoch or seconds from now
+            self.metrics.set_window(token_id, window, int(values["limit"]),
+                                    int(values["remaining"]), reset_at)
+            if values["remaining"] <= 0 and exhausted is None:
+                exhausted = window
+        if code == 429:
+            self.metrics.observe_rate_limited(token_id, exhausted or "default")
+
+    # -- LLM usage ---------------------------------------------------------------------------
+    def record_llm_usage(self, service: str, model: str, input_tokens: int = 0,
+                         output_tokens: int = 0, token: Optional[str] = None) -> LLMUsage:
+        token = token or _current_token.get()
+        if not token:
+            raise UsageError("no API token: call inside an authenticated request or pass token=")
+        usage = validate_usage(service, model, input_tokens, output_tokens)
+        self.metrics.observe_llm(token, usage.service, usage.model, usage.input_tokens,
+                                 usage.output_tokens)
+        return usage
+
+
+def rate_limit_headers(decision: Decision, now: float) -> List[Tuple[str, str]]:
+    """Seed 002's X-RateLimit-{Window}-{Limit,Remaining,Reset} (Reset in seconds) and the IETF
+    draft-ietf-httpapi-ratelimit-headers-10 RateLimit-Policy / RateLimit fields."""
+    headers: List[Tuple[str, str]] = []
+    policy, current = [], []
+    for s in decision.windows:
+        name = s.window.capitalize()
+        reset = s.reset_in(now)
+        headers.append((f"X-RateLimit-{name}-Limit", str(s.limit)))
+        headers.append((f"X-RateLimit-{name}-Remaining", str(s.remaining)))
+        headers.append((f"X-RateLimit-{name}-Reset", str(reset)))
+        policy.append(f'"{s.window}";q={s.limit};w={WINDOW_SECONDS[s.window]}')
+        current.append(f'"{s.window}";r={s.remaining};t={reset}')
+    if policy:
+        headers.append(("RateLimit-Policy", ", ".join(policy)))
+        headers.append(("RateLimit", ", ".join(current)))
+    return headers
+
+
+__all__ = ["TokenAnalytics", "record_llm_usage", "current_token", "mask_key"]
