@@ -57,6 +57,7 @@ def build_endpoints(core, serve_metrics: bool = True, admin: bool = True, health
     s = core.settings
     app = Flask("api_token_exporter.endpoints")
     app.json.sort_keys = False
+    app.json.ensure_ascii = False
     paths = set()
 
     @app.errorhandler(404)

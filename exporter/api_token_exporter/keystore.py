@@ -156,7 +156,7 @@ class KeyStore:
         self._by_hash: Dict[str, ApiKey] = {}
         self._by_id: Dict[str, ApiKey] = {}
         self._stamp = None
-        self._next_check = 0.0
+        self._last_check = float("-inf")
         self._logger = logger
         self.last_error: Optional[str] = None
         if keys:
@@ -181,10 +181,10 @@ class KeyStore:
         if not self.path:
             return False
         now = time.monotonic()
-        if not force and now < self._next_check:
+        if not force and now - self._last_check < self.check_interval:
             return False
         with self._lock:
-            self._next_check = now + self.check_interval
+            self._last_check = now
             try:
                 st = os.stat(self.path)
             except FileNotFoundError:

@@ -55,7 +55,6 @@ class UsageTracker:
             if route in usage.endpoints or len(usage.endpoints) < MAX_ENDPOINTS_PER_TOKEN:
                 usage.endpoints[route] += 1
             usage.last_used = ts
-            self._last_token = token_id
             self._recent.append({"timestamp": int(ts), "endpoint": route, "method": method,
                                  "token": masked, "status": code, "time_str": time_str(ts)})
 
@@ -66,6 +65,7 @@ class UsageTracker:
                 usage = self._tokens[token_id] = _TokenUsage()
             for state in windows:
                 usage.windows[state.window] = state
+            self._last_token = token_id   # "current_rate_limit" is the last limited token's
 
     def _rate_limited(self, usage: Optional[_TokenUsage], now: float) -> bool:
         return bool(usage) and any(s.remaining <= 0 and s.reset_at > now
