@@ -1,0 +1,135 @@
+"""The demo as a user meets it: the CLI command, seed 002's Python client, promtool."""
+import os
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+import requests
+
+from conftest import free_port, require_binary, sample_total, stop_process, wait_for_port
+
+pytestmark = pytest.mark.integration
+
+
+class APIClient:
+    """Seed 002's Python client, unchanged but for base_url."""
+
+    def __init__(self, api_key, base_url):
+        self.api_key = api_key
+        self.base_url = base_url
+        self.session = requests.Session()
+        self.session.headers.update({"X-API-Key": api_key})
+        self.warnings = []
+        self.last_headers = None
+
+    def make_request(self, endpoint, method="GET", **kwargs):
+        response = self.session.request(method, f"{self.base_url}{endpoint}", **kwargs)
+        self._check_rate_limits(response.headers)
+        self.last_headers = response.headers
+        return response.json()
+
+    def _check_rate_limits(self, headers):
+        for period in ["minute", "hour", "day"]:
+            remaining = int(headers.get(f"X-RateLimit-{period.capitalize()}-Remaining", 0))
+            if remaining < 10:
+                self.warnings.append(f"Warning: Low {period} rate limit remaining: {remaining}")
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    data_dir = tmp_path_factory.mktemp("demo")
+    port, exporter_port = free_port(), free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "api_token_exporter.cli", "demo", "--port", str(port),
+         "--exporter-port", str(exporter_port), "--data-dir", str(data_dir), "--duration", "120",
+         "--speed", "4"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("traffic"):
+                break
+        wait_for_port(port, proc)
+        key = re.search(r"X-API-Key: (\S+)'", "".join(lines)).group(1)
+        yield {"url": f"http://127.0.0.1:{port}", "exporter": f"http://127.0.0.1:{exporter_port}",
+               "key": key, "data_dir": data_dir, "output": "".join(lines)}
+    finally:
+        stop_process(proc)
+
+
+def test_seed_002_client_sees_headers_count_down_and_the_429(demo):
+    client = APIClient(demo["key"], demo["url"])
+    body = client.make_request("/api/v1/items")
+    assert "items" in body
+    first = int(client.last_headers["X-RateLimit-Minute-Remaining"])
+    client.make_request("/api/v1/items/3")
+    assert int(client.last_headers["X-RateLimit-Minute-Remaining"]) == first - 1
+    assert int(client.last_headers["X-RateLimit-Hour-Remaining"]) == 998
+    assert client.last_headers["X-RateLimit-Day-Limit"] == "10000"
+    for _ in range(first - 1):
+        body = client.make_request("/api/v1/items")
+    assert body == {"items": [{"id": i, "name": f"item {i}"} for i in range(1, 6)]}
+    assert "Warning: Low minute rate limit remaining: 0" in client.warnings
+    body = client.make_request("/api/v1/items")
+    assert re.fullmatch(r"Rate limit exceeded for minute\. Try again in \d+ seconds", body["detail"])
+
+
+def test_demo_metrics_pass_promtool_and_every_metric_moves(demo):
+    promtool = require_binary("promtool")
+    deadline = time.monotonic() + 40
+    needed = {
+        ("apitoken_requests_total", ()): None,
+        ("apitoken_request_duration_seconds_count", ()): None,
+        ("apitoken_route_request_duration_seconds_count", ()): None,
+        ("apitoken_auth_failures_total", (("reason", "missing"),)): None,
+        ("apitoken_auth_failures_total", (("reason", "invalid"),)): None,
+        ("apitoken_auth_failures_total", (("reason", "inactive"),)): None,
+        ("apitoken_auth_failures_total", (("reason", "expired"),)): None,
+        ("apitoken_rate_limited_total", (("token", "demo-limited"),)): None,
+        ("apitoken_rate_limit_remaining", ()): None,
+        ("apitoken_rate_limit_limit", ()): None,
+        ("apitoken_rate_limit_reset_timestamp_seconds", ()): None,
+        ("apitoken_llm_tokens_total", (("type", "input"),)): None,
+        ("apitoken_llm_tokens_total", (("type", "output"),)): None,
+        ("apitoken_llm_requests_total", ()): None,
+        ("apitoken_token_last_used_timestamp_seconds", ()): None,
+        ("apitoken_token_info", ()): None,
+        ("apitoken_token_status", (("status", "rate_limited"),)): None,
+        ("apitoken_token_status", (("status", "inactive"),)): None,
+        ("apitoken_token_status", (("status", "expired"),)): None,
+        ("apitoken_token_status", (("status", "active"),)): None,
+        ("apitoken_requests_total", (("code", "500"),)): None,
+        ("apitoken_request_duration_seconds_bucket", (("le", "+Inf"), ("token", "demo-slow"))): None,
+    }
+    missing = list(needed)
+    while time.monotonic() < deadline:
+        text = requests.get(demo["url"] + "/metrics", timeout=10).text
+        missing = [(name, match) for name, match in needed
+                   if sample_total(text, name, **dict(match)) <= 0]
+        if not missing:
+            break
+        time.sleep(1)
+    assert missing == []
+    # slow requests land above the 1 s bucket
+    assert sample_total(text, "apitoken_request_duration_seconds_bucket", token="demo-slow", le="+Inf") > \
+        sample_total(text, "apitoken_request_duration_seconds_bucket", token="demo-slow", le="1.0")
+    result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True,
+                            text=True, timeout=30)
+    assert result.returncode == 0 and not (result.stdout + result.stderr).strip(), result.stdout
+
+    sidecar = requests.get(demo["exporter"] + "/metrics", timeout=10).text
+    assert sample_total(sidecar, "apitoken_ingest_events_total", result="accepted") > 0
+    assert sample_total(sidecar, "apitoken_ingest_events_total", result="rejected") > 0
+    assert sample_total(sidecar, "apitoken_requests_total", token="demo-sidecar") > 0
+
+
+def test_demo_admin_json_behind_the_printed_token_file(demo):
+    token = (demo["data_dir"] / "admin-token").read_text()
+    assert requests.get(demo["url"] + "/admin/stats", timeout=10).status_code == 401
+    stats = requests.get(demo["url"] + "/admin/stats", timeout=10,
+                         headers={"Authorization": f"Bearer {token}"}).json()
+    assert stats["tokens"]["count"] == 10 and stats["total_requests"] > 0
