@@ -86,6 +86,11 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_rules(args) -> int:
+    from .rulegen import main as rules_main
+    return rules_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="api-token-exporter",
                                      description="Per-API-token usage analytics for Prometheus.")
@@ -132,6 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--speed", type=float, default=1.0, help="traffic speed factor")
     demo.add_argument("--storage-uri")
     demo.set_defaults(func=cmd_demo)
+
+    rules = sub.add_parser("rules", help="render Prometheus rules from the thresholds file")
+    rules.add_argument("--thresholds", default="prometheus/thresholds.yml")
+    rules.add_argument("--out", default="prometheus/rules")
+    rules.add_argument("--check", action="store_true",
+                       help="exit 1 if the rendered files are out of date, write nothing")
+    rules.set_defaults(func=cmd_rules)
     return parser
 
 
