@@ -3,7 +3,7 @@
 #   make test   install what the tests need and run them all
 PYTHON ?= python3
 
-.PHONY: install test demo bench
+.PHONY: install test demo bench rules
 
 install:
 	bash .ci/install
@@ -17,3 +17,8 @@ demo:
 
 bench:
 	$(PYTHON) benchmarks/bench_middleware.py
+
+rules:
+	api-token-exporter rules
+	promtool check rules prometheus/rules/*.yml
+	promtool test rules prometheus/tests/*.yml

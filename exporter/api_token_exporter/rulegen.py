@@ -75,6 +75,7 @@ def validate(t: dict) -> None:
             return False
 
     for p in ("rate_window", "coarse_window", "latency.for", "error_rate.for", "usage_spike.for",
+              "usage_spike.learning_period",
               "unauthorized.window", "unauthorized.for", "rate_limit.approaching_for",
               "rate_limit.refused_for", "rate_limit.exhaustion_for", "token_state.for",
               "exporter.down_for", "exporter.absent_for"):
@@ -215,7 +216,8 @@ def alert_rules(t: dict) -> List[dict]:
         rules.append(_alert(
             t, "ApiTokenUsageSpike", severity,
             (f"token:apitoken_requests:rate{w} / token:apitoken_requests:baseline_rate > {factor:g}\n"
-             f"and on (token) token:apitoken_requests:rate{w} > {spike['min_requests_per_second']:g}"),
+             f"and on (token) token:apitoken_requests:rate{w} > {spike['min_requests_per_second']:g}\n"
+             f"and on (token) (token:apitoken_requests:rate1h offset {spike['learning_period']})"),
             spike["for"],
             f"Token {{{{ $labels.token }}}} is sending {factor:g}x its normal traffic",
             (f"Token {{{{ $labels.token }}}} sends {{{{ $value | printf \"%.1f\" }}}}x its normal request "

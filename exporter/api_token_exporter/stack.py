@@ -1,0 +1,170 @@
+"""Run Prometheus and Alertmanager from local binaries with the committed config files.
+
+Only what differs from docker compose is rewritten: scrape targets, the Alertmanager address,
+notification hosts and, for tests, the timings. Everything binds to 127.0.0.1, with its own
+storage directory; Alertmanager's gossip is switched off.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import requests
+import yaml
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+PROMETHEUS_YML = os.path.join(ROOT, "prometheus", "prometheus.yml")
+ALERTMANAGER_YML = os.path.join(ROOT, "alertmanager", "alertmanager.yml")
+ALERTMANAGER_BINARIES = ("alertmanager", "prometheus-alertmanager")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def find_binary(*names: str) -> Optional[str]:
+    for name in names:
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def prometheus_config(targets: Dict[str, List[str]], alertmanager: Optional[str], rules_dir: str,
+                      scrape_interval: str = "15s", evaluation_interval: str = "15s",
+                      source: str = PROMETHEUS_YML) -> dict:
+    with open(source, "r", encoding="utf-8") as fh:
+        cfg = yaml.safe_load(fh)
+    cfg["global"]["scrape_interval"] = scrape_interval
+    cfg["global"]["evaluation_interval"] = evaluation_interval
+    cfg["rule_files"] = [os.path.join(os.path.abspath(rules_dir), "*.yml")]
+    if alertmanager:
+        cfg["alerting"]["alertmanagers"] = [{"static_configs": [{"targets": [alertmanager]}]}]
+    else:
+        cfg.pop("alerting", None)
+    jobs = []
+    for job in cfg["scrape_configs"]:
+        if job["job_name"] in targets:
+            job["static_configs"] = [{"targets": targets[job["job_name"]]}]
+            jobs.append(job)
+    cfg["scrape_configs"] = jobs
+    return cfg
+
+
+def alertmanager_config(smtp: Optional[str], webhook_base: str, slack_url_file: str,
+                        group_wait: Optional[str] = None, group_interval: Optional[str] = None,
+                        repeat_interval: Optional[str] = None,
+                        source: str = ALERTMANAGER_YML) -> dict:
+    with open(source, "r", encoding="utf-8") as fh:
+        cfg = yaml.safe_load(fh)
+    g = cfg["global"]
+    if smtp:
+        g["smtp_smarthost"] = smtp
+    g["slack_api_url_file"] = os.path.abspath(slack_url_file)
+    cfg["templates"] = [os.path.join(os.path.dirname(os.path.abspath(source)), t)
+                        for t in cfg.get("templates", [])]
+    for receiver in cfg["receivers"]:
+        for hook in receiver.get("webhook_configs", []):
+            path = hook["url"].split("://", 1)[1].split("/", 1)[1]
+            hook["url"] = f"{webhook_base.rstrip('/')}/{path}"
+        if not smtp:
+            receiver.pop("email_configs", None)
+
+    def retime(route):
+        for key, value in (("group_wait", group_wait), ("group_interval", group_interval),
+                           ("repeat_interval", repeat_interval)):
+            if value is not None and (key in route or route is cfg["route"]):
+                route[key] = value
+        for child in route.get("routes", []):
+            retime(child)
+
+    retime(cfg["route"])
+    return cfg
+
+
+@dataclass
+class Service:
+    name: str
+    url: str
+    process: subprocess.Popen
+    log_path: str
+    extra: dict = field(default_factory=dict)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=5)
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            with open(self.log_path, "r", encoding="utf-8", errors="replace") as fh:
+                return "".join(fh.readlines()[-lines:])
+        except OSError:
+            return ""
+
+
+def _wait_ready(service: Service, path: str, timeout: float) -> Service:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if service.process.poll() is not None:
+            raise RuntimeError(f"{service.name} exited with code {service.process.returncode}:\n"
+                               f"{service.log_tail()}")
+        try:
+            if requests.get(service.url + path, timeout=1).status_code == 200:
+                return service
+        except requests.RequestException:
+            pass
+        time.sleep(0.2)
+    service.stop()
+    raise TimeoutError(f"{service.name} not ready after {timeout:.0f} s:\n{service.log_tail()}")
+
+
+def start_prometheus(workdir: str, config: dict, port: Optional[int] = None,
+                     retention: str = "15d", timeout: float = 30) -> Service:
+    binary = find_binary("prometheus")
+    if not binary:
+        raise FileNotFoundError("prometheus is not installed (Debian: apt-get install prometheus)")
+    port = port or free_port()
+    os.makedirs(workdir, exist_ok=True)
+    cfg_path = os.path.join(workdir, "prometheus.yml")
+    with open(cfg_path, "w", encoding="utf-8") as fh:
+        yaml.safe_dump(config, fh, sort_keys=False)
+    log_path = os.path.join(workdir, "prometheus.log")
+    proc = subprocess.Popen(
+        [binary, f"--config.file={cfg_path}", f"--storage.tsdb.path={os.path.join(workdir, 'data')}",
+         f"--web.listen-address=127.0.0.1:{port}", f"--storage.tsdb.retention.time={retention}",
+         "--rules.alert.resend-delay=1s", "--web.enable-lifecycle"],
+        stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
+    return _wait_ready(Service("prometheus", f"http://127.0.0.1:{port}", proc, log_path), "/-/ready", timeout)
+
+
+def start_alertmanager(workdir: str, config: dict, port: Optional[int] = None,
+                       timeout: float = 30) -> Service:
+    binary = find_binary(*ALERTMANAGER_BINARIES)
+    if not binary:
+        raise FileNotFoundError("alertmanager is not installed "
+                                "(Debian: apt-get install prometheus-alertmanager)")
+    port = port or free_port()
+    os.makedirs(workdir, exist_ok=True)
+    cfg_path = os.path.join(workdir, "alertmanager.yml")
+    with open(cfg_path, "w", encoding="utf-8") as fh:
+        yaml.safe_dump(config, fh, sort_keys=False)
+    log_path = os.path.join(workdir, "alertmanager.log")
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [binary, f"--config.file={cfg_path}", f"--storage.path={os.path.join(workdir, 'data')}",
+         f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address=",
+         f"--web.external-url={url}"],
+        stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
+    return _wait_ready(Service("alertmanager", url, proc, log_path), "/-/ready", timeout)

@@ -1,0 +1,159 @@
+"""Rules and routing with the real tools: promtool check/test, amtool check-config and a route
+table; the committed rules equal a fresh render; every metric a rule reads is catalogued."""
+import os
+import re
+import subprocess
+
+import pytest
+import yaml
+
+from api_token_exporter import rulegen
+from api_token_exporter.stack import ROOT
+from conftest import require_binary
+
+RULES_DIR = os.path.join(ROOT, "prometheus", "rules")
+THRESHOLDS = os.path.join(ROOT, "prometheus", "thresholds.yml")
+AM_CONFIG = os.path.join(ROOT, "alertmanager", "alertmanager.yml")
+
+
+def run(*cmd):
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+
+
+def rule_files():
+    return sorted(os.path.join(RULES_DIR, f) for f in os.listdir(RULES_DIR) if f.endswith(".yml"))
+
+
+def test_promtool_check_rules():
+    result = run(require_binary("promtool"), "check", "rules", *rule_files())
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout
+
+
+def test_promtool_check_config():
+    result = run(require_binary("promtool"), "check", "config", "prometheus/prometheus.yml")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_promtool_unit_tests():
+    tests = sorted(os.path.join("prometheus", "tests", f)
+                   for f in os.listdir(os.path.join(ROOT, "prometheus", "tests")) if f.endswith(".yml"))
+    assert len(tests) >= 2
+    result = run(require_binary("promtool"), "test", "rules", *tests)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("SUCCESS") == len(tests)
+
+
+def test_every_alert_has_a_promtool_test():
+    alerts = {r["alert"] for g in yaml.safe_load(open(os.path.join(RULES_DIR, "apitoken-alerts.yml")))["groups"]
+              for r in g["rules"] if "alert" in r}
+    tested = set()
+    for name in os.listdir(os.path.join(ROOT, "prometheus", "tests")):
+        doc = yaml.safe_load(open(os.path.join(ROOT, "prometheus", "tests", name)))
+        for case in doc["tests"]:
+            for art in case.get("alert_rule_test", []):
+                if art["exp_alerts"]:
+                    tested.add(art["alertname"])
+    assert alerts - tested == set()
+
+
+def test_committed_rules_equal_a_fresh_render():
+    assert rulegen.stale(rulegen.load_thresholds(THRESHOLDS), RULES_DIR) == []
+
+
+def test_rules_check_command_reports_stale_files(tmp_path):
+    out = tmp_path / "rules"
+    rulegen.write(rulegen.load_thresholds(THRESHOLDS, {"latency": {"warning": 1.5}}), str(out))
+    result = run("api-token-exporter", "rules", "--check", "--out", str(out))
+    assert result.returncode == 1 and "out of date" in result.stderr
+    assert run("api-token-exporter", "rules", "--check").returncode == 0
+
+
+def test_a_threshold_change_reaches_the_rule_without_touching_promql():
+    t = rulegen.load_thresholds(THRESHOLDS, {"latency": {"warning": 1.5, "for": "10m"}})
+    rules = rulegen.alert_rules(t)[0]["rules"]
+    warning = next(r for r in rules if r["alert"] == "ApiTokenHighLatency" and r["labels"]["severity"] == "warning")
+    assert "> 1.5\n" in warning["expr"] and warning["for"] == "10m"
+    assert warning["annotations"]["threshold"] == "1.5s"
+
+
+@pytest.mark.parametrize("override,message", [
+    ({"latency": {"warning": 3.0}}, "latency.warning must be below latency.critical"),
+    ({"error_rate": {"for": "five minutes"}}, "error_rate.for must be a duration"),
+    ({"rate_limit": {"approaching_ratio": 1.5}}, "between 0 and 1"),
+])
+def test_bad_thresholds_say_what_is_wrong(override, message):
+    with pytest.raises(rulegen.ThresholdError, match=message):
+        rulegen.load_thresholds(THRESHOLDS, override)
+
+
+def test_every_metric_a_rule_reads_is_in_the_catalogue():
+    catalogue = set(re.findall(r"^\| `(apitoken_[a-z_]+)` \|",
+                               open(os.path.join(ROOT, "docs", "metrics.md")).read(), re.M))
+    used = set()
+    for path in rule_files():
+        for group in yaml.safe_load(open(path))["groups"]:
+            for rule in group["rules"]:
+                used |= set(re.findall(r"(?<![:\w])(apitoken_[a-z_]+)(?![:\w])", rule["expr"]))
+    used = {re.sub(r"_(bucket|count|sum)$", "", m) for m in used}
+    assert used and used - catalogue == set()
+
+
+def test_every_runbook_link_has_a_section():
+    runbooks = open(os.path.join(ROOT, "docs", "runbooks.md")).read()
+    anchors = {"#" + re.sub(r"[^a-z0-9 -]", "", h.strip().lower()).replace(" ", "-")
+               for h in re.findall(r"^#+ (.+)$", runbooks, re.M)}
+    alerts_doc = open(os.path.join(ROOT, "docs", "alerts.md")).read()
+    for group in yaml.safe_load(open(os.path.join(RULES_DIR, "apitoken-alerts.yml")))["groups"]:
+        for rule in group["rules"]:
+            url = rule["annotations"]["runbook_url"]
+            assert "#" + url.split("#", 1)[1] in anchors, url
+            assert f"`{rule['alert']}`" in alerts_doc, rule["alert"]
+
+
+# ------------------------------------------------------------------------------ Alertmanager
+ROUTES = [
+    # label set                                                               expected receivers
+    ({"alertname": "ApiTokenHighLatency", "severity": "critical", "token": "a"}, "critical"),
+    ({"alertname": "ApiTokenHighLatency", "severity": "warning", "token": "a"}, "warning"),
+    ({"alertname": "ApiTokenHighErrorRate", "severity": "critical", "token": "b"}, "critical"),
+    ({"alertname": "ApiTokenHighErrorRate", "severity": "warning", "token": "b"}, "warning"),
+    ({"alertname": "ApiTokenUsageSpike", "severity": "warning", "token": "c"}, "warning"),
+    ({"alertname": "ApiTokenUnauthorizedAccess", "severity": "critical"}, "critical"),
+    ({"alertname": "ApiTokenRateLimitApproaching", "severity": "warning", "token": "d", "window": "minute"}, "warning"),
+    ({"alertname": "ApiTokenRateLimited", "severity": "critical", "token": "d", "window": "minute"}, "critical"),
+    ({"alertname": "ApiTokenInvalidStillUsed", "severity": "warning", "token": "e", "status": "inactive"}, "warning"),
+    ({"alertname": "ApiTokenExporterDown", "severity": "critical", "instance": "x:1"}, "critical"),
+    ({"alertname": "Watchdog", "severity": "none"}, "watchdog"),
+    ({"alertname": "SomethingElse", "severity": "info"}, "webhook"),
+]
+
+
+def test_amtool_check_config():
+    result = run(require_binary("amtool"), "check-config", AM_CONFIG)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 templates" in result.stdout and "3 inhibit rules" in result.stdout
+
+
+@pytest.mark.parametrize("labels,receiver", ROUTES, ids=[l["alertname"] + "-" + l["severity"] for l, _ in ROUTES])
+def test_route_table(labels, receiver):
+    amtool = require_binary("amtool")
+    label_args = [f"{k}={v}" for k, v in labels.items()]
+    ok = run(amtool, "config", "routes", "test", f"--config.file={AM_CONFIG}",
+             f"--verify.receivers={receiver}", *label_args)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    wrong = "webhook" if receiver != "webhook" else "critical"
+    mismatch = run(amtool, "config", "routes", "test", f"--config.file={AM_CONFIG}",
+                   f"--verify.receivers={wrong}", *label_args)
+    assert mismatch.returncode != 0      # the table can fail
+
+
+def test_receivers_send_to_the_channels_the_severity_needs():
+    cfg = yaml.safe_load(open(AM_CONFIG))
+    receivers = {r["name"]: r for r in cfg["receivers"]}
+    assert set(receivers["critical"]) >= {"email_configs", "slack_configs", "webhook_configs"}
+    assert set(receivers["warning"]) >= {"slack_configs", "webhook_configs"}
+    assert "email_configs" not in receivers["warning"]
+    assert cfg["route"]["group_by"] == ["alertname", "token"]
+    text = open(AM_CONFIG).read()
+    assert "hooks.slack.com" not in text and "smtp_auth_password:" not in text
