@@ -49,7 +49,7 @@ def test_series_budget_per_token_is_as_documented(keys):
     # info and status lines exist for every configured key from the start
     assert len(token_series(before, "alpha")) == 6
     assert len(token_series(after, "alpha")) == 31
-    assert "30 + R·M·C + W + 3·L" in CATALOGUE and added == 25
+    assert "30 + R·M·C + W + 4·L + B" in CATALOGUE and added == 25
 
 
 def test_overflow_label_is_shared_across_families():

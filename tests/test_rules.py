@@ -124,6 +124,8 @@ ROUTES = [
     ({"alertname": "ApiTokenRateLimited", "severity": "critical", "token": "d", "window": "minute"}, "critical"),
     ({"alertname": "ApiTokenInvalidStillUsed", "severity": "warning", "token": "e", "status": "inactive"}, "warning"),
     ({"alertname": "ApiTokenExporterDown", "severity": "critical", "instance": "x:1"}, "critical"),
+    ({"alertname": "ApiTokenBudgetHigh", "severity": "warning", "token": "f", "period": "daily"}, "warning"),
+    ({"alertname": "ApiTokenBudgetExhausted", "severity": "critical", "token": "f", "period": "monthly"}, "critical"),
     ({"alertname": "Watchdog", "severity": "none"}, "watchdog"),
     ({"alertname": "SomethingElse", "severity": "info"}, "webhook"),
 ]
@@ -132,7 +134,7 @@ ROUTES = [
 def test_amtool_check_config():
     result = run(require_binary("amtool"), "check-config", AM_CONFIG)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "1 templates" in result.stdout and "3 inhibit rules" in result.stdout
+    assert "1 templates" in result.stdout and "4 inhibit rules" in result.stdout
 
 
 @pytest.mark.parametrize("labels,receiver", ROUTES, ids=[l["alertname"] + "-" + l["severity"] for l, _ in ROUTES])

@@ -40,6 +40,11 @@ class Settings:
     max_tokens: int = 10_000                # distinct token label values per family
     max_routes: int = 500
     max_models: int = 200
+    pricing_file: Optional[str] = None      # LLM prices; the packaged pricing.yml by default
+    capture_llm_usage: bool = False         # read usage from OpenAI/Anthropic/Cohere responses
+    capture_max_bytes: int = 1_048_576      # larger responses are not inspected
+    prometheus_url: Optional[str] = None    # enables the analytics API, answered from Prometheus
+    prometheus_timeout: float = 10.0
     exempt_paths: List[str] = field(default_factory=lambda: ["/healthz"])
     recent_requests: int = 100              # ring buffer behind /admin/stats
 
@@ -56,7 +61,7 @@ class Settings:
         if bool(self.metrics_basic_user) != bool(self.metrics_basic_password):
             raise ConfigError("metrics basic auth needs both user and password")
         for name in ("max_tokens", "max_routes", "max_models", "ingest_max_events",
-                     "recent_requests"):
+                     "recent_requests", "capture_max_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
         return self
@@ -69,6 +74,11 @@ _BOOL_TRUE = {"1", "true", "yes", "on"}
 def _coerce(name: str, value, template):
     if isinstance(template, bool):
         return value if isinstance(value, bool) else str(value).strip().lower() in _BOOL_TRUE
+    if isinstance(template, float) and not isinstance(value, (int, float)):
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{name} must be a number, got {value!r}") from None
     if isinstance(template, int) and not isinstance(value, int):
         try:
             return int(value)

@@ -225,7 +225,6 @@ def ingest_event(core, event) -> List[str]:
                         clean["method"], clean["status"], now)
     usage = clean.get("llm")
     if usage is not None:
-        core.metrics.observe_llm(token, usage.service, usage.model, usage.input_tokens,
-                                 usage.output_tokens)
+        core.count_llm(token, usage)
     return []
 

@@ -98,6 +98,13 @@ class Metrics:
         self.llm_requests = Counter(
             "apitoken_llm_requests_total", "Requests that reported LLM usage, by API token, service and model.",
             ["token", "service", "model"], registry=r)
+        self.llm_cost = Counter(
+            "apitoken_llm_cost_usd_total", "Cost in USD of the LLM tokens used, from the pricing file.",
+            ["token", "service", "model"], registry=r)
+        self.llm_unpriced = Counter(
+            "apitoken_llm_unpriced_requests_total",
+            "LLM usage reports for a model with no price: their cost is not counted.",
+            ["service", "model"], registry=r)
         self.overflow = Counter(
             "apitoken_label_overflow_total", "Label values replaced by __overflow__ because a cap was reached.",
             ["label"], registry=r)
@@ -144,13 +151,18 @@ class Metrics:
         self.rate_limited.labels(self.tokens.admit(token), window).inc()
 
     def observe_llm(self, token: str, service: str, model: str, input_tokens: int,
-                    output_tokens: int) -> None:
+                    output_tokens: int, cost_usd: Optional[float]) -> None:
+        """``cost_usd`` None means the model has no price: counted as unpriced, never as $0."""
         token = self.tokens.admit(token)
         service = self.services.admit(service.lower())
         model = self.models.admit(model)
         self.llm_tokens.labels(token, service, model, "input").inc(input_tokens)
         self.llm_tokens.labels(token, service, model, "output").inc(output_tokens)
         self.llm_requests.labels(token, service, model).inc()
+        if cost_usd is None:
+            self.llm_unpriced.labels(service, model).inc()
+        else:
+            self.llm_cost.labels(token, service, model).inc(cost_usd)
 
 
 class ScrapeView:
@@ -182,14 +194,20 @@ class ScrapeView:
         status = GaugeMetricFamily("apitoken_token_status",
                                    "One-hot status of each configured API token.",
                                    labels=["token", "status"])
+        budget = GaugeMetricFamily("apitoken_budget_usd",
+                                   "LLM budget in USD per token and period (daily: trailing 24h, "
+                                   "monthly: trailing 30 days).", labels=["token", "period"])
         now = self.clock()
         for key in self.keystore.all():
             info.add_metric([key.id, key.name, key.tenant], 1)
             current = token_status(key, key.id in limited, now)
             for s in STATUSES:
                 status.add_metric([key.id, s], 1 if s == current else 0)
+            for period, amount in sorted(key.budget_usd.items()):
+                budget.add_metric([key.id, period], amount)
         yield info
         yield status
+        yield budget
 
     def _limited_tokens(self, families) -> set:
         remaining: Dict[tuple, float] = {}

@@ -23,16 +23,28 @@ from .keystore import ApiKey, KeyStore, mask_key, well_formed_key
 from .metrics import UNAUTHENTICATED, UNMATCHED_ROUTE, Metrics, ScrapeView
 from .ratelimit import WINDOW_SECONDS, Decision, RateLimiter, StorageUnavailable
 from .stats import UsageTracker
+from .llmcapture import extract_usage
+from .pricing import Pricing
 from .usage import LLMUsage, UsageError, validate_usage
 
 log = logging.getLogger("api_token_exporter")
 
 ENVIRON_TOKEN = "api_token_exporter.token"
 ENVIRON_ROUTE = "api_token_exporter.route"
-_current_token: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar(
-    "api_token_exporter_token", default=None)
-_current_analytics: contextvars.ContextVar[Optional["TokenAnalytics"]] = contextvars.ContextVar(
-    "api_token_exporter_analytics", default=None)
+
+
+class _RequestContext:
+    """What a handler's record_llm_usage() needs about the request being served."""
+    __slots__ = ("analytics", "token", "llm_recorded")
+
+    def __init__(self, analytics, token):
+        self.analytics = analytics
+        self.token = token
+        self.llm_recorded = False
+
+
+_current: contextvars.ContextVar[Optional[_RequestContext]] = contextvars.ContextVar(
+    "api_token_exporter_request", default=None)
 
 REFUSALS = {
     "missing": (401, "Missing API key"),
@@ -45,16 +57,24 @@ WINDOW_ORDER = ("minute", "hour", "day")
 
 def current_token() -> Optional[str]:
     """The id of the API token of the request being handled, or None."""
-    return _current_token.get()
+    ctx = _current.get()
+    return ctx.token if ctx is not None else None
 
 
 def record_llm_usage(service: str, model: str, input_tokens: int = 0, output_tokens: int = 0,
                      token: Optional[str] = None) -> LLMUsage:
-    """Count LLM usage for the current request's token (or ``token``). Raises UsageError."""
-    analytics = _current_analytics.get()
-    if analytics is None:
+    """Count LLM usage (tokens, cost) for the current request's token, or ``token``.
+
+    Raises UsageError for bad values, which are then not counted at all."""
+    ctx = _current.get()
+    if ctx is None:
         raise RuntimeError("record_llm_usage() called outside a request handled by TokenAnalytics")
-    return analytics.record_llm_usage(service, model, input_tokens, output_tokens, token=token)
+    token = token or ctx.token
+    if not token:
+        raise UsageError("no API token: call inside an authenticated request or pass token=")
+    usage = ctx.analytics.count_llm(token, validate_usage(service, model, input_tokens, output_tokens))
+    ctx.llm_recorded = True
+    return usage
 
 
 def _status_code(status: str) -> int:
@@ -74,18 +94,46 @@ def json_response(start_response, code: int, body: dict,
     return [payload]
 
 
+class _Capture:
+    """The first ``limit`` bytes of a response body, kept while it streams through."""
+    __slots__ = ("chunks", "size", "limit")
+
+    def __init__(self, limit: int):
+        self.chunks: List[bytes] = []
+        self.size = 0
+        self.limit = limit
+
+    @property
+    def complete(self) -> bool:
+        return self.size <= self.limit
+
+    def body(self) -> bytes:
+        return b"".join(self.chunks)
+
+
 class _Finishing:
     """Wraps the app's response iterable so metrics are recorded when the body is done."""
 
-    __slots__ = ("_result", "_finish", "_done")
+    __slots__ = ("_result", "_finish", "_done", "_capture")
 
-    def __init__(self, result, finish):
+    def __init__(self, result, finish, capture: Optional[_Capture] = None):
         self._result = result
         self._finish = finish
         self._done = False
+        self._capture = capture
 
     def __iter__(self):
-        return iter(self._result)
+        if self._capture is None:
+            return iter(self._result)
+        return self._tee()
+
+    def _tee(self):
+        capture = self._capture
+        for chunk in self._result:
+            if capture.size <= capture.limit:
+                capture.chunks.append(chunk)
+                capture.size += len(chunk)
+            yield chunk
 
     def close(self):
         try:
@@ -110,6 +158,7 @@ class TokenAnalytics:
                                max_models=s.max_models)
         self.view = ScrapeView(self.metrics, self.keystore)
         self.tracker = UsageTracker(s.recent_requests)
+        self.pricing = Pricing.load(s.pricing_file)
         self._key_environ = "HTTP_" + s.header_name.upper().replace("-", "_")
         self._exempt = set(s.exempt_paths)
         self._route_map = Map([Rule(r) for r in routes]) if routes else None
@@ -233,11 +282,12 @@ class TokenAnalytics:
                     self._record(environ, key, token, 429, started)
                     return body
 
-        state = {"code": 500}
+        state = {"code": 500, "headers": ()}
         identified = key is not None and reason is None
 
         def _start_response(status, headers, exc_info=None):
             state["code"] = _status_code(status)
+            state["headers"] = headers
             if observe and identified:
                 self._observe_upstream_limits(key.id, headers, state["code"])
             if extra_headers:
@@ -245,17 +295,40 @@ class TokenAnalytics:
             return start_response(status, headers, exc_info)
 
         environ[ENVIRON_TOKEN] = key.id if identified else None
-        ctx_token = _current_token.set(key.id if identified else None)
-        ctx_self = _current_analytics.set(self)
+        request_ctx = _RequestContext(self, key.id if identified else None)
+        reset_ctx = _current.set(request_ctx)
         try:
             result = self.app(environ, _start_response)
         except BaseException:
             self._record(environ, key, token, 500, started)
             raise
         finally:
-            _current_token.reset(ctx_token)
-            _current_analytics.reset(ctx_self)
-        return _Finishing(result, lambda: self._record(environ, key, token, state["code"], started))
+            _current.reset(reset_ctx)
+        capture = (_Capture(self.settings.capture_max_bytes)
+                   if identified and self.settings.capture_llm_usage else None)
+
+        def finish():
+            self._record(environ, key, token, state["code"], started)
+            if capture is not None and not request_ctx.llm_recorded and capture.complete:
+                self._capture_llm(key.id, state["headers"], capture.body())
+
+        return _Finishing(result, finish, capture)
+
+    def _capture_llm(self, token_id: str, headers, body: bytes) -> None:
+        content_type = model_hint = ""
+        for name, value in headers:
+            lname = name.lower()
+            if lname == "content-type":
+                content_type = value
+            elif lname == "x-llm-model":
+                model_hint = value
+        found = extract_usage(content_type, body, model_hint or None)
+        if found is None:
+            return
+        try:
+            self.count_llm(token_id, validate_usage(*found))
+        except UsageError as exc:
+            log.warning("LLM usage in a response for token %s not counted: %s", token_id, exc)
 
     def _hit(self, key: ApiKey) -> Optional[Decision]:
         try:
@@ -318,14 +391,12 @@ class TokenAnalytics:
             self.metrics.observe_rate_limited(token_id, exhausted or "default")
 
     # -- LLM usage ---------------------------------------------------------------------------
-    def record_llm_usage(self, service: str, model: str, input_tokens: int = 0,
-                         output_tokens: int = 0, token: Optional[str] = None) -> LLMUsage:
-        token = token or _current_token.get()
-        if not token:
-            raise UsageError("no API token: call inside an authenticated request or pass token=")
-        usage = validate_usage(service, model, input_tokens, output_tokens)
+    def count_llm(self, token: str, usage: LLMUsage) -> LLMUsage:
+        """Count validated usage: tokens, requests, and cost from the pricing file."""
+        price = self.pricing.price(usage.service, usage.model)
+        cost = price.cost(usage.input_tokens, usage.output_tokens) if price else None
         self.metrics.observe_llm(token, usage.service, usage.model, usage.input_tokens,
-                                 usage.output_tokens)
+                                 usage.output_tokens, cost)
         return usage
 
 

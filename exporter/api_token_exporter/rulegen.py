@@ -78,6 +78,7 @@ def validate(t: dict) -> None:
               "usage_spike.learning_period",
               "unauthorized.window", "unauthorized.for", "rate_limit.approaching_for",
               "rate_limit.refused_for", "rate_limit.exhaustion_for", "token_state.for",
+              "budgets.for", "budgets.forecast_for",
               "exporter.down_for", "exporter.absent_for"):
         need(p, duration, "a duration such as 5m")
     for p in ("latency.warning", "latency.critical", "error_rate.warning", "error_rate.critical",
@@ -87,6 +88,14 @@ def validate(t: dict) -> None:
         need(p, positive, "a number above 0")
     need("latency.quantile", lambda v: positive(v) and v < 1, "between 0 and 1")
     need("rate_limit.approaching_ratio", lambda v: positive(v) and v <= 1, "between 0 and 1")
+    need("budgets.warning", lambda v: positive(v) and v < 1, "between 0 and 1")
+    need("budgets.critical", lambda v: positive(v) and v < 1, "between 0 and 1")
+    if t["budgets"]["warning"] >= t["budgets"]["critical"]:
+        raise ThresholdError("thresholds: budgets.warning must be below budgets.critical")
+    for period, spec in t["budgets"]["forecast"].items():
+        if period not in ("daily", "monthly"):
+            raise ThresholdError(f"thresholds: budgets.forecast.{period}: daily or monthly only")
+        seconds(spec["range"]), seconds(spec["horizon"])
     for level in ("latency", "error_rate", "usage_spike"):
         if t[level]["warning"] >= t[level]["critical"]:
             raise ThresholdError(f"thresholds: {level}.warning must be below {level}.critical")
@@ -103,6 +112,7 @@ def _q(value: float) -> str:
 
 def recording_rules(t: dict) -> List[dict]:
     w, c = t["rate_window"], t["coarse_window"]
+    c2 = c2_of(t)     # an hourly series is only visible for 5m to instant queries: look back further
     q = t["latency"]["quantile"]
     quantiles = sorted({0.5, q, 0.99})
     fast = [
@@ -137,6 +147,17 @@ def recording_rules(t: dict) -> List[dict]:
                   "  and (apitoken_rate_limit_reset_timestamp_seconds > time())\n)")},
         {"record": f"token_service_model_type:apitoken_llm_tokens:rate{w}",
          "expr": f"sum by (token, service, model, type) (rate(apitoken_llm_tokens_total[{w}]))"},
+        {"record": f"token_service_model:apitoken_llm_cost_usd:rate{w}",
+         "expr": f"sum by (token, service, model) (rate(apitoken_llm_cost_usd_total[{w}]))"},
+        {"record": "token:apitoken_llm_cost_usd:increase1d",
+         "expr": "sum by (token) (increase(apitoken_llm_cost_usd_total[1d]))"},
+        # budgets: daily against the trailing 24 h, monthly against the trailing 30 days
+        {"record": "token_period:apitoken_llm_budget:usage_ratio",
+         "expr": ('label_replace(token:apitoken_llm_cost_usd:increase1d, "period", "daily", "", "")\n'
+                  '  / on (token, period) max by (token, period) (apitoken_budget_usd{period="daily"} > 0)\n'
+                  'or\n'
+                  f'label_replace(last_over_time(token:apitoken_llm_cost_usd:increase30d[{c2}]), "period", "monthly", "", "")\n'
+                  '  / on (token, period) max by (token, period) (apitoken_budget_usd{period="monthly"} > 0)')},
         {"record": "reason:apitoken_auth_failures:increase1h",
          "expr": "sum by (reason) (increase(apitoken_auth_failures_total[1h]))"},
         {"record": f":apitoken_auth_failures:increase{t['unauthorized']['window']}",
@@ -160,9 +181,25 @@ def recording_rules(t: dict) -> List[dict]:
          "expr": f"sum by (token, service, model, type) (increase(apitoken_llm_tokens_total[{c}]))"},
         {"record": f"token_service_model:apitoken_llm_requests:increase{c}",
          "expr": f"sum by (token, service, model) (increase(apitoken_llm_requests_total[{c}]))"},
+        {"record": f"token_service_model:apitoken_llm_cost_usd:increase{c}",
+         "expr": f"sum by (token, service, model) (increase(apitoken_llm_cost_usd_total[{c}]))"},
+        {"record": "token:apitoken_llm_cost_usd:increase30d",
+         "expr": f"sum by (token) (sum_over_time(token_service_model:apitoken_llm_cost_usd:increase{c}[30d]))"},
     ]
     return [{"name": "apitoken.recording", "rules": fast},
             {"name": f"apitoken.recording.{c}", "interval": c, "rules": coarse}]
+
+
+def fmt_duration(total: float) -> str:
+    total = int(total)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if total % size == 0:
+            return f"{total // size}{unit}"
+    return f"{total}s"
+
+
+def c2_of(t: dict) -> str:
+    return fmt_duration(seconds(t["coarse_window"]) * 2)
 
 
 def _runbook(t: dict, alert: str) -> str:
@@ -263,6 +300,41 @@ def alert_rules(t: dict) -> List[dict]:
              f"{window} limit within {spec['horizon']}, before the window resets "
              f"({{{{ $value | printf \"%.0f\" }}}} requests predicted left)."),
             threshold=f"0 left within {spec['horizon']}", extra_labels={"window": window}))
+    budgets = t["budgets"]
+    for severity in ("warning", "critical"):
+        share = budgets[severity]
+        rules.append(_alert(
+            t, "ApiTokenBudgetHigh", severity,
+            f"token_period:apitoken_llm_budget:usage_ratio >= {share:g}",
+            budgets["for"],
+            f"Token {{{{ $labels.token }}}} has spent {share * 100:g}% of its {{{{ $labels.period }}}} LLM budget",
+            ("Token {{ $labels.token }} has spent {{ $value | humanizePercentage }} of its "
+             f"{{{{ $labels.period }}}} LLM budget ({severity} at {share * 100:g}%)."),
+            threshold=f"{share * 100:g}%"))
+    rules.append(_alert(
+        t, "ApiTokenBudgetExhausted", "critical",
+        "token_period:apitoken_llm_budget:usage_ratio >= 1",
+        budgets["for"],
+        "Token {{ $labels.token }} has used up its {{ $labels.period }} LLM budget",
+        ("Token {{ $labels.token }} has spent {{ $value | humanizePercentage }} of its "
+         "{{ $labels.period }} LLM budget."),
+        threshold="100%"))
+    spans = {"daily": "increase1d", "monthly": "increase30d"}
+    for period, spec in sorted(budgets["forecast"].items()):
+        horizon = int(seconds(spec["horizon"]))
+        series = f"token:apitoken_llm_cost_usd:{spans[period]}"
+        budget = f'max by (token) (apitoken_budget_usd{{period="{period}"}} > 0)'
+        rules.append(_alert(
+            t, "ApiTokenBudgetForecast", "warning",
+            (f"predict_linear({series}[{spec['range']}], {horizon}) > on (token) {budget}\n"
+             f"and on (token) last_over_time({series}[{c2_of(t)}]) < on (token) {budget}"),
+            budgets["forecast_for"],
+            f"Token {{{{ $labels.token }}}} will exceed its {period} LLM budget within {spec['horizon']}",
+            (f"At the pace of the last {spec['range']}, token {{{{ $labels.token }}}} spends more than "
+             f"its {period} budget of "
+             f'{{{{ with printf "max(apitoken_budget_usd{{token=\\"%s\\",period=\\"{period}\\"}})" $labels.token | query }}}}'
+             f'${{{{ . | first | value | printf "%.2f" }}}}{{{{ end }}}} within {spec["horizon"]}.'),
+            threshold=f"budget within {spec['horizon']}", extra_labels={"period": period}))
     rules.append(_alert(
         t, "ApiTokenInvalidStillUsed", "warning",
         ('max by (token, status) (apitoken_token_status{status=~"inactive|expired|invalid"} == 1)\n'
