@@ -3,7 +3,7 @@
 #   make test   install what the tests need and run them all
 PYTHON ?= python3
 
-.PHONY: install test demo bench rules
+.PHONY: install test demo bench rules report
 
 install:
 	bash .ci/install
@@ -22,3 +22,7 @@ rules:
 	api-token-exporter rules
 	promtool check rules prometheus/rules/*.yml
 	promtool test rules prometheus/tests/*.yml
+
+# seed 001's `make analytics:report`: the last 30 days from Prometheus (PROMETHEUS_URL to change)
+report:
+	api-token-exporter report --days 30 --format table $(if $(PROMETHEUS_URL),--prometheus-url $(PROMETHEUS_URL))

@@ -91,6 +91,11 @@ def cmd_rules(args) -> int:
     return rules_main(args)
 
 
+def cmd_report(args) -> int:
+    from .report import main as report_main
+    return report_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="api-token-exporter",
                                      description="Per-API-token usage analytics for Prometheus.")
@@ -144,6 +149,18 @@ def build_parser() -> argparse.ArgumentParser:
     rules.add_argument("--check", action="store_true",
                        help="exit 1 if the rendered files are out of date, write nothing")
     rules.set_defaults(func=cmd_rules)
+
+    report = sub.add_parser("report", help="LLM token usage report from Prometheus (seed 001)")
+    report.add_argument("--days", type=int, default=30)
+    report.add_argument("--start", help="ISO 8601 date or time (default: --days before --end)")
+    report.add_argument("--end", help="ISO 8601 date or time (default: now)")
+    report.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    report.add_argument("--prometheus-url", help="default $ATE_PROMETHEUS_URL or http://127.0.0.1:9090")
+    report.add_argument("--tenant", help="only this tenant's tokens (needs --keys-file)")
+    report.add_argument("--keys-file", default=DEFAULT_KEYS_FILE)
+    report.add_argument("--timeout", type=float, default=30.0, help="seconds per query")
+    report.add_argument("--progress", action="store_true", help="show progress even when not a terminal")
+    report.set_defaults(func=cmd_report)
     return parser
 
 

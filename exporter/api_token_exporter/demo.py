@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Dict, Optional
 
 import requests
-from flask import Flask, jsonify, request
+from flask import Flask, Response, jsonify, request
 
 from .keystore import add_key, load_keys, save_keys
 from .middleware import TokenAnalytics, record_llm_usage
@@ -26,7 +26,7 @@ DEMO_KEYS = {
     "demo-errors": ("Flaky partner", "globex", {}),
     "demo-slow": ("Report builder", "globex", {}),
     "demo-limited": ("Over-eager script", "initech", {"minute": 20, "hour": 300}),
-    "demo-llm": ("Chat assistant", "initech", {}),
+    "demo-llm": ("Chat assistant", "initech", {}),              # small budgets: budget alerts move
     "demo-playground": ("You, with curl", "acme", {}),
     "demo-inactive": ("Revoked key", "acme", {}),
     "demo-expired": ("Expired trial", "globex", {}),
@@ -34,7 +34,7 @@ DEMO_KEYS = {
 }
 MODELS = [("openai", "gpt-4"), ("openai", "gpt-4-turbo"), ("openai", "gpt-3.5-turbo"),
           ("anthropic", "claude-3-5-sonnet"), ("anthropic", "claude-3-opus"),
-          ("cohere", "command-r")]
+          ("cohere", "command-r"), ("openai", "o1-preview")]   # o1-preview has no price: unpriced
 
 
 def create_demo_api(**analytics_settings) -> Flask:
@@ -69,19 +69,40 @@ def create_demo_api(**analytics_settings) -> Flask:
 
     @app.post("/api/v1/chat")
     def chat():
+        """Answers in the shape of the chosen service. OpenAI usage is reported through the
+        public call; Anthropic and Cohere usage is read from the response by the middleware."""
         body = request.get_json(silent=True) or {}
         service, model = body.get("service", "openai"), body.get("model", "gpt-4")
         prompt = str(body.get("prompt", "hello"))
         prompt_tokens = max(1, len(prompt.split())) * 3
-        completion_tokens = random.randint(20, 400)
+        completion_tokens = int(body.get("completion_tokens") or random.randint(20, 400))
+        if service == "anthropic":
+            if body.get("stream"):
+                return Response(_anthropic_events(model, prompt_tokens, completion_tokens),
+                                content_type="text/event-stream")
+            return jsonify({"type": "message", "model": model, "content": [{"type": "text", "text": "…"}],
+                            "usage": {"input_tokens": prompt_tokens, "output_tokens": completion_tokens}})
+        if service == "cohere":
+            return jsonify({"text": "…", "meta": {"billed_units": {
+                "input_tokens": prompt_tokens, "output_tokens": completion_tokens}}}), \
+                200, {"X-LLM-Model": model}
         record_llm_usage(service, model, prompt_tokens, completion_tokens)
         return jsonify({"model": model, "choices": [{"message": {"content": "…"}}],
                         "usage": {"prompt_tokens": prompt_tokens,
                                   "completion_tokens": completion_tokens,
                                   "total_tokens": prompt_tokens + completion_tokens}})
 
+    analytics_settings.setdefault("capture_llm_usage", True)
     TokenAnalytics(app, **analytics_settings)
     return app
+
+
+def _anthropic_events(model: str, input_tokens: int, output_tokens: int):
+    yield ("event: message_start\ndata: " + json.dumps({"type": "message_start", "message": {
+        "model": model, "usage": {"input_tokens": input_tokens, "output_tokens": 1}}}) + "\n\n")
+    yield 'event: content_block_delta\ndata: {"type": "content_block_delta"}\n\n'
+    yield ("event: message_delta\ndata: " + json.dumps({"type": "message_delta",
+                                                         "usage": {"output_tokens": output_tokens}}) + "\n\n")
 
 
 def app_from_env():
@@ -95,8 +116,10 @@ def write_demo_keys(path: str) -> Dict[str, str]:
         os.unlink(path)
     raw = {}
     for token_id, (name, tenant, limits) in DEMO_KEYS.items():
+        budget = {"daily": 0.5, "monthly": 10.0} if token_id == "demo-llm" else \
+            {"daily": 5.0, "monthly": 100.0}
         raw[token_id] = add_key(path, token_id, name=name, tenant=tenant, rate_limits=limits,
-                                budget_usd={"daily": 5.0, "monthly": 100.0})
+                                budget_usd=budget)
     keys = load_keys(path)
     for key in keys:
         if key.id == "demo-inactive":
@@ -159,7 +182,8 @@ class TrafficGenerator:
             (1.0, lambda s: self._get(s, "/api/v1/items", k["demo-limited"])),
             (2.0, lambda s: self._get(s, "/api/v1/chat", k["demo-llm"], method="POST",
                                       json=dict(zip(("service", "model"), r.choice(MODELS)),
-                                                prompt="summarise this " * r.randint(1, 40)))),
+                                                prompt="summarise this " * r.randint(1, 40),
+                                                stream=r.random() < 0.3))),
             (8.0, lambda s: self._get(s, "/api/v1/items")),                                 # missing
             (6.0, lambda s: self._get(s, "/api/v1/items", "atk_" + secrets.token_urlsafe(24))),  # invalid
             (15.0, lambda s: self._get(s, "/api/v1/items", k["demo-inactive"])),

@@ -18,6 +18,7 @@ from .usage import UsageError, validate_usage
 ADMIN_PATHS = ("/admin/token-details", "/admin/stats")
 INGEST_PATH = "/v1/events"
 HEALTH_PATH = "/healthz"
+ANALYTICS_PATHS = ("/analytics/tokens", "/api/analytics/usage")
 METHODS = {"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"}
 MAX_DURATION_SECONDS = 3600.0
 MAX_ROUTE_LENGTH = 200
@@ -144,6 +145,50 @@ def build_endpoints(core, serve_metrics: bool = True, admin: bool = True, health
             core.metrics.ingest_events.labels("rejected").inc(len(errors))
             status = 200 if accepted or not events else 400
             return jsonify({"accepted": accepted, "rejected": len(errors), "errors": errors}), status
+
+    if admin and s.prometheus_url:
+        from . import analytics
+        client = analytics.PrometheusClient(s.prometheus_url, s.prometheus_timeout)
+        paths.update(ANALYTICS_PATHS)
+
+        def scope_or_error():
+            """Admin token: every token. A tenant's API key: that tenant's tokens only."""
+            if s.admin_token and _same(_bearer(request.headers.get("Authorization")), s.admin_token):
+                return analytics.Scope(), None
+            raw = request.headers.get(s.header_name)
+            if not raw:
+                return None, (jsonify({"detail": "Missing API key"}), 401)
+            key = core.keystore.lookup(raw) if well_formed_key(raw) else None
+            if key is None:
+                return None, (jsonify({"detail": "Invalid API key"}), 401)
+            if not key.active or key.expired():
+                return None, (jsonify({"detail": "API key is inactive"}), 403)
+            tenant_tokens = [k.id for k in core.keystore.all() if k.tenant == key.tenant] \
+                if key.tenant else [key.id]
+            return analytics.Scope(tenant_tokens), None
+
+        def answer(build):
+            scope, error = scope_or_error()
+            if error:
+                return error
+            try:
+                return jsonify(build(scope))
+            except analytics.AnalyticsError as exc:
+                return jsonify({"detail": str(exc)}), 400
+            except analytics.PrometheusUnavailable as exc:
+                return jsonify({"detail": f"Analytics unavailable: {exc}"}), 503
+
+        @app.route("/analytics/tokens", methods=["GET"])
+        def analytics_tokens():
+            def build(scope):
+                start, end = analytics.resolve_range(request.args.get("days"), request.args.get("start"),
+                                                     request.args.get("end"), time.time())
+                return analytics.tokens_report(client, scope, start, end)
+            return answer(build)
+
+        @app.route("/api/analytics/usage", methods=["GET"])
+        def analytics_usage():
+            return answer(lambda scope: analytics.usage_report(client, scope, time.time()))
 
     return app, paths
 

@@ -1,0 +1,293 @@
+"""Usage analytics answered from Prometheus (the store of record), over its HTTP API.
+
+Totals over a time range are exact counter differences, not `increase()` (which extrapolates
+to the range's edges): per series, value at the end minus value at the start, or the value at
+the end for a series born inside the range. Only where `resets()` finds a counter reset (an
+exporter restart) inside the range does it fall back to `increase()`.
+
+Shapes: `tokens_report` is seed 001's /analytics/tokens; `usage_report` is seed 004's
+/api/analytics/usage content.
+"""
+from __future__ import annotations
+
+import calendar
+import concurrent.futures
+import datetime as dt
+import math
+import re
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import requests
+
+UTC = dt.timezone.utc
+Progress = Optional[Callable[[int, int], None]]
+
+
+class PrometheusUnavailable(RuntimeError):
+    """Prometheus could not answer; the message says why (for a 503)."""
+
+
+class AnalyticsError(ValueError):
+    """A bad parameter (for a 400); the message names it."""
+
+
+class PrometheusClient:
+    def __init__(self, url: str, timeout: float = 10.0):
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+        self.session = requests.Session()
+
+    def query(self, expr: str, at: float) -> List[Tuple[Dict[str, str], float]]:
+        try:
+            response = self.session.post(f"{self.url}/api/v1/query",
+                                         data={"query": expr, "time": f"{at:.3f}"},
+                                         timeout=self.timeout)
+        except requests.RequestException as exc:
+            raise PrometheusUnavailable(
+                f"Prometheus at {self.url} cannot be reached ({type(exc).__name__})") from None
+        try:
+            doc = response.json()
+        except ValueError:
+            raise PrometheusUnavailable(
+                f"Prometheus at {self.url} answered HTTP {response.status_code} without JSON") from None
+        if doc.get("status") != "success":
+            raise PrometheusUnavailable(f"Prometheus query failed: {doc.get('error', 'unknown error')}")
+        return [(item["metric"], float(item["value"][1])) for item in doc["data"]["result"]]
+
+
+class Scope:
+    """Which tokens a caller may see: all (admin) or those of one tenant."""
+
+    def __init__(self, tokens: Optional[Iterable[str]] = None):
+        self.tokens = sorted(tokens) if tokens is not None else None
+
+    @property
+    def matcher(self) -> str:
+        if self.tokens is None:   # every real token, not the fixed __unauthenticated__ / __overflow__
+            return 'token!~"__.*__"'
+        if not self.tokens:
+            return 'token="__no_token__"'
+        return "token=~`" + "|".join(re.escape(t) for t in self.tokens) + "`"
+
+
+def exact_increase(metric: str, matcher: str, start: float, end: float, by: str) -> str:
+    seconds = max(1, int(math.ceil(end - start)))
+    sel = f"{metric}{{{matcher}}}"
+    per_series = (f"(increase({sel}[{seconds}s] @ {end:.3f}) and (resets({sel}[{seconds}s] @ {end:.3f}) > 0))"
+                  f" or ({sel} @ {end:.3f} - {sel} @ {start:.3f})"
+                  f" or ({sel} @ {end:.3f})")
+    return f"sum by ({by}) ({per_series})"
+
+
+def _tagged(parts: Dict[str, str]) -> str:
+    """Several aggregations in one query, each tagged with label q=<name>."""
+    return " or ".join(f'label_replace({expr}, "q", "{name}", "", "")' for name, expr in parts.items())
+
+
+def iso(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.") + \
+        f"{int(round((ts % 1) * 1000)) % 1000:03d}Z"
+
+
+def parse_time(name: str, value: str) -> float:
+    text = value.strip()
+    try:
+        if re.fullmatch(r"\d{4}-\d\d-\d\d", text):
+            parsed = dt.datetime.strptime(text, "%Y-%m-%d")
+        else:
+            parsed = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise AnalyticsError(f"{name} must be an ISO 8601 date or time, got {value!r}") from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.timestamp()
+
+
+def resolve_range(days: Optional[str], start: Optional[str], end: Optional[str],
+                  now: float) -> Tuple[float, float]:
+    if days is not None:
+        try:
+            n = int(days)
+        except ValueError:
+            raise AnalyticsError(f"days must be a whole number, got {days!r}") from None
+        if not 1 <= n <= 3650:
+            raise AnalyticsError(f"days must be from 1 to 3650, got {n}")
+    else:
+        n = 30
+    end_ts = parse_time("end", end) if end else now
+    start_ts = parse_time("start", start) if start else end_ts - n * 86400
+    if end_ts > now + 60:
+        raise AnalyticsError("end must not be in the future")
+    if start_ts >= end_ts:
+        raise AnalyticsError("start must be before end")
+    if end_ts - start_ts > 3650 * 86400:
+        raise AnalyticsError("the range must be at most 3650 days")
+    return start_ts, end_ts
+
+
+def day_buckets(start: float, end: float) -> List[Tuple[str, float, float]]:
+    buckets = []
+    day = dt.datetime.fromtimestamp(start, UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    while day.timestamp() < end:
+        nxt = day + dt.timedelta(days=1)
+        lo, hi = max(start, day.timestamp()), min(end, nxt.timestamp())
+        if hi > lo:
+            buckets.append((day.strftime("%Y-%m-%d"), lo, hi))
+        day = nxt
+    return buckets
+
+
+def _run(client: PrometheusClient, jobs: Sequence[Tuple[str, float]], progress: Progress,
+         workers: int = 8) -> List[List[Tuple[Dict[str, str], float]]]:
+    results: List = [None] * len(jobs)
+    done = 0
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = {pool.submit(client.query, expr, at): i for i, (expr, at) in enumerate(jobs)}
+        for future in concurrent.futures.as_completed(futures):
+            results[futures[future]] = future.result()
+            done += 1
+            if progress:
+                progress(done, len(jobs))
+    return results
+
+
+def _llm_parts(m: str, start: float, end: float, by: str) -> Dict[str, str]:
+    return {
+        "tokens": exact_increase("apitoken_llm_tokens_total", m, start, end, f"{by}, type" if by else "type"),
+        "requests": exact_increase("apitoken_llm_requests_total", m, start, end, by),
+        "cost": exact_increase("apitoken_llm_cost_usd_total", m, start, end, by),
+    }
+
+
+def _counts():
+    return {"promptTokens": 0, "completionTokens": 0, "totalTokens": 0, "requestCount": 0,
+            "estimatedCost": 0.0}
+
+
+def _add(target: dict, q: str, labels: dict, value: float) -> None:
+    value = round(value, 9) if q == "cost" else int(round(value))
+    if q == "tokens":
+        key = "promptTokens" if labels.get("type") == "input" else "completionTokens"
+        target[key] += value
+        target["totalTokens"] += value
+    elif q == "requests":
+        target["requestCount"] += value
+    elif q == "cost":
+        target["estimatedCost"] = round(target["estimatedCost"] + value, 9)
+
+
+def tokens_report(client: PrometheusClient, scope: Scope, start: float, end: float,
+                  progress: Progress = None) -> dict:
+    """Seed 001's /analytics/tokens: summary, byModel, byDay, byService."""
+    m = scope.matcher
+    days = day_buckets(start, end)
+    jobs = [(_tagged(_llm_parts(m, start, end, "service, model")), end)]
+    jobs += [(_tagged(_llm_parts(m, lo, hi, "")), hi) for _, lo, hi in days]
+    results = _run(client, jobs, progress)
+
+    summary, by_model, by_service = _counts(), {}, {}
+    for labels, value in results[0]:
+        q, model, service = labels.get("q"), labels.get("model", ""), labels.get("service", "")
+        _add(summary, q, labels, value)
+        _add(by_model.setdefault(model, {"model": model, **_counts()}), q, labels, value)
+        svc = by_service.setdefault(service, {**_counts(), "models": []})
+        _add(svc, q, labels, value)
+        if model not in svc["models"]:
+            svc["models"].append(model)
+    by_day = []
+    for (date, _, _), rows in zip(days, results[1:]):
+        entry = {"date": date, **_counts()}
+        for labels, value in rows:
+            _add(entry, labels.get("q"), labels, value)
+        by_day.append(entry)
+    for svc in by_service.values():
+        svc["models"].sort()
+    return {
+        "summary": {
+            "totalTokens": summary["totalTokens"],
+            "promptTokens": summary["promptTokens"],
+            "completionTokens": summary["completionTokens"],
+            "estimatedCost": round(summary["estimatedCost"], 6),
+            "timeframe": {"startDate": iso(start), "endDate": iso(end),
+                          "days": int(round((end - start) / 86400)) or 1},
+        },
+        "byModel": sorted(by_model.values(), key=lambda e: (-e["totalTokens"], e["model"])),
+        "byDay": by_day,
+        "byService": dict(sorted(by_service.items())),
+    }
+
+
+def _usage_parts(m: str, start: float, end: float) -> Dict[str, str]:
+    return {
+        "requests": exact_increase("apitoken_requests_total", m, start, end, ""),
+        "tokens": exact_increase("apitoken_llm_tokens_total", m, start, end, ""),
+        "cost": exact_increase("apitoken_llm_cost_usd_total", m, start, end, ""),
+    }
+
+
+def _usage_entry(rows) -> dict:
+    entry = {"requests": 0, "tokens": 0, "cost": 0.0}
+    for labels, value in rows:
+        q = labels.get("q")
+        if q == "cost":
+            entry["cost"] = round(entry["cost"] + value, 6)
+        elif q in entry:
+            entry[q] += int(round(value))
+    return entry
+
+
+def usage_report(client: PrometheusClient, scope: Scope, now: float, progress: Progress = None) -> dict:
+    """Seed 004's /api/analytics/usage: summary, trends and predictions (UTC calendar)."""
+    m = scope.matcher
+    today = dt.datetime.fromtimestamp(now, UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    week = today - dt.timedelta(days=today.weekday())
+    month = today.replace(day=1)
+    periods = {"today": today.timestamp(), "thisWeek": week.timestamp(),
+               "thisMonth": month.timestamp(), "allTime": 0.0}
+    daily = [(today - dt.timedelta(days=i)) for i in range(29, -1, -1)]
+    weekly = [(week - dt.timedelta(weeks=i)) for i in range(11, -1, -1)]
+    monthly = []
+    cursor = month
+    for _ in range(12):
+        monthly.insert(0, cursor)
+        cursor = (cursor - dt.timedelta(days=1)).replace(day=1)
+
+    def span(first: dt.datetime, nxt: dt.datetime):
+        return first.timestamp(), min(now, nxt.timestamp())
+
+    jobs: List[Tuple[str, float]] = []
+    for start in periods.values():
+        jobs.append((_tagged(_usage_parts(m, start, now)), now))
+    buckets = ([span(d, d + dt.timedelta(days=1)) for d in daily]
+               + [span(w, w + dt.timedelta(weeks=1)) for w in weekly]
+               + [span(mo, (mo + dt.timedelta(days=32)).replace(day=1)) for mo in monthly])
+    for lo, hi in buckets:
+        jobs.append((_tagged(_usage_parts(m, lo, hi)), hi))
+    results = _run(client, jobs, progress)
+
+    summary = {name: _usage_entry(rows) for name, rows in zip(periods, results[:4])}
+    trend_rows = results[4:]
+    trends = {
+        "daily": [{"date": d.strftime("%Y-%m-%d"), **_usage_entry(r)}
+                  for d, r in zip(daily, trend_rows[:30])],
+        "weekly": [{"weekStart": w.strftime("%Y-%m-%d"), **_usage_entry(r)}
+                   for w, r in zip(weekly, trend_rows[30:42])],
+        "monthly": [{"month": mo.strftime("%Y-%m"), **_usage_entry(r)}
+                    for mo, r in zip(monthly, trend_rows[42:])],
+    }
+    month_seconds = calendar.monthrange(month.year, month.month)[1] * 86400
+    elapsed = max(1.0, now - month.timestamp())
+    factor = month_seconds / elapsed
+    mtd = summary["thisMonth"]
+    return {
+        "summary": summary,
+        "trends": trends,
+        "predictions": {
+            "estimatedMonthlyCost": round(mtd["cost"] * factor, 6),
+            "projectedRequests": int(round(mtd["requests"] * factor)),
+            "projectedTokens": int(round(mtd["tokens"] * factor)),
+            "basis": "month-to-date pace, linear to the end of the month (UTC)",
+            "monthProgress": round(elapsed / month_seconds, 4),
+        },
+        "generatedAt": iso(now),
+    }

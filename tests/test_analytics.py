@@ -1,0 +1,241 @@
+"""Known LLM usage through the demo (public call, captured JSON, captured stream) and the
+ingest endpoint, into a real Prometheus; the analytics API and the report must give exactly
+the sent token counts and the cost the pricing table implies."""
+import collections
+import csv
+import datetime as dt
+import io
+import subprocess
+import threading
+import time
+
+import pytest
+import requests
+from werkzeug.serving import make_server
+
+from api_token_exporter.demo import create_demo_api
+from api_token_exporter.keystore import add_key
+from api_token_exporter.pricing import Pricing
+from api_token_exporter.server import create_app
+from api_token_exporter.stack import find_binary, free_port, prometheus_config, start_prometheus
+
+pytestmark = pytest.mark.integration
+ADMIN = {"Authorization": "Bearer admin-secret"}
+
+# (token, service, model, stream, completion tokens); the prompt is always 3 words = 9 tokens
+CHATS = [
+    ("acme-chat", "openai", "gpt-4", False, 100),
+    ("acme-chat", "openai", "gpt-4", False, 200),
+    ("acme-chat", "openai", "gpt-4-turbo-2024-04-09", False, 300),
+    ("acme-batch", "anthropic", "claude-3-opus", False, 50),
+    ("acme-batch", "anthropic", "claude-3-opus", False, 70),
+    ("acme-batch", "anthropic", "claude-3-5-sonnet", True, 90),
+    ("globex-bot", "cohere", "command-r", False, 11),
+    ("globex-bot", "cohere", "command-r", False, 13),
+    ("globex-bot", "openai", "o1-preview", False, 40),      # no price: tokens yes, cost no
+]
+INGESTED = [("sidecar", "openai", "gpt-3.5-turbo", 1000, 2000), ("sidecar", "openai", "gpt-3.5-turbo", 5, 7),
+            ("sidecar", "anthropic", "claude-3-opus", 10, 20)]
+TENANTS = {"acme-chat": "acme", "acme-batch": "acme", "globex-bot": "globex", "sidecar": "globex"}
+
+
+def serve(app):
+    port = free_port()
+    server = make_server("127.0.0.1", port, app, threaded=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    if not find_binary("prometheus"):
+        pytest.fail("prometheus is not installed: run .ci/install")
+    tmp = tmp_path_factory.mktemp("analytics")
+    keys_file = str(tmp / "keys.yml")
+    raw = {t: add_key(keys_file, t, tenant=tenant) for t, tenant in TENANTS.items()}
+    api_server, api_url = serve(create_demo_api(keys_file=keys_file))
+    exporter_port = free_port()
+    prom = start_prometheus(str(tmp / "prom"), prometheus_config(
+        {"api-token-exporter": [api_url.split("//")[1], f"127.0.0.1:{exporter_port}"]}, None,
+        str(tmp / "no-rules"), scrape_interval="1s", evaluation_interval="1s"))
+    exporter = create_app(keys_file=keys_file, ingest_token="ingest-secret", admin_token="admin-secret",
+                          prometheus_url=prom.url)
+    exp_server = make_server("127.0.0.1", exporter_port, exporter, threaded=True)
+    threading.Thread(target=exp_server.serve_forever, daemon=True).start()
+    exporter_url = f"http://127.0.0.1:{exporter_port}"
+    try:
+        sent = []      # (token, service, model, input, output) as the responses reported them
+        for token, service, model, stream, completion in CHATS:
+            r = requests.post(api_url + "/api/v1/chat", headers={"X-API-Key": raw[token]}, timeout=10,
+                              json={"service": service, "model": model, "prompt": "one two three",
+                                    "completion_tokens": completion, "stream": stream})
+            assert r.status_code == 200
+            sent.append((token, service, model, 9, completion))
+        events = [{"token": t, "route": "/v1/complete", "method": "POST", "status": 200, "duration_ms": 5,
+                   "llm": {"service": s, "model": m, "input_tokens": i, "output_tokens": o}}
+                  for t, s, m, i, o in INGESTED]
+        events.append({"token": "sidecar", "route": "/v1/complete", "status": 200, "duration_ms": 5,
+                       "llm": {"service": "openai", "model": "gpt-4", "input_tokens": -3}})   # refused
+        r = requests.post(exporter_url + "/v1/events", json={"events": events}, timeout=10,
+                          headers={"Authorization": "Bearer ingest-secret"})
+        assert r.json()["accepted"] == 3 and r.json()["rejected"] == 1
+        sent += INGESTED
+        expected_tokens = sum(i + o for *_, i, o in sent)
+
+        def scraped():
+            result = requests.get(prom.url + "/api/v1/query", timeout=5,
+                                  params={"query": "sum(apitoken_llm_tokens_total)"}).json()["data"]["result"]
+            return result and float(result[0]["value"][1]) == expected_tokens
+        deadline = time.monotonic() + 30
+        while not scraped():
+            assert time.monotonic() < deadline, "Prometheus never saw the final counts"
+            time.sleep(0.5)
+        yield {"exporter": exporter_url, "prom": prom, "raw": raw, "sent": sent, "keys_file": keys_file}
+    finally:
+        prom.stop()
+        api_server.shutdown()
+        exp_server.shutdown()
+
+
+def expected(sent, tokens=None):
+    pricing = Pricing.load()
+    by_model = collections.defaultdict(lambda: [0, 0, 0, 0.0])
+    by_service = collections.defaultdict(lambda: [0, 0, 0, 0.0, set()])
+    for token, service, model, i, o in sent:
+        if tokens is not None and token not in tokens:
+            continue
+        price = pricing.price(service, model)
+        cost = price.cost(i, o) if price else 0.0
+        for row in (by_model[model], by_service[service]):
+            row[0] += i
+            row[1] += o
+            row[2] += 1
+            row[3] += cost
+        by_service[service][4].add(model)
+    return by_model, by_service
+
+
+def test_tokens_analytics_are_exact_for_every_model_and_service(world):
+    doc = requests.get(world["exporter"] + "/analytics/tokens?days=1", headers=ADMIN, timeout=30).json()
+    by_model, by_service = expected(world["sent"])
+    summary = doc["summary"]
+    assert summary["promptTokens"] == sum(v[0] for v in by_model.values())
+    assert summary["completionTokens"] == sum(v[1] for v in by_model.values())
+    assert summary["totalTokens"] == summary["promptTokens"] + summary["completionTokens"]
+    assert summary["estimatedCost"] == pytest.approx(sum(v[3] for v in by_model.values()), abs=1e-6)
+    assert summary["timeframe"]["days"] == 1
+    assert {m["model"]: (m["promptTokens"], m["completionTokens"], m["requestCount"]) for m in doc["byModel"]} == \
+        {m: (v[0], v[1], v[2]) for m, v in by_model.items()}
+    for m in doc["byModel"]:
+        assert m["estimatedCost"] == pytest.approx(by_model[m["model"]][3], abs=1e-6)
+        assert m["totalTokens"] == m["promptTokens"] + m["completionTokens"]
+    assert set(doc["byService"]) == {"openai", "anthropic", "cohere"}
+    for service, entry in doc["byService"].items():
+        want = by_service[service]
+        assert (entry["promptTokens"], entry["completionTokens"], entry["requestCount"]) == tuple(want[:3])
+        assert entry["models"] == sorted(want[4])
+        assert entry["estimatedCost"] == pytest.approx(want[3], abs=1e-6)
+    # seed 001's shape
+    assert set(doc) == {"summary", "byModel", "byDay", "byService"}
+    assert set(doc["summary"]["timeframe"]) == {"startDate", "endDate", "days"}
+    today = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
+    day_total = sum(d["totalTokens"] for d in doc["byDay"])
+    assert day_total == summary["totalTokens"]
+    assert [d for d in doc["byDay"] if d["totalTokens"]][-1]["date"] == today
+
+
+def test_a_tenant_key_sees_only_its_tenants_tokens(world):
+    acme = {"X-API-Key": world["raw"]["acme-chat"]}
+    doc = requests.get(world["exporter"] + "/analytics/tokens", headers=acme, timeout=30).json()
+    by_model, by_service = expected(world["sent"], {"acme-chat", "acme-batch"})
+    assert doc["summary"]["totalTokens"] == sum(v[0] + v[1] for v in by_model.values())
+    assert set(doc["byService"]) == {"openai", "anthropic"}
+    assert "command-r" not in {m["model"] for m in doc["byModel"]}
+    assert doc["summary"]["timeframe"]["days"] == 30
+
+
+def test_custom_ranges(world):
+    now = dt.datetime.now(dt.timezone.utc)
+    start = (now - dt.timedelta(hours=1)).isoformat()
+    doc = requests.get(world["exporter"] + "/analytics/tokens", headers=ADMIN, timeout=30,
+                       params={"start": start, "end": now.isoformat()}).json()
+    assert doc["summary"]["totalTokens"] == sum(i + o for *_, i, o in world["sent"])
+    later = requests.get(world["exporter"] + "/analytics/tokens", headers=ADMIN, timeout=30,
+                         params={"start": (now - dt.timedelta(days=5)).date().isoformat(),
+                                 "end": (now - dt.timedelta(days=4)).date().isoformat()}).json()
+    assert later["summary"]["totalTokens"] == 0 and later["byModel"] == []
+
+
+def test_usage_summary_trends_and_predictions(world):
+    doc = requests.get(world["exporter"] + "/api/analytics/usage", headers=ADMIN, timeout=60).json()
+    tokens = sum(i + o for *_, i, o in world["sent"])
+    cost = sum(v[3] for v in expected(world["sent"])[0].values())
+    requests_sent = len(CHATS) + len(INGESTED)
+    for period in ("today", "thisWeek", "thisMonth", "allTime"):
+        assert doc["summary"][period]["requests"] == requests_sent, period
+        assert doc["summary"][period]["tokens"] == tokens, period
+        assert doc["summary"][period]["cost"] == pytest.approx(cost, abs=1e-6), period
+    assert len(doc["trends"]["daily"]) == 30 and len(doc["trends"]["weekly"]) == 12
+    assert len(doc["trends"]["monthly"]) == 12
+    assert doc["trends"]["daily"][-1]["tokens"] == tokens
+    assert sum(d["tokens"] for d in doc["trends"]["daily"]) == tokens
+    assert doc["trends"]["monthly"][-1]["month"] == dt.datetime.now(dt.timezone.utc).strftime("%Y-%m")
+    p = doc["predictions"]
+    assert p["estimatedMonthlyCost"] == pytest.approx(cost / p["monthProgress"], rel=1e-3)
+    assert p["projectedTokens"] >= tokens and p["projectedRequests"] >= requests_sent
+
+
+def test_csv_report_gives_the_same_numbers(world):
+    result = subprocess.run(["api-token-exporter", "report", "--days", "1", "--format", "csv",
+                             "--prometheus-url", world["prom"].url, "--progress"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "querying Prometheus" in result.stderr
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    total = rows.pop()
+    assert total["service"] == "TOTAL"
+    want = collections.Counter()
+    pricing = Pricing.load()
+    want_cost = collections.Counter()
+    for token, service, model, i, o in world["sent"]:
+        want[(service, model, "prompt")] += i
+        want[(service, model, "completion")] += o
+        price = pricing.price(service, model)
+        want_cost[(service, model)] += price.cost(i, o) if price else 0.0
+    for row in rows:
+        key = (row["service"], row["model"])
+        assert int(row["prompt_tokens"]) == want[key + ("prompt",)]
+        assert int(row["completion_tokens"]) == want[key + ("completion",)]
+        assert float(row["estimated_cost_usd"]) == pytest.approx(want_cost[key], abs=1e-6)
+    assert int(total["total_tokens"]) == sum(want.values())
+    table = subprocess.run(["api-token-exporter", "report", "--days", "1", "--prometheus-url", world["prom"].url],
+                           capture_output=True, text=True, timeout=120)
+    assert "BY SERVICE AND MODEL" in table.stdout and "claude-3-opus" in table.stdout
+
+
+def test_bad_parameters_are_a_400_that_says_which(world):
+    for params, message in (({"days": "abc"}, "days must be a whole number"),
+                            ({"days": "0"}, "days must be from 1 to 3650"),
+                            ({"start": "yesterday"}, "start must be an ISO 8601"),
+                            ({"start": "2026-01-02", "end": "2026-01-01"}, "start must be before end"),
+                            ({"end": "2999-01-01"}, "end must not be in the future")):
+        r = requests.get(world["exporter"] + "/analytics/tokens", headers=ADMIN, params=params, timeout=10)
+        assert r.status_code == 400 and message in r.json()["detail"], params
+
+
+def test_analytics_need_a_key(world):
+    assert requests.get(world["exporter"] + "/analytics/tokens", timeout=10).status_code == 401
+    r = requests.get(world["exporter"] + "/api/analytics/usage", headers={"X-API-Key": "nope"}, timeout=10)
+    assert r.status_code == 401 and r.json() == {"detail": "Invalid API key"}
+
+
+def test_prometheus_down_is_a_clear_503(world):
+    app = create_app(keys_file=world["keys_file"], admin_token="admin-secret",
+                     prometheus_url=f"http://127.0.0.1:{free_port()}")
+    server, url = serve(app)
+    try:
+        r = requests.get(url + "/analytics/tokens", headers=ADMIN, timeout=10)
+        assert r.status_code == 503
+        assert "cannot be reached" in r.json()["detail"]
+    finally:
+        server.shutdown()
