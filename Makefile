@@ -3,7 +3,7 @@
 #   make test   install what the tests need and run them all
 PYTHON ?= python3
 
-.PHONY: install test demo bench rules report
+.PHONY: install test demo bench rules report dashboards
 
 install:
 	bash .ci/install
@@ -17,6 +17,9 @@ demo:
 
 bench:
 	$(PYTHON) benchmarks/bench_middleware.py
+
+dashboards:
+	api-token-exporter dashboards
 
 rules:
 	api-token-exporter rules

@@ -40,11 +40,12 @@ class APIClient:
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("demo")
-    port, exporter_port = free_port(), free_port()
+    port, exporter_port, prom_port, am_port, sink_port = (free_port() for _ in range(5))
     proc = subprocess.Popen(
         [sys.executable, "-m", "api_token_exporter.cli", "demo", "--port", str(port),
          "--exporter-port", str(exporter_port), "--data-dir", str(data_dir), "--duration", "120",
-         "--speed", "4"],
+         "--speed", "4", "--prometheus-port", str(prom_port), "--alertmanager-port", str(am_port),
+         "--sink-port", str(sink_port), "--scrape-interval", "1s"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env=dict(os.environ, PYTHONUNBUFFERED="1"))
     try:
@@ -56,7 +57,9 @@ def demo(tmp_path_factory):
         wait_for_port(port, proc)
         key = re.search(r"X-API-Key: (\S+)'", "".join(lines)).group(1)
         yield {"url": f"http://127.0.0.1:{port}", "exporter": f"http://127.0.0.1:{exporter_port}",
-               "key": key, "data_dir": data_dir, "output": "".join(lines)}
+               "key": key, "data_dir": data_dir, "output": "".join(lines),
+               "prometheus": f"http://127.0.0.1:{prom_port}", "alertmanager": f"http://127.0.0.1:{am_port}",
+               "sink": f"http://127.0.0.1:{sink_port}"}
     finally:
         stop_process(proc)
 
@@ -133,3 +136,24 @@ def test_demo_admin_json_behind_the_printed_token_file(demo):
     stats = requests.get(demo["url"] + "/admin/stats", timeout=10,
                          headers={"Authorization": f"Bearer {token}"}).json()
     assert stats["tokens"]["count"] == 10 and stats["total_requests"] > 0
+
+
+def test_without_docker_prometheus_and_alertmanager_run_from_local_binaries(demo):
+    for name in ("Prometheus", "Alertmanager", "notifications", "analytics"):
+        assert re.search(rf"^{name}\s+http://127\.0\.0\.1:\d+", demo["output"], re.M), name
+    targets = requests.get(demo["prometheus"] + "/api/v1/targets", timeout=10).json()["data"]["activeTargets"]
+    assert {t["labels"]["job"] for t in targets} == {"api-token-exporter", "prometheus", "alertmanager"}
+    deadline = time.monotonic() + 30
+    while any(t["health"] != "up" for t in targets) and time.monotonic() < deadline:
+        time.sleep(1)
+        targets = requests.get(demo["prometheus"] + "/api/v1/targets", timeout=10).json()["data"]["activeTargets"]
+    assert all(t["health"] == "up" for t in targets), targets
+    groups = requests.get(demo["prometheus"] + "/api/v1/rules", timeout=10).json()["data"]["groups"]
+    assert sum(len(g["rules"]) for g in groups) >= 40
+    # the committed routing delivers the Watchdog to the sink's /watchdog through Alertmanager
+    while time.monotonic() < deadline + 30:
+        posts = requests.get(demo["sink"] + "/", timeout=10).json()
+        if any(p["path"] == "/watchdog" for p in posts):
+            break
+        time.sleep(1)
+    assert any(p["path"] == "/watchdog" for p in posts)

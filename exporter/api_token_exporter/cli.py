@@ -79,16 +79,45 @@ def cmd_serve(args) -> int:
 
 def cmd_demo(args) -> int:
     from .demo import run_demo
-    run_demo(host=args.host, port=args.port,
-             exporter_port=None if args.no_exporter else args.exporter_port,
-             data_dir=args.data_dir, duration=args.duration, traffic=not args.no_traffic,
-             storage_uri=args.storage_uri or "memory://", speed=args.speed)
+    ingest_token = os.environ.get("ATE_INGEST_TOKEN")
+    run_demo(host=args.host, port=args.port, duration=args.duration,
+             exporter_port=None if args.no_exporter or args.sidecar_url else args.exporter_port,
+             sidecar_url=args.sidecar_url, ingest_token=ingest_token,
+             admin_token=os.environ.get("ATE_ADMIN_TOKEN"),
+             data_dir=args.data_dir, traffic=not args.no_traffic,
+             storage_uri=args.storage_uri or "memory://", speed=args.speed,
+             prometheus_port=None if args.no_prometheus else args.prometheus_port,
+             alertmanager_port=None if args.no_alertmanager else args.alertmanager_port,
+             sink_port=args.sink_port, scrape_interval=args.scrape_interval)
     return 0
 
 
 def cmd_rules(args) -> int:
     from .rulegen import main as rules_main
     return rules_main(args)
+
+
+def cmd_sink(args) -> int:
+    import time
+    from .sinks import SmtpSink, WebhookSink
+    webhook = WebhookSink(args.host, args.port)
+    if args.smtp_port:
+        smtp = SmtpSink(args.host, args.smtp_port).start()
+        webhook.mail_source = smtp.summaries
+    webhook.start()
+    print(f"webhook sink on {webhook.url}/ (POST anything; GET / lists it"
+          f"{', GET /mail lists mail on SMTP port %d' % args.smtp_port if args.smtp_port else ''})",
+          file=sys.stderr, flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        return 0
+
+
+def cmd_dashboards(args) -> int:
+    from .dashgen import main as dashboards_main
+    return dashboards_main(args)
 
 
 def cmd_report(args) -> int:
@@ -141,6 +170,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-traffic", action="store_true")
     demo.add_argument("--speed", type=float, default=1.0, help="traffic speed factor")
     demo.add_argument("--storage-uri")
+    demo.add_argument("--sidecar-url", help="post ingest events to this exporter instead of starting one "
+                                            "(its ingest token in $ATE_INGEST_TOKEN)")
+    demo.add_argument("--prometheus-port", type=int, default=9090)
+    demo.add_argument("--no-prometheus", action="store_true", help="do not start a local Prometheus")
+    demo.add_argument("--alertmanager-port", type=int, default=9093)
+    demo.add_argument("--no-alertmanager", action="store_true")
+    demo.add_argument("--sink-port", type=int, default=8025, help="webhook/Slack/mail sink page")
+    demo.add_argument("--scrape-interval", default="5s")
     demo.set_defaults(func=cmd_demo)
 
     rules = sub.add_parser("rules", help="render Prometheus rules from the thresholds file")
@@ -149,6 +186,19 @@ def build_parser() -> argparse.ArgumentParser:
     rules.add_argument("--check", action="store_true",
                        help="exit 1 if the rendered files are out of date, write nothing")
     rules.set_defaults(func=cmd_rules)
+
+    sink = sub.add_parser("sink", help="run a webhook (and optional SMTP) sink for notifications")
+    sink.add_argument("--host", default="127.0.0.1")
+    sink.add_argument("--port", type=int, default=8080)
+    sink.add_argument("--smtp-port", type=int, help="also accept mail on this port")
+    sink.set_defaults(func=cmd_sink)
+
+    dashboards = sub.add_parser("dashboards", help="generate the Grafana dashboards")
+    dashboards.add_argument("--thresholds", default="prometheus/thresholds.yml")
+    dashboards.add_argument("--out", default="grafana/dashboards")
+    dashboards.add_argument("--check", action="store_true",
+                            help="exit 1 if the committed dashboards are out of date, write nothing")
+    dashboards.set_defaults(func=cmd_dashboards)
 
     report = sub.add_parser("report", help="LLM token usage report from Prometheus (seed 001)")
     report.add_argument("--days", type=int, default=30)

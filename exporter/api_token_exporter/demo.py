@@ -11,13 +11,14 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import requests
 from flask import Flask, Response, jsonify, request
 
 from .keystore import add_key, load_keys, save_keys
 from .middleware import TokenAnalytics, record_llm_usage
+from .sinks import SmtpSink, WebhookSink
 
 # id -> (name, tenant, per-key rate limits)
 DEMO_KEYS = {
@@ -223,58 +224,151 @@ class TrafficGenerator:
             t.join(timeout=15)
 
 
-def run_demo(host: str = "127.0.0.1", port: int = 8000, exporter_port: Optional[int] = 9464,
-             data_dir: str = "demo-data", duration: float = 0, traffic: bool = True,
-             storage_uri: str = "memory://", speed: float = 1.0, out=print) -> None:
-    import logging
-    from werkzeug.serving import make_server
+class DemoStack:
+    """The demo API with traffic, the sidecar exporter and, where their binaries are installed,
+    Prometheus and Alertmanager with the committed config files, plus notification sinks."""
 
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)   # no access log flood
-    os.makedirs(data_dir, exist_ok=True)
-    keys_file = os.path.join(data_dir, "keys.yml")
-    raw_keys = write_demo_keys(keys_file)
-    admin_token = secrets.token_urlsafe(16)
-    ingest_token = secrets.token_urlsafe(16)
-    with open(os.path.join(data_dir, "admin-token"), "w") as fh:
-        fh.write(admin_token)
-    os.chmod(os.path.join(data_dir, "admin-token"), 0o600)
+    def __init__(self, host: str = "127.0.0.1", port: int = 8000, exporter_port: Optional[int] = 9464,
+                 data_dir: str = "demo-data", storage_uri: str = "memory://", speed: float = 1.0,
+                 traffic: bool = True, prometheus_port: Optional[int] = 9090,
+                 alertmanager_port: Optional[int] = 9093, sink_port: Optional[int] = 8025,
+                 scrape_interval: str = "5s", sidecar_url: Optional[str] = None,
+                 ingest_token: Optional[str] = None, admin_token: Optional[str] = None):
+        self.host, self.port, self.exporter_port = host, port, exporter_port
+        self.data_dir = os.path.abspath(data_dir)
+        self.storage_uri, self.speed, self.traffic = storage_uri, speed, traffic
+        self.prometheus_port, self.alertmanager_port = prometheus_port, alertmanager_port
+        self.sink_port, self.scrape_interval = sink_port, scrape_interval
+        self.sidecar_url = sidecar_url
+        self.ingest_token = ingest_token or secrets.token_urlsafe(16)
+        self.admin_token = admin_token or secrets.token_urlsafe(16)
+        self.servers, self.services, self.notes = [], [], []
+        self.generator = self.prometheus = self.alertmanager = self.webhook = self.smtp = None
+        self.raw_keys: Dict[str, str] = {}
 
-    api = create_demo_api(keys_file=keys_file, storage_uri=storage_uri, admin_token=admin_token)
-    servers = [make_server(host, port, api, threaded=True)]
-    sidecar_url = None
-    if exporter_port is not None:
-        from .server import create_app
-        exporter = create_app(keys_file=keys_file, ingest_token=ingest_token,
-                              admin_token=admin_token)
-        servers.append(make_server(host, exporter_port, exporter, threaded=True))
-        sidecar_url = f"http://{host}:{exporter_port}"
-    for server in servers:
+    def _serve(self, app, port: int):
+        from werkzeug.serving import make_server
+        server = make_server(self.host, port, app, threaded=True)
         threading.Thread(target=server.serve_forever, daemon=True).start()
+        self.servers.append(server)
+        return f"http://{self.host}:{server.server_port}"
 
-    base = f"http://{host}:{port}"
-    out(f"demo API        {base}/api/v1/items   (X-API-Key header required)")
-    out(f"its metrics     {base}/metrics")
-    out(f"admin JSON      {base}/admin/stats and /admin/token-details "
-        f"(Authorization: Bearer <{os.path.join(data_dir, 'admin-token')}>)")
-    if sidecar_url:
-        out(f"exporter        {sidecar_url}/metrics   ingest: POST {sidecar_url}/v1/events")
-    out(f"key file        {keys_file}")
-    out(f"try it          curl -i -H 'X-API-Key: {raw_keys['demo-playground']}' {base}/api/v1/items")
-    generator = None
-    if traffic:
-        generator = TrafficGenerator(base, raw_keys, sidecar_url, ingest_token, speed=speed).start()
-        out("traffic         steady, bursty, erroring, slow, over-limit, LLM, missing and invalid keys")
-    out("Ctrl-C stops the demo." if not duration else f"running for {duration:.0f} s")
+    def start(self) -> "DemoStack":
+        import logging
+        from . import stack
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)   # no access log flood
+        os.makedirs(self.data_dir, exist_ok=True)
+        keys_file = os.path.join(self.data_dir, "keys.yml")
+        self.raw_keys = write_demo_keys(keys_file)
+        token_file = os.path.join(self.data_dir, "admin-token")
+        with open(token_file, "w") as fh:
+            fh.write(self.admin_token)
+        os.chmod(token_file, 0o600)
+
+        prom_port = self.prometheus_port
+        if prom_port is not None and not os.path.exists(stack.PROMETHEUS_YML):
+            self.notes.append(f"Prometheus      {stack.PROMETHEUS_YML} not found: run the demo from a checkout")
+            prom_port = None
+        if prom_port is not None and stack.find_binary("prometheus"):
+            prom_port = prom_port or stack.free_port()
+            prom_url = f"http://127.0.0.1:{prom_port}"
+        else:
+            prom_url = None
+        self.api_url = self._serve(create_demo_api(keys_file=keys_file, storage_uri=self.storage_uri,
+                                                   admin_token=self.admin_token), self.port)
+        if self.exporter_port is not None:
+            from .server import create_app
+            exporter = create_app(keys_file=keys_file, ingest_token=self.ingest_token,
+                                  admin_token=self.admin_token, prometheus_url=prom_url)
+            self.sidecar_url = self._serve(exporter, self.exporter_port)
+
+        am_addr = None
+        if self.alertmanager_port is not None and prom_url and stack.find_binary(*stack.ALERTMANAGER_BINARIES):
+            self.webhook = WebhookSink(self.host, self.sink_port or 0)
+            try:
+                self.smtp = SmtpSink(self.host).start()
+                self.webhook.mail_source = self.smtp.summaries
+            except ImportError:
+                self.notes.append("mail sink       aiosmtpd not installed: critical alerts are not emailed")
+            self.webhook.start()
+            slack_file = os.path.join(self.data_dir, "slack_api_url")
+            with open(slack_file, "w") as fh:
+                fh.write(self.webhook.url + "/slack\n")
+            self.alertmanager = stack.start_alertmanager(
+                os.path.join(self.data_dir, "alertmanager"), stack.alertmanager_config(
+                    f"{self.host}:{self.smtp.port}" if self.smtp else None, self.webhook.url, slack_file,
+                    group_wait="10s", group_interval="30s"), port=self.alertmanager_port or None)
+            self.services.append(self.alertmanager)
+            am_addr = self.alertmanager.url.split("://", 1)[1]
+        elif prom_url:
+            self.notes.append("Alertmanager    not installed (Debian: prometheus-alertmanager): alerts stay in Prometheus")
+        if prom_url:
+            targets = {"api-token-exporter": [u.split("://", 1)[1] for u in (self.api_url, self.sidecar_url) if u],
+                       "prometheus": [f"127.0.0.1:{prom_port}"]}
+            if am_addr:
+                targets["alertmanager"] = [am_addr]
+            self.prometheus = stack.start_prometheus(
+                os.path.join(self.data_dir, "prometheus"), stack.prometheus_config(
+                    targets, am_addr, os.path.join(stack.ROOT, "prometheus", "rules"),
+                    scrape_interval=self.scrape_interval, evaluation_interval=self.scrape_interval),
+                port=prom_port)
+            self.services.append(self.prometheus)
+        elif self.prometheus_port is not None and not stack.find_binary("prometheus"):
+            self.notes.append("Prometheus      not installed (Debian: prometheus): metrics are on the /metrics URLs")
+        if self.traffic:
+            self.generator = TrafficGenerator(self.api_url, self.raw_keys, self.sidecar_url,
+                                              self.ingest_token, speed=self.speed).start()
+        return self
+
+    def describe(self) -> List[str]:
+        lines = [f"demo API        {self.api_url}/api/v1/items   (X-API-Key header required)",
+                 f"its metrics     {self.api_url}/metrics",
+                 f"admin JSON      {self.api_url}/admin/stats and /admin/token-details "
+                 f"(Authorization: Bearer <{os.path.join(self.data_dir, 'admin-token')}>)"]
+        if self.sidecar_url:
+            lines.append(f"exporter        {self.sidecar_url}/metrics   ingest: POST {self.sidecar_url}/v1/events")
+        if self.prometheus:
+            lines.append(f"Prometheus      {self.prometheus.url}   (rules: prometheus/rules, alerts: {self.prometheus.url}/alerts)")
+            if self.sidecar_url:
+                lines.append(f"analytics       {self.sidecar_url}/analytics/tokens and /api/analytics/usage (admin token)")
+        if self.alertmanager:
+            lines.append(f"Alertmanager    {self.alertmanager.url}")
+            lines.append(f"notifications   {self.webhook.url}/ (webhook and Slack posts), {self.webhook.url}/mail (emails)")
+        lines += self.notes
+        lines.append("Grafana         needs Docker (docker compose up); the dashboards are in grafana/dashboards/")
+        lines.append(f"key file        {os.path.join(self.data_dir, 'keys.yml')}")
+        lines.append(f"try it          curl -i -H 'X-API-Key: {self.raw_keys['demo-playground']}' "
+                     f"{self.api_url}/api/v1/items")
+        if self.generator:
+            lines.append("traffic         steady, bursty, erroring, slow, over-limit, LLM, missing and invalid keys")
+        return lines
+
+    def stop(self) -> None:
+        if self.generator:
+            self.generator.stop()
+        for service in reversed(self.services):
+            service.stop()
+        for server in self.servers:
+            server.shutdown()
+        if self.webhook:
+            self.webhook.stop()
+        if self.smtp:
+            self.smtp.stop()
+
+
+def run_demo(out=print, duration: float = 0, **options) -> None:
+    demo = DemoStack(**options).start()
     try:
+        for line in demo.describe():
+            out(line)
+        out("Ctrl-C stops the demo." if not duration else f"running for {duration:.0f} s")
         deadline = time.monotonic() + duration if duration else None
         while deadline is None or time.monotonic() < deadline:
             time.sleep(0.5)
     except KeyboardInterrupt:
         pass
     finally:
-        if generator:
-            generator.stop()
-            out(json.dumps({"requests_sent": generator.stats.sent,
-                            "connection_failures": generator.stats.failed}))
-        for server in servers:
-            server.shutdown()
+        if demo.generator:
+            out(json.dumps({"requests_sent": demo.generator.stats.sent,
+                            "connection_failures": demo.generator.stats.failed}))
+        demo.stop()

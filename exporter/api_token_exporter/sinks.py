@@ -16,6 +16,7 @@ class WebhookSink:
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0):
         self.received: List[dict] = []
+        self.mail_source: Optional[Callable[[], List[dict]]] = None   # GET /mail shows these
         self._lock = threading.Lock()
         sink = self
 
@@ -36,8 +37,11 @@ class WebhookSink:
                 self.wfile.write(b"ok")
 
             def do_GET(self):
-                with sink._lock:
-                    payload = json.dumps(sink.received, indent=1).encode()
+                if self.path.startswith("/mail") and sink.mail_source is not None:
+                    payload = json.dumps(sink.mail_source(), indent=1).encode()
+                else:
+                    with sink._lock:
+                        payload = json.dumps(sink.received, indent=1).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(payload)))

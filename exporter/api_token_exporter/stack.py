@@ -53,6 +53,7 @@ def prometheus_config(targets: Dict[str, List[str]], alertmanager: Optional[str]
     for job in cfg["scrape_configs"]:
         if job["job_name"] in targets:
             job["static_configs"] = [{"targets": targets[job["job_name"]]}]
+            job.pop("dns_sd_configs", None)     # compose service discovery: not here
             jobs.append(job)
     cfg["scrape_configs"] = jobs
     return cfg

@@ -1,0 +1,380 @@
+"""Generate the Grafana dashboards (grafana/dashboards/*.json) from code.
+
+    api-token-exporter dashboards [--out grafana/dashboards] [--check]
+
+Threshold lines come from prometheus/thresholds.yml, so a panel draws the same thresholds its
+alert uses. The JSON is committed; a test fails when regenerating would change it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Dict, List, Optional
+
+from .rulegen import load_thresholds
+
+DS = {"type": "prometheus", "uid": "prometheus"}
+REAL_TOKENS = 'token!~"__.*__"'
+SECONDS_TO_MONTH_END = "scalar((days_in_month() - day_of_month()) * 86400 + 86400 - time() % 86400)"
+
+
+def target(expr: str, legend: str = "", ref: str = "A", instant: bool = False, fmt: str = "time_series"):
+    return {"datasource": DS, "refId": ref, "expr": expr, "legendFormat": legend,
+            "instant": instant, "range": not instant, "format": fmt}
+
+
+def steps(*pairs):
+    """Threshold steps: ("green", None), ("orange", 1.0), ..."""
+    return {"mode": "absolute", "steps": [{"color": c, "value": v} for c, v in pairs]}
+
+
+class Board:
+    """Lays panels out left to right on Grafana's 24-column grid."""
+
+    def __init__(self, uid: str, title: str, description: str, tags: List[str]):
+        self.uid, self.title, self.description, self.tags = uid, title, description, tags
+        self.panels: List[dict] = []
+        self.variables: List[dict] = []
+        self._x = self._y = self._row_h = 0
+
+    def _place(self, w: int, h: int) -> dict:
+        if self._x + w > 24:
+            self._x, self._y, self._row_h = 0, self._y + self._row_h, 0
+        pos = {"x": self._x, "y": self._y, "w": w, "h": h}
+        self._x += w
+        self._row_h = max(self._row_h, h)
+        return pos
+
+    def row(self, title: str) -> None:
+        if self._x:
+            self._x, self._y, self._row_h = 0, self._y + self._row_h, 0
+        self.panels.append({"id": len(self.panels) + 1, "type": "row", "title": title, "collapsed": False,
+                            "gridPos": {"x": 0, "y": self._y, "w": 24, "h": 1}, "panels": []})
+        self._y += 1
+
+    def panel(self, kind: str, title: str, targets: list, unit: str, w: int, h: int,
+              description: str = "", thresholds: Optional[dict] = None, options: Optional[dict] = None,
+              custom: Optional[dict] = None, time_from: Optional[str] = None, interval: Optional[str] = None,
+              decimals: Optional[int] = None, transformations: Optional[list] = None) -> dict:
+        defaults = {"unit": unit, "thresholds": thresholds or steps(("green", None))}
+        if decimals is not None:
+            defaults["decimals"] = decimals
+        if custom:
+            defaults["custom"] = custom
+        panel = {"id": len(self.panels) + 1, "type": kind, "title": title, "description": description,
+                 "datasource": DS, "gridPos": self._place(w, h), "targets": targets,
+                 "fieldConfig": {"defaults": defaults, "overrides": []}, "options": options or {}}
+        if time_from:
+            panel["timeFrom"] = time_from
+        if interval:
+            panel["interval"] = interval
+        if transformations:
+            panel["transformations"] = transformations
+        self.panels.append(panel)
+        return panel
+
+    def stat(self, title, expr, unit, w=3, h=4, legend="", **kw):
+        text_mode = kw.pop("text_mode", "value")
+        return self.panel("stat", title, [target(expr, legend, instant=True)], unit, w, h, options={
+            "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
+            "colorMode": "value", "graphMode": "none", "textMode": text_mode, "justifyMode": "center"}, **kw)
+
+    def timeseries(self, title, targets, unit, w=12, h=8, lines: Optional[dict] = None, bars=False, **kw):
+        custom = {"drawStyle": "bars" if bars else "line", "fillOpacity": 60 if bars else 10,
+                  "lineWidth": 1, "showPoints": "never", "spanNulls": True,
+                  "thresholdsStyle": {"mode": "line+area" if lines else "off"}}
+        return self.panel("timeseries", title, targets, unit, w, h, thresholds=lines, custom=custom,
+                          options={"legend": {"displayMode": "table", "placement": "right",
+                                              "calcs": ["lastNotNull", "max"]},
+                                   "tooltip": {"mode": "multi", "sort": "desc"}}, **kw)
+
+    def table(self, title, targets, unit, w=12, h=8, **kw):
+        return self.panel("table", title, targets, unit, w, h,
+                          options={"showHeader": True, "cellHeight": "sm"},
+                          transformations=[{"id": "merge", "options": {}}], **kw)
+
+    def bargauge(self, title, targets, unit, w=12, h=8, **kw):
+        return self.panel("bargauge", title, targets, unit, w, h, options={
+            "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
+            "orientation": "horizontal", "displayMode": "gradient", "showUnfilled": True}, **kw)
+
+    def query_variable(self, name: str, label: str, query: str) -> None:
+        self.variables.append({
+            "type": "query", "name": name, "label": label, "datasource": DS,
+            "query": {"query": query, "refId": "PrometheusVariableQueryEditor-VariableQuery"},
+            "definition": query, "refresh": 2, "sort": 1, "includeAll": False, "multi": False,
+            "current": {}, "options": [], "hide": 0})
+
+    def custom_variable(self, name: str, label: str, values: List[str], default: str) -> None:
+        self.variables.append({
+            "type": "custom", "name": name, "label": label, "query": ",".join(values),
+            "current": {"selected": True, "text": default, "value": default},
+            "options": [{"selected": v == default, "text": v, "value": v} for v in values],
+            "includeAll": False, "multi": False, "hide": 0})
+
+    def to_json(self) -> dict:
+        return {
+            "uid": self.uid, "title": self.title, "description": self.description,
+            "tags": ["api-token-exporter"] + self.tags, "timezone": "utc", "editable": True,
+            "graphTooltip": 1, "schemaVersion": 39, "version": 1, "refresh": "30s",
+            "time": {"from": "now-6h", "to": "now"}, "timepicker": {},
+            "fiscalYearStartMonth": 0, "liveNow": False, "weekStart": "monday",
+            "annotations": {"list": [{
+                "builtIn": 1, "datasource": {"type": "grafana", "uid": "-- Grafana --"},
+                "enable": True, "hide": True, "iconColor": "rgba(0, 211, 255, 1)",
+                "name": "Annotations & Alerts", "type": "dashboard"}]},
+            "links": [{"type": "dashboards", "tags": ["api-token-exporter"], "asDropdown": True,
+                       "title": "api-token-exporter", "includeVars": False, "keepTime": True}],
+            "templating": {"list": self.variables},
+            "panels": self.panels,
+        }
+
+
+def _thresholds(t: dict) -> Dict[str, dict]:
+    lat, err = t["latency"], t["error_rate"]
+    return {
+        "latency": steps(("green", None), ("orange", lat["warning"]), ("red", lat["critical"])),
+        "errors": steps(("green", None), ("orange", err["warning"]), ("red", err["critical"])),
+        "rate_limit": steps(("green", None), ("orange", t["rate_limit"]["approaching_ratio"]), ("red", 1)),
+        "budget": steps(("green", None), ("orange", t["budgets"]["warning"]),
+                        ("red", t["budgets"]["critical"]), ("dark-red", 1)),
+        "unauthorized": steps(("green", None), ("red", t["unauthorized"]["critical"])),
+        "headroom": steps(("red", None), ("orange", 1 - t["rate_limit"]["approaching_ratio"]), ("green", 0.5)),
+    }
+
+
+def overview(t: dict) -> dict:
+    th = _thresholds(t)
+    b = Board("ate-overview", "API tokens: overview",
+              "Every token at a glance: seed 003's cards, seed 004's periods, volume, errors, latency, top tokens and endpoints.",
+              ["overview"])
+    b.row("Tokens (seed 003)")
+    b.stat("Tokens", "count(count by (token) (apitoken_token_info)) or vector(0)", "none")
+    b.stat("Active", 'count(max by (token) (apitoken_token_status{status="active"}) == 1) or vector(0)', "none",
+           thresholds=steps(("green", None)))
+    b.stat("Rate limited", 'count(max by (token) (apitoken_token_status{status="rate_limited"}) == 1) or vector(0)',
+           "none", thresholds=steps(("green", None), ("yellow", 1)))
+    b.stat("Invalid", 'count(max by (token) (apitoken_token_status{status=~"invalid|expired|inactive"}) == 1) or vector(0)',
+           "none", thresholds=steps(("green", None), ("red", 1)))
+    b.stat("Requests", "sum(increase(apitoken_requests_total[$__range])) or vector(0)", "short", decimals=0)
+    b.stat("Successes", 'sum(increase(apitoken_requests_total{code=~"[123].."}[$__range])) or vector(0)', "short",
+           decimals=0)
+    b.stat("Errors", 'sum(increase(apitoken_requests_total{code=~"[45].."}[$__range])) or vector(0)', "short",
+           decimals=0, thresholds=steps(("green", None), ("red", 1)))
+    b.stat("API limit per hour", 'sum(max by (token) (apitoken_rate_limit_limit{window="hour"})) or vector(0)',
+           "short", description="Sum of the hourly limits of the tokens seen")
+    b.row("Usage by period (seed 004)")
+    for label, time_from in (("Today", "now/d"), ("This week", "now/w"), ("This month", "now/M"),
+                             ("All time", "1y")):
+        b.stat(f"{label}: requests", f"sum(increase(apitoken_requests_total{{{REAL_TOKENS}}}[$__range])) or vector(0)",
+               "short", w=2, decimals=0, time_from=time_from)
+        b.stat(f"{label}: LLM tokens", "sum(increase(apitoken_llm_tokens_total[$__range])) or vector(0)",
+               "short", w=2, decimals=0, time_from=time_from)
+        b.stat(f"{label}: cost", "sum(increase(apitoken_llm_cost_usd_total[$__range])) or vector(0)",
+               "currencyUSD", w=2, decimals=2, time_from=time_from)
+    b.row("Traffic")
+    b.timeseries("Request volume by status code", [target(
+        "sum by (code) (rate(apitoken_requests_total[$__rate_interval]))", "{{code}}")], "reqps")
+    b.timeseries("Success and error rate", [
+        target('sum(rate(apitoken_requests_total{code=~"[123].."}[$__rate_interval])) / sum(rate(apitoken_requests_total[$__rate_interval]))',
+               "success"),
+        target('sum(rate(apitoken_requests_total{code=~"5.."}[$__rate_interval])) / sum(rate(apitoken_requests_total[$__rate_interval]))',
+               "5xx errors", "B")],
+        "percentunit", lines=th["errors"], description="Lines: the error-rate alert thresholds")
+    b.timeseries("Latency", [target(
+        f"histogram_quantile({q}, sum by (le) (rate(apitoken_request_duration_seconds_bucket[$__rate_interval])))",
+        f"p{int(q * 100)}", ref) for q, ref in ((0.5, "A"), (0.95, "B"), (0.99, "C"))],
+        "s", lines=th["latency"], description="Lines: the latency alert thresholds")
+    b.timeseries("Failed authentications by reason", [target(
+        "sum by (reason) (rate(apitoken_auth_failures_total[$__rate_interval]))", "{{reason}}")], "reqps")
+    b.bargauge("Top tokens", [target(
+        f"topk(10, sum by (token) (increase(apitoken_requests_total{{{REAL_TOKENS}}}[$__range])))", "{{token}}",
+        instant=True)], "short")
+    b.bargauge("Top endpoints", [target(
+        "topk(10, sum by (route) (increase(apitoken_requests_total[$__range])))", "{{route}}", instant=True)], "short")
+    return b.to_json()
+
+
+def token_detail(t: dict) -> dict:
+    th = _thresholds(t)
+    b = Board("ate-token", "API tokens: token detail",
+              "One token: status, uses, rate-limit windows, endpoints, latency and LLM spend.", ["token"])
+    b.query_variable("token", "Token", "label_values(apitoken_token_info, token)")
+    sel = 'token="$token"'
+    b.stat("Status", f"max by (status) (apitoken_token_status{{{sel}}}) == 1", "none", w=4, legend="{{status}}",
+           text_mode="name")
+    b.stat("Uses", f"sum(increase(apitoken_requests_total{{{sel}}}[$__range])) or vector(0)", "short", w=4, decimals=0)
+    b.stat("Successes", f'sum(increase(apitoken_requests_total{{{sel},code=~"[123].."}}[$__range])) or vector(0)',
+           "short", w=4, decimals=0)
+    b.stat("Errors", f'sum(increase(apitoken_requests_total{{{sel},code=~"[45].."}}[$__range])) or vector(0)',
+           "short", w=4, decimals=0, thresholds=steps(("green", None), ("red", 1)))
+    b.stat("Last used", f"max(apitoken_token_last_used_timestamp_seconds{{{sel}}}) * 1000", "dateTimeFromNow", w=4)
+    b.stat("LLM cost in range", f"sum(increase(apitoken_llm_cost_usd_total{{{sel}}}[$__range])) or vector(0)",
+           "currencyUSD", w=4, decimals=2)
+    b.bargauge("Remaining per window", [target(
+        f"min by (window) (apitoken_rate_limit_remaining{{{sel}}})", "{{window}}", instant=True)], "short", w=8)
+    b.table("Window limits and reset times", [
+        target(f"max by (window) (apitoken_rate_limit_limit{{{sel}}})", "", "A", instant=True, fmt="table"),
+        target(f"min by (window) (apitoken_rate_limit_remaining{{{sel}}})", "", "B", instant=True, fmt="table"),
+        target(f"max by (window) (apitoken_rate_limit_reset_timestamp_seconds{{{sel}}}) * 1000", "", "C",
+               instant=True, fmt="table")], "short", w=8)
+    b.bargauge("Top 5 endpoints", [target(
+        f"topk(5, sum by (route) (increase(apitoken_requests_total{{{sel}}}[$__range])))", "{{route}}",
+        instant=True)], "short", w=8)
+    b.timeseries("Latency p50 / p95 / p99", [target(
+        f"histogram_quantile({q}, sum by (le) (rate(apitoken_request_duration_seconds_bucket{{{sel}}}[$__rate_interval])))",
+        f"p{int(q * 100)}", ref) for q, ref in ((0.5, "A"), (0.95, "B"), (0.99, "C"))], "s", lines=th["latency"])
+    b.timeseries("Requests by status code", [target(
+        f"sum by (code) (rate(apitoken_requests_total{{{sel}}}[$__rate_interval]))", "{{code}}")], "reqps")
+    b.timeseries("LLM tokens by model", [target(
+        f"sum by (model, type) (rate(apitoken_llm_tokens_total{{{sel}}}[$__rate_interval]))", "{{model}} {{type}}")],
+        "short", description="LLM tokens per second")
+    b.timeseries("LLM cost by model", [target(
+        f"sum by (model) (rate(apitoken_llm_cost_usd_total{{{sel}}}[$__rate_interval])) * 3600", "{{model}}")],
+        "currencyUSD", description="USD per hour at the current pace")
+    return b.to_json()
+
+
+def llm(t: dict) -> dict:
+    th = _thresholds(t)
+    b = Board("ate-llm", "API tokens: LLM usage and cost",
+              "LLM tokens by model and service, cost per day, week and month, forecasts and budgets.", ["llm"])
+    b.row("Usage")
+    b.timeseries("Tokens by model", [target(
+        "sum by (model, type) (rate(apitoken_llm_tokens_total[$__rate_interval]))", "{{model}} {{type}}")],
+        "short", description="LLM tokens per second")
+    b.timeseries("Tokens by service", [target(
+        "sum by (service) (rate(apitoken_llm_tokens_total[$__rate_interval]))", "{{service}}")], "short")
+    b.bargauge("Requests by model", [target(
+        "sum by (service, model) (increase(apitoken_llm_requests_total[$__range]))", "{{service}} {{model}}",
+        instant=True)], "short", w=8)
+    b.bargauge("Cost by model", [target(
+        "sum by (service, model) (increase(apitoken_llm_cost_usd_total[$__range]))", "{{service}} {{model}}",
+        instant=True)], "currencyUSD", w=8)
+    b.bargauge("Unpriced requests (no price in the pricing file)", [target(
+        "sum by (service, model) (increase(apitoken_llm_unpriced_requests_total[$__range]))",
+        "{{service}} {{model}}", instant=True)], "short", w=8,
+        description="Tokens of these models are counted, their cost is not: add them to the pricing file")
+    b.row("Cost")
+    for title, window in (("Cost per day", "1d"), ("Cost per week", "7d"), ("Cost per month", "30d")):
+        b.timeseries(title, [target(f"sum(increase(apitoken_llm_cost_usd_total[{window}]))", "cost")],
+                     "currencyUSD", w=8, bars=True, interval=window)
+    b.row("Forecasts (predict_linear over the last 6 hours)")
+    month_end = SECONDS_TO_MONTH_END
+    b.stat("Spent this month", "sum(increase(apitoken_llm_cost_usd_total[$__range])) or vector(0)", "currencyUSD",
+           w=6, decimals=2, time_from="now/M")
+    b.stat("Predicted month-end cost",
+           f"sum(increase(apitoken_llm_cost_usd_total[$__range])) + (predict_linear(sum(apitoken_llm_cost_usd_total)[6h:$__interval], {month_end}) - sum(apitoken_llm_cost_usd_total))",
+           "currencyUSD", w=6, decimals=2, time_from="now/M")
+    b.stat("Projected requests to month end",
+           f"predict_linear(sum(apitoken_requests_total{{{REAL_TOKENS}}})[6h:$__interval], {month_end}) - sum(apitoken_requests_total{{{REAL_TOKENS}}})",
+           "short", w=6, decimals=0)
+    b.stat("Projected LLM tokens to month end",
+           f"predict_linear(sum(apitoken_llm_tokens_total)[6h:$__interval], {month_end}) - sum(apitoken_llm_tokens_total)",
+           "short", w=6, decimals=0)
+    b.row("Budgets")
+    b.bargauge("Budget used (daily: 24h, monthly: 30 days)", [target(
+        "token_period:apitoken_llm_budget:usage_ratio", "{{token}} {{period}}", instant=True)],
+        "percentunit", w=12, thresholds=th["budget"], description="Colours: the budget alert thresholds")
+    b.table("Budgets and spend", [
+        target("max by (token, period) (apitoken_budget_usd)", "", "A", instant=True, fmt="table"),
+        target('label_replace(sum by (token) (increase(apitoken_llm_cost_usd_total[1d])), "period", "daily", "", "")',
+               "", "B", instant=True, fmt="table")], "currencyUSD", w=12)
+    return b.to_json()
+
+
+def capacity(t: dict) -> dict:
+    th = _thresholds(t)
+    b = Board("ate-capacity", "API tokens: capacity and forecasts",
+              "Rate-limit headroom, predicted exhaustion and what-if traffic scenarios for planning.", ["capacity"])
+    b.custom_variable("scenario", "Traffic scenario (x today)", ["1", "1.5", "2", "3"], "1")
+    b.custom_variable("window", "Rate-limit window", ["minute", "hour", "day"], "hour")
+    b.bargauge("Headroom per token ($window)", [target(
+        'min by (token) (apitoken_rate_limit_remaining{window="$window"} / (apitoken_rate_limit_limit{window="$window"} > 0))',
+        "{{token}}", instant=True)], "percentunit", thresholds=th["headroom"])
+    b.timeseries("Window used per token ($window)", [target(
+        'max by (token) (1 - apitoken_rate_limit_remaining{window="$window"} / (apitoken_rate_limit_limit{window="$window"} > 0))',
+        "{{token}}")], "percentunit", lines=th["rate_limit"], description="Line: the 80 % alert threshold")
+    b.timeseries("Predicted remaining in 1 hour at $scenario x ($window)", [target(
+        'min by (token) (apitoken_rate_limit_remaining{window="$window"} - (apitoken_rate_limit_remaining{window="$window"} - predict_linear(apitoken_rate_limit_remaining{window="$window"}[15m], 3600)) * $scenario)',
+        "{{token}}")], "short", description="Below 0: the window runs out before the hour is over")
+    b.timeseries("Projected hourly requests at $scenario x", [target(
+        f"sum by (token) (rate(apitoken_requests_total{{{REAL_TOKENS}}}[$__rate_interval])) * 3600 * $scenario",
+        "{{token}}")], "short")
+    b.bargauge("Projected hour-limit use at $scenario x", [target(
+        f'sum by (token) (rate(apitoken_requests_total{{{REAL_TOKENS}}}[$__rate_interval])) * 3600 * $scenario / on (token) max by (token) (apitoken_rate_limit_limit{{window="hour"}} > 0)',
+        "{{token}}", instant=True)], "percentunit", thresholds=th["rate_limit"])
+    b.stat("Tokens over their hourly limit at $scenario x",
+           f'count(sum by (token) (rate(apitoken_requests_total{{{REAL_TOKENS}}}[$__rate_interval])) * 3600 * $scenario / on (token) max by (token) (apitoken_rate_limit_limit{{window="hour"}} > 0) > 1) or vector(0)',
+           "none", w=6, thresholds=steps(("green", None), ("red", 1)))
+    b.stat("Requests, next 7 days at $scenario x",
+           f"(predict_linear(sum(apitoken_requests_total{{{REAL_TOKENS}}})[1h:$__interval], 604800) - sum(apitoken_requests_total{{{REAL_TOKENS}}})) * $scenario",
+           "short", w=6, decimals=0)
+    b.stat("LLM tokens, next 30 days at $scenario x",
+           "(predict_linear(sum(apitoken_llm_tokens_total)[1h:$__interval], 2592000) - sum(apitoken_llm_tokens_total)) * $scenario",
+           "short", w=6, decimals=0)
+    b.stat("LLM cost, next 30 days at $scenario x",
+           "(predict_linear(sum(apitoken_llm_cost_usd_total)[1h:$__interval], 2592000) - sum(apitoken_llm_cost_usd_total)) * $scenario",
+           "currencyUSD", w=6, decimals=2)
+    b.timeseries("429s by token and window", [target(
+        "sum by (token, window) (rate(apitoken_rate_limited_total[$__rate_interval]))", "{{token}} {{window}}")],
+        "reqps", w=24)
+    return b.to_json()
+
+
+def alerts(t: dict) -> dict:
+    th = _thresholds(t)
+    w = t["rate_window"]
+    b = Board("ate-alerts", "API tokens: alerts",
+              "Firing alerts, their history, and the thresholds drawn on the series they guard.", ["alerts"])
+    b.stat("Firing", 'count(ALERTS{alertstate="firing", alertname!="Watchdog"}) or vector(0)', "none", w=6,
+           thresholds=steps(("green", None), ("red", 1)))
+    b.stat("Pending", 'count(ALERTS{alertstate="pending"}) or vector(0)', "none", w=6,
+           thresholds=steps(("green", None), ("orange", 1)))
+    b.stat("Watchdog (must be 1)", 'count(ALERTS{alertname="Watchdog", alertstate="firing"}) or vector(0)', "none",
+           w=6, thresholds=steps(("red", None), ("green", 1)),
+           description="0 means the alerting pipeline is broken")
+    b.stat("Failed authentications (1h)", ":apitoken_auth_failures:increase1h or vector(0)", "short", w=6,
+           thresholds=th["unauthorized"], decimals=0)
+    b.table("Firing alerts", [target('ALERTS{alertstate="firing"}', "", instant=True, fmt="table")], "none", w=24)
+    b.timeseries("Alert history", [target('count by (alertname, severity) (ALERTS{alertstate="firing"})',
+                                          "{{alertname}} {{severity}}")], "none", w=24)
+    b.timeseries("p95 latency by token (alert: ApiTokenHighLatency)", [target(
+        f"token:apitoken_request_duration_seconds:p95_{w}", "{{token}}")], "s", lines=th["latency"])
+    b.timeseries("5xx error ratio by token (alert: ApiTokenHighErrorRate)", [target(
+        f"token:apitoken_request_errors:ratio_rate{w}", "{{token}}")], "percentunit", lines=th["errors"])
+    b.timeseries("Rate-limit window used (alert: ApiTokenRateLimitApproaching)", [target(
+        "token_window:apitoken_rate_limit:usage_ratio", "{{token}} {{window}}")], "percentunit",
+        lines=th["rate_limit"])
+    b.timeseries("LLM budget used (alerts: ApiTokenBudgetHigh / Exhausted)", [target(
+        "token_period:apitoken_llm_budget:usage_ratio", "{{token}} {{period}}")], "percentunit", lines=th["budget"])
+    return b.to_json()
+
+
+BUILDERS = {"overview.json": overview, "token-detail.json": token_detail, "llm-usage-cost.json": llm,
+            "capacity-forecasts.json": capacity, "alerts.json": alerts}
+
+
+def render(thresholds_path: str) -> Dict[str, str]:
+    t = load_thresholds(thresholds_path)
+    return {name: json.dumps(build(t), indent=2, sort_keys=False) + "\n" for name, build in BUILDERS.items()}
+
+
+def main(args) -> int:
+    rendered = render(args.thresholds)
+    if args.check:
+        stale = []
+        for name, text in rendered.items():
+            path = os.path.join(args.out, name)
+            if not os.path.exists(path) or open(path, encoding="utf-8").read() != text:
+                stale.append(path)
+        for path in stale:
+            print(f"out of date: {path} (run `make dashboards`)", file=sys.stderr)
+        return 1 if stale else 0
+    os.makedirs(args.out, exist_ok=True)
+    for name, text in rendered.items():
+        with open(os.path.join(args.out, name), "w", encoding="utf-8") as fh:
+            fh.write(text)
+        print(f"wrote {os.path.join(args.out, name)}")
+    return 0

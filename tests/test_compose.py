@@ -1,0 +1,103 @@
+"""docker-compose.yml and the Dockerfile, validated offline (no Docker engine here)."""
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+import yaml
+
+from api_token_exporter.stack import ROOT
+
+COMPOSE = os.path.join(ROOT, "docker-compose.yml")
+
+
+@pytest.fixture(scope="module")
+def compose():
+    with open(COMPOSE) as fh:
+        return yaml.safe_load(fh)
+
+
+def test_compose_file_matches_the_compose_spec():
+    binary = shutil.which("check-jsonschema")
+    if not binary:
+        pytest.fail("check-jsonschema is not installed: run .ci/install")
+    result = subprocess.run([binary, "--builtin-schema", "vendor.compose-spec", COMPOSE],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_whole_stack_is_there(compose):
+    services = compose["services"]
+    assert {"exporter", "demo-api", "prometheus", "alertmanager", "grafana", "mailsink",
+            "webhook-sink"} <= set(services)
+    assert services["exporter"]["build"]["dockerfile"] == "exporter/Dockerfile"
+
+
+def test_images_are_pinned_and_every_service_has_a_health_check(compose):
+    for name, service in compose["services"].items():
+        image = service.get("image", "")
+        assert re.search(r":v?\d+\.\d+(\.\d+)?", image) and not image.endswith(":latest"), (name, image)
+        assert service.get("healthcheck", {}).get("test"), name
+    from_line = open(os.path.join(ROOT, "exporter", "Dockerfile")).read().split("FROM ", 1)[1].split()[0]
+    assert re.search(r":\d+\.\d+\.\d+", from_line), from_line
+
+
+def test_versions_match_what_the_tests_run(compose):
+    assert compose["services"]["prometheus"]["image"] == "prom/prometheus:v2.42.0"
+    assert compose["services"]["alertmanager"]["image"] == "prom/alertmanager:v0.25.0"
+
+
+def test_prometheus_keeps_a_year(compose):
+    flags = " ".join(compose["services"]["prometheus"]["command"])
+    days = int(re.search(r"--storage.tsdb.retention.time=(\d+)d", flags).group(1))
+    assert days >= 366
+
+
+def test_grafana_is_provisioned_and_open_for_viewing(compose):
+    grafana = compose["services"]["grafana"]
+    env = grafana["environment"]
+    assert env["GF_AUTH_ANONYMOUS_ENABLED"] == "true" and env["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer"
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in grafana["volumes"] if v.startswith("./")}
+    assert mounts["/etc/grafana/provisioning"] == "./grafana/provisioning"
+    assert mounts["/var/lib/grafana/dashboards"] == "./grafana/dashboards"
+    home = env["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"].replace("/var/lib/grafana/dashboards", "grafana/dashboards")
+    assert os.path.exists(os.path.join(ROOT, home))
+
+
+def test_every_bind_mount_exists(compose):
+    for name, service in compose["services"].items():
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("./"):
+                assert os.path.exists(os.path.join(ROOT, source)), (name, source)
+
+
+def test_ha_profile_has_redis_and_two_replicas_sharing_it(compose):
+    services = compose["services"]
+    ha = {n for n, s in services.items() if "ha" in s.get("profiles", [])}
+    assert ha == {"redis", "api-replica-1", "api-replica-2"}
+    for replica in ("api-replica-1", "api-replica-2"):
+        assert services[replica]["environment"]["ATE_STORAGE_URI"] == "redis://redis:6379/0"
+    assert services["api-replica-1"]["ports"] != services["api-replica-2"]["ports"]
+
+
+def test_hosts_in_the_configs_are_compose_services(compose):
+    services = set(compose["services"])
+    am = yaml.safe_load(open(os.path.join(ROOT, "alertmanager", "alertmanager.yml")))
+    assert am["global"]["smtp_smarthost"].split(":")[0] in services
+    prom = yaml.safe_load(open(os.path.join(ROOT, "prometheus", "prometheus.yml")))
+    hosts = {t.split(":")[0] for job in prom["scrape_configs"] for sc in job.get("static_configs", [])
+             for t in sc["targets"]} - {"localhost"}
+    assert hosts <= services
+    datasources = yaml.safe_load(open(os.path.join(ROOT, "grafana", "provisioning", "datasources", "datasources.yml")))
+    for ds in datasources["datasources"]:
+        assert ds["url"].split("//")[1].split(":")[0] in services
+
+
+def test_dockerfile_copies_what_exists():
+    text = open(os.path.join(ROOT, "exporter", "Dockerfile")).read()
+    for line in re.findall(r"^COPY (.+)$", text, re.M):
+        for source in line.split()[:-1]:
+            assert os.path.exists(os.path.join(ROOT, source)), source
+    assert "USER " in text and "api-token-exporter" in text
