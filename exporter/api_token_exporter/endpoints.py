@@ -106,11 +106,11 @@ def build_endpoints(core, serve_metrics: bool = True, admin: bool = True, health
 
         @app.route("/admin/token-details", methods=["GET"])
         def token_details():
-            return admin_denied() or jsonify(core.tracker.token_details(core.keystore, s.rate_limits))
+            return admin_denied() or jsonify(core.tracker.token_details(core.keystore, s.rate_limits, core.metrics.store))
 
         @app.route("/admin/stats", methods=["GET"])
         def admin_stats():
-            return admin_denied() or jsonify(core.tracker.stats(core.keystore, s.rate_limits))
+            return admin_denied() or jsonify(core.tracker.stats(core.keystore, s.rate_limits, core.metrics.store))
 
     if admin and s.ingest_token:
         paths.add(INGEST_PATH)
@@ -141,8 +141,7 @@ def build_endpoints(core, serve_metrics: bool = True, admin: bool = True, health
                     errors.append({"index": index, "errors": problems})
                 else:
                     accepted += 1
-            core.metrics.ingest_events.labels("accepted").inc(accepted)
-            core.metrics.ingest_events.labels("rejected").inc(len(errors))
+            core.metrics.ingest(accepted, len(errors))
             status = 200 if accepted or not events else 400
             return jsonify({"accepted": accepted, "rejected": len(errors), "errors": errors}), status
 
@@ -266,8 +265,8 @@ def ingest_event(core, event) -> List[str]:
     core.metrics.observe_request(token, clean["route"], clean["method"], clean["status"],
                                  clean["duration"], authenticated=True, now=now)
     key = core.keystore.get(token)
-    core.tracker.record(token, (key.masked or key.id) if key else token, clean["route"],
-                        clean["method"], clean["status"], now)
+    core.tracker.record(now, clean["route"], clean["method"], (key.masked or key.id) if key else token,
+                        clean["status"])
     usage = clean.get("llm")
     if usage is not None:
         core.count_llm(token, usage)

@@ -1,7 +1,10 @@
-"""gunicorn settings for several workers sharing one set of metrics (multiprocess mode).
+"""gunicorn settings for several workers sharing one set of metrics.
 
 Use with ``gunicorn --config python:api_token_exporter.gunicorn_conf ...`` and
-PROMETHEUS_MULTIPROC_DIR pointing at an empty directory private to this server.
+PROMETHEUS_MULTIPROC_DIR pointing at a directory private to this server. Each worker writes its
+values to its own file there (store.py); a scrape answered by any worker sums them all. Files of
+workers that exited stay, so their counts stay in the totals; the directory is emptied when the
+server starts.
 """
 import glob
 import os
@@ -12,10 +15,6 @@ def on_starting(server):
     if not path:
         raise RuntimeError("PROMETHEUS_MULTIPROC_DIR must be set for several workers")
     os.makedirs(path, exist_ok=True)
-    for stale in glob.glob(os.path.join(path, "*.db")):   # values of an earlier run
-        os.unlink(stale)
-
-
-def child_exit(server, worker):
-    from prometheus_client import multiprocess
-    multiprocess.mark_process_dead(worker.pid)
+    for pattern in ("ate-*.data", "ate-*.idx"):        # values of an earlier run
+        for stale in glob.glob(os.path.join(path, pattern)):
+            os.unlink(stale)

@@ -23,7 +23,6 @@ BUDGET_PERIODS = ("daily", "monthly")
 KEY_PREFIX = "atk_"
 MAX_KEY_LENGTH = 256
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
-_KEY_RE = re.compile(r"^[\x21-\x7e]+$")  # printable ASCII, no spaces
 
 
 class KeyStoreError(ValueError):
@@ -43,7 +42,9 @@ def mask_key(raw_key: str) -> str:
 
 
 def well_formed_key(raw_key: str) -> bool:
-    return 0 < len(raw_key) <= MAX_KEY_LENGTH and bool(_KEY_RE.match(raw_key))
+    """1-256 printable ASCII characters, no spaces (str methods: cheaper than a regex)."""
+    return (0 < len(raw_key) <= MAX_KEY_LENGTH and raw_key.isascii() and raw_key.isprintable()
+            and " " not in raw_key)
 
 
 def valid_token_id(token_id: str) -> bool:

@@ -1,31 +1,28 @@
-"""The metric catalogue (docs/metrics.md) and its bounded label values.
+"""The metric catalogue (docs/metrics.md), its bounded label values, and what /metrics shows.
 
-Counters, histograms and gauges are prometheus_client objects. When PROMETHEUS_MULTIPROC_DIR is
-set before prometheus_client is imported (``serve --workers N`` does this), every worker writes
-its values to memory-mapped files and a scrape from any worker sums them, so totals are exact
-across workers. Token info and status are derived at scrape time from the key store and the
-collected rate-limit gauges, so they are right whichever worker answers.
+Values live in a Store (store.py): one dict lookup and one memoryview write per value on the
+request path; with PROMETHEUS_MULTIPROC_DIR set, every worker writes its own file and a scrape
+from any worker sums them, so totals are exact across workers. Token info, status and budgets
+are derived at scrape time from the key store and the collected rate-limit gauges, so they are
+right whichever worker answers.
 """
 from __future__ import annotations
 
 import os
 import threading
 import time
-from typing import Callable, Dict, Iterable, List, Optional
+from typing import Callable, Iterable, Optional, Tuple
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
-from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.exposition import choose_encoder
+from .store import Family, Store, bucket_index
 
 UNAUTHENTICATED = "__unauthenticated__"   # token label of requests with a missing or invalid key
 OVERFLOW = "__overflow__"                 # any label value past its family's cap
 UNMATCHED_ROUTE = "__unmatched__"         # every path that matches no route template
 STATUSES = ("active", "rate_limited", "inactive", "invalid", "expired")
 AUTH_FAILURE_REASONS = ("missing", "invalid", "inactive", "expired")
-# `_created` samples would double the series budget and no rule or dashboard reads them.
-disable_created_metrics()
-
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0)
+OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
+TEXT = "text/plain; version=0.0.4; charset=utf-8"
 
 
 def multiprocess_dir() -> Optional[str]:
@@ -60,67 +57,70 @@ class LabelGuard:
             return value
 
 
-class Metrics:
-    def __init__(self, registry: Optional[CollectorRegistry] = None, max_tokens: int = 10_000,
-                 max_routes: int = 500, max_models: int = 200):
-        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
-        r = self.registry
-        self.requests = Counter(
-            "apitoken_requests_total", "HTTP requests by API token, route template, method and status code.",
-            ["token", "route", "method", "code"], registry=r)
-        self.duration = Histogram(
-            "apitoken_request_duration_seconds", "Request duration by API token.",
-            ["token"], buckets=LATENCY_BUCKETS, registry=r)
-        self.route_duration = Histogram(
-            "apitoken_route_request_duration_seconds", "Request duration by route template and method.",
-            ["route", "method"], buckets=LATENCY_BUCKETS, registry=r)
-        self.auth_failures = Counter(
-            "apitoken_auth_failures_total", "Requests refused for authentication, by reason.",
-            ["reason"], registry=r)
-        self.rate_limited = Counter(
-            "apitoken_rate_limited_total", "Requests refused with 429, by token and the window that refused them.",
-            ["token", "window"], registry=r)
-        self.rl_limit = Gauge(
-            "apitoken_rate_limit_limit", "Requests allowed per window.",
-            ["token", "window"], registry=r, multiprocess_mode="mostrecent")
-        self.rl_remaining = Gauge(
-            "apitoken_rate_limit_remaining", "Requests left in the current window.",
-            ["token", "window"], registry=r, multiprocess_mode="mostrecent")
-        self.rl_reset = Gauge(
-            "apitoken_rate_limit_reset_timestamp_seconds", "Unix time at which the current window resets.",
-            ["token", "window"], registry=r, multiprocess_mode="mostrecent")
-        self.last_used = Gauge(
-            "apitoken_token_last_used_timestamp_seconds", "Unix time of the token's last request.",
-            ["token"], registry=r, multiprocess_mode="max")
-        self.llm_tokens = Counter(
-            "apitoken_llm_tokens_total", "LLM tokens used, by API token, service, model and type (input, output).",
-            ["token", "service", "model", "type"], registry=r)
-        self.llm_requests = Counter(
-            "apitoken_llm_requests_total", "Requests that reported LLM usage, by API token, service and model.",
-            ["token", "service", "model"], registry=r)
-        self.llm_cost = Counter(
-            "apitoken_llm_cost_usd_total", "Cost in USD of the LLM tokens used, from the pricing file.",
-            ["token", "service", "model"], registry=r)
-        self.llm_unpriced = Counter(
-            "apitoken_llm_unpriced_requests_total",
-            "LLM usage reports for a model with no price: their cost is not counted.",
-            ["service", "model"], registry=r)
-        self.overflow = Counter(
-            "apitoken_label_overflow_total", "Label values replaced by __overflow__ because a cap was reached.",
-            ["label"], registry=r)
-        self.rate_limit_storage_errors = Counter(
-            "apitoken_rate_limit_storage_errors_total",
-            "Requests let through unlimited because the rate-limit storage failed.", registry=r)
-        self.ingest_events = Counter(
-            "apitoken_ingest_events_total", "Usage events posted to the ingest endpoint, by result.",
-            ["result"], registry=r)
-        for reason in AUTH_FAILURE_REASONS:
-            self.auth_failures.labels(reason)
-        for result in ("accepted", "rejected"):
-            self.ingest_events.labels(result)
+def catalogue() -> Tuple[Family, ...]:
+    b = LATENCY_BUCKETS
+    return (
+        Family("apitoken_requests_total", "counter",
+               "HTTP requests by API token, route template, method and status code.",
+               ("token", "route", "method", "code")),
+        Family("apitoken_request_duration_seconds", "histogram", "Request duration by API token.",
+               ("token",), b),
+        Family("apitoken_route_request_duration_seconds", "histogram",
+               "Request duration by route template and method.", ("route", "method"), b),
+        Family("apitoken_auth_failures_total", "counter",
+               "Requests refused for authentication, by reason.", ("reason",)),
+        Family("apitoken_rate_limited_total", "counter",
+               "Requests refused with 429, by token and the window that refused them.", ("token", "window")),
+        Family("apitoken_rate_limit_limit", "gauge_recent", "Requests allowed per window.", ("token", "window")),
+        Family("apitoken_rate_limit_remaining", "gauge_recent", "Requests left in the current window.",
+               ("token", "window")),
+        Family("apitoken_rate_limit_reset_timestamp_seconds", "gauge_recent",
+               "Unix time at which the current window resets.", ("token", "window")),
+        Family("apitoken_rate_limit_storage_errors_total", "counter",
+               "Requests let through unlimited because the rate-limit storage failed.", ()),
+        Family("apitoken_token_last_used_timestamp_seconds", "gauge_max",
+               "Unix time of the token's last request.", ("token",)),
+        Family("apitoken_llm_tokens_total", "counter",
+               "LLM tokens used, by API token, service, model and type (input, output).",
+               ("token", "service", "model", "type")),
+        Family("apitoken_llm_requests_total", "counter",
+               "Requests that reported LLM usage, by API token, service and model.", ("token", "service", "model")),
+        Family("apitoken_llm_cost_usd_total", "counter",
+               "Cost in USD of the LLM tokens used, from the pricing file.", ("token", "service", "model")),
+        Family("apitoken_llm_unpriced_requests_total", "counter",
+               "LLM usage reports for a model with no price: their cost is not counted.", ("service", "model")),
+        Family("apitoken_label_overflow_total", "counter",
+               "Label values replaced by __overflow__ because a cap was reached.", ("label",)),
+        Family("apitoken_ingest_events_total", "counter",
+               "Usage events posted to the ingest endpoint, by result.", ("result",)),
+    )
 
-        def count_overflow(label: str) -> None:
-            self.overflow.labels(label).inc()
+
+INFO = Family("apitoken_token_info", "gauge", "Configured API tokens (value is always 1).",
+              ("token", "name", "tenant"))
+STATUS = Family("apitoken_token_status", "gauge", "One-hot status of each configured API token.",
+                ("token", "status"))
+BUDGET = Family("apitoken_budget_usd", "gauge",
+                "LLM budget in USD per token and period (daily: trailing 24h, monthly: trailing 30 days).",
+                ("token", "period"))
+
+
+class Metrics:
+    def __init__(self, max_tokens: int = 10_000, max_routes: int = 500, max_models: int = 200,
+                 directory: Optional[str] = None, capacity: Optional[int] = None):
+        families = catalogue()
+        (self.requests, self.duration, self.route_duration, self.auth_failures, self.rate_limited,
+         self.rl_limit, self.rl_remaining, self.rl_reset, self.storage_errors, self.last_used,
+         self.llm_tokens, self.llm_requests, self.llm_cost, self.llm_unpriced, self.overflow,
+         self.ingest_events) = families
+        kwargs = {"capacity": capacity} if capacity else {}
+        self.store = Store(families, directory if directory is not None else multiprocess_dir(), **kwargs)
+        self._nb = len(LATENCY_BUCKETS)
+        self._window_slots = {}
+        self.store.on_reopen = [self._window_slots.clear]    # slots of a parent are not ours
+
+        def count_overflow(label: str) -> None:      # called with the store lock held
+            self._add(self.overflow, (label,), 1.0)
 
         self.tokens = LabelGuard("token", max_tokens, count_overflow, fixed=(UNAUTHENTICATED,))
         self.routes = LabelGuard("route", max_routes, count_overflow, fixed=(UNMATCHED_ROUTE,))
@@ -128,102 +128,140 @@ class Metrics:
         self.services = LabelGuard("service", 50, count_overflow)
         self.methods = LabelGuard("method", 16, count_overflow,
                                   fixed=("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"))
+        with self.store.lock:                          # exposed at 0 before the first event
+            for reason in AUTH_FAILURE_REASONS:
+                self._add(self.auth_failures, (reason,), 0.0)
+            for result in ("accepted", "rejected"):
+                self._add(self.ingest_events, (result,), 0.0)
+            self._add(self.storage_errors, (), 0.0)
 
-    # -- recording ---------------------------------------------------------------------------
+    # -- series lookup (store lock held) ------------------------------------------------------
+    def _slot(self, family: Family, key: tuple) -> int:
+        slot = family.series.get(key)
+        return slot if slot is not None else self.store.new_series(family, key)
+
+    def _add(self, family: Family, key: tuple, amount: float) -> None:
+        self.store.values[self._slot(family, key)] += amount
+
+    # -- recording -----------------------------------------------------------------------------
     def observe_request(self, token: str, route: str, method: str, code: int,
                         duration: float, authenticated: bool, now: Optional[float] = None) -> None:
-        token = self.tokens.admit(token)
-        route = self.routes.admit(route)
-        method = self.methods.admit(method.upper())
-        self.requests.labels(token, route, method, str(code)).inc()
-        self.duration.labels(token).observe(duration)
-        self.route_duration.labels(route, method).observe(duration)
-        if authenticated:
-            self.last_used.labels(token).set(now if now is not None else time.time())
+        nb = self._nb
+        i = bucket_index(LATENCY_BUCKETS, duration)
+        with self.store.lock:
+            v = self.store.values
+            key = (token, route, method, code)
+            slot = self.requests.series.get(key)
+            if slot is None:    # a new combination: apply the caps once, for every family below
+                token, route, method = (self.tokens.admit(token), self.routes.admit(route),
+                                        self.methods.admit(method))
+                slot = self._slot(self.requests, (token, route, method, code))
+            v[slot] += 1.0
+            slot = self._slot(self.duration, (token,))
+            v[slot + i] += 1.0
+            v[slot + nb + 1] += duration
+            slot = self._slot(self.route_duration, (route, method))
+            v[slot + i] += 1.0
+            v[slot + nb + 1] += duration
+            if authenticated:
+                slot = self._slot(self.last_used, (token,))
+                stamp = now if now is not None else time.time()
+                if stamp > v[slot]:
+                    v[slot] = stamp
+
+    def auth_failure(self, reason: str) -> None:
+        with self.store.lock:
+            self._add(self.auth_failures, (reason,), 1.0)
+
+    def set_windows(self, token: str, windows, now: float) -> None:
+        """Limit, remaining and reset time of each window, as of ``now``."""
+        cache = self._window_slots
+        with self.store.lock:
+            v = self.store.values
+            for w in windows:
+                slots = cache.get((token, w.window))
+                if slots is None:
+                    slots = self._new_window_slots(token, w.window)
+                a, b, c = slots
+                v[a] = w.limit
+                v[b] = w.remaining
+                v[c] = w.reset_at
+                v[a + 1] = v[b + 1] = v[c + 1] = now
+
+    def _new_window_slots(self, token: str, window: str) -> tuple:
+        key = (self.tokens.admit(token), window)
+        slots = tuple(self._slot(f, key) for f in (self.rl_limit, self.rl_remaining, self.rl_reset))
+        if key[0] == token:                   # an overflowed token is not remembered
+            self._window_slots[(token, window)] = slots
+        return slots
 
     def set_window(self, token: str, window: str, limit: int, remaining: int, reset_at: float) -> None:
-        token = self.tokens.admit(token)
-        self.rl_limit.labels(token, window).set(limit)
-        self.rl_remaining.labels(token, window).set(remaining)
-        self.rl_reset.labels(token, window).set(reset_at)
+        from .ratelimit import WindowState
+        self.set_windows(token, [WindowState(window, limit, remaining, reset_at)], time.time())
 
     def observe_rate_limited(self, token: str, window: str) -> None:
-        self.rate_limited.labels(self.tokens.admit(token), window).inc()
+        with self.store.lock:
+            self._add(self.rate_limited, (self.tokens.admit(token), window), 1.0)
+
+    def storage_error(self) -> None:
+        with self.store.lock:
+            self._add(self.storage_errors, (), 1.0)
+
+    def ingest(self, accepted: int, rejected: int) -> None:
+        with self.store.lock:
+            self._add(self.ingest_events, ("accepted",), float(accepted))
+            self._add(self.ingest_events, ("rejected",), float(rejected))
 
     def observe_llm(self, token: str, service: str, model: str, input_tokens: int,
                     output_tokens: int, cost_usd: Optional[float]) -> None:
         """``cost_usd`` None means the model has no price: counted as unpriced, never as $0."""
-        token = self.tokens.admit(token)
-        service = self.services.admit(service.lower())
-        model = self.models.admit(model)
-        self.llm_tokens.labels(token, service, model, "input").inc(input_tokens)
-        self.llm_tokens.labels(token, service, model, "output").inc(output_tokens)
-        self.llm_requests.labels(token, service, model).inc()
-        if cost_usd is None:
-            self.llm_unpriced.labels(service, model).inc()
-        else:
-            self.llm_cost.labels(token, service, model).inc(cost_usd)
+        with self.store.lock:
+            token = self.tokens.admit(token)
+            service = self.services.admit(service.lower())
+            model = self.models.admit(model)
+            self._add(self.llm_tokens, (token, service, model, "input"), float(input_tokens))
+            self._add(self.llm_tokens, (token, service, model, "output"), float(output_tokens))
+            self._add(self.llm_requests, (token, service, model), 1.0)
+            if cost_usd is None:
+                self._add(self.llm_unpriced, (service, model), 1.0)
+            else:
+                self._add(self.llm_cost, (token, service, model), cost_usd)
 
 
 class ScrapeView:
     """What /metrics shows: the recorded families (summed over workers in multiprocess mode)
-    plus token info and one-hot status derived from the key store at scrape time."""
+    plus token info, one-hot status and budgets derived from the key store at scrape time."""
 
     def __init__(self, metrics: Metrics, keystore, clock: Callable[[], float] = time.time):
         self.metrics = metrics
         self.keystore = keystore
         self.clock = clock
 
-    def _source(self):
-        mp_dir = multiprocess_dir()
-        if mp_dir:
-            from prometheus_client import multiprocess
-            registry = CollectorRegistry()
-            multiprocess.MultiProcessCollector(registry, path=mp_dir)
-            return registry
-        return self.metrics.registry
-
-    def collect(self):
-        families = list(self._source().collect())
-        limited = self._limited_tokens(families)
-        yield from families
-        if self.keystore is None:
-            return
-        info = GaugeMetricFamily("apitoken_token_info", "Configured API tokens (value is always 1).",
-                                 labels=["token", "name", "tenant"])
-        status = GaugeMetricFamily("apitoken_token_status",
-                                   "One-hot status of each configured API token.",
-                                   labels=["token", "status"])
-        budget = GaugeMetricFamily("apitoken_budget_usd",
-                                   "LLM budget in USD per token and period (daily: trailing 24h, "
-                                   "monthly: trailing 30 days).", labels=["token", "period"])
+    def limited_tokens(self) -> set:
         now = self.clock()
-        for key in self.keystore.all():
-            info.add_metric([key.id, key.name, key.tenant], 1)
-            current = token_status(key, key.id in limited, now)
-            for s in STATUSES:
-                status.add_metric([key.id, s], 1 if s == current else 0)
-            for period, amount in sorted(key.budget_usd.items()):
-                budget.add_metric([key.id, period], amount)
-        yield info
-        yield status
-        yield budget
-
-    def _limited_tokens(self, families) -> set:
-        remaining: Dict[tuple, float] = {}
-        resets: Dict[tuple, float] = {}
-        for fam in families:
-            if fam.name == "apitoken_rate_limit_remaining":
-                remaining = {(s.labels["token"], s.labels["window"]): s.value for s in fam.samples}
-            elif fam.name == "apitoken_rate_limit_reset_timestamp_seconds":
-                resets = {(s.labels["token"], s.labels["window"]): s.value for s in fam.samples}
-        now = self.clock()
+        store = self.metrics.store
+        remaining = store.gauge_values("apitoken_rate_limit_remaining")
+        resets = store.gauge_values("apitoken_rate_limit_reset_timestamp_seconds")
         return {tok for (tok, win), value in remaining.items()
                 if value <= 0 and resets.get((tok, win), 0) > now}
 
-    def render(self, accept: Optional[str] = None):
-        encoder, content_type = choose_encoder(accept or "")
-        return encoder(self), content_type
+    def derived(self):
+        if self.keystore is None:
+            return []
+        limited = self.limited_tokens()
+        now = self.clock()
+        info, status, budget = [], [], []
+        for key in self.keystore.all():
+            info.append(((key.id, key.name, key.tenant), 1.0))
+            current = token_status(key, key.id in limited, now)
+            status.extend(((key.id, s), 1.0 if s == current else 0.0) for s in STATUSES)
+            budget.extend(((key.id, period), amount) for period, amount in sorted(key.budget_usd.items()))
+        return [(INFO, info), (STATUS, status), (BUDGET, budget)]
+
+    def render(self, accept: Optional[str] = None) -> Tuple[bytes, str]:
+        openmetrics = bool(accept) and "application/openmetrics-text" in accept
+        body = self.metrics.store.render(self.derived(), openmetrics=openmetrics)
+        return body, OPENMETRICS if openmetrics else TEXT
 
 
 def token_status(key, rate_limited: bool, now: float) -> str:

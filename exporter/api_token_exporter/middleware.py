@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import contextvars
+import math
 import json
 import logging
 import threading
@@ -79,8 +80,8 @@ def record_llm_usage(service: str, model: str, input_tokens: int = 0, output_tok
 
 def _status_code(status: str) -> int:
     try:
-        return int(status.split(" ", 1)[0])
-    except (ValueError, AttributeError):
+        return int(status[:3])
+    except (ValueError, TypeError):
         return 500
 
 
@@ -149,20 +150,22 @@ class _Finishing:
 class TokenAnalytics:
     def __init__(self, app=None, *, settings: Optional[Settings] = None,
                  config_file: Optional[str] = None, routes: Optional[List[str]] = None,
-                 keystore: Optional[KeyStore] = None, registry=None, **overrides):
+                 keystore: Optional[KeyStore] = None, **overrides):
         self.settings = settings or load_settings(config_file, **overrides)
         s = self.settings
         self.keystore = keystore if keystore is not None else KeyStore(s.keys_file, logger=log)
         self.limiter = RateLimiter(s.storage_uri)
-        self.metrics = Metrics(registry, max_tokens=s.max_tokens, max_routes=s.max_routes,
+        self.metrics = Metrics(max_tokens=s.max_tokens, max_routes=s.max_routes,
                                max_models=s.max_models)
         self.view = ScrapeView(self.metrics, self.keystore)
         self.tracker = UsageTracker(s.recent_requests)
         self.pricing = Pricing.load(s.pricing_file)
         self._key_environ = "HTTP_" + s.header_name.upper().replace("-", "_")
         self._exempt = set(s.exempt_paths)
-        self._route_map = Map([Rule(r) for r in routes]) if routes else None
+        # bound once: matching a path then costs no environ parsing per request
+        self._route_adapter = Map([Rule(r) for r in routes]).bind("localhost") if routes else None
         self._route_adapter_source = None
+        self._flask_request = None     # Flask's request context variable, once init_app ran
         self._metrics_server = None
         from .endpoints import build_endpoints  # the built-in /metrics and /admin/* endpoints
         self.endpoints, self._internal_paths = build_endpoints(
@@ -184,12 +187,8 @@ class TokenAnalytics:
         self._route_adapter_source = flask_app.url_map
         flask_app.extensions["api_token_exporter"] = self
 
-        from flask import request
-
-        @flask_app.before_request
-        def _remember_route():
-            rule = request.url_rule
-            request.environ[ENVIRON_ROUTE] = rule.rule if rule is not None else UNMATCHED_ROUTE
+        from flask.globals import _cv_request
+        self._flask_request = _cv_request
         return self
 
     def start_metrics_server(self, port: int, addr: str = "127.0.0.1"):
@@ -213,11 +212,14 @@ class TokenAnalytics:
         route = environ.get(ENVIRON_ROUTE)
         if route:
             return route
-        source = self._route_map or self._route_adapter_source
-        if source is None:
-            return UNMATCHED_ROUTE
         try:
-            rule, _ = source.bind_to_environ(environ).match(return_rule=True)
+            if self._route_adapter is not None:
+                rule, _ = self._route_adapter.match(environ.get("PATH_INFO", "/"),
+                                                    environ.get("REQUEST_METHOD", "GET"), return_rule=True)
+            elif self._route_adapter_source is not None:   # Flask, for requests refused before it
+                rule, _ = self._route_adapter_source.bind_to_environ(environ).match(return_rule=True)
+            else:
+                return UNMATCHED_ROUTE
             return rule.rule
         except HTTPException:
             return UNMATCHED_ROUTE
@@ -258,7 +260,7 @@ class TokenAnalytics:
         token = key.id if key is not None else UNAUTHENTICATED
         observe = self.settings.observe_only
         if reason is not None:
-            self.metrics.auth_failures.labels(reason).inc()
+            self.metrics.auth_failure(reason)
             if not observe:
                 code, detail = REFUSALS[reason]
                 body = json_response(start_response, code, {"detail": detail})
@@ -285,9 +287,16 @@ class TokenAnalytics:
         state = {"code": 500, "headers": ()}
         identified = key is not None and reason is None
 
+        flask_request = self._flask_request
+
         def _start_response(status, headers, exc_info=None):
             state["code"] = _status_code(status)
             state["headers"] = headers
+            if flask_request is not None:      # Flask calls this inside its request context
+                ctx = flask_request.get(None)
+                if ctx is not None:
+                    rule = ctx.request.url_rule
+                    environ[ENVIRON_ROUTE] = rule.rule if rule is not None else UNMATCHED_ROUTE
             if observe and identified:
                 self._observe_upstream_limits(key.id, headers, state["code"])
             if extra_headers:
@@ -336,12 +345,9 @@ class TokenAnalytics:
         except StorageUnavailable as exc:
             # fail open: an outage of the shared store must not take the API down with it
             log.error("%s; request for token %s allowed without rate limiting", exc, key.id)
-            self.metrics.rate_limit_storage_errors.inc()
+            self.metrics.storage_error()
             return None
-        for state in decision.windows:
-            self.metrics.set_window(key.id, state.window, state.limit, state.remaining,
-                                    state.reset_at)
-        self.tracker.record_windows(key.id, decision.windows)
+        self.metrics.set_windows(key.id, decision.windows, time.time())
         return decision
 
     def _record(self, environ, key: Optional[ApiKey], token: str, code: int, started: float) -> None:
@@ -351,8 +357,7 @@ class TokenAnalytics:
         now = time.time()
         self.metrics.observe_request(token, route, method, code, duration,
                                      authenticated=key is not None, now=now)
-        masked = (key.masked or key.id) if key is not None else "(none)"
-        self.tracker.record(token, masked, route, method, code, now)
+        self.tracker.record(now, route, method, (key.masked or key.id) if key is not None else "(none)", code)
 
     def _observe_upstream_limits(self, token_id: str, headers, code: int) -> None:
         """Observe-only mode: take rate-limit values from the headers the app (or its upstream)
@@ -400,22 +405,38 @@ class TokenAnalytics:
         return usage
 
 
+_STATIC_HEADERS: Dict[tuple, tuple] = {}
+
+
+def _static_headers(windows) -> tuple:
+    """What a limit plan makes constant: names, limits and the RateLimit-Policy value."""
+    key = tuple((s.window, s.limit) for s in windows)
+    static = _STATIC_HEADERS.get(key)
+    if static is None:
+        per_window = tuple((f"X-RateLimit-{w.capitalize()}-Limit", str(limit),
+                            f"X-RateLimit-{w.capitalize()}-Remaining", f"X-RateLimit-{w.capitalize()}-Reset",
+                            f'"{w}";r=') for w, limit in key)
+        policy = ", ".join(f'"{w}";q={limit};w={WINDOW_SECONDS[w]}' for w, limit in key)
+        static = _STATIC_HEADERS[key] = (per_window, ("RateLimit-Policy", policy))
+    return static
+
+
 def rate_limit_headers(decision: Decision, now: float) -> List[Tuple[str, str]]:
     """Seed 002's X-RateLimit-{Window}-{Limit,Remaining,Reset} (Reset in seconds) and the IETF
     draft-ietf-httpapi-ratelimit-headers-10 RateLimit-Policy / RateLimit fields."""
+    if not decision.windows:
+        return []
+    per_window, policy = _static_headers(decision.windows)
     headers: List[Tuple[str, str]] = []
-    policy, current = [], []
-    for s in decision.windows:
-        name = s.window.capitalize()
-        reset = s.reset_in(now)
-        headers.append((f"X-RateLimit-{name}-Limit", str(s.limit)))
-        headers.append((f"X-RateLimit-{name}-Remaining", str(s.remaining)))
-        headers.append((f"X-RateLimit-{name}-Reset", str(reset)))
-        policy.append(f'"{s.window}";q={s.limit};w={WINDOW_SECONDS[s.window]}')
-        current.append(f'"{s.window}";r={s.remaining};t={reset}')
-    if policy:
-        headers.append(("RateLimit-Policy", ", ".join(policy)))
-        headers.append(("RateLimit", ", ".join(current)))
+    current = []
+    for s, (limit_name, limit, remaining_name, reset_name, item) in zip(decision.windows, per_window):
+        left = s.reset_at - now
+        reset = str(math.ceil(left)) if left > 0 else "0"
+        remaining = str(s.remaining)
+        headers += ((limit_name, limit), (remaining_name, remaining), (reset_name, reset))
+        current.append(f"{item}{remaining};t={reset}")
+    headers.append(policy)
+    headers.append(("RateLimit", ", ".join(current)))
     return headers
 
 

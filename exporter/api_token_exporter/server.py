@@ -21,11 +21,10 @@ def app_from_env():
 
 
 def run_gunicorn(factory: str, host: str, port: int, workers: int, env_overrides: dict) -> int:
-    """Run ``factory`` under gunicorn with prometheus_client's multiprocess mode.
+    """Run ``factory`` under gunicorn, every worker writing its metrics to a shared directory.
 
-    PROMETHEUS_MULTIPROC_DIR must be set before prometheus_client is imported, so gunicorn is
-    started as a child process with the variable in its environment; the directory is emptied
-    on start and removed on exit.
+    The directory (PROMETHEUS_MULTIPROC_DIR) is set in gunicorn's environment, emptied on start
+    by gunicorn_conf and, when this function made it, removed on exit.
     """
     env = dict(os.environ)
     env.update({k: str(v) for k, v in env_overrides.items() if v is not None})

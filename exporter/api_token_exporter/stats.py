@@ -1,19 +1,14 @@
-"""Per-token usage counts and the recent-requests ring buffer behind /admin/* (seed 003).
-
-This is the live, in-process view an admin asks for; Prometheus is the store of record for
-history. Under several workers each worker answers for the requests it served.
-"""
+"""The admin JSON of seed 003 (/admin/token-details, /admin/stats), answered from the metric
+store (so under several workers it covers all of them) plus a ring buffer of recent requests
+(the requests this process served)."""
 from __future__ import annotations
 
 import collections
 import datetime as dt
-import threading
 import time
 from typing import Dict, Optional
 
-from .metrics import STATUSES, token_status
-
-MAX_ENDPOINTS_PER_TOKEN = 100
+from .metrics import STATUSES, UNAUTHENTICATED, token_status
 
 
 def time_str(ts: Optional[float]) -> Optional[str]:
@@ -22,105 +17,98 @@ def time_str(ts: Optional[float]) -> Optional[str]:
     return dt.datetime.fromtimestamp(ts, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
 
 
-class _TokenUsage:
+class _Usage:
     __slots__ = ("usage_count", "success_count", "error_count", "endpoints", "last_used", "windows")
 
     def __init__(self):
-        self.usage_count = 0
-        self.success_count = 0
-        self.error_count = 0
+        self.usage_count = self.success_count = self.error_count = 0
         self.endpoints: Dict[str, int] = collections.Counter()
         self.last_used: Optional[float] = None
-        self.windows: Dict[str, object] = {}
+        self.windows: Dict[str, dict] = {}
 
 
 class UsageTracker:
     def __init__(self, recent: int = 100):
-        self._lock = threading.Lock()
-        self._tokens: Dict[str, _TokenUsage] = {}
-        self._recent = collections.deque(maxlen=recent)
-        self._last_token: Optional[str] = None
+        self._recent = collections.deque(maxlen=recent)   # append is atomic: no lock needed
 
-    def record(self, token_id: str, masked: str, route: str, method: str, code: int,
-               ts: float) -> None:
-        with self._lock:
-            usage = self._tokens.get(token_id)
-            if usage is None:
-                usage = self._tokens[token_id] = _TokenUsage()
-            usage.usage_count += 1
-            if code < 400:
-                usage.success_count += 1
-            else:
-                usage.error_count += 1
-            if route in usage.endpoints or len(usage.endpoints) < MAX_ENDPOINTS_PER_TOKEN:
-                usage.endpoints[route] += 1
-            usage.last_used = ts
-            self._recent.append({"timestamp": int(ts), "endpoint": route, "method": method,
-                                 "token": masked, "status": code, "time_str": time_str(ts)})
+    def record(self, ts: float, route: str, method: str, masked: str, code: int) -> None:
+        self._recent.append((ts, route, method, masked, code))
 
-    def record_windows(self, token_id: str, windows) -> None:
-        with self._lock:
-            usage = self._tokens.get(token_id)
-            if usage is None:
-                usage = self._tokens[token_id] = _TokenUsage()
-            for state in windows:
-                usage.windows[state.window] = state
-            self._last_token = token_id   # "current_rate_limit" is the last limited token's
+    def _usage(self, store) -> Dict[str, _Usage]:
+        usage: Dict[str, _Usage] = collections.defaultdict(_Usage)
+        gauges = {"apitoken_rate_limit_limit": "limit", "apitoken_rate_limit_remaining": "remaining",
+                  "apitoken_rate_limit_reset_timestamp_seconds": "reset_at"}
+        for family, rows in store.view():
+            if family.name == "apitoken_requests_total":
+                for (token, route, _method, code), _, vals in rows:
+                    n = int(vals[0])
+                    u = usage[token]
+                    u.usage_count += n
+                    if int(code) < 400:
+                        u.success_count += n
+                    else:
+                        u.error_count += n
+                    u.endpoints[route] += n
+            elif family.name == "apitoken_token_last_used_timestamp_seconds":
+                for (token,), _, vals in rows:
+                    usage[token].last_used = vals[0]
+            elif family.name in gauges:
+                for (token, window), _, vals in rows:
+                    usage[token].windows.setdefault(window, {})[gauges[family.name]] = vals[0]
+        return usage
 
-    def _rate_limited(self, usage: Optional[_TokenUsage], now: float) -> bool:
-        return bool(usage) and any(s.remaining <= 0 and s.reset_at > now
-                                   for s in usage.windows.values())
+    @staticmethod
+    def _limited(u: _Usage, now: float) -> bool:
+        return any(w.get("remaining", 1) <= 0 and w.get("reset_at", 0) > now for w in u.windows.values())
 
-    def token_details(self, keystore, default_limits: Dict[str, int], now: Optional[float] = None) -> dict:
+    def token_details(self, keystore, default_limits: Dict[str, int], store, now: Optional[float] = None) -> dict:
         now = now or time.time()
+        usage = self._usage(store)
         tokens = []
-        with self._lock:
-            for key in keystore.all():
-                usage = self._tokens.get(key.id) or _TokenUsage()
-                hour = usage.windows.get("hour")
-                limit = key.rate_limits.get("hour", default_limits.get("hour"))
-                endpoints = dict(usage.endpoints.most_common())
-                tokens.append({
-                    "token_id": key.masked or key.id,
-                    "id": key.id,
-                    "name": key.name,
-                    "tenant": key.tenant,
-                    "usage_count": usage.usage_count,
-                    "success_count": usage.success_count,
-                    "error_count": usage.error_count,
-                    "status": token_status(key, self._rate_limited(usage, now), now),
-                    "rate_limit": {
-                        "remaining": hour.remaining if hour else limit,
-                        "limit": limit,
-                        "reset": time_str(hour.reset_at) if hour else None,
-                    },
-                    "rate_limits": {
-                        w: {"limit": s.limit, "remaining": s.remaining, "reset": time_str(s.reset_at)}
-                        for w, s in usage.windows.items()
-                    },
-                    "last_used": time_str(usage.last_used),
-                    "endpoints_used": endpoints,
-                    "top_endpoints": [[r, n] for r, n in usage.endpoints.most_common(5)],
-                })
+        for key in keystore.all():
+            u = usage.get(key.id) or _Usage()
+            hour = u.windows.get("hour")
+            limit = key.rate_limits.get("hour", default_limits.get("hour"))
+            tokens.append({
+                "token_id": key.masked or key.id,
+                "id": key.id,
+                "name": key.name,
+                "tenant": key.tenant,
+                "usage_count": u.usage_count,
+                "success_count": u.success_count,
+                "error_count": u.error_count,
+                "status": token_status(key, self._limited(u, now), now),
+                "rate_limit": {
+                    "remaining": int(hour["remaining"]) if hour else limit,
+                    "limit": limit,
+                    "reset": time_str(hour.get("reset_at")) if hour else None,
+                },
+                "rate_limits": {w: {"limit": int(s.get("limit", 0)), "remaining": int(s.get("remaining", 0)),
+                                    "reset": time_str(s.get("reset_at"))} for w, s in u.windows.items()},
+                "last_used": time_str(u.last_used),
+                "endpoints_used": dict(u.endpoints.most_common()),
+                "top_endpoints": [[r, n] for r, n in u.endpoints.most_common(5)],
+            })
         return {"tokens": tokens, "total_tokens": len(tokens), "timestamp": time_str(now)}
 
-    def stats(self, keystore, default_limits: Dict[str, int], now: Optional[float] = None) -> dict:
+    def stats(self, keystore, default_limits: Dict[str, int], store, now: Optional[float] = None) -> dict:
         now = now or time.time()
+        usage = self._usage(store)
         counts = dict.fromkeys(STATUSES, 0)
         effective = 0
-        with self._lock:
-            keys = keystore.all()
-            for key in keys:
-                status = token_status(key, self._rate_limited(self._tokens.get(key.id), now), now)
-                counts[status] += 1
-                if status in ("active", "rate_limited"):
-                    effective += key.rate_limits.get("hour", default_limits.get("hour", 0))
-            current = None
-            if self._last_token and self._last_token in self._tokens:
-                current = self._tokens[self._last_token].windows.get("hour")
-            total = sum(u.usage_count for u in self._tokens.values())
-            success = sum(u.success_count for u in self._tokens.values())
-            recent = list(self._recent)
+        keys = keystore.all()
+        for key in keys:
+            status = token_status(key, self._limited(usage.get(key.id) or _Usage(), now), now)
+            counts[status] += 1
+            if status in ("active", "rate_limited"):
+                effective += key.rate_limits.get("hour", default_limits.get("hour", 0))
+        recent_used = [(u.last_used, t) for t, u in usage.items() if u.last_used and "hour" in u.windows]
+        current = usage[max(recent_used)[1]].windows["hour"] if recent_used else None
+        total = sum(u.usage_count for u in usage.values())
+        success = sum(u.success_count for u in usage.values())
+        recent = [{"timestamp": int(ts), "endpoint": route, "method": method, "token": masked,
+                   "status": code, "time_str": time_str(ts)}
+                  for ts, route, method, masked, code in list(self._recent)]
         return {
             "tokens": {
                 "count": len(keys),
@@ -132,11 +120,12 @@ class UsageTracker:
                 "inactive": counts["inactive"],
                 "expired": counts["expired"],
             },
-            "current_rate_limit": ({"remaining": current.remaining, "limit": current.limit,
-                                    "reset": int(current.reset_at)} if current else None),
-            "reset_time": time_str(current.reset_at) if current else None,
+            "current_rate_limit": ({"remaining": int(current["remaining"]), "limit": int(current["limit"]),
+                                    "reset": int(current["reset_at"])} if current else None),
+            "reset_time": time_str(current["reset_at"]) if current else None,
             "total_requests": total,
             "success_count": success,
             "error_count": total - success,
+            "unauthenticated_requests": usage[UNAUTHENTICATED].usage_count if UNAUTHENTICATED in usage else 0,
             "recent_requests": recent[::-1],
         }
