@@ -16,7 +16,10 @@ demo:
 	api-token-exporter demo
 
 bench:
-	$(PYTHON) benchmarks/bench_middleware.py
+	$(PYTHON) benchmarks/bench_middleware.py --rounds 21
+	$(PYTHON) benchmarks/bench_scrape.py
+	$(PYTHON) benchmarks/bench_ratelimit.py
+	$(PYTHON) benchmarks/bench_load.py
 
 dashboards:
 	api-token-exporter dashboards

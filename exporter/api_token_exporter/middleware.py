@@ -378,9 +378,11 @@ class TokenAnalytics:
             if field not in ("limit", "remaining", "reset"):
                 continue
             try:
-                found.setdefault(window, {})[field] = float(value)
+                number = float(value)
             except ValueError:
                 continue
+            if math.isfinite(number):        # the store holds finite values only
+                found.setdefault(window, {})[field] = number
         now = time.time()
         exhausted = None
         for window, values in found.items():

@@ -38,10 +38,10 @@ class UsageTracker:
         usage: Dict[str, _Usage] = collections.defaultdict(_Usage)
         gauges = {"apitoken_rate_limit_limit": "limit", "apitoken_rate_limit_remaining": "remaining",
                   "apitoken_rate_limit_reset_timestamp_seconds": "reset_at"}
-        for family, rows in store.view():
+        for family, keys, values in store.data():
             if family.name == "apitoken_requests_total":
-                for (token, route, _method, code), _, vals in rows:
-                    n = int(vals[0])
+                for (token, route, _method, code), value in zip(keys, values):
+                    n = int(value)
                     u = usage[token]
                     u.usage_count += n
                     if int(code) < 400:
@@ -50,11 +50,11 @@ class UsageTracker:
                         u.error_count += n
                     u.endpoints[route] += n
             elif family.name == "apitoken_token_last_used_timestamp_seconds":
-                for (token,), _, vals in rows:
-                    usage[token].last_used = vals[0]
+                for (token,), value in zip(keys, values):
+                    usage[token].last_used = value
             elif family.name in gauges:
-                for (token, window), _, vals in rows:
-                    usage[token].windows.setdefault(window, {})[gauges[family.name]] = vals[0]
+                for (token, window), value in zip(keys, values):
+                    usage[token].windows.setdefault(window, {})[gauges[family.name]] = value
         return usage
 
     @staticmethod

@@ -14,12 +14,15 @@ the tests check that both expose the same families and samples.
 from __future__ import annotations
 
 import bisect
+import gc
 import glob
 import json
 import mmap
 import os
 import threading
 import weakref
+from itertools import accumulate
+from operator import add
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from prometheus_client.utils import floatToGoString
@@ -82,6 +85,7 @@ class Store:
         self.capacity = capacity
         self.lock = threading.Lock()
         self._merge_cache: Dict[str, Tuple[int, List[tuple]]] = {}
+        self._merged_now = None
         self._open()
         _STORES.add(self)
 
@@ -127,19 +131,42 @@ class Store:
         return slot
 
     # -- reading -----------------------------------------------------------------------------
-    def _local_view(self):
+    def family_data(self, family: Family) -> Tuple[List[tuple], list]:
+        """(keys, values): a float per key, or a list of floats per key for histograms.
+        In multiprocess mode, summed over every process's file (gauges: newest or max)."""
+        if self.directory:
+            merged = self._merged().get(family.name, {})
+            keys = list(merged)
+            if family.kind == "histogram":
+                return keys, [merged[k] for k in keys]
+            return keys, [merged[k][0] for k in keys]
         v = self.values
-        for family in self.families:
-            if family.width:
-                yield family, [(key, family.prefixes, v[slot:slot + family.width])
-                               for key, slot in family.series.items()]
+        keys = list(family.series)
+        if family.kind == "histogram":
+            width = family.width
+            return keys, [v[slot:slot + width].tolist() for slot in family.series.values()]
+        return keys, [v[slot] for slot in family.series.values()]
 
-    def _merged_view(self):
-        """Sum counters and histograms over every process's file; gauges: latest or max."""
+    def data(self):
+        """(family, keys, values) for every stored family; one merge per call."""
+        if self.directory:
+            self._merged_now = self._merge_files()
+        try:
+            for family in self.families:
+                if family.width:
+                    yield (family,) + self.family_data(family)
+        finally:
+            self._merged_now = None
+
+    def _merged(self) -> Dict[str, Dict[tuple, List[float]]]:
+        cached = getattr(self, "_merged_now", None)
+        return cached if cached is not None else self._merge_files()
+
+    def _merge_files(self) -> Dict[str, Dict[tuple, List[float]]]:
+        """Sum counters and histograms over every process's file; gauges: newest or max."""
         merged: Dict[str, Dict[tuple, List[float]]] = {f.name: {} for f in self.families}
         for data_path in sorted(glob.glob(os.path.join(self.directory, "ate-*.data"))):
-            index_path = data_path[:-5] + ".idx"
-            entries = self._read_index(index_path)
+            entries = self._read_index(data_path[:-5] + ".idx")
             if not entries:
                 continue
             with open(data_path, "rb") as fh:
@@ -167,9 +194,7 @@ class Store:
             finally:
                 values.release()
                 mm.close()
-        for family in self.families:
-            if family.width:
-                yield family, [(key, family.prefixes, vals) for key, vals in merged[family.name].items()]
+        return merged
 
     def _read_index(self, path: str) -> List[tuple]:
         """Index lines of one process, parsed once and then incrementally."""
@@ -187,50 +212,51 @@ class Store:
         self._merge_cache[path] = (offset + len(complete.encode("utf-8")), entries)
         return entries
 
-    def view(self):
-        return self._merged_view() if self.directory else self._local_view()
-
     def gauge_values(self, name: str) -> Dict[tuple, float]:
-        out = {}
-        for family, rows in self.view():
-            if family.name == name:
-                out = {key: vals[0] for key, _, vals in rows}
-        return out
+        keys, values = self.family_data(self.by_name[name])
+        return dict(zip(keys, values))
 
     # -- exposition --------------------------------------------------------------------------
     def render(self, derived: Iterable[Tuple[Family, List[Tuple[tuple, float]]]] = (),
                openmetrics: bool = False) -> bytes:
+        """The exposition text. Values are finite by construction, so repr() formats them
+        (it parses to the same float as prometheus_client's Go-style formatting)."""
         out: List[str] = []
-        append = out.append
-        fmt = floatToGoString
-        for family, rows in self.view():
-            self._header(out, family, openmetrics)
-            name = family.name
-            if family.kind == "histogram":
-                nb = len(family.buckets)
-                for key, prefixes, vals in rows:
-                    lines = prefixes.get(key)
-                    if lines is None:
-                        lines = prefixes[key] = self._histogram_prefixes(family, key)
-                    acc = 0.0
-                    for i in range(nb + 1):
-                        acc += vals[i]
-                        append(lines[i] + fmt(acc) + "\n")
-                    append(lines[nb + 1] + fmt(acc) + "\n")
-                    append(lines[nb + 2] + fmt(vals[nb + 1]) + "\n")
-                continue
-            for key, prefixes, vals in rows:
-                prefix = prefixes.get(key)
-                if prefix is None:
-                    prefix = prefixes[key] = f"{name}{family.labels_text(key)} "
-                append(prefix + fmt(vals[0]) + "\n")
-        for family, rows in derived:
-            self._header(out, family, openmetrics)
-            for key, value in rows:
-                append(f"{family.name}{family.labels_text(key)} {fmt(value)}\n")
-        if openmetrics:
-            append("# EOF\n")
-        return "".join(out).encode("utf-8")
+        gc_was_enabled = gc.isenabled()
+        gc.disable()             # hundreds of thousands of short strings: nothing to collect
+        try:
+            for family, keys, values in self.data():
+                self._header(out, family, openmetrics)
+                if not keys:
+                    continue
+                prefixes = family.prefixes
+                if family.kind == "histogram":
+                    nb = len(family.buckets)
+                    for key, row in zip(keys, values):
+                        lines = prefixes.get(key)
+                        if lines is None:
+                            lines = prefixes[key] = self._histogram_prefixes(family, key)
+                        acc = list(accumulate(row[:nb + 1]))
+                        acc += (acc[-1], row[nb + 1])
+                        out.append("\n".join(map(add, lines, map(repr, acc))) + "\n")
+                    continue
+                line_prefixes = [prefixes.get(k) or self._prefix(family, k) for k in keys]
+                out.append("\n".join(map(add, line_prefixes, map(repr, values))) + "\n")
+            for family, rows in derived:
+                self._header(out, family, openmetrics)
+                for key, value in rows:
+                    out.append(f"{family.name}{family.labels_text(key)} {floatToGoString(value)}\n")
+            if openmetrics:
+                out.append("# EOF\n")
+            return "".join(out).encode("utf-8")
+        finally:
+            if gc_was_enabled:
+                gc.enable()
+
+    @staticmethod
+    def _prefix(family: Family, key: tuple) -> str:
+        prefix = family.prefixes[key] = f"{family.name}{family.labels_text(key)} "
+        return prefix
 
     @staticmethod
     def _histogram_prefixes(family: Family, key: tuple) -> tuple:

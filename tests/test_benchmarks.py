@@ -1,0 +1,41 @@
+"""Every benchmark still runs (tiny sizes) and says what it measured: guards against rot.
+Nothing here asserts a time; the figures live in docs/performance.md."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from api_token_exporter.stack import ROOT
+
+pytestmark = pytest.mark.integration
+
+
+def run(script, *args):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), *args],
+                            capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def test_middleware_benchmark_compares_the_four_variants():
+    out = run("bench_middleware.py", "--requests", "50", "--rounds", "1")
+    for name in ("bare Flask", "prometheus-flask-exporter", "api-token-exporter (full)",
+                 "api-token-exporter (observe-only)"):
+        assert f"| {name} |" in out
+
+
+def test_scrape_benchmark_checks_identical_output_first():
+    out = run("bench_scrape.py", "--tokens", "50", "--repeat", "1")
+    assert "| 50 | 1,321 |" in out         # 26 series per token plus 21 fixed ones
+
+
+def test_rate_limit_benchmark_counts_one_round_trip():
+    out = run("bench_ratelimit.py", "--requests", "100", "--rounds", "1")
+    ours = next(line for line in out.splitlines() if line.startswith("| api-token-exporter redis://"))
+    assert ours.split("|")[3].strip() == "1"
+
+
+def test_load_benchmark_reconciles_exactly():
+    out = run("bench_load.py", "--requests-per-token", "5", "--tokens", "2", "--clients", "2")
+    assert out.count("| yes: 10 of 10 |") == 2
