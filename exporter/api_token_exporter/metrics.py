@@ -117,7 +117,8 @@ class Metrics:
         self.store = Store(families, directory if directory is not None else multiprocess_dir(), **kwargs)
         self._nb = len(LATENCY_BUCKETS)
         self._window_slots = {}
-        self.store.on_reopen = [self._window_slots.clear]    # slots of a parent are not ours
+        self._request_slots = {}
+        self.store.on_reopen = [self._window_slots.clear, self._request_slots.clear]  # a parent's slots
 
         def count_overflow(label: str) -> None:      # called with the store lock held
             self._add(self.overflow, (label,), 1.0)
@@ -146,28 +147,35 @@ class Metrics:
     # -- recording -----------------------------------------------------------------------------
     def observe_request(self, token: str, route: str, method: str, code: int,
                         duration: float, authenticated: bool, now: Optional[float] = None) -> None:
-        nb = self._nb
+        nb1 = self._nb + 1
         i = bucket_index(LATENCY_BUCKETS, duration)
         with self.store.lock:
             v = self.store.values
-            key = (token, route, method, code)
-            slot = self.requests.series.get(key)
-            if slot is None:    # a new combination: apply the caps once, for every family below
-                token, route, method = (self.tokens.admit(token), self.routes.admit(route),
-                                        self.methods.admit(method))
-                slot = self._slot(self.requests, (token, route, method, code))
-            v[slot] += 1.0
-            slot = self._slot(self.duration, (token,))
-            v[slot + i] += 1.0
-            v[slot + nb + 1] += duration
-            slot = self._slot(self.route_duration, (route, method))
-            v[slot + i] += 1.0
-            v[slot + nb + 1] += duration
-            if authenticated:
-                slot = self._slot(self.last_used, (token,))
+            slots = self._request_slots.get((token, route, method, code, authenticated))
+            if slots is None:
+                slots = self._new_request_slots(token, route, method, code, authenticated)
+            requests, duration_slot, route_slot, last_used = slots
+            v[requests] += 1.0
+            v[duration_slot + i] += 1.0
+            v[duration_slot + nb1] += duration
+            v[route_slot + i] += 1.0
+            v[route_slot + nb1] += duration
+            if last_used:
                 stamp = now if now is not None else time.time()
-                if stamp > v[slot]:
-                    v[slot] = stamp
+                if stamp > v[last_used]:
+                    v[last_used] = stamp
+
+    def _new_request_slots(self, token, route, method, code, authenticated) -> tuple:
+        """All slots a request writes, found once: the caps apply here (store lock held)."""
+        a_token, a_route, a_method = (self.tokens.admit(token), self.routes.admit(route),
+                                      self.methods.admit(method))
+        slots = (self._slot(self.requests, (a_token, a_route, a_method, code)),
+                 self._slot(self.duration, (a_token,)),
+                 self._slot(self.route_duration, (a_route, a_method)),
+                 self._slot(self.last_used, (a_token,)) if authenticated else 0)
+        if (a_token, a_route, a_method) == (token, route, method):   # overflowed ones: not remembered
+            self._request_slots[(token, route, method, code, authenticated)] = slots
+        return slots
 
     def auth_failure(self, reason: str) -> None:
         with self.store.lock:

@@ -34,17 +34,61 @@ ENVIRON_TOKEN = "api_token_exporter.token"
 ENVIRON_ROUTE = "api_token_exporter.route"
 
 
-class _RequestContext:
-    """What a handler's record_llm_usage() needs about the request being served."""
-    __slots__ = ("analytics", "token", "llm_recorded")
+class _Call:
+    """One request through the middleware: the wrapped start_response, the response iterable
+    that records metrics on close(), and the context record_llm_usage() reads."""
 
-    def __init__(self, analytics, token):
-        self.analytics = analytics
-        self.token = token
-        self.llm_recorded = False
+    __slots__ = ("analytics", "environ", "start_response", "key", "token", "llm_token", "started",
+                 "extra_headers", "code", "headers", "result", "capture", "llm_recorded", "done")
+
+    def __init__(self, analytics, environ, start_response, key, token, llm_token, started, extra_headers):
+        self.analytics, self.environ, self.start_response = analytics, environ, start_response
+        self.key, self.token, self.llm_token, self.started = key, token, llm_token, started
+        self.extra_headers = extra_headers
+        self.code, self.headers = 500, ()
+        self.result = self.capture = None
+        self.llm_recorded = self.done = False
+
+    def start(self, status, headers, exc_info=None):
+        self.code = _status_code(status)
+        self.headers = headers
+        analytics = self.analytics
+        if analytics._flask_request is not None:   # Flask calls this inside its request context
+            ctx = analytics._flask_request.get(None)
+            if ctx is not None:
+                rule = ctx.request.url_rule
+                self.environ[ENVIRON_ROUTE] = rule.rule if rule is not None else UNMATCHED_ROUTE
+        if self.llm_token is not None and analytics.settings.observe_only:
+            analytics._observe_upstream_limits(self.llm_token, headers, self.code)
+        if self.extra_headers:
+            headers = list(headers) + self.extra_headers
+        return self.start_response(status, headers, exc_info)
+
+    def __iter__(self):
+        if self.capture is None:
+            return iter(self.result)
+        return self._tee()
+
+    def _tee(self):
+        capture = self.capture
+        for chunk in self.result:
+            if capture.size <= capture.limit:
+                capture.chunks.append(chunk)
+                capture.size += len(chunk)
+            yield chunk
+
+    def close(self):
+        try:
+            close = getattr(self.result, "close", None)
+            if close is not None:
+                close()
+        finally:
+            if not self.done:
+                self.done = True
+                self.analytics._finish(self)
 
 
-_current: contextvars.ContextVar[Optional[_RequestContext]] = contextvars.ContextVar(
+_current: contextvars.ContextVar[Optional[_Call]] = contextvars.ContextVar(
     "api_token_exporter_request", default=None)
 
 REFUSALS = {
@@ -59,7 +103,7 @@ WINDOW_ORDER = ("minute", "hour", "day")
 def current_token() -> Optional[str]:
     """The id of the API token of the request being handled, or None."""
     ctx = _current.get()
-    return ctx.token if ctx is not None else None
+    return ctx.llm_token if ctx is not None else None
 
 
 def record_llm_usage(service: str, model: str, input_tokens: int = 0, output_tokens: int = 0,
@@ -70,7 +114,7 @@ def record_llm_usage(service: str, model: str, input_tokens: int = 0, output_tok
     ctx = _current.get()
     if ctx is None:
         raise RuntimeError("record_llm_usage() called outside a request handled by TokenAnalytics")
-    token = token or ctx.token
+    token = token or ctx.llm_token
     if not token:
         raise UsageError("no API token: call inside an authenticated request or pass token=")
     usage = ctx.analytics.count_llm(token, validate_usage(service, model, input_tokens, output_tokens))
@@ -110,41 +154,6 @@ class _Capture:
 
     def body(self) -> bytes:
         return b"".join(self.chunks)
-
-
-class _Finishing:
-    """Wraps the app's response iterable so metrics are recorded when the body is done."""
-
-    __slots__ = ("_result", "_finish", "_done", "_capture")
-
-    def __init__(self, result, finish, capture: Optional[_Capture] = None):
-        self._result = result
-        self._finish = finish
-        self._done = False
-        self._capture = capture
-
-    def __iter__(self):
-        if self._capture is None:
-            return iter(self._result)
-        return self._tee()
-
-    def _tee(self):
-        capture = self._capture
-        for chunk in self._result:
-            if capture.size <= capture.limit:
-                capture.chunks.append(chunk)
-                capture.size += len(chunk)
-            yield chunk
-
-    def close(self):
-        try:
-            close = getattr(self._result, "close", None)
-            if close is not None:
-                close()
-        finally:
-            if not self._done:
-                self._done = True
-                self._finish()
 
 
 class TokenAnalytics:
@@ -246,6 +255,13 @@ class TokenAnalytics:
             return self.settings.rate_limits
         return {**self.settings.rate_limits, **key.rate_limits}
 
+    def _plan(self, key: ApiKey):
+        """The key's windows, computed once per key object (a reload makes new objects)."""
+        plan = key.__dict__.get("_ate_plan")
+        if plan is None:
+            plan = key.__dict__["_ate_plan"] = self.limiter.plan(self.limits_for(key))
+        return plan
+
     def __call__(self, environ, start_response):
         path = environ.get("PATH_INFO", "")
         if path in self._internal_paths:
@@ -284,44 +300,27 @@ class TokenAnalytics:
                     self._record(environ, key, token, 429, started)
                     return body
 
-        state = {"code": 500, "headers": ()}
         identified = key is not None and reason is None
-
-        flask_request = self._flask_request
-
-        def _start_response(status, headers, exc_info=None):
-            state["code"] = _status_code(status)
-            state["headers"] = headers
-            if flask_request is not None:      # Flask calls this inside its request context
-                ctx = flask_request.get(None)
-                if ctx is not None:
-                    rule = ctx.request.url_rule
-                    environ[ENVIRON_ROUTE] = rule.rule if rule is not None else UNMATCHED_ROUTE
-            if observe and identified:
-                self._observe_upstream_limits(key.id, headers, state["code"])
-            if extra_headers:
-                headers = list(headers) + extra_headers
-            return start_response(status, headers, exc_info)
-
-        environ[ENVIRON_TOKEN] = key.id if identified else None
-        request_ctx = _RequestContext(self, key.id if identified else None)
-        reset_ctx = _current.set(request_ctx)
+        llm_token = key.id if identified else None
+        environ[ENVIRON_TOKEN] = llm_token
+        call = _Call(self, environ, start_response, key, token, llm_token, started, extra_headers)
+        reset_ctx = _current.set(call)
         try:
-            result = self.app(environ, _start_response)
+            call.result = self.app(environ, call.start)
         except BaseException:
             self._record(environ, key, token, 500, started)
             raise
         finally:
             _current.reset(reset_ctx)
-        capture = (_Capture(self.settings.capture_max_bytes)
-                   if identified and self.settings.capture_llm_usage else None)
+        if identified and self.settings.capture_llm_usage:
+            call.capture = _Capture(self.settings.capture_max_bytes)
+        return call
 
-        def finish():
-            self._record(environ, key, token, state["code"], started)
-            if capture is not None and not request_ctx.llm_recorded and capture.complete:
-                self._capture_llm(key.id, state["headers"], capture.body())
-
-        return _Finishing(result, finish, capture)
+    def _finish(self, call: _Call) -> None:
+        self._record(call.environ, call.key, call.token, call.code, call.started)
+        capture = call.capture
+        if capture is not None and not call.llm_recorded and capture.complete:
+            self._capture_llm(call.llm_token, call.headers, capture.body())
 
     def _capture_llm(self, token_id: str, headers, body: bytes) -> None:
         content_type = model_hint = ""
@@ -341,7 +340,7 @@ class TokenAnalytics:
 
     def _hit(self, key: ApiKey) -> Optional[Decision]:
         try:
-            decision = self.limiter.hit(key.id, self.limits_for(key))
+            decision = self.limiter.hit_plan(key.id, self._plan(key))
         except StorageUnavailable as exc:
             # fail open: an outage of the shared store must not take the API down with it
             log.error("%s; request for token %s allowed without rate limiting", exc, key.id)
@@ -357,7 +356,7 @@ class TokenAnalytics:
         now = time.time()
         self.metrics.observe_request(token, route, method, code, duration,
                                      authenticated=key is not None, now=now)
-        self.tracker.record(now, route, method, (key.masked or key.id) if key is not None else "(none)", code)
+        self.tracker.recent.append((now, route, method, (key.masked or key.id) if key is not None else "(none)", code))
 
     def _observe_upstream_limits(self, token_id: str, headers, code: int) -> None:
         """Observe-only mode: take rate-limit values from the headers the app (or its upstream)

@@ -52,29 +52,28 @@ Plan = Tuple[Tuple[str, int, int], ...]       # (window, limit, seconds), in win
 
 class MemoryBackend:
     def __init__(self):
-        self._counters: Dict[tuple, list] = {}     # (token, window) -> [count, expires_at]
+        self._counters: Dict[tuple, list] = {}     # (token, plan) -> [[count, expires_at], ...]
         self._lock = threading.Lock()
 
     def hit(self, token: str, plan: Plan, now: float) -> Decision:
         windows: List[WindowState] = []
         refused = None
-        counters = self._counters
         with self._lock:
-            for window, limit, seconds in plan:
-                key = (token, window)
-                entry = counters.get(key)
-                if entry is not None and entry[1] <= now:
-                    del counters[key]
-                    entry = None
+            entries = self._counters.get((token, plan))
+            if entries is None:
+                entries = self._counters[(token, plan)] = [[0, 0.0] for _ in plan]
+            for (window, limit, seconds), entry in zip(plan, entries):
+                if entry[1] <= now:                  # expired, or never started
+                    entry[0], entry[1] = 0, now + seconds
+                    if refused is not None:          # not charged: the window has not started
+                        windows.append(WindowState(window, limit, limit, now + seconds))
+                        entry[1] = 0.0
+                        continue
                 if refused is None:
-                    if entry is None:
-                        entry = counters[key] = [0, now + seconds]
                     entry[0] += 1
                     state = WindowState(window, limit, max(0, limit - entry[0]), entry[1])
                     if entry[0] > limit:
                         refused = state
-                elif entry is None:
-                    state = WindowState(window, limit, limit, now + seconds)
                 else:
                     state = WindowState(window, limit, max(0, limit - entry[0]), entry[1])
                 windows.append(state)
@@ -186,8 +185,11 @@ class RateLimiter:
 
     def hit(self, token_id: str, limits: Dict[str, int], now: Optional[float] = None) -> Decision:
         """Charge one request to ``token_id``. Raises StorageUnavailable if the backend is down."""
+        return self.hit_plan(token_id, self.plan(limits), now)
+
+    def hit_plan(self, token_id: str, plan: Plan, now: Optional[float] = None) -> Decision:
         try:
-            return self.backend.hit(token_id, self.plan(limits), now if now is not None else time.time())
+            return self.backend.hit(token_id, plan, now if now is not None else time.time())
         except Exception as exc:
             raise StorageUnavailable(f"rate-limit storage {self._safe_uri()} failed: "
                                      f"{type(exc).__name__}") from None
