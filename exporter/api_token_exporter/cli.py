@@ -180,25 +180,21 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--scrape-interval", default="5s")
     demo.set_defaults(func=cmd_demo)
 
-    rules = sub.add_parser("rules", help="render Prometheus rules from the thresholds file")
-    rules.add_argument("--thresholds", default="prometheus/thresholds.yml")
-    rules.add_argument("--out", default="prometheus/rules")
-    rules.add_argument("--check", action="store_true",
-                       help="exit 1 if the rendered files are out of date, write nothing")
-    rules.set_defaults(func=cmd_rules)
+    for name, help_text, out, func in (
+            ("rules", "render Prometheus rules from the thresholds file", "prometheus/rules", cmd_rules),
+            ("dashboards", "generate the Grafana dashboards", "grafana/dashboards", cmd_dashboards)):
+        generator = sub.add_parser(name, help=help_text)
+        generator.add_argument("--thresholds", default="prometheus/thresholds.yml")
+        generator.add_argument("--out", default=out)
+        generator.add_argument("--check", action="store_true",
+                               help="exit 1 if the generated files are out of date, write nothing")
+        generator.set_defaults(func=func)
 
     sink = sub.add_parser("sink", help="run a webhook (and optional SMTP) sink for notifications")
     sink.add_argument("--host", default="127.0.0.1")
     sink.add_argument("--port", type=int, default=8080)
     sink.add_argument("--smtp-port", type=int, help="also accept mail on this port")
     sink.set_defaults(func=cmd_sink)
-
-    dashboards = sub.add_parser("dashboards", help="generate the Grafana dashboards")
-    dashboards.add_argument("--thresholds", default="prometheus/thresholds.yml")
-    dashboards.add_argument("--out", default="grafana/dashboards")
-    dashboards.add_argument("--check", action="store_true",
-                            help="exit 1 if the committed dashboards are out of date, write nothing")
-    dashboards.set_defaults(func=cmd_dashboards)
 
     report = sub.add_parser("report", help="LLM token usage report from Prometheus (seed 001)")
     report.add_argument("--days", type=int, default=30)

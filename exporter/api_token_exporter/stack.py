@@ -131,23 +131,29 @@ def _wait_ready(service: Service, path: str, timeout: float) -> Service:
     raise TimeoutError(f"{service.name} not ready after {timeout:.0f} s:\n{service.log_tail()}")
 
 
+def _launch(name: str, binary: str, workdir: str, config: dict, port: int, flags, ready_path: str,
+            timeout: float) -> Service:
+    """Write ``config`` into ``workdir``, start ``binary`` on 127.0.0.1:``port``, wait until ready."""
+    os.makedirs(workdir, exist_ok=True)
+    cfg_path = os.path.join(workdir, f"{name}.yml")
+    with open(cfg_path, "w", encoding="utf-8") as fh:
+        yaml.safe_dump(config, fh, sort_keys=False)
+    log_path = os.path.join(workdir, f"{name}.log")
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([binary, f"--config.file={cfg_path}", f"--web.listen-address=127.0.0.1:{port}",
+                                 *flags], stdout=log, stderr=subprocess.STDOUT)
+    return _wait_ready(Service(name, f"http://127.0.0.1:{port}", proc, log_path), ready_path, timeout)
+
+
 def start_prometheus(workdir: str, config: dict, port: Optional[int] = None,
                      retention: str = "15d", timeout: float = 30) -> Service:
     binary = find_binary("prometheus")
     if not binary:
         raise FileNotFoundError("prometheus is not installed (Debian: apt-get install prometheus)")
-    port = port or free_port()
-    os.makedirs(workdir, exist_ok=True)
-    cfg_path = os.path.join(workdir, "prometheus.yml")
-    with open(cfg_path, "w", encoding="utf-8") as fh:
-        yaml.safe_dump(config, fh, sort_keys=False)
-    log_path = os.path.join(workdir, "prometheus.log")
-    proc = subprocess.Popen(
-        [binary, f"--config.file={cfg_path}", f"--storage.tsdb.path={os.path.join(workdir, 'data')}",
-         f"--web.listen-address=127.0.0.1:{port}", f"--storage.tsdb.retention.time={retention}",
-         "--rules.alert.resend-delay=1s", "--web.enable-lifecycle"],
-        stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
-    return _wait_ready(Service("prometheus", f"http://127.0.0.1:{port}", proc, log_path), "/-/ready", timeout)
+    return _launch("prometheus", binary, workdir, config, port or free_port(),
+                   [f"--storage.tsdb.path={os.path.join(workdir, 'data')}",
+                    f"--storage.tsdb.retention.time={retention}", "--rules.alert.resend-delay=1s",
+                    "--web.enable-lifecycle"], "/-/ready", timeout)
 
 
 def start_alertmanager(workdir: str, config: dict, port: Optional[int] = None,
@@ -157,15 +163,6 @@ def start_alertmanager(workdir: str, config: dict, port: Optional[int] = None,
         raise FileNotFoundError("alertmanager is not installed "
                                 "(Debian: apt-get install prometheus-alertmanager)")
     port = port or free_port()
-    os.makedirs(workdir, exist_ok=True)
-    cfg_path = os.path.join(workdir, "alertmanager.yml")
-    with open(cfg_path, "w", encoding="utf-8") as fh:
-        yaml.safe_dump(config, fh, sort_keys=False)
-    log_path = os.path.join(workdir, "alertmanager.log")
-    url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen(
-        [binary, f"--config.file={cfg_path}", f"--storage.path={os.path.join(workdir, 'data')}",
-         f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address=",
-         f"--web.external-url={url}"],
-        stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
-    return _wait_ready(Service("alertmanager", url, proc, log_path), "/-/ready", timeout)
+    return _launch("alertmanager", binary, workdir, config, port,
+                   [f"--storage.path={os.path.join(workdir, 'data')}", "--cluster.listen-address=",
+                    f"--web.external-url=http://127.0.0.1:{port}"], "/-/ready", timeout)
