@@ -356,7 +356,14 @@ class DemoStack:
             self.smtp.stop()
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def run_demo(out=print, duration: float = 0, **options) -> None:
+    import signal
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)     # stop Prometheus and Alertmanager too
     demo = DemoStack(**options).start()
     try:
         for line in demo.describe():
