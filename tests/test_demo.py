@@ -1,6 +1,7 @@
 """The demo as a user meets it: the CLI command, seed 002's Python client, promtool."""
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -61,7 +62,11 @@ def demo(tmp_path_factory):
                "prometheus": f"http://127.0.0.1:{prom_port}", "alertmanager": f"http://127.0.0.1:{am_port}",
                "sink": f"http://127.0.0.1:{sink_port}"}
     finally:
-        stop_process(proc)
+        stop_process(proc)      # SIGTERM, as a supervisor would send
+    # the demo stops what it started: nothing listens on its ports any more
+    for p in (prom_port, am_port, port, exporter_port):
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", p)) != 0, f"port {p} still open after the demo stopped"
 
 
 def test_seed_002_client_sees_headers_count_down_and_the_429(demo):
