@@ -89,8 +89,8 @@ def main(argv=None) -> int:
     base = statistics.median(times["bare Flask"])
     print(f"python {sys.version.split()[0]}, {args.rounds} rounds x {args.requests} requests, "
           f"median of per-round means")
-    print(f"| variant | µs per request | added over bare Flask (µs) |")
-    print(f"|---|---:|---:|")
+    print("| variant | µs per request | added over bare Flask (µs) |")
+    print("|---|---:|---:|")
     for name, values in times.items():
         med = statistics.median(values)
         added = "—" if name == "bare Flask" else f"{(med - base) * 1e6:+.1f}"

@@ -8,7 +8,6 @@ counted at the server (INFO commandstats). Starts its own redis-server on 127.0.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import socket
 import statistics

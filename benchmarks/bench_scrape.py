@@ -109,17 +109,21 @@ def main(argv=None) -> int:
     print("| tokens | lines | generate_latest (s) | store render (s) | speed-up | client bytes/series | store bytes/series |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
     for n in args.tokens:
-        client_mem, registry = retained_bytes(lambda: populate_client(n))
-        store_mem, metrics = retained_bytes(lambda: populate_store(n))
-        metrics.store.render()                    # the first scrape builds each line's prefix
-        t_client, text = measured(lambda: generate_latest(registry), max(1, args.repeat if n <= 10000 else 1))
-        t_store, ours = measured(metrics.store.render, args.repeat)
-        lines = sum(1 for line in ours.splitlines() if not line.startswith(b"#"))
-        series = n * 26
-        print(f"| {n:,} | {lines:,} | {t_client:.3f} | {t_store:.3f} | {t_client / t_store:.1f}x | "
-              f"{client_mem / series:.0f} | {store_mem / series:.0f} |")
-        del registry, metrics, text, ours
+        print(row(n, args.repeat))
+        gc.collect()                              # free this size's objects before the next
     return 0
+
+
+def row(n: int, repeat: int) -> str:
+    client_mem, registry = retained_bytes(lambda: populate_client(n))
+    store_mem, metrics = retained_bytes(lambda: populate_store(n))
+    metrics.store.render()                        # the first scrape builds each line's prefix
+    t_client, _ = measured(lambda: generate_latest(registry), repeat if n <= 10000 else 1)
+    t_store, ours = measured(metrics.store.render, repeat)
+    lines = sum(1 for line in ours.splitlines() if not line.startswith(b"#"))
+    series = n * 26
+    return (f"| {n:,} | {lines:,} | {t_client:.3f} | {t_store:.3f} | {t_client / t_store:.1f}x | "
+            f"{client_mem / series:.0f} | {store_mem / series:.0f} |")
 
 
 if __name__ == "__main__":
