@@ -285,9 +285,9 @@ class TokenAnalytics:
 
         extra_headers: List[Tuple[str, str]] = []
         if key is not None and reason is None and not observe:
-            decision = self._hit(key)
+            now = time.time()
+            decision = self._hit(key, now)
             if decision is not None:
-                now = time.time()
                 extra_headers = rate_limit_headers(decision, now)
                 if not decision.allowed:
                     refused = decision.refused_by
@@ -338,15 +338,15 @@ class TokenAnalytics:
         except UsageError as exc:
             log.warning("LLM usage in a response for token %s not counted: %s", token_id, exc)
 
-    def _hit(self, key: ApiKey) -> Optional[Decision]:
+    def _hit(self, key: ApiKey, now: float) -> Optional[Decision]:
         try:
-            decision = self.limiter.hit_plan(key.id, self._plan(key))
+            decision = self.limiter.hit_plan(key.id, self._plan(key), now)
         except StorageUnavailable as exc:
             # fail open: an outage of the shared store must not take the API down with it
             log.error("%s; request for token %s allowed without rate limiting", exc, key.id)
             self.metrics.storage_error()
             return None
-        self.metrics.set_windows(key.id, decision.windows, time.time())
+        self.metrics.set_windows(key.id, decision.windows, now)
         return decision
 
     def _record(self, environ, key: Optional[ApiKey], token: str, code: int, started: float) -> None:
@@ -356,7 +356,7 @@ class TokenAnalytics:
         now = time.time()
         self.metrics.observe_request(token, route, method, code, duration,
                                      authenticated=key is not None, now=now)
-        self.tracker.recent.append((now, route, method, (key.masked or key.id) if key is not None else "(none)", code))
+        self.tracker.record(now, route, method, (key.masked or key.id) if key is not None else "(none)", code)
 
     def _observe_upstream_limits(self, token_id: str, headers, code: int) -> None:
         """Observe-only mode: take rate-limit values from the headers the app (or its upstream)
@@ -431,8 +431,7 @@ def rate_limit_headers(decision: Decision, now: float) -> List[Tuple[str, str]]:
     headers: List[Tuple[str, str]] = []
     current = []
     for s, (limit_name, limit, remaining_name, reset_name, item) in zip(decision.windows, per_window):
-        left = s.reset_at - now
-        reset = str(math.ceil(left)) if left > 0 else "0"
+        reset = str(s.reset_in(now))
         remaining = str(s.remaining)
         headers += ((limit_name, limit), (remaining_name, remaining), (reset_name, reset))
         current.append(f"{item}{remaining};t={reset}")

@@ -29,11 +29,10 @@ class _Usage:
 
 class UsageTracker:
     def __init__(self, recent: int = 100):
-        # (time, route, method, masked token, code); append is atomic: no lock needed
-        self.recent = collections.deque(maxlen=recent)
+        self._recent = collections.deque(maxlen=recent)   # append is atomic: no lock needed
 
     def record(self, ts: float, route: str, method: str, masked: str, code: int) -> None:
-        self.recent.append((ts, route, method, masked, code))
+        self._recent.append((ts, route, method, masked, code))
 
     def _usage(self, store) -> Dict[str, _Usage]:
         usage: Dict[str, _Usage] = collections.defaultdict(_Usage)
@@ -109,7 +108,7 @@ class UsageTracker:
         success = sum(u.success_count for u in usage.values())
         recent = [{"timestamp": int(ts), "endpoint": route, "method": method, "token": masked,
                    "status": code, "time_str": time_str(ts)}
-                  for ts, route, method, masked, code in list(self.recent)]
+                  for ts, route, method, masked, code in list(self._recent)]
         return {
             "tokens": {
                 "count": len(keys),
