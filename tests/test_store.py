@@ -165,3 +165,23 @@ def test_a_full_store_keeps_answering(tmp_path):
         m.observe_request(f"t{i}", "/a", "GET", 200, 0.1, authenticated=True)
     text = m.store.render().decode()
     assert "apitoken_requests_total" in text        # what fitted is shown; the rest is dropped, not a crash
+
+
+def test_one_scrape_reads_the_worker_files_once(tmp_path, keys):
+    from api_token_exporter.keystore import KeyStore
+    from api_token_exporter.metrics import ScrapeView
+    from api_token_exporter.stats import UsageTracker
+    metrics = Metrics(directory=str(tmp_path))
+    metrics.observe_request("alpha", "/a", "GET", 200, 0.1, authenticated=True)
+    metrics.set_windows("alpha", [WindowState("minute", 5, 0, 4_000_000_000.0)], 1.0)
+    view = ScrapeView(metrics, KeyStore(keys[0]))
+    merges = []
+    original = metrics.store._merge_files
+    metrics.store._merge_files = lambda: merges.append(1) or original()
+    body, _ = view.render()
+    assert len(merges) == 1
+    assert b'apitoken_token_status{token="alpha",status="rate_limited"} 1.0' in body
+    merges.clear()
+    details = UsageTracker().token_details(view.keystore, {"hour": 1000}, view)
+    assert len(merges) == 1
+    assert {t["id"]: t["status"] for t in details["tokens"]}["alpha"] == "rate_limited"

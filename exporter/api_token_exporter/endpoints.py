@@ -106,11 +106,11 @@ def build_endpoints(core, serve_metrics: bool = True, admin: bool = True, health
 
         @app.route("/admin/token-details", methods=["GET"])
         def token_details():
-            return admin_denied() or jsonify(core.tracker.token_details(core.keystore, s.rate_limits, core.metrics.store))
+            return admin_denied() or jsonify(core.tracker.token_details(core.keystore, s.rate_limits, core.view))
 
         @app.route("/admin/stats", methods=["GET"])
         def admin_stats():
-            return admin_denied() or jsonify(core.tracker.stats(core.keystore, s.rate_limits, core.metrics.store))
+            return admin_denied() or jsonify(core.tracker.stats(core.keystore, s.rate_limits, core.view))
 
     if admin and s.ingest_token:
         paths.add(INGEST_PATH)

@@ -245,11 +245,13 @@ class ScrapeView:
         self.keystore = keystore
         self.clock = clock
 
-    def limited_tokens(self) -> set:
-        now = self.clock()
+    def limited_tokens(self, now: Optional[float] = None) -> set:
+        """Tokens with a window used up that has not reset yet: status rate_limited."""
+        now = now if now is not None else self.clock()
         store = self.metrics.store
-        remaining = store.gauge_values("apitoken_rate_limit_remaining")
-        resets = store.gauge_values("apitoken_rate_limit_reset_timestamp_seconds")
+        with store.snapshot():
+            remaining = store.gauge_values("apitoken_rate_limit_remaining")
+            resets = store.gauge_values("apitoken_rate_limit_reset_timestamp_seconds")
         return {tok for (tok, win), value in remaining.items()
                 if value <= 0 and resets.get((tok, win), 0) > now}
 
@@ -268,7 +270,9 @@ class ScrapeView:
 
     def render(self, accept: Optional[str] = None) -> Tuple[bytes, str]:
         openmetrics = bool(accept) and "application/openmetrics-text" in accept
-        body = self.metrics.store.render(self.derived(), openmetrics=openmetrics)
+        store = self.metrics.store
+        with store.snapshot():              # one read of the worker files for the whole scrape
+            body = store.render(self.derived(), openmetrics=openmetrics)
         return body, OPENMETRICS if openmetrics else TEXT
 
 

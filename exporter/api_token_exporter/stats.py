@@ -34,7 +34,15 @@ class UsageTracker:
     def record(self, ts: float, route: str, method: str, masked: str, code: int) -> None:
         self._recent.append((ts, route, method, masked, code))
 
-    def _usage(self, store) -> Dict[str, _Usage]:
+    @classmethod
+    def _read(cls, view, now: float):
+        """Usage per token and the rate-limited tokens, from one snapshot of the store."""
+        store = view.metrics.store
+        with store.snapshot():
+            return cls._usage(store), view.limited_tokens(now)
+
+    @staticmethod
+    def _usage(store) -> Dict[str, _Usage]:
         usage: Dict[str, _Usage] = collections.defaultdict(_Usage)
         gauges = {"apitoken_rate_limit_limit": "limit", "apitoken_rate_limit_remaining": "remaining",
                   "apitoken_rate_limit_reset_timestamp_seconds": "reset_at"}
@@ -57,13 +65,9 @@ class UsageTracker:
                     usage[token].windows.setdefault(window, {})[gauges[family.name]] = value
         return usage
 
-    @staticmethod
-    def _limited(u: _Usage, now: float) -> bool:
-        return any(w.get("remaining", 1) <= 0 and w.get("reset_at", 0) > now for w in u.windows.values())
-
-    def token_details(self, keystore, default_limits: Dict[str, int], store, now: Optional[float] = None) -> dict:
+    def token_details(self, keystore, default_limits: Dict[str, int], view, now: Optional[float] = None) -> dict:
         now = now or time.time()
-        usage = self._usage(store)
+        usage, limited = self._read(view, now)
         tokens = []
         for key in keystore.all():
             u = usage.get(key.id) or _Usage()
@@ -77,7 +81,7 @@ class UsageTracker:
                 "usage_count": u.usage_count,
                 "success_count": u.success_count,
                 "error_count": u.error_count,
-                "status": token_status(key, self._limited(u, now), now),
+                "status": token_status(key, key.id in limited, now),
                 "rate_limit": {
                     "remaining": int(hour["remaining"]) if hour else limit,
                     "limit": limit,
@@ -91,14 +95,14 @@ class UsageTracker:
             })
         return {"tokens": tokens, "total_tokens": len(tokens), "timestamp": time_str(now)}
 
-    def stats(self, keystore, default_limits: Dict[str, int], store, now: Optional[float] = None) -> dict:
+    def stats(self, keystore, default_limits: Dict[str, int], view, now: Optional[float] = None) -> dict:
         now = now or time.time()
-        usage = self._usage(store)
+        usage, limited = self._read(view, now)
         counts = dict.fromkeys(STATUSES, 0)
         effective = 0
         keys = keystore.all()
         for key in keys:
-            status = token_status(key, self._limited(usage.get(key.id) or _Usage(), now), now)
+            status = token_status(key, key.id in limited, now)
             counts[status] += 1
             if status in ("active", "rate_limited"):
                 effective += key.rate_limits.get("hour", default_limits.get("hour", 0))

@@ -14,6 +14,7 @@ the tests check that both expose the same families and samples.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import gc
 import glob
 import json
@@ -85,7 +86,7 @@ class Store:
         self.capacity = capacity
         self.lock = threading.Lock()
         self._merge_cache: Dict[str, Tuple[int, List[tuple]]] = {}
-        self._merged_now = None
+        self._snapshot = threading.local()
         self._open()
         _STORES.add(self)
 
@@ -147,20 +148,30 @@ class Store:
             return keys, [v[slot:slot + width].tolist() for slot in family.series.values()]
         return keys, [v[slot] for slot in family.series.values()]
 
-    def data(self):
-        """(family, keys, values) for every stored family; one merge per call."""
-        if self.directory:
-            self._merged_now = self._merge_files()
+    @contextlib.contextmanager
+    def snapshot(self):
+        """Reads inside share one merge of the worker files (multiprocess mode). Per thread, so
+        concurrent scrapes each read a consistent view; nested snapshots reuse the outer one."""
+        local = self._snapshot
+        if not self.directory or getattr(local, "merged", None) is not None:
+            yield
+            return
+        local.merged = self._merge_files()
         try:
+            yield
+        finally:
+            local.merged = None
+
+    def data(self):
+        """(family, keys, values) for every stored family, from one snapshot."""
+        with self.snapshot():
             for family in self.families:
                 if family.width:
                     yield (family,) + self.family_data(family)
-        finally:
-            self._merged_now = None
 
     def _merged(self) -> Dict[str, Dict[tuple, List[float]]]:
-        cached = getattr(self, "_merged_now", None)
-        return cached if cached is not None else self._merge_files()
+        merged = getattr(self._snapshot, "merged", None)
+        return merged if merged is not None else self._merge_files()
 
     def _merge_files(self) -> Dict[str, Dict[tuple, List[float]]]:
         """Sum counters and histograms over every process's file; gauges: newest or max."""
