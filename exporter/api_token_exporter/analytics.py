@@ -179,16 +179,25 @@ def _add(target: dict, q: str, labels: dict, value: float) -> None:
 def tokens_report(client: PrometheusClient, scope: Scope, start: float, end: float,
                   progress: Progress = None) -> dict:
     """Seed 001's /analytics/tokens: summary, byModel, byDay, byService."""
+    return tokens_report_rows(client, scope, start, end, progress)[0]
+
+
+def tokens_report_rows(client: PrometheusClient, scope: Scope, start: float, end: float,
+                       progress: Progress = None) -> Tuple[dict, List[dict]]:
+    """The /analytics/tokens document, and its totals per service and model (byModel merges
+    services) for the report's rows, from the same queries."""
     m = scope.matcher
     days = day_buckets(start, end)
     jobs = [(_tagged(_llm_parts(m, start, end, "service, model")), end)]
     jobs += [(_tagged(_llm_parts(m, lo, hi, "")), hi) for _, lo, hi in days]
     results = _run(client, jobs, progress)
 
-    summary, by_model, by_service = _counts(), {}, {}
+    summary, by_model, by_service, by_pair = _counts(), {}, {}, {}
     for labels, value in results[0]:
         q, model, service = labels.get("q"), labels.get("model", ""), labels.get("service", "")
         _add(summary, q, labels, value)
+        _add(by_pair.setdefault((service, model), {"service": service, "model": model, **_counts()}),
+             q, labels, value)
         _add(by_model.setdefault(model, {"model": model, **_counts()}), q, labels, value)
         svc = by_service.setdefault(service, {**_counts(), "models": []})
         _add(svc, q, labels, value)
@@ -202,7 +211,7 @@ def tokens_report(client: PrometheusClient, scope: Scope, start: float, end: flo
         by_day.append(entry)
     for svc in by_service.values():
         svc["models"].sort()
-    return {
+    doc = {
         "summary": {
             "totalTokens": summary["totalTokens"],
             "promptTokens": summary["promptTokens"],
@@ -215,6 +224,7 @@ def tokens_report(client: PrometheusClient, scope: Scope, start: float, end: flo
         "byDay": by_day,
         "byService": dict(sorted(by_service.items())),
     }
+    return doc, [by_pair[pair] for pair in sorted(by_pair)]
 
 
 def _usage_parts(m: str, start: float, end: float) -> Dict[str, str]:

@@ -14,67 +14,44 @@ CSV_COLUMNS = ["service", "model", "prompt_tokens", "completion_tokens", "total_
                "request_count", "estimated_cost_usd"]
 
 
-def to_csv(doc: dict) -> str:
+def to_csv(doc: dict, rows: list) -> str:
     """One row per service and model, then a TOTAL row."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)
-    rows = doc.get("_rows", [])
-    for row in rows:
-        writer.writerow([row[c] for c in CSV_COLUMNS])
+    for r in rows:
+        writer.writerow([r["service"], r["model"], r["promptTokens"], r["completionTokens"],
+                         r["totalTokens"], r["requestCount"], f'{r["estimatedCost"]:.6f}'])
     s = doc["summary"]
     writer.writerow(["TOTAL", "", s["promptTokens"], s["completionTokens"], s["totalTokens"],
-                     sum(r["request_count"] for r in rows), f'{s["estimatedCost"]:.6f}'])
+                     sum(r["requestCount"] for r in rows), f'{s["estimatedCost"]:.6f}'])
     return out.getvalue()
 
 
-def to_table(doc: dict) -> str:
+def to_table(doc: dict, rows: list) -> str:
     s = doc["summary"]
     tf = s["timeframe"]
     lines = [f"LLM token usage {tf['startDate']} .. {tf['endDate']} ({tf['days']} days)",
              f"total tokens {s['totalTokens']:,} (prompt {s['promptTokens']:,}, completion "
              f"{s['completionTokens']:,}), estimated cost ${s['estimatedCost']:,.4f}", ""]
 
-    def table(header, rows):
-        widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)] if rows else [len(h) for h in header]
+    def table(header, cells):
+        widths = [max(len(str(x)) for x in col) for col in zip(header, *cells)] if cells else [len(h) for h in header]
         fmt = lambda r: "  ".join(str(v).rjust(w) if i > 1 else str(v).ljust(w)
                                   for i, (v, w) in enumerate(zip(r, widths)))
-        return [fmt(header), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows]
+        return [fmt(header), "  ".join("-" * w for w in widths)] + [fmt(r) for r in cells]
 
-    rows = [[r["service"], r["model"], f"{r['prompt_tokens']:,}", f"{r['completion_tokens']:,}",
-             f"{r['total_tokens']:,}", f"{r['request_count']:,}", f"{float(r['estimated_cost_usd']):.4f}"]
-            for r in doc.get("_rows", [])]
-    lines += ["BY SERVICE AND MODEL"] + table(["service", "model", "prompt", "completion", "total",
-                                               "requests", "cost $"], rows) + [""]
-    day_rows = [[d["date"], "", f"{d['promptTokens']:,}", f"{d['completionTokens']:,}",
-                 f"{d['totalTokens']:,}", f"{d['requestCount']:,}", f"{d['estimatedCost']:.4f}"]
-                for d in doc["byDay"] if d["totalTokens"] or d["requestCount"]]
-    lines += ["BY DAY (days with usage)"] + table(["date", "", "prompt", "completion", "total",
-                                                    "requests", "cost $"], day_rows)
+    def counts(e):
+        return [f"{e['promptTokens']:,}", f"{e['completionTokens']:,}", f"{e['totalTokens']:,}",
+                f"{e['requestCount']:,}", f"{e['estimatedCost']:.4f}"]
+
+    header = ["prompt", "completion", "total", "requests", "cost $"]
+    lines += ["BY SERVICE AND MODEL"] + table(["service", "model"] + header,
+                                              [[r["service"], r["model"]] + counts(r) for r in rows]) + [""]
+    lines += ["BY DAY (days with usage)"] + table(["date", ""] + header,
+                                                  [[d["date"], ""] + counts(d) for d in doc["byDay"]
+                                                   if d["totalTokens"] or d["requestCount"]])
     return "\n".join(lines) + "\n"
-
-
-def service_model_rows(client, scope, start, end) -> list:
-    """Per service and model rows for the CSV/table (byModel alone merges services)."""
-    parts = analytics._llm_parts(scope.matcher, start, end, "service, model")
-    rows = {}
-    for labels, value in client.query(analytics._tagged(parts), end):
-        key = (labels.get("service", ""), labels.get("model", ""))
-        row = rows.setdefault(key, {"service": key[0], "model": key[1], "prompt_tokens": 0,
-                                    "completion_tokens": 0, "total_tokens": 0, "request_count": 0,
-                                    "estimated_cost_usd": 0.0})
-        q = labels.get("q")
-        if q == "tokens":
-            n = int(round(value))
-            row["prompt_tokens" if labels.get("type") == "input" else "completion_tokens"] += n
-            row["total_tokens"] += n
-        elif q == "requests":
-            row["request_count"] += int(round(value))
-        elif q == "cost":
-            row["estimated_cost_usd"] += value
-    for row in rows.values():
-        row["estimated_cost_usd"] = f"{row['estimated_cost_usd']:.6f}"
-    return [rows[k] for k in sorted(rows)]
 
 
 def main(args) -> int:
@@ -94,8 +71,7 @@ def main(args) -> int:
 
     try:
         start, end = analytics.resolve_range(str(args.days), args.start, args.end, time.time())
-        doc = analytics.tokens_report(client, scope, start, end, progress)
-        rows = service_model_rows(client, scope, start, end) if args.format != "json" else []
+        doc, rows = analytics.tokens_report_rows(client, scope, start, end, progress)
     except analytics.AnalyticsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -105,6 +81,5 @@ def main(args) -> int:
     if args.format == "json":
         print(json.dumps(doc, indent=2))
     else:
-        doc["_rows"] = rows
-        sys.stdout.write(to_csv(doc) if args.format == "csv" else to_table(doc))
+        sys.stdout.write(to_csv(doc, rows) if args.format == "csv" else to_table(doc, rows))
     return 0
