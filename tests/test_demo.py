@@ -89,31 +89,34 @@ def test_seed_002_client_sees_headers_count_down_and_the_429(demo):
 def test_demo_metrics_pass_promtool_and_every_metric_moves(demo):
     promtool = require_binary("promtool")
     deadline = time.monotonic() + 40
-    needed = {
-        ("apitoken_requests_total", ()): None,
-        ("apitoken_request_duration_seconds_count", ()): None,
-        ("apitoken_route_request_duration_seconds_count", ()): None,
-        ("apitoken_auth_failures_total", (("reason", "missing"),)): None,
-        ("apitoken_auth_failures_total", (("reason", "invalid"),)): None,
-        ("apitoken_auth_failures_total", (("reason", "inactive"),)): None,
-        ("apitoken_auth_failures_total", (("reason", "expired"),)): None,
-        ("apitoken_rate_limited_total", (("token", "demo-limited"),)): None,
-        ("apitoken_rate_limit_remaining", ()): None,
-        ("apitoken_rate_limit_limit", ()): None,
-        ("apitoken_rate_limit_reset_timestamp_seconds", ()): None,
-        ("apitoken_llm_tokens_total", (("type", "input"),)): None,
-        ("apitoken_llm_tokens_total", (("type", "output"),)): None,
-        ("apitoken_llm_requests_total", ()): None,
-        ("apitoken_token_last_used_timestamp_seconds", ()): None,
-        ("apitoken_token_info", ()): None,
-        ("apitoken_token_status", (("status", "rate_limited"),)): None,
-        ("apitoken_token_status", (("status", "inactive"),)): None,
-        ("apitoken_token_status", (("status", "expired"),)): None,
-        ("apitoken_token_status", (("status", "active"),)): None,
-        ("apitoken_requests_total", (("code", "500"),)): None,
-        ("apitoken_request_duration_seconds_bucket", (("le", "+Inf"), ("token", "demo-slow"))): None,
-    }
-    missing = list(needed)
+    needed = [
+        ("apitoken_requests_total", ()),
+        ("apitoken_request_duration_seconds_count", ()),
+        ("apitoken_route_request_duration_seconds_count", ()),
+        ("apitoken_auth_failures_total", (("reason", "missing"),)),
+        ("apitoken_auth_failures_total", (("reason", "invalid"),)),
+        ("apitoken_auth_failures_total", (("reason", "inactive"),)),
+        ("apitoken_auth_failures_total", (("reason", "expired"),)),
+        ("apitoken_rate_limited_total", (("token", "demo-limited"),)),
+        ("apitoken_rate_limit_remaining", ()),
+        ("apitoken_rate_limit_limit", ()),
+        ("apitoken_rate_limit_reset_timestamp_seconds", ()),
+        ("apitoken_llm_tokens_total", (("type", "input"),)),
+        ("apitoken_llm_tokens_total", (("type", "output"),)),
+        ("apitoken_llm_requests_total", ()),
+        ("apitoken_token_last_used_timestamp_seconds", ()),
+        ("apitoken_token_info", ()),
+        ("apitoken_token_status", (("status", "rate_limited"),)),
+        ("apitoken_token_status", (("status", "inactive"),)),
+        ("apitoken_token_status", (("status", "expired"),)),
+        ("apitoken_token_status", (("status", "active"),)),
+        ("apitoken_requests_total", (("code", "500"),)),
+        ("apitoken_request_duration_seconds_bucket", (("le", "+Inf"), ("token", "demo-slow"))),
+        ("apitoken_llm_cost_usd_total", ()),
+        ("apitoken_llm_unpriced_requests_total", (("model", "o1-preview"),)),
+        ("apitoken_budget_usd", (("token", "demo-llm"), ("period", "daily"))),
+    ]
+    missing = needed
     while time.monotonic() < deadline:
         text = requests.get(demo["url"] + "/metrics", timeout=10).text
         missing = [(name, match) for name, match in needed
