@@ -53,7 +53,7 @@ def start_gunicorn(factory: str, env: dict, workdir: str):
     proc = subprocess.Popen(
         [sys.executable, "-m", "gunicorn", "--workers", "4", "--bind", f"127.0.0.1:{port}",
          "--chdir", HERE, "--config", "python:api_token_exporter.gunicorn_conf", f"load_apps:{factory}()"],
-        env={**os.environ, **env, "PROMETHEUS_MULTIPROC_DIR": mp}, stdout=subprocess.DEVNULL,
+        env={**os.environ, **env, "ATE_STATE_DIR": mp}, stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL)
     wait_up(port, proc)
     return proc, port

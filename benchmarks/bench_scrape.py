@@ -1,8 +1,9 @@
 """/metrics for many active tokens: prometheus_client's generate_latest against this store,
 for the same series, side by side in one run; plus memory per series.
 
-Each token: requests on one route with two status codes, the duration histogram (14 series),
-three rate-limit windows (9 gauges) and last-used: 26 series. The run checks that both outputs
+Each token: requests on one route with two status codes, five status classes, the duration
+histogram (14 series), three rate-limit windows (9 gauges and 3 refusal counters) and
+last-used: 34 series. The run checks that both outputs
 parse to the same families and samples before it times anything.
 
     python benchmarks/bench_scrape.py [--tokens 1000 10000 50000] [--repeat 3]
@@ -33,6 +34,10 @@ def populate_client(n: int):
         ("apitoken_rate_limit_limit", "Requests allowed per window."),
         ("apitoken_rate_limit_remaining", "Requests left in the current window."),
         ("apitoken_rate_limit_reset_timestamp_seconds", "Unix time at which the current window resets."))}
+    by_class = Counter("apitoken_requests_by_class", "HTTP requests by API token and status class.",
+                       ["token", "class"], registry=registry)
+    refused = Counter("apitoken_rate_limited", "Requests refused with 429.", ["token", "window"],
+                      registry=registry)
     last = Gauge("apitoken_token_last_used_timestamp_seconds", "Unix time of the token's last request.",
                  ["token"], registry=registry)
     for i in range(n):
@@ -40,7 +45,10 @@ def populate_client(n: int):
         requests.labels(t, "/items/<int:item_id>", "GET", "200").inc(3)
         requests.labels(t, "/items/<int:item_id>", "GET", "404").inc()
         duration.labels(t).observe(0.02 + (i % 7) / 10)
+        for klass in ("1xx", "2xx", "3xx", "4xx", "5xx"):
+            by_class.labels(t, klass).inc({"2xx": 3, "4xx": 1}.get(klass, 0))
         for window, limit in (("minute", 100), ("hour", 1000), ("day", 10000)):
+            refused.labels(t, window)
             gauges["apitoken_rate_limit_limit"].labels(t, window).set(limit)
             gauges["apitoken_rate_limit_remaining"].labels(t, window).set(limit - 4)
             gauges["apitoken_rate_limit_reset_timestamp_seconds"].labels(t, window).set(1.8e9 + i)
@@ -73,7 +81,7 @@ def check_identical(n: int = 300) -> None:
     it records each request's duration, the client one observation per token)."""
     ours = populate_store(n).store.render().decode()
     theirs = generate_latest(populate_client(n)).decode()
-    keep = {"apitoken_rate_limit_limit", "apitoken_rate_limit_remaining",
+    keep = {"apitoken_requests_by_class", "apitoken_rate_limited", "apitoken_rate_limit_limit", "apitoken_rate_limit_remaining",
             "apitoken_rate_limit_reset_timestamp_seconds", "apitoken_token_last_used_timestamp_seconds"}
     assert comparable(ours, keep) == comparable(theirs, keep), "outputs differ"
 
@@ -105,7 +113,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args(argv)
     check_identical()
-    print(f"python {sys.version.split()[0]}; median of {args.repeat} scrapes; 26 series per token")
+    print(f"python {sys.version.split()[0]}; median of {args.repeat} scrapes; 34 series per token")
     print("| tokens | lines | generate_latest (s) | store render (s) | speed-up | client bytes/series | store bytes/series |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
     for n in args.tokens:
@@ -121,7 +129,7 @@ def row(n: int, repeat: int) -> str:
     t_client, _ = measured(lambda: generate_latest(registry), repeat if n <= 10000 else 1)
     t_store, ours = measured(metrics.store.render, repeat)
     lines = sum(1 for line in ours.splitlines() if not line.startswith(b"#"))
-    series = n * 26
+    series = n * 34
     return (f"| {n:,} | {lines:,} | {t_client:.3f} | {t_store:.3f} | {t_client / t_store:.1f}x | "
             f"{client_mem / series:.0f} | {store_mem / series:.0f} |")
 

@@ -184,7 +184,7 @@ def gunicorn_app(tmp_path):
         port = free_port()
         mp_dir = tmp_path / f"mp-{port}"
         mp_dir.mkdir()
-        env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=str(mp_dir))
+        env = dict(os.environ, ATE_STATE_DIR=str(mp_dir))
         env.update({f"ATE_{k.upper()}": str(v) for k, v in env_settings.items()})
         log = open(tmp_path / f"gunicorn-{port}.log", "w")
         proc = subprocess.Popen(

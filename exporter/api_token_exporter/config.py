@@ -12,7 +12,9 @@ from typing import Dict, List, Optional
 
 import yaml
 
-DEFAULT_RATE_LIMITS = {"minute": 100, "hour": 1000, "day": 10000}  # seed 002
+from .ratelimit import WINDOW_ORDER
+
+DEFAULT_RATE_LIMITS = dict(zip(WINDOW_ORDER, (100, 1000, 10000)))  # seed 002
 
 
 class ConfigError(ValueError):
@@ -47,11 +49,13 @@ class Settings:
     prometheus_timeout: float = 10.0
     exempt_paths: List[str] = field(default_factory=lambda: ["/healthz"])
     recent_requests: int = 100              # ring buffer behind /admin/stats
+    state_dir: Optional[str] = None         # metric files kept here survive restarts
+    store_capacity: int = 4_000_000         # values (8 bytes each) one process's store can hold
 
     def validate(self) -> "Settings":
         for window, value in self.rate_limits.items():
             if window not in DEFAULT_RATE_LIMITS:
-                raise ConfigError(f"rate_limits: unknown window {window!r} (minute, hour, day)")
+                raise ConfigError(f"rate_limits: unknown window {window!r} ({', '.join(WINDOW_ORDER)})")
             if not isinstance(value, int) or value < 0:
                 raise ConfigError(f"rate_limits.{window} must be a whole number >= 0")
         if not self.header_name or not self.header_name.replace("-", "").isalnum():
@@ -61,7 +65,7 @@ class Settings:
         if bool(self.metrics_basic_user) != bool(self.metrics_basic_password):
             raise ConfigError("metrics basic auth needs both user and password")
         for name in ("max_tokens", "max_routes", "max_models", "ingest_max_events",
-                     "recent_requests", "capture_max_bytes"):
+                     "recent_requests", "capture_max_bytes", "store_capacity"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
         return self

@@ -13,6 +13,7 @@ from typing import List, Optional, Tuple
 from flask import Flask, Response, jsonify, request
 
 from .keystore import valid_token_id, well_formed_key
+from .store import DROPPED_SERIES
 from .usage import UsageError, validate_usage
 
 ADMIN_PATHS = ("/admin/token-details", "/admin/stats")
@@ -92,8 +93,13 @@ def build_endpoints(core, serve_metrics: bool = True, admin: bool = True, health
 
     @app.route(HEALTH_PATH, methods=["GET"])
     def healthz():
+        store = core.metrics.store
+        with store.snapshot():
+            dropped = store.total(DROPPED_SERIES)
         return jsonify({"status": "ok", "keys": len(core.keystore),
-                        "key_file_error": core.keystore.last_error})
+                        "key_file_error": core.keystore.last_error,
+                        "store": {"dropped_series": int(dropped), "capacity": store.capacity,
+                                  "state_dir": store.directory if core.settings.state_dir else None}})
 
     if admin and s.admin_token:
         paths.update(ADMIN_PATHS)
@@ -260,15 +266,10 @@ def ingest_event(core, event) -> List[str]:
     clean, errors = validate_event(core, event)
     if errors:
         return errors
-    now = time.time()
-    token = clean["token"]
-    core.metrics.observe_request(token, clean["route"], clean["method"], clean["status"],
-                                 clean["duration"], authenticated=True, now=now)
-    key = core.keystore.get(token)
-    core.tracker.record(now, clean["route"], clean["method"], (key.masked or key.id) if key else token,
-                        clean["status"])
+    core.record_request(clean["token"], clean["route"], clean["method"], clean["status"],
+                        clean["duration"])
     usage = clean.get("llm")
     if usage is not None:
-        core.count_llm(token, usage)
+        core.count_llm(clean["token"], usage)
     return []
 

@@ -18,7 +18,7 @@ from typing import Dict, Iterable, List, Optional
 
 import yaml
 
-WINDOWS = ("minute", "hour", "day")
+from .ratelimit import WINDOW_ORDER as WINDOWS
 BUDGET_PERIODS = ("daily", "monthly")
 KEY_PREFIX = "atk_"
 MAX_KEY_LENGTH = 256

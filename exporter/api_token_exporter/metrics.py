@@ -1,32 +1,38 @@
 """The metric catalogue (docs/metrics.md), its bounded label values, and what /metrics shows.
 
 Values live in a Store (store.py): one dict lookup and one memoryview write per value on the
-request path; with PROMETHEUS_MULTIPROC_DIR set, every worker writes its own file and a scrape
-from any worker sums them, so totals are exact across workers. Token info, status and budgets
-are derived at scrape time from the key store and the collected rate-limit gauges, so they are
-right whichever worker answers.
+request path; with a directory (``state_dir``, or the private one ``serve --workers N`` makes)
+every process writes its own file and a scrape from any of them sums them all, so totals are
+exact across workers and restarts. Token info, status and budgets are derived at scrape time
+from the key store and the collected rate-limit gauges, so they are right whichever worker
+answers.
+
+Series that alert ratios divide by exist at 0 before their first increment (every status class
+of a token, its rate-limited count per window, every auth failure reason): a counter born at 1
+loses that increment in rate() and increase().
 """
 from __future__ import annotations
 
-import os
 import threading
 import time
 from typing import Callable, Iterable, Optional, Tuple
 
-from .store import Family, Store, bucket_index
+from .ratelimit import WindowState
+from .store import DEFAULT_CAPACITY, DROPPED_SERIES, Family, Store
 
 UNAUTHENTICATED = "__unauthenticated__"   # token label of requests with a missing or invalid key
 OVERFLOW = "__overflow__"                 # any label value past its family's cap
 UNMATCHED_ROUTE = "__unmatched__"         # every path that matches no route template
 STATUSES = ("active", "rate_limited", "inactive", "invalid", "expired")
 AUTH_FAILURE_REASONS = ("missing", "invalid", "inactive", "expired")
+STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0)
 OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 TEXT = "text/plain; version=0.0.4; charset=utf-8"
 
 
-def multiprocess_dir() -> Optional[str]:
-    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("prometheus_multiproc_dir")
+def status_class(code: int) -> str:
+    return STATUS_CLASSES[min(max(code // 100, 1), 5) - 1]
 
 
 class LabelGuard:
@@ -42,6 +48,9 @@ class LabelGuard:
         self._seen = set(fixed)
         self._fixed = len(self._seen)
         self._on_overflow = on_overflow
+        self._lock = threading.Lock()
+
+    def after_fork(self) -> None:
         self._lock = threading.Lock()
 
     def admit(self, value: str) -> str:
@@ -63,6 +72,9 @@ def catalogue() -> Tuple[Family, ...]:
         Family("apitoken_requests_total", "counter",
                "HTTP requests by API token, route template, method and status code.",
                ("token", "route", "method", "code")),
+        Family("apitoken_requests_by_class_total", "counter",
+               "HTTP requests by API token and status class (1xx-5xx); every class exists from "
+               "the token's first request, at 0.", ("token", "class")),
         Family("apitoken_request_duration_seconds", "histogram", "Request duration by API token.",
                ("token",), b),
         Family("apitoken_route_request_duration_seconds", "histogram",
@@ -93,6 +105,8 @@ def catalogue() -> Tuple[Family, ...]:
                "Label values replaced by __overflow__ because a cap was reached.", ("label",)),
         Family("apitoken_ingest_events_total", "counter",
                "Usage events posted to the ingest endpoint, by result.", ("result",)),
+        Family(DROPPED_SERIES, "counter",
+               "Series not stored because the metric store was full (store_capacity).", ()),
     )
 
 
@@ -106,19 +120,19 @@ BUDGET = Family("apitoken_budget_usd", "gauge",
 
 
 class Metrics:
+    """The recording primitives over one Store: caps on label values, series found once and
+    remembered, every write in the store's own layout."""
+
     def __init__(self, max_tokens: int = 10_000, max_routes: int = 500, max_models: int = 200,
                  directory: Optional[str] = None, capacity: Optional[int] = None):
         families = catalogue()
-        (self.requests, self.duration, self.route_duration, self.auth_failures, self.rate_limited,
-         self.rl_limit, self.rl_remaining, self.rl_reset, self.storage_errors, self.last_used,
-         self.llm_tokens, self.llm_requests, self.llm_cost, self.llm_unpriced, self.overflow,
-         self.ingest_events) = families
-        kwargs = {"capacity": capacity} if capacity else {}
-        self.store = Store(families, directory if directory is not None else multiprocess_dir(), **kwargs)
-        self._nb = len(LATENCY_BUCKETS)
+        (self.requests, self.by_class, self.duration, self.route_duration, self.auth_failures,
+         self.rate_limited, self.rl_limit, self.rl_remaining, self.rl_reset, self.storage_errors,
+         self.last_used, self.llm_tokens, self.llm_requests, self.llm_cost, self.llm_unpriced,
+         self.overflow, self.ingest_events, _dropped) = families
+        self.store = Store(families, directory, capacity or DEFAULT_CAPACITY)
         self._window_slots = {}
         self._request_slots = {}
-        self.store.on_reopen = [self._window_slots.clear, self._request_slots.clear]  # a parent's slots
 
         def count_overflow(label: str) -> None:      # called with the store lock held
             self._add(self.overflow, (label,), 1.0)
@@ -129,6 +143,18 @@ class Metrics:
         self.services = LabelGuard("service", 50, count_overflow)
         self.methods = LabelGuard("method", 16, count_overflow,
                                   fixed=("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"))
+        self.store.on_reopen.append(self._reopened)
+        self._initial_series()
+
+    def _reopened(self) -> None:
+        """After fork: the parent's slots mean nothing in the child's new file."""
+        self._window_slots.clear()
+        self._request_slots.clear()
+        for guard in (self.tokens, self.routes, self.models, self.services, self.methods):
+            guard.after_fork()
+        self._initial_series()
+
+    def _initial_series(self) -> None:
         with self.store.lock:                          # exposed at 0 before the first event
             for reason in AUTH_FAILURE_REASONS:
                 self._add(self.auth_failures, (reason,), 0.0)
@@ -137,42 +163,40 @@ class Metrics:
             self._add(self.storage_errors, (), 0.0)
 
     # -- series lookup (store lock held) ------------------------------------------------------
-    def _slot(self, family: Family, key: tuple) -> int:
-        slot = family.series.get(key)
-        return slot if slot is not None else self.store.new_series(family, key)
-
     def _add(self, family: Family, key: tuple, amount: float) -> None:
-        self.store.values[self._slot(family, key)] += amount
+        store = self.store
+        store.inc(store.slot(family, key), amount)
 
     # -- recording -----------------------------------------------------------------------------
     def observe_request(self, token: str, route: str, method: str, code: int,
                         duration: float, authenticated: bool, now: Optional[float] = None) -> None:
-        nb1 = self._nb + 1
-        i = bucket_index(LATENCY_BUCKETS, duration)
-        with self.store.lock:
-            v = self.store.values
+        store = self.store
+        with store.lock:
             slots = self._request_slots.get((token, route, method, code, authenticated))
             if slots is None:
                 slots = self._new_request_slots(token, route, method, code, authenticated)
-            requests, duration_slot, route_slot, last_used = slots
-            v[requests] += 1.0
-            v[duration_slot + i] += 1.0
-            v[duration_slot + nb1] += duration
-            v[route_slot + i] += 1.0
-            v[route_slot + nb1] += duration
+            requests, by_class, duration_slot, route_slot, last_used = slots
+            store.inc(requests)
+            store.inc(by_class)
+            store.observe(self.duration, duration_slot, duration)
+            store.observe(self.route_duration, route_slot, duration)
             if last_used:
-                stamp = now if now is not None else time.time()
-                if stamp > v[last_used]:
-                    v[last_used] = stamp
+                store.set_max(last_used, now if now is not None else time.time())
 
     def _new_request_slots(self, token, route, method, code, authenticated) -> tuple:
         """All slots a request writes, found once: the caps apply here (store lock held)."""
+        store = self.store
         a_token, a_route, a_method = (self.tokens.admit(token), self.routes.admit(route),
                                       self.methods.admit(method))
-        slots = (self._slot(self.requests, (a_token, a_route, a_method, code)),
-                 self._slot(self.duration, (a_token,)),
-                 self._slot(self.route_duration, (a_route, a_method)),
-                 self._slot(self.last_used, (a_token,)) if authenticated else 0)
+        klass = status_class(code)
+        if (a_token, klass) not in self.by_class.series:
+            for other in STATUS_CLASSES:               # the token's other classes start at 0
+                store.slot(self.by_class, (a_token, other))
+        slots = (store.slot(self.requests, (a_token, a_route, a_method, str(code))),
+                 store.slot(self.by_class, (a_token, klass)),
+                 store.slot(self.duration, (a_token,)),
+                 store.slot(self.route_duration, (a_route, a_method)),
+                 store.slot(self.last_used, (a_token,)) if authenticated else 0)
         if (a_token, a_route, a_method) == (token, route, method):   # overflowed ones: not remembered
             self._request_slots[(token, route, method, code, authenticated)] = slots
         return slots
@@ -184,27 +208,26 @@ class Metrics:
     def set_windows(self, token: str, windows, now: float) -> None:
         """Limit, remaining and reset time of each window, as of ``now``."""
         cache = self._window_slots
-        with self.store.lock:
-            v = self.store.values
+        store = self.store
+        with store.lock:
             for w in windows:
                 slots = cache.get((token, w.window))
                 if slots is None:
                     slots = self._new_window_slots(token, w.window)
                 a, b, c = slots
-                v[a] = w.limit
-                v[b] = w.remaining
-                v[c] = w.reset_at
-                v[a + 1] = v[b + 1] = v[c + 1] = now
+                store.set_recent(a, w.limit, now)
+                store.set_recent(b, w.remaining, now)
+                store.set_recent(c, w.reset_at, now)
 
     def _new_window_slots(self, token: str, window: str) -> tuple:
         key = (self.tokens.admit(token), window)
-        slots = tuple(self._slot(f, key) for f in (self.rl_limit, self.rl_remaining, self.rl_reset))
+        slots = tuple(self.store.slot(f, key) for f in (self.rl_limit, self.rl_remaining, self.rl_reset))
+        self.store.slot(self.rate_limited, key)       # its 429 count exists at 0 from now on
         if key[0] == token:                   # an overflowed token is not remembered
             self._window_slots[(token, window)] = slots
         return slots
 
     def set_window(self, token: str, window: str, limit: int, remaining: int, reset_at: float) -> None:
-        from .ratelimit import WindowState
         self.set_windows(token, [WindowState(window, limit, remaining, reset_at)], time.time())
 
     def observe_rate_limited(self, token: str, window: str) -> None:

@@ -20,12 +20,11 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.routing import Map, Rule
 
 from .config import Settings, load_settings
-from .keystore import ApiKey, KeyStore, mask_key, well_formed_key
-from .metrics import UNAUTHENTICATED, UNMATCHED_ROUTE, Metrics, ScrapeView
-from .ratelimit import WINDOW_SECONDS, Decision, RateLimiter, StorageUnavailable
-from .stats import UsageTracker
+from .core import UsageCore
+from .keystore import ApiKey, KeyStore, mask_key
+from .metrics import UNMATCHED_ROUTE
+from .ratelimit import WINDOW_ORDER, WINDOW_SECONDS, Decision
 from .llmcapture import extract_usage
-from .pricing import Pricing
 from .usage import LLMUsage, UsageError, validate_usage
 
 log = logging.getLogger("api_token_exporter")
@@ -38,12 +37,12 @@ class _Call:
     """One request through the middleware: the wrapped start_response, the response iterable
     that records metrics on close(), and the context record_llm_usage() reads."""
 
-    __slots__ = ("analytics", "environ", "start_response", "key", "token", "llm_token", "started",
+    __slots__ = ("analytics", "environ", "start_response", "key", "llm_token", "started",
                  "extra_headers", "code", "headers", "result", "capture", "llm_recorded", "done")
 
-    def __init__(self, analytics, environ, start_response, key, token, llm_token, started, extra_headers):
+    def __init__(self, analytics, environ, start_response, key, llm_token, started, extra_headers):
         self.analytics, self.environ, self.start_response = analytics, environ, start_response
-        self.key, self.token, self.llm_token, self.started = key, token, llm_token, started
+        self.key, self.llm_token, self.started = key, llm_token, started
         self.extra_headers = extra_headers
         self.code, self.headers = 500, ()
         self.result = self.capture = None
@@ -65,14 +64,22 @@ class _Call:
         return self.start_response(status, headers, exc_info)
 
     def __iter__(self):
-        if self.capture is None:
-            return iter(self.result)
-        return self._tee()
+        return self._iterate()
 
-    def _tee(self):
+    def _iterate(self):
+        """The body, with this call as the current request while each chunk is produced, so
+        record_llm_usage() works inside a streamed response."""
         capture = self.capture
-        for chunk in self.result:
-            if capture.size <= capture.limit:
+        chunks = iter(self.result)
+        while True:
+            reset = _current.set(self)
+            try:
+                chunk = next(chunks)
+            except StopIteration:
+                return
+            finally:
+                _current.reset(reset)
+            if capture is not None and capture.size <= capture.limit:
                 capture.chunks.append(chunk)
                 capture.size += len(chunk)
             yield chunk
@@ -97,7 +104,6 @@ REFUSALS = {
     "inactive": (403, "API key is inactive"),
     "expired": (401, "API key has expired"),
 }
-WINDOW_ORDER = ("minute", "hour", "day")
 
 
 def current_token() -> Optional[str]:
@@ -162,13 +168,9 @@ class TokenAnalytics:
                  keystore: Optional[KeyStore] = None, **overrides):
         self.settings = settings or load_settings(config_file, **overrides)
         s = self.settings
-        self.keystore = keystore if keystore is not None else KeyStore(s.keys_file, logger=log)
-        self.limiter = RateLimiter(s.storage_uri)
-        self.metrics = Metrics(max_tokens=s.max_tokens, max_routes=s.max_routes,
-                               max_models=s.max_models)
-        self.view = ScrapeView(self.metrics, self.keystore)
-        self.tracker = UsageTracker(s.recent_requests)
-        self.pricing = Pricing.load(s.pricing_file)
+        core = self.core = UsageCore(s, keystore)
+        self.keystore, self.metrics, self.view, self.tracker = (core.keystore, core.metrics,
+                                                                core.view, core.tracker)
         self._key_environ = "HTTP_" + s.header_name.upper().replace("-", "_")
         self._exempt = set(s.exempt_paths)
         # bound once: matching a path then costs no environ parsing per request
@@ -178,7 +180,7 @@ class TokenAnalytics:
         self._metrics_server = None
         from .endpoints import build_endpoints  # the built-in /metrics and /admin/* endpoints
         self.endpoints, self._internal_paths = build_endpoints(
-            self, serve_metrics=s.metrics_port is None, health=app is None)
+            self.core, serve_metrics=s.metrics_port is None, health=app is None)
         self.app = None
         if app is not None:
             if hasattr(app, "url_map") and hasattr(app, "wsgi_app"):
@@ -204,7 +206,7 @@ class TokenAnalytics:
         """Serve /metrics (with the same auth) on its own port, in a daemon thread."""
         from werkzeug.serving import make_server
         from .endpoints import build_endpoints
-        metrics_app, _ = build_endpoints(self, serve_metrics=True, admin=False)
+        metrics_app, _ = build_endpoints(self.core, serve_metrics=True, admin=False)
         server = make_server(addr, port, metrics_app, threaded=True)
         thread = threading.Thread(target=server.serve_forever, name="metrics-server", daemon=True)
         thread.start()
@@ -235,33 +237,6 @@ class TokenAnalytics:
         except Exception:  # a malformed path must not break the request
             return UNMATCHED_ROUTE
 
-    def _authenticate(self, environ) -> Tuple[Optional[ApiKey], Optional[str]]:
-        raw = environ.get(self._key_environ)
-        if not raw:
-            return None, "missing"
-        if not well_formed_key(raw):
-            return None, "invalid"
-        key = self.keystore.lookup(raw)
-        if key is None:
-            return None, "invalid"
-        if not key.active:
-            return key, "inactive"
-        if key.expired():
-            return key, "expired"
-        return key, None
-
-    def limits_for(self, key: ApiKey) -> Dict[str, int]:
-        if not key.rate_limits:
-            return self.settings.rate_limits
-        return {**self.settings.rate_limits, **key.rate_limits}
-
-    def _plan(self, key: ApiKey):
-        """The key's windows, computed once per key object (a reload makes new objects)."""
-        plan = key.__dict__.get("_ate_plan")
-        if plan is None:
-            plan = key.__dict__["_ate_plan"] = self.limiter.plan(self.limits_for(key))
-        return plan
-
     def __call__(self, environ, start_response):
         path = environ.get("PATH_INFO", "")
         if path in self._internal_paths:
@@ -272,43 +247,41 @@ class TokenAnalytics:
             return self.app(environ, start_response)
 
         started = time.perf_counter()
-        key, reason = self._authenticate(environ)
-        token = key.id if key is not None else UNAUTHENTICATED
+        key, reason = self.core.authenticate(environ.get(self._key_environ))
         observe = self.settings.observe_only
         if reason is not None:
-            self.metrics.auth_failure(reason)
+            self.core.auth_failure(reason)
             if not observe:
                 code, detail = REFUSALS[reason]
                 body = json_response(start_response, code, {"detail": detail})
-                self._record(environ, key, token, code, started)
+                self._record(environ, key, code, started)
                 return body
 
         extra_headers: List[Tuple[str, str]] = []
         if key is not None and reason is None and not observe:
             now = time.time()
-            decision = self._hit(key, now)
+            decision = self.core.hit(key, now)
             if decision is not None:
                 extra_headers = rate_limit_headers(decision, now)
                 if not decision.allowed:
                     refused = decision.refused_by
-                    self.metrics.observe_rate_limited(key.id, refused.window)
                     wait = refused.reset_in(now)
                     body = json_response(start_response, 429, {
                         "detail": f"Rate limit exceeded for {refused.window}. "
                                   f"Try again in {wait} seconds"},
                         extra_headers + [("Retry-After", str(wait))])
-                    self._record(environ, key, token, 429, started)
+                    self._record(environ, key, 429, started)
                     return body
 
         identified = key is not None and reason is None
         llm_token = key.id if identified else None
         environ[ENVIRON_TOKEN] = llm_token
-        call = _Call(self, environ, start_response, key, token, llm_token, started, extra_headers)
+        call = _Call(self, environ, start_response, key, llm_token, started, extra_headers)
         reset_ctx = _current.set(call)
         try:
             call.result = self.app(environ, call.start)
         except BaseException:
-            self._record(environ, key, token, 500, started)
+            self._record(environ, key, 500, started)
             raise
         finally:
             _current.reset(reset_ctx)
@@ -317,7 +290,7 @@ class TokenAnalytics:
         return call
 
     def _finish(self, call: _Call) -> None:
-        self._record(call.environ, call.key, call.token, call.code, call.started)
+        self._record(call.environ, call.key, call.code, call.started)
         capture = call.capture
         if capture is not None and not call.llm_recorded and capture.complete:
             self._capture_llm(call.llm_token, call.headers, capture.body())
@@ -338,25 +311,10 @@ class TokenAnalytics:
         except UsageError as exc:
             log.warning("LLM usage in a response for token %s not counted: %s", token_id, exc)
 
-    def _hit(self, key: ApiKey, now: float) -> Optional[Decision]:
-        try:
-            decision = self.limiter.hit_plan(key.id, self._plan(key), now)
-        except StorageUnavailable as exc:
-            # fail open: an outage of the shared store must not take the API down with it
-            log.error("%s; request for token %s allowed without rate limiting", exc, key.id)
-            self.metrics.storage_error()
-            return None
-        self.metrics.set_windows(key.id, decision.windows, now)
-        return decision
-
-    def _record(self, environ, key: Optional[ApiKey], token: str, code: int, started: float) -> None:
-        duration = time.perf_counter() - started
-        route = self._route(environ)
-        method = environ.get("REQUEST_METHOD", "GET")
-        now = time.time()
-        self.metrics.observe_request(token, route, method, code, duration,
-                                     authenticated=key is not None, now=now)
-        self.tracker.record(now, route, method, (key.masked or key.id) if key is not None else "(none)", code)
+    def _record(self, environ, key: Optional[ApiKey], code: int, started: float) -> None:
+        self.core.record_request(key.id if key is not None else None, self._route(environ),
+                                 environ.get("REQUEST_METHOD", "GET"), code,
+                                 time.perf_counter() - started, key=key)
 
     def _observe_upstream_limits(self, token_id: str, headers, code: int) -> None:
         """Observe-only mode: take rate-limit values from the headers the app (or its upstream)
@@ -396,14 +354,8 @@ class TokenAnalytics:
         if code == 429:
             self.metrics.observe_rate_limited(token_id, exhausted or "default")
 
-    # -- LLM usage ---------------------------------------------------------------------------
     def count_llm(self, token: str, usage: LLMUsage) -> LLMUsage:
-        """Count validated usage: tokens, requests, and cost from the pricing file."""
-        price = self.pricing.price(usage.service, usage.model)
-        cost = price.cost(usage.input_tokens, usage.output_tokens) if price else None
-        self.metrics.observe_llm(token, usage.service, usage.model, usage.input_tokens,
-                                 usage.output_tokens, cost)
-        return usage
+        return self.core.count_llm(token, usage)
 
 
 _STATIC_HEADERS: Dict[tuple, tuple] = {}

@@ -1,12 +1,10 @@
-"""The exporter service (`api-token-exporter serve`): /metrics, /healthz, the ingest endpoint
-and /admin/*, with no API of its own. ``app_from_env()`` is the factory gunicorn loads."""
+"""The exporter service (`api-token-exporter serve`): /metrics, /healthz, the ingest endpoint,
+/admin/* and the analytics API, with no API of its own, always served by gunicorn (never a
+development server). ``app_from_env()`` is the factory each worker loads."""
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
 import sys
-import tempfile
+from typing import Optional
 
 from .middleware import TokenAnalytics
 
@@ -20,25 +18,35 @@ def app_from_env():
     return create_app()
 
 
-def run_gunicorn(factory: str, host: str, port: int, workers: int, env_overrides: dict) -> int:
-    """Run ``factory`` under gunicorn, every worker writing its metrics to a shared directory.
+def run_gunicorn(factory: str, host: str, port: int, workers: int = 1, threads: int = 4,
+                 timeout: Optional[int] = None) -> int:
+    """Run ``factory`` ("module:callable()") under gunicorn in this process, which becomes its
+    master: SIGTERM or SIGINT stops every worker and frees the port. Settings come from the
+    environment (ATE_*), which the caller has set."""
+    from gunicorn.app.base import BaseApplication
+    from gunicorn.util import import_app
 
-    The directory (PROMETHEUS_MULTIPROC_DIR) is set in gunicorn's environment, emptied on start
-    by gunicorn_conf and, when this function made it, removed on exit.
-    """
-    env = dict(os.environ)
-    env.update({k: str(v) for k, v in env_overrides.items() if v is not None})
-    own_dir = None
-    if not env.get("PROMETHEUS_MULTIPROC_DIR"):
-        own_dir = tempfile.mkdtemp(prefix="ate-metrics-")
-        env["PROMETHEUS_MULTIPROC_DIR"] = own_dir
-    cmd = [sys.executable, "-m", "gunicorn", "--workers", str(workers),
-           "--bind", f"{host}:{port}", "--config", "python:api_token_exporter.gunicorn_conf",
-           factory]
+    from . import gunicorn_conf
+
+    class Server(BaseApplication):
+        def load_config(self):
+            options = {"bind": f"{host}:{port}", "workers": workers, "threads": threads,
+                       "worker_class": "gthread" if threads > 1 else "sync",
+                       "on_starting": gunicorn_conf.on_starting,
+                       "child_exit": gunicorn_conf.child_exit, "on_exit": gunicorn_conf.on_exit}
+            if timeout:
+                options["timeout"] = timeout
+            for name, value in options.items():
+                self.cfg.set(name, value)
+
+        def load(self):
+            return import_app(factory)
+
     try:
-        return subprocess.call(cmd, env=env)
-    except KeyboardInterrupt:
-        return 130
-    finally:
-        if own_dir:
-            shutil.rmtree(own_dir, ignore_errors=True)
+        Server().run()
+    except SystemExit as exc:
+        if isinstance(exc.code, str):           # a refusal from on_starting, already worded
+            print(exc.code, file=sys.stderr)
+            return 2
+        return exc.code or 0
+    return 0

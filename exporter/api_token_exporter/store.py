@@ -1,11 +1,29 @@
-"""A metric store built for the request path and for large scrapes.
+"""A metric store built for the request path and for large scrapes, safe under threads,
+forked workers, concurrent scrapes and restarts.
 
-Values are doubles in an mmap: anonymous memory for one process, or with several workers one
-file per process in a shared directory (PROMETHEUS_MULTIPROC_DIR, as prometheus_client's
-multiprocess mode uses), which a scrape from any worker reads and sums, so totals are exact
-across workers. A series is a slot (or a run of slots for histograms) found through one dict
-lookup; an increment is one memoryview store. The exposition line prefix of each series
-(`name{labels} `) is built once, so a scrape formats only values.
+Values are doubles in an mmap: anonymous memory for one process, or, with a directory (the
+`state_dir` setting, or the private directory `serve --workers N` makes), one file per process
+there, which a scrape from any process reads and sums, so totals are exact across workers. A
+series is a slot (or a run of slots for histograms) found through one dict lookup; an increment
+is one memoryview store. The exposition line prefix of each series is built once, so a scrape
+formats only values.
+
+Lifecycle of the files, as prometheus_client's multiprocess mode but without its gaps:
+- each store creates its own pair ``ate-<pid>-<random>.data/.idx`` with O_EXCL, so two stores in
+  one process, or a reused pid, never share or truncate a file;
+- it holds an exclusive flock on its data file while it lives: the kernel drops the lock when
+  the process ends, however it ends, so a file whose lock can be taken belongs to nobody;
+- files that belong to nobody are folded into ``archive.json`` (written to a temporary file,
+  fsynced and renamed, listing the files it folded so a crash before they are deleted never
+  counts them twice) and deleted: the directory does not grow with restarts and the counters of
+  earlier runs continue, so Prometheus sees no reset;
+- readers hold a shared lock on the directory while they read, the folder an exclusive one, so a
+  scrape never sees a file both in the archive and on its own;
+- after fork the child closes the parent's mapping and file and opens its own.
+
+The first slots are scratch: a series that does not fit (capacity is the ``store_capacity``
+setting) is written there, never into another series, and is counted once in
+``apitoken_store_dropped_series_total`` and logged once.
 
 Why not prometheus_client's objects: `labels()` plus `inc()` costs 2-3 µs each, a dozen per
 request, and `generate_latest` for 10,000 tokens takes seconds (benchmarks/bench_scrape.py);
@@ -15,11 +33,13 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-import gc
+import fcntl
 import glob
 import json
+import logging
 import mmap
 import os
+import secrets
 import threading
 import weakref
 from itertools import accumulate
@@ -29,6 +49,11 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 from prometheus_client.utils import floatToGoString
 
 DEFAULT_CAPACITY = 4_000_000        # doubles (32 MiB of address space, used only as touched)
+DROPPED_SERIES = "apitoken_store_dropped_series_total"
+ARCHIVE = "archive.json"
+DIR_LOCK = ".lock"
+
+log = logging.getLogger("api_token_exporter")
 
 
 def escape_label(value: str) -> str:
@@ -43,7 +68,8 @@ class Family:
     """One metric family: kind is counter, histogram, gauge_recent (latest write wins across
     processes), gauge_max, or gauge (derived at scrape time, never stored)."""
 
-    __slots__ = ("name", "kind", "help", "labelnames", "buckets", "width", "series", "prefixes")
+    __slots__ = ("name", "kind", "help", "labelnames", "buckets", "width", "series", "prefixes",
+                 "dropped")
 
     def __init__(self, name: str, kind: str, help_text: str, labelnames: Sequence[str],
                  buckets: Sequence[float] = ()):
@@ -53,6 +79,7 @@ class Family:
                       "histogram": len(self.buckets) + 2}.get(kind, 0)
         self.series: Dict[tuple, int] = {}
         self.prefixes: Dict[tuple, str] = {}
+        self.dropped: set = set()
 
     @property
     def type_name(self) -> str:
@@ -63,6 +90,20 @@ class Family:
         if extra:
             parts.append(extra)
         return "{" + ",".join(parts) + "}" if parts else ""
+
+
+def merge_into(merged: Dict[tuple, List[float]], kind: str, key: tuple, current: List[float]) -> None:
+    """Combine one process's values of a series with what was gathered so far."""
+    target = merged.get(key)
+    if target is None:
+        merged[key] = list(current)
+    elif kind in ("counter", "histogram"):
+        for i, x in enumerate(current):
+            target[i] += x
+    elif kind == "gauge_max":
+        target[0] = max(target[0], current[0])
+    elif current[1] > target[1]:                      # gauge_recent: the newer write wins
+        target[:] = current
 
 
 _STORES: "weakref.WeakSet[Store]" = weakref.WeakSet()
@@ -77,52 +118,103 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+@contextlib.contextmanager
+def _dir_lock(directory: str, exclusive: bool):
+    fd = os.open(os.path.join(directory, DIR_LOCK), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)                                  # releases the lock
+
+
 class Store:
     def __init__(self, families: Iterable[Family], directory: Optional[str] = None,
                  capacity: int = DEFAULT_CAPACITY):
         self.families = list(families)
         self.by_name = {f.name: f for f in self.families}
-        self.directory = directory
+        self.directory = directory or None
+        self.scratch = max([f.width for f in self.families] + [1])
+        if capacity < self.scratch + 16:
+            raise ValueError(f"store capacity {capacity} is too small (at least {self.scratch + 16} values)")
         self.capacity = capacity
-        self.lock = threading.Lock()
-        self._merge_cache: Dict[str, Tuple[int, List[tuple]]] = {}
+        self.on_reopen: List = []
         self._snapshot = threading.local()
+        self._mm = self._fd = self._index = self.values = None
         self._open()
         _STORES.add(self)
 
     # -- memory ------------------------------------------------------------------------------
-    def _open(self) -> None:
+    def _open(self, fold: bool = True) -> None:
+        self.lock = threading.Lock()            # writers and series creation
+        self._merge_lock = threading.Lock()     # the index cache of the readers
+        self._index_cache: Dict[str, Tuple[int, Tuple[tuple, ...]]] = {}
+        self._archive_cache: Tuple[Optional[tuple], dict] = (None, {})
+        self._logged_full = False
         self.pid = os.getpid()
         size = self.capacity * 8
-        self._index = None
         if self.directory:
             os.makedirs(self.directory, exist_ok=True)
-            base = os.path.join(self.directory, f"ate-{self.pid}")
-            fd = os.open(base + ".data", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                os.ftruncate(fd, size)          # sparse: pages cost memory only once touched
-                self._mm = mmap.mmap(fd, size)
-            finally:
-                os.close(fd)
-            self._index = open(base + ".idx", "w", encoding="utf-8")
+            if fold:                            # not in a forked child: the parent may hold the lock
+                fold_dead_files(self.directory, self.families)
+            while True:
+                base = os.path.join(self.directory, f"ate-{self.pid}-{secrets.token_hex(4)}")
+                try:
+                    fd = os.open(base + ".data", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+                    break
+                except FileExistsError:
+                    continue
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)   # ours: nobody folds it while we live
+            os.ftruncate(fd, size)              # sparse: pages cost memory only once touched
+            self._fd = fd
+            self._mm = mmap.mmap(fd, size)
+            self._index = open(base + ".idx", "x", encoding="utf-8")
+            self.path = base + ".data"
         else:
-            self._mm = mmap.mmap(-1, size)
+            self._mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            self.path = None
         self.values = memoryview(self._mm).cast("d")
-        self.next_slot = 1                      # slot 0 absorbs writes once capacity is exhausted
+        self.next_slot = self.scratch           # slots below: scratch for series that do not fit
         for family in self.families:
             family.series.clear()
-        for callback in getattr(self, "on_reopen", ()):
+            family.dropped.clear()
+        dropped = self.by_name.get(DROPPED_SERIES)
+        self._dropped_slot = self.new_series(dropped, ()) if dropped is not None else 0
+        for callback in self.on_reopen:
             callback()
 
     def reopen(self) -> None:
-        """In a forked child: its own memory and file, nothing shared with the parent."""
-        self.lock = threading.Lock()
-        self._open()
+        """In a forked child: close the parent's mapping and file, then open our own."""
+        old_values, old_mm, old_fd, old_index = self.values, self._mm, self._fd, self._index
+        with contextlib.suppress(Exception):
+            old_values.release()
+        with contextlib.suppress(Exception):
+            old_mm.close()
+        if old_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(old_fd)                # the parent's lock stays with the parent
+        if old_index is not None:
+            with contextlib.suppress(Exception):
+                old_index.close()
+        self._open(fold=False)
+
+    def flush(self) -> None:
+        """Write the values to disk now (the kernel does it by itself within about 30 s)."""
+        if self._fd is not None:
+            self._mm.flush()
 
     def new_series(self, family: Family, key: tuple) -> int:
-        """Allocate a series (caller holds the lock). Its slot is returned and remembered."""
+        """Allocate a series (caller holds the lock). Its slot is returned and remembered.
+        A series that does not fit gets the scratch slot 0, is counted once and logged once."""
         slot = self.next_slot
         if slot + family.width > self.capacity:
+            if key not in family.dropped:
+                family.dropped.add(key)
+                self.values[self._dropped_slot] += 1.0
+                if not self._logged_full:
+                    self._logged_full = True
+                    log.error("metric store full (%d values): new series are dropped and counted in "
+                              "%s; raise store_capacity", self.capacity, DROPPED_SERIES)
             return 0
         self.next_slot += family.width
         family.series[key] = slot
@@ -131,10 +223,35 @@ class Store:
             self._index.flush()
         return slot
 
+    def slot(self, family: Family, key: tuple) -> int:
+        """The slot of a series, created if new (caller holds the lock)."""
+        slot = family.series.get(key)
+        return slot if slot is not None else self.new_series(family, key)
+
+    # -- writing (caller holds the lock); the slot layout stays in here ----------------------
+    def inc(self, slot: int, amount: float = 1.0) -> None:
+        self.values[slot] += amount
+
+    def observe(self, family: Family, slot: int, value: float) -> None:
+        """One histogram observation: its bucket (not cumulative until rendered), count, sum."""
+        v = self.values
+        v[slot + bisect.bisect_left(family.buckets, value)] += 1.0
+        v[slot + family.width - 1] += value
+
+    def set_recent(self, slot: int, value: float, now: float) -> None:
+        v = self.values
+        v[slot] = value
+        v[slot + 1] = now
+
+    def set_max(self, slot: int, value: float) -> None:
+        if value > self.values[slot]:
+            self.values[slot] = value
+
     # -- reading -----------------------------------------------------------------------------
     def family_data(self, family: Family) -> Tuple[List[tuple], list]:
         """(keys, values): a float per key, or a list of floats per key for histograms.
-        In multiprocess mode, summed over every process's file (gauges: newest or max)."""
+        With a directory, summed over every process's file and the archive (gauges: newest or
+        max)."""
         if self.directory:
             merged = self._merged().get(family.name, {})
             keys = list(merged)
@@ -142,16 +259,18 @@ class Store:
                 return keys, [merged[k] for k in keys]
             return keys, [merged[k][0] for k in keys]
         v = self.values
-        keys = list(family.series)
+        with self.lock:                          # writers may be adding series right now
+            items = list(family.series.items())
+        keys = [k for k, _ in items]
         if family.kind == "histogram":
             width = family.width
-            return keys, [v[slot:slot + width].tolist() for slot in family.series.values()]
-        return keys, [v[slot] for slot in family.series.values()]
+            return keys, [v[slot:slot + width].tolist() for _, slot in items]
+        return keys, [v[slot] for _, slot in items]
 
     @contextlib.contextmanager
     def snapshot(self):
-        """Reads inside share one merge of the worker files (multiprocess mode). Per thread, so
-        concurrent scrapes each read a consistent view; nested snapshots reuse the outer one."""
+        """Reads inside share one merge of the files (directory mode). Per thread, so concurrent
+        scrapes each read a consistent view; nested snapshots reuse the outer one."""
         local = self._snapshot
         if not self.directory or getattr(local, "merged", None) is not None:
             yield
@@ -174,58 +293,57 @@ class Store:
         return merged if merged is not None else self._merge_files()
 
     def _merge_files(self) -> Dict[str, Dict[tuple, List[float]]]:
-        """Sum counters and histograms over every process's file; gauges: newest or max."""
-        merged: Dict[str, Dict[tuple, List[float]]] = {f.name: {} for f in self.families}
-        for data_path in sorted(glob.glob(os.path.join(self.directory, "ate-*.data"))):
-            entries = self._read_index(data_path[:-5] + ".idx")
-            if not entries:
-                continue
-            with open(data_path, "rb") as fh:
-                try:
-                    mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-                except ValueError:
+        """Sum counters and histograms over the archive and every process's file; gauges:
+        newest or max. The result is new on every call; nothing is shared between callers."""
+        with self._merge_lock, _dir_lock(self.directory, exclusive=False):
+            archive = self._read_archive()
+            merged: Dict[str, Dict[tuple, List[float]]] = {f.name: {} for f in self.families}
+            for name, rows in archive.get("series", {}).items():
+                family = self.by_name.get(name)
+                if family is not None and family.width:
+                    target = merged[name]
+                    for key, values in rows.items():
+                        merge_into(target, family.kind, key, values)
+            folded = archive.get("folded", frozenset())
+            seen = set()
+            for data_path in sorted(glob.glob(os.path.join(self.directory, "ate-*.data"))):
+                if os.path.basename(data_path) in folded:
                     continue
-            values = memoryview(mm).cast("d")
-            try:
-                for slot, name, key in entries:
-                    family = self.by_name.get(name)
-                    if family is None:
-                        continue
-                    current = values[slot:slot + family.width].tolist()
-                    target = merged[name].get(key)
-                    if target is None:
-                        merged[name][key] = current
-                    elif family.kind in ("counter", "histogram"):
-                        for i, x in enumerate(current):
-                            target[i] += x
-                    elif family.kind == "gauge_max":
-                        target[0] = max(target[0], current[0])
-                    elif current[1] > target[1]:            # gauge_recent: newer timestamp wins
-                        target[:] = current
-            finally:
-                values.release()
-                mm.close()
-        return merged
+                seen.add(data_path)
+                read_file_into(merged, self.by_name, data_path, self._entries(data_path[:-5] + ".idx"))
+            for gone in set(self._index_cache) - {p[:-5] + ".idx" for p in seen}:
+                del self._index_cache[gone]
+            return merged
 
-    def _read_index(self, path: str) -> List[tuple]:
-        """Index lines of one process, parsed once and then incrementally."""
-        offset, entries = self._merge_cache.get(path, (0, []))
-        try:
-            with open(path, "r", encoding="utf-8") as fh:
-                fh.seek(offset)
-                chunk = fh.read()
-        except FileNotFoundError:
-            return []
-        complete = chunk[:chunk.rfind("\n") + 1] if "\n" in chunk else ""
-        for line in complete.splitlines():
-            slot, name, key = line.split("\t", 2)
-            entries.append((int(slot), name, tuple(json.loads(key))))
-        self._merge_cache[path] = (offset + len(complete.encode("utf-8")), entries)
+    def _entries(self, path: str) -> Tuple[tuple, ...]:
+        """Index lines of one process, parsed once and then incrementally (merge lock held)."""
+        offset, entries = self._index_cache.get(path, (0, ()))
+        new, consumed = read_index(path, offset)
+        if new:
+            entries = entries + tuple(new)
+        self._index_cache[path] = (offset + consumed, entries)
         return entries
+
+    def _read_archive(self) -> dict:
+        path = os.path.join(self.directory, ARCHIVE)
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return {}
+        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+        cached_stamp, cached = self._archive_cache
+        if cached_stamp != stamp:
+            cached = load_archive(path)
+            self._archive_cache = (stamp, cached)
+        return cached
 
     def gauge_values(self, name: str) -> Dict[tuple, float]:
         keys, values = self.family_data(self.by_name[name])
         return dict(zip(keys, values))
+
+    def total(self, name: str) -> float:
+        """Sum of a counter family over all its series (and all processes)."""
+        return sum(self.family_data(self.by_name[name])[1])
 
     # -- exposition --------------------------------------------------------------------------
     def render(self, derived: Iterable[Tuple[Family, List[Tuple[tuple, float]]]] = (),
@@ -233,36 +351,30 @@ class Store:
         """The exposition text. Values are finite by construction, so repr() formats them
         (it parses to the same float as prometheus_client's Go-style formatting)."""
         out: List[str] = []
-        gc_was_enabled = gc.isenabled()
-        gc.disable()             # hundreds of thousands of short strings: nothing to collect
-        try:
-            for family, keys, values in self.data():
-                self._header(out, family, openmetrics)
-                if not keys:
-                    continue
-                prefixes = family.prefixes
-                if family.kind == "histogram":
-                    nb = len(family.buckets)
-                    for key, row in zip(keys, values):
-                        lines = prefixes.get(key)
-                        if lines is None:
-                            lines = prefixes[key] = self._histogram_prefixes(family, key)
-                        acc = list(accumulate(row[:nb + 1]))
-                        acc += (acc[-1], row[nb + 1])
-                        out.append("\n".join(map(add, lines, map(repr, acc))) + "\n")
-                    continue
-                line_prefixes = [prefixes.get(k) or self._prefix(family, k) for k in keys]
-                out.append("\n".join(map(add, line_prefixes, map(repr, values))) + "\n")
-            for family, rows in derived:
-                self._header(out, family, openmetrics)
-                for key, value in rows:
-                    out.append(f"{family.name}{family.labels_text(key)} {floatToGoString(value)}\n")
-            if openmetrics:
-                out.append("# EOF\n")
-            return "".join(out).encode("utf-8")
-        finally:
-            if gc_was_enabled:
-                gc.enable()
+        for family, keys, values in self.data():
+            self._header(out, family, openmetrics)
+            if not keys:
+                continue
+            prefixes = family.prefixes
+            if family.kind == "histogram":
+                nb = len(family.buckets)
+                for key, row in zip(keys, values):
+                    lines = prefixes.get(key)
+                    if lines is None:
+                        lines = prefixes[key] = self._histogram_prefixes(family, key)
+                    acc = list(accumulate(row[:nb + 1]))
+                    acc += (acc[-1], row[nb + 1])
+                    out.append("\n".join(map(add, lines, map(repr, acc))) + "\n")
+                continue
+            line_prefixes = [prefixes.get(k) or self._prefix(family, k) for k in keys]
+            out.append("\n".join(map(add, line_prefixes, map(repr, values))) + "\n")
+        for family, rows in derived:
+            self._header(out, family, openmetrics)
+            for key, value in rows:
+                out.append(f"{family.name}{family.labels_text(key)} {floatToGoString(value)}\n")
+        if openmetrics:
+            out.append("# EOF\n")
+        return "".join(out).encode("utf-8")
 
     @staticmethod
     def _prefix(family: Family, key: tuple) -> str:
@@ -282,6 +394,114 @@ class Store:
         if openmetrics and family.kind == "counter" and name.endswith("_total"):
             name = name[:-6]
         out.append(f"# HELP {name} {escape_help(family.help)}\n# TYPE {name} {family.type_name}\n")
+
+
+# -- files: reading, folding ----------------------------------------------------------------
+def read_index(path: str, offset: int = 0) -> Tuple[List[tuple], int]:
+    """(entries, bytes consumed) of the complete lines of an index file from ``offset``."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            chunk = fh.read()
+    except FileNotFoundError:
+        return [], 0
+    end = chunk.rfind(b"\n") + 1               # a line still being written waits for next time
+    entries = []
+    for line in chunk[:end].decode("utf-8").splitlines():
+        slot, name, key = line.split("\t", 2)
+        entries.append((int(slot), name, tuple(json.loads(key))))
+    return entries, end
+
+
+def read_file_into(merged: Dict[str, Dict[tuple, List[float]]], by_name: Dict[str, Family],
+                   data_path: str, entries: Sequence[tuple]) -> None:
+    if not entries:
+        return
+    try:
+        with open(data_path, "rb") as fh:
+            mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    except (FileNotFoundError, ValueError):
+        return
+    values = memoryview(mm).cast("d")
+    try:
+        for slot, name, key in entries:
+            family = by_name.get(name)
+            if family is None or not family.width or slot + family.width > len(values):
+                continue
+            merge_into(merged[name], family.kind, key, values[slot:slot + family.width].tolist())
+    finally:
+        values.release()
+        mm.close()
+
+
+def load_archive(path: str) -> dict:
+    """{"folded": set of file names, "series": {family: {key tuple: values}}}."""
+    try:
+        with open(path, "r", encoding="utf-8") as fh:
+            doc = json.load(fh)
+    except FileNotFoundError:
+        return {}
+    return {"folded": frozenset(doc.get("folded", ())),
+            "series": {name: {tuple(key): values for key, values in rows}
+                       for name, rows in doc.get("series", {}).items()}}
+
+
+def _owned_by_nobody(data_path: str) -> bool:
+    try:
+        fd = os.open(data_path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def fold_dead_files(directory: str, families: Iterable[Family]) -> int:
+    """Fold the files of processes that ended into the archive and delete them. Returns how
+    many were folded. Safe to call from any process at any time (gunicorn's master calls it
+    when it starts and when a worker exits)."""
+    by_name = {f.name: f for f in families}
+    path = os.path.join(directory, ARCHIVE)
+    with _dir_lock(directory, exclusive=True):
+        archive = load_archive(path)
+        for name in archive.get("folded", ()):   # folded before a crash, not yet deleted
+            for suffix in (".data", ".idx"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(directory, name[:-5] + suffix))
+        dead = [p for p in sorted(glob.glob(os.path.join(directory, "ate-*.data")))
+                if _owned_by_nobody(p)]
+        if not dead:
+            return 0
+        merged: Dict[str, Dict[tuple, List[float]]] = {}
+        for name, rows in archive.get("series", {}).items():
+            merged[name] = dict(rows)
+        for data_path in dead:
+            entries, _ = read_index(data_path[:-5] + ".idx")
+            for _, name, _ in entries:
+                merged.setdefault(name, {})
+            read_file_into(merged, by_name, data_path, [e for e in entries if e[1] in by_name])
+        doc = {"folded": [os.path.basename(p) for p in dead],
+               "series": {name: [[list(k), v] for k, v in rows.items()] for name, rows in merged.items()}}
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(doc, fh, separators=(",", ":"))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        for data_path in dead:
+            for p in (data_path, data_path[:-5] + ".idx"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(p)
+        return len(dead)
 
 
 def bucket_index(buckets: Sequence[float], value: float) -> int:

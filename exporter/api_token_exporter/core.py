@@ -1,0 +1,103 @@
+"""The one recording core: keys → validation → rate limit → store.
+
+Every path that counts goes through a ``UsageCore``: the WSGI middleware (and later the ASGI
+middleware and the proxy) for live requests, the ingest endpoint for events posted by other
+services, and the LLM capture. Nothing records by a second route, so a request counted by the
+middleware and the same request posted as an event give the same series.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Dict, Optional, Tuple
+
+from .config import Settings
+from .keystore import ApiKey, KeyStore, well_formed_key
+from .metrics import UNAUTHENTICATED, Metrics, ScrapeView
+from .pricing import Pricing
+from .ratelimit import Decision, RateLimiter, StorageUnavailable
+from .stats import UsageTracker
+from .usage import LLMUsage
+
+log = logging.getLogger("api_token_exporter")
+
+
+class UsageCore:
+    def __init__(self, settings: Settings, keystore: Optional[KeyStore] = None):
+        s = self.settings = settings
+        self.keystore = keystore if keystore is not None else KeyStore(s.keys_file, logger=log)
+        self.limiter = RateLimiter(s.storage_uri)
+        self.metrics = Metrics(max_tokens=s.max_tokens, max_routes=s.max_routes,
+                               max_models=s.max_models, directory=s.state_dir,
+                               capacity=s.store_capacity)
+        self.view = ScrapeView(self.metrics, self.keystore)
+        self.tracker = UsageTracker(s.recent_requests)
+        self.pricing = Pricing.load(s.pricing_file)
+
+    # -- keys --------------------------------------------------------------------------------
+    def authenticate(self, raw: Optional[str]) -> Tuple[Optional[ApiKey], Optional[str]]:
+        """(key, None) for a usable key, else (key or None, refusal reason)."""
+        if not raw:
+            return None, "missing"
+        if not well_formed_key(raw):
+            return None, "invalid"
+        key = self.keystore.lookup(raw)
+        if key is None:
+            return None, "invalid"
+        if not key.active:
+            return key, "inactive"
+        if key.expired():
+            return key, "expired"
+        return key, None
+
+    # -- rate limits -------------------------------------------------------------------------
+    def limits_for(self, key: ApiKey) -> Dict[str, int]:
+        if not key.rate_limits:
+            return self.settings.rate_limits
+        return {**self.settings.rate_limits, **key.rate_limits}
+
+    def _plan(self, key: ApiKey):
+        """The key's windows, computed once per key object (a reload makes new objects)."""
+        plan = key.__dict__.get("_ate_plan")
+        if plan is None:
+            plan = key.__dict__["_ate_plan"] = self.limiter.plan(self.limits_for(key))
+        return plan
+
+    def hit(self, key: ApiKey, now: float) -> Optional[Decision]:
+        """Charge one request; None when the storage failed (the request goes through)."""
+        try:
+            decision = self.limiter.hit_plan(key.id, self._plan(key), now)
+        except StorageUnavailable as exc:
+            # fail open: an outage of the shared store must not take the API down with it
+            log.error("%s; request for token %s allowed without rate limiting", exc, key.id)
+            self.metrics.storage_error()
+            return None
+        self.metrics.set_windows(key.id, decision.windows, now)
+        if not decision.allowed:
+            self.metrics.observe_rate_limited(key.id, decision.refused_by.window)
+        return decision
+
+    # -- recording ---------------------------------------------------------------------------
+    def auth_failure(self, reason: str) -> None:
+        self.metrics.auth_failure(reason)
+
+    def record_request(self, token: Optional[str], route: str, method: str, code: int,
+                       duration: float, now: Optional[float] = None,
+                       key: Optional[ApiKey] = None) -> None:
+        """One request: ``token`` is the key id (its ``key`` if the caller has it), or None for
+        a missing or unknown key."""
+        now = time.time() if now is None else now
+        if key is None and token is not None:
+            key = self.keystore.get(token)
+        self.metrics.observe_request(token if token is not None else UNAUTHENTICATED, route, method,
+                                     code, duration, authenticated=token is not None, now=now)
+        shown = (key.masked or key.id) if key is not None else (token or "(none)")
+        self.tracker.record(now, route, method, shown, code)
+
+    def count_llm(self, token: str, usage: LLMUsage) -> LLMUsage:
+        """Count validated usage: tokens, requests, and cost from the pricing file."""
+        price = self.pricing.price(usage.service, usage.model)
+        cost = price.cost(usage.input_tokens, usage.output_tokens) if price else None
+        self.metrics.observe_llm(token, usage.service, usage.model, usage.input_tokens,
+                                 usage.output_tokens, cost)
+        return usage
