@@ -297,7 +297,7 @@ def usage_report(client: PrometheusClient, scope: Scope, now: float, progress: P
             "projectedRequests": int(round(mtd["requests"] * factor)),
             "projectedTokens": int(round(mtd["tokens"] * factor)),
             "basis": "month-to-date pace, linear to the end of the month (UTC)",
-            "monthProgress": round(elapsed / month_seconds, 4),
+            "monthProgress": round(elapsed / month_seconds, 6),
         },
         "generatedAt": iso(now),
     }

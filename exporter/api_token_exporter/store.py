@@ -52,6 +52,7 @@ DEFAULT_CAPACITY = 4_000_000        # doubles (32 MiB of address space, used onl
 DROPPED_SERIES = "apitoken_store_dropped_series_total"
 ARCHIVE = "archive.json"
 DIR_LOCK = ".lock"
+DIR_GATE = ".gate"
 
 log = logging.getLogger("api_token_exporter")
 
@@ -120,12 +121,21 @@ if hasattr(os, "register_at_fork"):
 
 @contextlib.contextmanager
 def _dir_lock(directory: str, exclusive: bool):
-    fd = os.open(os.path.join(directory, DIR_LOCK), os.O_RDWR | os.O_CREAT, 0o600)
+    """Shared for readers, exclusive for a fold. Readers pass a gate first, which a fold holds
+    while it waits, so a steady stream of scrapes cannot starve it (flock is not fair)."""
+    gate = os.open(os.path.join(directory, DIR_GATE), os.O_RDWR | os.O_CREAT, 0o600)
+    lock = None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        fcntl.flock(gate, fcntl.LOCK_EX)
+        lock = os.open(os.path.join(directory, DIR_LOCK), os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        if not exclusive:
+            fcntl.flock(gate, fcntl.LOCK_UN)
         yield
     finally:
-        os.close(fd)                                  # releases the lock
+        if lock is not None:
+            os.close(lock)                            # releases the lock
+        os.close(gate)
 
 
 class Store:
@@ -202,6 +212,18 @@ class Store:
         """Write the values to disk now (the kernel does it by itself within about 30 s)."""
         if self._fd is not None:
             self._mm.flush()
+
+    def close(self) -> None:
+        """Flush and let go of the file: its values stay and are folded by the next store.
+        Nothing may be recorded through this store afterwards."""
+        with self.lock:
+            if self._fd is not None:
+                self._mm.flush()
+                self._index.close()
+                self.values.release()
+                self._mm.close()                 # mmap holds a dup of the descriptor
+                os.close(self._fd)               # the last one: our lock on the file is released
+                self._fd = self._index = None
 
     def new_series(self, family: Family, key: tuple) -> int:
         """Allocate a series (caller holds the lock). Its slot is returned and remembered.
