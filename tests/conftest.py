@@ -180,7 +180,7 @@ def gunicorn_app(tmp_path):
     """Start a WSGI factory under gunicorn with N workers and multiprocess metrics."""
     procs = []
 
-    def start(factory: str, workers: int = 4, **env_settings) -> str:
+    def start(factory: str, workers: int = 4, threads: int = 1, **env_settings) -> str:
         port = free_port()
         mp_dir = tmp_path / f"mp-{port}"
         mp_dir.mkdir()
@@ -188,7 +188,7 @@ def gunicorn_app(tmp_path):
         env.update({f"ATE_{k.upper()}": str(v) for k, v in env_settings.items()})
         log = open(tmp_path / f"gunicorn-{port}.log", "w")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "--workers", str(workers), "--bind",
+            [sys.executable, "-m", "gunicorn", "--workers", str(workers), "--threads", str(threads), "--bind",
              f"127.0.0.1:{port}", "--config", "python:api_token_exporter.gunicorn_conf", factory],
             env=env, stdout=log, stderr=subprocess.STDOUT)
         procs.append(proc)

@@ -239,3 +239,27 @@ def test_prometheus_down_is_a_clear_503(world):
         assert "cannot be reached" in r.json()["detail"]
     finally:
         server.shutdown()
+
+
+def test_dashboard_period_totals_agree_with_the_api(world):
+    """The overview's Today / This week / This month stats, sent as Grafana sends an instant
+    stat query (time = now, $__range = now - the period's start, UTC), equal the API's summary."""
+    import json
+    import os
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "grafana", "dashboards", "overview.json")) as fh:
+        panels = {p["title"]: p["targets"][0]["expr"] for p in json.load(fh)["panels"] if p.get("targets")}
+    usage = requests.get(world["exporter"] + "/api/analytics/usage", headers=ADMIN, timeout=30).json()
+    now = time.time()
+    day = dt.datetime.fromtimestamp(now, dt.timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
+    starts = {"Today": day, "This week": day - dt.timedelta(days=day.weekday()), "This month": day.replace(day=1)}
+    fields = {"requests": "requests", "LLM tokens": "tokens", "cost": "cost"}
+    for period, api_name in (("Today", "today"), ("This week", "thisWeek"), ("This month", "thisMonth")):
+        seconds = int(now - starts[period].timestamp())
+        for title_part, field in fields.items():
+            expr = panels[f"{period}: {title_part}"].replace("$__range", f"{seconds}s")
+            result = requests.post(world["prom"].url + "/api/v1/query", data={"query": expr, "time": now},
+                                   timeout=30).json()["data"]["result"]
+            value = float(result[0]["value"][1]) if result else 0.0
+            assert value == pytest.approx(usage["summary"][api_name][field], abs=1e-6), (period, field)
+            assert value > 0, (period, field)

@@ -46,10 +46,10 @@ def test_series_budget_per_token_is_as_documented(keys):
         return [l for l in text.splitlines() if not l.startswith("#") and f'token="{token}"' in l]
 
     added = len(token_series(after, "alpha")) - len(token_series(before, "alpha"))
-    # info and status lines exist for every configured key from the start
-    assert len(token_series(before, "alpha")) == 6
+    # info, status and status-class lines exist for every configured key from the start
+    assert len(token_series(before, "alpha")) == 11
     assert len(token_series(after, "alpha")) == 39
-    assert "38 + R·M·C + 4·L + B" in CATALOGUE and added == 33
+    assert "38 + R·M·C + 4·L + B" in CATALOGUE and added == 28
 
 
 def test_overflow_label_is_shared_across_families():

@@ -98,7 +98,7 @@ def test_batch_and_body_limits(keys):
 def test_unknown_tokens_only_when_allowed_and_then_capped(keys):
     from werkzeug.test import Client
     client = Client(create_app(keys_file=keys[0], ingest_token="ingest-secret",
-                               ingest_allow_unknown_tokens=True, max_tokens=3))
+                               ingest_allow_unknown_tokens=True, max_tokens=9))   # 6 keys + 3
     events = [{"token": f"svc-{i}", "route": "/a", "status": 200, "duration_seconds": 0.01}
               for i in range(10)]
     assert post(client, {"events": events}).get_json()["accepted"] == 10

@@ -62,3 +62,48 @@ def test_bad_model_name_is_refused(llm_client, keys):
 def test_outside_a_request_is_a_clear_error():
     with pytest.raises(RuntimeError, match="outside a request"):
         record_llm_usage("openai", "gpt-4", 1, 1)
+
+
+def test_record_llm_usage_inside_a_streamed_body(keys):
+    """The generator runs after the handler returned, while the server sends the body."""
+    app = Flask("stream")
+    app.test_client_class = BufferedClient
+    seen = []
+
+    @app.get("/stream")
+    def stream():
+        def body():
+            yield "data: one\n\n"
+            seen.append(current_token())
+            record_llm_usage("openai", "gpt-4", 7, 11)
+            yield "data: done\n\n"
+        return app.response_class(body(), mimetype="text/event-stream")
+
+    analytics = TokenAnalytics(app, keys_file=keys[0], metrics_bearer_token="m")
+    client = app.test_client()
+    r = client.get("/stream", headers={"X-API-Key": keys[1]["alpha"]})
+    assert r.status_code == 200 and r.get_data(as_text=True).endswith("done\n\n")
+    assert seen == ["alpha"]
+    text = analytics.view.render()[0].decode()
+    assert sample_total(text, "apitoken_llm_tokens_total", token="alpha", type="output") == 11
+    assert sample_total(text, "apitoken_requests_total", token="alpha", code="200") == 1
+
+
+def test_a_sized_body_is_counted_before_its_last_chunk_is_sent(keys):
+    """A client that has the whole response and scrapes at once must find it counted."""
+    app = Flask("sized")
+    analytics = TokenAnalytics(app, keys_file=keys[0])
+
+    @app.get("/two")
+    def two():
+        return app.response_class(iter([b"ab", b"cd"]), headers={"Content-Length": "4"})
+
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/two", "SERVER_NAME": "x", "SERVER_PORT": "80",
+               "wsgi.url_scheme": "http", "HTTP_X_API_KEY": keys[1]["alpha"], "wsgi.input": None}
+    body = app.wsgi_app(environ, lambda status, headers, exc_info=None: None)
+    counted = []
+    for chunk in body:
+        counted.append(sample_total(analytics.view.render()[0].decode(), "apitoken_requests_total",
+                                    token="alpha"))
+    body.close()
+    assert counted == [0, 1]                 # counted as the last chunk goes out, not after close()

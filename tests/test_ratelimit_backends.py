@@ -117,3 +117,50 @@ def test_sentinel_uri_reaches_the_master_and_shares_counts(sentinel):
 def test_sentinel_uri_needs_a_service_name():
     with pytest.raises(ValueError, match="needs the service name"):
         RateLimiter("redis+sentinel://127.0.0.1:26379")
+
+
+class FakeClock:
+    def __init__(self, start: float):
+        self.now = start
+
+    def time(self) -> float:
+        return self.now
+
+
+def test_memory_backend_agrees_with_limits_across_window_boundaries(monkeypatch):
+    """A controlled clock drives both through many minute, hour and day boundaries."""
+    import limits.storage.memory
+    clock = FakeClock(1_800_000_000.0)
+    monkeypatch.setattr(limits.storage.memory, "time", clock)
+    reference = FixedWindowRateLimiter(MemoryStorage())
+    ours = RateLimiter("memory://")
+    rnd = random.Random(11)
+    crossed = {"minute": 0, "hour": 0, "day": 0}
+    for i in range(3000):
+        step = rnd.choice([0, 0, 1, 5, 13, 30, 59.5, 60, 61, 600, 3599, 3600, 86399, 86400.5])
+        clock.now += step
+        crossed["minute"] += step >= 60
+        crossed["hour"] += step >= 3600
+        crossed["day"] += step >= 86400
+        token = rnd.choice(["a", "b"])
+        want_allowed, want = limits_reference(reference, token, LIMITS)
+        got = ours.hit(token, LIMITS, now=clock.now)
+        assert got.allowed == want_allowed, i
+        for state, (window, remaining, reset_at) in zip(got.windows, want):
+            assert (state.window, state.remaining) == (window, remaining), i
+            if remaining < LIMITS[window]:
+                assert state.reset_at == pytest.approx(reset_at), (i, window)
+    assert min(crossed.values()) >= 100
+
+
+def test_a_limit_change_keeps_the_count_in_both_backends(redis_uri):
+    memory, shared = RateLimiter("memory://"), RateLimiter(redis_uri)
+    for limiter in (memory, shared):
+        for _ in range(3):
+            assert limiter.hit("k", {"minute": 3}).allowed
+        assert not limiter.hit("k", {"minute": 3}).allowed          # 4th of 3: refused
+    raised = [limiter.hit("k", {"minute": 5}) for limiter in (memory, shared)]
+    assert [d.windows[0].remaining for d in raised] == [0, 0]        # 5 hits counted of 5
+    assert [d.allowed for d in raised] == [True, True]
+    lowered = [limiter.hit("k", {"minute": 2}) for limiter in (memory, shared)]
+    assert [d.allowed for d in lowered] == [False, False]            # lowering forgives nothing

@@ -1,9 +1,8 @@
 """Usage analytics answered from Prometheus (the store of record), over its HTTP API.
 
-Totals over a time range are exact counter differences, not `increase()` (which extrapolates
-to the range's edges): per series, value at the end minus value at the start, or the value at
-the end for a series born inside the range. Only where `resets()` finds a counter reset (an
-exporter restart) inside the range does it fall back to `increase()`.
+Totals over a time range are exact with respect to the samples Prometheus holds, never an
+extrapolated `increase()`, for series that reset, stop being exported or are born inside the
+range (exact.py).
 
 Shapes: `tokens_report` is seed 001's /analytics/tokens; `usage_report` is seed 004's
 /api/analytics/usage content.
@@ -18,6 +17,8 @@ import re
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import requests
+
+from .exact import ExactCounters
 
 UTC = dt.timezone.utc
 Progress = Optional[Callable[[int, int], None]]
@@ -38,6 +39,14 @@ class PrometheusClient:
         self.session = requests.Session()
 
     def query(self, expr: str, at: float) -> List[Tuple[Dict[str, str], float]]:
+        return [(item["metric"], float(item["value"][1])) for item in self._query(expr, at)]
+
+    def query_samples(self, expr: str, at: float) -> List[Tuple[Dict[str, str], List[Tuple[float, float]]]]:
+        """A range-vector selector's raw samples per series."""
+        return [(item["metric"], [(float(t), float(v)) for t, v in item["values"]])
+                for item in self._query(expr, at)]
+
+    def _query(self, expr: str, at: float) -> list:
         try:
             response = self.session.post(f"{self.url}/api/v1/query",
                                          data={"query": expr, "time": f"{at:.3f}"},
@@ -52,7 +61,7 @@ class PrometheusClient:
                 f"Prometheus at {self.url} answered HTTP {response.status_code} without JSON") from None
         if doc.get("status") != "success":
             raise PrometheusUnavailable(f"Prometheus query failed: {doc.get('error', 'unknown error')}")
-        return [(item["metric"], float(item["value"][1])) for item in doc["data"]["result"]]
+        return doc["data"]["result"]
 
 
 class Scope:
@@ -68,20 +77,6 @@ class Scope:
         if not self.tokens:
             return 'token="__no_token__"'
         return "token=~`" + "|".join(re.escape(t) for t in self.tokens) + "`"
-
-
-def exact_increase(metric: str, matcher: str, start: float, end: float, by: str) -> str:
-    seconds = max(1, int(math.ceil(end - start)))
-    sel = f"{metric}{{{matcher}}}"
-    per_series = (f"(increase({sel}[{seconds}s] @ {end:.3f}) and (resets({sel}[{seconds}s] @ {end:.3f}) > 0))"
-                  f" or ({sel} @ {end:.3f} - {sel} @ {start:.3f})"
-                  f" or ({sel} @ {end:.3f})")
-    return f"sum by ({by}) ({per_series})"
-
-
-def _tagged(parts: Dict[str, str]) -> str:
-    """Several aggregations in one query, each tagged with label q=<name>."""
-    return " or ".join(f'label_replace({expr}, "q", "{name}", "", "")' for name, expr in parts.items())
 
 
 def iso(ts: float) -> str:
@@ -137,12 +132,23 @@ def day_buckets(start: float, end: float) -> List[Tuple[str, float, float]]:
     return buckets
 
 
-def _run(client: PrometheusClient, jobs: Sequence[Tuple[str, float]], progress: Progress,
+Parts = Dict[str, Tuple[str, Tuple[str, ...]]]     # name -> (selector, group-by labels)
+
+
+def _run(client: PrometheusClient, jobs: Sequence[Tuple[Parts, float, float]], progress: Progress,
          workers: int = 8) -> List[List[Tuple[Dict[str, str], float]]]:
+    """Each job's exact totals as rows of (labels with q=<part name>, value)."""
+    counters = ExactCounters(client.query, client.query_samples)
+
+    def one(job):
+        parts, start, end = job
+        return [({**labels, "q": name}, value)
+                for name, rows in counters.totals(parts, start, end).items() for labels, value in rows]
+
     results: List = [None] * len(jobs)
     done = 0
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = {pool.submit(client.query, expr, at): i for i, (expr, at) in enumerate(jobs)}
+        futures = {pool.submit(one, job): i for i, job in enumerate(jobs)}
         for future in concurrent.futures.as_completed(futures):
             results[futures[future]] = future.result()
             done += 1
@@ -151,11 +157,11 @@ def _run(client: PrometheusClient, jobs: Sequence[Tuple[str, float]], progress: 
     return results
 
 
-def _llm_parts(m: str, start: float, end: float, by: str) -> Dict[str, str]:
+def _llm_parts(m: str, by: Tuple[str, ...]) -> Parts:
     return {
-        "tokens": exact_increase("apitoken_llm_tokens_total", m, start, end, f"{by}, type" if by else "type"),
-        "requests": exact_increase("apitoken_llm_requests_total", m, start, end, by),
-        "cost": exact_increase("apitoken_llm_cost_usd_total", m, start, end, by),
+        "tokens": (f"apitoken_llm_tokens_total{{{m}}}", by + ("type",)),
+        "requests": (f"apitoken_llm_requests_total{{{m}}}", by),
+        "cost": (f"apitoken_llm_cost_usd_total{{{m}}}", by),
     }
 
 
@@ -188,8 +194,8 @@ def tokens_report_rows(client: PrometheusClient, scope: Scope, start: float, end
     services) for the report's rows, from the same queries."""
     m = scope.matcher
     days = day_buckets(start, end)
-    jobs = [(_tagged(_llm_parts(m, start, end, "service, model")), end)]
-    jobs += [(_tagged(_llm_parts(m, lo, hi, "")), hi) for _, lo, hi in days]
+    jobs = [(_llm_parts(m, ("service", "model")), start, end)]
+    jobs += [(_llm_parts(m, ()), lo, hi) for _, lo, hi in days]
     results = _run(client, jobs, progress)
 
     summary, by_model, by_service, by_pair = _counts(), {}, {}, {}
@@ -227,11 +233,11 @@ def tokens_report_rows(client: PrometheusClient, scope: Scope, start: float, end
     return doc, [by_pair[pair] for pair in sorted(by_pair)]
 
 
-def _usage_parts(m: str, start: float, end: float) -> Dict[str, str]:
+def _usage_parts(m: str) -> Parts:
     return {
-        "requests": exact_increase("apitoken_requests_total", m, start, end, ""),
-        "tokens": exact_increase("apitoken_llm_tokens_total", m, start, end, ""),
-        "cost": exact_increase("apitoken_llm_cost_usd_total", m, start, end, ""),
+        "requests": (f"apitoken_requests_total{{{m}}}", ()),
+        "tokens": (f"apitoken_llm_tokens_total{{{m}}}", ()),
+        "cost": (f"apitoken_llm_cost_usd_total{{{m}}}", ()),
     }
 
 
@@ -265,14 +271,12 @@ def usage_report(client: PrometheusClient, scope: Scope, now: float, progress: P
     def span(first: dt.datetime, nxt: dt.datetime):
         return first.timestamp(), min(now, nxt.timestamp())
 
-    jobs: List[Tuple[str, float]] = []
-    for start in periods.values():
-        jobs.append((_tagged(_usage_parts(m, start, now)), now))
+    parts = _usage_parts(m)
+    jobs: List[Tuple[Parts, float, float]] = [(parts, start, now) for start in periods.values()]
     buckets = ([span(d, d + dt.timedelta(days=1)) for d in daily]
                + [span(w, w + dt.timedelta(weeks=1)) for w in weekly]
                + [span(mo, (mo + dt.timedelta(days=32)).replace(day=1)) for mo in monthly])
-    for lo, hi in buckets:
-        jobs.append((_tagged(_usage_parts(m, lo, hi)), hi))
+    jobs += [(parts, lo, hi) for lo, hi in buckets]
     results = _run(client, jobs, progress)
 
     summary = {name: _usage_entry(rows) for name, rows in zip(periods, results[:4])}

@@ -30,6 +30,8 @@ class UsageCore:
         self.metrics = Metrics(max_tokens=s.max_tokens, max_routes=s.max_routes,
                                max_models=s.max_models, directory=s.state_dir,
                                capacity=s.store_capacity)
+        self.keystore.on_install.append(lambda keys: self.metrics.init_tokens(k.id for k in keys))
+        self.metrics.init_tokens(k.id for k in self.keystore.all())
         self.view = ScrapeView(self.metrics, self.keystore)
         self.tracker = UsageTracker(s.recent_requests)
         self.pricing = Pricing.load(s.pricing_file)

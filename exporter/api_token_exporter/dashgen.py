@@ -19,6 +19,18 @@ REAL_TOKENS = 'token!~"__.*__"'
 SECONDS_TO_MONTH_END = "scalar((days_in_month() - day_of_month()) * 86400 + 86400 - time() % 86400)"
 
 
+def total(selector: str, by: str = "") -> str:
+    """What a counter added over the dashboard's range, computed as the analytics API does
+    (docs/analytics.md): per series, the last sample minus the last one before the range, or
+    the whole value for a series born in it; never extrapolated. A series whose counter was
+    reset in the range (a restart without state_dir) falls back to increase()."""
+    resets = f"(resets({selector}[$__range]) > 0)"
+    per_series = (f"((last_over_time({selector}[$__range]) - last_over_time({selector}[1h] offset $__range))"
+                  f" or last_over_time({selector}[$__range])) unless {resets}"
+                  f" or (increase({selector}[$__range]) and {resets})")
+    return f"sum{f' by ({by})' if by else ''} ({per_series})"
+
+
 def target(expr: str, legend: str = "", ref: str = "A", instant: bool = False, fmt: str = "time_series"):
     return {"datasource": DS, "refId": ref, "expr": expr, "legendFormat": legend,
             "instant": instant, "range": not instant, "format": fmt}
@@ -157,21 +169,21 @@ def overview(t: dict) -> dict:
            "none", thresholds=steps(("green", None), ("yellow", 1)))
     b.stat("Invalid", 'count(max by (token) (apitoken_token_status{status=~"invalid|expired|inactive"}) == 1) or vector(0)',
            "none", thresholds=steps(("green", None), ("red", 1)))
-    b.stat("Requests", "sum(increase(apitoken_requests_total[$__range])) or vector(0)", "short", decimals=0)
-    b.stat("Successes", 'sum(increase(apitoken_requests_total{code=~"[123].."}[$__range])) or vector(0)', "short",
+    b.stat("Requests", total("apitoken_requests_total") + " or vector(0)", "short", decimals=0)
+    b.stat("Successes", total('apitoken_requests_total{code=~"[123].."}') + " or vector(0)", "short",
            decimals=0)
-    b.stat("Errors", 'sum(increase(apitoken_requests_total{code=~"[45].."}[$__range])) or vector(0)', "short",
+    b.stat("Errors", total('apitoken_requests_total{code=~"[45].."}') + " or vector(0)", "short",
            decimals=0, thresholds=steps(("green", None), ("red", 1)))
     b.stat("API limit per hour", 'sum(max by (token) (apitoken_rate_limit_limit{window="hour"})) or vector(0)',
            "short", description="Sum of the hourly limits of the tokens seen")
     b.row("Usage by period (seed 004)")
     for label, time_from in (("Today", "now/d"), ("This week", "now/w"), ("This month", "now/M"),
                              ("All time", "1y")):
-        b.stat(f"{label}: requests", f"sum(increase(apitoken_requests_total{{{REAL_TOKENS}}}[$__range])) or vector(0)",
+        b.stat(f"{label}: requests", total(f"apitoken_requests_total{{{REAL_TOKENS}}}") + " or vector(0)",
                "short", w=2, decimals=0, time_from=time_from)
-        b.stat(f"{label}: LLM tokens", "sum(increase(apitoken_llm_tokens_total[$__range])) or vector(0)",
+        b.stat(f"{label}: LLM tokens", total("apitoken_llm_tokens_total") + " or vector(0)",
                "short", w=2, decimals=0, time_from=time_from)
-        b.stat(f"{label}: cost", "sum(increase(apitoken_llm_cost_usd_total[$__range])) or vector(0)",
+        b.stat(f"{label}: cost", total("apitoken_llm_cost_usd_total") + " or vector(0)",
                "currencyUSD", w=2, decimals=2, time_from=time_from)
     b.row("Traffic")
     b.timeseries("Request volume by status code", [target(
@@ -189,10 +201,10 @@ def overview(t: dict) -> dict:
     b.timeseries("Failed authentications by reason", [target(
         "sum by (reason) (rate(apitoken_auth_failures_total[$__rate_interval]))", "{{reason}}")], "reqps")
     b.bargauge("Top tokens", [target(
-        f"topk(10, sum by (token) (increase(apitoken_requests_total{{{REAL_TOKENS}}}[$__range])))", "{{token}}",
+        f"topk(10, {total(f'apitoken_requests_total{{{REAL_TOKENS}}}', 'token')})", "{{token}}",
         instant=True)], "short")
     b.bargauge("Top endpoints", [target(
-        "topk(10, sum by (route) (increase(apitoken_requests_total[$__range])))", "{{route}}", instant=True)], "short")
+        f"topk(10, {total('apitoken_requests_total', 'route')})", "{{route}}", instant=True)], "short")
     return b.to_json()
 
 
@@ -204,13 +216,13 @@ def token_detail(t: dict) -> dict:
     sel = 'token="$token"'
     b.stat("Status", f"max by (status) (apitoken_token_status{{{sel}}}) == 1", "none", w=4, legend="{{status}}",
            text_mode="name")
-    b.stat("Uses", f"sum(increase(apitoken_requests_total{{{sel}}}[$__range])) or vector(0)", "short", w=4, decimals=0)
-    b.stat("Successes", f'sum(increase(apitoken_requests_total{{{sel},code=~"[123].."}}[$__range])) or vector(0)',
+    b.stat("Uses", total(f"apitoken_requests_total{{{sel}}}") + " or vector(0)", "short", w=4, decimals=0)
+    b.stat("Successes", total(f'apitoken_requests_total{{{sel},code=~"[123].."}}') + " or vector(0)",
            "short", w=4, decimals=0)
-    b.stat("Errors", f'sum(increase(apitoken_requests_total{{{sel},code=~"[45].."}}[$__range])) or vector(0)',
+    b.stat("Errors", total(f'apitoken_requests_total{{{sel},code=~"[45].."}}') + " or vector(0)",
            "short", w=4, decimals=0, thresholds=steps(("green", None), ("red", 1)))
     b.stat("Last used", f"max(apitoken_token_last_used_timestamp_seconds{{{sel}}}) * 1000", "dateTimeFromNow", w=4)
-    b.stat("LLM cost in range", f"sum(increase(apitoken_llm_cost_usd_total{{{sel}}}[$__range])) or vector(0)",
+    b.stat("LLM cost in range", total(f"apitoken_llm_cost_usd_total{{{sel}}}") + " or vector(0)",
            "currencyUSD", w=4, decimals=2)
     b.bargauge("Remaining per window", [target(
         f"min by (window) (apitoken_rate_limit_remaining{{{sel}}})", "{{window}}", instant=True)], "short", w=8)
@@ -220,7 +232,7 @@ def token_detail(t: dict) -> dict:
         target(f"max by (window) (apitoken_rate_limit_reset_timestamp_seconds{{{sel}}}) * 1000", "", "C",
                instant=True, fmt="table")], "short", w=8)
     b.bargauge("Top 5 endpoints", [target(
-        f"topk(5, sum by (route) (increase(apitoken_requests_total{{{sel}}}[$__range])))", "{{route}}",
+        f"topk(5, {total(f'apitoken_requests_total{{{sel}}}', 'route')})", "{{route}}",
         instant=True)], "short", w=8)
     b.timeseries("Latency p50 / p95 / p99", [target(
         f"histogram_quantile({q}, sum by (le) (rate(apitoken_request_duration_seconds_bucket{{{sel}}}[$__rate_interval])))",
@@ -247,13 +259,13 @@ def llm(t: dict) -> dict:
     b.timeseries("Tokens by service", [target(
         "sum by (service) (rate(apitoken_llm_tokens_total[$__rate_interval]))", "{{service}}")], "short")
     b.bargauge("Requests by model", [target(
-        "sum by (service, model) (increase(apitoken_llm_requests_total[$__range]))", "{{service}} {{model}}",
+        total("apitoken_llm_requests_total", "service, model"), "{{service}} {{model}}",
         instant=True)], "short", w=8)
     b.bargauge("Cost by model", [target(
-        "sum by (service, model) (increase(apitoken_llm_cost_usd_total[$__range]))", "{{service}} {{model}}",
+        total("apitoken_llm_cost_usd_total", "service, model"), "{{service}} {{model}}",
         instant=True)], "currencyUSD", w=8)
     b.bargauge("Unpriced requests (no price in the pricing file)", [target(
-        "sum by (service, model) (increase(apitoken_llm_unpriced_requests_total[$__range]))",
+        total("apitoken_llm_unpriced_requests_total", "service, model"),
         "{{service}} {{model}}", instant=True)], "short", w=8,
         description="Tokens of these models are counted, their cost is not: add them to the pricing file")
     b.row("Cost")
@@ -262,10 +274,10 @@ def llm(t: dict) -> dict:
                      "currencyUSD", w=8, bars=True, interval=window)
     b.row("Forecasts (predict_linear over the last 6 hours)")
     month_end = SECONDS_TO_MONTH_END
-    b.stat("Spent this month", "sum(increase(apitoken_llm_cost_usd_total[$__range])) or vector(0)", "currencyUSD",
+    b.stat("Spent this month", total("apitoken_llm_cost_usd_total") + " or vector(0)", "currencyUSD",
            w=6, decimals=2, time_from="now/M")
     b.stat("Predicted month-end cost",
-           f"sum(increase(apitoken_llm_cost_usd_total[$__range])) + (predict_linear(sum(apitoken_llm_cost_usd_total)[6h:$__interval], {month_end}) - sum(apitoken_llm_cost_usd_total))",
+           total("apitoken_llm_cost_usd_total") + f" + (predict_linear(sum(apitoken_llm_cost_usd_total)[6h:$__interval], {month_end}) - sum(apitoken_llm_cost_usd_total))",
            "currencyUSD", w=6, decimals=2, time_from="now/M")
     b.stat("Projected requests to month end",
            f"predict_linear(sum(apitoken_requests_total{{{REAL_TOKENS}}})[6h:$__interval], {month_end}) - sum(apitoken_requests_total{{{REAL_TOKENS}}})",

@@ -160,6 +160,7 @@ class KeyStore:
         self._last_check = float("-inf")
         self._logger = logger
         self.last_error: Optional[str] = None
+        self.on_install: List = []          # callbacks given each newly installed key list
         if keys:
             self._install(list(keys))
         if path:
@@ -176,6 +177,8 @@ class KeyStore:
             by_id[key.id] = key
             by_hash[key.key_hash] = key
         self._by_id, self._by_hash = by_id, by_hash
+        for callback in self.on_install:
+            callback(keys)
 
     def reload(self, force: bool = False) -> bool:
         """Re-read the file if it changed. Returns True when a new set was installed."""

@@ -38,7 +38,9 @@ def status_class(code: int) -> str:
 class LabelGuard:
     """Admits at most ``cap`` distinct values for one label; the rest become OVERFLOW.
 
-    Fixed values (e.g. UNAUTHENTICATED) are always admitted and do not use the cap.
+    Fixed values (e.g. UNAUTHENTICATED) are always admitted and do not use the cap. Reserved
+    values (the keys of the key file) are always admitted and do use it: other values share
+    what they leave.
     """
 
     def __init__(self, name: str, cap: int, on_overflow: Callable[[str], None],
@@ -52,6 +54,10 @@ class LabelGuard:
 
     def after_fork(self) -> None:
         self._lock = threading.Lock()
+
+    def reserve(self, values: Iterable[str]) -> None:
+        with self._lock:
+            self._seen.update(values)
 
     def admit(self, value: str) -> str:
         if value in self._seen:
@@ -133,6 +139,7 @@ class Metrics:
         self.store = Store(families, directory, capacity or DEFAULT_CAPACITY)
         self._window_slots = {}
         self._request_slots = {}
+        self._configured: tuple = ()
 
         def count_overflow(label: str) -> None:      # called with the store lock held
             self._add(self.overflow, (label,), 1.0)
@@ -161,6 +168,21 @@ class Metrics:
             for result in ("accepted", "rejected"):
                 self._add(self.ingest_events, (result,), 0.0)
             self._add(self.storage_errors, (), 0.0)
+            self._initial_token_series(self._configured)
+
+    def init_tokens(self, token_ids) -> None:
+        """The configured tokens' status classes exist at 0 before their first request, so
+        that request counts in rate() too."""
+        self._configured = tuple(token_ids)
+        with self.store.lock:
+            self._initial_token_series(self._configured)
+
+    def _initial_token_series(self, token_ids) -> None:
+        self.tokens.reserve(token_ids)
+        for token in token_ids:
+            if (token, "2xx") not in self.by_class.series:
+                for klass in STATUS_CLASSES:
+                    self.store.slot(self.by_class, (token, klass))
 
     # -- series lookup (store lock held) ------------------------------------------------------
     def _add(self, family: Family, key: tuple, amount: float) -> None:

@@ -33,12 +33,20 @@ ENVIRON_TOKEN = "api_token_exporter.token"
 ENVIRON_ROUTE = "api_token_exporter.route"
 
 
+_END = object()
+
+
 class _Call:
     """One request through the middleware: the wrapped start_response, the response iterable
-    that records metrics on close(), and the context record_llm_usage() reads."""
+    that records the request, and the context record_llm_usage() reads.
+
+    A body of known length is recorded just before its last chunk goes out (one chunk of
+    look-ahead), so a client that has the whole response and then scrapes finds it counted;
+    a streamed body (no Content-Length) is recorded when it ends, never held back a chunk."""
 
     __slots__ = ("analytics", "environ", "start_response", "key", "llm_token", "started",
-                 "extra_headers", "code", "headers", "result", "capture", "llm_recorded", "done")
+                 "extra_headers", "code", "headers", "result", "capture", "llm_recorded", "done",
+                 "sized")
 
     def __init__(self, analytics, environ, start_response, key, llm_token, started, extra_headers):
         self.analytics, self.environ, self.start_response = analytics, environ, start_response
@@ -46,11 +54,12 @@ class _Call:
         self.extra_headers = extra_headers
         self.code, self.headers = 500, ()
         self.result = self.capture = None
-        self.llm_recorded = self.done = False
+        self.llm_recorded = self.done = self.sized = False
 
     def start(self, status, headers, exc_info=None):
         self.code = _status_code(status)
         self.headers = headers
+        self.sized = any(name.lower() == "content-length" for name, _ in headers)
         analytics = self.analytics
         if analytics._flask_request is not None:   # Flask calls this inside its request context
             ctx = analytics._flask_request.get(None)
@@ -66,23 +75,41 @@ class _Call:
     def __iter__(self):
         return self._iterate()
 
-    def _iterate(self):
-        """The body, with this call as the current request while each chunk is produced, so
-        record_llm_usage() works inside a streamed response."""
+    def _pull(self, chunks):
+        """The next chunk, produced with this call as the current request (so that
+        record_llm_usage() works inside a streamed response), or _END."""
+        reset = _current.set(self)
+        try:
+            chunk = next(chunks)
+        except StopIteration:
+            return _END
+        finally:
+            _current.reset(reset)
         capture = self.capture
+        if capture is not None and capture.size <= capture.limit:
+            capture.chunks.append(chunk)
+            capture.size += len(chunk)
+        return chunk
+
+    def _iterate(self):
         chunks = iter(self.result)
-        while True:
-            reset = _current.set(self)
-            try:
-                chunk = next(chunks)
-            except StopIteration:
-                return
-            finally:
-                _current.reset(reset)
-            if capture is not None and capture.size <= capture.limit:
-                capture.chunks.append(chunk)
-                capture.size += len(chunk)
-            yield chunk
+        pending = self._pull(chunks)
+        while pending is not _END:
+            if self.sized:
+                following = self._pull(chunks)
+                if following is _END:
+                    self.finish()
+                yield pending
+                pending = following
+            else:
+                yield pending
+                pending = self._pull(chunks)
+        self.finish()
+
+    def finish(self) -> None:
+        if not self.done:
+            self.done = True
+            self.analytics._finish(self)
 
     def close(self):
         try:
@@ -90,9 +117,7 @@ class _Call:
             if close is not None:
                 close()
         finally:
-            if not self.done:
-                self.done = True
-                self.analytics._finish(self)
+            self.finish()
 
 
 _current: contextvars.ContextVar[Optional[_Call]] = contextvars.ContextVar(

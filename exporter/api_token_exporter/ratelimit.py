@@ -51,24 +51,29 @@ Plan = Tuple[Tuple[str, int, int], ...]       # (window, limit, seconds), in win
 
 
 class MemoryBackend:
+    """Counts per (token, window), as Redis keeps them: a change of a key's limit keeps the
+    count of the running window (raising 3 to 5 after 3 hits leaves 2; lowering it never
+    forgives what was used)."""
+
     def __init__(self):
-        self._counters: Dict[tuple, list] = {}     # (token, plan) -> [[count, expires_at], ...]
+        self._counters: Dict[tuple, list] = {}     # (token, window) -> [count, expires_at]
         self._lock = threading.Lock()
+        self._next_sweep = 0.0
 
     def hit(self, token: str, plan: Plan, now: float) -> Decision:
         windows: List[WindowState] = []
         refused = None
+        counters = self._counters
         with self._lock:
-            entries = self._counters.get((token, plan))
-            if entries is None:
-                entries = self._counters[(token, plan)] = [[0, 0.0] for _ in plan]
-            for (window, limit, seconds), entry in zip(plan, entries):
+            for window, limit, seconds in plan:
+                entry = counters.get((token, window))
+                if entry is None:
+                    entry = counters[(token, window)] = [0, 0.0]
                 if entry[1] <= now:                  # expired, or never started
-                    entry[0], entry[1] = 0, now + seconds
                     if refused is not None:          # not charged: the window has not started
                         windows.append(WindowState(window, limit, limit, now + seconds))
-                        entry[1] = 0.0
                         continue
+                    entry[0], entry[1] = 0, now + seconds
                 if refused is None:
                     entry[0] += 1
                     state = WindowState(window, limit, max(0, limit - entry[0]), entry[1])
@@ -77,6 +82,10 @@ class MemoryBackend:
                 else:
                     state = WindowState(window, limit, max(0, limit - entry[0]), entry[1])
                 windows.append(state)
+            if now >= self._next_sweep:              # forget windows that ended, once a minute
+                self._next_sweep = now + 60.0
+                for k in [k for k, e in counters.items() if e[1] <= now]:
+                    del counters[k]
         return Decision(refused is None, windows, refused)
 
     def reset(self) -> None:

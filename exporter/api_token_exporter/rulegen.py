@@ -117,7 +117,7 @@ def recording_rules(t: dict) -> List[dict]:
     quantiles = sorted({0.5, q, 0.99})
     fast = [
         {"record": f"token:apitoken_requests:rate{w}",
-         "expr": f"sum by (token) (rate(apitoken_requests_total[{w}]))"},
+         "expr": f"sum by (token) (rate(apitoken_requests_by_class_total[{w}]))"},
         {"record": f"token_route:apitoken_requests:rate{w}",
          "expr": f"sum by (token, route) (rate(apitoken_requests_total[{w}]))"},
         {"record": f"token_code:apitoken_requests:rate{w}",
@@ -125,7 +125,7 @@ def recording_rules(t: dict) -> List[dict]:
         {"record": f"route:apitoken_requests:rate{w}",
          "expr": f"sum by (route) (rate(apitoken_requests_total[{w}]))"},
         {"record": f"token:apitoken_request_errors:rate{w}",
-         "expr": f'sum by (token) (rate(apitoken_requests_total{{code=~"5.."}}[{w}]))'},
+         "expr": f'sum by (token) (rate(apitoken_requests_by_class_total{{class="5xx"}}[{w}]))'},
         {"record": f"token:apitoken_request_errors:ratio_rate{w}",
          "expr": (f"(token:apitoken_request_errors:rate{w} or token:apitoken_requests:rate{w} * 0)\n"
                   f"/\ntoken:apitoken_requests:rate{w} > -1")},
@@ -163,9 +163,9 @@ def recording_rules(t: dict) -> List[dict]:
         {"record": f":apitoken_auth_failures:increase{t['unauthorized']['window']}",
          "expr": f"sum(increase(apitoken_auth_failures_total[{t['unauthorized']['window']}]))"},
         {"record": "token:apitoken_requests:rate1h",
-         "expr": "sum by (token) (rate(apitoken_requests_total[1h]))"},
+         "expr": "sum by (token) (rate(apitoken_requests_by_class_total[1h]))"},
         {"record": "token:apitoken_requests:rate1d",
-         "expr": "sum by (token) (rate(apitoken_requests_total[1d]))"},
+         "expr": "sum by (token) (rate(apitoken_requests_by_class_total[1d]))"},
         {"record": "token:apitoken_requests:baseline_rate",
          "expr": ('max by (token) (\n'
                   '  label_replace(token:apitoken_requests:rate1h offset 1w, "baseline", "same_hour_last_week", "", "")\n'
@@ -174,9 +174,9 @@ def recording_rules(t: dict) -> List[dict]:
     ]
     coarse = [
         {"record": f"token:apitoken_requests:increase{c}",
-         "expr": f"sum by (token) (increase(apitoken_requests_total[{c}]))"},
+         "expr": f"sum by (token) (increase(apitoken_requests_by_class_total[{c}]))"},
         {"record": f"token:apitoken_request_errors:increase{c}",
-         "expr": f'sum by (token) (increase(apitoken_requests_total{{code=~"5.."}}[{c}]))'},
+         "expr": f'sum by (token) (increase(apitoken_requests_by_class_total{{class="5xx"}}[{c}]))'},
         {"record": f"token_service_model_type:apitoken_llm_tokens:increase{c}",
          "expr": f"sum by (token, service, model, type) (increase(apitoken_llm_tokens_total[{c}]))"},
         {"record": f"token_service_model:apitoken_llm_requests:increase{c}",

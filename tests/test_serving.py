@@ -1,0 +1,289 @@
+"""Real serving: gunicorn with several threaded workers under concurrent scrapes, against
+prometheus_client's MultiProcessCollector as the oracle; `serve` stopped by signals; counters
+that survive a restart with state_dir, as a real Prometheus sees them."""
+import collections
+import concurrent.futures
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+from api_token_exporter.keystore import add_key
+from conftest import free_port, sample_total, wait_for_port
+
+pytestmark = pytest.mark.integration
+DEMO = "api_token_exporter.demo:app_from_env()"
+CLI = [sys.executable, "-m", "api_token_exporter.cli"]
+
+ORACLE = """
+import json, os, sys
+from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.multiprocess import MultiProcessCollector
+events = json.load(open(sys.argv[1]))
+counter = Counter("apitoken_requests", "requests", ["token", "code"])
+children = []
+for part in (events[0::2], events[1::2]):          # two processes, as two workers
+    pid = os.fork()
+    if pid == 0:
+        for token, code in part:
+            counter.labels(token, code).inc()
+        os._exit(0)
+    children.append(pid)
+for pid in children:
+    os.waitpid(pid, 0)
+registry = CollectorRegistry()
+MultiProcessCollector(registry)
+out = {}
+for family in registry.collect():
+    for s in family.samples:
+        if s.name == "apitoken_requests_total":
+            out[s.labels["token"] + "|" + s.labels["code"]] = s.value
+print(json.dumps(out))
+"""
+
+
+def oracle_counts(tmp_path, events):
+    """The same (token, code) events through prometheus_client's multiprocess mode."""
+    path = tmp_path / "events.json"
+    path.write_text(json.dumps(events))
+    mp = tmp_path / "oracle-mp"
+    mp.mkdir()
+    result = subprocess.run([sys.executable, "-c", ORACLE, str(path)], capture_output=True, text=True,
+                            env=dict(os.environ, PROMETHEUS_MULTIPROC_DIR=str(mp)), timeout=120, check=True)
+    return {tuple(k.split("|")): v for k, v in json.loads(result.stdout).items()}
+
+
+def test_gunicorn_threaded_workers_under_concurrent_scrapes_count_exactly(gunicorn_app, tmp_path):
+    keys_file = str(tmp_path / "keys.yml")
+    limits = {"minute": 1_000_000, "hour": 1_000_000, "day": 1_000_000}
+    raw = {t: add_key(keys_file, t, rate_limits=limits) for t in ("alpha", "beta", "gamma")}
+    raw["tight"] = add_key(keys_file, "tight", rate_limits={"minute": 50})
+    url = gunicorn_app(DEMO, workers=2, threads=4, keys_file=keys_file)
+
+    total = 20_000
+    plan = []
+    for i in range(total):
+        token = ("alpha", "beta", "gamma", "tight", None)[i % 5]
+        path = ("/api/v1/items", "/api/v1/items/7", "/api/v1/items/500", "/api/v1/nowhere")[i % 4]
+        plan.append((token, path))
+
+    stop = threading.Event()
+    scrape_errors, scrapes = [], collections.Counter()
+
+    def scraper(n):
+        last = {}
+        session = requests.Session()
+        while not stop.is_set():
+            try:
+                text = session.get(url + "/metrics", timeout=30).text
+                current = {}
+                for family in text_string_to_metric_families(text):
+                    for s in family.samples:
+                        if s.name == "apitoken_requests_total":
+                            current[tuple(sorted(s.labels.items()))] = s.value
+            except Exception as exc:
+                scrape_errors.append(repr(exc))
+                return
+            went_down = [k for k, v in last.items() if current.get(k, 0) < v]
+            if went_down:
+                scrape_errors.append(f"scraper {n}: {went_down[:3]} went down")
+            if sum(current.values()) > total:
+                scrape_errors.append(f"scraper {n}: {sum(current.values())} > {total} sent")
+            last = current
+            scrapes[n] += 1
+            stop.wait(0.2)
+
+    def client(part):
+        host, port = url.split("//")[1].split(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=30)   # keep-alive, light client
+        got = []
+        for token, path in part:
+            conn.request("GET", path, headers={"X-API-Key": raw[token]} if token else {})
+            response = conn.getresponse()
+            response.read()
+            got.append((token or "__unauthenticated__", str(response.status)))
+        conn.close()
+        return got
+
+    scrapers = [threading.Thread(target=scraper, args=(n,)) for n in range(4)]
+    for t in scrapers:
+        t.start()
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        events = [e for part in pool.map(client, [plan[i::8] for i in range(8)]) for e in part]
+    stop.set()
+    for t in scrapers:
+        t.join()
+
+    assert scrape_errors == []
+    assert min(scrapes[n] for n in range(4)) >= 2, scrapes
+    sent = collections.Counter(events)
+    assert sum(sent.values()) == total
+    assert sent[("tight", "429")] > 0 and sent[("__unauthenticated__", "401")] == total // 5
+    text = requests.get(url + "/metrics", timeout=30).text
+    ours = {(t, c): sample_total(text, "apitoken_requests_total", token=t, code=c) for t, c in sent}
+    assert ours == dict(sent)
+    assert sample_total(text, "apitoken_requests_total") == total
+    assert sample_total(text, "apitoken_request_duration_seconds_count") == total
+    assert oracle_counts(tmp_path, [list(e) for e in events]) == {k: float(v) for k, v in sent.items()}
+
+
+def start_serve(tmp_path, *args, env=None, port=None):
+    port = port or free_port()
+    log = open(tmp_path / f"serve-{port}-{time.monotonic_ns()}.log", "w")
+    proc = subprocess.Popen(CLI + ["serve", "--port", str(port), *args], stdout=log,
+                            stderr=subprocess.STDOUT, env=dict(os.environ, **(env or {})),
+                            start_new_session=True)
+    wait_for_port(port, proc)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
+                break
+        except requests.RequestException:
+            time.sleep(0.1)
+    return proc, port
+
+
+def process_group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_serve_stops_every_worker_and_frees_the_port(tmp_path, keys, sig):
+    proc, port = start_serve(tmp_path, "--workers", "4", "--keys-file", keys[0])
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:            # the master (the CLI itself) and four workers
+        group = subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        if len(group) == 5:
+            break
+        time.sleep(0.1)
+    assert len(group) == 5
+    proc.send_signal(sig)
+    assert proc.wait(timeout=30) == 0
+    deadline = time.monotonic() + 10
+    while process_group_alive(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not process_group_alive(proc.pid), "a worker outlived the server"
+    assert port_free(port)
+
+
+def test_serve_refuses_metrics_port_with_several_workers_and_bad_settings(tmp_path, keys):
+    refused = subprocess.run(CLI + ["serve", "--workers", "2", "--keys-file", keys[0]], capture_output=True,
+                             text=True, timeout=60, env=dict(os.environ, ATE_METRICS_PORT=str(free_port())))
+    assert refused.returncode == 2
+    assert "metrics_port" in refused.stderr and "one worker" in refused.stderr
+    bad = subprocess.run(CLI + ["serve", "--keys-file", keys[0]], capture_output=True, text=True, timeout=60,
+                         env=dict(os.environ, ATE_STORE_CAPACITY="lots"))
+    assert bad.returncode == 2 and "store_capacity" in bad.stderr
+
+
+def post_events(port, n, token="alpha"):
+    events = [{"token": token, "route": "/orders/{id}", "method": "GET", "status": 200, "duration_ms": 4}] * n
+    r = requests.post(f"http://127.0.0.1:{port}/v1/events", json={"events": events}, timeout=10,
+                      headers={"Authorization": "Bearer in"})
+    assert r.json()["accepted"] == n
+
+
+def test_counters_survive_a_restart_with_state_dir(tmp_path, keys):
+    state = tmp_path / "state"
+    env = {"ATE_INGEST_TOKEN": "in"}
+    args = ["--workers", "2", "--keys-file", keys[0], "--state-dir", str(state)]
+    proc, port = start_serve(tmp_path, *args, env=env)
+    post_events(port, 60)
+    post_events(port, 40)
+    assert sample_total(requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text,
+                        "apitoken_requests_total", token="alpha") == 100
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+    proc, port = start_serve(tmp_path, *args, env=env, port=port)
+    try:
+        post_events(port, 50)
+        text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        assert sample_total(text, "apitoken_requests_total", token="alpha") == 150
+        assert sample_total(text, "apitoken_request_duration_seconds_count", token="alpha") == 150
+        assert sample_total(text, "apitoken_ingest_events_total", result="accepted") == 150
+        # the folded files of the first run are gone: the archive and the live workers' files
+        assert len(list(state.glob("ate-*.data"))) <= 2 and (state / "archive.json").exists()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+@pytest.mark.parametrize("keep_state", [True, False], ids=["state_dir", "no_state_dir"])
+def test_analytics_stay_exact_across_a_restart(tmp_path, keys, keep_state):
+    from api_token_exporter.analytics import PrometheusClient
+    from api_token_exporter.exact import samples_increase
+    from api_token_exporter.stack import prometheus_config, start_prometheus
+    port = free_port()
+    prom = start_prometheus(str(tmp_path / "prom"), prometheus_config(
+        {"api-token-exporter": [f"127.0.0.1:{port}"]}, None, str(tmp_path / "no-rules"),
+        scrape_interval="1s", evaluation_interval="1s"))
+    env = {"ATE_INGEST_TOKEN": "in", "ATE_ADMIN_TOKEN": "adm", "ATE_PROMETHEUS_URL": prom.url}
+    args = ["--keys-file", keys[0]] + (["--state-dir", str(tmp_path / "state")] if keep_state else [])
+    proc = None
+    try:
+        client = PrometheusClient(prom.url)
+
+        def scraped_value(expected):
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                got = client.query('sum(apitoken_requests_total{token="alpha"})', time.time())
+                if got and got[0][1] == expected:
+                    time.sleep(1.5)                       # and once more
+                    return
+                time.sleep(0.2)
+            raise AssertionError(f"Prometheus never saw {expected}")
+
+        proc, _ = start_serve(tmp_path, *args, env=env, port=port)
+        post_events(port, 100)
+        scraped_value(100)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        proc, _ = start_serve(tmp_path, *args, env=env, port=port)
+        post_events(port, 50)
+        scraped_value(150 if keep_state else 50)
+        usage = requests.get(f"http://127.0.0.1:{port}/api/analytics/usage", timeout=30,
+                             headers={"Authorization": "Bearer adm"}).json()
+        now = time.time()
+        resets = client.query('resets(apitoken_requests_total{token="alpha"}[10m])', now)
+        raw = client.query_samples('apitoken_requests_total{token="alpha"}[10m]', now)
+        scraped = sum(samples_increase(values, now - 600) for _, values in raw)
+        assert scraped == 150, raw                        # Prometheus saw every increment
+        assert usage["summary"]["allTime"]["requests"] == 150
+        assert usage["summary"]["today"]["requests"] == 150 or dt_is_midnight(now)
+        if keep_state:
+            assert [v for _, v in resets] == [0.0]        # no reset: the counter continued
+        else:
+            assert sum(v for _, v in resets) >= 1         # it did reset, and nothing was lost
+    finally:
+        if proc is not None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=30)
+        prom.stop()
+
+
+def dt_is_midnight(ts: float) -> bool:
+    """The test straddled 00:00 UTC, when 'today' legitimately starts over."""
+    return time.gmtime(ts).tm_hour == 0 and time.gmtime(ts).tm_min == 0
