@@ -287,3 +287,54 @@ def test_analytics_stay_exact_across_a_restart(tmp_path, keys, keep_state):
 def dt_is_midnight(ts: float) -> bool:
     """The test straddled 00:00 UTC, when 'today' legitimately starts over."""
     return time.gmtime(ts).tm_hour == 0 and time.gmtime(ts).tm_min == 0
+
+
+def test_serve_threads_create_series_while_four_scrapers_read(tmp_path, keys):
+    """One threaded worker: ingest threads add new tokens and routes (new series) while four
+    threads scrape; no scrape fails, no counter goes down, the final totals are exact."""
+    env = {"ATE_INGEST_TOKEN": "in", "ATE_INGEST_ALLOW_UNKNOWN_TOKENS": "true"}
+    proc, port = start_serve(tmp_path, "--threads", "8", "--keys-file", keys[0], env=env)
+    url = f"http://127.0.0.1:{port}"
+    stop = threading.Event()
+    errors, scrapes = [], collections.Counter()
+
+    def scraper(n):
+        session, last = requests.Session(), 0.0
+        while not stop.is_set():
+            try:
+                r = session.get(url + "/metrics", timeout=30)
+                assert r.status_code == 200, r.status_code
+                total = sample_total(r.text, "apitoken_requests_total")
+            except Exception as exc:
+                errors.append(repr(exc))
+                return
+            if total < last:
+                errors.append(f"{last} -> {total}")
+            last = total
+            scrapes[n] += 1
+
+    def writer(w):
+        session = requests.Session()
+        for batch in range(20):
+            events = [{"token": f"svc-{w}-{batch}", "route": f"/r/{w}/{batch}/{i}", "status": 200 + (i % 4) * 100,
+                       "duration_ms": i} for i in range(25)]
+            r = session.post(url + "/v1/events", json=events, headers={"Authorization": "Bearer in"}, timeout=30)
+            assert r.json()["accepted"] == 25
+
+    threads = [threading.Thread(target=scraper, args=(n,)) for n in range(4)]
+    try:
+        for t in threads:
+            t.start()
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            list(pool.map(writer, range(4)))
+        stop.set()
+        for t in threads:
+            t.join()
+        assert errors == [] and min(scrapes[n] for n in range(4)) >= 1, (errors, scrapes)
+        text = requests.get(url + "/metrics", timeout=30).text
+        assert sample_total(text, "apitoken_requests_total") == 4 * 20 * 25
+        assert sample_total(text, "apitoken_requests_by_class_total", **{"class": "5xx"}) == 4 * 20 * 6
+    finally:
+        stop.set()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
