@@ -17,6 +17,7 @@ demo:
 
 bench:
 	$(PYTHON) benchmarks/bench_middleware.py --rounds 21
+	$(PYTHON) benchmarks/bench_instructions.py
 	$(PYTHON) benchmarks/bench_scrape.py
 	$(PYTHON) benchmarks/bench_ratelimit.py
 	$(PYTHON) benchmarks/bench_load.py

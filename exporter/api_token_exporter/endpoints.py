@@ -13,7 +13,6 @@ from typing import List, Optional, Tuple
 from flask import Flask, Response, jsonify, request
 
 from .keystore import valid_token_id, well_formed_key
-from .store import DROPPED_SERIES
 from .usage import UsageError, validate_usage
 
 ADMIN_PATHS = ("/admin/token-details", "/admin/stats")
@@ -94,11 +93,9 @@ def build_endpoints(core, serve_metrics: bool = True, admin: bool = True, health
     @app.route(HEALTH_PATH, methods=["GET"])
     def healthz():
         store = core.metrics.store
-        with store.snapshot():
-            dropped = store.total(DROPPED_SERIES)
         return jsonify({"status": "ok", "keys": len(core.keystore),
                         "key_file_error": core.keystore.last_error,
-                        "store": {"dropped_series": int(dropped), "capacity": store.capacity,
+                        "store": {"dropped_series": store.dropped_series(), "capacity": store.capacity,
                                   "state_dir": store.directory if core.settings.state_dir else None}})
 
     if admin and s.admin_token:

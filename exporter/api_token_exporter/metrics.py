@@ -140,6 +140,7 @@ class Metrics:
         self._window_slots = {}
         self._request_slots = {}
         self._configured: tuple = ()
+        self._hist_width = self.duration.width        # both request histograms share it
 
         def count_overflow(label: str) -> None:      # called with the store lock held
             self._add(self.overflow, (label,), 1.0)
@@ -197,13 +198,9 @@ class Metrics:
             slots = self._request_slots.get((token, route, method, code, authenticated))
             if slots is None:
                 slots = self._new_request_slots(token, route, method, code, authenticated)
-            requests, by_class, duration_slot, route_slot, last_used = slots
-            store.inc(requests)
-            store.inc(by_class)
-            store.observe(self.duration, duration_slot, duration)
-            store.observe(self.route_duration, route_slot, duration)
-            if last_used:
-                store.set_max(last_used, now if now is not None else time.time())
+            counters, histograms, last_used = slots
+            store.observe_all(counters, histograms, self._hist_width, LATENCY_BUCKETS, duration,
+                              last_used, now if now is not None else time.time())
 
     def _new_request_slots(self, token, route, method, code, authenticated) -> tuple:
         """All slots a request writes, found once: the caps apply here (store lock held)."""
@@ -214,10 +211,10 @@ class Metrics:
         if (a_token, klass) not in self.by_class.series:
             for other in STATUS_CLASSES:               # the token's other classes start at 0
                 store.slot(self.by_class, (a_token, other))
-        slots = (store.slot(self.requests, (a_token, a_route, a_method, str(code))),
-                 store.slot(self.by_class, (a_token, klass)),
-                 store.slot(self.duration, (a_token,)),
-                 store.slot(self.route_duration, (a_route, a_method)),
+        slots = ((store.slot(self.requests, (a_token, a_route, a_method, str(code))),
+                  store.slot(self.by_class, (a_token, klass))),
+                 (store.slot(self.duration, (a_token,)),
+                  store.slot(self.route_duration, (a_route, a_method))),
                  store.slot(self.last_used, (a_token,)) if authenticated else 0)
         if (a_token, a_route, a_method) == (token, route, method):   # overflowed ones: not remembered
             self._request_slots[(token, route, method, code, authenticated)] = slots
@@ -236,10 +233,7 @@ class Metrics:
                 slots = cache.get((token, w.window))
                 if slots is None:
                     slots = self._new_window_slots(token, w.window)
-                a, b, c = slots
-                store.set_recent(a, w.limit, now)
-                store.set_recent(b, w.remaining, now)
-                store.set_recent(c, w.reset_at, now)
+                store.set_recent3(slots, w.limit, w.remaining, w.reset_at, now)
 
     def _new_window_slots(self, token: str, window: str) -> tuple:
         key = (self.tokens.admit(token), window)
@@ -295,8 +289,8 @@ class ScrapeView:
         now = now if now is not None else self.clock()
         store = self.metrics.store
         with store.snapshot():
-            remaining = store.gauge_values("apitoken_rate_limit_remaining")
-            resets = store.gauge_values("apitoken_rate_limit_reset_timestamp_seconds")
+            remaining = store.values_by_key(self.metrics.rl_remaining)
+            resets = store.values_by_key(self.metrics.rl_reset)
         return {tok for (tok, win), value in remaining.items()
                 if value <= 0 and resets.get((tok, win), 0) > now}
 

@@ -23,7 +23,7 @@ from .config import Settings, load_settings
 from .core import UsageCore
 from .keystore import ApiKey, KeyStore, mask_key
 from .metrics import UNMATCHED_ROUTE
-from .ratelimit import WINDOW_ORDER, WINDOW_SECONDS, Decision
+from .ratelimit import WINDOW_ORDER, Decision
 from .llmcapture import extract_usage
 from .usage import LLMUsage, UsageError, validate_usage
 
@@ -34,32 +34,38 @@ ENVIRON_ROUTE = "api_token_exporter.route"
 
 
 _END = object()
+_CONTENT_LENGTH = frozenset(("Content-Length", "content-length", "CONTENT-LENGTH"))
 
 
 class _Call:
     """One request through the middleware: the wrapped start_response, the response iterable
     that records the request, and the context record_llm_usage() reads.
 
-    A body of known length is recorded just before its last chunk goes out (one chunk of
-    look-ahead), so a client that has the whole response and then scrapes finds it counted;
-    a streamed body (no Content-Length) is recorded when it ends, never held back a chunk."""
+    The call stays the current request (a context variable) from the app's call until the
+    body is finished, so record_llm_usage() works inside a streamed body too. A body of known
+    length is recorded just before its last chunk goes out (one chunk of look-ahead), so a
+    client that has the whole response and then scrapes finds it counted; a streamed body (no
+    Content-Length) is recorded when it ends, never held back a chunk."""
 
     __slots__ = ("analytics", "environ", "start_response", "key", "llm_token", "started",
                  "extra_headers", "code", "headers", "result", "capture", "llm_recorded", "done",
-                 "sized")
+                 "sized", "context")
 
     def __init__(self, analytics, environ, start_response, key, llm_token, started, extra_headers):
         self.analytics, self.environ, self.start_response = analytics, environ, start_response
         self.key, self.llm_token, self.started = key, llm_token, started
         self.extra_headers = extra_headers
         self.code, self.headers = 500, ()
-        self.result = self.capture = None
+        self.result = self.capture = self.context = None
         self.llm_recorded = self.done = self.sized = False
 
     def start(self, status, headers, exc_info=None):
         self.code = _status_code(status)
         self.headers = headers
-        self.sized = any(name.lower() == "content-length" for name, _ in headers)
+        for name, _ in headers:
+            if name in _CONTENT_LENGTH:
+                self.sized = True
+                break
         analytics = self.analytics
         if analytics._flask_request is not None:   # Flask calls this inside its request context
             ctx = analytics._flask_request.get(None)
@@ -73,43 +79,43 @@ class _Call:
         return self.start_response(status, headers, exc_info)
 
     def __iter__(self):
-        return self._iterate()
-
-    def _pull(self, chunks):
-        """The next chunk, produced with this call as the current request (so that
-        record_llm_usage() works inside a streamed response), or _END."""
-        reset = _current.set(self)
-        try:
-            chunk = next(chunks)
-        except StopIteration:
-            return _END
-        finally:
-            _current.reset(reset)
-        capture = self.capture
-        if capture is not None and capture.size <= capture.limit:
-            capture.chunks.append(chunk)
-            capture.size += len(chunk)
-        return chunk
-
-    def _iterate(self):
         chunks = iter(self.result)
-        pending = self._pull(chunks)
+        if self.sized:
+            return self._look_ahead(chunks)
+        if self.capture is not None:
+            return self._captured(chunks)
+        return chunks                        # streamed: recorded at close()
+
+    def _look_ahead(self, chunks):
+        capture = self.capture
+        pending = next(chunks, _END)
         while pending is not _END:
-            if self.sized:
-                following = self._pull(chunks)
-                if following is _END:
-                    self.finish()
-                yield pending
-                pending = following
-            else:
-                yield pending
-                pending = self._pull(chunks)
+            if capture is not None:
+                capture.add(pending)
+            following = next(chunks, _END)
+            if following is _END:
+                self.finish()
+            yield pending
+            pending = following
         self.finish()
 
+    def _captured(self, chunks):
+        capture = self.capture
+        for chunk in chunks:
+            capture.add(chunk)
+            yield chunk
+
     def finish(self) -> None:
-        if not self.done:
-            self.done = True
-            self.analytics._finish(self)
+        if self.done:
+            return
+        self.done = True
+        context, self.context = self.context, None
+        if context is not None:
+            try:
+                _current.reset(context)
+            except ValueError:               # closed from another context than the call's
+                _current.set(None)
+        self.analytics._finish(self)
 
     def close(self):
         try:
@@ -178,6 +184,11 @@ class _Capture:
         self.chunks: List[bytes] = []
         self.size = 0
         self.limit = limit
+
+    def add(self, chunk: bytes) -> None:
+        if self.size <= self.limit:
+            self.chunks.append(chunk)
+            self.size += len(chunk)
 
     @property
     def complete(self) -> bool:
@@ -302,14 +313,14 @@ class TokenAnalytics:
         llm_token = key.id if identified else None
         environ[ENVIRON_TOKEN] = llm_token
         call = _Call(self, environ, start_response, key, llm_token, started, extra_headers)
-        reset_ctx = _current.set(call)
+        call.context = _current.set(call)      # reset when the body is finished
         try:
             call.result = self.app(environ, call.start)
         except BaseException:
+            _current.reset(call.context)
+            call.context = None
             self._record(environ, key, 500, started)
             raise
-        finally:
-            _current.reset(reset_ctx)
         if identified and self.settings.capture_llm_usage:
             call.capture = _Capture(self.settings.capture_max_bytes)
         return call
@@ -386,16 +397,15 @@ class TokenAnalytics:
 _STATIC_HEADERS: Dict[tuple, tuple] = {}
 
 
-def _static_headers(windows) -> tuple:
+def _static_headers(plan) -> tuple:
     """What a limit plan makes constant: names, limits and the RateLimit-Policy value."""
-    key = tuple((s.window, s.limit) for s in windows)
-    static = _STATIC_HEADERS.get(key)
+    static = _STATIC_HEADERS.get(plan)
     if static is None:
         per_window = tuple((f"X-RateLimit-{w.capitalize()}-Limit", str(limit),
                             f"X-RateLimit-{w.capitalize()}-Remaining", f"X-RateLimit-{w.capitalize()}-Reset",
-                            f'"{w}";r=') for w, limit in key)
-        policy = ", ".join(f'"{w}";q={limit};w={WINDOW_SECONDS[w]}' for w, limit in key)
-        static = _STATIC_HEADERS[key] = (per_window, ("RateLimit-Policy", policy))
+                            f'"{w}";r=') for w, limit, _ in plan)
+        policy = ", ".join(f'"{w}";q={limit};w={seconds}' for w, limit, seconds in plan)
+        static = _STATIC_HEADERS[plan] = (per_window, ("RateLimit-Policy", policy))
     return static
 
 
@@ -404,7 +414,7 @@ def rate_limit_headers(decision: Decision, now: float) -> List[Tuple[str, str]]:
     draft-ietf-httpapi-ratelimit-headers-10 RateLimit-Policy / RateLimit fields."""
     if not decision.windows:
         return []
-    per_window, policy = _static_headers(decision.windows)
+    per_window, policy = _static_headers(decision.plan)
     headers: List[Tuple[str, str]] = []
     current = []
     for s, (limit_name, limit, remaining_name, reset_name, item) in zip(decision.windows, per_window):

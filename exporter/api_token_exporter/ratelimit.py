@@ -41,10 +41,11 @@ class WindowState:
 
 
 class Decision:
-    __slots__ = ("allowed", "windows", "refused_by")
+    __slots__ = ("allowed", "windows", "refused_by", "plan")
 
-    def __init__(self, allowed: bool, windows: List[WindowState], refused_by: Optional[WindowState]):
-        self.allowed, self.windows, self.refused_by = allowed, windows, refused_by
+    def __init__(self, allowed: bool, windows: List[WindowState], refused_by: Optional[WindowState],
+                 plan: "Plan" = ()):
+        self.allowed, self.windows, self.refused_by, self.plan = allowed, windows, refused_by, plan
 
 
 Plan = Tuple[Tuple[str, int, int], ...]       # (window, limit, seconds), in window order
@@ -56,7 +57,7 @@ class MemoryBackend:
     forgives what was used)."""
 
     def __init__(self):
-        self._counters: Dict[tuple, list] = {}     # (token, window) -> [count, expires_at]
+        self._counters: Dict[str, Dict[str, list]] = {}   # token -> window -> [count, expires_at]
         self._lock = threading.Lock()
         self._next_sweep = 0.0
 
@@ -65,10 +66,13 @@ class MemoryBackend:
         refused = None
         counters = self._counters
         with self._lock:
+            entries = counters.get(token)
+            if entries is None:
+                entries = counters[token] = {}
             for window, limit, seconds in plan:
-                entry = counters.get((token, window))
+                entry = entries.get(window)
                 if entry is None:
-                    entry = counters[(token, window)] = [0, 0.0]
+                    entry = entries[window] = [0, 0.0]
                 if entry[1] <= now:                  # expired, or never started
                     if refused is not None:          # not charged: the window has not started
                         windows.append(WindowState(window, limit, limit, now + seconds))
@@ -84,9 +88,9 @@ class MemoryBackend:
                 windows.append(state)
             if now >= self._next_sweep:              # forget windows that ended, once a minute
                 self._next_sweep = now + 60.0
-                for k in [k for k, e in counters.items() if e[1] <= now]:
+                for k in [k for k, e in counters.items() if all(x[1] <= now for x in e.values())]:
                     del counters[k]
-        return Decision(refused is None, windows, refused)
+        return Decision(refused is None, windows, refused, plan)
 
     def reset(self) -> None:
         with self._lock:
@@ -142,7 +146,7 @@ class RedisBackend:
             if charging and count > limit:
                 refused, charging = state, False
             windows.append(state)
-        return Decision(refused is None, windows, refused)
+        return Decision(refused is None, windows, refused, plan)
 
     def reset(self) -> None:
         for key in self.client.scan_iter("ate:rl:*"):

@@ -37,17 +37,17 @@ class UsageTracker:
     @classmethod
     def _read(cls, view, now: float):
         """Usage per token and the rate-limited tokens, from one snapshot of the store."""
-        store = view.metrics.store
-        with store.snapshot():
-            return cls._usage(store), view.limited_tokens(now)
+        metrics = view.metrics
+        with metrics.store.snapshot():
+            return cls._usage(metrics), view.limited_tokens(now)
 
     @staticmethod
-    def _usage(store) -> Dict[str, _Usage]:
+    def _usage(metrics) -> Dict[str, _Usage]:
         usage: Dict[str, _Usage] = collections.defaultdict(_Usage)
-        gauges = {"apitoken_rate_limit_limit": "limit", "apitoken_rate_limit_remaining": "remaining",
-                  "apitoken_rate_limit_reset_timestamp_seconds": "reset_at"}
-        for family, keys, values in store.data():
-            if family.name == "apitoken_requests_total":
+        gauges = {metrics.rl_limit: "limit", metrics.rl_remaining: "remaining",
+                  metrics.rl_reset: "reset_at"}
+        for family, keys, values in metrics.store.data():
+            if family is metrics.requests:
                 for (token, route, _method, code), value in zip(keys, values):
                     n = int(value)
                     u = usage[token]
@@ -57,12 +57,12 @@ class UsageTracker:
                     else:
                         u.error_count += n
                     u.endpoints[route] += n
-            elif family.name == "apitoken_token_last_used_timestamp_seconds":
+            elif family is metrics.last_used:
                 for (token,), value in zip(keys, values):
                     usage[token].last_used = value
-            elif family.name in gauges:
+            elif family in gauges:
                 for (token, window), value in zip(keys, values):
-                    usage[token].windows.setdefault(window, {})[gauges[family.name]] = value
+                    usage[token].windows.setdefault(window, {})[gauges[family]] = value
         return usage
 
     def token_details(self, keystore, default_limits: Dict[str, int], view, now: Optional[float] = None) -> dict:

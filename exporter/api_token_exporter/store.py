@@ -254,20 +254,31 @@ class Store:
     def inc(self, slot: int, amount: float = 1.0) -> None:
         self.values[slot] += amount
 
-    def observe(self, family: Family, slot: int, value: float) -> None:
-        """One histogram observation: its bucket (not cumulative until rendered), count, sum."""
+    def observe_all(self, counters: Sequence[int], histograms: Sequence[int], width: int,
+                    buckets: Sequence[float], value: float, max_slot: int, stamp: float) -> None:
+        """The request path in one call: +1 on each counter, ``value`` observed into each
+        histogram (all of one bucket layout), ``stamp`` raised into the gauge_max at
+        ``max_slot`` (0: none)."""
         v = self.values
-        v[slot + bisect.bisect_left(family.buckets, value)] += 1.0
-        v[slot + family.width - 1] += value
+        for slot in counters:
+            v[slot] += 1.0
+        i = bisect.bisect_left(buckets, value)
+        last = width - 1
+        for slot in histograms:
+            v[slot + i] += 1.0
+            v[slot + last] += value
+        if max_slot and stamp > v[max_slot]:
+            v[max_slot] = stamp
 
-    def set_recent(self, slot: int, value: float, now: float) -> None:
+    def set_recent3(self, slots: Tuple[int, int, int], x: float, y: float, z: float, now: float) -> None:
+        """Three gauge_recent series at once (a window's limit, remaining, reset), each with
+        ``now``, so the newest write wins when processes are merged."""
+        a, b, c = slots
         v = self.values
-        v[slot] = value
-        v[slot + 1] = now
-
-    def set_max(self, slot: int, value: float) -> None:
-        if value > self.values[slot]:
-            self.values[slot] = value
+        v[a] = x
+        v[b] = y
+        v[c] = z
+        v[a + 1] = v[b + 1] = v[c + 1] = now
 
     # -- reading -----------------------------------------------------------------------------
     def family_data(self, family: Family) -> Tuple[List[tuple], list]:
@@ -359,13 +370,14 @@ class Store:
             self._archive_cache = (stamp, cached)
         return cached
 
-    def gauge_values(self, name: str) -> Dict[tuple, float]:
-        keys, values = self.family_data(self.by_name[name])
+    def values_by_key(self, family: Family) -> Dict[tuple, float]:
+        keys, values = self.family_data(family)
         return dict(zip(keys, values))
 
-    def total(self, name: str) -> float:
-        """Sum of a counter family over all its series (and all processes)."""
-        return sum(self.family_data(self.by_name[name])[1])
+    def dropped_series(self) -> int:
+        """Series not stored because the store was full, over all processes."""
+        family = self.by_name.get(DROPPED_SERIES)
+        return int(sum(self.family_data(family)[1])) if family is not None else 0
 
     # -- exposition --------------------------------------------------------------------------
     def render(self, derived: Iterable[Tuple[Family, List[Tuple[tuple, float]]]] = (),
@@ -524,8 +536,3 @@ def fold_dead_files(directory: str, families: Iterable[Family]) -> int:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(p)
         return len(dead)
-
-
-def bucket_index(buckets: Sequence[float], value: float) -> int:
-    """Index of the first bucket whose upper bound is >= value (len(buckets) for +Inf)."""
-    return bisect.bisect_left(buckets, value)
