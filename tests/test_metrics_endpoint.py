@@ -88,3 +88,18 @@ def test_promtool_check_metrics_finds_nothing(client, keys):
                             text=True, timeout=30)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip() == "" and result.stderr.strip() == ""
+
+
+def test_a_second_process_on_the_same_metrics_port_goes_on_without_it(keys, tmp_path, caplog):
+    """As a second gunicorn worker would: the port is taken, so it logs once and serves the
+    app (it used to fail to boot, and gunicorn restarted it without end)."""
+    port = free_port()
+    first = build_app(keys[0], metrics_port=port, state_dir=str(tmp_path))
+    try:
+        second = build_app(keys[0], metrics_port=port, state_dir=str(tmp_path))
+        assert "already in use" in caplog.text
+        second.test_client().get("/items", headers={"X-API-Key": keys[1]["alpha"]})
+        text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        assert sample_total(text, "apitoken_requests_total", token="alpha") == 1   # shared state_dir
+    finally:
+        first.extensions["api_token_exporter"].stop()

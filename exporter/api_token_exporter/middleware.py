@@ -9,6 +9,8 @@
 from __future__ import annotations
 
 import contextvars
+import os
+import socket
 import math
 import json
 import logging
@@ -239,10 +241,28 @@ class TokenAnalytics:
         return self
 
     def start_metrics_server(self, port: int, addr: str = "127.0.0.1"):
-        """Serve /metrics (with the same auth) on its own port, in a daemon thread."""
+        """Serve /metrics (with the same auth) on its own port, in a daemon thread.
+
+        Under a server with several workers only the first to bind serves it (with state_dir
+        shared, its answer sums every worker); the others log it once and go on, rather than
+        failing to boot again and again."""
+        import errno
         from werkzeug.serving import make_server
         from .endpoints import build_endpoints
         metrics_app, _ = build_endpoints(self.core, serve_metrics=True, admin=False)
+        probe = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET)
+        try:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as the server will
+            probe.bind((addr, port))
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            log.warning("metrics_port %s:%d is already in use (another worker of this server, or "
+                        "another program): this process (pid %d) does not serve it", addr, port,
+                        os.getpid())
+            return None
+        finally:
+            probe.close()
         server = make_server(addr, port, metrics_app, threaded=True)
         thread = threading.Thread(target=server.serve_forever, name="metrics-server", daemon=True)
         thread.start()
