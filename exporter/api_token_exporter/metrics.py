@@ -79,8 +79,8 @@ def catalogue() -> Tuple[Family, ...]:
                "HTTP requests by API token, route template, method and status code.",
                ("token", "route", "method", "code")),
         Family("apitoken_requests_by_class_total", "counter",
-               "HTTP requests by API token and status class (1xx-5xx); every class exists from "
-               "the token's first request, at 0.", ("token", "class")),
+               "HTTP requests by API token and status class (1xx-5xx); every class of a "
+               "configured key exists at 0 from start-up.", ("token", "class")),
         Family("apitoken_request_duration_seconds", "histogram", "Request duration by API token.",
                ("token",), b),
         Family("apitoken_route_request_duration_seconds", "histogram",
