@@ -37,3 +37,21 @@ def test_bad_settings_say_what_is_wrong(kwargs, message):
 def test_missing_secret_file_is_clear(tmp_path):
     with pytest.raises(ConfigError, match="admin_token_file .*No such file"):
         load_settings(environ={"ATE_ADMIN_TOKEN_FILE": str(tmp_path / "nope")})
+
+
+@pytest.mark.parametrize("name, value, words", [
+    ("ATE_OBSERVE_ONLY", "flase", "observe_only must be true or false"),
+    ("ATE_MAX_TOKENS", "ten", "max_tokens must be a whole number"),
+    ("ATE_PROMETHEUS_TIMEOUT", "nan", "prometheus_timeout must be a positive duration"),
+    ("ATE_PROMETHEUS_TIMEOUT", "soon", "prometheus_timeout must be a duration"),
+    ("ATE_METRICS_PORT", "http", "metrics_port must be a whole number"),
+])
+def test_a_bad_setting_stops_start_up_naming_it(name, value, words):
+    with pytest.raises(ConfigError, match=words):
+        load_settings(environ={name: value})
+
+
+def test_durations_take_units():
+    assert load_settings(environ={"ATE_PROMETHEUS_TIMEOUT": "500ms"}).prometheus_timeout == 0.5
+    assert load_settings(environ={"ATE_PROMETHEUS_TIMEOUT": "2m"}).prometheus_timeout == 120
+    assert load_settings(environ={"ATE_OBSERVE_ONLY": "off"}).observe_only is False

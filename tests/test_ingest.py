@@ -44,10 +44,10 @@ def test_mixed_batch_keeps_the_good_events_and_explains_the_bad(exporter, keys):
     assert body["accepted"] == 3 and body["rejected"] == 6
     errors = {e["index"]: e["errors"] for e in body["errors"]}
     assert errors[3] == ["status must be an HTTP status code from 100 to 599"]
-    assert errors[4] == ["token 'nobody' is not a key id in the key store"]
+    assert errors[4] == ["token is not a key id in the key store"]      # never echoed
     assert any("route must be a path template" in e for e in errors[5])
     assert any("duration_seconds" in e for e in errors[5])
-    assert errors[6] == ["llm: input_tokens must not be negative, got -5"]
+    assert errors[6] == ["llm: input_tokens must not be negative"]
     assert errors[7] == ["api_key is not a known key"]
     assert errors[8] == ["event must be a JSON object"]
     assert "atk_leaked_secret_value" not in r.get_data(as_text=True)

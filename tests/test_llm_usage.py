@@ -41,7 +41,7 @@ def test_handlers_record_usage_for_the_requests_token(llm_client, keys):
 @pytest.mark.parametrize("inp,out,reason", [
     (-1, 5, "input_tokens must not be negative"),
     (5, "12", "output_tokens must be a number"),
-    (10**12, 1, "larger than 10,000,000"),
+    (10**12, 1, "at most 10,000,000"),
     (1.5, 1, "must be a whole number"),
     (True, 1, "must be a number"),
 ])

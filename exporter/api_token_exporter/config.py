@@ -6,6 +6,7 @@ admin, metrics credentials) are read from the environment or from a file named b
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field, fields
 from typing import Dict, List, Optional
@@ -72,20 +73,55 @@ class Settings:
 
 
 _SECRET_FIELDS = ("metrics_basic_password", "metrics_bearer_token", "admin_token", "ingest_token")
-_BOOL_TRUE = {"1", "true", "yes", "on"}
+_BOOLEANS = {"1": True, "true": True, "yes": True, "on": True,
+             "0": False, "false": False, "no": False, "off": False}
+_DURATIONS = {"prometheus_timeout"}
+_OPTIONAL_INTS = {"metrics_port"}                  # seconds; "500ms", "10s", "2m" also accepted
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def _duration(name: str, value) -> float:
+    if isinstance(value, bool):
+        raise ConfigError(f"{name} must be a duration (seconds, or 500ms, 10s, 2m), got {value!r}")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        text = str(value).strip().lower()
+        unit = next((u for u in ("ms", "s", "m", "h") if text.endswith(u)), "")
+        try:
+            seconds = float(text[:len(text) - len(unit)]) * _DURATION_UNITS.get(unit, 1.0)
+        except ValueError:
+            raise ConfigError(f"{name} must be a duration (seconds, or 500ms, 10s, 2m), "
+                              f"got {value!r}") from None
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ConfigError(f"{name} must be a positive duration, got {value!r}")
+    return seconds
 
 
 def _coerce(name: str, value, template):
+    if name in _DURATIONS:
+        return _duration(name, value)
+    if name in _OPTIONAL_INTS:
+        template = 0
     if isinstance(template, bool):
-        return value if isinstance(value, bool) else str(value).strip().lower() in _BOOL_TRUE
+        if isinstance(value, bool):
+            return value
+        word = str(value).strip().lower()
+        if word not in _BOOLEANS:
+            raise ConfigError(f"{name} must be true or false (also yes/no, on/off, 1/0), got {value!r}")
+        return _BOOLEANS[word]
     if isinstance(template, float) and not isinstance(value, (int, float)):
         try:
-            return float(value)
+            value = float(value)
         except ValueError:
             raise ConfigError(f"{name} must be a number, got {value!r}") from None
+    if isinstance(template, float) and (isinstance(value, bool) or not math.isfinite(value)):
+        raise ConfigError(f"{name} must be a finite number, got {value!r}")
+    if isinstance(template, int) and isinstance(value, bool):
+        raise ConfigError(f"{name} must be a whole number, got {value!r}")
     if isinstance(template, int) and not isinstance(value, int):
         try:
-            return int(value)
+            return int(str(value).strip())
         except ValueError:
             raise ConfigError(f"{name} must be a whole number, got {value!r}") from None
     if isinstance(template, list) and isinstance(value, str):

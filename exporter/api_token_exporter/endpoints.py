@@ -12,16 +12,17 @@ from typing import List, Optional, Tuple
 
 from flask import Flask, Response, jsonify, request
 
-from .keystore import valid_token_id, well_formed_key
+from . import validation
+from .keystore import well_formed_key
 from .usage import UsageError, validate_usage
+from .validation import ValidationError
 
 ADMIN_PATHS = ("/admin/token-details", "/admin/stats")
 INGEST_PATH = "/v1/events"
 HEALTH_PATH = "/healthz"
 ANALYTICS_PATHS = ("/analytics/tokens", "/api/analytics/usage")
-METHODS = {"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"}
 MAX_DURATION_SECONDS = 3600.0
-MAX_ROUTE_LENGTH = 200
+MAX_JSON_DEPTH = 8                 # {"events": [{"llm": {...}}]} is 4 deep
 
 
 def _same(given: Optional[str], expected: str) -> bool:
@@ -122,15 +123,20 @@ def build_endpoints(core, serve_metrics: bool = True, admin: bool = True, health
         def ingest():
             if not _same(_bearer(request.headers.get("Authorization")), s.ingest_token):
                 return _unauthorized("Ingest needs the ingest token as a bearer token", "Bearer")
+            too_large = jsonify({"detail": f"Body larger than {s.ingest_max_bytes} bytes"}), 413
             if request.content_length is not None and request.content_length > s.ingest_max_bytes:
-                return jsonify({"detail": f"Body larger than {s.ingest_max_bytes} bytes"}), 413
-            raw = request.get_data(cache=False)
+                return too_large
+            raw = request.stream.read(s.ingest_max_bytes + 1)     # chunked too: never more
             if len(raw) > s.ingest_max_bytes:
-                return jsonify({"detail": f"Body larger than {s.ingest_max_bytes} bytes"}), 413
+                return too_large
             try:
                 doc = json.loads(raw)
+            except RecursionError:
+                doc = None
             except (ValueError, UnicodeDecodeError) as exc:
                 return jsonify({"detail": f"Body is not valid JSON: {exc}"}), 400
+            if doc is None and raw.strip() != b"null" or not validation.json_depth(doc, MAX_JSON_DEPTH):
+                return jsonify({"detail": f"Body nests deeper than {MAX_JSON_DEPTH} levels"}), 400
             events = doc.get("events") if isinstance(doc, dict) else doc
             if not isinstance(events, list):
                 return jsonify({"detail": "Body must be {\"events\": [...]} or a JSON list of events"}), 400
@@ -159,7 +165,9 @@ def build_endpoints(core, serve_metrics: bool = True, admin: bool = True, health
                 return analytics.Scope(), None
             raw = request.headers.get(s.header_name)
             if not raw:
-                return None, (jsonify({"detail": "Missing API key"}), 401)
+                return None, (_unauthorized(
+                    "Analytics need the admin token (Authorization: Bearer <admin_token>) or an API "
+                    f"key ({s.header_name}); none was given or the bearer token is wrong", "Bearer"))
             key = core.keystore.lookup(raw) if well_formed_key(raw) else None
             if key is None:
                 return None, (jsonify({"detail": "Invalid API key"}), 401)
@@ -196,56 +204,55 @@ def build_endpoints(core, serve_metrics: bool = True, admin: bool = True, health
 
 
 def validate_event(core, event) -> Tuple[Optional[dict], List[str]]:
-    """Check one ingest event; returns (clean event, []) or (None, [reasons])."""
+    """Check one ingest event; returns (clean event, []) or (None, [reasons]). Reasons name the
+    field and the rule, never the submitted value. Unknown fields are ignored."""
     if not isinstance(event, dict):
         return None, ["event must be a JSON object"]
     errors: List[str] = []
     clean = {}
+
+    def check(key, fn, *args):
+        try:
+            clean[key] = fn(*args)
+        except ValidationError as exc:
+            errors.append(str(exc))
+
     token, api_key = event.get("token"), event.get("api_key")
     if api_key is not None:
         key = None
         if isinstance(api_key, str) and well_formed_key(api_key):
             key = core.keystore.lookup(api_key)
         if key is None:
-            errors.append("api_key is not a known key")   # never echo the key itself
+            errors.append("api_key is not a known key")
         else:
             clean["token"] = key.id
     elif token is None:
         errors.append("token (a key id) or api_key is required")
-    elif not valid_token_id(token):
-        errors.append("token must be 1-64 characters of letters, digits, _ . : -")
-    elif core.keystore.get(token) is None and not core.settings.ingest_allow_unknown_tokens:
-        errors.append(f"token {token!r} is not a key id in the key store")
     else:
-        clean["token"] = token
-
-    route = event.get("route")
-    if not isinstance(route, str) or not route.startswith("/") or len(route) > MAX_ROUTE_LENGTH:
-        errors.append(f"route must be a path template starting with / and at most "
-                      f"{MAX_ROUTE_LENGTH} characters")
-    else:
-        clean["route"] = route
+        check("token", validation.token_id, "token", token)
+        if "token" in clean and core.keystore.get(token) is None \
+                and not core.settings.ingest_allow_unknown_tokens:
+            del clean["token"]
+            errors.append("token is not a key id in the key store")
+    check("route", validation.route, "route", event.get("route"))
     method = event.get("method", "GET")
-    if not isinstance(method, str) or method.upper() not in METHODS:
-        errors.append(f"method must be one of {', '.join(sorted(METHODS))}")
+    if isinstance(method, str) and 0 < len(method) <= 32:
+        clean["method"] = validation.method(method)
     else:
-        clean["method"] = method.upper()
+        errors.append("method must be an HTTP method name")
     status = event.get("status")
     if isinstance(status, bool) or not isinstance(status, int) or not 100 <= status <= 599:
         errors.append("status must be an HTTP status code from 100 to 599")
     else:
         clean["status"] = status
-    duration = event.get("duration_seconds")
-    if duration is None and "duration_ms" in event:
-        duration = event["duration_ms"]
-        if isinstance(duration, (int, float)) and not isinstance(duration, bool):
-            duration = duration / 1000.0
-    if (isinstance(duration, bool) or not isinstance(duration, (int, float))
-            or not math.isfinite(duration) or not 0 <= duration <= MAX_DURATION_SECONDS):
-        errors.append(f"duration_seconds (or duration_ms) must be a number from 0 to "
-                      f"{MAX_DURATION_SECONDS:.0f} seconds")
+    if "duration_seconds" in event or "duration_ms" not in event:
+        check("duration", validation.number, "duration_seconds", event.get("duration_seconds"),
+              0.0, MAX_DURATION_SECONDS)
     else:
-        clean["duration"] = float(duration)
+        check("duration", validation.number, "duration_ms", event.get("duration_ms"),
+              0.0, MAX_DURATION_SECONDS * 1000)
+        if "duration" in clean:
+            clean["duration"] /= 1000.0
     llm = event.get("llm")
     if llm is not None:
         if not isinstance(llm, dict):

@@ -18,11 +18,11 @@ from typing import Dict, Iterable, List, Optional
 
 import yaml
 
+from . import validation
 from .ratelimit import WINDOW_ORDER as WINDOWS
 BUDGET_PERIODS = ("daily", "monthly")
 KEY_PREFIX = "atk_"
 MAX_KEY_LENGTH = 256
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
 
 
 class KeyStoreError(ValueError):
@@ -48,7 +48,11 @@ def well_formed_key(raw_key: str) -> bool:
 
 
 def valid_token_id(token_id: str) -> bool:
-    return isinstance(token_id, str) and bool(_ID_RE.match(token_id))
+    try:
+        validation.token_id("id", token_id)
+        return True
+    except validation.ValidationError:
+        return False
 
 
 def _parse_time(value) -> Optional[dt.datetime]:

@@ -17,6 +17,7 @@ import threading
 import time
 from typing import Callable, Iterable, Optional, Tuple
 
+from . import validation
 from .ratelimit import WindowState
 from .store import DEFAULT_CAPACITY, DROPPED_SERIES, Family, Store
 
@@ -59,14 +60,17 @@ class LabelGuard:
         with self._lock:
             self._seen.update(values)
 
-    def admit(self, value: str) -> str:
+    def admit(self, value: str, count: bool = True) -> str:
+        """The value, or OVERFLOW past the cap (counted unless ``count`` is False: a second
+        family written for the same event must not count the same overflow again)."""
         if value in self._seen:
             return value
         with self._lock:
             if value in self._seen:
                 return value
             if len(self._seen) - self._fixed >= self.cap:
-                self._on_overflow(self.name)
+                if count:
+                    self._on_overflow(self.name)
                 return OVERFLOW
             self._seen.add(value)
             return value
@@ -149,8 +153,6 @@ class Metrics:
         self.routes = LabelGuard("route", max_routes, count_overflow, fixed=(UNMATCHED_ROUTE,))
         self.models = LabelGuard("model", max_models, count_overflow)
         self.services = LabelGuard("service", 50, count_overflow)
-        self.methods = LabelGuard("method", 16, count_overflow,
-                                  fixed=("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"))
         self.store.on_reopen.append(self._reopened)
         self._initial_series()
 
@@ -158,7 +160,7 @@ class Metrics:
         """After fork: the parent's slots mean nothing in the child's new file."""
         self._window_slots.clear()
         self._request_slots.clear()
-        for guard in (self.tokens, self.routes, self.models, self.services, self.methods):
+        for guard in (self.tokens, self.routes, self.models, self.services):
             guard.after_fork()
         self._initial_series()
 
@@ -206,7 +208,7 @@ class Metrics:
         """All slots a request writes, found once: the caps apply here (store lock held)."""
         store = self.store
         a_token, a_route, a_method = (self.tokens.admit(token), self.routes.admit(route),
-                                      self.methods.admit(method))
+                                      validation.method(method))
         klass = status_class(code)
         if (a_token, klass) not in self.by_class.series:
             for other in STATUS_CLASSES:               # the token's other classes start at 0
@@ -261,9 +263,10 @@ class Metrics:
 
     def observe_llm(self, token: str, service: str, model: str, input_tokens: int,
                     output_tokens: int, cost_usd: Optional[float]) -> None:
-        """``cost_usd`` None means the model has no price: counted as unpriced, never as $0."""
+        """``cost_usd`` None means the model has no price: counted as unpriced, never as $0.
+        A token overflow is counted with the request of the same event, not again here."""
         with self.store.lock:
-            token = self.tokens.admit(token)
+            token = self.tokens.admit(token, count=False)
             service = self.services.admit(service.lower())
             model = self.models.admit(model)
             self._add(self.llm_tokens, (token, service, model, "input"), float(input_tokens))

@@ -7,6 +7,8 @@ from typing import Dict, Optional, Tuple
 
 import yaml
 
+from . import validation
+
 DEFAULT_PRICING_FILE = os.path.join(os.path.dirname(__file__), "pricing.yml")
 
 
@@ -28,10 +30,10 @@ def _price(where: str, raw) -> Price:
         raise PricingError(f"{where}: expected {{input: USD, output: USD}} per 1M tokens")
     values = {}
     for side in ("input", "output"):
-        value = raw.get(side)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-            raise PricingError(f"{where}.{side}: a price >= 0 in USD per 1M tokens is required")
-        values[side] = float(value)
+        try:
+            values[side] = validation.number(f"{where}.{side}", raw.get(side), 0.0, 1e9)
+        except validation.ValidationError as exc:
+            raise PricingError(f"{exc} (a price in USD per 1M tokens)") from None
     return Price(**values)
 
 

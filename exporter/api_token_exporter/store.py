@@ -408,7 +408,8 @@ class Store:
                 out.append(f"{family.name}{family.labels_text(key)} {floatToGoString(value)}\n")
         if openmetrics:
             out.append("# EOF\n")
-        return "".join(out).encode("utf-8")
+        # validation.py keeps lone surrogates out; should one slip past, it must not cost a scrape
+        return "".join(out).encode("utf-8", "replace")
 
     @staticmethod
     def _prefix(family: Family, key: tuple) -> str:
