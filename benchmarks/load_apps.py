@@ -19,5 +19,5 @@ def bare():
 def instrumented():
     from api_token_exporter import TokenAnalytics    # settings from ATE_* variables
     app = _app()
-    TokenAnalytics(app)
+    TokenAnalytics(app, metrics_public=True)
     return app

@@ -126,6 +126,7 @@ def build_app(keys_file: str, **settings) -> Flask:
     def health():
         return jsonify(ok=True)
 
+    settings.setdefault("metrics_public", True)   # tests scrape the app; test_metrics_endpoint checks the default
     TokenAnalytics(app, keys_file=keys_file, **settings)
     return app
 

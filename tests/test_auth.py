@@ -121,7 +121,7 @@ def test_observe_only_takes_limits_from_the_apps_headers(keys):
         return "slow down", 429, {"X-RateLimit-Limit": "5000", "X-RateLimit-Remaining": "0",
                                   "X-RateLimit-Reset": "1999999999"}
 
-    TokenAnalytics(app, keys_file=keys[0], observe_only=True)
+    TokenAnalytics(app, keys_file=keys[0], observe_only=True, metrics_public=True)
     client = app.test_client()
     client.get("/proxy", headers={"X-API-Key": keys[1]["alpha"]})
     client.get("/limited", headers={"X-API-Key": keys[1]["alpha"]})
@@ -141,7 +141,7 @@ def test_plain_wsgi_app_with_route_templates(keys):
         start_response("200 OK", [("Content-Type", "text/plain")])
         return [b"hello"]
 
-    app = TokenAnalytics(wsgi, keys_file=keys[0], routes=["/users/<name>"])
+    app = TokenAnalytics(wsgi, keys_file=keys[0], routes=["/users/<name>"], metrics_public=True)
     from werkzeug.test import Client
     client = Client(app)
     client.open = functools.partial(client.open, buffered=True)

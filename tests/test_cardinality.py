@@ -35,7 +35,7 @@ def test_route_cap_with_many_templates(keys):
     app.test_client_class = BufferedClient
     for i in range(30):
         app.add_url_rule(f"/r{i}", f"r{i}", lambda: "ok")
-    TokenAnalytics(app, keys_file=keys[0], max_routes=10)
+    TokenAnalytics(app, keys_file=keys[0], max_routes=10, metrics_public=True)
     client = app.test_client()
     for i in range(30):
         client.get(f"/r{i}", headers={"X-API-Key": keys[1]["alpha"]})

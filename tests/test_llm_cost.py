@@ -93,7 +93,7 @@ def llm_app(keys):
         def bogus():
             return jsonify(model="gpt-4", usage={"prompt_tokens": -5, "completion_tokens": 3})
 
-        TokenAnalytics(app, keys_file=keys[0], **settings)
+        TokenAnalytics(app, keys_file=keys[0], metrics_public=True, **settings)
         return app.test_client()
     return build
 
@@ -181,7 +181,7 @@ def test_budgets_are_exported_from_the_key_file(tmp_path):
     add_key(keys_file, "spender", budget_usd={"daily": 5, "monthly": 100.5})
     add_key(keys_file, "free")
     app = Flask("b")
-    TokenAnalytics(app, keys_file=keys_file)
+    TokenAnalytics(app, keys_file=keys_file, metrics_public=True)
     text = app.test_client().get("/metrics").get_data(as_text=True)
     assert sample_total(text, "apitoken_budget_usd", token="spender", period="daily") == 5
     assert sample_total(text, "apitoken_budget_usd", token="spender", period="monthly") == 100.5

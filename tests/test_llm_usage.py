@@ -19,7 +19,7 @@ def llm_client(keys):
             return jsonify(detail=str(exc)), 400
         return jsonify(token=current_token())
 
-    TokenAnalytics(app, keys_file=keys[0])
+    TokenAnalytics(app, keys_file=keys[0], metrics_public=True)
     return app.test_client()
 
 

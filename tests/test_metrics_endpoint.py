@@ -1,6 +1,7 @@
 import base64
 import subprocess
 
+import pytest
 import requests
 
 from conftest import build_app, free_port, require_binary, sample_total, samples
@@ -103,3 +104,29 @@ def test_a_second_process_on_the_same_metrics_port_goes_on_without_it(keys, tmp_
         assert sample_total(text, "apitoken_requests_total", token="alpha") == 1   # shared state_dir
     finally:
         first.extensions["api_token_exporter"].stop()
+
+
+def test_an_apps_metrics_are_not_public_by_default(keys):
+    from flask import Flask
+    from api_token_exporter import TokenAnalytics
+    app = Flask("closed")
+    TokenAnalytics(app, keys_file=keys[0])
+    r = app.test_client().get("/metrics")
+    assert r.status_code == 403
+    assert "metrics_bearer_token" in r.get_json()["detail"] and "metrics_public" in r.get_json()["detail"]
+    assert b"apitoken_token_info" not in r.get_data()
+    opened = Flask("token")
+    TokenAnalytics(opened, keys_file=keys[0], metrics_bearer_token="scrape-secret")
+    client = opened.test_client()
+    assert client.get("/metrics").status_code == 401
+    assert client.get("/metrics", headers={"Authorization": "Bearer scrape-secret"}).status_code == 200
+
+
+@pytest.mark.parametrize("addr, status", [("127.0.0.1", 200), ("0.0.0.0", 403)])
+def test_a_metrics_port_is_open_only_on_loopback(keys, addr, status):
+    port = free_port()
+    app = build_app(keys[0], metrics_port=port, metrics_addr=addr, metrics_public=False)
+    try:
+        assert requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).status_code == status
+    finally:
+        app.extensions["api_token_exporter"].stop()

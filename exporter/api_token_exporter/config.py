@@ -35,6 +35,7 @@ class Settings:
     metrics_basic_user: Optional[str] = None
     metrics_basic_password: Optional[str] = None
     metrics_bearer_token: Optional[str] = None
+    metrics_public: bool = False            # True: the app's /metrics answers without credentials
     admin_token: Optional[str] = None       # enables /admin/* when set
     ingest_token: Optional[str] = None      # enables the ingest endpoint when set
     ingest_allow_unknown_tokens: bool = False

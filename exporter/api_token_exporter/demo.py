@@ -39,7 +39,9 @@ MODELS = [("openai", "gpt-4"), ("openai", "gpt-4-turbo"), ("openai", "gpt-3.5-tu
 
 
 def create_demo_api(**analytics_settings) -> Flask:
-    """The demo API with TokenAnalytics wired in, as a user would do it."""
+    """The demo API with TokenAnalytics wired in, as a user would do it. Its /metrics is opened
+    on purpose (metrics_public), so the local Prometheus scrapes it without credentials."""
+    analytics_settings.setdefault("metrics_public", True)
     app = Flask("api_token_exporter.demo")
 
     @app.get("/api/v1/items")

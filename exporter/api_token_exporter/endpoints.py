@@ -54,8 +54,15 @@ def _unauthorized(detail: str, scheme: str):
     return response
 
 
-def build_endpoints(core, serve_metrics: bool = True, admin: bool = True, health: bool = False):
-    """Return (wsgi_app, paths it answers) for a TokenAnalytics instance."""
+METRICS_CLOSED = ("Metrics are not public: set metrics_bearer_token (or metrics_basic_user and "
+                  "metrics_basic_password) and give Prometheus the credentials, serve them on "
+                  "metrics_port bound to 127.0.0.1, or set metrics_public: true")
+
+
+def build_endpoints(core, serve_metrics: bool = True, admin: bool = True, health: bool = False,
+                    anonymous_metrics: bool = True):
+    """Return (wsgi_app, paths it answers) for a UsageCore. Without credentials configured,
+    ``anonymous_metrics`` False refuses the metrics path (403) rather than serving it to all."""
     s = core.settings
     app = Flask("api_token_exporter.endpoints")
     app.json.sort_keys = False
@@ -85,6 +92,8 @@ def build_endpoints(core, serve_metrics: bool = True, admin: bool = True, health
                 password_ok = _same(creds[1], s.metrics_basic_password)
                 if not (user_ok and password_ok):
                     return _unauthorized("Metrics need valid basic credentials", "Basic")
+            elif not anonymous_metrics:
+                return jsonify({"detail": METRICS_CLOSED}), 403
             body, content_type = core.view.render(request.headers.get("Accept"))
             return Response(body, content_type=content_type)
 

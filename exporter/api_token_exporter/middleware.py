@@ -217,8 +217,10 @@ class TokenAnalytics:
         self._flask_request = None     # Flask's request context variable, once init_app ran
         self._metrics_server = None
         from .endpoints import build_endpoints  # the built-in /metrics and /admin/* endpoints
+        # on an API's own port, metrics (token names, tenants) are for Prometheus only
         self.endpoints, self._internal_paths = build_endpoints(
-            self.core, serve_metrics=s.metrics_port is None, health=app is None)
+            self.core, serve_metrics=s.metrics_port is None, health=app is None,
+            anonymous_metrics=app is None or s.metrics_public)
         self.app = None
         if app is not None:
             if hasattr(app, "url_map") and hasattr(app, "wsgi_app"):
@@ -249,7 +251,8 @@ class TokenAnalytics:
         import errno
         from werkzeug.serving import make_server
         from .endpoints import build_endpoints
-        metrics_app, _ = build_endpoints(self.core, serve_metrics=True, admin=False)
+        open_ = metrics_open_without_credentials(self.settings, addr)
+        metrics_app, _ = build_endpoints(self.core, serve_metrics=True, admin=False, anonymous_metrics=open_)
         probe = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET)
         try:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as the server will
@@ -412,6 +415,11 @@ class TokenAnalytics:
 
     def count_llm(self, token: str, usage: LLMUsage) -> LLMUsage:
         return self.core.count_llm(token, usage)
+
+
+def metrics_open_without_credentials(settings: Settings, addr: str) -> bool:
+    """A metrics port may answer without credentials when opened on purpose or only local."""
+    return settings.metrics_public or addr in ("127.0.0.1", "::1", "localhost")
 
 
 _STATIC_HEADERS: Dict[tuple, tuple] = {}
