@@ -94,3 +94,56 @@ def test_keys_file_is_private(tmp_path):
     keys_file = str(tmp_path / "keys.yml")
     add_key(keys_file, "one")
     assert os.stat(keys_file).st_mode & 0o077 == 0
+
+
+def test_a_broken_then_emptied_key_file_turns_health_degraded_without_traffic(keys):
+    """Noticed by the watcher within ~2 s, with no request at all; the last good keys stay."""
+    import time
+    from werkzeug.test import Client
+    from api_token_exporter.server import create_app
+    path, raw = keys
+    exporter = create_app(keys_file=path, ingest_token="in")
+    client = Client(exporter)
+    assert client.get("/healthz").json["status"] == "ok"
+
+    def health_after_change(content):
+        with open(path, "w") as fh:
+            fh.write(content)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            body = exporter.core.keystore.last_error       # no request: only the watcher reloads
+            if body:
+                return time.monotonic() - (deadline - 5)
+            time.sleep(0.05)
+        raise AssertionError("the broken key file was not noticed")
+
+    took = health_after_change("keys: [this is: not: valid")
+    assert took < 2.5
+    health = client.get("/healthz").json
+    assert health["status"] == "degraded" and health["keys"] == 6 and "keys.yml" in health["key_file_error"]
+    assert exporter.core.keystore.lookup(raw["alpha"]).id == "alpha"        # last good keys served
+    text = client.get("/metrics").text
+    assert "apitoken_key_file_healthy 0.0" in text and "apitoken_keys_loaded 6.0" in text
+    assert "apitoken_key_file_reload_errors_total 1.0" in text
+
+    with open(path, "w") as fh:
+        fh.write("keys: []\n")
+    deadline = time.monotonic() + 5
+    while "no keys" not in (exporter.core.keystore.last_error or "") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "has no keys" in client.get("/healthz").json["key_file_error"]
+    assert "apitoken_key_file_reload_errors_total 2.0" in client.get("/metrics").text
+    exporter.core.keystore.stop_watching()
+
+
+def test_a_missing_or_empty_key_file_stops_start_up_unless_allowed(tmp_path):
+    from api_token_exporter.keystore import KeyStore, KeyStoreError
+    missing = str(tmp_path / "nothing.yml")
+    with pytest.raises(KeyStoreError, match="does not exist"):
+        KeyStore(missing)
+    empty = tmp_path / "empty.yml"
+    empty.write_text("keys: []\n")
+    with pytest.raises(KeyStoreError, match="has no keys"):
+        KeyStore(str(empty))
+    assert len(KeyStore(missing, allow_empty=True)) == 0
+    assert KeyStore(str(empty), allow_empty=True).healthy

@@ -25,6 +25,7 @@ class ConfigError(ValueError):
 @dataclass
 class Settings:
     keys_file: Optional[str] = None
+    allow_empty_keys: bool = False          # a missing or empty key file is an error unless True
     header_name: str = "X-API-Key"
     rate_limits: Dict[str, int] = field(default_factory=lambda: dict(DEFAULT_RATE_LIMITS))
     storage_uri: str = "memory://"

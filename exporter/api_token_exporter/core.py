@@ -25,12 +25,15 @@ log = logging.getLogger("api_token_exporter")
 class UsageCore:
     def __init__(self, settings: Settings, keystore: Optional[KeyStore] = None):
         s = self.settings = settings
-        self.keystore = keystore if keystore is not None else KeyStore(s.keys_file, logger=log)
+        self.keystore = keystore if keystore is not None else KeyStore(
+            s.keys_file, logger=log, allow_empty=s.allow_empty_keys)
         self.limiter = RateLimiter(s.storage_uri)
         self.metrics = Metrics(max_tokens=s.max_tokens, max_routes=s.max_routes,
                                max_models=s.max_models, directory=s.state_dir,
                                capacity=s.store_capacity)
         self.keystore.on_install.append(lambda keys: self.metrics.init_tokens(k.id for k in keys))
+        self.keystore.on_error.append(self.metrics.key_file_error)
+        self.keystore.watch()                     # a broken file shows in /healthz without traffic
         self.metrics.init_tokens(k.id for k in self.keystore.all())
         self.view = ScrapeView(self.metrics, self.keystore)
         self.tracker = UsageTracker(s.recent_requests)

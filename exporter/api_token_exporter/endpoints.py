@@ -103,7 +103,8 @@ def build_endpoints(core, serve_metrics: bool = True, admin: bool = True, health
     @app.route(HEALTH_PATH, methods=["GET"])
     def healthz():
         store = core.metrics.store
-        return jsonify({"status": "ok", "keys": len(core.keystore),
+        return jsonify({"status": "ok" if core.keystore.healthy else "degraded",
+                        "keys": len(core.keystore),
                         "key_file_error": core.keystore.last_error,
                         "store": {"dropped_series": store.dropped_series(), "capacity": store.capacity,
                                   "state_dir": store.directory if core.settings.state_dir else None}})

@@ -13,6 +13,7 @@ import secrets
 import tempfile
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional
 
@@ -149,26 +150,61 @@ class ApiKey:
 class KeyStore:
     """Keys from a YAML file, re-read when its modification time or size changes.
 
-    The file is checked at most every ``check_interval`` seconds, so a busy API does not stat
-    it on every request. A file that fails to parse leaves the last good set in place.
+    The file is checked at most every ``check_interval`` seconds, on use and by a watcher
+    thread (``watch()``), so a broken file is noticed without traffic. A file that fails to
+    parse, or is missing or empty (unless ``allow_empty``), leaves the last good set in place
+    and the error in ``last_error``; at start-up it is an error.
     """
 
     def __init__(self, path: Optional[str] = None, keys: Iterable[ApiKey] = (),
-                 check_interval: float = 1.0, logger=None):
+                 check_interval: float = 1.0, logger=None, allow_empty: bool = False):
         self.path = path
         self.check_interval = check_interval
+        self.allow_empty = allow_empty
         self._lock = threading.Lock()
         self._by_hash: Dict[str, ApiKey] = {}
         self._by_id: Dict[str, ApiKey] = {}
-        self._stamp = None
+        self._stamp = self._bad_stamp = None
         self._last_check = float("-inf")
         self._logger = logger
         self.last_error: Optional[str] = None
+        self.last_success: Optional[float] = None     # Unix time of the last good load
         self.on_install: List = []          # callbacks given each newly installed key list
+        self.on_error: List = []            # callbacks called once per failed version of the file
+        self._watcher: Optional[threading.Thread] = None
+        self._stop = threading.Event()
         if keys:
             self._install(list(keys))
+            self.last_success = time.time()
         if path:
             self.reload(force=True)
+
+    def watch(self) -> None:
+        """Check the file every ``check_interval`` seconds in a daemon thread (again in a
+        forked child, where threads do not survive)."""
+        if not self.path or (self._watcher is not None and self._watcher.is_alive()):
+            return
+        self._stop = threading.Event()
+
+        def run(stop=self._stop):
+            while not stop.wait(self.check_interval):
+                try:
+                    self.reload()
+                except Exception:                 # never let the watcher die silently
+                    if self._logger:
+                        self._logger.exception("key file watcher")
+
+        self._watcher = threading.Thread(target=run, name="key-file-watcher", daemon=True)
+        self._watcher.start()
+        _WATCHED.add(self)
+
+    def stop_watching(self) -> None:
+        self._stop.set()
+        _WATCHED.discard(self)
+
+    @property
+    def healthy(self) -> bool:
+        return self.last_error is None
 
     # -- reading -----------------------------------------------------------------------------
     def _install(self, keys: List[ApiKey]) -> None:
@@ -199,20 +235,31 @@ class KeyStore:
                 stamp = None
             else:
                 stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
-            if not force and stamp == self._stamp:
+            if not force and (stamp == self._stamp and self.last_error is None
+                              or stamp == self._bad_stamp and self.last_error is not None):
                 return False
             try:
+                if stamp is None and not self.allow_empty:
+                    raise KeyStoreError("the key file does not exist (allow_empty_keys: true to "
+                                        "run without keys)")
                 keys = load_keys(self.path) if stamp else []
+                if not keys and not self.allow_empty:
+                    raise KeyStoreError("the key file has no keys (allow_empty_keys: true to run "
+                                        "without keys)")
                 self._install(keys)
             except (KeyStoreError, yaml.YAMLError, OSError) as exc:
                 self.last_error = f"{self.path}: {exc}"
+                self._bad_stamp = stamp
                 if self._logger:
                     self._logger.error("key file not reloaded, keeping the previous keys: %s",
                                        self.last_error)
                 if force and self._stamp is None and not self._by_id:
                     raise KeyStoreError(self.last_error) from None
+                for callback in self.on_error:
+                    callback()
                 return False
             self._stamp = stamp
+            self.last_success = time.time()
             self.last_error = None
             return True
 
@@ -230,6 +277,12 @@ class KeyStore:
 
     def __len__(self) -> int:
         return len(self._by_id)
+
+
+_WATCHED: "weakref.WeakSet[KeyStore]" = weakref.WeakSet()
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=lambda: [k.watch() for k in list(_WATCHED)])
 
 
 def load_keys(path: str) -> List[ApiKey]:

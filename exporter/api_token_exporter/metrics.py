@@ -115,6 +115,8 @@ def catalogue() -> Tuple[Family, ...]:
                "Label values replaced by __overflow__ because a cap was reached.", ("label",)),
         Family("apitoken_ingest_events_total", "counter",
                "Usage events posted to the ingest endpoint, by result.", ("result",)),
+        Family("apitoken_key_file_reload_errors_total", "counter",
+               "Versions of the key file that could not be loaded (the previous keys stayed).", ()),
         Family(DROPPED_SERIES, "counter",
                "Series not stored because the metric store was full (store_capacity).", ()),
     )
@@ -124,6 +126,12 @@ INFO = Family("apitoken_token_info", "gauge", "Configured API tokens (value is a
               ("token", "name", "tenant"))
 STATUS = Family("apitoken_token_status", "gauge", "One-hot status of each configured API token.",
                 ("token", "status"))
+KEYS_LOADED = Family("apitoken_keys_loaded", "gauge", "API keys loaded from the key file.", ())
+KEY_FILE_HEALTHY = Family("apitoken_key_file_healthy", "gauge",
+                          "1 while the key file loads; 0 while the last change could not be loaded "
+                          "(the previous keys are in force) or it is missing or empty.", ())
+KEY_FILE_SUCCESS = Family("apitoken_key_file_last_success_timestamp_seconds", "gauge",
+                          "Unix time the key file was last loaded successfully.", ())
 BUDGET = Family("apitoken_budget_usd", "gauge",
                 "LLM budget in USD per token and period (daily: trailing 24h, monthly: trailing 30 days).",
                 ("token", "period"))
@@ -139,7 +147,7 @@ class Metrics:
         (self.requests, self.by_class, self.duration, self.route_duration, self.auth_failures,
          self.rate_limited, self.rl_limit, self.rl_remaining, self.rl_reset, self.storage_errors,
          self.last_used, self.llm_tokens, self.llm_requests, self.llm_cost, self.llm_unpriced,
-         self.overflow, self.ingest_events, _dropped) = families
+         self.overflow, self.ingest_events, self.key_file_errors, _dropped) = families
         self.store = Store(families, directory, capacity or DEFAULT_CAPACITY)
         self._window_slots = {}
         self._request_slots = {}
@@ -171,6 +179,7 @@ class Metrics:
             for result in ("accepted", "rejected"):
                 self._add(self.ingest_events, (result,), 0.0)
             self._add(self.storage_errors, (), 0.0)
+            self._add(self.key_file_errors, (), 0.0)
             self._initial_token_series(self._configured)
 
     def init_tokens(self, token_ids) -> None:
@@ -256,6 +265,10 @@ class Metrics:
         with self.store.lock:
             self._add(self.storage_errors, (), 1.0)
 
+    def key_file_error(self) -> None:
+        with self.store.lock:
+            self._add(self.key_file_errors, (), 1.0)
+
     def ingest(self, accepted: int, rejected: int) -> None:
         with self.store.lock:
             self._add(self.ingest_events, ("accepted",), float(accepted))
@@ -308,7 +321,12 @@ class ScrapeView:
             current = token_status(key, key.id in limited, now)
             status.extend(((key.id, s), 1.0 if s == current else 0.0) for s in STATUSES)
             budget.extend(((key.id, period), amount) for period, amount in sorted(key.budget_usd.items()))
-        return [(INFO, info), (STATUS, status), (BUDGET, budget)]
+        keystore = self.keystore
+        health = [(KEYS_LOADED, [((), float(len(keystore)))]),
+                  (KEY_FILE_HEALTHY, [((), 1.0 if keystore.healthy else 0.0)])]
+        if keystore.last_success is not None:
+            health.append((KEY_FILE_SUCCESS, [((), keystore.last_success)]))
+        return [(INFO, info), (STATUS, status), (BUDGET, budget)] + health
 
     def render(self, accept: Optional[str] = None) -> Tuple[bytes, str]:
         openmetrics = bool(accept) and "application/openmetrics-text" in accept
