@@ -22,7 +22,8 @@ def exposed_families(text):
 
 def test_every_exposed_family_is_in_the_catalogue_and_back(keys):
     app_text = build_app(keys[0]).test_client().get("/metrics").get_data(as_text=True)
-    exporter_text = create_app(keys_file=keys[0]).view.render()[0].decode()
+    # with redis:// storage (never called here) the breaker state is exposed too
+    exporter_text = create_app(keys_file=keys[0], storage_uri="redis://127.0.0.1:9/0").view.render()[0].decode()
     exposed = exposed_families(app_text) | exposed_families(exporter_text)
     names = catalogue_names()
     assert exposed - names == set(), "exposed but not documented"

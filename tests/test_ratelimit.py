@@ -96,12 +96,14 @@ def test_redis_down_fails_open_and_is_counted(keys, caplog):
     # a port where nothing listens: the API keeps answering, the outage is visible
     from conftest import free_port
     client = build_app(keys[0], storage_uri=f"redis://:hunter2secret@127.0.0.1:{free_port()}/0").test_client()
-    r = get(client, keys[1]["alpha"])
-    assert r.status_code == 200
-    assert "X-RateLimit-Minute-Limit" not in r.headers
+    for _ in range(3):                   # the third failure in a row opens the circuit breaker
+        r = get(client, keys[1]["alpha"])
+        assert r.status_code == 200
+        assert "X-RateLimit-Minute-Limit" not in r.headers
     text = client.get("/metrics").get_data(as_text=True)
-    assert sample_total(text, "apitoken_rate_limit_storage_errors_total") == 1
-    assert "rate-limit storage redis://127.0.0.1" in caplog.text
+    assert sample_total(text, "apitoken_rate_limit_storage_errors_total") == 3
+    assert sample_total(text, "apitoken_rate_limit_storage_breaker_state", state="open") == 1
+    assert "rate-limit storage redis://127.0.0.1" in caplog.text and "circuit breaker open" in caplog.text
     assert "hunter2secret" not in caplog.text
 
 

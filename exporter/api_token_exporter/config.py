@@ -29,6 +29,8 @@ class Settings:
     header_name: str = "X-API-Key"
     rate_limits: Dict[str, int] = field(default_factory=lambda: dict(DEFAULT_RATE_LIMITS))
     storage_uri: str = "memory://"
+    storage_timeout: float = 0.1            # seconds to connect to and hear from Redis
+    storage_failure_mode: str = "open"      # while Redis is away: open, closed (503) or local
     observe_only: bool = False
     metrics_path: str = "/metrics"
     metrics_port: Optional[int] = None      # serve /metrics on its own port instead of the app
@@ -63,6 +65,9 @@ class Settings:
                 raise ConfigError(f"rate_limits.{window} must be a whole number >= 0")
         if not self.header_name or not self.header_name.replace("-", "").isalnum():
             raise ConfigError(f"header_name {self.header_name!r} is not a valid header name")
+        if self.storage_failure_mode not in ("open", "closed", "local"):
+            raise ConfigError(f"storage_failure_mode must be open, closed or local, got "
+                              f"{self.storage_failure_mode!r}")
         if not self.metrics_path.startswith("/"):
             raise ConfigError("metrics_path must start with /")
         if bool(self.metrics_basic_user) != bool(self.metrics_basic_password):
@@ -77,7 +82,7 @@ class Settings:
 _SECRET_FIELDS = ("metrics_basic_password", "metrics_bearer_token", "admin_token", "ingest_token")
 _BOOLEANS = {"1": True, "true": True, "yes": True, "on": True,
              "0": False, "false": False, "no": False, "off": False}
-_DURATIONS = {"prometheus_timeout"}
+_DURATIONS = {"prometheus_timeout", "storage_timeout"}
 _OPTIONAL_INTS = {"metrics_port"}                  # seconds; "500ms", "10s", "2m" also accepted
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 

@@ -27,7 +27,8 @@ class UsageCore:
         s = self.settings = settings
         self.keystore = keystore if keystore is not None else KeyStore(
             s.keys_file, logger=log, allow_empty=s.allow_empty_keys)
-        self.limiter = RateLimiter(s.storage_uri)
+        self.limiter = RateLimiter(s.storage_uri, timeout=s.storage_timeout,
+                                   failure_mode=s.storage_failure_mode, logger=log)
         self.metrics = Metrics(max_tokens=s.max_tokens, max_routes=s.max_routes,
                                max_models=s.max_models, directory=s.state_dir,
                                capacity=s.store_capacity)
@@ -35,7 +36,7 @@ class UsageCore:
         self.keystore.on_error.append(self.metrics.key_file_error)
         self.keystore.watch()                     # a broken file shows in /healthz without traffic
         self.metrics.init_tokens(k.id for k in self.keystore.all())
-        self.view = ScrapeView(self.metrics, self.keystore)
+        self.view = ScrapeView(self.metrics, self.keystore, limiter=self.limiter)
         self.tracker = UsageTracker(s.recent_requests)
         self.pricing = Pricing.load(s.pricing_file)
 
@@ -69,13 +70,16 @@ class UsageCore:
         return plan
 
     def hit(self, key: ApiKey, now: float) -> Optional[Decision]:
-        """Charge one request; None when the storage failed (the request goes through)."""
+        """Charge one request; None when the shared storage is away and the failure mode is
+        ``open`` (the request goes through, counted). In ``closed`` mode StorageUnavailable
+        reaches the caller (a 503); in ``local`` mode this process's memory limits answer. The
+        circuit breaker logs each change of state; requests are not logged one by one."""
         try:
             decision = self.limiter.hit_plan(key.id, self._plan(key), now)
-        except StorageUnavailable as exc:
-            # fail open: an outage of the shared store must not take the API down with it
-            log.error("%s; request for token %s allowed without rate limiting", exc, key.id)
+        except StorageUnavailable:
             self.metrics.storage_error()
+            if self.limiter.failure_mode == "closed":
+                raise
             return None
         self.metrics.set_windows(key.id, decision.windows, now)
         if not decision.allowed:

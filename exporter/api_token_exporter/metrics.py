@@ -126,6 +126,9 @@ INFO = Family("apitoken_token_info", "gauge", "Configured API tokens (value is a
               ("token", "name", "tenant"))
 STATUS = Family("apitoken_token_status", "gauge", "One-hot status of each configured API token.",
                 ("token", "status"))
+BREAKER = Family("apitoken_rate_limit_storage_breaker_state", "gauge",
+                 "Circuit breaker in front of the shared rate-limit storage (one-hot): closed, "
+                 "half_open (probing) or open (storage skipped).", ("state",))
 KEYS_LOADED = Family("apitoken_keys_loaded", "gauge", "API keys loaded from the key file.", ())
 KEY_FILE_HEALTHY = Family("apitoken_key_file_healthy", "gauge",
                           "1 while the key file loads; 0 while the last change could not be loaded "
@@ -295,10 +298,12 @@ class ScrapeView:
     """What /metrics shows: the recorded families (summed over workers in multiprocess mode)
     plus token info, one-hot status and budgets derived from the key store at scrape time."""
 
-    def __init__(self, metrics: Metrics, keystore, clock: Callable[[], float] = time.time):
+    def __init__(self, metrics: Metrics, keystore, clock: Callable[[], float] = time.time,
+                 limiter=None):
         self.metrics = metrics
         self.keystore = keystore
         self.clock = clock
+        self.limiter = limiter
 
     def limited_tokens(self, now: Optional[float] = None) -> set:
         """Tokens with a window used up that has not reset yet: status rate_limited."""
@@ -326,6 +331,10 @@ class ScrapeView:
                   (KEY_FILE_HEALTHY, [((), 1.0 if keystore.healthy else 0.0)])]
         if keystore.last_success is not None:
             health.append((KEY_FILE_SUCCESS, [((), keystore.last_success)]))
+        if self.limiter is not None and self.limiter.shared:
+            state = self.limiter.breaker.state
+            health.append((BREAKER, [((s,), 1.0 if s == state else 0.0)
+                                     for s in ("closed", "half_open", "open")]))
         return [(INFO, info), (STATUS, status), (BUDGET, budget)] + health
 
     def render(self, accept: Optional[str] = None) -> Tuple[bytes, str]:

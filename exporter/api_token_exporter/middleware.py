@@ -25,7 +25,7 @@ from .config import Settings, load_settings
 from .core import UsageCore
 from .keystore import ApiKey, KeyStore, mask_key
 from .metrics import UNMATCHED_ROUTE
-from .ratelimit import WINDOW_ORDER, Decision
+from .ratelimit import WINDOW_ORDER, Decision, StorageUnavailable
 from .llmcapture import extract_usage
 from .usage import LLMUsage, UsageError, validate_usage
 
@@ -319,7 +319,16 @@ class TokenAnalytics:
         extra_headers: List[Tuple[str, str]] = []
         if key is not None and reason is None and not observe:
             now = time.time()
-            decision = self.core.hit(key, now)
+            try:
+                decision = self.core.hit(key, now)
+            except StorageUnavailable:              # storage_failure_mode: closed
+                wait = max(1, math.ceil(self.core.limiter.breaker.backoff))
+                body = json_response(start_response, 503, {
+                    "detail": "Rate limiting is unavailable, so requests are refused "
+                              f"(storage_failure_mode: closed). Try again in {wait} seconds"},
+                    [("Retry-After", str(wait))])
+                self._record(environ, key, 503, started)
+                return body
             if decision is not None:
                 extra_headers = rate_limit_headers(decision, now)
                 if not decision.allowed:

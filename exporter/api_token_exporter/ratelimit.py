@@ -153,9 +153,9 @@ class RedisBackend:
             self.client.delete(key)
 
 
-def _redis_backend(uri: str) -> RedisBackend:
+def _redis_backend(uri: str, timeout: float) -> RedisBackend:
     import redis
-    timeouts = {"socket_timeout": 1.0, "socket_connect_timeout": 1.0}
+    timeouts = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
     if uri.startswith("redis+sentinel://"):
         from redis.sentinel import Sentinel
         parts = urlsplit(uri)
@@ -173,19 +173,88 @@ def _redis_backend(uri: str) -> RedisBackend:
     return RedisBackend(redis.Redis.from_url(uri, **timeouts))
 
 
+class CircuitBreaker:
+    """Stops calling a shared storage that fails: after ``threshold`` failures in a row it opens
+    (no calls, answers at once), after a backoff lets one probe through (half-open), and closes
+    when the probe succeeds; each failed probe doubles the backoff up to ``max_backoff``. Every
+    state change is logged once, never the requests in between."""
+
+    CLOSED, HALF_OPEN, OPEN = "closed", "half_open", "open"
+
+    def __init__(self, name: str, threshold: int = 3, backoff: float = 1.0, max_backoff: float = 30.0,
+                 clock=time.monotonic, logger=None):
+        self.name, self.threshold, self.base_backoff, self.max_backoff = name, threshold, backoff, max_backoff
+        self.clock, self.logger = clock, logger
+        self.state = self.CLOSED
+        self.failures = 0
+        self.backoff = backoff
+        self.retry_at = 0.0
+        self._lock = threading.Lock()
+
+    def allow(self) -> bool:
+        """True if a call may go to the storage now (closed, or this caller is the probe)."""
+        if self.state == self.CLOSED:
+            return True
+        with self._lock:
+            if self.state == self.OPEN and self.clock() >= self.retry_at:
+                self._change(self.HALF_OPEN, "probing")
+                return True
+            return False
+
+    def success(self) -> None:
+        if self.state == self.CLOSED and not self.failures:
+            return
+        with self._lock:
+            self.failures = 0
+            self.backoff = self.base_backoff
+            if self.state != self.CLOSED:
+                self._change(self.CLOSED, "storage answers again; limits apply")
+
+    def failure(self, reason: str) -> None:
+        with self._lock:
+            self.failures += 1
+            if self.state == self.HALF_OPEN:
+                self.backoff = min(self.backoff * 2, self.max_backoff)
+            elif self.state == self.CLOSED and self.failures < self.threshold:
+                return
+            self.retry_at = self.clock() + self.backoff
+            if self.state != self.OPEN:
+                self._change(self.OPEN, f"{reason}; next probe in {self.backoff:g} s")
+
+    def _change(self, state: str, why: str) -> None:
+        self.state = state
+        if self.logger:
+            log = self.logger.info if state == self.CLOSED else self.logger.error
+            log("rate-limit storage %s: circuit breaker %s (%s)", self.name, state, why)
+
+
+FAILURE_MODES = ("open", "closed", "local")
+
+
 class RateLimiter:
-    def __init__(self, storage_uri: str = "memory://"):
+    """``failure_mode`` says what a request gets while the shared storage is away: ``open``
+    (let through without limits, the default), ``closed`` (refused: StorageUnavailable reaches
+    the caller, which answers 503) or ``local`` (this process's own memory limits)."""
+
+    def __init__(self, storage_uri: str = "memory://", timeout: float = 0.1, failure_mode: str = "open",
+                 logger=None):
         self.storage_uri = storage_uri
         scheme = storage_uri.split("://", 1)[0] if "://" in storage_uri else ""
         try:
+            if failure_mode not in FAILURE_MODES:
+                raise ValueError(f"failure mode must be one of {', '.join(FAILURE_MODES)}")
             if scheme == "memory":
                 self.backend = MemoryBackend()
             elif scheme in ("redis", "rediss", "unix", "redis+sentinel"):
-                self.backend = _redis_backend(storage_uri)
+                self.backend = _redis_backend(storage_uri, timeout)
             else:
                 raise ValueError("use memory://, redis://, rediss://, unix:// or redis+sentinel://")
         except ValueError as exc:
             raise ValueError(f"rate-limit storage {self._safe_uri()!r}: {exc}") from None
+        self.shared = scheme != "memory"
+        self.failure_mode = failure_mode
+        self.breaker = CircuitBreaker(self._safe_uri(), logger=logger)
+        self._local = MemoryBackend() if failure_mode == "local" else None
         self._plans: Dict[tuple, Plan] = {}
 
     def plan(self, limits: Dict[str, int]) -> Plan:
@@ -197,15 +266,29 @@ class RateLimiter:
         return plan
 
     def hit(self, token_id: str, limits: Dict[str, int], now: Optional[float] = None) -> Decision:
-        """Charge one request to ``token_id``. Raises StorageUnavailable if the backend is down."""
+        """Charge one request to ``token_id``. Raises StorageUnavailable if the backend is down
+        (at once while the circuit breaker is open), unless the failure mode is ``local``."""
         return self.hit_plan(token_id, self.plan(limits), now)
 
     def hit_plan(self, token_id: str, plan: Plan, now: Optional[float] = None) -> Decision:
-        try:
-            return self.backend.hit(token_id, plan, now if now is not None else time.time())
-        except Exception as exc:
-            raise StorageUnavailable(f"rate-limit storage {self._safe_uri()} failed: "
-                                     f"{type(exc).__name__}") from None
+        now = now if now is not None else time.time()
+        if not self.shared:
+            return self.backend.hit(token_id, plan, now)
+        breaker = self.breaker
+        if breaker.allow():
+            try:
+                decision = self.backend.hit(token_id, plan, now)
+            except Exception as exc:
+                breaker.failure(type(exc).__name__)
+                reason = f"rate-limit storage {self._safe_uri()} failed: {type(exc).__name__}"
+            else:
+                breaker.success()
+                return decision
+        else:
+            reason = f"rate-limit storage {self._safe_uri()} unavailable (circuit breaker open)"
+        if self._local is not None:
+            return self._local.hit(token_id, plan, now)
+        raise StorageUnavailable(reason)
 
     def _safe_uri(self) -> str:
         # redis://:password@host/0 must not reach a log line
