@@ -241,3 +241,37 @@ def test_resolved_notifications_follow_when_traffic_is_normal_again(stack):
     assert resolved[0]["endsAt"] > resolved[0]["startsAt"]
     wait_for("resolved email", lambda: stack["smtp"].find(
         lambda m: str(m["Subject"]).startswith("[RESOLVED] ApiTokenHighErrorRate token=flaky")))
+
+
+def test_alertmanager_killed_fires_its_alert_on_the_real_binaries(tmp_path):
+    """Prometheus watches the pipeline: kill Alertmanager and AlertmanagerUnreachable fires."""
+    webhook = WebhookSink().start()
+    slack_file = tmp_path / "slack_api_url"
+    slack_file.write_text(webhook.url + "/slack\n")
+    rules_dir = tmp_path / "rules"
+    rulegen.write(rulegen.load_thresholds(os.path.join(ROOT, "prometheus", "thresholds.yml"),
+                                          {"notifications": {"down_for": "2s", "failing_for": "2s"}}),
+                  str(rules_dir))
+    am = start_alertmanager(str(tmp_path / "am"), alertmanager_config(
+        None, webhook.url, str(slack_file), group_wait="1s", group_interval="2s", repeat_interval="1h"))
+    am_addr = am.url.split("://")[1]
+    prom_port = free_port()
+    prom = start_prometheus(str(tmp_path / "prom"), prometheus_config(
+        {"alertmanager": [am_addr], "prometheus": [f"127.0.0.1:{prom_port}"]}, am_addr, str(rules_dir),
+        scrape_interval="1s", evaluation_interval="1s"), port=prom_port)
+    try:
+        def firing(name):
+            alerts = requests.get(prom.url + "/api/v1/alerts", timeout=5).json()["data"]["alerts"]
+            return [a for a in alerts if a["labels"]["alertname"] == name and a["state"] == "firing"]
+
+        wait_for("Alertmanager scraped", lambda: requests.get(prom.url + "/api/v1/query", timeout=5, params={
+            "query": 'up{job="alertmanager"} == 1'}).json()["data"]["result"])
+        assert firing("AlertmanagerUnreachable") == []
+        am.stop()                                          # killed
+        alert = wait_for("AlertmanagerUnreachable to fire", lambda: firing("AlertmanagerUnreachable"))[0]
+        assert alert["labels"]["severity"] == "critical"
+        assert alert["annotations"]["runbook_url"] == RUNBOOK + "#alertmanagerunreachable"
+    finally:
+        prom.stop()
+        am.stop()
+        webhook.stop()

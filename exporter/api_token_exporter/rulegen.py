@@ -79,7 +79,8 @@ def validate(t: dict) -> None:
               "unauthorized.window", "unauthorized.for", "rate_limit.approaching_for",
               "rate_limit.refused_for", "rate_limit.exhaustion_for", "token_state.for",
               "budgets.for", "budgets.forecast_for",
-              "exporter.down_for", "exporter.absent_for"):
+              "exporter.down_for", "exporter.absent_for", "key_file.for", "rate_limit_storage.for",
+              "notifications.down_for", "notifications.failing_for"):
         need(p, duration, "a duration such as 5m")
     for p in ("latency.warning", "latency.critical", "error_rate.warning", "error_rate.critical",
               "usage_spike.warning", "usage_spike.critical", "unauthorized.critical",
@@ -358,6 +359,40 @@ def alert_rules(t: dict) -> List[dict]:
         "No api-token-exporter metrics at all",
         f"No target of job {job} exposes apitoken_* metrics: the exporter is not scraped.",
         threshold="absent"))
+    rules.append(_alert(
+        t, "ApiTokenKeyFileUnhealthy", "critical", "apitoken_key_file_healthy == 0",
+        t["key_file"]["for"],
+        "The key file of {{ $labels.instance }} cannot be loaded",
+        "{{ $labels.instance }} could not load its key file (broken, missing or empty): the keys "
+        "loaded before stay in force, but no change to the file takes effect. /healthz shows the error.",
+        threshold="load fails"))
+    rules.append(_alert(
+        t, "ApiTokenRateLimitStorageDown", "critical",
+        'max by (job, instance) (apitoken_rate_limit_storage_breaker_state{state!="closed"}) == 1',
+        t["rate_limit_storage"]["for"],
+        "{{ $labels.instance }} cannot reach its rate-limit storage",
+        "The circuit breaker in front of Redis is open on {{ $labels.instance }}: requests are let "
+        "through without limits, refused, or limited per process, as storage_failure_mode says.",
+        threshold="breaker open"))
+    n = t["notifications"]
+    rules.append(_alert(
+        t, "AlertmanagerUnreachable", "critical",
+        (f'up{{job=~"{n["alertmanager_job"]}"}} == 0\n'
+         f'or prometheus_notifications_alertmanagers_discovered{{job=~"{n["prometheus_job"]}"}} < 1'),
+        n["down_for"],
+        "Prometheus has no Alertmanager to send alerts to",
+        "Alertmanager {{ $labels.instance }} is down or not discovered: no alert reaches email, "
+        "Slack or webhooks. The external dead man's switch (Watchdog) is what tells you now.",
+        threshold="down"))
+    rules.append(_alert(
+        t, "AlertmanagerNotificationsFailing", "critical",
+        (f'sum by (job, instance, integration) (rate(alertmanager_notifications_failed_total{{job=~"{n["alertmanager_job"]}"}}[{w}])) > 0\n'
+         f'or sum by (job, instance) (rate(prometheus_notifications_errors_total{{job=~"{n["prometheus_job"]}"}}[{w}])) > 0'),
+        n["failing_for"],
+        "Notifications are failing to send",
+        "Notifications fail on {{ $labels.instance }}{{ with $labels.integration }} ({{ . }}){{ end }}: "
+        "alerts fire but do not reach people.",
+        threshold="any failure"))
     rules.append({"alert": "Watchdog", "expr": "vector(1)", "labels": {"severity": "none"},
                   "annotations": {
                       "summary": "Always firing: proves the alerting pipeline works end to end",
