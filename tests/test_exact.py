@@ -5,7 +5,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, strategies as st
 
 from api_token_exporter.analytics import PrometheusClient
 from api_token_exporter.exact import ExactCounters, samples_increase

@@ -1,7 +1,6 @@
 """Hostile and broken input: whatever is posted, /metrics keeps rendering text every parser and
 promtool accept, valid events in the same batch are counted exactly, and no reply echoes what
 may be a secret."""
-import json
 import math
 import subprocess
 
@@ -69,7 +68,7 @@ def fuzz_target(tmp_path_factory):
     from api_token_exporter.keystore import add_key
     keys_file = str(tmp_path_factory.mktemp("fuzz") / "keys.yml")
     add_key(keys_file, "alpha")
-    return exporter_client(keys_file), require_binary("promtool")
+    return exporter_client(keys_file, admin_rate_limit=1_000_000), require_binary("promtool")
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
@@ -218,9 +217,71 @@ def test_a_10_mb_chunked_body_is_refused_before_it_is_read_whole(tmp_path, keys)
             sent += len(chunk) - 2
         sock.settimeout(15)
         reply = sock.recv(65536).decode("latin-1")   # no more is sent until the server answers
+        while "larger than" not in reply and len(reply) < 4096:
+            more = sock.recv(65536).decode("latin-1")
+            if not more:
+                break
+            reply += more
         assert reply.startswith("HTTP/1.1 413"), reply[:200]
         assert "larger than 1048576 bytes" in reply
         sock.close()
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+class HungPrometheus:
+    """Accepts connections and never answers."""
+
+    def __init__(self):
+        import socket
+        import threading
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.held = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.held.append(conn)
+
+    def close(self):
+        self.sock.close()
+        for conn in self.held:
+            conn.close()
+
+
+@pytest.mark.parametrize("path", ["/analytics/tokens?days=30", "/api/analytics/usage"])
+def test_a_prometheus_that_never_answers_gives_a_503_within_the_deadline(keys, path):
+    import time
+    hung = HungPrometheus()
+    try:
+        client = exporter_client(keys[0], prometheus_url=hung.url, prometheus_timeout=2)
+        started = time.monotonic()
+        r = client.get(path, headers=ADMIN)
+        took = time.monotonic() - started
+        assert r.status_code == 503 and r.json["detail"].startswith("Analytics unavailable")
+        assert took < 3.0, took                                 # prometheus_timeout + 1 s
+    finally:
+        hung.close()
+
+
+def test_analytics_ranges_are_capped_and_each_credential_is_rate_limited(keys):
+    hung = HungPrometheus()                                     # never reached below
+    try:
+        client = exporter_client(keys[0], prometheus_url=hung.url, admin_rate_limit=3)
+        r = client.get("/analytics/tokens?days=3650", headers=ADMIN)
+        assert r.status_code == 400 and r.json["detail"] == "days must be from 1 to 92, got 3650"
+        codes = [client.get("/analytics/tokens?days=0", headers=ADMIN).status_code for _ in range(3)]
+        assert codes == [400, 400, 429]                         # the 4th request of this minute
+        assert client.get("/admin/stats", headers=ADMIN).status_code == 429
+        tenant = client.get("/analytics/tokens?days=0", headers={"X-API-Key": keys[1]["alpha"]})
+        assert tenant.status_code == 400                        # another credential, its own budget
+    finally:
+        hung.close()

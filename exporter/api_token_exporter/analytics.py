@@ -12,7 +12,6 @@ from __future__ import annotations
 import calendar
 import concurrent.futures
 import datetime as dt
-import math
 import re
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -99,14 +98,14 @@ def parse_time(name: str, value: str) -> float:
 
 
 def resolve_range(days: Optional[str], start: Optional[str], end: Optional[str],
-                  now: float) -> Tuple[float, float]:
+                  now: float, max_days: int = 3650) -> Tuple[float, float]:
     if days is not None:
         try:
             n = int(days)
         except ValueError:
             raise AnalyticsError(f"days must be a whole number, got {days!r}") from None
-        if not 1 <= n <= 3650:
-            raise AnalyticsError(f"days must be from 1 to 3650, got {n}")
+        if not 1 <= n <= max_days:
+            raise AnalyticsError(f"days must be from 1 to {max_days}, got {n}")
     else:
         n = 30
     end_ts = parse_time("end", end) if end else now
@@ -115,8 +114,8 @@ def resolve_range(days: Optional[str], start: Optional[str], end: Optional[str],
         raise AnalyticsError("end must not be in the future")
     if start_ts >= end_ts:
         raise AnalyticsError("start must be before end")
-    if end_ts - start_ts > 3650 * 86400:
-        raise AnalyticsError("the range must be at most 3650 days")
+    if end_ts - start_ts > max_days * 86400:
+        raise AnalyticsError(f"the range must be at most {max_days} days")
     return start_ts, end_ts
 
 
@@ -136,8 +135,9 @@ Parts = Dict[str, Tuple[str, Tuple[str, ...]]]     # name -> (selector, group-by
 
 
 def _run(client: PrometheusClient, jobs: Sequence[Tuple[Parts, float, float]], progress: Progress,
-         workers: int = 8) -> List[List[Tuple[Dict[str, str], float]]]:
-    """Each job's exact totals as rows of (labels with q=<part name>, value)."""
+         workers: int = 8, deadline: Optional[float] = None) -> List[List[Tuple[Dict[str, str], float]]]:
+    """Each job's exact totals as rows of (labels with q=<part name>, value). With ``deadline``
+    (seconds), the whole answer takes no longer: PrometheusUnavailable then."""
     counters = ExactCounters(client.query, client.query_samples)
 
     def one(job):
@@ -147,13 +147,21 @@ def _run(client: PrometheusClient, jobs: Sequence[Tuple[Parts, float, float]], p
 
     results: List = [None] * len(jobs)
     done = 0
-    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers)
+    try:
         futures = {pool.submit(one, job): i for i, job in enumerate(jobs)}
-        for future in concurrent.futures.as_completed(futures):
-            results[futures[future]] = future.result()
-            done += 1
-            if progress:
-                progress(done, len(jobs))
+        try:
+            for future in concurrent.futures.as_completed(futures, timeout=deadline):
+                results[futures[future]] = future.result()
+                done += 1
+                if progress:
+                    progress(done, len(jobs))
+        except concurrent.futures.TimeoutError:
+            raise PrometheusUnavailable(
+                f"Prometheus at {client.url} did not answer within {deadline:g} s "
+                f"({done} of {len(jobs)} periods)") from None
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)     # a hung query must not hold the answer
     return results
 
 
@@ -183,20 +191,20 @@ def _add(target: dict, q: str, labels: dict, value: float) -> None:
 
 
 def tokens_report(client: PrometheusClient, scope: Scope, start: float, end: float,
-                  progress: Progress = None) -> dict:
+                  progress: Progress = None, deadline: Optional[float] = None) -> dict:
     """Seed 001's /analytics/tokens: summary, byModel, byDay, byService."""
-    return tokens_report_rows(client, scope, start, end, progress)[0]
+    return tokens_report_rows(client, scope, start, end, progress, deadline)[0]
 
 
 def tokens_report_rows(client: PrometheusClient, scope: Scope, start: float, end: float,
-                       progress: Progress = None) -> Tuple[dict, List[dict]]:
+                       progress: Progress = None, deadline: Optional[float] = None) -> Tuple[dict, List[dict]]:
     """The /analytics/tokens document, and its totals per service and model (byModel merges
     services) for the report's rows, from the same queries."""
     m = scope.matcher
     days = day_buckets(start, end)
     jobs = [(_llm_parts(m, ("service", "model")), start, end)]
     jobs += [(_llm_parts(m, ()), lo, hi) for _, lo, hi in days]
-    results = _run(client, jobs, progress)
+    results = _run(client, jobs, progress, deadline=deadline)
 
     summary, by_model, by_service, by_pair = _counts(), {}, {}, {}
     for labels, value in results[0]:
@@ -252,7 +260,8 @@ def _usage_entry(rows) -> dict:
     return entry
 
 
-def usage_report(client: PrometheusClient, scope: Scope, now: float, progress: Progress = None) -> dict:
+def usage_report(client: PrometheusClient, scope: Scope, now: float, progress: Progress = None,
+                 deadline: Optional[float] = None) -> dict:
     """Seed 004's /api/analytics/usage: summary, trends and predictions (UTC calendar)."""
     m = scope.matcher
     today = dt.datetime.fromtimestamp(now, UTC).replace(hour=0, minute=0, second=0, microsecond=0)
@@ -277,7 +286,7 @@ def usage_report(client: PrometheusClient, scope: Scope, now: float, progress: P
                + [span(w, w + dt.timedelta(weeks=1)) for w in weekly]
                + [span(mo, (mo + dt.timedelta(days=32)).replace(day=1)) for mo in monthly])
     jobs += [(parts, lo, hi) for lo, hi in buckets]
-    results = _run(client, jobs, progress)
+    results = _run(client, jobs, progress, deadline=deadline)
 
     summary = {name: _usage_entry(rows) for name, rows in zip(periods, results[:4])}
     trend_rows = results[4:]

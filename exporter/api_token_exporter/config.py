@@ -51,7 +51,10 @@ class Settings:
     capture_llm_usage: bool = False         # read usage from OpenAI/Anthropic/Cohere responses
     capture_max_bytes: int = 1_048_576      # larger responses are not inspected
     prometheus_url: Optional[str] = None    # enables the analytics API, answered from Prometheus
-    prometheus_timeout: float = 10.0
+    prometheus_timeout: float = 10.0        # a deadline for a whole analytics answer
+    analytics_max_days: int = 92            # the longest range /analytics/tokens answers
+    analytics_cache_seconds: float = 10.0   # the same question within this time gets the same answer
+    admin_rate_limit: int = 60              # analytics and admin requests per minute per credential
     exempt_paths: List[str] = field(default_factory=lambda: ["/healthz"])
     recent_requests: int = 100              # ring buffer behind /admin/stats
     state_dir: Optional[str] = None         # metric files kept here survive restarts
@@ -65,6 +68,8 @@ class Settings:
                 raise ConfigError(f"rate_limits.{window} must be a whole number >= 0")
         if not self.header_name or not self.header_name.replace("-", "").isalnum():
             raise ConfigError(f"header_name {self.header_name!r} is not a valid header name")
+        if not 0 <= self.analytics_cache_seconds <= 3600:
+            raise ConfigError("analytics_cache_seconds must be from 0 to 3600")
         if self.storage_failure_mode not in ("open", "closed", "local"):
             raise ConfigError(f"storage_failure_mode must be open, closed or local, got "
                               f"{self.storage_failure_mode!r}")
@@ -73,7 +78,8 @@ class Settings:
         if bool(self.metrics_basic_user) != bool(self.metrics_basic_password):
             raise ConfigError("metrics basic auth needs both user and password")
         for name in ("max_tokens", "max_routes", "max_models", "ingest_max_events",
-                     "recent_requests", "capture_max_bytes", "store_capacity"):
+                     "recent_requests", "capture_max_bytes", "store_capacity", "analytics_max_days",
+                     "admin_rate_limit"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
         return self

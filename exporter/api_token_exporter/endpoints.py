@@ -6,7 +6,7 @@ import base64
 import binascii
 import hmac
 import json
-import math
+import threading
 import time
 from typing import List, Optional, Tuple
 
@@ -14,6 +14,7 @@ from flask import Flask, Response, jsonify, request
 
 from . import validation
 from .keystore import well_formed_key
+from .ratelimit import RateLimiter
 from .usage import UsageError, validate_usage
 from .validation import ValidationError
 
@@ -57,6 +58,32 @@ def _unauthorized(detail: str, scheme: str):
 METRICS_CLOSED = ("Metrics are not public: set metrics_bearer_token (or metrics_basic_user and "
                   "metrics_basic_password) and give Prometheus the credentials, serve them on "
                   "metrics_port bound to 127.0.0.1, or set metrics_public: true")
+
+
+class AnswerCache:
+    """The same question within ``seconds`` gets the same answer, computed once."""
+
+    def __init__(self, seconds: float, size: int = 256):
+        self.seconds, self.size = seconds, size
+        self._answers: dict = {}
+        self._lock = threading.Lock()
+
+    def get(self, question, compute):
+        if self.seconds <= 0:
+            return compute()
+        now = time.monotonic()
+        with self._lock:
+            hit = self._answers.get(question)
+            if hit is not None and hit[0] > now:
+                return hit[1]
+        answer = compute()
+        with self._lock:
+            if len(self._answers) >= self.size:
+                self._answers = {q: a for q, a in self._answers.items() if a[0] > now}
+                if len(self._answers) >= self.size:
+                    self._answers.clear()
+            self._answers[question] = (now + self.seconds, answer)
+        return answer
 
 
 def build_endpoints(core, serve_metrics: bool = True, admin: bool = True, health: bool = False,
@@ -109,6 +136,22 @@ def build_endpoints(core, serve_metrics: bool = True, admin: bool = True, health
                         "store": {"dropped_series": store.dropped_series(), "capacity": store.capacity,
                                   "state_dir": store.directory if core.settings.state_dir else None}})
 
+    # analytics and admin answers cost Prometheus queries and store merges: a per-credential
+    # limit keeps any one key (or a leaked admin token) from turning them against the servers
+    budget = RateLimiter("memory://")
+    budget_plan = budget.plan({"minute": s.admin_rate_limit})
+
+    def over_budget(credential: str):
+        decision = budget.hit_plan(credential, budget_plan)
+        if decision.allowed:
+            return None
+        wait = decision.refused_by.reset_in(time.time())
+        response = jsonify({"detail": f"At most {s.admin_rate_limit} analytics and admin requests per "
+                                      f"minute per credential (admin_rate_limit). Try again in {wait} seconds"})
+        response.status_code = 429
+        response.headers["Retry-After"] = str(wait)
+        return response
+
     if admin and s.admin_token:
         paths.update(ADMIN_PATHS)
 
@@ -116,7 +159,7 @@ def build_endpoints(core, serve_metrics: bool = True, admin: bool = True, health
             given = _bearer(request.headers.get("Authorization")) or request.headers.get("X-Admin-Token")
             if not _same(given, s.admin_token):
                 return _unauthorized("Admin endpoints need the admin token", "Bearer")
-            return None
+            return over_budget("admin")
 
         @app.route("/admin/token-details", methods=["GET"])
         def token_details():
@@ -168,11 +211,12 @@ def build_endpoints(core, serve_metrics: bool = True, admin: bool = True, health
         from . import analytics
         client = analytics.PrometheusClient(s.prometheus_url, s.prometheus_timeout)
         paths.update(ANALYTICS_PATHS)
+        cache = AnswerCache(s.analytics_cache_seconds)
 
         def scope_or_error():
             """Admin token: every token. A tenant's API key: that tenant's tokens only."""
             if s.admin_token and _same(_bearer(request.headers.get("Authorization")), s.admin_token):
-                return analytics.Scope(), None
+                return analytics.Scope(), over_budget("admin")
             raw = request.headers.get(s.header_name)
             if not raw:
                 return None, (_unauthorized(
@@ -185,14 +229,15 @@ def build_endpoints(core, serve_metrics: bool = True, admin: bool = True, health
                 return None, (jsonify({"detail": "API key is inactive"}), 403)
             tenant_tokens = [k.id for k in core.keystore.all() if k.tenant == key.tenant] \
                 if key.tenant else [key.id]
-            return analytics.Scope(tenant_tokens), None
+            return analytics.Scope(tenant_tokens), over_budget(f"key:{key.id}")
 
         def answer(build):
             scope, error = scope_or_error()
             if error:
                 return error
+            question = (request.path, tuple(scope.tokens or ("*",)), tuple(sorted(request.args.items())))
             try:
-                return jsonify(build(scope))
+                return jsonify(cache.get(question, lambda: build(scope)))
             except analytics.AnalyticsError as exc:
                 return jsonify({"detail": str(exc)}), 400
             except analytics.PrometheusUnavailable as exc:
@@ -202,13 +247,15 @@ def build_endpoints(core, serve_metrics: bool = True, admin: bool = True, health
         def analytics_tokens():
             def build(scope):
                 start, end = analytics.resolve_range(request.args.get("days"), request.args.get("start"),
-                                                     request.args.get("end"), time.time())
-                return analytics.tokens_report(client, scope, start, end)
+                                                     request.args.get("end"), time.time(),
+                                                     max_days=s.analytics_max_days)
+                return analytics.tokens_report(client, scope, start, end, deadline=s.prometheus_timeout)
             return answer(build)
 
         @app.route("/api/analytics/usage", methods=["GET"])
         def analytics_usage():
-            return answer(lambda scope: analytics.usage_report(client, scope, time.time()))
+            return answer(lambda scope: analytics.usage_report(client, scope, time.time(),
+                                                               deadline=s.prometheus_timeout))
 
     return app, paths
 
