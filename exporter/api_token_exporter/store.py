@@ -170,15 +170,17 @@ class Store:
             while True:
                 base = os.path.join(self.directory, f"ate-{self.pid}-{secrets.token_hex(4)}")
                 try:
-                    fd = os.open(base + ".data", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+                    self._index = open(base + ".idx", "x", encoding="utf-8")
                     break
                 except FileExistsError:
                     continue
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)   # ours: nobody folds it while we live
+            # locked before it gets the name a fold looks for: never seen unowned while we live
+            fd = os.open(base + ".data.new", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             os.ftruncate(fd, size)              # sparse: pages cost memory only once touched
+            os.rename(base + ".data.new", base + ".data")
             self._fd = fd
             self._mm = mmap.mmap(fd, size)
-            self._index = open(base + ".idx", "x", encoding="utf-8")
             self.path = base + ".data"
         else:
             self._mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
