@@ -185,14 +185,19 @@ class KeyStore:
         if not self.path or (self._watcher is not None and self._watcher.is_alive()):
             return
         self._stop = threading.Event()
+        ref = weakref.ref(self)            # the thread must not keep a discarded store alive
 
-        def run(stop=self._stop):
-            while not stop.wait(self.check_interval):
+        def run(stop=self._stop, interval=self.check_interval, logger=self._logger):
+            while not stop.wait(interval):
+                store = ref()
+                if store is None:
+                    return
                 try:
-                    self.reload()
+                    store.reload()
                 except Exception:                 # never let the watcher die silently
-                    if self._logger:
-                        self._logger.exception("key file watcher")
+                    if logger:
+                        logger.exception("key file watcher")
+                del store
 
         self._watcher = threading.Thread(target=run, name="key-file-watcher", daemon=True)
         self._watcher.start()
