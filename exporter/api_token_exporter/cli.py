@@ -91,7 +91,7 @@ def cmd_demo(args) -> int:
              storage_uri=args.storage_uri or "memory://", speed=args.speed,
              prometheus_port=None if args.no_prometheus else args.prometheus_port,
              alertmanager_port=None if args.no_alertmanager else args.alertmanager_port,
-             sink_port=args.sink_port, scrape_interval=args.scrape_interval)
+             sink_port=args.sink_port, scrape_interval=args.scrape_interval, keep_data=args.keep_data)
     return 0
 
 
@@ -171,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="port of the sidecar exporter that receives ingest events")
     demo.add_argument("--no-exporter", action="store_true")
     demo.add_argument("--data-dir", default="demo-data")
+    demo.add_argument("--keep-data", action="store_true",
+                      help="keep Prometheus and Alertmanager data of earlier runs (default: start afresh)")
     demo.add_argument("--duration", type=float, default=0, help="seconds to run (0: until Ctrl-C)")
     demo.add_argument("--no-traffic", action="store_true")
     demo.add_argument("--speed", type=float, default=1.0, help="traffic speed factor")

@@ -8,6 +8,7 @@ import json
 import os
 import random
 import secrets
+import shutil
 import threading
 import time
 from dataclasses import dataclass
@@ -174,9 +175,10 @@ class TrafficGenerator:
     def start(self) -> "TrafficGenerator":
         r, k = self._random, self.keys
         clients = [
-            (0.5, lambda s: self._get(s, r.choice(["/api/v1/items", f"/api/v1/items/{r.randint(1, 50)}",
+            # healthy tokens stay inside their limits: steady ~86/min of 100, bursty 40 at once of 60
+            (0.75, lambda s: self._get(s, r.choice(["/api/v1/items", f"/api/v1/items/{r.randint(1, 50)}",
                                                     "/api/v1/repos/acme/portfolio"]), k["demo-steady"])),
-            (20.0, lambda s: [self._get(s, "/api/v1/items", k["demo-bursty"]) for _ in range(40)]),
+            (60.0, lambda s: [self._get(s, "/api/v1/items", k["demo-bursty"]) for _ in range(40)]),
             (1.0, lambda s: self._get(s, r.choice(["/api/v1/flaky?fail=0.4", "/api/v1/items/404",
                                                    f"/api/v1/items/{r.randint(101, 999)}"]),
                                       k["demo-errors"])),
@@ -235,8 +237,10 @@ class DemoStack:
                  traffic: bool = True, prometheus_port: Optional[int] = 9090,
                  alertmanager_port: Optional[int] = 9093, sink_port: Optional[int] = 8025,
                  scrape_interval: str = "5s", sidecar_url: Optional[str] = None,
-                 ingest_token: Optional[str] = None, admin_token: Optional[str] = None):
+                 ingest_token: Optional[str] = None, admin_token: Optional[str] = None,
+                 keep_data: bool = False):
         self.host, self.port, self.exporter_port = host, port, exporter_port
+        self.keep_data = keep_data
         self.data_dir = os.path.abspath(data_dir)
         self.storage_uri, self.speed, self.traffic = storage_uri, speed, traffic
         self.prometheus_port, self.alertmanager_port = prometheus_port, alertmanager_port
@@ -260,12 +264,16 @@ class DemoStack:
         from . import stack
         logging.getLogger("werkzeug").setLevel(logging.WARNING)   # no access log flood
         os.makedirs(self.data_dir, exist_ok=True)
+        if not self.keep_data:          # a new key file each run: old Prometheus data would mix in
+            for old in ("prometheus", "alertmanager"):
+                shutil.rmtree(os.path.join(self.data_dir, old), ignore_errors=True)
         keys_file = os.path.join(self.data_dir, "keys.yml")
         self.raw_keys = write_demo_keys(keys_file)
-        token_file = os.path.join(self.data_dir, "admin-token")
-        with open(token_file, "w") as fh:
-            fh.write(self.admin_token)
-        os.chmod(token_file, 0o600)
+        for name, token in (("admin-token", self.admin_token), ("ingest-token", self.ingest_token)):
+            token_file = os.path.join(self.data_dir, name)
+            with open(token_file, "w") as fh:
+                fh.write(token)
+            os.chmod(token_file, 0o600)
 
         prom_port = self.prometheus_port
         if prom_port is not None and not os.path.exists(stack.PROMETHEUS_YML):
@@ -327,14 +335,20 @@ class DemoStack:
                  f"its metrics     {self.api_url}/metrics",
                  f"admin JSON      {self.api_url}/admin/stats and /admin/token-details "
                  f"(Authorization: Bearer <{os.path.join(self.data_dir, 'admin-token')}>)"]
+        ingest_file = os.path.join(self.data_dir, "ingest-token")
         if self.sidecar_url:
-            lines.append(f"exporter        {self.sidecar_url}/metrics   ingest: POST {self.sidecar_url}/v1/events")
+            lines.append(f"exporter        {self.sidecar_url}/metrics")
+            if self.exporter_port is not None:
+                lines.append(f"ingest          curl -H \"Authorization: Bearer $(cat {ingest_file})\" "
+                             f"-d '{{\"events\": [{{\"token\": \"demo-sidecar\", \"route\": \"/orders\", "
+                             f"\"status\": 200, \"duration_ms\": 42}}]}}' {self.sidecar_url}/v1/events")
         if self.prometheus:
-            lines.append(f"Prometheus      {self.prometheus.url}   (rules: prometheus/rules, alerts: {self.prometheus.url}/alerts)")
+            lines.append(f"Prometheus      {self.prometheus.url}   (alerts: {self._prometheus_alerts_page()})")
             if self.sidecar_url:
                 lines.append(f"analytics       {self.sidecar_url}/analytics/tokens and /api/analytics/usage (admin token)")
         if self.alertmanager:
-            lines.append(f"Alertmanager    {self.alertmanager.url}")
+            lines.append(f"Alertmanager    {self.alertmanager.url}/api/v2/alerts   (its API: "
+                         "Debian's package has no web page)")
             lines.append(f"notifications   {self.webhook.url}/ (webhook and Slack posts), {self.webhook.url}/mail (emails)")
         lines += self.notes
         lines.append("Grafana         needs Docker (docker compose up); the dashboards are in grafana/dashboards/")
@@ -344,6 +358,17 @@ class DemoStack:
         if self.generator:
             lines.append("traffic         steady, bursty, erroring, slow, over-limit, LLM, missing and invalid keys")
         return lines
+
+    def _prometheus_alerts_page(self) -> str:
+        """The alerts page of the Prometheus that runs: Debian's package ships only the classic
+        UI, where /alerts is a 404."""
+        for path in ("/alerts", "/classic/alerts"):
+            try:
+                if requests.get(self.prometheus.url + path, timeout=5).status_code == 200:
+                    return self.prometheus.url + path
+            except requests.RequestException:
+                break
+        return self.prometheus.url + "/api/v1/alerts"
 
     def stop(self) -> None:
         if self.generator:
