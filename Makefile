@@ -30,6 +30,6 @@ rules:
 	promtool check rules prometheus/rules/*.yml
 	promtool test rules prometheus/tests/*.yml
 
-# seed 001's `make analytics:report`: the last 30 days from Prometheus (PROMETHEUS_URL to change)
+# the LLM token report: the last 30 days from Prometheus (PROMETHEUS_URL to change)
 report:
 	api-token-exporter report --days 30 --format table $(if $(PROMETHEUS_URL),--prometheus-url $(PROMETHEUS_URL))

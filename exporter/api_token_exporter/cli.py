@@ -203,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     sink.add_argument("--smtp-port", type=int, help="also accept mail on this port")
     sink.set_defaults(func=cmd_sink)
 
-    report = sub.add_parser("report", help="LLM token usage report from Prometheus (seed 001)")
+    report = sub.add_parser("report", help="LLM token usage report from Prometheus")
     report.add_argument("--days", type=int, default=30)
     report.add_argument("--start", help="ISO 8601 date or time (default: --days before --end)")
     report.add_argument("--end", help="ISO 8601 date or time (default: now)")

@@ -159,9 +159,9 @@ def _thresholds(t: dict) -> Dict[str, dict]:
 def overview(t: dict) -> dict:
     th = _thresholds(t)
     b = Board("ate-overview", "API tokens: overview",
-              "Every token at a glance: seed 003's cards, seed 004's periods, volume, errors, latency, top tokens and endpoints.",
+              "Every token at a glance: status cards, calendar periods, volume, errors, latency, top tokens and endpoints.",
               ["overview"])
-    b.row("Tokens (seed 003)")
+    b.row("Tokens")
     b.stat("Tokens", "count(count by (token) (apitoken_token_info)) or vector(0)", "none")
     b.stat("Active", 'count(max by (token) (apitoken_token_status{status="active"}) == 1) or vector(0)', "none",
            thresholds=steps(("green", None)))
@@ -176,7 +176,7 @@ def overview(t: dict) -> dict:
            decimals=0, thresholds=steps(("green", None), ("red", 1)))
     b.stat("API limit per hour", 'sum(max by (token) (apitoken_rate_limit_limit{window="hour"})) or vector(0)',
            "short", description="Sum of the hourly limits of the tokens seen")
-    b.row("Usage by period (seed 004)")
+    b.row("Usage by period (UTC)")
     for label, time_from in (("Today", "now/d"), ("This week", "now/w"), ("This month", "now/M"),
                              ("All time", "1y")):
         b.stat(f"{label}: requests", total(f"apitoken_requests_total{{{REAL_TOKENS}}}") + " or vector(0)",
