@@ -285,3 +285,23 @@ def test_analytics_ranges_are_capped_and_each_credential_is_rate_limited(keys):
         assert tenant.status_code == 400                        # another credential, its own budget
     finally:
         hung.close()
+
+
+def test_a_key_pasted_into_token_never_becomes_a_label(keys):
+    client = exporter_client(keys[0])                          # unknown token ids allowed
+    leaked = keys[1]["alpha"]
+    r = client.post("/v1/events", json=[{"token": leaked, "route": "/a", "status": 200, "duration_ms": 1},
+                                        {"token": "atk_" + "x" * 43, "route": "/a", "status": 200,
+                                         "duration_ms": 1}], headers=INGEST)
+    assert r.status_code == 400 and leaked not in r.text
+    assert r.json["errors"][0]["errors"] == ["token must be a key id, not the key itself (send a key as api_key)"]
+    assert leaked not in client.get("/metrics").text
+
+
+def test_a_number_of_hundreds_of_digits_is_a_reason_not_a_500(keys):
+    client = exporter_client(keys[0])
+    r = client.post("/v1/events", data='[{"token": "alpha", "route": "/a", "status": 200, '
+                                       '"duration_seconds": 1' + "0" * 400 + '}]',
+                    headers={**INGEST, "Content-Type": "application/json"})
+    assert r.status_code == 400
+    assert r.json["errors"][0]["errors"] == ["duration_seconds must be a finite number"]

@@ -227,3 +227,55 @@ def test_no_side_effects_on_the_host_app(monkeypatch, tmp_path):
     assert gc.isenabled()
     _render_text(metrics)
     assert gc.isenabled()
+
+
+def test_float_counters_never_go_down_when_files_are_folded(tmp_path):
+    """An archive and two live files: the later one ends and is folded, which regroups the sum
+    (archive + first + second becomes (archive + second) + first). With float amounts that
+    could lower the total by one rounding step, a counter reset to Prometheus. Amounts are kept
+    as whole multiples of a unit, which add exactly in any order."""
+    import random
+    from api_token_exporter.store import fold_dead_files
+    rnd = random.Random(1)
+    for trial in range(40):
+        d = tmp_path / str(trial)
+        costs = [round(rnd.uniform(0, 5), 6) for _ in range(3)]
+        first_run = Metrics(directory=str(d))
+        first_run.observe_llm("t", "openai", "gpt-4", 1, 1, costs[0])
+        first_run.observe_request("t", "/a", "GET", 200, costs[0] / 3, authenticated=True)
+        first_run.store.close()
+        fold_dead_files(str(d), catalogue())
+        one, two = Metrics(directory=str(d)), Metrics(directory=str(d))
+        first, second = sorted([one, two], key=lambda m: m.store.path)
+        first.observe_llm("t", "openai", "gpt-4", 1, 1, costs[1])
+        second.observe_llm("t", "openai", "gpt-4", 1, 1, costs[2])
+        second.observe_request("t", "/a", "GET", 200, costs[2] / 3, authenticated=True)
+
+        def totals():
+            text = _render_text(first)
+            return (sample_total(text, "apitoken_llm_cost_usd_total", token="t"),
+                    sample_total(text, "apitoken_request_duration_seconds_sum", token="t"))
+        before = totals()
+        second.store.close()
+        fold_dead_files(str(d), catalogue())
+        after = totals()
+        assert after[0] >= before[0] and after[1] >= before[1], (trial, before, after)
+        first.store.close()
+
+
+def test_a_full_disk_during_a_fold_is_logged_and_loses_nothing(tmp_path, monkeypatch, caplog):
+    import errno
+    from api_token_exporter import store as store_module
+    subprocess.run([sys.executable, "-c", COUNT_AND_EXIT, str(tmp_path), "5"], check=True, timeout=60)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(store_module.os, "fsync", full)
+    reader = Metrics(directory=str(tmp_path))                 # its open folds: the disk is "full"
+    assert "not folded" in caplog.text and "No space left" in caplog.text
+    assert not list(tmp_path.glob("*.tmp"))
+    assert sample_total(_render_text(reader), "apitoken_requests_total", token="alpha") == 5
+    monkeypatch.undo()
+    reader.store.close()
+    assert sample_total(_render_text(Metrics(directory=str(tmp_path))), "apitoken_requests_total",
+                        token="alpha") == 5

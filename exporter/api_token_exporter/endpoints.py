@@ -13,7 +13,7 @@ from typing import List, Optional, Tuple
 from flask import Flask, Response, jsonify, request
 
 from . import validation
-from .keystore import well_formed_key
+from .keystore import KEY_PREFIX, well_formed_key
 from .ratelimit import RateLimiter
 from .usage import UsageError, validate_usage
 from .validation import ValidationError
@@ -235,7 +235,8 @@ def build_endpoints(core, serve_metrics: bool = True, admin: bool = True, health
             scope, error = scope_or_error()
             if error:
                 return error
-            question = (request.path, tuple(scope.tokens or ("*",)), tuple(sorted(request.args.items())))
+            question = (request.path, ("*",) if scope.tokens is None else tuple(scope.tokens),
+                        tuple(sorted(request.args.items())))
             try:
                 return jsonify(cache.get(question, lambda: build(scope)))
             except analytics.AnalyticsError as exc:
@@ -287,7 +288,10 @@ def validate_event(core, event) -> Tuple[Optional[dict], List[str]]:
         errors.append("token (a key id) or api_key is required")
     else:
         check("token", validation.token_id, "token", token)
-        if "token" in clean and core.keystore.get(token) is None \
+        if "token" in clean and (token.startswith(KEY_PREFIX) or core.keystore.lookup(token) is not None):
+            del clean["token"]                 # a key pasted into `token` must never become a label
+            errors.append("token must be a key id, not the key itself (send a key as api_key)")
+        elif "token" in clean and core.keystore.get(token) is None \
                 and not core.settings.ingest_allow_unknown_tokens:
             del clean["token"]
             errors.append("token is not a key id in the key store")

@@ -14,7 +14,7 @@ import tempfile
 
 from api_token_exporter.config import load_settings
 from api_token_exporter.metrics import catalogue
-from api_token_exporter.store import fold_dead_files
+from api_token_exporter.store import fold_dead_files_safely
 
 _OWN_DIR = "_ATE_OWN_STATE_DIR"
 
@@ -32,12 +32,12 @@ def on_starting(server):
         os.environ[_OWN_DIR] = directory
     os.environ["ATE_STATE_DIR"] = os.path.abspath(directory)   # the workers inherit it
     os.makedirs(directory, exist_ok=True)
-    fold_dead_files(directory, catalogue())
+    fold_dead_files_safely(directory, catalogue())
 
 
 def child_exit(server, worker):
     """A worker ended (stopped, recycled or crashed): fold its file into the archive."""
-    fold_dead_files(os.environ["ATE_STATE_DIR"], catalogue())
+    fold_dead_files_safely(os.environ["ATE_STATE_DIR"], catalogue())
 
 
 def on_exit(server):

@@ -286,8 +286,14 @@ class KeyStore:
 
 _WATCHED: "weakref.WeakSet[KeyStore]" = weakref.WeakSet()
 
+def _after_fork_in_child() -> None:
+    for store in list(_WATCHED):
+        store._lock = threading.Lock()       # the parent's watcher may have held it
+        store.watch()
+
+
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=lambda: [k.watch() for k in list(_WATCHED)])
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def load_keys(path: str) -> List[ApiKey]:

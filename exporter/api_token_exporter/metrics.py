@@ -28,6 +28,8 @@ STATUSES = ("active", "rate_limited", "inactive", "invalid", "expired")
 AUTH_FAILURE_REASONS = ("missing", "invalid", "inactive", "expired")
 STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0)
+MICROSECONDS = 1e6                        # duration sums are kept in whole microseconds
+NANO_USD = 1e9                            # cost is kept in whole nano-dollars (exact to $9M a series)
 OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 TEXT = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -86,9 +88,10 @@ def catalogue() -> Tuple[Family, ...]:
                "HTTP requests by API token and status class (1xx-5xx); every class of a "
                "configured key exists at 0 from start-up.", ("token", "class")),
         Family("apitoken_request_duration_seconds", "histogram", "Request duration by API token.",
-               ("token",), b),
+               ("token",), b, scale=MICROSECONDS),
         Family("apitoken_route_request_duration_seconds", "histogram",
-               "Request duration by route template and method.", ("route", "method"), b),
+               "Request duration by route template and method.", ("route", "method"), b,
+               scale=MICROSECONDS),
         Family("apitoken_auth_failures_total", "counter",
                "Requests refused for authentication, by reason.", ("reason",)),
         Family("apitoken_rate_limited_total", "counter",
@@ -108,7 +111,8 @@ def catalogue() -> Tuple[Family, ...]:
         Family("apitoken_llm_requests_total", "counter",
                "Requests that reported LLM usage, by API token, service and model.", ("token", "service", "model")),
         Family("apitoken_llm_cost_usd_total", "counter",
-               "Cost in USD of the LLM tokens used, from the pricing file.", ("token", "service", "model")),
+               "Cost in USD of the LLM tokens used, from the pricing file.", ("token", "service", "model"),
+               scale=NANO_USD),
         Family("apitoken_llm_unpriced_requests_total", "counter",
                "LLM usage reports for a model with no price: their cost is not counted.", ("service", "model")),
         Family("apitoken_label_overflow_total", "counter",
@@ -155,7 +159,6 @@ class Metrics:
         self._window_slots = {}
         self._request_slots = {}
         self._configured: tuple = ()
-        self._hist_width = self.duration.width        # both request histograms share it
 
         def count_overflow(label: str) -> None:      # called with the store lock held
             self._add(self.overflow, (label,), 1.0)
@@ -202,7 +205,7 @@ class Metrics:
     # -- series lookup (store lock held) ------------------------------------------------------
     def _add(self, family: Family, key: tuple, amount: float) -> None:
         store = self.store
-        store.inc(store.slot(family, key), amount)
+        store.add(family, store.slot(family, key), amount)
 
     # -- recording -----------------------------------------------------------------------------
     def observe_request(self, token: str, route: str, method: str, code: int,
@@ -213,7 +216,7 @@ class Metrics:
             if slots is None:
                 slots = self._new_request_slots(token, route, method, code, authenticated)
             counters, histograms, last_used = slots
-            store.observe_all(counters, histograms, self._hist_width, LATENCY_BUCKETS, duration,
+            store.observe_all(counters, histograms, self.duration, duration,
                               last_used, now if now is not None else time.time())
 
     def _new_request_slots(self, token, route, method, code, authenticated) -> tuple:

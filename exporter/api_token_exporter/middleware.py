@@ -117,7 +117,10 @@ class _Call:
                 _current.reset(context)
             except ValueError:               # closed from another context than the call's
                 _current.set(None)
-        self.analytics._finish(self)
+        try:
+            self.analytics._finish(self)
+        except Exception:                    # counting must never break the app's response
+            log.exception("request not recorded")
 
     def close(self):
         try:

@@ -291,9 +291,9 @@ class RateLimiter:
         raise StorageUnavailable(reason)
 
     def _safe_uri(self) -> str:
-        # redis://:password@host/0 must not reach a log line
+        # redis://:password@host/0 (or ?password=...) must not reach a log line
         scheme, sep, rest = self.storage_uri.partition("://")
-        return scheme + sep + rest.rsplit("@", 1)[-1]
+        return scheme + sep + rest.rsplit("@", 1)[-1].split("?", 1)[0]
 
     def reset(self) -> None:
         self.backend.reset()

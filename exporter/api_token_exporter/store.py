@@ -49,6 +49,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 from prometheus_client.utils import floatToGoString
 
 DEFAULT_CAPACITY = 4_000_000        # doubles (32 MiB of address space, used only as touched)
+ALLOCATION_CHUNK = 131_072          # values (1 MiB) of disk reserved at a time for a file
 DROPPED_SERIES = "apitoken_store_dropped_series_total"
 ARCHIVE = "archive.json"
 DIR_LOCK = ".lock"
@@ -70,11 +71,17 @@ class Family:
     processes), gauge_max, or gauge (derived at scrape time, never stored)."""
 
     __slots__ = ("name", "kind", "help", "labelnames", "buckets", "width", "series", "prefixes",
-                 "dropped")
+                 "dropped", "scale")
 
     def __init__(self, name: str, kind: str, help_text: str, labelnames: Sequence[str],
-                 buckets: Sequence[float] = ()):
+                 buckets: Sequence[float] = (), scale: float = 1.0):
+        """``scale``: fractional amounts (a counter's, or a histogram's sum) are stored as whole
+        multiples of 1/scale. Whole numbers add exactly in any order, so the sum over processes
+        and the archive never depends on how it was grouped: without it, folding a dead
+        worker's file could lower a float counter by one rounding step, which Prometheus reads
+        as a reset."""
         self.name, self.kind, self.help, self.labelnames = name, kind, help_text, tuple(labelnames)
+        self.scale = scale
         self.buckets = tuple(buckets)
         self.width = {"counter": 1, "gauge_max": 1, "gauge_recent": 2,
                       "histogram": len(self.buckets) + 2}.get(kind, 0)
@@ -166,7 +173,7 @@ class Store:
         if self.directory:
             os.makedirs(self.directory, exist_ok=True)
             if fold:                            # not in a forked child: the parent may hold the lock
-                fold_dead_files(self.directory, self.families)
+                fold_dead_files_safely(self.directory, self.families)
             while True:
                 base = os.path.join(self.directory, f"ate-{self.pid}-{secrets.token_hex(4)}")
                 try:
@@ -178,6 +185,10 @@ class Store:
             fd = os.open(base + ".data.new", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             os.ftruncate(fd, size)              # sparse: pages cost memory only once touched
+            # blocks are reserved ahead of use, so a full disk refuses new series (counted)
+            # instead of killing the process with SIGBUS when a page is first written
+            os.posix_fallocate(fd, 0, min(size, ALLOCATION_CHUNK * 8))
+            self._allocated = min(self.capacity, ALLOCATION_CHUNK)
             os.rename(base + ".data.new", base + ".data")
             self._fd = fd
             self._mm = mmap.mmap(fd, size)
@@ -185,6 +196,7 @@ class Store:
         else:
             self._mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
             self.path = None
+            self._allocated = self.capacity
         self.values = memoryview(self._mm).cast("d")
         self.next_slot = self.scratch           # slots below: scratch for series that do not fit
         for family in self.families:
@@ -231,20 +243,32 @@ class Store:
         """Allocate a series (caller holds the lock). Its slot is returned and remembered.
         A series that does not fit gets the scratch slot 0, is counted once and logged once."""
         slot = self.next_slot
+        why = None
         if slot + family.width > self.capacity:
+            why = f"metric store full ({self.capacity} values): raise store_capacity"
+        elif slot + family.width > self._allocated:
+            try:
+                os.posix_fallocate(self._fd, self._allocated * 8,
+                                   min(ALLOCATION_CHUNK, self.capacity - self._allocated) * 8)
+                self._allocated = min(self.capacity, self._allocated + ALLOCATION_CHUNK)
+            except OSError as exc:
+                why = f"no disk space for the metric store in {self.directory} ({exc.strerror})"
+        if why is None and self._index is not None:
+            try:
+                self._index.write(f"{slot}\t{family.name}\t{json.dumps(list(key))}\n")
+                self._index.flush()
+            except OSError as exc:
+                why = f"the metric store's index in {self.directory} cannot be written ({exc.strerror})"
+        if why is not None:
             if key not in family.dropped:
                 family.dropped.add(key)
                 self.values[self._dropped_slot] += 1.0
                 if not self._logged_full:
                     self._logged_full = True
-                    log.error("metric store full (%d values): new series are dropped and counted in "
-                              "%s; raise store_capacity", self.capacity, DROPPED_SERIES)
+                    log.error("%s: new series are dropped and counted in %s", why, DROPPED_SERIES)
             return 0
         self.next_slot += family.width
         family.series[key] = slot
-        if self._index is not None:
-            self._index.write(f"{slot}\t{family.name}\t{json.dumps(list(key))}\n")
-            self._index.flush()
         return slot
 
     def slot(self, family: Family, key: tuple) -> int:
@@ -253,22 +277,24 @@ class Store:
         return slot if slot is not None else self.new_series(family, key)
 
     # -- writing (caller holds the lock); the slot layout stays in here ----------------------
-    def inc(self, slot: int, amount: float = 1.0) -> None:
-        self.values[slot] += amount
+    def add(self, family: Family, slot: int, amount: float) -> None:
+        scale = family.scale
+        self.values[slot] += amount if scale == 1.0 else round(amount * scale)
 
-    def observe_all(self, counters: Sequence[int], histograms: Sequence[int], width: int,
-                    buckets: Sequence[float], value: float, max_slot: int, stamp: float) -> None:
+    def observe_all(self, counters: Sequence[int], histograms: Sequence[int], layout: Family,
+                    value: float, max_slot: int, stamp: float) -> None:
         """The request path in one call: +1 on each counter, ``value`` observed into each
-        histogram (all of one bucket layout), ``stamp`` raised into the gauge_max at
-        ``max_slot`` (0: none)."""
+        histogram (all of ``layout``'s buckets and scale), ``stamp`` raised into the gauge_max
+        at ``max_slot`` (0: none)."""
         v = self.values
         for slot in counters:
             v[slot] += 1.0
-        i = bisect.bisect_left(buckets, value)
-        last = width - 1
+        i = bisect.bisect_left(layout.buckets, value)
+        last = layout.width - 1
+        scaled = round(value * layout.scale)
         for slot in histograms:
             v[slot + i] += 1.0
-            v[slot + last] += value
+            v[slot + last] += scaled
         if max_slot and stamp > v[max_slot]:
             v[max_slot] = stamp
 
@@ -291,16 +317,27 @@ class Store:
             merged = self._merged().get(family.name, {})
             keys = list(merged)
             if family.kind == "histogram":
-                return keys, [merged[k] for k in keys]
-            return keys, [merged[k][0] for k in keys]
-        v = self.values
-        with self.lock:                          # writers may be adding series right now
-            items = list(family.series.items())
-        keys = [k for k, _ in items]
+                rows = [merged[k] for k in keys]
+            else:
+                values = [merged[k][0] for k in keys]
+        else:
+            v = self.values
+            with self.lock:                          # writers may be adding series right now
+                items = list(family.series.items())
+            keys = [k for k, _ in items]
+            if family.kind == "histogram":
+                width = family.width
+                rows = [v[slot:slot + width].tolist() for _, slot in items]
+            else:
+                values = [v[slot] for _, slot in items]
+        scale = family.scale
         if family.kind == "histogram":
-            width = family.width
-            return keys, [v[slot:slot + width].tolist() for _, slot in items]
-        return keys, [v[slot] for _, slot in items]
+            if scale != 1.0:
+                rows = [row[:-1] + [row[-1] / scale] for row in rows]
+            return keys, rows
+        if scale != 1.0:
+            values = [x / scale for x in values]
+        return keys, values
 
     @contextlib.contextmanager
     def snapshot(self):
@@ -497,6 +534,16 @@ def _owned_by_nobody(data_path: str) -> bool:
         os.close(fd)
 
 
+def fold_dead_files_safely(directory: str, families: Iterable[Family]) -> int:
+    """fold_dead_files, but a full or failing disk is logged, not raised: the dead files stay
+    and their counts are still summed by every scrape; the next fold tries again."""
+    try:
+        return fold_dead_files(directory, families)
+    except OSError as exc:
+        log.error("metric files in %s not folded: %s", directory, exc)
+        return 0
+
+
 def fold_dead_files(directory: str, families: Iterable[Family]) -> int:
     """Fold the files of processes that ended into the archive and delete them. Returns how
     many were folded. Safe to call from any process at any time (gunicorn's master calls it
@@ -524,11 +571,16 @@ def fold_dead_files(directory: str, families: Iterable[Family]) -> int:
         doc = {"folded": [os.path.basename(p) for p in dead],
                "series": {name: [[list(k), v] for k, v in rows.items()] for name, rows in merged.items()}}
         tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(doc, fh, separators=(",", ":"))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "w", encoding="utf-8") as fh:
+                json.dump(doc, fh, separators=(",", ":"))
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
         dir_fd = os.open(directory, os.O_RDONLY)
         try:
             os.fsync(dir_fd)

@@ -79,7 +79,10 @@ def number(field: str, value, minimum: float = 0.0, maximum: float = math.inf) -
     """A finite number within [minimum, maximum] (JSON booleans are not numbers)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValidationError(f"{field} must be a number")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:                      # an integer of hundreds of digits
+        raise ValidationError(f"{field} must be a finite number") from None
     if not math.isfinite(value):
         raise ValidationError(f"{field} must be a finite number")
     if not minimum <= value <= maximum:
