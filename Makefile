@@ -1,26 +1,32 @@
 # The two commands a new user needs (see README):
 #   make demo   run the demo API, its traffic generator and the exporter
 #   make test   install what the tests need and run them all
-PYTHON ?= python3
+#
+# Both work in a project virtual environment (.venv), made with Debian's own /usr/bin/python3
+# where there is one (it refuses `pip install` outside a venv, PEP 668) or any python3 else.
+PYTHON ?= $(shell test -x /usr/bin/python3 && echo /usr/bin/python3 || command -v python3)
+VENV ?= .venv
+VPY := $(VENV)/bin/python
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: install test demo bench rules report dashboards
 
 install:
-	bash .ci/install
+	PYTHON=$(PYTHON) VENV=$(VENV) bash .ci/install
 
 test: install
-	$(PYTHON) -m pytest
+	$(VPY) -m pytest
 
 demo:
-	$(PYTHON) -m pip install -q --disable-pip-version-check -e .
-	api-token-exporter demo
+	PYTHON=$(PYTHON) VENV=$(VENV) PACKAGE_ONLY=1 bash .ci/install
+	$(VPY) -m api_token_exporter.cli demo
 
 bench:
-	$(PYTHON) benchmarks/bench_middleware.py --rounds 21
-	$(PYTHON) benchmarks/bench_instructions.py
-	$(PYTHON) benchmarks/bench_scrape.py
-	$(PYTHON) benchmarks/bench_ratelimit.py
-	$(PYTHON) benchmarks/bench_load.py
+	$(VPY) benchmarks/bench_middleware.py --rounds 21
+	$(VPY) benchmarks/bench_instructions.py
+	$(VPY) benchmarks/bench_scrape.py
+	$(VPY) benchmarks/bench_ratelimit.py
+	$(VPY) benchmarks/bench_load.py
 
 dashboards:
 	api-token-exporter dashboards

@@ -6,6 +6,7 @@ import csv
 import datetime as dt
 import io
 import subprocess
+import sys
 import threading
 import time
 
@@ -186,7 +187,7 @@ def test_usage_summary_trends_and_predictions(world):
 
 
 def test_csv_report_gives_the_same_numbers(world):
-    result = subprocess.run(["api-token-exporter", "report", "--days", "1", "--format", "csv",
+    result = subprocess.run([sys.executable, "-m", "api_token_exporter.cli", "report", "--days", "1", "--format", "csv",
                              "--prometheus-url", world["prom"].url, "--progress"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -208,7 +209,7 @@ def test_csv_report_gives_the_same_numbers(world):
         assert int(row["completion_tokens"]) == want[key + ("completion",)]
         assert float(row["estimated_cost_usd"]) == pytest.approx(want_cost[key], abs=1e-6)
     assert int(total["total_tokens"]) == sum(want.values())
-    table = subprocess.run(["api-token-exporter", "report", "--days", "1", "--prometheus-url", world["prom"].url],
+    table = subprocess.run([sys.executable, "-m", "api_token_exporter.cli", "report", "--days", "1", "--prometheus-url", world["prom"].url],
                            capture_output=True, text=True, timeout=120)
     assert "BY SERVICE AND MODEL" in table.stdout and "claude-3-opus" in table.stdout
 

@@ -3,6 +3,7 @@ table; the committed rules equal a fresh render; every metric a rule reads is ca
 import os
 import re
 import subprocess
+import sys
 
 import pytest
 import yaml
@@ -64,9 +65,10 @@ def test_committed_rules_equal_a_fresh_render():
 def test_rules_check_command_reports_stale_files(tmp_path):
     out = tmp_path / "rules"
     rulegen.write(rulegen.load_thresholds(THRESHOLDS, {"latency": {"warning": 1.5}}), str(out))
-    result = run("api-token-exporter", "rules", "--check", "--out", str(out))
+    cli = (sys.executable, "-m", "api_token_exporter.cli")
+    result = run(*cli, "rules", "--check", "--out", str(out))
     assert result.returncode == 1 and "out of date" in result.stderr
-    assert run("api-token-exporter", "rules", "--check").returncode == 0
+    assert run(*cli, "rules", "--check").returncode == 0
 
 
 def test_a_threshold_change_reaches_the_rule_without_touching_promql():
