@@ -101,3 +101,31 @@ def test_dockerfile_copies_what_exists():
         for source in line.split()[:-1]:
             assert os.path.exists(os.path.join(ROOT, source)), source
     assert "USER " in text and "api-token-exporter" in text
+
+
+def test_every_bind_mount_and_secret_file_exists_in_a_clean_checkout(compose):
+    """A read-only mount of a file a fresh clone lacks fails at start-up; so does a secret."""
+    tracked = set(subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True,
+                                 check=True).stdout.split())
+    sources = []
+    for name, service in compose["services"].items():
+        for volume in service.get("volumes", []):
+            source = volume.split(":", 1)[0] if isinstance(volume, str) else volume.get("source", "")
+            if source.startswith("."):
+                sources.append((name, source))
+    for name, secret in compose.get("secrets", {}).items():
+        source = re.sub(r"\$\{[A-Z_]+:-([^}]+)\}", r"\1", secret["file"])
+        sources.append((f"secret {name}", source))
+    assert sources
+    for where, source in sources:
+        path = os.path.normpath(source)
+        assert path in tracked or any(t.startswith(path + "/") for t in tracked), (where, source)
+
+
+def test_alertmanager_and_prometheus_have_external_urls_and_the_slack_secret(compose):
+    services = compose["services"]
+    assert any(a.startswith("--web.external-url=") for a in services["prometheus"]["command"])
+    assert any(a.startswith("--web.external-url=") for a in services["alertmanager"]["command"])
+    assert services["alertmanager"]["secrets"] == ["slack_api_url"]
+    config = yaml.safe_load(open(os.path.join(ROOT, "alertmanager", "alertmanager.yml")))
+    assert config["global"]["slack_api_url_file"] == "/run/secrets/slack_api_url"
