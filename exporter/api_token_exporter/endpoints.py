@@ -172,16 +172,18 @@ def build_endpoints(core, serve_metrics: bool = True, admin: bool = True, health
     if admin and s.ingest_token:
         paths.add(INGEST_PATH)
 
+        def body_too_large():
+            return jsonify({"detail": f"Body larger than {s.ingest_max_bytes} bytes"}), 413
+
         @app.route(INGEST_PATH, methods=["POST"])
         def ingest():
             if not _same(_bearer(request.headers.get("Authorization")), s.ingest_token):
                 return _unauthorized("Ingest needs the ingest token as a bearer token", "Bearer")
-            too_large = jsonify({"detail": f"Body larger than {s.ingest_max_bytes} bytes"}), 413
             if request.content_length is not None and request.content_length > s.ingest_max_bytes:
-                return too_large
+                return body_too_large()
             raw = request.stream.read(s.ingest_max_bytes + 1)     # chunked too: never more
             if len(raw) > s.ingest_max_bytes:
-                return too_large
+                return body_too_large()
             try:
                 doc = json.loads(raw)
             except RecursionError:
@@ -288,13 +290,15 @@ def validate_event(core, event) -> Tuple[Optional[dict], List[str]]:
         errors.append("token (a key id) or api_key is required")
     else:
         check("token", validation.token_id, "token", token)
-        if "token" in clean and (token.startswith(KEY_PREFIX) or core.keystore.lookup(token) is not None):
-            del clean["token"]                 # a key pasted into `token` must never become a label
-            errors.append("token must be a key id, not the key itself (send a key as api_key)")
-        elif "token" in clean and core.keystore.get(token) is None \
-                and not core.settings.ingest_allow_unknown_tokens:
+        if "token" in clean and core.keystore.get(token) is None:    # a known id needs no more
             del clean["token"]
-            errors.append("token is not a key id in the key store")
+            if token.startswith(KEY_PREFIX) or core.keystore.lookup(token) is not None:
+                # a key pasted into `token` must never become a label
+                errors.append("token must be a key id, not the key itself (send a key as api_key)")
+            elif not core.settings.ingest_allow_unknown_tokens:
+                errors.append("token is not a key id in the key store")
+            else:
+                clean["token"] = token
     check("route", validation.route, "route", event.get("route"))
     method = event.get("method", "GET")
     if isinstance(method, str) and 0 < len(method) <= 32:

@@ -222,11 +222,6 @@ class Store:
                 old_index.close()
         self._open(fold=False)
 
-    def flush(self) -> None:
-        """Write the values to disk now (the kernel does it by itself within about 30 s)."""
-        if self._fd is not None:
-            self._mm.flush()
-
     def close(self) -> None:
         """Flush and let go of the file: its values stay and are folded by the next store.
         Nothing may be recorded through this store afterwards."""
