@@ -11,6 +11,8 @@ import pytest
 import requests
 import yaml
 
+import grafana_queries
+
 from api_token_exporter import dashgen
 from api_token_exporter.demo import DemoStack
 from api_token_exporter.stack import ROOT, find_binary
@@ -18,8 +20,6 @@ from api_token_exporter.stack import ROOT, find_binary
 DASHBOARDS = sorted(glob.glob(os.path.join(ROOT, "grafana", "dashboards", "*.json")))
 BUILTINS = {"__rate_interval", "__range", "__interval", "__range_s", "__interval_ms"}
 CATALOGUE = set(re.findall(r"^\| `(apitoken_[a-z_]+)` \|", open(os.path.join(ROOT, "docs", "metrics.md")).read(), re.M))
-FILLED = {"$__rate_interval": "20s", "$__range": "1h", "$__interval": "5s", "$token": "demo-llm",
-          "$scenario": "1.5", "$window": "minute"}
 
 
 def load(path):
@@ -154,6 +154,88 @@ def test_token_dashboard_has_the_token_variable_and_capacity_the_scenarios():
     assert sum("$scenario" in e for _, e in exprs(capacity)) >= 5
 
 
+def _cells(dash):
+    cells = {}
+    for p in dash["panels"]:
+        g = p["gridPos"]
+        for x in range(g["x"], g["x"] + g["w"]):
+            for y in range(g["y"], g["y"] + g["h"]):
+                cells.setdefault((x, y), []).append(p["title"])
+    return cells
+
+
+def test_panels_tile_the_grid_without_gaps_or_overlaps():
+    for path in DASHBOARDS:
+        dash = load(path)
+        cells = _cells(dash)
+        bottom = max(y for _, y in cells) + 1
+        holes = [(x, y) for y in range(bottom) for x in range(24) if (x, y) not in cells]
+        overlaps = {k: v for k, v in cells.items() if len(v) > 1}
+        assert holes == [] and overlaps == {}, (os.path.basename(path), holes[:5], list(overlaps.items())[:3])
+
+
+def test_titles_fit_their_panels():
+    # about 8 pixels a character at Grafana's title size, 75 pixels a grid column
+    for path in DASHBOARDS:
+        for panel in panels(load(path)):
+            title = re.sub(r"\$\w+", "1.5", panel["title"])
+            assert len(title) * 8 <= panel["gridPos"]["w"] * grafana_queries.PX_PER_COLUMN - 30, \
+                (os.path.basename(path), panel["title"], panel["gridPos"]["w"])
+
+
+def test_tables_name_every_column_and_show_dates_as_dates():
+    tables = [(path, p) for path in DASHBOARDS for p in panels(load(path)) if p["type"] == "table"]
+    assert len(tables) >= 3
+    for path, panel in tables:
+        organize = next(t for t in panel["transformations"] if t["id"] == "organize")["options"]
+        refs = [t["refId"] for t in panel["targets"]]
+        values = [f"Value #{r}" for r in refs] if len(refs) > 1 else ["Value"]
+        for value in values:
+            assert value in organize["renameByName"] or organize["excludeByName"].get(value), (panel["title"], value)
+        assert organize["excludeByName"].get("Time")
+        assert all(t["format"] == "table" and t["instant"] for t in panel["targets"])
+    for path in DASHBOARDS:
+        for panel in panels(load(path)):
+            for t in panel["targets"]:
+                if "_timestamp_seconds" not in t["expr"]:
+                    continue
+                assert t["expr"].rstrip().endswith("* 1000"), (panel["title"], "Grafana dates are in ms")
+                units = {panel["fieldConfig"]["defaults"]["unit"]} | {
+                    prop["value"] for o in panel["fieldConfig"]["overrides"] for prop in o["properties"]
+                    if prop["id"] == "unit"}
+                assert any(u.startswith("dateTime") for u in units), panel["title"]
+
+
+def test_calendar_bars_use_a_day_step_and_their_own_time_range():
+    llm = load(os.path.join(ROOT, "grafana", "dashboards", "llm-usage-cost.json"))
+    bars = [p for p in panels(llm) if p["title"].startswith("Cost per ")]
+    assert [p["timeFrom"] for p in bars] == ["30d", "12w", "1y"]
+    for p in bars:
+        (req,) = grafana_queries.requests_for(llm, p, "15s", {})
+        assert req.kind == "range" and req.step == 86400 and req.end % 86400 == 0
+        assert "offset -" in req.expr
+
+
+def test_the_grafana_model_matches_grafana():
+    """Figures from Grafana's own code and docs: a 6 h range on a 900-pixel panel queries at
+    20 s with a 1 m $__rate_interval; a 1w step aligns the range to Thursdays."""
+    import datetime as dt
+    now = dt.datetime(2026, 12, 1, 10, 30, 7, tzinfo=dt.timezone.utc)
+    dash = {"time": {"from": "now-6h", "to": "now"}, "weekStart": "monday"}
+    panel = {"gridPos": {"w": 12}, "targets": [{"refId": "A", "expr": "rate(x[$__rate_interval])[$__range:$__interval]"}]}
+    (req,) = grafana_queries.requests_for(dash, panel, "15s", {}, now)
+    assert req.step == 20 and req.expr == "rate(x[1m0s])[21600s:20s]"
+    assert req.end == (now.timestamp() // 20) * 20
+    weekly = dict(panel, interval="1w", timeFrom="now-12w")
+    (req,) = grafana_queries.requests_for(dash, weekly, "15s", {}, now)
+    assert req.step == 604800 and dt.datetime.fromtimestamp(req.start, dt.timezone.utc).weekday() == 3
+    today = dict(panel, timeFrom="now/d")
+    (req,) = grafana_queries.requests_for(dash, today, "15s", {}, now)
+    assert req.expr.endswith("[37807s:30s]")     # 42 s rounds to 30 s
+    assert grafana_queries.resolve("now/w", now).isoformat() == "2026-11-30T00:00:00+00:00"
+    assert grafana_queries.resolve("now/M", now).day == 1
+
+
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     if not find_binary("prometheus"):
@@ -166,36 +248,55 @@ def demo(tmp_path_factory):
         stack.stop()
 
 
-def query(prom_url, expr):
-    r = requests.post(prom_url + "/api/v1/query", data={"query": expr}, timeout=30)
+def run(prom_url, req):
+    if req.kind == "instant":
+        r = requests.post(prom_url + "/api/v1/query", data={"query": req.expr, "time": req.end}, timeout=60)
+    else:
+        r = requests.post(prom_url + "/api/v1/query_range", timeout=60, data={
+            "query": req.expr, "start": req.start, "end": req.end, "step": req.step})
     body = r.json()
-    assert body["status"] == "success", (expr, body.get("error"))
+    assert body["status"] == "success", (req.expr, body.get("error"))
     return body["data"]["result"]
 
 
-def fill(expr):
-    for name in sorted(FILLED, key=len, reverse=True):
-        expr = expr.replace(name, FILLED[name])
-    return expr
+def has_data(result):
+    for series in result:
+        points = series["values"] if "values" in series else [series["value"]]
+        if any(not math.isnan(float(v)) for _, v in points):
+            return True
+    return False
 
 
 @pytest.mark.integration
-def test_every_panel_query_returns_data_against_the_demo(demo):
+def test_every_panel_returns_data_through_grafana_shaped_queries(demo):
+    """Each panel's queries as Grafana 10.4 would send them (its time range, interval,
+    maxDataPoints and step-aligned start and end), against the demo's Prometheus, with the
+    scrape interval the provisioned data source declares."""
     prom = demo.prometheus.url
-    all_queries = [(os.path.basename(path), panel["title"], fill(expr))
-                   for path in DASHBOARDS for panel, expr in exprs(load(path))]
-    assert len(all_queries) > 60
-    variable = query(prom, "count by (token) (apitoken_token_info)")
-    deadline = time.monotonic() + 90
-    empty = all_queries
-    while empty and time.monotonic() < deadline:
+    scrape = yaml.safe_load(open(os.path.join(ROOT, "grafana", "provisioning", "datasources", "datasources.yml")))[
+        "datasources"][0]["jsonData"]["timeInterval"]
+    variables = {"token": "demo-llm", "scenario": "1.5", "window": "minute"}
+    boards = [(os.path.basename(path), load(path)) for path in DASHBOARDS]
+    pending = [(name, dash, panel) for name, dash in boards for panel in panels(dash)]
+    assert len(pending) > 50
+    deadline = time.monotonic() + 120
+    while pending and time.monotonic() < deadline:
         time.sleep(3)
         still = []
-        for name, title, expr in empty:
-            result = query(prom, expr)
-            finite = [r for r in result if not math.isnan(float(r["value"][1]))]
-            if not finite:
-                still.append((name, title, expr))
-        empty = still
-    assert empty == [], "panels without data:\n" + "\n".join(f"{n}: {t}: {e}" for n, t, e in empty)
-    assert variable or query(prom, "count by (token) (apitoken_token_info)")
+        for name, dash, panel in pending:
+            reqs = grafana_queries.requests_for(dash, panel, scrape, variables)
+            results = [run(prom, req) for req in reqs]
+            if not all(has_data(r) for r in results):
+                still.append((name, dash, panel))
+            elif panel["type"] == "table":
+                organize = next(t for t in panel["transformations"] if t["id"] == "organize")["options"]
+                labels = {k for r in results for s in r for k in s["metric"]}
+                named = set(organize["renameByName"]) | set(organize["excludeByName"])
+                assert labels <= named, (panel["title"], labels - named)
+        pending = still
+    assert pending == [], "panels without data:\n" + "\n".join(
+        f"{n}: {p['title']}: {[r.expr for r in grafana_queries.requests_for(d, p, scrape, variables)]}"
+        for n, d, p in pending)
+    tokens = requests.get(prom + "/api/v1/label/token/values", params={"match[]": "apitoken_token_info"},
+                          timeout=10).json()["data"]
+    assert "demo-llm" in tokens            # the $token variable's query offers the token used above

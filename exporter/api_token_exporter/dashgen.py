@@ -25,10 +25,38 @@ def total(selector: str, by: str = "") -> str:
     the whole value for a series born in it; never extrapolated. A series whose counter was
     reset in the range (a restart without state_dir) falls back to increase()."""
     resets = f"(resets({selector}[$__range]) > 0)"
-    per_series = (f"((last_over_time({selector}[$__range]) - last_over_time({selector}[1h] offset $__range))"
-                  f" or last_over_time({selector}[$__range])) unless {resets}"
+    per_series = (f"{_added(f'{selector}[$__range]', f'{selector}[1h] offset $__range')} unless {resets}"
                   f" or (increase({selector}[$__range]) and {resets})")
     return f"sum{f' by ({by})' if by else ''} ({per_series})"
+
+
+def _added(window: str, before: str) -> str:
+    """Per series: the last sample in ``window`` minus the last one in ``before``, or the whole
+    value for a series born in the window."""
+    return f"((last_over_time({window}) - last_over_time({before})) or last_over_time({window}))"
+
+
+def calendar_total(selector: str, days: int) -> str:
+    """What a counter added in the ``days`` days that start at each evaluation time: a bar at
+    the start of its day, week or month, so the current period shows from its first minute
+    (Grafana aligns a 1d step to midnight UTC and never evaluates after now). Looks ahead with
+    a negative offset (Prometheus 2.x: --enable-feature=promql-negative-offset; always on in
+    3.x). last_over_time costs O(1) a step over a long window; resets() would not, so this
+    assumes counters kept across restarts (state_dir), and clamps a reset period at 0."""
+    ahead = f"{selector}[{days}d] offset -{days}d"
+    return f"sum(clamp_min({_added(ahead, f'{selector}[1h]')}, 0))"
+
+
+def calendar_bars(selector: str, period: str) -> str:
+    """One value per calendar day, week (from Monday) or month (UTC), at the period's start,
+    for a range query with a 1d step."""
+    if period == "day":
+        return calendar_total(selector, 1)
+    if period == "week":
+        return f"{calendar_total(selector, 7)} and on () (day_of_week() == 1)"
+    months = " or ".join(f"({calendar_total(selector, n)} and on () (days_in_month() == {n}))"
+                         for n in (28, 29, 30, 31))
+    return f"({months}) and on () (day_of_month() == 1)"
 
 
 def target(expr: str, legend: str = "", ref: str = "A", instant: bool = False, fmt: str = "time_series"):
@@ -68,7 +96,8 @@ class Board:
     def panel(self, kind: str, title: str, targets: list, unit: str, w: int, h: int,
               description: str = "", thresholds: Optional[dict] = None, options: Optional[dict] = None,
               custom: Optional[dict] = None, time_from: Optional[str] = None, interval: Optional[str] = None,
-              decimals: Optional[int] = None, transformations: Optional[list] = None) -> dict:
+              decimals: Optional[int] = None, transformations: Optional[list] = None,
+              overrides: Optional[list] = None, max_data_points: Optional[int] = None) -> dict:
         defaults = {"unit": unit, "thresholds": thresholds or steps(("green", None))}
         if decimals is not None:
             defaults["decimals"] = decimals
@@ -76,11 +105,13 @@ class Board:
             defaults["custom"] = custom
         panel = {"id": len(self.panels) + 1, "type": kind, "title": title, "description": description,
                  "datasource": DS, "gridPos": self._place(w, h), "targets": targets,
-                 "fieldConfig": {"defaults": defaults, "overrides": []}, "options": options or {}}
+                 "fieldConfig": {"defaults": defaults, "overrides": overrides or []}, "options": options or {}}
         if time_from:
             panel["timeFrom"] = time_from
         if interval:
             panel["interval"] = interval
+        if max_data_points:
+            panel["maxDataPoints"] = max_data_points
         if transformations:
             panel["transformations"] = transformations
         self.panels.append(panel)
@@ -101,10 +132,32 @@ class Board:
                                               "calcs": ["lastNotNull", "max"]},
                                    "tooltip": {"mode": "multi", "sort": "desc"}}, **kw)
 
-    def table(self, title, targets, unit, w=12, h=8, **kw):
+    def table(self, title, targets, unit, columns: Dict[str, str], w=12, h=8, dates=(), hide=(), **kw):
+        """A table of instant queries merged on their labels. ``columns`` names every column in
+        order: label names and "Value #<refId>" (just "Value" for a single query) to their
+        headers; ``dates`` are headers whose values are milliseconds since the epoch."""
+        organize = {"id": "organize", "options": {
+            "excludeByName": {name: True for name in ("Time",) + tuple(hide)},
+            "renameByName": dict(columns),
+            "indexByName": {name: i for i, name in enumerate(columns)}}}
+        overrides = [{"matcher": {"id": "byName", "options": header},
+                      "properties": [{"id": "unit", "value": "dateTimeAsIso"}]} for header in dates]
+        transformations = ([{"id": "merge", "options": {}}] if len(targets) > 1 else []) + [organize]
         return self.panel("table", title, targets, unit, w, h,
                           options={"showHeader": True, "cellHeight": "sm"},
-                          transformations=[{"id": "merge", "options": {}}], **kw)
+                          transformations=transformations, overrides=overrides, **kw)
+
+    def card(self, title, time_from, values, w=6, h=5):
+        """A stat panel with several named values, each with its own unit: (name, expr, unit, decimals)."""
+        refs = "ABCDEFGH"
+        targets = [target(expr, name, refs[i], instant=True) for i, (name, expr, _, _) in enumerate(values)]
+        overrides = [{"matcher": {"id": "byFrameRefID", "options": refs[i]},
+                      "properties": [{"id": "unit", "value": unit}, {"id": "decimals", "value": decimals}]}
+                     for i, (_, _, unit, decimals) in enumerate(values)]
+        return self.panel("stat", title, targets, "short", w, h, time_from=time_from, overrides=overrides, options={
+            "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
+            "colorMode": "value", "graphMode": "none", "textMode": "value_and_name", "justifyMode": "center",
+            "orientation": "vertical"})
 
     def bargauge(self, title, targets, unit, w=12, h=8, **kw):
         return self.panel("bargauge", title, targets, unit, w, h, options={
@@ -177,14 +230,12 @@ def overview(t: dict) -> dict:
     b.stat("API limit per hour", 'sum(max by (token) (apitoken_rate_limit_limit{window="hour"})) or vector(0)',
            "short", description="Sum of the hourly limits of the tokens seen")
     b.row("Usage by period (UTC)")
-    for label, time_from in (("Today", "now/d"), ("This week", "now/w"), ("This month", "now/M"),
-                             ("All time", "1y")):
-        b.stat(f"{label}: requests", total(f"apitoken_requests_total{{{REAL_TOKENS}}}") + " or vector(0)",
-               "short", w=2, decimals=0, time_from=time_from)
-        b.stat(f"{label}: LLM tokens", total("apitoken_llm_tokens_total") + " or vector(0)",
-               "short", w=2, decimals=0, time_from=time_from)
-        b.stat(f"{label}: cost", total("apitoken_llm_cost_usd_total") + " or vector(0)",
-               "currencyUSD", w=2, decimals=2, time_from=time_from)
+    for label, time_from in (("Today", "now/d"), ("This week (from Monday)", "now/w"),
+                             ("This month", "now/M"), ("Last 12 months", "1y")):
+        b.card(label, time_from, [
+            ("requests", total(f"apitoken_requests_total{{{REAL_TOKENS}}}") + " or vector(0)", "short", 0),
+            ("LLM tokens", total("apitoken_llm_tokens_total") + " or vector(0)", "short", 0),
+            ("cost", total("apitoken_llm_cost_usd_total") + " or vector(0)", "currencyUSD", 2)])
     b.row("Traffic")
     b.timeseries("Request volume by status code", [target(
         "sum by (code) (rate(apitoken_requests_total[$__rate_interval]))", "{{code}}")], "reqps")
@@ -230,7 +281,9 @@ def token_detail(t: dict) -> dict:
         target(f"max by (window) (apitoken_rate_limit_limit{{{sel}}})", "", "A", instant=True, fmt="table"),
         target(f"min by (window) (apitoken_rate_limit_remaining{{{sel}}})", "", "B", instant=True, fmt="table"),
         target(f"max by (window) (apitoken_rate_limit_reset_timestamp_seconds{{{sel}}}) * 1000", "", "C",
-               instant=True, fmt="table")], "short", w=8)
+               instant=True, fmt="table")], "short",
+        {"window": "Window", "Value #A": "Limit", "Value #B": "Remaining", "Value #C": "Resets at (UTC)"},
+        w=8, dates=["Resets at (UTC)"])
     b.bargauge("Top 5 endpoints", [target(
         f"topk(5, {total(f'apitoken_requests_total{{{sel}}}', 'route')})", "{{route}}",
         instant=True)], "short", w=8)
@@ -269,21 +322,25 @@ def llm(t: dict) -> dict:
         "{{service}} {{model}}", instant=True)], "short", w=8,
         description="Tokens of these models are counted, their cost is not: add them to the pricing file")
     b.row("Cost")
-    for title, window in (("Cost per day", "1d"), ("Cost per week", "7d"), ("Cost per month", "30d")):
-        b.timeseries(title, [target(f"sum(increase(apitoken_llm_cost_usd_total[{window}]))", "cost")],
-                     "currencyUSD", w=8, bars=True, interval=window)
+    for title, period, time_from in (("Cost per day (UTC)", "day", "30d"),
+                                     ("Cost per week (from Monday)", "week", "12w"),
+                                     ("Cost per month", "month", "1y")):
+        b.timeseries(title, [target(calendar_bars("apitoken_llm_cost_usd_total", period), "cost")],
+                     "currencyUSD", w=8, bars=True, interval="1d", time_from=time_from, max_data_points=1000,
+                     description=f"Each bar is one calendar {period}, drawn at its start; the last one is "
+                                 f"the {period} so far")
     b.row("Forecasts (predict_linear over the last 6 hours)")
     month_end = SECONDS_TO_MONTH_END
     b.stat("Spent this month", total("apitoken_llm_cost_usd_total") + " or vector(0)", "currencyUSD",
            w=6, decimals=2, time_from="now/M")
     b.stat("Predicted month-end cost",
-           total("apitoken_llm_cost_usd_total") + f" + (predict_linear(sum(apitoken_llm_cost_usd_total)[6h:$__interval], {month_end}) - sum(apitoken_llm_cost_usd_total))",
+           total("apitoken_llm_cost_usd_total") + f" + (predict_linear(sum(apitoken_llm_cost_usd_total)[6h:1m], {month_end}) - sum(apitoken_llm_cost_usd_total))",
            "currencyUSD", w=6, decimals=2, time_from="now/M")
     b.stat("Projected requests to month end",
-           f"predict_linear(sum(apitoken_requests_total{{{REAL_TOKENS}}})[6h:$__interval], {month_end}) - sum(apitoken_requests_total{{{REAL_TOKENS}}})",
+           f"predict_linear(sum(apitoken_requests_total{{{REAL_TOKENS}}})[6h:1m], {month_end}) - sum(apitoken_requests_total{{{REAL_TOKENS}}})",
            "short", w=6, decimals=0)
     b.stat("Projected LLM tokens to month end",
-           f"predict_linear(sum(apitoken_llm_tokens_total)[6h:$__interval], {month_end}) - sum(apitoken_llm_tokens_total)",
+           f"predict_linear(sum(apitoken_llm_tokens_total)[6h:1m], {month_end}) - sum(apitoken_llm_tokens_total)",
            "short", w=6, decimals=0)
     b.row("Budgets")
     b.bargauge("Budget used (daily: 24h, monthly: 30 days)", [target(
@@ -291,8 +348,11 @@ def llm(t: dict) -> dict:
         "percentunit", w=12, thresholds=th["budget"], description="Colours: the budget alert thresholds")
     b.table("Budgets and spend", [
         target("max by (token, period) (apitoken_budget_usd)", "", "A", instant=True, fmt="table"),
-        target('label_replace(sum by (token) (increase(apitoken_llm_cost_usd_total[1d])), "period", "daily", "", "")',
-               "", "B", instant=True, fmt="table")], "currencyUSD", w=12)
+        target('label_replace(sum by (token) (increase(apitoken_llm_cost_usd_total[1d])), "period", "daily", "", "")'
+               ' or label_replace(sum by (token) (increase(apitoken_llm_cost_usd_total[30d])), "period", "monthly", "", "")',
+               "", "B", instant=True, fmt="table")], "currencyUSD",
+        {"token": "Token", "period": "Period", "Value #A": "Budget", "Value #B": "Spent"}, w=12,
+        description="Spent: daily over the last 24 hours, monthly over the last 30 days, as the budget alerts count")
     return b.to_json()
 
 
@@ -302,6 +362,18 @@ def capacity(t: dict) -> dict:
               "Rate-limit headroom, predicted exhaustion and what-if traffic scenarios for planning.", ["capacity"])
     b.custom_variable("scenario", "Traffic scenario (x today)", ["1", "1.5", "2", "3"], "1")
     b.custom_variable("window", "Rate-limit window", ["minute", "hour", "day"], "hour")
+    b.stat("Tokens over their hourly limit at $scenario x",
+           f'count(sum by (token) (rate(apitoken_requests_total{{{REAL_TOKENS}}}[$__rate_interval])) * 3600 * $scenario / on (token) max by (token) (apitoken_rate_limit_limit{{window="hour"}} > 0) > 1) or vector(0)',
+           "none", w=6, thresholds=steps(("green", None), ("red", 1)))
+    b.stat("Requests, next 7 days at $scenario x",
+           f"(predict_linear(sum(apitoken_requests_total{{{REAL_TOKENS}}})[1h:1m], 604800) - sum(apitoken_requests_total{{{REAL_TOKENS}}})) * $scenario",
+           "short", w=6, decimals=0)
+    b.stat("LLM tokens, next 30 days at $scenario x",
+           "(predict_linear(sum(apitoken_llm_tokens_total)[1h:1m], 2592000) - sum(apitoken_llm_tokens_total)) * $scenario",
+           "short", w=6, decimals=0)
+    b.stat("LLM cost, next 30 days at $scenario x",
+           "(predict_linear(sum(apitoken_llm_cost_usd_total)[1h:1m], 2592000) - sum(apitoken_llm_cost_usd_total)) * $scenario",
+           "currencyUSD", w=6, decimals=2)
     b.bargauge("Headroom per token ($window)", [target(
         'min by (token) (apitoken_rate_limit_remaining{window="$window"} / (apitoken_rate_limit_limit{window="$window"} > 0))',
         "{{token}}", instant=True)], "percentunit", thresholds=th["headroom"])
@@ -317,21 +389,9 @@ def capacity(t: dict) -> dict:
     b.bargauge("Projected hour-limit use at $scenario x", [target(
         f'sum by (token) (rate(apitoken_requests_total{{{REAL_TOKENS}}}[$__rate_interval])) * 3600 * $scenario / on (token) max by (token) (apitoken_rate_limit_limit{{window="hour"}} > 0)',
         "{{token}}", instant=True)], "percentunit", thresholds=th["rate_limit"])
-    b.stat("Tokens over their hourly limit at $scenario x",
-           f'count(sum by (token) (rate(apitoken_requests_total{{{REAL_TOKENS}}}[$__rate_interval])) * 3600 * $scenario / on (token) max by (token) (apitoken_rate_limit_limit{{window="hour"}} > 0) > 1) or vector(0)',
-           "none", w=6, thresholds=steps(("green", None), ("red", 1)))
-    b.stat("Requests, next 7 days at $scenario x",
-           f"(predict_linear(sum(apitoken_requests_total{{{REAL_TOKENS}}})[1h:$__interval], 604800) - sum(apitoken_requests_total{{{REAL_TOKENS}}})) * $scenario",
-           "short", w=6, decimals=0)
-    b.stat("LLM tokens, next 30 days at $scenario x",
-           "(predict_linear(sum(apitoken_llm_tokens_total)[1h:$__interval], 2592000) - sum(apitoken_llm_tokens_total)) * $scenario",
-           "short", w=6, decimals=0)
-    b.stat("LLM cost, next 30 days at $scenario x",
-           "(predict_linear(sum(apitoken_llm_cost_usd_total)[1h:$__interval], 2592000) - sum(apitoken_llm_cost_usd_total)) * $scenario",
-           "currencyUSD", w=6, decimals=2)
     b.timeseries("429s by token and window", [target(
         "sum by (token, window) (rate(apitoken_rate_limited_total[$__rate_interval]))", "{{token}} {{window}}")],
-        "reqps", w=24)
+        "reqps", w=12)
     return b.to_json()
 
 
@@ -349,7 +409,10 @@ def alerts(t: dict) -> dict:
            description="0 means the alerting pipeline is broken")
     b.stat("Failed authentications (1h)", ":apitoken_auth_failures:increase1h or vector(0)", "short", w=6,
            thresholds=th["unauthorized"], decimals=0)
-    b.table("Firing alerts", [target('ALERTS{alertstate="firing"}', "", instant=True, fmt="table")], "none", w=24)
+    b.table("Firing alerts", [target(
+        'max by (alertname, severity, token) (ALERTS{alertstate="firing", alertname!="Watchdog"})', "",
+        instant=True, fmt="table")], "none", {"alertname": "Alert", "severity": "Severity", "token": "Token"},
+        w=24, hide=["Value"])
     b.timeseries("Alert history", [target('count by (alertname, severity) (ALERTS{alertstate="firing"})',
                                           "{{alertname}} {{severity}}")], "none", w=24)
     b.timeseries("p95 latency by token (alert: ApiTokenHighLatency)", [target(

@@ -20,6 +20,8 @@ import yaml
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 PROMETHEUS_YML = os.path.join(ROOT, "prometheus", "prometheus.yml")
 ALERTMANAGER_YML = os.path.join(ROOT, "alertmanager", "alertmanager.yml")
+# the calendar bars of the dashboards look ahead from each period's start (always on in 3.x)
+PROMETHEUS_FEATURES = ["--enable-feature=promql-negative-offset"]
 ALERTMANAGER_BINARIES = ("alertmanager", "prometheus-alertmanager")
 
 
@@ -153,7 +155,7 @@ def start_prometheus(workdir: str, config: dict, port: Optional[int] = None,
     return _launch("prometheus", binary, workdir, config, port or free_port(),
                    [f"--storage.tsdb.path={os.path.join(workdir, 'data')}",
                     f"--storage.tsdb.retention.time={retention}", "--rules.alert.resend-delay=1s",
-                    "--web.enable-lifecycle"], "/-/ready", timeout)
+                    "--web.enable-lifecycle", *PROMETHEUS_FEATURES], "/-/ready", timeout)
 
 
 def start_alertmanager(workdir: str, config: dict, port: Optional[int] = None,
