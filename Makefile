@@ -33,6 +33,7 @@ dashboards:
 
 rules:
 	api-token-exporter rules
+	cp docs/runbooks.md exporter/api_token_exporter/runbooks.md   # served at the exporter's /runbooks
 	promtool check rules prometheus/rules/*.yml
 	promtool test rules prometheus/tests/*.yml
 

@@ -27,7 +27,7 @@ FAST = {
     "token_state": {"for": "2s"},
     "rate_limit": {"approaching_for": "0s", "refused_for": "0s"},
 }
-RUNBOOK = "https://github.com/api-token-exporter/api-token-exporter/blob/main/docs/runbooks.md"
+RUNBOOK = "http://localhost:9464/runbooks"        # runbook_base_url of prometheus/thresholds.yml
 
 
 def wait_for(what, check, timeout=90, interval=0.5):

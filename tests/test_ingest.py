@@ -110,6 +110,22 @@ def test_unknown_tokens_only_when_allowed_and_then_capped(keys):
     assert sample_total(text, "apitoken_label_overflow_total", label="token") == 7
 
 
+def test_runbooks_page_has_every_alert_link_anchor(exporter):
+    import re
+    import yaml
+    from api_token_exporter.stack import ROOT
+    r = exporter.get("/runbooks")
+    assert r.status_code == 200 and r.content_type.startswith("text/html")
+    page = r.get_data(as_text=True)
+    rules = yaml.safe_load(open(f"{ROOT}/prometheus/rules/apitoken-alerts.yml"))
+    links = [rule["annotations"]["runbook_url"] for g in rules["groups"] for rule in g["rules"]]
+    assert len(links) > 15
+    for link in links:
+        assert link.startswith("http://localhost:9464/runbooks#"), link
+        assert f'<a id="{link.split("#")[1]}">' in page, link
+    assert "<script" not in page and re.search(r"&lt;|&gt;|&amp;", page)   # the text is escaped
+
+
 def test_healthz(exporter):
     r = exporter.get("/healthz")
     assert r.status_code == 200 and r.get_json()["status"] == "ok" and r.get_json()["keys"] == 6

@@ -101,6 +101,12 @@ def test_every_metric_a_rule_reads_is_in_the_catalogue():
     assert used and used - catalogue == set()
 
 
+def test_the_packaged_runbooks_are_the_docs():
+    packaged = os.path.join(ROOT, "exporter", "api_token_exporter", "runbooks.md")
+    assert open(packaged).read() == open(os.path.join(ROOT, "docs", "runbooks.md")).read(), \
+        "docs/runbooks.md changed: run `make rules` to ship it at the exporter's /runbooks"
+
+
 def test_every_runbook_link_has_a_section():
     runbooks = open(os.path.join(ROOT, "docs", "runbooks.md")).read()
     anchors = {"#" + re.sub(r"[^a-z0-9 -]", "", h.strip().lower()).replace(" ", "-")

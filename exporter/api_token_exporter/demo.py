@@ -338,6 +338,7 @@ class DemoStack:
         ingest_file = os.path.join(self.data_dir, "ingest-token")
         if self.sidecar_url:
             lines.append(f"exporter        {self.sidecar_url}/metrics")
+            lines.append(f"runbooks        {self.sidecar_url}/runbooks   (where the alerts' runbook links point)")
             if self.exporter_port is not None:
                 lines.append(f"ingest          curl -H \"Authorization: Bearer $(cat {ingest_file})\" "
                              f"-d '{{\"events\": [{{\"token\": \"demo-sidecar\", \"route\": \"/orders\", "

@@ -1,11 +1,14 @@
-"""Built-in endpoints: /metrics, /healthz, /admin/token-details, /admin/stats and the ingest
-endpoint /v1/events. Every credential is compared in constant time."""
+"""Built-in endpoints: /metrics, /healthz, /runbooks, /admin/token-details, /admin/stats and the
+ingest endpoint /v1/events. Every credential is compared in constant time."""
 from __future__ import annotations
 
 import base64
 import binascii
+import html
 import hmac
 import json
+import os
+import re
 import threading
 import time
 from typing import List, Optional, Tuple
@@ -21,6 +24,7 @@ from .validation import ValidationError
 ADMIN_PATHS = ("/admin/token-details", "/admin/stats")
 INGEST_PATH = "/v1/events"
 HEALTH_PATH = "/healthz"
+RUNBOOKS_PATH = "/runbooks"       # what each alert's runbook_url points at by default
 ANALYTICS_PATHS = ("/analytics/tokens", "/api/analytics/usage")
 MAX_DURATION_SECONDS = 3600.0
 MAX_JSON_DEPTH = 8                 # {"events": [{"llm": {...}}]} is 4 deep
@@ -125,7 +129,11 @@ def build_endpoints(core, serve_metrics: bool = True, admin: bool = True, health
             return Response(body, content_type=content_type)
 
     if health:
-        paths.add(HEALTH_PATH)
+        paths |= {HEALTH_PATH, RUNBOOKS_PATH}
+
+    @app.route(RUNBOOKS_PATH, methods=["GET"])
+    def runbooks():
+        return Response(_runbooks_page(), content_type="text/html; charset=utf-8")
 
     @app.route(HEALTH_PATH, methods=["GET"])
     def healthz():
@@ -342,3 +350,20 @@ def ingest_event(core, event) -> List[str]:
         core.count_llm(clean["token"], usage)
     return []
 
+
+def _runbooks_page() -> str:
+    """The runbooks (docs/runbooks.md, shipped in the package) as a page whose anchors are the
+    ones alert links use: #<alert name in lower case>. Markdown reads well as it is."""
+    with open(os.path.join(os.path.dirname(__file__), "runbooks.md"), encoding="utf-8") as fh:
+        text = fh.read()
+    lines = []
+    for line in html.escape(text).splitlines():
+        heading = re.match(r"#+ (.+)$", line)
+        if heading:
+            anchor = re.sub(r"[^a-z0-9 -]", "", heading.group(1).strip().lower()).replace(" ", "-")
+            line = f'<a id="{anchor}"></a><b>{line}</b>'
+        lines.append(line)
+    return ("<!doctype html><html><head><meta charset=\"utf-8\"><title>api-token-exporter runbooks</title>"
+            "<style>body{font:15px/1.5 system-ui,sans-serif;margin:2em auto;max-width:60em}"
+            "pre{white-space:pre-wrap;font:inherit}</style></head><body><pre>"
+            + "\n".join(lines) + "</pre></body></html>\n")
