@@ -3,6 +3,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 
 import pytest
 import yaml
@@ -19,12 +20,35 @@ def compose():
 
 
 def test_compose_file_matches_the_compose_spec():
-    binary = shutil.which("check-jsonschema")
+    binary = shutil.which("check-jsonschema", path=os.path.dirname(sys.executable)) or shutil.which("check-jsonschema")
     if not binary:
         pytest.fail("check-jsonschema is not installed: run .ci/install")
     result = subprocess.run([binary, "--builtin-schema", "vendor.compose-spec", COMPOSE],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_compose_parses_it_as_docker_compose_does(tmp_path):
+    """A real Compose implementation reads the file (`config` needs no engine): Debian's
+    docker-compose, or the compose CLI plugin where one is installed. Both profiles, and with
+    the user's own Slack secret file in place of the example."""
+    plugin = shutil.which("docker") and subprocess.run(["docker", "compose", "version"],
+                                                       capture_output=True).returncode == 0
+    command = ["docker", "compose"] if plugin else [shutil.which("docker-compose") or "docker-compose"]
+    if not plugin and not shutil.which("docker-compose"):
+        pytest.fail("neither docker compose nor docker-compose is installed: run .ci/install")
+    secret = tmp_path / "slack_api_url"
+    secret.write_text("https://hooks.slack.invalid/services/T/B/X\n")
+    for env, profile in (({}, []), ({}, ["--profile", "ha"]), ({"SLACK_API_URL_FILE": str(secret)}, [])):
+        result = subprocess.run(command + ["-f", COMPOSE] + profile + ["config"], capture_output=True,
+                                text=True, timeout=60, env={**os.environ, **env}, cwd=ROOT)
+        assert result.returncode == 0, result.stderr
+        config = yaml.safe_load(result.stdout)
+        services = set(config["services"])
+        assert {"exporter", "prometheus", "alertmanager", "grafana"} <= services
+        assert {"redis", "api-replica-1", "api-replica-2"} <= services or not profile
+        source = config["secrets"]["slack_api_url"]["file"]
+        assert source == (str(secret) if env else os.path.join(ROOT, "alertmanager", "secrets", "slack_api_url.example"))
 
 
 def test_the_whole_stack_is_there(compose):

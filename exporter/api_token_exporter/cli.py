@@ -81,6 +81,19 @@ def cmd_serve(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    from .config import ConfigError, optional_import
+    from . import stack
+    try:
+        optional_import("requests", "demo", "The demo")
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not stack.in_checkout():
+        print("error: the demo runs Prometheus and Alertmanager with the configuration and rules of "
+              "the repository (prometheus/, alertmanager/), which an installed package does not "
+              f"carry: run it from a checkout (git clone, then `make demo`). Looked in {stack.ROOT}",
+              file=sys.stderr)
+        return 2
     from .demo import run_demo
     ingest_token = os.environ.get("ATE_INGEST_TOKEN")
     run_demo(host=args.host, port=args.port, duration=args.duration,

@@ -6,6 +6,7 @@ admin, metrics credentials) are read from the environment or from a file named b
 """
 from __future__ import annotations
 
+import importlib
 import math
 import os
 from dataclasses import dataclass, field, fields
@@ -20,6 +21,15 @@ DEFAULT_RATE_LIMITS = dict(zip(WINDOW_ORDER, (100, 1000, 10000)))  # seed 002
 
 class ConfigError(ValueError):
     pass
+
+
+def optional_import(module: str, extra: str, purpose: str):
+    """Import a dependency of an optional feature, or say which extra installs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise ConfigError(f"{purpose} needs the Python package {module.split('.')[0]!r}: "
+                          f"pip install 'api-token-exporter[{extra}]'") from exc
 
 
 @dataclass

@@ -218,6 +218,8 @@ def build_endpoints(core, serve_metrics: bool = True, admin: bool = True, health
             return jsonify({"accepted": accepted, "rejected": len(errors), "errors": errors}), status
 
     if admin and s.prometheus_url:
+        from .config import optional_import
+        optional_import("requests", "analytics", "The analytics API (prometheus_url)")
         from . import analytics
         client = analytics.PrometheusClient(s.prometheus_url, s.prometheus_timeout)
         paths.update(ANALYTICS_PATHS)

@@ -154,7 +154,8 @@ class RedisBackend:
 
 
 def _redis_backend(uri: str, timeout: float) -> RedisBackend:
-    import redis
+    from .config import optional_import
+    redis = optional_import("redis", "redis", "Redis")
     timeouts = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
     if uri.startswith("redis+sentinel://"):
         from redis.sentinel import Sentinel

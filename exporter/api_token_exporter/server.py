@@ -23,6 +23,8 @@ def run_gunicorn(factory: str, host: str, port: int, workers: int = 1, threads: 
     """Run ``factory`` ("module:callable()") under gunicorn in this process, which becomes its
     master: SIGTERM or SIGINT stops every worker and frees the port. Settings come from the
     environment (ATE_*), which the caller has set."""
+    from .config import optional_import
+    optional_import("gunicorn", "server", "api-token-exporter serve")
     from gunicorn.app.base import BaseApplication
     from gunicorn.util import import_app
 

@@ -20,6 +20,12 @@ import yaml
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 PROMETHEUS_YML = os.path.join(ROOT, "prometheus", "prometheus.yml")
 ALERTMANAGER_YML = os.path.join(ROOT, "alertmanager", "alertmanager.yml")
+
+
+def in_checkout() -> bool:
+    """True when this package runs from a clone of the repository (an editable install), where
+    the Prometheus and Alertmanager configuration the demo and the tests use live."""
+    return os.path.isfile(PROMETHEUS_YML) and os.path.isfile(ALERTMANAGER_YML)
 # the calendar bars of the dashboards look ahead from each period's start (always on in 3.x)
 PROMETHEUS_FEATURES = ["--enable-feature=promql-negative-offset"]
 ALERTMANAGER_BINARIES = ("alertmanager", "prometheus-alertmanager")

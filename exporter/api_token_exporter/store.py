@@ -37,6 +37,7 @@ import fcntl
 import glob
 import json
 import logging
+import math
 import mmap
 import os
 import secrets
@@ -46,7 +47,6 @@ from itertools import accumulate
 from operator import add
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-from prometheus_client.utils import floatToGoString
 
 DEFAULT_CAPACITY = 4_000_000        # doubles (32 MiB of address space, used only as touched)
 ALLOCATION_CHUNK = 131_072          # values (1 MiB) of disk reserved at a time for a file
@@ -56,6 +56,22 @@ DIR_LOCK = ".lock"
 DIR_GATE = ".gate"
 
 log = logging.getLogger("api_token_exporter")
+
+
+def float_to_go_string(value: float) -> str:
+    """A sample value or bucket bound as Prometheus writes it (prometheus_client's
+    floatToGoString, the oracle it is tested against): +Inf, -Inf, NaN, Go's exponent form
+    for large positive numbers, else Python's shortest repr."""
+    if value != value:
+        return "NaN"
+    if value in (math.inf, -math.inf):
+        return "+Inf" if value > 0 else "-Inf"
+    text = repr(float(value))
+    dot = text.find(".")
+    if value > 0 and dot > 6:                  # Go switches to exponents sooner than Python
+        mantissa = f"{text[0]}.{text[1:dot]}{text[dot + 1:]}".rstrip("0.")
+        return f"{mantissa}e+{dot - 1:02d}"
+    return text
 
 
 def escape_label(value: str) -> str:
@@ -439,7 +455,7 @@ class Store:
         for family, rows in derived:
             self._header(out, family, openmetrics)
             for key, value in rows:
-                out.append(f"{family.name}{family.labels_text(key)} {floatToGoString(value)}\n")
+                out.append(f"{family.name}{family.labels_text(key)} {float_to_go_string(value)}\n")
         if openmetrics:
             out.append("# EOF\n")
         # validation.py keeps lone surrogates out; should one slip past, it must not cost a scrape
@@ -452,7 +468,7 @@ class Store:
 
     @staticmethod
     def _histogram_prefixes(family: Family, key: tuple) -> tuple:
-        les = [f'le="{floatToGoString(b)}"' for b in family.buckets] + ['le="+Inf"']
+        les = [f'le="{float_to_go_string(b)}"' for b in family.buckets] + ['le="+Inf"']
         plain = family.labels_text(key)
         return tuple([f"{family.name}_bucket{family.labels_text(key, le)} " for le in les]
                      + [f"{family.name}_count{plain} ", f"{family.name}_sum{plain} "])
