@@ -44,7 +44,7 @@ def demo(tmp_path_factory):
     port, exporter_port, prom_port, am_port, sink_port = (free_port() for _ in range(5))
     proc = subprocess.Popen(
         [sys.executable, "-m", "api_token_exporter.cli", "demo", "--port", str(port),
-         "--exporter-port", str(exporter_port), "--data-dir", str(data_dir), "--duration", "120",
+         "--exporter-port", str(exporter_port), "--data-dir", str(data_dir), "--duration", "300",
          "--speed", "4", "--prometheus-port", str(prom_port), "--alertmanager-port", str(am_port),
          "--sink-port", str(sink_port), "--scrape-interval", "1s"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -189,3 +189,28 @@ def test_every_url_the_demo_prints_answers(demo):
                       headers={"Authorization": f"Bearer {ingest}", "Content-Type": "application/json"})
     assert r.status_code == 200 and r.json()["accepted"] == 1
     assert "/alerts" in next(line for line in demo["output"].splitlines() if line.startswith("Prometheus"))
+
+
+def test_each_bad_actor_triggers_its_alerts_and_no_others(demo):
+    """The clients `demo --help` lists: each deliberate bad actor's alerts go pending or fire,
+    and nothing else does: the healthy clients stay inside every window of their limits."""
+    from api_token_exporter.demo import DEMO_KEYS, UNTOKENED_ALERTS
+    allowed = {token: set(alerts) for token, (_, _, _, alerts) in DEMO_KEYS.items()}
+    # the client test above spends the playground key's minute on purpose
+    allowed["demo-playground"] |= {"ApiTokenRateLimitApproaching", "ApiTokenRateLimited",
+                                   "ApiTokenRateLimitExhaustionPredicted"}
+    wanted = {("demo-limited", "ApiTokenRateLimited"), ("demo-slow", "ApiTokenHighLatency"),
+              ("demo-errors", "ApiTokenHighErrorRate"), ("demo-inactive", "ApiTokenInvalidStillUsed"),
+              (None, "ApiTokenUnauthorizedAccess"), (None, "Watchdog")}
+    seen = set()
+    start = time.monotonic()
+    while time.monotonic() < start + 150 and not (wanted <= seen and time.monotonic() > start + 60):
+        for alert in requests.get(demo["prometheus"] + "/api/v1/alerts", timeout=10).json()["data"]["alerts"]:
+            token, name = alert["labels"].get("token"), alert["labels"]["alertname"]
+            if token is None:
+                assert name in UNTOKENED_ALERTS, alert["labels"]
+            else:
+                assert name in allowed[token], (token, name, alert["state"])
+            seen.add((token, name))
+        time.sleep(2)
+    assert wanted <= seen, wanted - seen

@@ -177,7 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--storage-uri", help="rate-limit storage: memory:// or redis://host:port/db")
     serve.set_defaults(func=cmd_serve)
 
-    demo = sub.add_parser("demo", help="run a demo API with traffic so every metric moves")
+    try:
+        from .demo import expected_alerts
+        epilog = expected_alerts()
+    except ImportError:                  # without the demo extra: `demo` says which to install
+        epilog = None
+    demo = sub.add_parser("demo", help="run a demo API with traffic so every metric moves",
+                          epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
     demo.add_argument("--host", default="127.0.0.1")
     demo.add_argument("--port", type=int, default=8000)
     demo.add_argument("--exporter-port", type=int, default=9464,

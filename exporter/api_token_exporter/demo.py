@@ -21,19 +21,45 @@ from .keystore import add_key, load_keys, save_keys
 from .middleware import TokenAnalytics, record_llm_usage
 from .sinks import SmtpSink, WebhookSink
 
-# id -> (name, tenant, per-key rate limits)
+# Limits that keep the healthy clients under 80 % of every window (the approaching alert's
+# threshold) at their pace: steady ~46/min, bursty 40 at once a minute, errors 60/min, slow
+# 15/min, LLM 30/min. Scaled by --speed with the traffic.
+HEALTHY_LIMITS = {"minute": 100, "hour": 5000, "day": 150000}
+
+# id -> (name, tenant, per-key rate limits, the alerts it exists to trigger)
 DEMO_KEYS = {
-    "demo-steady": ("Steady integration", "acme", {}),
-    "demo-bursty": ("Nightly batch", "acme", {"minute": 60}),
-    "demo-errors": ("Flaky partner", "globex", {}),
-    "demo-slow": ("Report builder", "globex", {}),
-    "demo-limited": ("Over-eager script", "initech", {"minute": 20, "hour": 300}),
-    "demo-llm": ("Chat assistant", "initech", {}),              # small budgets: budget alerts move
-    "demo-playground": ("You, with curl", "acme", {}),
-    "demo-inactive": ("Revoked key", "acme", {}),
-    "demo-expired": ("Expired trial", "globex", {}),
-    "demo-sidecar": ("Go service (ingest)", "umbrella", {}),
+    "demo-steady": ("Steady integration", "acme", HEALTHY_LIMITS, ()),
+    "demo-bursty": ("Nightly batch", "acme", dict(HEALTHY_LIMITS, minute=60), ()),
+    "demo-errors": ("Flaky partner", "globex", HEALTHY_LIMITS, ("ApiTokenHighErrorRate",)),
+    "demo-slow": ("Report builder", "globex", HEALTHY_LIMITS, ("ApiTokenHighLatency",)),
+    "demo-limited": ("Over-eager script", "initech", {"minute": 20, "hour": 300, "day": 5000},
+                     ("ApiTokenRateLimitApproaching", "ApiTokenRateLimited",
+                      "ApiTokenRateLimitExhaustionPredicted")),
+    "demo-llm": ("Chat assistant", "initech", HEALTHY_LIMITS,             # small budgets
+                 ("ApiTokenBudgetHigh", "ApiTokenBudgetExhausted", "ApiTokenBudgetForecast")),
+    "demo-playground": ("You, with curl", "acme", {}, ()),     # the default limits, by hand
+    "demo-inactive": ("Revoked key", "acme", HEALTHY_LIMITS, ("ApiTokenInvalidStillUsed",)),
+    "demo-expired": ("Expired trial", "globex", HEALTHY_LIMITS, ("ApiTokenInvalidStillUsed",)),
+    "demo-sidecar": ("Go service (ingest)", "umbrella", HEALTHY_LIMITS, ()),
 }
+# LLM budgets in USD, scaled by --speed: the chat assistant's are small on purpose; the
+# sidecar's LLM calls (about $130 a day at speed 1) stay well inside its own
+BUDGETS = {"demo-llm": {"daily": 0.5, "monthly": 10.0}, "demo-sidecar": {"daily": 1000.0, "monthly": 30000.0},
+           None: {"daily": 5.0, "monthly": 100.0}}
+# alerts with no token: the Watchdog, and the missing and invalid keys the generator sends
+UNTOKENED_ALERTS = ("Watchdog", "ApiTokenUnauthorizedAccess")
+
+
+def expected_alerts() -> str:
+    """What `demo --help` says to expect."""
+    lines = [f"  {token_id:<16} {name}: {', '.join(alerts) or 'none (stays inside its limits)'}"
+             for token_id, (name, _, _, alerts) in DEMO_KEYS.items()]
+    return ("alerts to expect (Prometheus evaluates them in minutes; `for` durations then apply):\n"
+            + "\n".join(lines)
+            + f"\n  {'missing/invalid':<16} keys sent by the generator: ApiTokenUnauthorizedAccess"
+            + f"\n  {'(always)':<16} Watchdog, the dead man's switch")
+
+
 MODELS = [("openai", "gpt-4"), ("openai", "gpt-4-turbo"), ("openai", "gpt-3.5-turbo"),
           ("anthropic", "claude-3-5-sonnet"), ("anthropic", "claude-3-opus"),
           ("cohere", "command-r"), ("openai", "o1-preview")]   # o1-preview has no price: unpriced
@@ -114,15 +140,16 @@ def app_from_env():
     return create_demo_api()
 
 
-def write_demo_keys(path: str) -> Dict[str, str]:
-    """Create the demo key file; returns id -> raw key (kept in memory for the generator)."""
+def write_demo_keys(path: str, speed: float = 1.0) -> Dict[str, str]:
+    """Create the demo key file; returns id -> raw key (kept in memory for the generator).
+    Limits scale with the traffic's speed, so who stays inside them does not change."""
     if os.path.exists(path):
         os.unlink(path)
     raw = {}
-    for token_id, (name, tenant, limits) in DEMO_KEYS.items():
-        budget = {"daily": 0.5, "monthly": 10.0} if token_id == "demo-llm" else \
-            {"daily": 5.0, "monthly": 100.0}
-        raw[token_id] = add_key(path, token_id, name=name, tenant=tenant, rate_limits=limits,
+    for token_id, (name, tenant, limits, _) in DEMO_KEYS.items():
+        budget = {period: usd * speed for period, usd in BUDGETS.get(token_id, BUDGETS[None]).items()}
+        scaled = {window: max(1, int(n * speed)) for window, n in limits.items()}
+        raw[token_id] = add_key(path, token_id, name=name, tenant=tenant, rate_limits=scaled,
                                 budget_usd=budget)
     keys = load_keys(path)
     for key in keys:
@@ -175,8 +202,8 @@ class TrafficGenerator:
     def start(self) -> "TrafficGenerator":
         r, k = self._random, self.keys
         clients = [
-            # healthy tokens stay inside their limits: steady ~86/min of 100, bursty 40 at once of 60
-            (0.75, lambda s: self._get(s, r.choice(["/api/v1/items", f"/api/v1/items/{r.randint(1, 50)}",
+            # healthy tokens stay inside their limits (HEALTHY_LIMITS)
+            (1.5, lambda s: self._get(s, r.choice(["/api/v1/items", f"/api/v1/items/{r.randint(1, 50)}",
                                                     "/api/v1/repos/acme/portfolio"]), k["demo-steady"])),
             (60.0, lambda s: [self._get(s, "/api/v1/items", k["demo-bursty"]) for _ in range(40)]),
             (1.0, lambda s: self._get(s, r.choice(["/api/v1/flaky?fail=0.4", "/api/v1/items/404",
@@ -209,11 +236,11 @@ class TrafficGenerator:
         for _ in range(r.randint(5, 15)):
             service, model = r.choice(MODELS)
             event = {"token": "demo-sidecar", "route": r.choice(["/v1/orders", "/v1/orders/{id}"]),
-                     "method": r.choice(["GET", "POST"]), "status": r.choice([200] * 9 + [503]),
+                     "method": r.choice(["GET", "POST"]), "status": r.choice([200] * 199 + [503]),   # 0.5 %: healthy
                      "duration_ms": r.randint(5, 900)}
-            if r.random() < 0.3:
+            if r.random() < 0.1:
                 event["llm"] = {"service": service, "model": model,
-                                "input_tokens": r.randint(10, 500), "output_tokens": r.randint(10, 800)}
+                                "input_tokens": r.randint(10, 200), "output_tokens": r.randint(10, 200)}
             events.append(event)
         events.append({"token": "demo-sidecar", "route": "/v1/orders", "status": 999})  # refused
         try:
@@ -268,7 +295,7 @@ class DemoStack:
             for old in ("prometheus", "alertmanager"):
                 shutil.rmtree(os.path.join(self.data_dir, old), ignore_errors=True)
         keys_file = os.path.join(self.data_dir, "keys.yml")
-        self.raw_keys = write_demo_keys(keys_file)
+        self.raw_keys = write_demo_keys(keys_file, self.speed)
         for name, token in (("admin-token", self.admin_token), ("ingest-token", self.ingest_token)):
             token_file = os.path.join(self.data_dir, name)
             with open(token_file, "w") as fh:
@@ -392,6 +419,8 @@ def run_demo(out=print, duration: float = 0, **options) -> None:
     import signal
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)     # stop Prometheus and Alertmanager too
+        # Ctrl-C too when started in the background of a script, which ignores SIGINT
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     demo = DemoStack(**options).start()
     try:
         for line in demo.describe():
