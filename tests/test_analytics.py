@@ -249,16 +249,19 @@ def test_dashboard_period_totals_agree_with_the_api(world):
     import os
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     with open(os.path.join(root, "grafana", "dashboards", "overview.json")) as fh:
-        panels = {p["title"]: p["targets"][0]["expr"] for p in json.load(fh)["panels"] if p.get("targets")}
+        cards = {p["title"]: {t["legendFormat"]: t["expr"] for t in p["targets"]}
+                 for p in json.load(fh)["panels"] if p.get("targets")}
     usage = requests.get(world["exporter"] + "/api/analytics/usage", headers=ADMIN, timeout=30).json()
     now = time.time()
     day = dt.datetime.fromtimestamp(now, dt.timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
-    starts = {"Today": day, "This week": day - dt.timedelta(days=day.weekday()), "This month": day.replace(day=1)}
+    starts = {"Today": day, "This week (from Monday)": day - dt.timedelta(days=day.weekday()),
+              "This month": day.replace(day=1)}
     fields = {"requests": "requests", "LLM tokens": "tokens", "cost": "cost"}
-    for period, api_name in (("Today", "today"), ("This week", "thisWeek"), ("This month", "thisMonth")):
+    for period, api_name in (("Today", "today"), ("This week (from Monday)", "thisWeek"),
+                             ("This month", "thisMonth")):
         seconds = int(now - starts[period].timestamp())
         for title_part, field in fields.items():
-            expr = panels[f"{period}: {title_part}"].replace("$__range", f"{seconds}s")
+            expr = cards[period][title_part].replace("$__range", f"{seconds}s")
             result = requests.post(world["prom"].url + "/api/v1/query", data={"query": expr, "time": now},
                                    timeout=30).json()["data"]["result"]
             value = float(result[0]["value"][1]) if result else 0.0
