@@ -64,9 +64,9 @@ def test_dependencies_and_extras():
     project = tomllib.load(open(os.path.join(ROOT, "pyproject.toml"), "rb"))["project"]
     assert sorted(d.split(">")[0] for d in project["dependencies"]) == ["flask", "pyyaml"]
     extras = project["optional-dependencies"]
-    assert {"redis", "server", "analytics", "demo", "test"} <= set(extras)
+    assert {"redis", "server", "analytics", "demo", "history", "test"} <= set(extras)
     assert extras["server"] == ["gunicorn>=21"] and extras["redis"] == ["redis>=4.5"]
-    assert any(d.startswith("api-token-exporter[redis,server,analytics,demo]") for d in extras["test"])
+    assert any(d.startswith("api-token-exporter[redis,server,analytics,demo,history]") for d in extras["test"])
 
 
 @given(st.floats(allow_nan=True, allow_infinity=True) | st.integers(-10**20, 10**20).map(float))

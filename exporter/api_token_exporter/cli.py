@@ -1,9 +1,10 @@
-"""Command line: `api-token-exporter keys|serve|demo`."""
+"""Command line: `api-token-exporter keys|serve|import|demo|...`."""
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+import time
 from typing import List, Optional
 
 DEFAULT_KEYS_FILE = os.environ.get("ATE_KEYS_FILE", "keys.yml")
@@ -114,7 +115,6 @@ def cmd_rules(args) -> int:
 
 
 def cmd_sink(args) -> int:
-    import time
     from .sinks import SmtpSink, WebhookSink
     webhook = WebhookSink(args.host, args.port)
     if args.smtp_port:
@@ -139,6 +139,46 @@ def cmd_dashboards(args) -> int:
 def cmd_report(args) -> int:
     from .report import main as report_main
     return report_main(args)
+
+
+def cmd_import(args) -> int:
+    from . import history
+    from .pricing import Pricing, PricingError
+    columns = {}
+    for item in args.map:
+        name, _, column = item.partition("=")
+        if name not in history.DEFAULT_COLUMNS or not column:
+            print(f"error: --map {item!r}: expected FIELD=COLUMN with FIELD one of "
+                  f"{', '.join(history.DEFAULT_COLUMNS)}", file=sys.stderr)
+            return 2
+        columns[name] = column
+    try:
+        until = None if args.until == "now" else history.parse_time(args.until)
+        pricing = Pricing.load(args.pricing)
+        output = args.prometheus_data or args.output
+        result = history.run_import(
+            args.source, output, table=args.table, query=args.query, columns=columns, until=until,
+            step=args.step, duration_unit=args.duration_unit, pricing=pricing, job=args.job,
+            instance=args.instance, routes=args.route, max_series=args.max_series,
+            progress=history.progress_printer(args.progress or sys.stderr.isatty()), dry_run=args.dry_run)
+    except (history.ImportFailed, PricingError, ValueError, OSError) as exc:
+        print(f"\nerror: {exc}", file=sys.stderr)
+        return 2
+    if result.rejected:
+        history.write_rejected(args.rejected, result.rejected)
+        shown = "; ".join(f"row {r.line}: {r.reason}" for r in result.rejected[:3])
+        print(f"\n{len(result.rejected)} rows rejected, listed with reasons in {args.rejected} ({shown}"
+              f"{'; ...' if len(result.rejected) > 3 else ''})", file=sys.stderr)
+    span = ""
+    if result.first is not None:
+        fmt = lambda t: time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(t))   # noqa: E731
+        span = f" from {fmt(result.first)} to {fmt(result.last)}"
+    print(f"\nimported {result.accepted} of {result.rows} rows{span}: {result.series} series, "
+          f"{result.samples} samples, {len(result.blocks)} block(s) in {output}"
+          + ("" if args.prometheus_data or not result.blocks else
+             "\nnext: move these block directories into Prometheus's data directory "
+             "(--storage.tsdb.path); it loads them within a minute"), file=sys.stderr)
+    return 0 if result.accepted or not result.rows else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -182,6 +222,36 @@ def build_parser() -> argparse.ArgumentParser:
         epilog = expected_alerts()
     except ImportError:                  # without the demo extra: `demo` says which to install
         epilog = None
+    imp = sub.add_parser("import", help="bring past usage records into Prometheus as TSDB blocks",
+                         description="Usage records (CSV, JSON Lines, or a database table or query) into "
+                                     "this project's counters and histograms, written as Prometheus TSDB "
+                                     "blocks. Columns default to the APIUsage table's: api_key_id, endpoint, "
+                                     "method, status_code, response_time (seconds), created_at; optional "
+                                     "service, model, prompt_tokens, completion_tokens.")
+    imp.add_argument("source", help="a .csv or .jsonl file, or a database URL (sqlite:///usage.db, "
+                                    "postgresql://user@host/db)")
+    imp.add_argument("--table", help="the table to read (database source)")
+    imp.add_argument("--query", help="or the SQL query to read (database source)")
+    imp.add_argument("--map", action="append", default=[], metavar="FIELD=COLUMN",
+                     help="where a field is in your data, e.g. --map token=key_name --map time=ts")
+    imp.add_argument("--until", default="now", help="the cut-over: rows at or after it are refused, "
+                     "live metrics count them (ISO 8601 or Unix seconds; default now)")
+    imp.add_argument("--route", action="append", default=[], metavar="TEMPLATE",
+                     help="route templates (/items/<id>) for raw paths; unmatched paths become __unmatched__")
+    imp.add_argument("--step", type=int, default=60, help="seconds between samples (default %(default)s)")
+    imp.add_argument("--duration-unit", choices=("s", "ms"), default="s")
+    imp.add_argument("--pricing", help="pricing file for LLM cost (default: the shipped one)")
+    imp.add_argument("--job", default="api-token-exporter", help="job label (default %(default)s)")
+    imp.add_argument("--instance", default="import", help="instance label (default %(default)s)")
+    imp.add_argument("--max-series", type=int, default=200_000)
+    where = imp.add_mutually_exclusive_group()
+    where.add_argument("--prometheus-data", help="Prometheus's data directory: blocks are moved there")
+    where.add_argument("--output", default="import-blocks", help="else, where to write the blocks")
+    imp.add_argument("--rejected", default="import-rejected.csv", help="rejected rows and reasons")
+    imp.add_argument("--dry-run", action="store_true", help="read and validate only")
+    imp.add_argument("--progress", action="store_true", help="progress on stderr even when not a terminal")
+    imp.set_defaults(func=cmd_import)
+
     demo = sub.add_parser("demo", help="run a demo API with traffic so every metric moves",
                           epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
     demo.add_argument("--host", default="127.0.0.1")

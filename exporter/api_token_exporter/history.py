@@ -1,0 +1,433 @@
+"""Past usage into Prometheus: `api-token-exporter import`.
+
+    records (CSV, JSON Lines, a SQL table or query)
+      -> validated rows (a report of the rejected ones, with reasons)
+      -> this project's counters and histograms, per series, at `step` resolution
+      -> one OpenMetrics file -> `promtool tsdb create-blocks-from openmetrics`
+      -> blocks moved into Prometheus's data directory (it loads them within a minute).
+
+The series are the live ones (the catalogue's names, labels, buckets and whole-unit sums) with
+``job`` and ``instance="import"`` added, so sums over instances add imported and live usage.
+Rows at or after the cut-over (``until``, the moment live metrics started) are refused: they
+are counted live. A series gets a sample where it changed and, between two changes, at least
+every HEARTBEAT seconds: exact totals (docs/analytics.md) look back an hour for a range's
+starting value, so a quiet hour must not read as a new series.
+"""
+from __future__ import annotations
+
+import bisect
+import csv
+import datetime as dt
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+
+from . import validation
+from .metrics import LATENCY_BUCKETS, MICROSECONDS, NANO_USD, UNMATCHED_ROUTE, status_class
+from .pricing import Pricing
+from .store import escape_label, float_to_go_string
+from .usage import MAX_TOKENS_PER_REQUEST
+
+HEARTBEAT = 3300                  # seconds: under exact.BASELINE_LOOKBACK (3600)
+MAX_BLOCK = "2400h"               # promtool reads its input once per block: few, long blocks
+# record field -> seed-style column name (the APIUsage table: api_key_id, endpoint, ...)
+DEFAULT_COLUMNS = {"time": "created_at", "token": "api_key_id", "route": "endpoint", "method": "method",
+                   "code": "status_code", "duration": "response_time", "service": "service",
+                   "model": "model", "input_tokens": "prompt_tokens", "output_tokens": "completion_tokens"}
+REQUIRED = ("time", "token", "route", "code")
+
+
+class ImportFailed(ValueError):
+    """The import as a whole cannot go on (a missing column, promtool missing, ...)."""
+
+
+@dataclass
+class Rejected:
+    line: int
+    reason: str
+
+
+@dataclass
+class ImportResult:
+    rows: int = 0
+    accepted: int = 0
+    rejected: List[Rejected] = field(default_factory=list)
+    series: int = 0
+    samples: int = 0
+    first: Optional[float] = None
+    last: Optional[float] = None
+    blocks: List[str] = field(default_factory=list)
+
+
+# -- reading ------------------------------------------------------------------------------------
+def read_csv(path: str) -> Iterator[dict]:
+    with open(path, newline="", encoding="utf-8") as fh:
+        yield from csv.DictReader(fh)
+
+
+def read_jsonl(path: str) -> Iterator[dict]:
+    with open(path, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                doc = json.loads(line)
+            except json.JSONDecodeError as exc:
+                doc = {"__error__": f"not JSON: {exc.msg}"}
+            yield doc if isinstance(doc, dict) else {"__error__": "not a JSON object"}
+
+
+def read_sql(url: str, table: Optional[str] = None, query: Optional[str] = None,
+             batch: int = 10_000) -> Iterator[dict]:
+    """Rows of a table or a query, by SQLAlchemy URL (sqlite:///f.db, postgresql://...)."""
+    from .config import optional_import
+    sa = optional_import("sqlalchemy", "history", "Importing from a database")
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            if query:
+                statement = sa.text(query)
+            else:
+                statement = sa.select(sa.Table(table, sa.MetaData(), autoload_with=conn))
+            result = conn.execution_options(stream_results=True).execute(statement)
+            keys = list(result.keys())
+            while True:
+                chunk = result.fetchmany(batch)
+                if not chunk:
+                    break
+                for row in chunk:
+                    yield dict(zip(keys, row))
+    finally:
+        engine.dispose()
+
+
+def open_source(source: str, table: Optional[str] = None, query: Optional[str] = None) -> Iterator[dict]:
+    if "://" in source:
+        if not (table or query):
+            raise ImportFailed("a database source needs --table or --query")
+        return read_sql(source, table, query)
+    if not os.path.exists(source):
+        raise ImportFailed(f"{source}: no such file")
+    if source.endswith((".jsonl", ".ndjson", ".json")):
+        return read_jsonl(source)
+    return read_csv(source)
+
+
+# -- one row --------------------------------------------------------------------------------------
+def parse_time(value) -> float:
+    if isinstance(value, dt.datetime):
+        moment = value
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    else:
+        text = str(value).strip()
+        try:
+            return float(text)
+        except ValueError:
+            pass
+        try:
+            moment = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+        except ValueError:
+            raise validation.ValidationError(f"time: not ISO 8601 or Unix seconds: {text[:40]!r}") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=dt.timezone.utc)            # naive times are UTC
+    return moment.timestamp()
+
+
+@dataclass
+class Row:
+    time: float
+    token: str
+    route: str
+    method: str
+    code: int
+    duration: Optional[float]
+    service: Optional[str]
+    model: Optional[str]
+    input_tokens: int
+    output_tokens: int
+
+
+def parse_row(raw: dict, columns: Dict[str, str], duration_scale: float) -> Row:
+    if "__error__" in raw:
+        raise validation.ValidationError(raw["__error__"])
+
+    def get(name):
+        value = raw.get(columns.get(name, name))
+        return None if value is None or (isinstance(value, str) and not value.strip()) else value
+
+    def num(name):                     # CSV cells are text; JSON and SQL give numbers
+        value = get(name)
+        if isinstance(value, str):
+            text = value.strip()
+            try:
+                return int(text)
+            except ValueError:
+                try:
+                    return float(text)
+                except ValueError:
+                    raise validation.ValidationError(f"{name}: not a number: {text[:40]!r}") from None
+        return value
+
+    for name in REQUIRED:
+        if get(name) is None:
+            raise validation.ValidationError(f"{name}: missing (column {columns.get(name, name)!r})")
+    code = validation.whole_number("code", num("code"), 599)
+    if code < 100:
+        raise validation.ValidationError(f"code: {code} is not an HTTP status")
+    duration = num("duration")
+    if duration is not None:
+        duration = validation.number("duration", duration, 0.0, 86400.0 / duration_scale) * duration_scale
+    service, model = get("service"), get("model")
+    input_tokens = output_tokens = 0
+    if model is not None or service is not None:
+        if model is None or service is None:
+            raise validation.ValidationError("service and model go together")
+        service, model = validation.name("service", service).lower(), validation.name("model", model)
+        input_tokens = validation.whole_number("input_tokens", num("input_tokens") or 0, MAX_TOKENS_PER_REQUEST)
+        output_tokens = validation.whole_number("output_tokens", num("output_tokens") or 0, MAX_TOKENS_PER_REQUEST)
+    return Row(parse_time(get("time")), validation.token_id("token", str(get("token")).strip()),
+               validation.route("route", get("route")), validation.method(get("method") or "GET"),
+               code, duration, service, model, int(input_tokens), int(output_tokens))
+
+
+# -- aggregation ----------------------------------------------------------------------------------
+class Aggregate:
+    """Per series, the amount added in each step-long bin, in whole units (counts, microseconds,
+    nano-USD) as the live store keeps them, so totals come out exactly as live ones would."""
+
+    def __init__(self, step: int, pricing: Optional[Pricing]):
+        self.step = step
+        self.pricing = pricing
+        self.counters: Dict[Tuple[str, tuple], Dict[int, int]] = {}
+        self.histograms: Dict[Tuple[str, tuple], Dict[int, List[int]]] = {}
+        self.first = self.last = None
+
+    def _count(self, name: str, labels: tuple, b: int, amount: int) -> None:
+        bins = self.counters.get((name, labels))
+        if bins is None:
+            bins = self.counters[(name, labels)] = {}
+        bins[b] = bins.get(b, 0) + amount
+
+    def _observe(self, name: str, labels: tuple, b: int, seconds: float) -> None:
+        bins = self.histograms.get((name, labels))
+        if bins is None:
+            bins = self.histograms[(name, labels)] = {}
+        cell = bins.get(b)
+        if cell is None:
+            cell = bins[b] = [0] * (len(LATENCY_BUCKETS) + 3)    # buckets, +Inf, count, sum (µs)
+        cell[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        cell[-2] += 1
+        cell[-1] += int(round(seconds * MICROSECONDS))
+
+    def add(self, row: Row) -> None:
+        b = int(row.time // self.step)
+        self.first = row.time if self.first is None else min(self.first, row.time)
+        self.last = row.time if self.last is None else max(self.last, row.time)
+        self._count("apitoken_requests_total", (row.token, row.route, row.method, str(row.code)), b, 1)
+        self._count("apitoken_requests_by_class_total", (row.token, status_class(row.code)), b, 1)
+        if row.duration is not None:
+            self._observe("apitoken_request_duration_seconds", (row.token,), b, row.duration)
+            self._observe("apitoken_route_request_duration_seconds", (row.route, row.method), b, row.duration)
+        if row.model is not None:
+            key = (row.token, row.service, row.model)
+            self._count("apitoken_llm_tokens_total", key + ("input",), b, row.input_tokens)
+            self._count("apitoken_llm_tokens_total", key + ("output",), b, row.output_tokens)
+            self._count("apitoken_llm_requests_total", key, b, 1)
+            price = self.pricing.price(row.service, row.model) if self.pricing else None
+            if price is None:
+                self._count("apitoken_llm_unpriced_requests_total", (row.service, row.model), b, 1)
+            else:
+                cost = price.cost(row.input_tokens, row.output_tokens)
+                self._count("apitoken_llm_cost_usd_total", key, b, int(round(cost * NANO_USD)))
+
+
+LABELS = {"apitoken_requests_total": ("token", "route", "method", "code"),
+          "apitoken_requests_by_class_total": ("token", "class"),
+          "apitoken_request_duration_seconds": ("token",),
+          "apitoken_route_request_duration_seconds": ("route", "method"),
+          "apitoken_llm_tokens_total": ("token", "service", "model", "type"),
+          "apitoken_llm_requests_total": ("token", "service", "model"),
+          "apitoken_llm_cost_usd_total": ("token", "service", "model"),
+          "apitoken_llm_unpriced_requests_total": ("service", "model")}
+SCALES = {"apitoken_llm_cost_usd_total": NANO_USD}
+
+
+def sample_times(bins: Iterable[int], step: int) -> List[Tuple[int, bool]]:
+    """(bin, changed) for the bins where a series changed, plus heartbeats (changed False)
+    filling any gap longer than HEARTBEAT."""
+    out: List[Tuple[int, bool]] = []
+    every = max(1, HEARTBEAT // step)
+    for b in sorted(bins):
+        if out:
+            gap = out[-1][0] + every
+            while gap < b:
+                out.append((gap, False))
+                gap += every
+        out.append((b, True))
+    return out
+
+
+def write_openmetrics(agg: Aggregate, out, job: str, instance: str) -> Tuple[int, int]:
+    """Write every series in OpenMetrics text (families contiguous, samples in time order);
+    return (series, samples)."""
+    step = agg.step
+    base = f'instance="{escape_label(instance)}",job="{escape_label(job)}"'
+    series = samples = 0
+
+    def labels_text(name: str, key: tuple, extra: str = "") -> str:
+        pairs = ",".join(f'{n}="{escape_label(v)}"' for n, v in zip(LABELS[name], key))
+        return "{" + ",".join(p for p in (pairs, base, extra) if p) + "}"
+
+    by_family: Dict[str, list] = {}
+    for (name, key), bins in agg.counters.items():
+        by_family.setdefault(name, []).append((key, bins))
+    for name in sorted(by_family):
+        out.write(f"# TYPE {name[:-len('_total')]} counter\n")
+        scale = SCALES.get(name, 1)
+        for key, bins in sorted(by_family[name]):
+            series += 1
+            prefix = name + labels_text(name, key) + " "
+            total = 0
+            for b, changed in sample_times(bins, step):
+                if changed:
+                    total += bins[b]
+                out.write(f"{prefix}{float_to_go_string(total / scale)} {(b + 1) * step}\n")   # a bin's end
+                samples += 1
+    hist_family: Dict[str, list] = {}
+    for (name, key), bins in agg.histograms.items():
+        hist_family.setdefault(name, []).append((key, bins))
+    les = [float_to_go_string(b) for b in LATENCY_BUCKETS] + ["+Inf"]
+    for name in sorted(hist_family):
+        out.write(f"# TYPE {name} histogram\n")
+        for key, bins in sorted(hist_family[name]):
+            series += len(les) + 2
+            running = [0] * (len(LATENCY_BUCKETS) + 3)
+            bucket_prefixes = [f"{name}_bucket{labels_text(name, key, f'le={chr(34)}{le}{chr(34)}')} " for le in les]
+            count_prefix = f"{name}_count{labels_text(name, key)} "
+            sum_prefix = f"{name}_sum{labels_text(name, key)} "
+            for b, changed in sample_times(bins, step):
+                if changed:
+                    running = [x + y for x, y in zip(running, bins[b])]
+                t = (b + 1) * step
+                cumulative = 0
+                for i, prefix in enumerate(bucket_prefixes):
+                    cumulative += running[i]
+                    out.write(f"{prefix}{cumulative} {t}\n")
+                out.write(f"{count_prefix}{running[-2]} {t}\n")
+                out.write(f"{sum_prefix}{float_to_go_string(running[-1] / MICROSECONDS)} {t}\n")
+                samples += len(les) + 2
+    out.write("# EOF\n")
+    return series, samples
+
+
+# -- the whole import ------------------------------------------------------------------------------
+Progress = Optional[Callable[[str], None]]
+
+
+def build_blocks(result: ImportResult, agg: Aggregate, output_dir: str, job: str, instance: str,
+                 promtool: Optional[str] = None, progress: Progress = None) -> None:
+    promtool = promtool or shutil.which("promtool")
+    if not promtool:
+        raise ImportFailed("promtool is not installed (Debian: apt-get install prometheus)")
+    os.makedirs(output_dir, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="ate-import-") as work:
+        text = os.path.join(work, "samples.om.txt")
+        with open(text, "w", encoding="utf-8") as fh:
+            result.series, result.samples = write_openmetrics(agg, fh, job, instance)
+        if progress:
+            progress(f"{result.samples} samples of {result.series} series: building TSDB blocks")
+        blocks = os.path.join(work, "blocks")
+        done = subprocess.run([promtool, "tsdb", "create-blocks-from", "openmetrics",
+                               f"--max-block-duration={MAX_BLOCK}", "--quiet", text, blocks],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            raise ImportFailed(f"promtool could not build blocks: {(done.stderr or done.stdout).strip()[-500:]}")
+        for name in sorted(os.listdir(blocks)):
+            shutil.move(os.path.join(blocks, name), os.path.join(output_dir, name))
+            result.blocks.append(os.path.join(output_dir, name))
+
+
+def route_matcher(templates: List[str]) -> Callable[[str], str]:
+    """Raw paths to route templates, as the middleware's ``routes`` does; without templates the
+    column is taken as the route already."""
+    if not templates:
+        return lambda path: path
+    from werkzeug.exceptions import HTTPException
+    from werkzeug.routing import Map, Rule
+    adapter = Map([Rule(t) for t in templates]).bind("localhost")
+
+    def match(path: str) -> str:
+        try:
+            rule, _ = adapter.match(path.split("?", 1)[0], method="GET", return_rule=True)
+            return rule.rule
+        except HTTPException:
+            return UNMATCHED_ROUTE
+    return match
+
+
+def run_import(source: str, output_dir: str, *, table: Optional[str] = None, query: Optional[str] = None,
+               columns: Optional[Dict[str, str]] = None, until: Optional[float] = None, step: int = 60,
+               duration_unit: str = "s", pricing: Optional[Pricing] = None, job: str = "api-token-exporter",
+               instance: str = "import", routes: Optional[List[str]] = None, max_series: int = 200_000,
+               progress: Progress = None, promtool: Optional[str] = None, dry_run: bool = False) -> ImportResult:
+    """Read, validate, aggregate and write blocks; rejected rows are listed, never fatal."""
+    if not 1 <= step <= HEARTBEAT or 86400 % step:
+        raise ImportFailed(f"step must divide a day and be at most {HEARTBEAT} seconds (60, 300, ...)")
+    to_route = route_matcher(routes or [])
+    cols = dict(DEFAULT_COLUMNS, **(columns or {}))
+    scale = {"s": 1.0, "ms": 0.001}[duration_unit]
+    until = time.time() if until is None else until
+    agg = Aggregate(step, pricing)
+    result = ImportResult()
+    last_report = time.monotonic()
+    for n, raw in enumerate(open_source(source, table, query), 1):
+        result.rows = n
+        try:
+            row = parse_row(raw, cols, scale)
+            if row.time >= until:
+                raise validation.ValidationError(
+                    f"time: at or after the cut-over {dt.datetime.fromtimestamp(until, dt.timezone.utc):%Y-%m-%dT%H:%M:%SZ}"
+                    " (live metrics count it)")
+        except (validation.ValidationError, TypeError, ValueError) as exc:
+            result.rejected.append(Rejected(n, str(exc)))
+            continue
+        row.route = to_route(row.route)
+        agg.add(row)
+        result.accepted += 1
+        if len(agg.counters) > max_series:
+            raise ImportFailed(f"more than {max_series} series after {n} rows: is the route column raw "
+                               "paths? Give route templates (--route '/items/<id>'), or raise --max-series")
+        if progress and time.monotonic() - last_report >= 1:
+            last_report = time.monotonic()
+            progress(f"read {n} rows ({len(result.rejected)} rejected)")
+    result.first, result.last = agg.first, agg.last
+    if progress:
+        progress(f"read {result.rows} rows ({len(result.rejected)} rejected)")
+    if result.accepted and not dry_run:
+        build_blocks(result, agg, output_dir, job, instance, promtool, progress)
+    return result
+
+
+def write_rejected(path: str, rejected: List[Rejected]) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["row", "reason"])
+        for r in rejected:
+            writer.writerow([r.line, r.reason])
+
+
+def progress_printer(enabled: bool) -> Progress:
+    if not enabled:
+        return None
+
+    def show(message: str) -> None:
+        print(f"\r{message}\033[K" if sys.stderr.isatty() else message, end="" if sys.stderr.isatty() else "\n",
+              file=sys.stderr, flush=True)
+    return show

@@ -1,0 +1,240 @@
+"""`api-token-exporter import`: past usage records into a real Prometheus as TSDB blocks. The
+analytics API must then give exactly the imported per-token, per-day totals, and live traffic
+afterwards must add to them, counted once."""
+import collections
+import csv
+import datetime as dt
+import json
+import os
+import random
+import re
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import requests
+from werkzeug.serving import make_server
+
+from api_token_exporter import history
+from api_token_exporter.keystore import add_key
+from api_token_exporter.pricing import Pricing
+from api_token_exporter.server import create_app
+from api_token_exporter.stack import find_binary, free_port, prometheus_config, start_prometheus
+from api_token_exporter.validation import ValidationError
+
+SEED_COLUMNS = ["id", "user_id", "api_key_id", "endpoint", "method", "status_code", "response_time",
+                "created_at", "service", "model", "prompt_tokens", "completion_tokens"]
+TOKENS = ["17", "23", "42", "51"]                     # APIUsage.api_key_id values
+MODELS = [("openai", "gpt-4"), ("anthropic", "claude-3-opus"), ("openai", "gpt-3.5-turbo"),
+          ("openai", "o1-preview")]                  # o1-preview has no price: counted, unpriced
+
+
+def seed_rows(n, start, end, rnd):
+    rows = []
+    for i in range(n):
+        t = start + rnd.random() * (end - start)
+        row = {"id": i + 1, "user_id": 1, "api_key_id": rnd.choice(TOKENS),
+               "endpoint": rnd.choice(["/api/v1/items", "/api/v1/items/{id}", "/api/v1/chat"]),
+               "method": rnd.choice(["GET", "GET", "POST"]), "status_code": rnd.choice([200] * 8 + [404, 500]),
+               "response_time": round(rnd.uniform(0.001, 3.0), 4),
+               "created_at": dt.datetime.fromtimestamp(t, dt.timezone.utc).replace(tzinfo=None).isoformat(),
+               "service": "", "model": "", "prompt_tokens": "", "completion_tokens": ""}
+        if rnd.random() < 0.3:
+            service, model = rnd.choice(MODELS)
+            row.update(service=service, model=model, prompt_tokens=rnd.randint(1, 2000),
+                       completion_tokens=rnd.randint(1, 1000))
+        rows.append(row)
+    return rows
+
+
+def oracle(rows, pricing):
+    """Per (token, UTC day): requests, LLM tokens, LLM requests and cost (nano-USD, as stored)."""
+    days = collections.defaultdict(lambda: collections.Counter())
+    for r in rows:
+        day = r["created_at"][:10]
+        c = days[(r["api_key_id"], day)]
+        c["requests"] += 1
+        if r["model"]:
+            c["tokens"] += r["prompt_tokens"] + r["completion_tokens"]
+            c["prompt"] += r["prompt_tokens"]
+            c["completion"] += r["completion_tokens"]
+            c["llm_requests"] += 1
+            price = pricing.price(r["service"], r["model"])
+            if price:
+                c["nano"] += int(round(price.cost(r["prompt_tokens"], r["completion_tokens"]) * 1e9))
+    return days
+
+
+def write_csv(path, rows):
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, SEED_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+# -- rows and samples ------------------------------------------------------------------------------
+def test_rows_are_refused_with_a_reason():
+    cols = history.DEFAULT_COLUMNS
+    good = {"api_key_id": "17", "endpoint": "/a", "method": "get", "status_code": "201",
+            "response_time": "0.25", "created_at": "2026-11-30T10:00:00"}
+    row = history.parse_row(good, cols, 1.0)
+    assert (row.token, row.route, row.method, row.code, row.duration) == ("17", "/a", "GET", 201, 0.25)
+    assert row.time == dt.datetime(2026, 11, 30, 10, tzinfo=dt.timezone.utc).timestamp()   # naive = UTC
+    assert history.parse_row(dict(good, created_at="1796112000"), cols, 1.0).time == 1796112000
+    assert history.parse_row(dict(good, response_time="250"), cols, 0.001).duration == 0.25
+    for change, reason in (({"api_key_id": ""}, "token: missing (column 'api_key_id')"),
+                           ({"status_code": "abc"}, "code: not a number"),
+                           ({"status_code": "42"}, "not an HTTP status"),
+                           ({"endpoint": "items"}, "path template"),
+                           ({"created_at": "yesterday"}, "not ISO 8601"),
+                           ({"response_time": "-1"}, "duration must be at least 0"),
+                           ({"model": "gpt-4"}, "service and model go together"),
+                           ({"api_key_id": "atk_secret with spaces"}, "a key id, not the key")):
+        with pytest.raises(ValidationError, match=re.escape(reason)):
+            history.parse_row(dict(good, **change), cols, 1.0)
+
+
+def test_heartbeats_keep_every_gap_under_the_baseline_lookback():
+    times = history.sample_times({0, 1, 500, 2000}, 60)
+    bins = [b for b, _ in times]
+    assert bins == sorted(bins) and [b for b, changed in times if changed] == [0, 1, 500, 2000]
+    assert max(b2 - b1 for b1, b2 in zip(bins, bins[1:])) * 60 <= history.HEARTBEAT
+    assert history.sample_times({5}, 60) == [(5, True)]
+
+
+# -- into a real Prometheus ----------------------------------------------------------------------
+def serve(app):
+    port = free_port()
+    server = make_server("127.0.0.1", port, app, threaded=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, port
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory):
+    if not find_binary("prometheus"):
+        pytest.fail("prometheus is not installed: run .ci/install")
+    tmp = tmp_path_factory.mktemp("history")
+    now = time.time()
+    cutover = now - 600
+    rnd = random.Random(7)
+    rows = seed_rows(10_000, now - 9 * 86400, cutover, rnd)
+    bad = [dict(rows[0], id=10_001, api_key_id=""), dict(rows[1], id=10_002, status_code="oops"),
+           dict(rows[2], id=10_003, created_at=dt.datetime.fromtimestamp(now, dt.timezone.utc).isoformat())]
+    source = tmp / "usage.csv"
+    write_csv(source, rows[:5000] + bad + rows[5000:])
+    data = tmp / "prom" / "data"
+    out = subprocess.run(
+        [sys.executable, "-m", "api_token_exporter.cli", "import", str(source), "--prometheus-data", str(data),
+         "--until", str(cutover), "--rejected", str(tmp / "rejected.csv"), "--progress"],
+        capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    keys_file = str(tmp / "keys.yml")
+    raw = {t: add_key(keys_file, t, tenant=f"tenant-{t}") for t in TOKENS}
+    exporter_port = free_port()
+    prom = start_prometheus(str(tmp / "prom"), prometheus_config(
+        {"api-token-exporter": [f"127.0.0.1:{exporter_port}"]}, None, str(tmp / "no-rules"),
+        scrape_interval="1s", evaluation_interval="1s"))
+    exporter = create_app(keys_file=keys_file, ingest_token="ingest-secret", admin_token="admin-secret",
+                          prometheus_url=prom.url, analytics_cache_seconds=0)
+    server = make_server("127.0.0.1", exporter_port, exporter, threaded=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield {"rows": rows, "stderr": out.stderr, "prom": prom, "raw": raw,
+               "url": f"http://127.0.0.1:{exporter_port}", "rejected": (tmp / "rejected.csv").read_text(),
+               "now": now}
+    finally:
+        server.shutdown()
+        prom.stop()
+
+
+def usage(world, token):
+    r = requests.get(world["url"] + "/api/analytics/usage", headers={"X-API-Key": world["raw"][token]}, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+@pytest.mark.integration
+def test_import_reports_what_it_did(imported):
+    err = imported["stderr"]
+    assert "imported 10000 of 10003 rows" in err and "3 rows rejected" in err
+    assert "read 10003 rows (3 rejected)" in err                      # progress
+    rejected = list(csv.DictReader(imported["rejected"].splitlines()))
+    assert [(r["row"], r["reason"].split(":")[0]) for r in rejected] == [
+        ("5001", "token"), ("5002", "code"), ("5003", "time")]
+    assert "cut-over" in rejected[2]["reason"]
+
+
+@pytest.mark.integration
+def test_analytics_give_exactly_the_imported_totals_per_token_and_day(imported):
+    expected = oracle(imported["rows"], Pricing.load())
+    for token in TOKENS:
+        daily = {d["date"]: d for d in usage(imported, token)["trends"]["daily"]}
+        days = sorted(day for (t, day) in expected if t == token)
+        assert len(days) >= 9
+        for day in days:
+            want = expected[(token, day)]
+            got = daily[day]
+            assert (got["requests"], got["tokens"]) == (want["requests"], want["tokens"]), (token, day)
+            assert got["cost"] == pytest.approx(want["nano"] / 1e9, abs=2e-6), (token, day)
+    token = TOKENS[0]
+    start = min(day for (t, day) in expected if t == token)
+    r = requests.get(imported["url"] + "/analytics/tokens", params={"start": start + "T00:00:00Z"},
+                     headers={"X-API-Key": imported["raw"][token]}, timeout=60)
+    assert r.status_code == 200, r.text
+    for entry in r.json()["byDay"]:
+        want = expected.get((token, entry["date"]), collections.Counter())
+        assert (entry["promptTokens"], entry["completionTokens"], entry["requestCount"]) == \
+            (want["prompt"], want["completion"], want["llm_requests"]), entry["date"]
+
+
+@pytest.mark.integration
+def test_live_traffic_adds_to_the_imported_history_once(imported):
+    token = TOKENS[1]
+    before = usage(imported, token)["summary"]
+    events = [{"token": token, "route": "/api/v1/items", "status": 200, "duration_ms": 5}] * 7
+    r = requests.post(imported["url"] + "/v1/events", json={"events": events}, timeout=10,
+                      headers={"Authorization": "Bearer ingest-secret"})
+    assert r.json()["accepted"] == 7
+    deadline = time.monotonic() + 60
+    after = before
+    while time.monotonic() < deadline and after["allTime"]["requests"] != before["allTime"]["requests"] + 7:
+        time.sleep(1)
+        after = usage(imported, token)["summary"]
+    assert after["allTime"]["requests"] == before["allTime"]["requests"] + 7
+    assert after["today"]["requests"] == before["today"]["requests"] + 7
+    expected = oracle(imported["rows"], Pricing.load())
+    assert before["allTime"]["requests"] == sum(c["requests"] for (t, _), c in expected.items() if t == token)
+
+
+def test_import_from_sqlite_by_table_and_by_query(tmp_path):
+    """The APIUsage table itself, read through SQLAlchemy; a query with its own column names."""
+    db = tmp_path / "app.db"
+    rows = seed_rows(200, time.time() - 86400, time.time() - 3600, random.Random(3))
+    with sqlite3.connect(db) as conn:
+        conn.execute("create table api_usage (id integer, user_id integer, api_key_id integer, endpoint text, "
+                     "method text, status_code integer, response_time real, created_at timestamp, service text, "
+                     "model text, prompt_tokens integer, completion_tokens integer)")
+        conn.executemany("insert into api_usage values (?,?,?,?,?,?,?,?,?,?,?,?)",
+                         [tuple(r[c] if r[c] != "" else None for c in SEED_COLUMNS) for r in rows])
+    by_table = history.run_import(f"sqlite:///{db}", str(tmp_path / "a"), table="api_usage", dry_run=True)
+    assert (by_table.rows, by_table.accepted, by_table.rejected) == (200, 200, [])
+    by_query = history.run_import(
+        f"sqlite:///{db}", str(tmp_path / "b"), dry_run=True,
+        query="select api_key_id as key_name, endpoint, status_code, created_at as ts from api_usage "
+              "where status_code >= 500", columns={"token": "key_name", "time": "ts"})
+    assert by_query.accepted == sum(r["status_code"] >= 500 for r in rows) > 0
+
+
+def test_raw_paths_need_templates(tmp_path):
+    rows = [{"api_key_id": "17", "endpoint": f"/items/{i}", "status_code": 200,
+             "created_at": time.time() - 100 - i} for i in range(50)]
+    src = tmp_path / "u.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows) + "not json\n")
+    with pytest.raises(history.ImportFailed, match="route templates"):
+        history.run_import(str(src), str(tmp_path / "o"), max_series=10, dry_run=True)
+    result = history.run_import(str(src), str(tmp_path / "o"), routes=["/items/<int:id>"], dry_run=True)
+    assert result.accepted == 50 and [r.reason for r in result.rejected] == ["not JSON: Expecting value"]
