@@ -229,6 +229,32 @@ def test_import_from_sqlite_by_table_and_by_query(tmp_path):
     assert by_query.accepted == sum(r["status_code"] >= 500 for r in rows) > 0
 
 
+@pytest.mark.integration
+def test_import_from_postgresql(tmp_path):
+    """The same table on a real PostgreSQL server, by URL."""
+    import sqlalchemy as sa
+    from api_token_exporter.stack import start_postgres
+    pg = start_postgres(str(tmp_path / "pg"))
+    try:
+        rows = seed_rows(300, time.time() - 86400, time.time() - 3600, random.Random(5))
+        engine = sa.create_engine(pg.url)
+        with engine.begin() as conn:
+            conn.execute(sa.text("create table api_usage (id int, user_id int, api_key_id int, endpoint text, "
+                                 "method text, status_code int, response_time float, created_at timestamp, "
+                                 "service text, model text, prompt_tokens int, completion_tokens int)"))
+            conn.execute(sa.text("insert into api_usage values (:id, :user_id, :api_key_id, :endpoint, :method, "
+                                 ":status_code, :response_time, :created_at, :service, :model, :prompt_tokens, "
+                                 ":completion_tokens)"),
+                         [{k: (None if v == "" else int(v) if k == "api_key_id" else v) for k, v in r.items()}
+                          for r in rows])
+        engine.dispose()
+        result = history.run_import(pg.url, str(tmp_path / "blocks"), table="api_usage")
+        assert (result.accepted, result.rejected) == (300, [])
+        assert result.blocks and all(os.path.isdir(b) for b in result.blocks)
+    finally:
+        pg.stop()
+
+
 def test_raw_paths_need_templates(tmp_path):
     rows = [{"api_key_id": "17", "endpoint": f"/items/{i}", "status_code": 200,
              "created_at": time.time() - 100 - i} for i in range(50)]

@@ -6,6 +6,7 @@ storage directory; Alertmanager's gossip is switched off.
 """
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import socket
@@ -114,6 +115,8 @@ class Service:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(timeout=5)
+        if self.extra.get("remove"):
+            shutil.rmtree(self.extra["remove"], ignore_errors=True)
 
     def log_tail(self, lines: int = 30) -> str:
         try:
@@ -174,3 +177,50 @@ def start_alertmanager(workdir: str, config: dict, port: Optional[int] = None,
     return _launch("alertmanager", binary, workdir, config, port,
                    [f"--storage.path={os.path.join(workdir, 'data')}", "--cluster.listen-address=",
                     f"--web.external-url=http://127.0.0.1:{port}"], "/-/ready", timeout)
+
+
+def postgres_binaries() -> Optional[str]:
+    """The bin directory of Debian's newest PostgreSQL server, if one is installed."""
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/postgres"),
+                   key=lambda p: int(p.split("/")[4]) if p.split("/")[4].isdigit() else 0)
+    return os.path.dirname(found[-1]) if found else None
+
+
+def start_postgres(workdir: str, port: Optional[int] = None, timeout: float = 60) -> Service:
+    """A throwaway PostgreSQL server on 127.0.0.1 (trust authentication, user postgres); its URL
+    is ``postgresql+psycopg://postgres@127.0.0.1:PORT/postgres``. As root it runs as the
+    ``postgres`` user, which the server requires."""
+    bindir = postgres_binaries()
+    if not bindir:
+        raise FileNotFoundError("PostgreSQL is not installed (Debian: apt-get install postgresql)")
+    port = port or free_port()
+    os.makedirs(workdir, exist_ok=True)
+    log_path = os.path.join(workdir, "postgres.log")
+    as_user: List[str] = []
+    if os.geteuid() == 0:
+        # the server user must reach its directory: not under a root-only test directory
+        import pwd
+        import tempfile
+        owner = pwd.getpwnam("postgres")
+        workdir = tempfile.mkdtemp(prefix="ate-postgres-")
+        os.chown(workdir, owner.pw_uid, owner.pw_gid)
+        as_user = ["runuser", "-u", "postgres", "--"]
+    data = os.path.join(workdir, "pgdata")
+    subprocess.run(as_user + [os.path.join(bindir, "initdb"), "-D", data, "-U", "postgres", "-A", "trust",
+                              "--no-sync", "-E", "UTF8"], check=True, capture_output=True, timeout=120)
+    process = subprocess.Popen(as_user + [os.path.join(bindir, "postgres"), "-D", data, "-p", str(port),
+                                          "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={workdir}",
+                                          "-c", "fsync=off"],
+                               stdout=open(log_path, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+    service = Service("postgres", f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres", process, log_path,
+                      extra={"remove": workdir if as_user else None})
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"postgres exited with code {process.returncode}:\n{service.log_tail()}")
+        ready = subprocess.run([os.path.join(bindir, "pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(port)])
+        if ready.returncode == 0:
+            return service
+        time.sleep(0.2)
+    service.stop()
+    raise TimeoutError(f"postgres not ready after {timeout:.0f} s:\n{service.log_tail()}")
