@@ -9,7 +9,7 @@ VENV ?= .venv
 VPY := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install test demo bench rules report dashboards
+.PHONY: install test demo bench rules report dashboards analytics-migrate analytics-report
 
 install:
 	PYTHON=$(PYTHON) VENV=$(VENV) bash .ci/install
@@ -27,6 +27,7 @@ bench:
 	$(VPY) benchmarks/bench_scrape.py
 	$(VPY) benchmarks/bench_ratelimit.py
 	$(VPY) benchmarks/bench_load.py
+	$(VPY) benchmarks/bench_import.py
 
 dashboards:
 	api-token-exporter dashboards
@@ -40,3 +41,10 @@ rules:
 # the LLM token report: the last 30 days from Prometheus (PROMETHEUS_URL to change)
 report:
 	api-token-exporter report --days 30 --format table $(if $(PROMETHEUS_URL),--prometheus-url $(PROMETHEUS_URL))
+
+# past usage into Prometheus (docs/history.md): SOURCE=usage.csv|DB URL [TABLE=api_usage] [UNTIL=...]
+analytics-migrate:
+	@test -n "$(SOURCE)" || { echo "usage: make analytics-migrate SOURCE=usage.csv [TABLE=api_usage] [UNTIL=2026-11-01T00:00:00Z] [PROMETHEUS_DATA=dir]"; exit 2; }
+	api-token-exporter import $(SOURCE) $(if $(TABLE),--table $(TABLE)) $(if $(UNTIL),--until $(UNTIL)) $(if $(PROMETHEUS_DATA),--prometheus-data $(PROMETHEUS_DATA))
+
+analytics-report: report

@@ -39,3 +39,8 @@ def test_rate_limit_benchmark_counts_one_round_trip():
 def test_load_benchmark_reconciles_exactly():
     out = run("bench_load.py", "--requests-per-token", "5", "--tokens", "2", "--clients", "2")
     assert out.count("| yes: 10 of 10 |") == 2
+
+
+def test_import_benchmark_imports_every_row():
+    out = run("bench_import.py", "--rows", "2000", "--days", "2")
+    assert "| whole import (+ OpenMetrics text, promtool blocks) |" in out and "2,000 rows" in out

@@ -105,7 +105,8 @@ def cmd_demo(args) -> int:
              storage_uri=args.storage_uri or "memory://", speed=args.speed,
              prometheus_port=None if args.no_prometheus else args.prometheus_port,
              alertmanager_port=None if args.no_alertmanager else args.alertmanager_port,
-             sink_port=args.sink_port, scrape_interval=args.scrape_interval, keep_data=args.keep_data)
+             sink_port=args.sink_port, scrape_interval=args.scrape_interval, keep_data=args.keep_data,
+             backfill_days=0 if args.no_backfill else args.backfill_days)
     return 0
 
 
@@ -174,11 +175,45 @@ def cmd_import(args) -> int:
         fmt = lambda t: time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(t))   # noqa: E731
         span = f" from {fmt(result.first)} to {fmt(result.last)}"
     print(f"\nimported {result.accepted} of {result.rows} rows{span}: {result.series} series, "
-          f"{result.samples} samples, {len(result.blocks)} block(s) in {output}"
+          f"{result.samples} samples, {len(result.blocks)} block(s): {', '.join(result.blocks) or 'none'}"
           + ("" if args.prometheus_data or not result.blocks else
              "\nnext: move these block directories into Prometheus's data directory "
              "(--storage.tsdb.path); it loads them within a minute"), file=sys.stderr)
     return 0 if result.accepted or not result.rows else 1
+
+
+def cmd_backfill(args) -> int:
+    from . import history, synthetic
+    from .pricing import Pricing
+    end = time.time() if args.until == "now" else history.parse_time(args.until)
+    start = end - args.days * 86400
+    agg = history.Aggregate(args.step, Pricing.load(args.pricing))
+    plan = synthetic.generate(agg, start, end, seed=args.seed)
+    result = history.ImportResult(rows=plan.requests, accepted=plan.requests, first=start, last=end)
+    progress = history.progress_printer(args.progress or sys.stderr.isatty())
+    try:
+        history.build_blocks(result, agg, args.prometheus_data or args.output, args.job, args.instance,
+                             progress=progress)
+        rule_blocks = []
+        if args.prometheus_url:
+            from .stack import ROOT
+            rules = args.rules or [os.path.join(ROOT, "prometheus", "rules", "apitoken-recording.yml")]
+            rule_blocks = history.backfill_rules(args.prometheus_url, rules, start, end,
+                                                 args.prometheus_data or args.output)
+    except history.ImportFailed as exc:
+        print(f"\nerror: {exc}", file=sys.stderr)
+        return 2
+    print(f"\nbackfilled {args.days} days for {len(synthetic.PROFILES)} demo keys: {plan.requests:,} requests, "
+          f"{result.samples:,} samples, {len(result.blocks)} block(s)"
+          f"{f', recording rules in {len(rule_blocks)} more' if args.prometheus_url else ''}; anomalies: "
+          + ", ".join(f"{a.kind} on {a.token} {a.days_ago:g} days ago for {a.hours:g} h" for a in plan.anomalies),
+          file=sys.stderr)
+    return 0
+
+
+def synthetic_step() -> int:
+    from .synthetic import STEP
+    return STEP
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -252,6 +287,26 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--progress", action="store_true", help="progress on stderr even when not a terminal")
     imp.set_defaults(func=cmd_import)
 
+    back = sub.add_parser("backfill", help="synthetic history for the demo's keys, as TSDB blocks",
+                          description="Realistic past traffic for the demo's keys (daily and weekly cycles, "
+                                      "growth, LLM use, a few anomalies) written as Prometheus TSDB blocks; with "
+                                      "--prometheus-url, the recording rules are backfilled over it too.")
+    back.add_argument("--days", type=int, default=30)
+    back.add_argument("--until", default="now", help="end of the history (ISO 8601 or Unix seconds)")
+    back.add_argument("--step", type=int, default=synthetic_step(), help="seconds between samples (default %(default)s)")
+    back.add_argument("--seed", type=int, default=42)
+    back.add_argument("--pricing", help="pricing file for LLM cost (default: the shipped one)")
+    back.add_argument("--job", default="api-token-exporter")
+    back.add_argument("--instance", default="backfill")
+    where = back.add_mutually_exclusive_group()
+    where.add_argument("--prometheus-data", help="Prometheus's data directory: blocks are moved there")
+    where.add_argument("--output", default="backfill-blocks", help="else, where to write the blocks")
+    back.add_argument("--prometheus-url", help="a Prometheus holding the history: backfill the recording rules")
+    back.add_argument("--rules", nargs="+", help="recording rule files (with --prometheus-url; default: "
+                      "prometheus/rules/apitoken-recording.yml of the checkout)")
+    back.add_argument("--progress", action="store_true")
+    back.set_defaults(func=cmd_backfill)
+
     demo = sub.add_parser("demo", help="run a demo API with traffic so every metric moves",
                           epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
     demo.add_argument("--host", default="127.0.0.1")
@@ -260,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="port of the sidecar exporter that receives ingest events")
     demo.add_argument("--no-exporter", action="store_true")
     demo.add_argument("--data-dir", default="demo-data")
+    demo.add_argument("--backfill-days", type=int, default=30,
+                      help="days of synthetic history for the demo's keys (default %(default)s)")
+    demo.add_argument("--no-backfill", action="store_true", help="start with no history")
     demo.add_argument("--keep-data", action="store_true",
                       help="keep Prometheus and Alertmanager data of earlier runs (default: start afresh)")
     demo.add_argument("--duration", type=float, default=0, help="seconds to run (0: until Ctrl-C)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import os
 import random
 import secrets
@@ -20,6 +21,8 @@ from flask import Flask, Response, jsonify, request
 from .keystore import add_key, load_keys, save_keys
 from .middleware import TokenAnalytics, record_llm_usage
 from .sinks import SmtpSink, WebhookSink
+
+log = logging.getLogger("api_token_exporter")
 
 # Limits that keep the healthy clients under 80 % of every window (the approaching alert's
 # threshold) at their pace: steady ~46/min, bursty 40 at once a minute, errors 60/min, slow
@@ -265,9 +268,9 @@ class DemoStack:
                  alertmanager_port: Optional[int] = 9093, sink_port: Optional[int] = 8025,
                  scrape_interval: str = "5s", sidecar_url: Optional[str] = None,
                  ingest_token: Optional[str] = None, admin_token: Optional[str] = None,
-                 keep_data: bool = False):
+                 keep_data: bool = False, backfill_days: int = 0):
         self.host, self.port, self.exporter_port = host, port, exporter_port
-        self.keep_data = keep_data
+        self.keep_data, self.backfill_days = keep_data, backfill_days
         self.data_dir = os.path.abspath(data_dir)
         self.storage_uri, self.speed, self.traffic = storage_uri, speed, traffic
         self.prometheus_port, self.alertmanager_port = prometheus_port, alertmanager_port
@@ -277,6 +280,7 @@ class DemoStack:
         self.admin_token = admin_token or secrets.token_urlsafe(16)
         self.servers, self.services, self.notes = [], [], []
         self.generator = self.prometheus = self.alertmanager = self.webhook = self.smtp = None
+        self.rules_backfill: Optional[threading.Thread] = None
         self.raw_keys: Dict[str, str] = {}
 
     def _serve(self, app, port: int):
@@ -344,18 +348,55 @@ class DemoStack:
                        "prometheus": [f"127.0.0.1:{prom_port}"]}
             if am_addr:
                 targets["alertmanager"] = [am_addr]
+            prom_dir = os.path.join(self.data_dir, "prometheus")
+            history_span = self._backfill(os.path.join(prom_dir, "data"))
             self.prometheus = stack.start_prometheus(
                 os.path.join(self.data_dir, "prometheus"), stack.prometheus_config(
                     targets, am_addr, os.path.join(stack.ROOT, "prometheus", "rules"),
                     scrape_interval=self.scrape_interval, evaluation_interval=self.scrape_interval),
-                port=prom_port)
+                port=prom_port, retention="400d")            # as the compose stack: a year of trends
             self.services.append(self.prometheus)
+            if history_span:
+                self._backfill_rules(*history_span)
         elif self.prometheus_port is not None and not stack.find_binary("prometheus"):
             self.notes.append("Prometheus      not installed (Debian: prometheus): metrics are on the /metrics URLs")
         if self.traffic:
             self.generator = TrafficGenerator(self.api_url, self.raw_keys, self.sidecar_url,
                                               self.ingest_token, speed=self.speed).start()
         return self
+
+    def _backfill(self, tsdb: str):
+        """Synthetic history for the demo's keys (a fresh data directory only): its blocks go in
+        before Prometheus starts; returns (start, end) or None."""
+        if not self.backfill_days or os.path.exists(tsdb):
+            return None
+        from . import history, synthetic
+        from .pricing import Pricing
+        end = time.time()
+        start = end - self.backfill_days * 86400
+        agg = history.Aggregate(synthetic.STEP, Pricing.load())
+        plan = synthetic.generate(agg, start, end)
+        result = history.ImportResult(rows=plan.requests, accepted=plan.requests)
+        history.build_blocks(result, agg, tsdb, "api-token-exporter", "backfill")
+        self.notes.append(f"history         {self.backfill_days} days backfilled ({plan.requests:,} requests, "
+                          f"{len(plan.anomalies)} anomalies; --no-backfill to start empty)")
+        return start, end
+
+    def _backfill_rules(self, start: float, end: float) -> None:
+        """The recording rules over the history, in the background: Prometheus loads the blocks
+        within a minute of their arrival."""
+        from . import history, stack
+
+        def run():
+            try:
+                history.backfill_rules(self.prometheus.url,
+                                       [os.path.join(stack.ROOT, "prometheus", "rules", "apitoken-recording.yml")],
+                                       start, end, os.path.join(self.data_dir, "prometheus", "data"),
+                                       eval_interval="300s")
+            except Exception as exc:       # the demo runs on without them; say why
+                log.warning("backfilling the recording rules failed: %s", exc)
+        self.rules_backfill = threading.Thread(target=run, name="rules-backfill", daemon=True)
+        self.rules_backfill.start()
 
     def describe(self) -> List[str]:
         lines = [f"demo API        {self.api_url}/api/v1/items   (X-API-Key header required)",
@@ -421,6 +462,9 @@ def run_demo(out=print, duration: float = 0, **options) -> None:
         signal.signal(signal.SIGTERM, _interrupt)     # stop Prometheus and Alertmanager too
         # Ctrl-C too when started in the background of a script, which ignores SIGINT
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    if options.get("backfill_days"):
+        out(f"backfilling {options['backfill_days']} days of history for the demo's keys "
+            "(--no-backfill to skip) ...")
     demo = DemoStack(**options).start()
     try:
         for line in demo.describe():

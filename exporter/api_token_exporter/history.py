@@ -230,22 +230,53 @@ class Aggregate:
         b = int(row.time // self.step)
         self.first = row.time if self.first is None else min(self.first, row.time)
         self.last = row.time if self.last is None else max(self.last, row.time)
-        self._count("apitoken_requests_total", (row.token, row.route, row.method, str(row.code)), b, 1)
-        self._count("apitoken_requests_by_class_total", (row.token, status_class(row.code)), b, 1)
+        self.add_requests(b, row.token, row.route, row.method, row.code, 1)
         if row.duration is not None:
             self._observe("apitoken_request_duration_seconds", (row.token,), b, row.duration)
             self._observe("apitoken_route_request_duration_seconds", (row.route, row.method), b, row.duration)
         if row.model is not None:
-            key = (row.token, row.service, row.model)
-            self._count("apitoken_llm_tokens_total", key + ("input",), b, row.input_tokens)
-            self._count("apitoken_llm_tokens_total", key + ("output",), b, row.output_tokens)
-            self._count("apitoken_llm_requests_total", key, b, 1)
-            price = self.pricing.price(row.service, row.model) if self.pricing else None
-            if price is None:
-                self._count("apitoken_llm_unpriced_requests_total", (row.service, row.model), b, 1)
-            else:
-                cost = price.cost(row.input_tokens, row.output_tokens)
-                self._count("apitoken_llm_cost_usd_total", key, b, int(round(cost * NANO_USD)))
+            self.add_llm(b, row.token, row.service, row.model, row.input_tokens, row.output_tokens)
+
+    def add_requests(self, b: int, token: str, route: str, method: str, code: int, count: int) -> None:
+        self._count("apitoken_requests_total", (token, route, method, str(code)), b, count)
+        self._count("apitoken_requests_by_class_total", (token, status_class(code)), b, count)
+
+    def add_refusals(self, b: int, token: str, route: str, code: int, count: int, reason: str = "",
+                     window: str = "") -> None:
+        """Requests refused by auth (``reason``) or a rate limit (``window``), counted as live ones are."""
+        self.add_requests(b, token, route, "GET", code, count)
+        if reason:
+            self._count("apitoken_auth_failures_total", (reason,), b, count)
+        if window:
+            self._count("apitoken_rate_limited_total", (token, window), b, count)
+
+    def add_durations(self, b: int, token: str, route: str, method: str, per_bucket: List[int],
+                      total_seconds: float) -> None:
+        """Several observations at once: how many fell in each bucket (LATENCY_BUCKETS, then +Inf)."""
+        n = sum(per_bucket)
+        for name, key in (("apitoken_request_duration_seconds", (token,)),
+                          ("apitoken_route_request_duration_seconds", (route, method))):
+            bins = self.histograms.setdefault((name, key), {})
+            cell = bins.get(b)
+            if cell is None:
+                cell = bins[b] = [0] * (len(LATENCY_BUCKETS) + 3)
+            for i, c in enumerate(per_bucket):
+                cell[i] += c
+            cell[-2] += n
+            cell[-1] += int(round(total_seconds * MICROSECONDS))
+
+    def add_llm(self, b: int, token: str, service: str, model: str, input_tokens: int, output_tokens: int,
+                requests: int = 1) -> None:
+        key = (token, service, model)
+        self._count("apitoken_llm_tokens_total", key + ("input",), b, input_tokens)
+        self._count("apitoken_llm_tokens_total", key + ("output",), b, output_tokens)
+        self._count("apitoken_llm_requests_total", key, b, requests)
+        price = self.pricing.price(service, model) if self.pricing else None
+        if price is None:
+            self._count("apitoken_llm_unpriced_requests_total", (service, model), b, requests)
+        else:
+            cost = price.cost(input_tokens, output_tokens)
+            self._count("apitoken_llm_cost_usd_total", key, b, int(round(cost * NANO_USD)))
 
 
 LABELS = {"apitoken_requests_total": ("token", "route", "method", "code"),
@@ -255,7 +286,9 @@ LABELS = {"apitoken_requests_total": ("token", "route", "method", "code"),
           "apitoken_llm_tokens_total": ("token", "service", "model", "type"),
           "apitoken_llm_requests_total": ("token", "service", "model"),
           "apitoken_llm_cost_usd_total": ("token", "service", "model"),
-          "apitoken_llm_unpriced_requests_total": ("service", "model")}
+          "apitoken_llm_unpriced_requests_total": ("service", "model"),
+          "apitoken_auth_failures_total": ("reason",),
+          "apitoken_rate_limited_total": ("token", "window")}
 SCALES = {"apitoken_llm_cost_usd_total": NANO_USD}
 
 
@@ -352,6 +385,86 @@ def build_blocks(result: ImportResult, agg: Aggregate, output_dir: str, job: str
         for name in sorted(os.listdir(blocks)):
             shutil.move(os.path.join(blocks, name), os.path.join(output_dir, name))
             result.blocks.append(os.path.join(output_dir, name))
+
+
+def rule_levels(rule_files: List[str]) -> List[List[dict]]:
+    """Recording rule groups split by dependency: level 0 reads only raw series, level n reads
+    series recorded at lower levels. promtool backfills each rule from what Prometheus holds,
+    so a rule that reads another recorded series has to wait for its blocks."""
+    import re
+    import yaml
+    groups = []
+    for path in rule_files:
+        with open(path, encoding="utf-8") as fh:
+            groups += [g for g in (yaml.safe_load(fh) or {}).get("groups", [])]
+    rules = [(g, r) for g in groups for r in g["rules"] if "record" in r]
+    recorded = {r["record"] for _, r in rules}
+    level: Dict[str, int] = {}
+
+    def of(rule) -> int:
+        name = rule["record"]
+        if name not in level:
+            level[name] = 0                    # a cycle cannot recurse forever
+            deps = set(re.findall(r"[a-zA-Z_][a-zA-Z0-9_]*:[a-zA-Z0-9_:]+", rule["expr"])) & recorded
+            level[name] = 1 + max((of(by_name[d]) for d in deps if d != name), default=-1)
+        return level[name]
+    by_name = {r["record"]: r for _, r in rules}
+    out: List[List[dict]] = []
+    for g, r in rules:
+        n = of(r)
+        while len(out) <= n:
+            out.append([])
+        groups_at = out[n]
+        target = next((x for x in groups_at if x["name"] == g["name"]), None)
+        if target is None:
+            target = {"name": g["name"], "rules": []}
+            if "interval" in g:
+                target["interval"] = g["interval"]
+            groups_at.append(target)
+        target["rules"].append({k: v for k, v in r.items() if k in ("record", "expr", "labels")})
+    return out
+
+
+def backfill_rules(prometheus_url: str, rule_files: List[str], start: float, end: float, data_dir: str,
+                   eval_interval: str = "60s", promtool: Optional[str] = None, load_timeout: float = 180) -> List[str]:
+    """Evaluate recording rules over [start, end) against a Prometheus that holds the history
+    (`promtool tsdb create-blocks-from rules`) and move the blocks into its data directory, a
+    dependency level at a time: each level waits until Prometheus has loaded the one before."""
+    import requests
+    import yaml
+    promtool = promtool or shutil.which("promtool")
+    if not promtool:
+        raise ImportFailed("promtool is not installed (Debian: apt-get install prometheus)")
+    moved = []
+    levels = rule_levels(rule_files)
+    for n, groups in enumerate(levels):
+        with tempfile.TemporaryDirectory(prefix="ate-rules-") as work:
+            rules_path = os.path.join(work, "rules.yml")
+            with open(rules_path, "w", encoding="utf-8") as fh:
+                yaml.safe_dump({"groups": groups}, fh, sort_keys=False)
+            out_dir = os.path.join(work, "blocks")
+            os.makedirs(out_dir)
+            done = subprocess.run([promtool, "tsdb", "create-blocks-from", "rules", f"--url={prometheus_url}",
+                                   f"--start={int(start)}", f"--end={int(end)}", f"--eval-interval={eval_interval}",
+                                   f"--output-dir={out_dir}", rules_path], capture_output=True, text=True)
+            if done.returncode != 0:
+                raise ImportFailed("promtool could not backfill the rules: "
+                                   f"{(done.stderr or done.stdout).strip()[-500:]}")
+            for name in sorted(os.listdir(out_dir)):
+                shutil.move(os.path.join(out_dir, name), os.path.join(data_dir, name))
+                moved.append(os.path.join(data_dir, name))
+        if n + 1 < len(levels):                  # the next level reads this one's series
+            probe = groups[0]["rules"][0]["record"]
+            deadline = time.monotonic() + load_timeout
+            while time.monotonic() < deadline:
+                found = requests.get(prometheus_url + "/api/v1/query", timeout=30, params={
+                    "query": f"count(count_over_time({probe}[1d]))", "time": end}).json()
+                if found.get("data", {}).get("result"):
+                    break
+                time.sleep(2)
+            else:
+                raise ImportFailed(f"Prometheus did not load the backfilled {probe} within {load_timeout:.0f} s")
+    return moved
 
 
 def route_matcher(templates: List[str]) -> Callable[[str], str]:
