@@ -9,7 +9,7 @@ VENV ?= .venv
 VPY := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install test demo bench rules report dashboards analytics-migrate analytics-report
+.PHONY: install test demo bench rules report dashboards analytics-migrate analytics-seed analytics-report
 
 install:
 	PYTHON=$(PYTHON) VENV=$(VENV) bash .ci/install
@@ -46,5 +46,9 @@ report:
 analytics-migrate:
 	@test -n "$(SOURCE)" || { echo "usage: make analytics-migrate SOURCE=usage.csv [TABLE=api_usage] [UNTIL=2026-11-01T00:00:00Z] [PROMETHEUS_DATA=dir]"; exit 2; }
 	api-token-exporter import $(SOURCE) $(if $(TABLE),--table $(TABLE)) $(if $(UNTIL),--until $(UNTIL)) $(if $(PROMETHEUS_DATA),--prometheus-data $(PROMETHEUS_DATA))
+
+# synthetic history for the demo's keys (make demo does it by itself): [DAYS=30] [PROMETHEUS_DATA=dir] [PROMETHEUS_URL=url]
+analytics-seed:
+	api-token-exporter backfill --days $(or $(DAYS),30) $(if $(PROMETHEUS_DATA),--prometheus-data $(PROMETHEUS_DATA)) $(if $(PROMETHEUS_URL),--prometheus-url $(PROMETHEUS_URL))
 
 analytics-report: report
