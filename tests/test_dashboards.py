@@ -91,9 +91,21 @@ def test_every_rate_uses_rate_interval():
         for panel, expr in exprs(load(path)):
             for func in ("rate", "irate"):
                 for args in _calls(expr, func):
-                    seen += 1
-                    assert "[$__rate_interval]" in args, (panel["title"], expr)
+                    seen += 1          # or a forecast's pace over a fixed hour or six
+                    assert "[$__rate_interval]" in args or args.endswith(("[1h]", "[6h]")), (panel["title"], expr)
     assert seen > 20
+
+
+def test_forecasts_use_rates_not_predict_linear_on_counters():
+    """A counter series that stops (imported history at its cut-over, an exporter gone) drops
+    out of a sum: predict_linear would read that as a fall and forecast far below zero."""
+    forecasts = 0
+    for path in DASHBOARDS:
+        for panel, expr in exprs(load(path)):
+            for args in _calls(expr, "predict_linear"):
+                assert "_total" not in args, (panel["title"], expr)
+            forecasts += "* 2592000" in expr or "* 604800" in expr or "days_in_month" in expr
+    assert forecasts >= 5
 
 
 def test_every_panel_has_a_unit():

@@ -163,8 +163,8 @@ def test_import_reports_what_it_did(imported):
     assert "imported 10000 of 10003 rows" in err and "3 rows rejected" in err
     assert "read 10003 rows (3 rejected)" in err                      # progress
     rejected = list(csv.DictReader(imported["rejected"].splitlines()))
-    assert [(r["row"], r["reason"].split(":")[0]) for r in rejected] == [
-        ("5001", "token"), ("5002", "code"), ("5003", "time")]
+    assert [(r["line"], r["reason"].split(":")[0]) for r in rejected] == [      # the header is line 1
+        ("5002", "token"), ("5003", "code"), ("5004", "time")]
     assert "cut-over" in rejected[2]["reason"]
 
 
@@ -263,7 +263,41 @@ def test_raw_paths_need_templates(tmp_path):
     with pytest.raises(history.ImportFailed, match="route templates"):
         history.run_import(str(src), str(tmp_path / "o"), max_series=10, dry_run=True)
     result = history.run_import(str(src), str(tmp_path / "o"), routes=["/items/<int:id>"], dry_run=True)
-    assert result.accepted == 50 and [r.reason for r in result.rejected] == ["not JSON: Expecting value"]
+    assert result.accepted == 50 and [(r.line, r.reason) for r in result.rejected] == [(51, "not JSON: Expecting value")]
+
+
+def test_whole_import_mistakes_are_named_and_odd_rows_are_rejected(tmp_path):
+    now = time.time()
+    src = tmp_path / "excel.csv"                                   # Excel's byte-order mark
+    src.write_text("\ufeffcreated_at,api_key_id,endpoint,status_code\n"
+                   f"{now - 60},17,/a,200\nnan,17,/a,200\n-inf,17,/a,200\n0,17,/a,200\n", encoding="utf-8")
+    result = history.run_import(str(src), str(tmp_path / "o"), dry_run=True, until=now)
+    assert result.accepted == 1
+    assert [r.line for r in result.rejected] == [3, 4, 5]
+    assert [r.reason for r in result.rejected[:2]] == ["time: not a finite number: nan", "time: not a finite number: -inf"]
+    assert "more than 400 days before the cut-over" in result.rejected[2].reason
+    other = tmp_path / "other.csv"
+    other.write_text("when,key,path,status\n1,2,/a,200\n")
+    with pytest.raises(history.ImportFailed, match=r"no column 'created_at' \(time\), 'api_key_id' \(token\)"):
+        history.run_import(str(other), str(tmp_path / "o"), dry_run=True)
+    with pytest.raises(history.ImportFailed, match="no table 'nope'"):
+        history.run_import(f"sqlite:///{tmp_path / 'empty.db'}", str(tmp_path / "o"), table="nope", dry_run=True)
+    import decimal
+    row = history.parse_row({"created_at": decimal.Decimal("1796112000"), "api_key_id": 17, "endpoint": "/a",
+                             "status_code": 200, "response_time": decimal.Decimal("0.125")},
+                            history.DEFAULT_COLUMNS, 1.0)                    # PostgreSQL NUMERIC
+    assert (row.time, row.duration, row.token) == (1796112000.0, 0.125, "17")
+
+
+def test_backfill_refuses_what_cannot_work(tmp_path):
+    def backfill(*args):
+        return subprocess.run([sys.executable, "-m", "api_token_exporter.cli", "backfill", "--output",
+                               str(tmp_path / "b"), *args], capture_output=True, text=True, timeout=60)
+    for args, message in ((["--step", "7"], "--step must divide a day"), (["--step", "0"], "--step must divide"),
+                          (["--until", "garbage"], "not ISO 8601"),
+                          (["--prometheus-url", "http://127.0.0.1:1"], "--prometheus-url needs --prometheus-data")):
+        out = backfill(*args)
+        assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, (args, out.stderr)
 
 
 # -- the demo's synthetic history ---------------------------------------------------------------

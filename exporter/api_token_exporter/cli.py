@@ -153,21 +153,24 @@ def cmd_import(args) -> int:
                   f"{', '.join(history.DEFAULT_COLUMNS)}", file=sys.stderr)
             return 2
         columns[name] = column
+    result = history.ImportResult()
+    output = args.prometheus_data or args.output
     try:
         until = None if args.until == "now" else history.parse_time(args.until)
         pricing = Pricing.load(args.pricing)
-        output = args.prometheus_data or args.output
-        result = history.run_import(
+        history.run_import(
             args.source, output, table=args.table, query=args.query, columns=columns, until=until,
             step=args.step, duration_unit=args.duration_unit, pricing=pricing, job=args.job,
             instance=args.instance, routes=args.route, max_series=args.max_series,
-            progress=history.progress_printer(args.progress or sys.stderr.isatty()), dry_run=args.dry_run)
+            max_age_days=args.max_age_days, progress=history.progress_printer(args.progress or sys.stderr.isatty()),
+            dry_run=args.dry_run, result=result)
     except (history.ImportFailed, PricingError, ValueError, OSError) as exc:
         print(f"\nerror: {exc}", file=sys.stderr)
         return 2
-    if result.rejected:
+    finally:                                   # what was read is reported, even on failure
         history.write_rejected(args.rejected, result.rejected)
-        shown = "; ".join(f"row {r.line}: {r.reason}" for r in result.rejected[:3])
+    if result.rejected:
+        shown = "; ".join(f"line {r.line}: {r.reason}" for r in result.rejected[:3])
         print(f"\n{len(result.rejected)} rows rejected, listed with reasons in {args.rejected} ({shown}"
               f"{'; ...' if len(result.rejected) > 3 else ''})", file=sys.stderr)
     span = ""
@@ -184,10 +187,24 @@ def cmd_import(args) -> int:
 
 def cmd_backfill(args) -> int:
     from . import history, synthetic
-    from .pricing import Pricing
-    end = time.time() if args.until == "now" else history.parse_time(args.until)
+    from .pricing import Pricing, PricingError
+    problem = None
+    if args.prometheus_url and not args.prometheus_data:
+        problem = "--prometheus-url needs --prometheus-data: the rules are evaluated from the blocks Prometheus holds"
+    elif not 1 <= args.step <= history.HEARTBEAT or 86400 % args.step:
+        problem = f"--step must divide a day and be at most {history.HEARTBEAT} seconds"
+    elif args.days < 1:
+        problem = "--days must be at least 1"
+    try:
+        end = time.time() if args.until == "now" else history.parse_time(args.until)
+        pricing = Pricing.load(args.pricing)
+    except (ValueError, PricingError) as exc:
+        problem = problem or str(exc)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     start = end - args.days * 86400
-    agg = history.Aggregate(args.step, Pricing.load(args.pricing))
+    agg = history.Aggregate(args.step, pricing)
     plan = synthetic.generate(agg, start, end, seed=args.seed)
     result = history.ImportResult(rows=plan.requests, accepted=plan.requests, first=start, last=end)
     progress = history.progress_printer(args.progress or sys.stderr.isatty())
@@ -264,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "method, status_code, response_time (seconds), created_at; optional "
                                      "service, model, prompt_tokens, completion_tokens.")
     imp.add_argument("source", help="a .csv or .jsonl file, or a database URL (sqlite:///usage.db, "
-                                    "postgresql://user@host/db)")
+                                    "postgresql+psycopg://user@host/db)")
     imp.add_argument("--table", help="the table to read (database source)")
     imp.add_argument("--query", help="or the SQL query to read (database source)")
     imp.add_argument("--map", action="append", default=[], metavar="FIELD=COLUMN",
@@ -279,6 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--job", default="api-token-exporter", help="job label (default %(default)s)")
     imp.add_argument("--instance", default="import", help="instance label (default %(default)s)")
     imp.add_argument("--max-series", type=int, default=200_000)
+    imp.add_argument("--max-age-days", type=float, default=400,
+                     help="refuse rows older than this before the cut-over (default %(default)s, the compose "
+                          "stack's retention)")
     where = imp.add_mutually_exclusive_group()
     where.add_argument("--prometheus-data", help="Prometheus's data directory: blocks are moved there")
     where.add_argument("--output", default="import-blocks", help="else, where to write the blocks")

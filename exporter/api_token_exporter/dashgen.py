@@ -59,6 +59,13 @@ def calendar_bars(selector: str, period: str) -> str:
     return f"({months}) and on () (day_of_month() == 1)"
 
 
+def pace(selector: str, window: str) -> str:
+    """Per second, summed over series, over the last ``window``. Forecasts multiply it: unlike
+    predict_linear on a sum of counters, it does not read a series that stops (imported history
+    at its cut-over, an exporter gone) as a fall."""
+    return f"sum(rate({selector}[{window}]))"
+
+
 def target(expr: str, legend: str = "", ref: str = "A", instant: bool = False, fmt: str = "time_series"):
     return {"datasource": DS, "refId": ref, "expr": expr, "legendFormat": legend,
             "instant": instant, "range": not instant, "format": fmt}
@@ -329,18 +336,18 @@ def llm(t: dict) -> dict:
                      "currencyUSD", w=8, bars=True, interval="1d", time_from=time_from, max_data_points=1000,
                      description=f"Each bar is one calendar {period}, drawn at its start; the last one is "
                                  f"the {period} so far")
-    b.row("Forecasts (predict_linear over the last 6 hours)")
+    b.row("Forecasts (the pace of the last 6 hours, to the end of the month)")
     month_end = SECONDS_TO_MONTH_END
     b.stat("Spent this month", total("apitoken_llm_cost_usd_total") + " or vector(0)", "currencyUSD",
            w=6, decimals=2, time_from="now/M")
     b.stat("Predicted month-end cost",
-           total("apitoken_llm_cost_usd_total") + f" + (predict_linear(sum(apitoken_llm_cost_usd_total)[6h:1m], {month_end}) - sum(apitoken_llm_cost_usd_total))",
+           total("apitoken_llm_cost_usd_total") + f" + {pace('apitoken_llm_cost_usd_total', '6h')} * {month_end}",
            "currencyUSD", w=6, decimals=2, time_from="now/M")
     b.stat("Projected requests to month end",
-           f"predict_linear(sum(apitoken_requests_total{{{REAL_TOKENS}}})[6h:1m], {month_end}) - sum(apitoken_requests_total{{{REAL_TOKENS}}})",
+           f"{pace(f'apitoken_requests_total{{{REAL_TOKENS}}}', '6h')} * {month_end}",
            "short", w=6, decimals=0)
     b.stat("Projected LLM tokens to month end",
-           f"predict_linear(sum(apitoken_llm_tokens_total)[6h:1m], {month_end}) - sum(apitoken_llm_tokens_total)",
+           f"{pace('apitoken_llm_tokens_total', '6h')} * {month_end}",
            "short", w=6, decimals=0)
     b.row("Budgets")
     b.bargauge("Budget used (daily: 24h, monthly: 30 days)", [target(
@@ -366,13 +373,13 @@ def capacity(t: dict) -> dict:
            f'count(sum by (token) (rate(apitoken_requests_total{{{REAL_TOKENS}}}[$__rate_interval])) * 3600 * $scenario / on (token) max by (token) (apitoken_rate_limit_limit{{window="hour"}} > 0) > 1) or vector(0)',
            "none", w=6, thresholds=steps(("green", None), ("red", 1)))
     b.stat("Requests, next 7 days at $scenario x",
-           f"(predict_linear(sum(apitoken_requests_total{{{REAL_TOKENS}}})[1h:1m], 604800) - sum(apitoken_requests_total{{{REAL_TOKENS}}})) * $scenario",
+           f"{pace(f'apitoken_requests_total{{{REAL_TOKENS}}}', '1h')} * 604800 * $scenario",
            "short", w=6, decimals=0)
     b.stat("LLM tokens, next 30 days at $scenario x",
-           "(predict_linear(sum(apitoken_llm_tokens_total)[1h:1m], 2592000) - sum(apitoken_llm_tokens_total)) * $scenario",
+           f"{pace('apitoken_llm_tokens_total', '1h')} * 2592000 * $scenario",
            "short", w=6, decimals=0)
     b.stat("LLM cost, next 30 days at $scenario x",
-           "(predict_linear(sum(apitoken_llm_cost_usd_total)[1h:1m], 2592000) - sum(apitoken_llm_cost_usd_total)) * $scenario",
+           f"{pace('apitoken_llm_cost_usd_total', '1h')} * 2592000 * $scenario",
            "currencyUSD", w=6, decimals=2)
     b.bargauge("Headroom per token ($window)", [target(
         'min by (token) (apitoken_rate_limit_remaining{window="$window"} / (apitoken_rate_limit_limit{window="$window"} > 0))',

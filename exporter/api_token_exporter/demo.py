@@ -291,7 +291,15 @@ class DemoStack:
         return f"http://{self.host}:{server.server_port}"
 
     def start(self) -> "DemoStack":
-        import logging
+        """Start everything; whatever started is stopped again if a later part fails or the
+        start is interrupted."""
+        try:
+            return self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> "DemoStack":
         from . import stack
         logging.getLogger("werkzeug").setLevel(logging.WARNING)   # no access log flood
         os.makedirs(self.data_dir, exist_ok=True)
@@ -315,6 +323,8 @@ class DemoStack:
             prom_url = f"http://127.0.0.1:{prom_port}"
         else:
             prom_url = None
+        prom_dir = os.path.join(self.data_dir, "prometheus")
+        history_span = self._backfill(os.path.join(prom_dir, "data")) if prom_url else None
         self.api_url = self._serve(create_demo_api(keys_file=keys_file, storage_uri=self.storage_uri,
                                                    admin_token=self.admin_token), self.port)
         if self.exporter_port is not None:
@@ -325,13 +335,14 @@ class DemoStack:
 
         am_addr = None
         if self.alertmanager_port is not None and prom_url and stack.find_binary(*stack.ALERTMANAGER_BINARIES):
-            self.webhook = WebhookSink(self.host, self.sink_port or 0)
+            webhook = WebhookSink(self.host, self.sink_port or 0)
             try:
                 self.smtp = SmtpSink(self.host).start()
-                self.webhook.mail_source = self.smtp.summaries
+                webhook.mail_source = self.smtp.summaries
             except ImportError:
                 self.notes.append("mail sink       aiosmtpd not installed: critical alerts are not emailed")
-            self.webhook.start()
+            webhook.start()
+            self.webhook = webhook                  # stop() shuts down only a started server
             slack_file = os.path.join(self.data_dir, "slack_api_url")
             with open(slack_file, "w") as fh:
                 fh.write(self.webhook.url + "/slack\n")
@@ -348,10 +359,8 @@ class DemoStack:
                        "prometheus": [f"127.0.0.1:{prom_port}"]}
             if am_addr:
                 targets["alertmanager"] = [am_addr]
-            prom_dir = os.path.join(self.data_dir, "prometheus")
-            history_span = self._backfill(os.path.join(prom_dir, "data"))
             self.prometheus = stack.start_prometheus(
-                os.path.join(self.data_dir, "prometheus"), stack.prometheus_config(
+                prom_dir, stack.prometheus_config(
                     targets, am_addr, os.path.join(stack.ROOT, "prometheus", "rules"),
                     scrape_interval=self.scrape_interval, evaluation_interval=self.scrape_interval),
                 port=prom_port, retention="400d")            # as the compose stack: a year of trends

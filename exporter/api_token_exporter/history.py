@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import bisect
 import csv
+import decimal
+import math
 import datetime as dt
 import json
 import os
@@ -29,12 +31,13 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 from . import validation
-from .metrics import LATENCY_BUCKETS, MICROSECONDS, NANO_USD, UNMATCHED_ROUTE, status_class
+from .exact import BASELINE_LOOKBACK
+from .metrics import LATENCY_BUCKETS, MICROSECONDS, NANO_USD, UNMATCHED_ROUTE, catalogue, status_class
 from .pricing import Pricing
 from .store import escape_label, float_to_go_string
 from .usage import MAX_TOKENS_PER_REQUEST
 
-HEARTBEAT = 3300                  # seconds: under exact.BASELINE_LOOKBACK (3600)
+HEARTBEAT = BASELINE_LOOKBACK - 300   # seconds between samples of a quiet series, a margin under the lookback
 MAX_BLOCK = "2400h"               # promtool reads its input once per block: few, long blocks
 # record field -> seed-style column name (the APIUsage table: api_key_id, endpoint, ...)
 DEFAULT_COLUMNS = {"time": "created_at", "token": "api_key_id", "route": "endpoint", "method": "method",
@@ -44,7 +47,7 @@ REQUIRED = ("time", "token", "route", "code")
 
 
 class ImportFailed(ValueError):
-    """The import as a whole cannot go on (a missing column, promtool missing, ...)."""
+    """The import as a whole cannot go on (a missing column, a database error, promtool, ...)."""
 
 
 @dataclass
@@ -65,14 +68,20 @@ class ImportResult:
     blocks: List[str] = field(default_factory=list)
 
 
-# -- reading ------------------------------------------------------------------------------------
-def read_csv(path: str) -> Iterator[dict]:
-    with open(path, newline="", encoding="utf-8") as fh:
-        yield from csv.DictReader(fh)
+# -- reading: (line of the file or row of the result, record) -----------------------------------
+Records = Iterator[Tuple[int, dict]]
 
 
-def read_jsonl(path: str) -> Iterator[dict]:
-    with open(path, encoding="utf-8") as fh:
+def read_csv(path: str, columns: Dict[str, str]) -> Records:
+    with open(path, newline="", encoding="utf-8-sig") as fh:       # -sig: Excel's byte-order mark
+        reader = csv.DictReader(fh)
+        _check_columns(reader.fieldnames or [], columns, path)
+        for record in reader:
+            yield reader.line_num, record
+
+
+def read_jsonl(path: str) -> Records:
+    with open(path, encoding="utf-8-sig") as fh:
         for n, line in enumerate(fh, 1):
             if not line.strip():
                 continue
@@ -80,15 +89,27 @@ def read_jsonl(path: str) -> Iterator[dict]:
                 doc = json.loads(line)
             except json.JSONDecodeError as exc:
                 doc = {"__error__": f"not JSON: {exc.msg}"}
-            yield doc if isinstance(doc, dict) else {"__error__": "not a JSON object"}
+            yield n, doc if isinstance(doc, dict) else {"__error__": "not a JSON object"}
 
 
-def read_sql(url: str, table: Optional[str] = None, query: Optional[str] = None,
-             batch: int = 10_000) -> Iterator[dict]:
-    """Rows of a table or a query, by SQLAlchemy URL (sqlite:///f.db, postgresql://...)."""
+def _check_columns(names, columns: Dict[str, str], where: str) -> None:
+    """A table without a required column is a mistake in the mapping, not a bad row."""
+    missing = [f"{columns[f]!r} ({f})" for f in REQUIRED if columns[f] not in names]
+    if missing:
+        raise ImportFailed(f"{where} has no column {', '.join(missing)}; its columns: {', '.join(map(str, names))}"
+                           " (point a field at another column with --map FIELD=COLUMN)")
+
+
+def read_sql(url: str, columns: Dict[str, str], table: Optional[str] = None, query: Optional[str] = None,
+             batch: int = 10_000) -> Records:
+    """Rows of a table or a query, by SQLAlchemy URL (sqlite:///f.db, postgresql+psycopg://...)."""
     from .config import optional_import
     sa = optional_import("sqlalchemy", "history", "Importing from a database")
-    engine = sa.create_engine(url)
+    try:
+        engine = sa.create_engine(url)
+    except (sa.exc.SQLAlchemyError, ImportError) as exc:
+        raise ImportFailed(f"database URL: {exc}") from None
+    n = 0
     try:
         with engine.connect() as conn:
             if query:
@@ -97,40 +118,50 @@ def read_sql(url: str, table: Optional[str] = None, query: Optional[str] = None,
                 statement = sa.select(sa.Table(table, sa.MetaData(), autoload_with=conn))
             result = conn.execution_options(stream_results=True).execute(statement)
             keys = list(result.keys())
+            _check_columns(keys, columns, f"table {table}" if table else "the query")
             while True:
                 chunk = result.fetchmany(batch)
                 if not chunk:
                     break
                 for row in chunk:
-                    yield dict(zip(keys, row))
+                    n += 1
+                    yield n, dict(zip(keys, row))
+    except sa.exc.NoSuchTableError:
+        raise ImportFailed(f"no table {table!r} in the database") from None
+    except sa.exc.SQLAlchemyError as exc:        # refused connection, bad query, ...
+        detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        raise ImportFailed(f"database: {detail} (after {n} rows)") from None
     finally:
         engine.dispose()
 
 
-def open_source(source: str, table: Optional[str] = None, query: Optional[str] = None) -> Iterator[dict]:
+def open_source(source: str, columns: Dict[str, str], table: Optional[str] = None,
+                query: Optional[str] = None) -> Records:
     if "://" in source:
         if not (table or query):
             raise ImportFailed("a database source needs --table or --query")
-        return read_sql(source, table, query)
+        return read_sql(source, columns, table, query)
     if not os.path.exists(source):
         raise ImportFailed(f"{source}: no such file")
     if source.endswith((".jsonl", ".ndjson", ".json")):
         return read_jsonl(source)
-    return read_csv(source)
+    return read_csv(source, columns)
 
 
 # -- one row --------------------------------------------------------------------------------------
 def parse_time(value) -> float:
     if isinstance(value, dt.datetime):
         moment = value
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+    elif isinstance(value, (int, float, decimal.Decimal)) and not isinstance(value, bool):
+        return _finite_time(float(value))
     else:
         text = str(value).strip()
         try:
-            return float(text)
+            number = float(text)
         except ValueError:
-            pass
+            number = None
+        if number is not None:
+            return _finite_time(number)
         try:
             moment = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
         except ValueError:
@@ -138,6 +169,12 @@ def parse_time(value) -> float:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=dt.timezone.utc)            # naive times are UTC
     return moment.timestamp()
+
+
+def _finite_time(t: float) -> float:
+    if not math.isfinite(t):
+        raise validation.ValidationError(f"time: not a finite number: {t}")
+    return t
 
 
 @dataclass
@@ -164,6 +201,8 @@ def parse_row(raw: dict, columns: Dict[str, str], duration_scale: float) -> Row:
 
     def num(name):                     # CSV cells are text; JSON and SQL give numbers
         value = get(name)
+        if isinstance(value, decimal.Decimal):     # PostgreSQL NUMERIC
+            return int(value) if value == value.to_integral_value() else float(value)
         if isinstance(value, str):
             text = value.strip()
             try:
@@ -243,8 +282,10 @@ class Aggregate:
 
     def add_refusals(self, b: int, token: str, route: str, code: int, count: int, reason: str = "",
                      window: str = "") -> None:
-        """Requests refused by auth (``reason``) or a rate limit (``window``), counted as live ones are."""
+        """Requests refused by auth (``reason``) or a rate limit (``window``), counted as live ones
+        are, each answered in about a millisecond."""
         self.add_requests(b, token, route, "GET", code, count)
+        self.add_durations(b, token, route, "GET", [count] + [0] * len(LATENCY_BUCKETS), count * 0.001)
         if reason:
             self._count("apitoken_auth_failures_total", (reason,), b, count)
         if window:
@@ -279,16 +320,7 @@ class Aggregate:
             self._count("apitoken_llm_cost_usd_total", key, b, int(round(cost * NANO_USD)))
 
 
-LABELS = {"apitoken_requests_total": ("token", "route", "method", "code"),
-          "apitoken_requests_by_class_total": ("token", "class"),
-          "apitoken_request_duration_seconds": ("token",),
-          "apitoken_route_request_duration_seconds": ("route", "method"),
-          "apitoken_llm_tokens_total": ("token", "service", "model", "type"),
-          "apitoken_llm_requests_total": ("token", "service", "model"),
-          "apitoken_llm_cost_usd_total": ("token", "service", "model"),
-          "apitoken_llm_unpriced_requests_total": ("service", "model"),
-          "apitoken_auth_failures_total": ("reason",),
-          "apitoken_rate_limited_total": ("token", "window")}
+LABELS = {family.name: tuple(family.labelnames) for family in catalogue()}
 SCALES = {"apitoken_llm_cost_usd_total": NANO_USD}
 
 
@@ -370,7 +402,9 @@ def build_blocks(result: ImportResult, agg: Aggregate, output_dir: str, job: str
     if not promtool:
         raise ImportFailed("promtool is not installed (Debian: apt-get install prometheus)")
     os.makedirs(output_dir, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="ate-import-") as work:
+    # built beside their destination, then renamed: a Prometheus reloading its blocks never
+    # sees one half copied (it ignores directories whose names are not block ids)
+    with tempfile.TemporaryDirectory(prefix=".ate-import-", dir=output_dir) as work:
         text = os.path.join(work, "samples.om.txt")
         with open(text, "w", encoding="utf-8") as fh:
             result.series, result.samples = write_openmetrics(agg, fh, job, instance)
@@ -383,7 +417,7 @@ def build_blocks(result: ImportResult, agg: Aggregate, output_dir: str, job: str
         if done.returncode != 0:
             raise ImportFailed(f"promtool could not build blocks: {(done.stderr or done.stdout).strip()[-500:]}")
         for name in sorted(os.listdir(blocks)):
-            shutil.move(os.path.join(blocks, name), os.path.join(output_dir, name))
+            os.rename(os.path.join(blocks, name), os.path.join(output_dir, name))
             result.blocks.append(os.path.join(output_dir, name))
 
 
@@ -405,7 +439,7 @@ def rule_levels(rule_files: List[str]) -> List[List[dict]]:
         name = rule["record"]
         if name not in level:
             level[name] = 0                    # a cycle cannot recurse forever
-            deps = set(re.findall(r"[a-zA-Z_][a-zA-Z0-9_]*:[a-zA-Z0-9_:]+", rule["expr"])) & recorded
+            deps = set(re.findall(r"[a-zA-Z_:][a-zA-Z0-9_:]*", rule["expr"])) & recorded
             level[name] = 1 + max((of(by_name[d]) for d in deps if d != name), default=-1)
         return level[name]
     by_name = {r["record"]: r for _, r in rules}
@@ -430,6 +464,7 @@ def backfill_rules(prometheus_url: str, rule_files: List[str], start: float, end
     """Evaluate recording rules over [start, end) against a Prometheus that holds the history
     (`promtool tsdb create-blocks-from rules`) and move the blocks into its data directory, a
     dependency level at a time: each level waits until Prometheus has loaded the one before."""
+    import re
     import requests
     import yaml
     promtool = promtool or shutil.which("promtool")
@@ -438,7 +473,7 @@ def backfill_rules(prometheus_url: str, rule_files: List[str], start: float, end
     moved = []
     levels = rule_levels(rule_files)
     for n, groups in enumerate(levels):
-        with tempfile.TemporaryDirectory(prefix="ate-rules-") as work:
+        with tempfile.TemporaryDirectory(prefix=".ate-rules-", dir=data_dir) as work:
             rules_path = os.path.join(work, "rules.yml")
             with open(rules_path, "w", encoding="utf-8") as fh:
                 yaml.safe_dump({"groups": groups}, fh, sort_keys=False)
@@ -451,10 +486,11 @@ def backfill_rules(prometheus_url: str, rule_files: List[str], start: float, end
                 raise ImportFailed("promtool could not backfill the rules: "
                                    f"{(done.stderr or done.stdout).strip()[-500:]}")
             for name in sorted(os.listdir(out_dir)):
-                shutil.move(os.path.join(out_dir, name), os.path.join(data_dir, name))
+                os.rename(os.path.join(out_dir, name), os.path.join(data_dir, name))
                 moved.append(os.path.join(data_dir, name))
         if n + 1 < len(levels):                  # the next level reads this one's series
-            probe = groups[0]["rules"][0]["record"]
+            names = [r["record"] for g in groups for r in g["rules"]]
+            probe = "{__name__=~\"" + "|".join(map(re.escape, names)) + "\"}"
             deadline = time.monotonic() + load_timeout
             while time.monotonic() < deadline:
                 found = requests.get(prometheus_url + "/api/v1/query", timeout=30, params={
@@ -463,7 +499,8 @@ def backfill_rules(prometheus_url: str, rule_files: List[str], start: float, end
                     break
                 time.sleep(2)
             else:
-                raise ImportFailed(f"Prometheus did not load the backfilled {probe} within {load_timeout:.0f} s")
+                raise ImportFailed(f"Prometheus did not load the backfilled rules within {load_timeout:.0f} s: "
+                                   "is the output its data directory?")
     return moved
 
 
@@ -489,32 +526,38 @@ def run_import(source: str, output_dir: str, *, table: Optional[str] = None, que
                columns: Optional[Dict[str, str]] = None, until: Optional[float] = None, step: int = 60,
                duration_unit: str = "s", pricing: Optional[Pricing] = None, job: str = "api-token-exporter",
                instance: str = "import", routes: Optional[List[str]] = None, max_series: int = 200_000,
-               progress: Progress = None, promtool: Optional[str] = None, dry_run: bool = False) -> ImportResult:
-    """Read, validate, aggregate and write blocks; rejected rows are listed, never fatal."""
+               max_age_days: float = 400, progress: Progress = None, promtool: Optional[str] = None,
+               dry_run: bool = False, result: Optional[ImportResult] = None) -> ImportResult:
+    """Read, validate, aggregate and write blocks; rejected rows are listed, never fatal. Pass
+    ``result`` to keep what was read (the rejected rows) when the import fails part way."""
     if not 1 <= step <= HEARTBEAT or 86400 % step:
         raise ImportFailed(f"step must divide a day and be at most {HEARTBEAT} seconds (60, 300, ...)")
     to_route = route_matcher(routes or [])
     cols = dict(DEFAULT_COLUMNS, **(columns or {}))
     scale = {"s": 1.0, "ms": 0.001}[duration_unit]
     until = time.time() if until is None else until
+    oldest = until - max_age_days * 86400
     agg = Aggregate(step, pricing)
-    result = ImportResult()
+    result = result if result is not None else ImportResult()
     last_report = time.monotonic()
-    for n, raw in enumerate(open_source(source, table, query), 1):
+    n = 0
+    for where, raw in open_source(source, cols, table, query):
+        n += 1
         result.rows = n
         try:
             row = parse_row(raw, cols, scale)
             if row.time >= until:
-                raise validation.ValidationError(
-                    f"time: at or after the cut-over {dt.datetime.fromtimestamp(until, dt.timezone.utc):%Y-%m-%dT%H:%M:%SZ}"
-                    " (live metrics count it)")
+                raise validation.ValidationError(f"time: at or after the cut-over {_iso(until)} (live metrics count it)")
+            if row.time < oldest:
+                raise validation.ValidationError(f"time: before {_iso(oldest)}, more than {max_age_days:g} days "
+                                                 "before the cut-over (--max-age-days; Prometheus keeps no more)")
         except (validation.ValidationError, TypeError, ValueError) as exc:
-            result.rejected.append(Rejected(n, str(exc)))
+            result.rejected.append(Rejected(where, str(exc)))
             continue
         row.route = to_route(row.route)
         agg.add(row)
         result.accepted += 1
-        if len(agg.counters) > max_series:
+        if len(agg.counters) + len(agg.histograms) * (len(LATENCY_BUCKETS) + 3) > max_series:
             raise ImportFailed(f"more than {max_series} series after {n} rows: is the route column raw "
                                "paths? Give route templates (--route '/items/<id>'), or raise --max-series")
         if progress and time.monotonic() - last_report >= 1:
@@ -528,10 +571,15 @@ def run_import(source: str, output_dir: str, *, table: Optional[str] = None, que
     return result
 
 
+def _iso(t: float) -> str:
+    return f"{dt.datetime.fromtimestamp(t, dt.timezone.utc):%Y-%m-%dT%H:%M:%SZ}"
+
+
 def write_rejected(path: str, rejected: List[Rejected]) -> None:
+    """Line of the file (row of the result for a database) and reason, one per rejected record."""
     with open(path, "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["row", "reason"])
+        writer.writerow(["line", "reason"])
         for r in rejected:
             writer.writerow([r.line, r.reason])
 

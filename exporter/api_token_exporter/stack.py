@@ -206,18 +206,29 @@ def start_postgres(workdir: str, port: Optional[int] = None, timeout: float = 60
         os.chown(workdir, owner.pw_uid, owner.pw_gid)
         as_user = ["runuser", "-u", "postgres", "--"]
     data = os.path.join(workdir, "pgdata")
-    subprocess.run(as_user + [os.path.join(bindir, "initdb"), "-D", data, "-U", "postgres", "-A", "trust",
-                              "--no-sync", "-E", "UTF8"], check=True, capture_output=True, timeout=120)
-    process = subprocess.Popen(as_user + [os.path.join(bindir, "postgres"), "-D", data, "-p", str(port),
-                                          "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={workdir}",
-                                          "-c", "fsync=off"],
-                               stdout=open(log_path, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        initdb = subprocess.run(as_user + [os.path.join(bindir, "initdb"), "-D", data, "-U", "postgres", "-A",
+                                           "trust", "--no-sync", "-E", "UTF8"], capture_output=True, text=True,
+                                timeout=120)
+        if initdb.returncode != 0:
+            raise RuntimeError(f"initdb failed: {initdb.stderr.strip()[-500:]}")
+        with open(log_path, "ab") as log:
+            process = subprocess.Popen(as_user + [os.path.join(bindir, "postgres"), "-D", data, "-p", str(port),
+                                                  "-c", "listen_addresses=127.0.0.1",
+                                                  "-c", f"unix_socket_directories={workdir}", "-c", "fsync=off"],
+                                       stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    except BaseException:
+        if as_user:
+            shutil.rmtree(workdir, ignore_errors=True)
+        raise
     service = Service("postgres", f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres", process, log_path,
                       extra={"remove": workdir if as_user else None})
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"postgres exited with code {process.returncode}:\n{service.log_tail()}")
+            tail = service.log_tail()
+            service.stop()
+            raise RuntimeError(f"postgres exited with code {process.returncode}:\n{tail}")
         ready = subprocess.run([os.path.join(bindir, "pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(port)])
         if ready.returncode == 0:
             return service

@@ -130,7 +130,8 @@ def generate(agg: Aggregate, start: float, end: float, seed: int = 42,
                    for a in plan.anomalies if a.token == token]
         shares = _bucket_shares(*p.latency)
         slow_shares = _bucket_shares(p.latency[0] * 8, p.latency[1] * 8)
-        mid = [math.sqrt(p.latency[0] * p.latency[1])] * len(shares)
+        low, high = p.latency
+        mean = (high - low) / math.log(high / low)          # of a log-uniform latency
         for b in range(first_bin, last_bin):
             t = b * step
             growth = 0.8 + 0.4 * (t - start) / span                       # +50 % over the period
@@ -157,7 +158,7 @@ def generate(agg: Aggregate, start: float, end: float, seed: int = 42,
                 k = k_ok + k_missing + k_failed
                 if k:
                     per_bucket = _split(k, slow_shares if "slow" in kinds else shares, rnd)
-                    seconds = sum(c * m * (8 if "slow" in kinds else 1) for c, m in zip(per_bucket, mid))
+                    seconds = k * mean * (8 if "slow" in kinds else 1)
                     agg.add_durations(b, token, route, method, per_bucket, seconds)
             for (service, model), calls in zip(p.llm, _split(ok, [1] * len(p.llm), rnd) if p.llm else ()):
                 if calls:
