@@ -325,7 +325,16 @@ def test_backfill_fills_the_trends_and_the_recording_rules(backfilled):
     assert all(w["requests"] > 0 for w in trends["weekly"][-4:]), trends["weekly"]
     assert sum(m["requests"] > 0 for m in trends["monthly"]) >= 2 and trends["monthly"][-2]["cost"] > 0
     found = rules_loaded(backfilled)
+    assert backfilled.rules_backfill_error is None
     assert {s["metric"]["token"] for s in found} >= {"demo-steady", "demo-llm", "demo-sidecar"}
+    deadline = time.monotonic() + 120          # the second level: rules that read recorded series
+    ratios = []
+    while time.monotonic() < deadline and not ratios:
+        ratios = requests.get(backfilled.prometheus.url + "/api/v1/query", timeout=30, params={
+            "query": "token:apitoken_request_errors:ratio_rate5m", "time": time.time() - 10 * 86400}).json()[
+            "data"]["result"]
+        time.sleep(2)
+    assert {s["metric"]["token"] for s in ratios} >= {"demo-errors", "demo-steady"}
 
 
 def rules_loaded(stack):

@@ -281,6 +281,7 @@ class DemoStack:
         self.servers, self.services, self.notes = [], [], []
         self.generator = self.prometheus = self.alertmanager = self.webhook = self.smtp = None
         self.rules_backfill: Optional[threading.Thread] = None
+        self.rules_backfill_error: Optional[str] = None
         self.raw_keys: Dict[str, str] = {}
 
     def _serve(self, app, port: int):
@@ -403,6 +404,7 @@ class DemoStack:
                                        start, end, os.path.join(self.data_dir, "prometheus", "data"),
                                        eval_interval="300s")
             except Exception as exc:       # the demo runs on without them; say why
+                self.rules_backfill_error = str(exc)
                 log.warning("backfilling the recording rules failed: %s", exc)
         self.rules_backfill = threading.Thread(target=run, name="rules-backfill", daemon=True)
         self.rules_backfill.start()
