@@ -204,13 +204,10 @@ def cmd_backfill(args) -> int:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     start = end - args.days * 86400
-    agg = history.Aggregate(args.step, pricing)
-    plan = synthetic.generate(agg, start, end, seed=args.seed)
-    result = history.ImportResult(rows=plan.requests, accepted=plan.requests, first=start, last=end)
     progress = history.progress_printer(args.progress or sys.stderr.isatty())
     try:
-        history.build_blocks(result, agg, args.prometheus_data or args.output, args.job, args.instance,
-                             progress=progress)
+        plan, result = synthetic.write_history(args.prometheus_data or args.output, start, end, args.step, pricing,
+                                               args.seed, args.job, args.instance, progress)
         rule_blocks = []
         if args.prometheus_url:
             from .stack import ROOT

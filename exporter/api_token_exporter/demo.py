@@ -380,14 +380,11 @@ class DemoStack:
         before Prometheus starts; returns (start, end) or None."""
         if not self.backfill_days or os.path.exists(tsdb):
             return None
-        from . import history, synthetic
+        from . import synthetic
         from .pricing import Pricing
         end = time.time()
         start = end - self.backfill_days * 86400
-        agg = history.Aggregate(synthetic.STEP, Pricing.load())
-        plan = synthetic.generate(agg, start, end)
-        result = history.ImportResult(rows=plan.requests, accepted=plan.requests)
-        history.build_blocks(result, agg, tsdb, "api-token-exporter", "backfill")
+        plan, _ = synthetic.write_history(tsdb, start, end, pricing=Pricing.load())
         self.notes.append(f"history         {self.backfill_days} days backfilled ({plan.requests:,} requests, "
                           f"{len(plan.anomalies)} anomalies; --no-backfill to start empty)")
         return start, end

@@ -396,11 +396,16 @@ def write_openmetrics(agg: Aggregate, out, job: str, instance: str) -> Tuple[int
 Progress = Optional[Callable[[str], None]]
 
 
+def _promtool(given: Optional[str]) -> str:
+    found = given or shutil.which("promtool")
+    if not found:
+        raise ImportFailed("promtool is not installed (Debian: apt-get install prometheus)")
+    return found
+
+
 def build_blocks(result: ImportResult, agg: Aggregate, output_dir: str, job: str, instance: str,
                  promtool: Optional[str] = None, progress: Progress = None) -> None:
-    promtool = promtool or shutil.which("promtool")
-    if not promtool:
-        raise ImportFailed("promtool is not installed (Debian: apt-get install prometheus)")
+    promtool = _promtool(promtool)
     os.makedirs(output_dir, exist_ok=True)
     # built beside their destination, then renamed: a Prometheus reloading its blocks never
     # sees one half copied (it ignores directories whose names are not block ids)
@@ -467,9 +472,7 @@ def backfill_rules(prometheus_url: str, rule_files: List[str], start: float, end
     import re
     import requests
     import yaml
-    promtool = promtool or shutil.which("promtool")
-    if not promtool:
-        raise ImportFailed("promtool is not installed (Debian: apt-get install prometheus)")
+    promtool = _promtool(promtool)
     moved = []
     levels = rule_levels(rule_files)
     for n, groups in enumerate(levels):

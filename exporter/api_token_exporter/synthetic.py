@@ -13,7 +13,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Dict, List, Sequence, Tuple
 
-from .history import Aggregate
+from .history import Aggregate, ImportResult, build_blocks
 from .metrics import LATENCY_BUCKETS
 
 
@@ -166,3 +166,13 @@ def generate(agg: Aggregate, start: float, end: float, seed: int = 42,
                                 calls * rnd.randint(p.llm_tokens[1], p.llm_tokens[1] * 2), calls)
     return plan
 
+
+def write_history(output_dir: str, start: float, end: float, step: int = STEP, pricing=None, seed: int = 42,
+                  job: str = "api-token-exporter", instance: str = "backfill",
+                  progress=None) -> Tuple[Plan, ImportResult]:
+    """The synthetic history over [start, end) as TSDB blocks in ``output_dir``."""
+    agg = Aggregate(step, pricing)
+    plan = generate(agg, start, end, seed=seed)
+    result = ImportResult(rows=plan.requests, accepted=plan.requests, first=start, last=end)
+    build_blocks(result, agg, output_dir, job, instance, progress=progress)
+    return plan, result
