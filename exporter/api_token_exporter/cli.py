@@ -213,7 +213,8 @@ def cmd_backfill(args) -> int:
             from .stack import ROOT
             rules = args.rules or [os.path.join(ROOT, "prometheus", "rules", "apitoken-recording.yml")]
             rule_blocks = history.backfill_rules(args.prometheus_url, rules, start, end,
-                                                 args.prometheus_data or args.output)
+                                                 args.prometheus_data or args.output,
+                                                 load_timeout=args.load_timeout)
     except history.ImportFailed as exc:
         print(f"\nerror: {exc}", file=sys.stderr)
         return 2
@@ -321,6 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
     back.add_argument("--prometheus-url", help="a Prometheus holding the history: backfill the recording rules")
     back.add_argument("--rules", nargs="+", help="recording rule files (with --prometheus-url; default: "
                       "prometheus/rules/apitoken-recording.yml of the checkout)")
+    back.add_argument("--load-timeout", type=float, default=600,
+                      help="seconds to wait for Prometheus to load one level of rule blocks before the next "
+                           "(it does about once a minute, later while it compacts; default %(default)s)")
     back.add_argument("--progress", action="store_true")
     back.set_defaults(func=cmd_backfill)
 

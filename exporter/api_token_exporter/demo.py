@@ -282,6 +282,7 @@ class DemoStack:
         self.generator = self.prometheus = self.alertmanager = self.webhook = self.smtp = None
         self.rules_backfill: Optional[threading.Thread] = None
         self.rules_backfill_error: Optional[str] = None
+        self._services_lock, self._stopping = threading.Lock(), False
         self.raw_keys: Dict[str, str] = {}
 
     def _serve(self, app, port: int):
@@ -360,11 +361,13 @@ class DemoStack:
                        "prometheus": [f"127.0.0.1:{prom_port}"]}
             if am_addr:
                 targets["alertmanager"] = [am_addr]
-            self.prometheus = stack.start_prometheus(
-                prom_dir, stack.prometheus_config(
-                    targets, am_addr, os.path.join(stack.ROOT, "prometheus", "rules"),
-                    scrape_interval=self.scrape_interval, evaluation_interval=self.scrape_interval),
-                port=prom_port, retention="400d")            # as the compose stack: a year of trends
+            prom_config = stack.prometheus_config(
+                targets, am_addr, os.path.join(stack.ROOT, "prometheus", "rules"),
+                scrape_interval=self.scrape_interval, evaluation_interval=self.scrape_interval)
+            # 400 days as the compose stack: a year of trends
+            self._start_prometheus = lambda: stack.start_prometheus(prom_dir, prom_config, port=prom_port,
+                                                                    retention="400d")
+            self.prometheus = self._start_prometheus()
             self.services.append(self.prometheus)
             if history_span:
                 self._backfill_rules(*history_span)
@@ -390,8 +393,8 @@ class DemoStack:
         return start, end
 
     def _backfill_rules(self, start: float, end: float) -> None:
-        """The recording rules over the history, in the background: Prometheus loads the blocks
-        within a minute of their arrival."""
+        """The recording rules over the history, in the background. Between dependency levels
+        Prometheus is restarted (a few seconds) so that it opens the new blocks at once."""
         from . import history, stack
 
         def run():
@@ -399,12 +402,21 @@ class DemoStack:
                 history.backfill_rules(self.prometheus.url,
                                        [os.path.join(stack.ROOT, "prometheus", "rules", "apitoken-recording.yml")],
                                        start, end, os.path.join(self.data_dir, "prometheus", "data"),
-                                       eval_interval="300s")
+                                       eval_interval="300s", reload=self._restart_prometheus)
             except Exception as exc:       # the demo runs on without them; say why
                 self.rules_backfill_error = str(exc)
                 log.warning("backfilling the recording rules failed: %s", exc)
         self.rules_backfill = threading.Thread(target=run, name="rules-backfill", daemon=True)
         self.rules_backfill.start()
+
+    def _restart_prometheus(self) -> None:
+        with self._services_lock:
+            if self._stopping:
+                raise RuntimeError("the demo is stopping")
+            old = self.prometheus
+            old.stop()
+            self.prometheus = self._start_prometheus()
+            self.services[self.services.index(old)] = self.prometheus
 
     def describe(self) -> List[str]:
         lines = [f"demo API        {self.api_url}/api/v1/items   (X-API-Key header required)",
@@ -450,8 +462,10 @@ class DemoStack:
     def stop(self) -> None:
         if self.generator:
             self.generator.stop()
-        for service in reversed(self.services):
-            service.stop()
+        with self._services_lock:
+            self._stopping = True
+            for service in reversed(self.services):
+                service.stop()
         for server in self.servers:
             server.shutdown()
         if self.webhook:

@@ -465,12 +465,15 @@ def rule_levels(rule_files: List[str]) -> List[List[dict]]:
 
 
 def backfill_rules(prometheus_url: str, rule_files: List[str], start: float, end: float, data_dir: str,
-                   eval_interval: str = "60s", promtool: Optional[str] = None, load_timeout: float = 180) -> List[str]:
+                   eval_interval: str = "60s", promtool: Optional[str] = None, load_timeout: float = 180,
+                   reload: Optional[Callable[[], None]] = None) -> List[str]:
     """Evaluate recording rules over [start, end) against a Prometheus that holds the history
     (`promtool tsdb create-blocks-from rules`) and move the blocks into its data directory, a
-    dependency level at a time: each level waits until Prometheus has loaded the one before."""
-    import re
-    import requests
+    dependency level at a time: each level waits until Prometheus has loaded the one before.
+
+    Prometheus picks new blocks up about once a minute, but not while it compacts, which on a
+    busy machine can last minutes. ``reload`` (restarting a Prometheus one owns, which opens
+    every block at start) makes the wait short and certain."""
     import yaml
     promtool = _promtool(promtool)
     moved = []
@@ -492,22 +495,28 @@ def backfill_rules(prometheus_url: str, rule_files: List[str], start: float, end
                 os.rename(os.path.join(out_dir, name), os.path.join(data_dir, name))
                 moved.append(os.path.join(data_dir, name))
         if n + 1 < len(levels):                  # the next level reads this one's series
-            names = [r["record"] for g in groups for r in g["rules"]]
-            probe = "{__name__=~\"" + "|".join(map(re.escape, names)) + "\"}"
-            deadline = time.monotonic() + load_timeout
-            while time.monotonic() < deadline:
-                # in the middle of the history: a Prometheus evaluating the same rules live has
-                # them near `end` long before the backfilled blocks are loaded
-                middle = (start + end) / 2
-                found = requests.get(prometheus_url + "/api/v1/series", timeout=30, params={
-                    "match[]": probe, "start": middle - 3600, "end": middle}).json()
-                if found.get("data"):
-                    break
-                time.sleep(2)
-            else:
-                raise ImportFailed(f"Prometheus did not load the backfilled rules within {load_timeout:.0f} s: "
-                                   "is the output its data directory?")
+            if reload:
+                reload()
+            _wait_for_series(prometheus_url, [r["record"] for g in groups for r in g["rules"]],
+                             (start + end) / 2, load_timeout)
     return moved
+
+
+def _wait_for_series(prometheus_url: str, names: List[str], at: float, timeout: float) -> None:
+    """Until Prometheus answers for one of ``names`` in the hour before ``at``: in the middle of
+    the history, as a Prometheus evaluating the same rules live has them near the end at once."""
+    import re
+    import requests
+    probe = "{__name__=~\"" + "|".join(map(re.escape, names)) + "\"}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = requests.get(prometheus_url + "/api/v1/series", timeout=30, params={
+            "match[]": probe, "start": at - 3600, "end": at}).json()
+        if found.get("data"):
+            return
+        time.sleep(2)
+    raise ImportFailed(f"Prometheus did not load the backfilled rules within {timeout:.0f} s: "
+                       "is the output its data directory?")
 
 
 def route_matcher(templates: List[str]) -> Callable[[str], str]:
