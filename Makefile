@@ -9,7 +9,7 @@ VENV ?= .venv
 VPY := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install test demo bench rules report dashboards analytics-migrate analytics-seed analytics-report
+.PHONY: install test demo bench rules report dashboards analytics-migrate analytics-seed analytics-report prices
 
 install:
 	PYTHON=$(PYTHON) VENV=$(VENV) bash .ci/install
@@ -52,3 +52,9 @@ analytics-seed:
 	api-token-exporter backfill --days $(or $(DAYS),30) $(if $(PROMETHEUS_DATA),--prometheus-data $(PROMETHEUS_DATA)) $(if $(PROMETHEUS_URL),--prometheus-url $(PROMETHEUS_URL))
 
 analytics-report: report
+
+# refresh the shipped LLM price snapshot from LiteLLM's price map: FROM=litellm-X.whl or .json
+# (pip download litellm --no-deps -d /tmp/litellm); the diff shows what was repriced
+prices:
+	@test -n "$(FROM)" || { echo "usage: make prices FROM=litellm-1.110.2-...whl|model_prices_and_context_window.json"; exit 2; }
+	$(VPY) -m api_token_exporter.cli prices update --from $(FROM) --output exporter/api_token_exporter/llm-prices.json

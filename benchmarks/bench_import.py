@@ -21,7 +21,7 @@ from api_token_exporter.pricing import Pricing
 
 ROUTES = [f"/api/v1/{name}" for name in ("items", "items/{id}", "orders", "orders/{id}", "users",
                                           "users/{id}", "search", "chat", "reports", "health")]
-MODELS = [("openai", "gpt-4"), ("openai", "gpt-3.5-turbo"), ("anthropic", "claude-3-opus")]
+MODELS = [("openai", "gpt-4o"), ("openai", "gpt-4o-mini"), ("anthropic", "claude-sonnet-4-5")]
 
 
 def write_rows(path: str, n: int, days: int, end: float) -> None:

@@ -14,29 +14,33 @@ import pytest
 import requests
 from werkzeug.serving import make_server
 
-from api_token_exporter.demo import create_demo_api
+from api_token_exporter.demo import CACHED_PROMPT_TOKENS, REASONING_MODELS, create_demo_api
 from api_token_exporter.keystore import add_key
 from api_token_exporter.pricing import Pricing
+from api_token_exporter.usage import LLMUsage
 from api_token_exporter.server import create_app
 from api_token_exporter.stack import find_binary, free_port, prometheus_config, start_prometheus
 
 pytestmark = pytest.mark.integration
 ADMIN = {"Authorization": "Bearer admin-secret"}
 
-# (token, service, model, stream, completion tokens); the prompt is always 3 words = 9 tokens
+# (token, service, model, stream, completion tokens); the prompt is 3 words = 9 tokens, after the
+# demo's cached system prompt for OpenAI and Anthropic; half a reasoning model's answer is reasoning
 CHATS = [
-    ("acme-chat", "openai", "gpt-4", False, 100),
-    ("acme-chat", "openai", "gpt-4", False, 200),
-    ("acme-chat", "openai", "gpt-4-turbo-2024-04-09", False, 300),
-    ("acme-batch", "anthropic", "claude-3-opus", False, 50),
-    ("acme-batch", "anthropic", "claude-3-opus", False, 70),
-    ("acme-batch", "anthropic", "claude-3-5-sonnet", True, 90),
-    ("globex-bot", "cohere", "command-r", False, 11),
-    ("globex-bot", "cohere", "command-r", False, 13),
-    ("globex-bot", "openai", "o1-preview", False, 40),      # no price: tokens yes, cost no
+    ("acme-chat", "openai", "gpt-4o", False, 100),
+    ("acme-chat", "openai", "gpt-4o", False, 200),
+    ("acme-chat", "openai", "gpt-4o-2024-08-06", False, 300),
+    ("acme-chat", "openai", "o3", False, 120),
+    ("acme-batch", "anthropic", "claude-sonnet-4-5", False, 50),
+    ("acme-batch", "anthropic", "claude-haiku-4-5", False, 70),
+    ("acme-batch", "anthropic", "claude-sonnet-4-5-20250929", True, 90),
+    ("globex-bot", "cohere", "command-r-08-2024", False, 11),
+    ("globex-bot", "cohere", "command-r-08-2024", False, 13),
+    ("globex-bot", "internal", "llama-3-70b-ft", False, 40),      # no price: tokens yes, cost no
 ]
-INGESTED = [("sidecar", "openai", "gpt-3.5-turbo", 1000, 2000), ("sidecar", "openai", "gpt-3.5-turbo", 5, 7),
-            ("sidecar", "anthropic", "claude-3-opus", 10, 20)]
+INGESTED = [("sidecar", LLMUsage("openai", "gpt-4o-mini", 1000, 2000, cached_input_tokens=512)),
+            ("sidecar", LLMUsage("openai", "gpt-4o-mini", 5, 7)),
+            ("sidecar", LLMUsage("anthropic", "claude-opus-4-5", 10, 20, cache_write_tokens=4))]
 TENANTS = {"acme-chat": "acme", "acme-batch": "acme", "globex-bot": "globex", "sidecar": "globex"}
 
 
@@ -71,17 +75,21 @@ def world(tmp_path_factory):
                               json={"service": service, "model": model, "prompt": "one two three",
                                     "completion_tokens": completion, "stream": stream})
             assert r.status_code == 200
-            sent.append((token, service, model, 9, completion))
+            cached = 0 if service == "cohere" else CACHED_PROMPT_TOKENS
+            sent.append((token, LLMUsage(service, model, 9 + cached, completion, cached,
+                                         reasoning_tokens=completion // 2 if model in REASONING_MODELS else 0)))
         events = [{"token": t, "route": "/v1/complete", "method": "POST", "status": 200, "duration_ms": 5,
-                   "llm": {"service": s, "model": m, "input_tokens": i, "output_tokens": o}}
-                  for t, s, m, i, o in INGESTED]
+                   "llm": {"service": u.service, "model": u.model, "input_tokens": u.input_tokens,
+                           "output_tokens": u.output_tokens, "cached_input_tokens": u.cached_input_tokens,
+                           "cache_write_tokens": u.cache_write_tokens}}
+                  for t, u in INGESTED]
         events.append({"token": "sidecar", "route": "/v1/complete", "status": 200, "duration_ms": 5,
                        "llm": {"service": "openai", "model": "gpt-4", "input_tokens": -3}})   # refused
         r = requests.post(exporter_url + "/v1/events", json={"events": events}, timeout=10,
                           headers={"Authorization": "Bearer ingest-secret"})
         assert r.json()["accepted"] == 3 and r.json()["rejected"] == 1
         sent += INGESTED
-        expected_tokens = sum(i + o for *_, i, o in sent)
+        expected_tokens = sum(u.input_tokens + u.output_tokens for _, u in sent)
 
         def scraped():
             result = requests.get(prom.url + "/api/v1/query", timeout=5,
@@ -102,17 +110,17 @@ def expected(sent, tokens=None):
     pricing = Pricing.load()
     by_model = collections.defaultdict(lambda: [0, 0, 0, 0.0])
     by_service = collections.defaultdict(lambda: [0, 0, 0, 0.0, set()])
-    for token, service, model, i, o in sent:
+    for token, usage in sent:
         if tokens is not None and token not in tokens:
             continue
-        price = pricing.price(service, model)
-        cost = price.cost(i, o) if price else 0.0
-        for row in (by_model[model], by_service[service]):
-            row[0] += i
-            row[1] += o
+        price = pricing.price(usage.service, usage.model)
+        cost = price.cost(usage) if price else 0.0
+        for row in (by_model[usage.model], by_service[usage.service]):
+            row[0] += usage.input_tokens
+            row[1] += usage.output_tokens
             row[2] += 1
             row[3] += cost
-        by_service[service][4].add(model)
+        by_service[usage.service][4].add(usage.model)
     return by_model, by_service
 
 
@@ -130,7 +138,8 @@ def test_tokens_analytics_are_exact_for_every_model_and_service(world):
     for m in doc["byModel"]:
         assert m["estimatedCost"] == pytest.approx(by_model[m["model"]][3], abs=1e-6)
         assert m["totalTokens"] == m["promptTokens"] + m["completionTokens"]
-    assert set(doc["byService"]) == {"openai", "anthropic", "cohere"}
+    assert set(doc["byService"]) == {"openai", "anthropic", "cohere", "internal"}
+    assert by_model["llama-3-70b-ft"][3] == 0 and by_model["o3"][3] > 0
     for service, entry in doc["byService"].items():
         want = by_service[service]
         assert (entry["promptTokens"], entry["completionTokens"], entry["requestCount"]) == tuple(want[:3])
@@ -151,7 +160,7 @@ def test_a_tenant_key_sees_only_its_tenants_tokens(world):
     by_model, by_service = expected(world["sent"], {"acme-chat", "acme-batch"})
     assert doc["summary"]["totalTokens"] == sum(v[0] + v[1] for v in by_model.values())
     assert set(doc["byService"]) == {"openai", "anthropic"}
-    assert "command-r" not in {m["model"] for m in doc["byModel"]}
+    assert "command-r-08-2024" not in {m["model"] for m in doc["byModel"]}
     assert doc["summary"]["timeframe"]["days"] == 30
 
 
@@ -160,7 +169,7 @@ def test_custom_ranges(world):
     start = (now - dt.timedelta(hours=1)).isoformat()
     doc = requests.get(world["exporter"] + "/analytics/tokens", headers=ADMIN, timeout=30,
                        params={"start": start, "end": now.isoformat()}).json()
-    assert doc["summary"]["totalTokens"] == sum(i + o for *_, i, o in world["sent"])
+    assert doc["summary"]["totalTokens"] == sum(u.input_tokens + u.output_tokens for _, u in world["sent"])
     later = requests.get(world["exporter"] + "/analytics/tokens", headers=ADMIN, timeout=30,
                          params={"start": (now - dt.timedelta(days=5)).date().isoformat(),
                                  "end": (now - dt.timedelta(days=4)).date().isoformat()}).json()
@@ -169,7 +178,7 @@ def test_custom_ranges(world):
 
 def test_usage_summary_trends_and_predictions(world):
     doc = requests.get(world["exporter"] + "/api/analytics/usage", headers=ADMIN, timeout=60).json()
-    tokens = sum(i + o for *_, i, o in world["sent"])
+    tokens = sum(u.input_tokens + u.output_tokens for _, u in world["sent"])
     cost = sum(v[3] for v in expected(world["sent"])[0].values())
     requests_sent = len(CHATS) + len(INGESTED)
     for period in ("today", "thisWeek", "thisMonth", "allTime"):
@@ -198,11 +207,11 @@ def test_csv_report_gives_the_same_numbers(world):
     want = collections.Counter()
     pricing = Pricing.load()
     want_cost = collections.Counter()
-    for token, service, model, i, o in world["sent"]:
-        want[(service, model, "prompt")] += i
-        want[(service, model, "completion")] += o
-        price = pricing.price(service, model)
-        want_cost[(service, model)] += price.cost(i, o) if price else 0.0
+    for token, u in world["sent"]:
+        want[(u.service, u.model, "prompt")] += u.input_tokens
+        want[(u.service, u.model, "completion")] += u.output_tokens
+        price = pricing.price(u.service, u.model)
+        want_cost[(u.service, u.model)] += price.cost(u) if price else 0.0
     for row in rows:
         key = (row["service"], row["model"])
         assert int(row["prompt_tokens"]) == want[key + ("prompt",)]
@@ -211,7 +220,7 @@ def test_csv_report_gives_the_same_numbers(world):
     assert int(total["total_tokens"]) == sum(want.values())
     table = subprocess.run([sys.executable, "-m", "api_token_exporter.cli", "report", "--days", "1", "--prometheus-url", world["prom"].url],
                            capture_output=True, text=True, timeout=120)
-    assert "BY SERVICE AND MODEL" in table.stdout and "claude-3-opus" in table.stdout
+    assert "BY SERVICE AND MODEL" in table.stdout and "claude-sonnet-4-5" in table.stdout
 
 
 def test_bad_parameters_are_a_400_that_says_which(world):

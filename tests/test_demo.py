@@ -9,6 +9,7 @@ import time
 import pytest
 import requests
 
+from api_token_exporter.demo import UNPRICED_MODEL
 from conftest import free_port, require_binary, sample_total, stop_process, wait_for_port
 
 pytestmark = pytest.mark.integration
@@ -114,7 +115,10 @@ def test_demo_metrics_pass_promtool_and_every_metric_moves(demo):
         ("apitoken_requests_total", (("code", "500"),)),
         ("apitoken_request_duration_seconds_bucket", (("le", "+Inf"), ("token", "demo-slow"))),
         ("apitoken_llm_cost_usd_total", ()),
-        ("apitoken_llm_unpriced_requests_total", (("model", "o1-preview"),)),
+        ("apitoken_llm_unpriced_requests_total", (("model", UNPRICED_MODEL[1]),)),
+        ("apitoken_llm_tokens_total", (("type", "cached_input"),)),
+        ("apitoken_llm_tokens_total", (("type", "reasoning"),)),
+        ("apitoken_pricing_info", ()),
         ("apitoken_budget_usd", (("token", "demo-llm"), ("period", "daily"))),
     ]
     missing = needed

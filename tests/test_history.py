@@ -23,16 +23,18 @@ from api_token_exporter.keystore import add_key
 from api_token_exporter.pricing import Pricing
 from api_token_exporter.server import create_app
 from api_token_exporter.stack import find_binary, free_port, prometheus_config, start_prometheus
+from api_token_exporter.usage import LLMUsage
 from api_token_exporter.validation import ValidationError
 
 SEED_COLUMNS = ["id", "user_id", "api_key_id", "endpoint", "method", "status_code", "response_time",
                 "created_at", "service", "model", "prompt_tokens", "completion_tokens"]
 TOKENS = ["17", "23", "42", "51"]                     # APIUsage.api_key_id values
-MODELS = [("openai", "gpt-4"), ("anthropic", "claude-3-opus"), ("openai", "gpt-3.5-turbo"),
-          ("openai", "o1-preview")]                  # o1-preview has no price: counted, unpriced
+MODELS = [("openai", "gpt-4o"), ("anthropic", "claude-sonnet-4-5"), ("openai", "gpt-4o-mini"),
+          ("internal", "llama-3-70b-ft")]            # self-hosted, no price: counted, unpriced
 
 
-def seed_rows(n, start, end, rnd):
+def seed_rows(n, start, end, rnd, cached=False):
+    """APIUsage rows; with ``cached``, a cached_tokens column (part of prompt_tokens) as well."""
     rows = []
     for i in range(n):
         t = start + rnd.random() * (end - start)
@@ -46,6 +48,8 @@ def seed_rows(n, start, end, rnd):
             service, model = rnd.choice(MODELS)
             row.update(service=service, model=model, prompt_tokens=rnd.randint(1, 2000),
                        completion_tokens=rnd.randint(1, 1000))
+        if cached:
+            row["cached_tokens"] = rnd.randint(0, row["prompt_tokens"]) if row["model"] else ""
         rows.append(row)
     return rows
 
@@ -64,13 +68,15 @@ def oracle(rows, pricing):
             c["llm_requests"] += 1
             price = pricing.price(r["service"], r["model"])
             if price:
-                c["nano"] += int(round(price.cost(r["prompt_tokens"], r["completion_tokens"]) * 1e9))
+                usage = LLMUsage(r["service"], r["model"], r["prompt_tokens"], r["completion_tokens"],
+                                 r.get("cached_tokens") or 0)
+                c["nano"] += int(round(price.cost(usage) * 1e9))
     return days
 
 
 def write_csv(path, rows):
     with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, SEED_COLUMNS)
+        writer = csv.DictWriter(fh, SEED_COLUMNS + (["cached_tokens"] if "cached_tokens" in rows[0] else []))
         writer.writeheader()
         writer.writerows(rows)
 
@@ -121,9 +127,11 @@ def imported(tmp_path_factory):
     now = time.time()
     cutover = now - 600
     rnd = random.Random(7)
-    rows = seed_rows(10_000, now - 9 * 86400, cutover, rnd)
+    rows = seed_rows(10_000, now - 9 * 86400, cutover, rnd, cached=True)
     bad = [dict(rows[0], id=10_001, api_key_id=""), dict(rows[1], id=10_002, status_code="oops"),
            dict(rows[2], id=10_003, created_at=dt.datetime.fromtimestamp(now, dt.timezone.utc).isoformat())]
+    llm_row = next(r for r in rows if r["model"])
+    bad.append(dict(llm_row, id=10_004, cached_tokens=llm_row["prompt_tokens"] + 1))    # more than the prompt
     source = tmp / "usage.csv"
     write_csv(source, rows[:5000] + bad + rows[5000:])
     data = tmp / "prom" / "data"
@@ -160,12 +168,13 @@ def usage(world, token):
 @pytest.mark.integration
 def test_import_reports_what_it_did(imported):
     err = imported["stderr"]
-    assert "imported 10000 of 10003 rows" in err and "3 rows rejected" in err
-    assert "read 10003 rows (3 rejected)" in err                      # progress
+    assert "imported 10000 of 10004 rows" in err and "4 rows rejected" in err
+    assert "read 10004 rows (4 rejected)" in err                      # progress
     rejected = list(csv.DictReader(imported["rejected"].splitlines()))
-    assert [(r["line"], r["reason"].split(":")[0]) for r in rejected] == [      # the header is line 1
+    assert [(r["line"], r["reason"].split(":")[0]) for r in rejected[:3]] == [      # the header is line 1
         ("5002", "token"), ("5003", "code"), ("5004", "time")]
     assert "cut-over" in rejected[2]["reason"]
+    assert rejected[3]["line"] == "5005" and "is more than input_tokens" in rejected[3]["reason"]
 
 
 @pytest.mark.integration

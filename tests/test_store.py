@@ -11,6 +11,7 @@ from prometheus_client.openmetrics.exposition import generate_latest as generate
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families
 
+from api_token_exporter.usage import LLMUsage
 from api_token_exporter.metrics import LATENCY_BUCKETS, STATUS_CLASSES, Metrics, catalogue
 from api_token_exporter.ratelimit import WindowState
 from conftest import require_binary
@@ -62,7 +63,7 @@ def drive(metrics, ref, seed=7, tokens=40):
             ref["apitoken_rate_limit_remaining"].labels(token, w.window).set(w.remaining)
             ref["apitoken_rate_limit_reset_timestamp_seconds"].labels(token, w.window).set(w.reset_at)
         if i % 7 == 0:
-            metrics.observe_llm(token, "openai", "gpt-4", 10, 20, 0.0009)
+            metrics.observe_llm(token, LLMUsage("openai", "gpt-4", 10, 20), 0.0009)
             ref["apitoken_llm_tokens_total"].labels(token, "openai", "gpt-4", "input").inc(10)
             ref["apitoken_llm_tokens_total"].labels(token, "openai", "gpt-4", "output").inc(20)
             ref["apitoken_llm_requests_total"].labels(token, "openai", "gpt-4").inc()
@@ -119,7 +120,7 @@ def _worker(directory, token, n, stamp):
     m = Metrics(directory=directory)
     for _ in range(n):
         m.observe_request(token, "/a", "GET", 200, 0.2, authenticated=True, now=stamp)
-        m.observe_llm("shared", "openai", "gpt-4", 3, 4, 0.5)
+        m.observe_llm("shared", LLMUsage("openai", "gpt-4", 3, 4), 0.5)
     m.set_windows("shared", [WindowState("minute", 100, 100 - n, stamp + 60)], stamp)
 
 

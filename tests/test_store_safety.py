@@ -12,6 +12,7 @@ import threading
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from api_token_exporter.usage import LLMUsage
 from api_token_exporter.metrics import Metrics, catalogue
 from api_token_exporter.ratelimit import WindowState
 from api_token_exporter.store import ARCHIVE, fold_dead_files
@@ -133,7 +134,7 @@ def test_a_full_store_never_writes_over_another_series(keys):
     before = _render_text(metrics)
     for i in range(60):                  # far more series than 200 values hold
         metrics.observe_request(f"t{i}", "/a", "GET", 200, 0.3, authenticated=True, now=1.7e9)
-        metrics.observe_llm(f"t{i}", "openai", "gpt-4", 5, 5, 0.1)
+        metrics.observe_llm(f"t{i}", LLMUsage("openai", "gpt-4", 5, 5), 0.1)
     after = _render_text(metrics)
     for name in ("apitoken_auth_failures_total", "apitoken_rate_limit_storage_errors_total"):
         assert sample_total(after, name) == sample_total(before, name) == 0, name
@@ -169,10 +170,11 @@ def test_two_stores_in_one_process_share_a_directory(tmp_path):
 COUNT_AND_EXIT = """
 import sys
 from api_token_exporter.metrics import Metrics
+from api_token_exporter.usage import LLMUsage
 m = Metrics(directory=sys.argv[1])
 for _ in range(int(sys.argv[2])):
     m.observe_request("alpha", "/a", "GET", 200, 0.1, authenticated=True)
-    m.observe_llm("alpha", "openai", "gpt-4", 3, 4, 0.25)
+    m.observe_llm("alpha", LLMUsage("openai", "gpt-4", 3, 4), 0.25)
 """
 
 
@@ -241,14 +243,14 @@ def test_float_counters_never_go_down_when_files_are_folded(tmp_path):
         d = tmp_path / str(trial)
         costs = [round(rnd.uniform(0, 5), 6) for _ in range(3)]
         first_run = Metrics(directory=str(d))
-        first_run.observe_llm("t", "openai", "gpt-4", 1, 1, costs[0])
+        first_run.observe_llm("t", LLMUsage("openai", "gpt-4", 1, 1), costs[0])
         first_run.observe_request("t", "/a", "GET", 200, costs[0] / 3, authenticated=True)
         first_run.store.close()
         fold_dead_files(str(d), catalogue())
         one, two = Metrics(directory=str(d)), Metrics(directory=str(d))
         first, second = sorted([one, two], key=lambda m: m.store.path)
-        first.observe_llm("t", "openai", "gpt-4", 1, 1, costs[1])
-        second.observe_llm("t", "openai", "gpt-4", 1, 1, costs[2])
+        first.observe_llm("t", LLMUsage("openai", "gpt-4", 1, 1), costs[1])
+        second.observe_llm("t", LLMUsage("openai", "gpt-4", 1, 1), costs[2])
         second.observe_request("t", "/a", "GET", 200, costs[2] / 3, authenticated=True)
 
         def totals():

@@ -33,7 +33,7 @@ def test_exact_totals_under_gunicorn_with_4_workers(gunicorn_app, keys):
     for (token, _), r in zip(plan, responses):
         label = token if token in ("alpha", "gamma", "beta") else "__unauthenticated__"
         sent[(label, str(r.status_code))] += 1
-    chat = send(url, chatter, "/api/v1/chat", "POST", json={"model": "gpt-4"})
+    chat = send(url, chatter, "/api/v1/chat", "POST", json={"model": "gpt-4o"})
     assert chat.status_code == 200
     sent[("chatter", "200")] += 1
     usage = chat.json()["usage"]
@@ -46,7 +46,11 @@ def test_exact_totals_under_gunicorn_with_4_workers(gunicorn_app, keys):
     assert sample_total(text, "apitoken_request_duration_seconds_count") == len(plan) + 1
     assert sample_total(text, "apitoken_auth_failures_total", reason="missing") == 20
     assert sample_total(text, "apitoken_auth_failures_total", reason="invalid") == 20
-    assert sample_total(text, "apitoken_llm_tokens_total", token="chatter", type="input") == usage["prompt_tokens"]
+    cached = usage["prompt_tokens_details"]["cached_tokens"]
+    assert sample_total(text, "apitoken_llm_tokens_total", token="chatter", type="input") == \
+        usage["prompt_tokens"] - cached
+    assert sample_total(text, "apitoken_llm_tokens_total", token="chatter", type="cached_input") == cached > 0
+    assert sample_total(text, "apitoken_llm_tokens_total", token="chatter") == usage["total_tokens"]
     assert sample_total(text, "apitoken_llm_tokens_total", token="chatter", type="output") == usage["completion_tokens"]
     # gauges are not summed across workers: one token info line, one status per token
     assert sample_total(text, "apitoken_token_info", token="alpha") == 1

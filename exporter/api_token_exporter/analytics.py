@@ -18,6 +18,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 import requests
 
 from .exact import ExactCounters
+from .usage import INPUT_TYPES
 
 UTC = dt.timezone.utc
 Progress = Optional[Callable[[int, int], None]]
@@ -181,7 +182,7 @@ def _counts():
 def _add(target: dict, q: str, labels: dict, value: float) -> None:
     value = round(value, 9) if q == "cost" else int(round(value))
     if q == "tokens":
-        key = "promptTokens" if labels.get("type") == "input" else "completionTokens"
+        key = "promptTokens" if labels.get("type") in INPUT_TYPES else "completionTokens"
         target[key] += value
         target["totalTokens"] += value
     elif q == "requests":

@@ -157,7 +157,7 @@ def cmd_import(args) -> int:
     output = args.prometheus_data or args.output
     try:
         until = None if args.until == "now" else history.parse_time(args.until)
-        pricing = Pricing.load(args.pricing)
+        pricing = Pricing.load(args.pricing, args.prices)
         history.run_import(
             args.source, output, table=args.table, query=args.query, columns=columns, until=until,
             step=args.step, duration_unit=args.duration_unit, pricing=pricing, job=args.job,
@@ -197,7 +197,7 @@ def cmd_backfill(args) -> int:
         problem = "--days must be at least 1"
     try:
         end = time.time() if args.until == "now" else history.parse_time(args.until)
-        pricing = Pricing.load(args.pricing)
+        pricing = Pricing.load(args.pricing, args.prices)
     except (ValueError, PricingError) as exc:
         problem = problem or str(exc)
     if problem:
@@ -223,6 +223,53 @@ def cmd_backfill(args) -> int:
           f"{f', recording rules in {len(rule_blocks)} more' if args.prometheus_url else ''}; anomalies: "
           + ", ".join(f"{a.kind} on {a.token} {a.days_ago:g} days ago for {a.hours:g} h" for a in plan.anomalies),
           file=sys.stderr)
+    return 0
+
+
+def cmd_prices(args) -> int:
+    from . import price_snapshot
+    from .pricing import Pricing, PricingError
+    if args.prices_cmd == "update":
+        try:
+            snapshot = price_snapshot.build(args.source, args.version)
+            previous = None
+            if os.path.exists(args.output):
+                try:
+                    previous = price_snapshot.load(args.output)
+                except price_snapshot.SnapshotError:
+                    pass
+            price_snapshot.write(snapshot, args.output)
+            Pricing.load(None, args.output)               # what was written loads
+        except (price_snapshot.SnapshotError, PricingError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        models = {(s, m) for s, ms in snapshot["services"].items() for m in ms}
+        line = f"wrote {args.output}: {snapshot['version']}, {len(models):,} models of {len(snapshot['services'])} services"
+        if previous:
+            before = {(s, m): p for s, ms in previous["services"].items() for m, p in ms.items()}
+            changed = sum(1 for k in models & set(before) if before[k] != snapshot["services"][k[0]][k[1]])
+            line += (f" (was {previous['version']}: {len(models - set(before))} added, "
+                     f"{len(set(before) - models)} removed, {changed} repriced)")
+        print(line)
+        if os.path.abspath(args.output) != os.path.abspath(price_snapshot.DEFAULT_SNAPSHOT_FILE):
+            print(f"use it with prices_file: {os.path.abspath(args.output)} (or ATE_PRICES_FILE); "
+                  "costs already counted keep the prices they were counted at")
+        return 0
+    try:
+        pricing = Pricing.load(args.pricing, args.prices)
+    except PricingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    price = pricing.price(args.service, args.model)
+    print(f"price table: {pricing.version} (checksum {pricing.checksum})")
+    if price is None:
+        print(f"{args.service}/{args.model}: no price: its usage is counted as unpriced")
+        return 1
+    print(f"{args.service}/{args.model} from the {pricing.source(args.service, args.model)}, USD per 1M tokens:")
+    fallback = {"cached_input": "input", "cache_write": "input", "reasoning": "output"}
+    for kind, usd in price.per_type().items():
+        same = f" (the {fallback[kind]} price)" if getattr(price, kind) is None else ""
+        print(f"  {kind:<13} {usd:g}{same}")
     return 0
 
 
@@ -267,6 +314,25 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--storage-uri", help="rate-limit storage: memory:// or redis://host:port/db")
     serve.set_defaults(func=cmd_serve)
 
+    prices = sub.add_parser("prices", help="the LLM price table: show a model's price, update the snapshot")
+    prices_sub = prices.add_subparsers(dest="prices_cmd", required=True)
+    show = prices_sub.add_parser("show", help="the price a model gets and where it comes from")
+    show.add_argument("service")
+    show.add_argument("model")
+    show.add_argument("--pricing", help="your pricing file ($ATE_PRICING_FILE)",
+                      default=os.environ.get("ATE_PRICING_FILE"))
+    show.add_argument("--prices", help="price snapshot ($ATE_PRICES_FILE; default: the shipped one)",
+                      default=os.environ.get("ATE_PRICES_FILE"))
+    update = prices_sub.add_parser("update", help="write a price snapshot from LiteLLM's price map",
+                                   description="Convert LiteLLM's model_prices_and_context_window.json, or a "
+                                               "LiteLLM wheel that carries it (pip download litellm --no-deps), "
+                                               "into a price snapshot.")
+    update.add_argument("--from", dest="source", required=True, metavar="FILE", help="the .json file or a .whl")
+    update.add_argument("--output", default=os.environ.get("ATE_PRICES_FILE") or "llm-prices.json",
+                        help="where to write it (default: $ATE_PRICES_FILE or %(default)s)")
+    update.add_argument("--version", help="the version to record (default: the wheel's, or the file's sha256)")
+    prices.set_defaults(func=cmd_prices)
+
     try:
         from .demo import expected_alerts
         epilog = expected_alerts()
@@ -277,7 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      "this project's counters and histograms, written as Prometheus TSDB "
                                      "blocks. Columns default to the APIUsage table's: api_key_id, endpoint, "
                                      "method, status_code, response_time (seconds), created_at; optional "
-                                     "service, model, prompt_tokens, completion_tokens.")
+                                     "service, model, prompt_tokens, completion_tokens, cached_tokens, "
+                                     "cache_write_tokens, reasoning_tokens (parts of the prompt and completion "
+                                     "tokens).")
     imp.add_argument("source", help="a .csv or .jsonl file, or a database URL (sqlite:///usage.db, "
                                     "postgresql+psycopg://user@host/db)")
     imp.add_argument("--table", help="the table to read (database source)")
@@ -290,7 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="route templates (/items/<id>) for raw paths; unmatched paths become __unmatched__")
     imp.add_argument("--step", type=int, default=60, help="seconds between samples (default %(default)s)")
     imp.add_argument("--duration-unit", choices=("s", "ms"), default="s")
-    imp.add_argument("--pricing", help="pricing file for LLM cost (default: the shipped one)")
+    imp.add_argument("--pricing", help="your pricing file for LLM cost, over the price snapshot")
+    imp.add_argument("--prices", help="price snapshot (from `prices update`; default: the shipped one)")
     imp.add_argument("--job", default="api-token-exporter", help="job label (default %(default)s)")
     imp.add_argument("--instance", default="import", help="instance label (default %(default)s)")
     imp.add_argument("--max-series", type=int, default=200_000)
@@ -313,7 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
     back.add_argument("--until", default="now", help="end of the history (ISO 8601 or Unix seconds)")
     back.add_argument("--step", type=int, default=synthetic_step(), help="seconds between samples (default %(default)s)")
     back.add_argument("--seed", type=int, default=42)
-    back.add_argument("--pricing", help="pricing file for LLM cost (default: the shipped one)")
+    back.add_argument("--pricing", help="your pricing file for LLM cost, over the price snapshot")
+    back.add_argument("--prices", help="price snapshot (from `prices update`; default: the shipped one)")
     back.add_argument("--job", default="api-token-exporter")
     back.add_argument("--instance", default="backfill")
     where = back.add_mutually_exclusive_group()

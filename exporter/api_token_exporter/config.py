@@ -57,7 +57,8 @@ class Settings:
     max_tokens: int = 10_000                # distinct token label values per family
     max_routes: int = 500
     max_models: int = 200
-    pricing_file: Optional[str] = None      # LLM prices; the packaged pricing.yml by default
+    pricing_file: Optional[str] = None      # your LLM prices; the packaged pricing.yml (none) by default
+    prices_file: Optional[str] = None       # the price snapshot (prices update); the packaged one by default
     capture_llm_usage: bool = False         # read usage from OpenAI/Anthropic/Cohere responses
     capture_max_bytes: int = 1_048_576      # larger responses are not inspected
     prometheus_url: Optional[str] = None    # enables the analytics API, answered from Prometheus

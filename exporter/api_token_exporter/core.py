@@ -36,9 +36,9 @@ class UsageCore:
         self.keystore.on_error.append(self.metrics.key_file_error)
         self.keystore.watch()                     # a broken file shows in /healthz without traffic
         self.metrics.init_tokens(k.id for k in self.keystore.all())
-        self.view = ScrapeView(self.metrics, self.keystore, limiter=self.limiter)
+        self.pricing = Pricing.load(s.pricing_file, s.prices_file)
+        self.view = ScrapeView(self.metrics, self.keystore, limiter=self.limiter, pricing=self.pricing)
         self.tracker = UsageTracker(s.recent_requests)
-        self.pricing = Pricing.load(s.pricing_file)
 
     # -- keys --------------------------------------------------------------------------------
     def authenticate(self, raw: Optional[str]) -> Tuple[Optional[ApiKey], Optional[str]]:
@@ -104,9 +104,7 @@ class UsageCore:
         self.tracker.record(now, route, method, shown, code)
 
     def count_llm(self, token: str, usage: LLMUsage) -> LLMUsage:
-        """Count validated usage: tokens, requests, and cost from the pricing file."""
+        """Count validated usage: tokens by type, requests, and cost at the current prices."""
         price = self.pricing.price(usage.service, usage.model)
-        cost = price.cost(usage.input_tokens, usage.output_tokens) if price else None
-        self.metrics.observe_llm(token, usage.service, usage.model, usage.input_tokens,
-                                 usage.output_tokens, cost)
+        self.metrics.observe_llm(token, usage, price.cost(usage) if price else None)
         return usage

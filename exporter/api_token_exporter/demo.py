@@ -27,6 +27,7 @@ log = logging.getLogger("api_token_exporter")
 # Limits that keep the healthy clients under 80 % of every window (the approaching alert's
 # threshold) at their pace: steady ~46/min, bursty 40 at once a minute, errors 60/min, slow
 # 15/min, LLM 30/min. Scaled by --speed with the traffic.
+UNPRICED_MODEL = ("internal", "llama-3-70b-ft")   # self-hosted: no price anywhere, counted as unpriced
 HEALTHY_LIMITS = {"minute": 100, "hour": 5000, "day": 150000}
 
 # id -> (name, tenant, per-key rate limits, the alerts it exists to trigger)
@@ -63,9 +64,11 @@ def expected_alerts() -> str:
             + f"\n  {'(always)':<16} Watchdog, the dead man's switch")
 
 
-MODELS = [("openai", "gpt-4"), ("openai", "gpt-4-turbo"), ("openai", "gpt-3.5-turbo"),
-          ("anthropic", "claude-3-5-sonnet"), ("anthropic", "claude-3-opus"),
-          ("cohere", "command-r"), ("openai", "o1-preview")]   # o1-preview has no price: unpriced
+MODELS = [("openai", "gpt-4o"), ("openai", "gpt-4o-mini"), ("openai", "o3"),
+          ("anthropic", "claude-sonnet-4-5"), ("anthropic", "claude-haiku-4-5"),
+          ("cohere", "command-r-08-2024"), UNPRICED_MODEL]
+REASONING_MODELS = ("o3",)             # half their answer is reasoning
+CACHED_PROMPT_TOKENS = 40               # the chat's system prompt, read from the provider's cache
 
 
 def create_demo_api(**analytics_settings) -> Flask:
@@ -102,40 +105,47 @@ def create_demo_api(**analytics_settings) -> Flask:
 
     @app.post("/api/v1/chat")
     def chat():
-        """Answers in the shape of the chosen service. OpenAI usage is reported through the
-        public call; Anthropic and Cohere usage is read from the response by the middleware."""
+        """Answers in the shape of the chosen service, with a system prompt of 40 tokens read
+        from the provider's prompt cache. OpenAI usage is reported through the public call;
+        Anthropic and Cohere usage is read from the response by the middleware."""
         body = request.get_json(silent=True) or {}
-        service, model = body.get("service", "openai"), body.get("model", "gpt-4")
+        service, model = body.get("service", "openai"), body.get("model", "gpt-4o")
         prompt = str(body.get("prompt", "hello"))
-        prompt_tokens = max(1, len(prompt.split())) * 3
+        cached = CACHED_PROMPT_TOKENS if service != "cohere" else 0
+        prompt_tokens = cached + max(1, len(prompt.split())) * 3
         completion_tokens = int(body.get("completion_tokens") or random.randint(20, 400))
-        if service == "anthropic":
+        reasoning = completion_tokens // 2 if model in REASONING_MODELS else 0
+        if service == "anthropic":      # Anthropic's input_tokens leave the cached tokens out
+            usage = {"input_tokens": prompt_tokens - cached, "cache_read_input_tokens": cached,
+                     "output_tokens": completion_tokens}
             if body.get("stream"):
-                return Response(_anthropic_events(model, prompt_tokens, completion_tokens),
-                                content_type="text/event-stream")
+                return Response(_anthropic_events(model, usage), content_type="text/event-stream")
             return jsonify({"type": "message", "model": model, "content": [{"type": "text", "text": "…"}],
-                            "usage": {"input_tokens": prompt_tokens, "output_tokens": completion_tokens}})
+                            "usage": usage})
         if service == "cohere":
             return jsonify({"text": "…", "meta": {"billed_units": {
                 "input_tokens": prompt_tokens, "output_tokens": completion_tokens}}}), \
                 200, {"X-LLM-Model": model}
-        record_llm_usage(service, model, prompt_tokens, completion_tokens)
+        record_llm_usage(service, model, prompt_tokens, completion_tokens, cached_input_tokens=cached,
+                         reasoning_tokens=reasoning)
         return jsonify({"model": model, "choices": [{"message": {"content": "…"}}],
                         "usage": {"prompt_tokens": prompt_tokens,
                                   "completion_tokens": completion_tokens,
-                                  "total_tokens": prompt_tokens + completion_tokens}})
+                                  "total_tokens": prompt_tokens + completion_tokens,
+                                  "prompt_tokens_details": {"cached_tokens": cached},
+                                  "completion_tokens_details": {"reasoning_tokens": reasoning}}})
 
     analytics_settings.setdefault("capture_llm_usage", True)
     TokenAnalytics(app, **analytics_settings)
     return app
 
 
-def _anthropic_events(model: str, input_tokens: int, output_tokens: int):
+def _anthropic_events(model: str, usage: dict):
     yield ("event: message_start\ndata: " + json.dumps({"type": "message_start", "message": {
-        "model": model, "usage": {"input_tokens": input_tokens, "output_tokens": 1}}}) + "\n\n")
+        "model": model, "usage": dict(usage, output_tokens=1)}}) + "\n\n")
     yield 'event: content_block_delta\ndata: {"type": "content_block_delta"}\n\n'
-    yield ("event: message_delta\ndata: " + json.dumps({"type": "message_delta",
-                                                         "usage": {"output_tokens": output_tokens}}) + "\n\n")
+    yield ("event: message_delta\ndata: " + json.dumps({"type": "message_delta", "usage": {
+        "output_tokens": usage["output_tokens"]}}) + "\n\n")
 
 
 def app_from_env():

@@ -18,7 +18,7 @@ from flask import Flask, Response, jsonify, request
 from . import validation
 from .keystore import KEY_PREFIX, well_formed_key
 from .ratelimit import RateLimiter
-from .usage import UsageError, validate_usage
+from .usage import DETAIL_FIELDS, UsageError, validate_usage
 from .validation import ValidationError
 
 ADMIN_PATHS = ("/admin/token-details", "/admin/stats")
@@ -335,7 +335,8 @@ def validate_event(core, event) -> Tuple[Optional[dict], List[str]]:
         else:
             try:
                 clean["llm"] = validate_usage(llm.get("service"), llm.get("model"),
-                                              llm.get("input_tokens", 0), llm.get("output_tokens", 0))
+                                              llm.get("input_tokens", 0), llm.get("output_tokens", 0),
+                                              *(llm.get(name, 0) for name in DETAIL_FIELDS))
             except UsageError as exc:
                 errors.append(f"llm: {exc}")
     return (None, errors) if errors else (clean, [])

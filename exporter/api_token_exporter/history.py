@@ -35,15 +35,18 @@ from .exact import BASELINE_LOOKBACK
 from .metrics import LATENCY_BUCKETS, MICROSECONDS, NANO_USD, UNMATCHED_ROUTE, catalogue, status_class
 from .pricing import Pricing
 from .store import escape_label, float_to_go_string
-from .usage import MAX_TOKENS_PER_REQUEST
+from .usage import DETAIL_FIELDS, LLMUsage, validate_usage
 
 HEARTBEAT = BASELINE_LOOKBACK - 300   # seconds between samples of a quiet series, a margin under the lookback
 MAX_BLOCK = "2400h"               # promtool reads its input once per block: few, long blocks
 # record field -> seed-style column name (the APIUsage table: api_key_id, endpoint, ...)
 DEFAULT_COLUMNS = {"time": "created_at", "token": "api_key_id", "route": "endpoint", "method": "method",
                    "code": "status_code", "duration": "response_time", "service": "service",
-                   "model": "model", "input_tokens": "prompt_tokens", "output_tokens": "completion_tokens"}
+                   "model": "model", "input_tokens": "prompt_tokens", "output_tokens": "completion_tokens",
+                   "cached_input_tokens": "cached_tokens", "cache_write_tokens": "cache_write_tokens",
+                   "reasoning_tokens": "reasoning_tokens"}
 REQUIRED = ("time", "token", "route", "code")
+USAGE_FIELDS = ("input_tokens", "output_tokens") + DETAIL_FIELDS
 
 
 class ImportFailed(ValueError):
@@ -185,10 +188,7 @@ class Row:
     method: str
     code: int
     duration: Optional[float]
-    service: Optional[str]
-    model: Optional[str]
-    input_tokens: int
-    output_tokens: int
+    llm: Optional[LLMUsage]
 
 
 def parse_row(raw: dict, columns: Dict[str, str], duration_scale: float) -> Row:
@@ -223,17 +223,14 @@ def parse_row(raw: dict, columns: Dict[str, str], duration_scale: float) -> Row:
     duration = num("duration")
     if duration is not None:
         duration = validation.number("duration", duration, 0.0, 86400.0 / duration_scale) * duration_scale
-    service, model = get("service"), get("model")
-    input_tokens = output_tokens = 0
+    service, model, llm = get("service"), get("model"), None
     if model is not None or service is not None:
         if model is None or service is None:
             raise validation.ValidationError("service and model go together")
-        service, model = validation.name("service", service).lower(), validation.name("model", model)
-        input_tokens = validation.whole_number("input_tokens", num("input_tokens") or 0, MAX_TOKENS_PER_REQUEST)
-        output_tokens = validation.whole_number("output_tokens", num("output_tokens") or 0, MAX_TOKENS_PER_REQUEST)
+        llm = validate_usage(service, model, *(num(name) or 0 for name in USAGE_FIELDS))
     return Row(parse_time(get("time")), validation.token_id("token", str(get("token")).strip()),
                validation.route("route", get("route")), validation.method(get("method") or "GET"),
-               code, duration, service, model, int(input_tokens), int(output_tokens))
+               code, duration, llm)
 
 
 # -- aggregation ----------------------------------------------------------------------------------
@@ -273,8 +270,8 @@ class Aggregate:
         if row.duration is not None:
             self._observe("apitoken_request_duration_seconds", (row.token,), b, row.duration)
             self._observe("apitoken_route_request_duration_seconds", (row.route, row.method), b, row.duration)
-        if row.model is not None:
-            self.add_llm(b, row.token, row.service, row.model, row.input_tokens, row.output_tokens)
+        if row.llm is not None:
+            self.add_llm(b, row.token, row.llm)
 
     def add_requests(self, b: int, token: str, route: str, method: str, code: int, count: int) -> None:
         self._count("apitoken_requests_total", (token, route, method, str(code)), b, count)
@@ -306,18 +303,18 @@ class Aggregate:
             cell[-2] += n
             cell[-1] += int(round(total_seconds * MICROSECONDS))
 
-    def add_llm(self, b: int, token: str, service: str, model: str, input_tokens: int, output_tokens: int,
-                requests: int = 1) -> None:
-        key = (token, service, model)
-        self._count("apitoken_llm_tokens_total", key + ("input",), b, input_tokens)
-        self._count("apitoken_llm_tokens_total", key + ("output",), b, output_tokens)
+    def add_llm(self, b: int, token: str, usage: LLMUsage, requests: int = 1) -> None:
+        """``usage`` of ``requests`` requests together; tokens by type as the live store has them."""
+        key = (token, usage.service, usage.model)
+        for kind, n in usage.parts().items():
+            if n or kind in ("input", "output"):
+                self._count("apitoken_llm_tokens_total", key + (kind,), b, n)
         self._count("apitoken_llm_requests_total", key, b, requests)
-        price = self.pricing.price(service, model) if self.pricing else None
+        price = self.pricing.price(usage.service, usage.model) if self.pricing else None
         if price is None:
-            self._count("apitoken_llm_unpriced_requests_total", (service, model), b, requests)
+            self._count("apitoken_llm_unpriced_requests_total", (usage.service, usage.model), b, requests)
         else:
-            cost = price.cost(input_tokens, output_tokens)
-            self._count("apitoken_llm_cost_usd_total", key, b, int(round(cost * NANO_USD)))
+            self._count("apitoken_llm_cost_usd_total", key, b, int(round(price.cost(usage) * NANO_USD)))
 
 
 LABELS = {family.name: tuple(family.labelnames) for family in catalogue()}

@@ -1,15 +1,48 @@
-"""Find LLM usage in response bodies: OpenAI, Anthropic and Cohere JSON, and the streamed
-(server-sent events) forms of OpenAI (the final chunk with `usage`) and Anthropic
-(`message_start` and `message_delta`).
+"""Find LLM usage in response bodies: OpenAI (Chat Completions and Responses), Anthropic and
+Cohere JSON, and the streamed (server-sent events) forms of OpenAI (the final chunk with `usage`,
+or `response.completed`) and Anthropic (`message_start` and `message_delta`).
+
+Cached and reasoning tokens are read where the provider reports them: OpenAI's
+`prompt_tokens_details.cached_tokens` / `input_tokens_details.cached_tokens` and
+`completion_tokens_details.reasoning_tokens` / `output_tokens_details.reasoning_tokens`, which
+are parts of its totals; Anthropic's `cache_read_input_tokens` and `cache_creation_input_tokens`,
+which are not part of its `input_tokens` and are added to it here, so that the input total
+counts every prompt token for every provider (usage.py).
 
 Returns raw candidate values; the caller validates them like any other usage report.
 """
 from __future__ import annotations
 
 import json
-from typing import List, Optional, Tuple
+from typing import List, NamedTuple, Optional
 
-Found = Tuple[str, str, object, object]   # service, model, input tokens, output tokens
+
+class Found(NamedTuple):
+    """The arguments of validate_usage, in its order."""
+    service: str
+    model: str
+    input_tokens: object
+    output_tokens: object
+    cached_input_tokens: object = 0
+    cache_write_tokens: object = 0
+    reasoning_tokens: object = 0
+
+
+def _detail(usage: dict, section: str, name: str):
+    part = usage.get(section)
+    return part.get(name, 0) or 0 if isinstance(part, dict) else 0
+
+
+def _number(value):
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else 0
+
+
+def _anthropic(model: str, usage: dict) -> Found:
+    cache_read = usage.get("cache_read_input_tokens") or 0
+    cache_write = usage.get("cache_creation_input_tokens") or 0
+    base = usage.get("input_tokens", 0)
+    total = base + _number(cache_read) + _number(cache_write) if isinstance(base, (int, float)) else base
+    return Found("anthropic", model, total, usage.get("output_tokens", 0), cache_read, cache_write)
 
 
 def _from_object(doc, model_hint: Optional[str]) -> Optional[Found]:
@@ -18,23 +51,31 @@ def _from_object(doc, model_hint: Optional[str]) -> Optional[Found]:
     usage = doc.get("usage")
     model = doc.get("model") or model_hint or "unknown"
     if isinstance(usage, dict):
-        if "prompt_tokens" in usage or "completion_tokens" in usage:          # OpenAI
-            return ("openai", model, usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
+        if "prompt_tokens" in usage or "completion_tokens" in usage:          # OpenAI chat
+            return Found("openai", model, usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0),
+                         _detail(usage, "prompt_tokens_details", "cached_tokens"), 0,
+                         _detail(usage, "completion_tokens_details", "reasoning_tokens"))
         billed = usage.get("billed_units")
         if isinstance(billed, dict):                                           # Cohere v2
-            return ("cohere", model, billed.get("input_tokens", 0), billed.get("output_tokens", 0))
+            return Found("cohere", model, billed.get("input_tokens", 0), billed.get("output_tokens", 0))
+        if "input_tokens_details" in usage or "output_tokens_details" in usage \
+                or doc.get("object") == "response":                            # OpenAI Responses
+            return Found("openai", model, usage.get("input_tokens", 0), usage.get("output_tokens", 0),
+                         _detail(usage, "input_tokens_details", "cached_tokens"), 0,
+                         _detail(usage, "output_tokens_details", "reasoning_tokens"))
         if "input_tokens" in usage or "output_tokens" in usage:               # Anthropic
-            return ("anthropic", model, usage.get("input_tokens", 0), usage.get("output_tokens", 0))
+            return _anthropic(model, usage)
     meta = doc.get("meta")
     if isinstance(meta, dict) and isinstance(meta.get("billed_units"), dict):  # Cohere v1
         billed = meta["billed_units"]
-        return ("cohere", model, billed.get("input_tokens", 0), billed.get("output_tokens", 0))
+        return Found("cohere", model, billed.get("input_tokens", 0), billed.get("output_tokens", 0))
     return None
 
 
 def _from_events(text: str, model_hint: Optional[str]) -> Optional[Found]:
-    service = model = None
-    input_tokens = output_tokens = None
+    found: Optional[Found] = None
+    anthropic: dict = {}                 # Anthropic's usage, updated by each event (cumulative)
+    model = None
     for line in text.splitlines():
         if not line.startswith("data:"):
             continue
@@ -50,22 +91,20 @@ def _from_events(text: str, model_hint: Optional[str]) -> Optional[Found]:
         kind = event.get("type")
         if kind == "message_start" and isinstance(event.get("message"), dict):   # Anthropic
             message = event["message"]
-            service, model = "anthropic", message.get("model") or model
-            usage = message.get("usage") or {}
-            input_tokens = usage.get("input_tokens", input_tokens)
-            output_tokens = usage.get("output_tokens", output_tokens)
+            model = message.get("model") or model
+            if isinstance(message.get("usage"), dict):
+                anthropic.update(message["usage"])
         elif kind == "message_delta" and isinstance(event.get("usage"), dict):
-            service = service or "anthropic"
-            output_tokens = event["usage"].get("output_tokens", output_tokens)
-        elif isinstance(event.get("usage"), dict):                                # OpenAI
-            found = _from_object(event, model_hint)
-            if found:
-                service, model, input_tokens, output_tokens = found
+            anthropic.update(event["usage"])
+        elif kind == "response.completed" and isinstance(event.get("response"), dict):   # OpenAI Responses
+            found = _from_object(dict(event["response"], object="response"), model_hint) or found
+        elif isinstance(event.get("usage"), dict):                                # OpenAI chat
+            found = _from_object(event, model_hint) or found
         elif event.get("model") and model is None:
             model = event["model"]
-    if service is None:
-        return None
-    return (service, model or model_hint or "unknown", input_tokens or 0, output_tokens or 0)
+    if anthropic:
+        return _anthropic(model or model_hint or "unknown", anthropic)
+    return found
 
 
 def extract_usage(content_type: str, body: bytes, model_hint: Optional[str] = None) -> Optional[Found]:
@@ -85,4 +124,4 @@ def extract_usage(content_type: str, body: bytes, model_hint: Optional[str] = No
     return None
 
 
-__all__: List[str] = ["extract_usage"]
+__all__: List[str] = ["extract_usage", "Found"]

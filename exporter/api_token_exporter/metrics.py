@@ -20,6 +20,7 @@ from typing import Callable, Iterable, Optional, Tuple
 from . import validation
 from .ratelimit import WindowState
 from .store import DEFAULT_CAPACITY, DROPPED_SERIES, Family, Store
+from .usage import LLMUsage
 
 UNAUTHENTICATED = "__unauthenticated__"   # token label of requests with a missing or invalid key
 OVERFLOW = "__overflow__"                 # any label value past its family's cap
@@ -106,12 +107,14 @@ def catalogue() -> Tuple[Family, ...]:
         Family("apitoken_token_last_used_timestamp_seconds", "gauge_max",
                "Unix time of the token's last request.", ("token",)),
         Family("apitoken_llm_tokens_total", "counter",
-               "LLM tokens used, by API token, service, model and type (input, output).",
+               "LLM tokens used, by API token, service, model and type: input, cached_input, cache_write "
+               "(prompt tokens: uncached, read from and written to the prompt cache), output, reasoning.",
                ("token", "service", "model", "type")),
         Family("apitoken_llm_requests_total", "counter",
                "Requests that reported LLM usage, by API token, service and model.", ("token", "service", "model")),
         Family("apitoken_llm_cost_usd_total", "counter",
-               "Cost in USD of the LLM tokens used, from the pricing file.", ("token", "service", "model"),
+               "Cost in USD of the LLM tokens used, at the prices in force when they were used.",
+               ("token", "service", "model"),
                scale=NANO_USD),
         Family("apitoken_llm_unpriced_requests_total", "counter",
                "LLM usage reports for a model with no price: their cost is not counted.", ("service", "model")),
@@ -139,6 +142,9 @@ KEY_FILE_HEALTHY = Family("apitoken_key_file_healthy", "gauge",
                           "(the previous keys are in force) or it is missing or empty.", ())
 KEY_FILE_SUCCESS = Family("apitoken_key_file_last_success_timestamp_seconds", "gauge",
                           "Unix time the key file was last loaded successfully.", ())
+PRICING_INFO = Family("apitoken_pricing_info", "gauge",
+                      "The LLM price table in force (value 1): the snapshot's version and a checksum of "
+                      "the prices with the pricing file's applied.", ("version", "checksum"))
 BUDGET = Family("apitoken_budget_usd", "gauge",
                 "LLM budget in USD per token and period (daily: trailing 24h, monthly: trailing 30 days).",
                 ("token", "period"))
@@ -280,16 +286,17 @@ class Metrics:
             self._add(self.ingest_events, ("accepted",), float(accepted))
             self._add(self.ingest_events, ("rejected",), float(rejected))
 
-    def observe_llm(self, token: str, service: str, model: str, input_tokens: int,
-                    output_tokens: int, cost_usd: Optional[float]) -> None:
+    def observe_llm(self, token: str, usage: LLMUsage, cost_usd: Optional[float]) -> None:
         """``cost_usd`` None means the model has no price: counted as unpriced, never as $0.
-        A token overflow is counted with the request of the same event, not again here."""
+        A token overflow is counted with the request of the same event, not again here. Input
+        and output exist for every model used; the cache and reasoning types once they occur."""
         with self.store.lock:
             token = self.tokens.admit(token, count=False)
-            service = self.services.admit(service.lower())
-            model = self.models.admit(model)
-            self._add(self.llm_tokens, (token, service, model, "input"), float(input_tokens))
-            self._add(self.llm_tokens, (token, service, model, "output"), float(output_tokens))
+            service = self.services.admit(usage.service.lower())
+            model = self.models.admit(usage.model)
+            for kind, n in usage.parts().items():
+                if n or kind in ("input", "output"):
+                    self._add(self.llm_tokens, (token, service, model, kind), float(n))
             self._add(self.llm_requests, (token, service, model), 1.0)
             if cost_usd is None:
                 self._add(self.llm_unpriced, (service, model), 1.0)
@@ -302,11 +309,12 @@ class ScrapeView:
     plus token info, one-hot status and budgets derived from the key store at scrape time."""
 
     def __init__(self, metrics: Metrics, keystore, clock: Callable[[], float] = time.time,
-                 limiter=None):
+                 limiter=None, pricing=None):
         self.metrics = metrics
         self.keystore = keystore
         self.clock = clock
         self.limiter = limiter
+        self.pricing = pricing
 
     def limited_tokens(self, now: Optional[float] = None) -> set:
         """Tokens with a window used up that has not reset yet: status rate_limited."""
@@ -338,6 +346,8 @@ class ScrapeView:
             state = self.limiter.breaker.state
             health.append((BREAKER, [((s,), 1.0 if s == state else 0.0)
                                      for s in ("closed", "half_open", "open")]))
+        if self.pricing is not None:
+            health.append((PRICING_INFO, [((self.pricing.version, self.pricing.checksum), 1.0)]))
         return [(INFO, info), (STATUS, status), (BUDGET, budget)] + health
 
     def render(self, accept: Optional[str] = None) -> Tuple[bytes, str]:

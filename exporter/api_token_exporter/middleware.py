@@ -149,17 +149,22 @@ def current_token() -> Optional[str]:
 
 
 def record_llm_usage(service: str, model: str, input_tokens: int = 0, output_tokens: int = 0,
-                     token: Optional[str] = None) -> LLMUsage:
+                     token: Optional[str] = None, *, cached_input_tokens: int = 0,
+                     cache_write_tokens: int = 0, reasoning_tokens: int = 0) -> LLMUsage:
     """Count LLM usage (tokens, cost) for the current request's token, or ``token``.
 
-    Raises UsageError for bad values, which are then not counted at all."""
+    ``input_tokens`` counts every prompt token and ``output_tokens`` every answer token (OpenAI's
+    prompt_tokens and completion_tokens); the cached, cache-write and reasoning tokens are parts
+    of them, priced at their own rates. Raises UsageError for bad values, which are then not
+    counted at all."""
     ctx = _current.get()
     if ctx is None:
         raise RuntimeError("record_llm_usage() called outside a request handled by TokenAnalytics")
     token = token or ctx.llm_token
     if not token:
         raise UsageError("no API token: call inside an authenticated request or pass token=")
-    usage = ctx.analytics.count_llm(token, validate_usage(service, model, input_tokens, output_tokens))
+    usage = ctx.analytics.count_llm(token, validate_usage(service, model, input_tokens, output_tokens,
+                                                         cached_input_tokens, cache_write_tokens, reasoning_tokens))
     ctx.llm_recorded = True
     return usage
 

@@ -1,15 +1,23 @@
-"""LLM prices per 1M tokens from a YAML file (the packaged pricing.yml by default)."""
+"""LLM prices per 1M tokens: the user's pricing file (YAML) over the shipped price snapshot
+(price_snapshot.py). Cost is computed when usage is counted, with the prices then in force:
+changing a price never rewrites what was already spent."""
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import os
-from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from dataclasses import asdict, dataclass
+from typing import Dict, List, Optional, Tuple
 
 import yaml
 
-from . import validation
+from . import price_snapshot, validation
+from .usage import LLMUsage
 
 DEFAULT_PRICING_FILE = os.path.join(os.path.dirname(__file__), "pricing.yml")
+PRICE_FIELDS = ("input", "output", "cached_input", "cache_write", "reasoning")
+Table = Dict[str, Dict[str, "Price"]]
 
 
 class PricingError(ValueError):
@@ -18,18 +26,33 @@ class PricingError(ValueError):
 
 @dataclass(frozen=True)
 class Price:
-    input: float     # USD per 1M input tokens
-    output: float    # USD per 1M output tokens
+    """USD per 1M tokens of each type; a cache or reasoning price not given is the input or
+    output price."""
+    input: float
+    output: float
+    cached_input: Optional[float] = None
+    cache_write: Optional[float] = None
+    reasoning: Optional[float] = None
 
-    def cost(self, input_tokens: int, output_tokens: int) -> float:
-        return (input_tokens * self.input + output_tokens * self.output) / 1_000_000
+    def per_type(self) -> Dict[str, float]:
+        return {"input": self.input, "output": self.output,
+                "cached_input": self.input if self.cached_input is None else self.cached_input,
+                "cache_write": self.input if self.cache_write is None else self.cache_write,
+                "reasoning": self.output if self.reasoning is None else self.reasoning}
+
+    def cost(self, usage: LLMUsage) -> float:
+        rates = self.per_type()
+        return sum(n * rates[kind] for kind, n in usage.parts().items()) / 1_000_000
 
 
 def _price(where: str, raw) -> Price:
-    if not isinstance(raw, dict) or set(raw) - {"input", "output"} or not raw:
-        raise PricingError(f"{where}: expected {{input: USD, output: USD}} per 1M tokens")
+    if not isinstance(raw, dict) or set(raw) - set(PRICE_FIELDS) or not {"input", "output"} <= set(raw):
+        raise PricingError(f"{where}: expected {{input: USD, output: USD}} per 1M tokens, and optionally "
+                           "cached_input, cache_write, reasoning")
     values = {}
-    for side in ("input", "output"):
+    for side in PRICE_FIELDS:
+        if raw.get(side) is None and side not in ("input", "output"):
+            continue
         try:
             values[side] = validation.number(f"{where}.{side}", raw.get(side), 0.0, 1e9)
         except validation.ValidationError as exc:
@@ -37,48 +60,103 @@ def _price(where: str, raw) -> Price:
     return Price(**values)
 
 
+def _match(models: Dict[str, Price], model: str) -> Tuple[int, Optional[Price]]:
+    """(how specific, price): the exact name beats every prefix, a longer prefix a shorter one."""
+    found = models.get(model)
+    if found is not None:
+        return len(model) + 1, found
+    best = ""
+    for name in models:
+        if len(name) > len(best) and model.startswith(name + "-"):
+            best = name
+    return (len(best), models[best]) if best else (0, None)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_snapshot(path: str, mtime_ns: int) -> Tuple[Table, str, str]:
+    """The snapshot's prices, version and digest, read once per version of the file (every app
+    and worker loads prices at start)."""
+    try:
+        snap = price_snapshot.load(path)
+        table = {str(service): {str(m): _price(f"{service}.{m}", p) for m, p in models.items()}
+                 for service, models in snap["services"].items()}
+    except (price_snapshot.SnapshotError, PricingError, AttributeError) as exc:
+        raise PricingError(f"price snapshot {path}: {exc}") from None
+    return table, str(snap["version"]), _digest(table)
+
+
+def _digest(table: Table) -> str:
+    return hashlib.sha256(json.dumps(
+        {s: {m: asdict(p) for m, p in models.items()} for s, models in table.items()},
+        sort_keys=True).encode()).hexdigest()
+
+
 class Pricing:
-    def __init__(self, prices: Dict[str, Dict[str, Price]], default: Optional[Price] = None):
-        self.prices = {s.lower(): {m: p for m, p in models.items()} for s, models in prices.items()}
+    """Prices by (service, model): the entry listed under the model's exact name, else under the
+    longest name the model starts with followed by '-', in the user's table or the snapshot;
+    the most specific name wins and, on the same name, the user's table; then the default."""
+
+    def __init__(self, prices: Table, default: Optional[Price] = None, snapshot: Optional[Table] = None,
+                 version: str = "none", snapshot_digest: Optional[str] = None):
+        self.tables: List[Table] = [
+            {s.lower(): dict(models) for s, models in table.items()} for table in (prices, snapshot or {})]
         self.default = default
+        self.version = version
         self._cache: Dict[Tuple[str, str], Optional[Price]] = {}
+        self.checksum = hashlib.sha256("".join(
+            [snapshot_digest or _digest(self.tables[1]), _digest(self.tables[0]), repr(self.default)]).encode()
+        ).hexdigest()[:12]
 
     @classmethod
-    def load(cls, path: Optional[str] = None) -> "Pricing":
+    def load(cls, path: Optional[str] = None, snapshot_path: Optional[str] = None) -> "Pricing":
+        """The pricing file (the packaged one, which lists no prices, by default) over the price
+        snapshot (the packaged one by default)."""
+        snapshot_path = snapshot_path or price_snapshot.DEFAULT_SNAPSHOT_FILE
+        try:
+            snapshot, version, digest = _load_snapshot(snapshot_path, os.stat(snapshot_path).st_mtime_ns)
+        except OSError as exc:
+            raise PricingError(f"price snapshot {snapshot_path}: {exc.strerror}") from None
         path = path or DEFAULT_PRICING_FILE
         try:
             with open(path, "r", encoding="utf-8") as fh:
                 doc = yaml.safe_load(fh) or {}
         except (OSError, yaml.YAMLError) as exc:
             raise PricingError(f"pricing file {path}: {exc}") from None
-        if not isinstance(doc.get("services"), dict):
+        if not isinstance(doc, dict):
+            raise PricingError(f"pricing file {path}: needs a 'services:' mapping")
+        services = doc.get("services") or {}
+        if not isinstance(services, dict):
             raise PricingError(f"pricing file {path}: needs a 'services:' mapping")
         if doc.get("currency", "USD") != "USD":
             raise PricingError(f"pricing file {path}: only USD prices are supported")
         prices = {}
-        for service, models in doc["services"].items():
+        for service, models in services.items():
             if not isinstance(models, dict):
                 raise PricingError(f"pricing file {path}: services.{service} must map models to prices")
-            prices[str(service)] = {str(m): _price(f"services.{service}.{m}", p)
-                                    for m, p in models.items()}
+            prices[str(service)] = {str(m): _price(f"services.{service}.{m}", p) for m, p in models.items()}
         default = doc.get("default")
-        return cls(prices, _price("default", default) if default is not None else None)
+        return cls(prices, _price("default", default) if default is not None else None, snapshot, version, digest)
+
+    def _find(self, service: str, model: str) -> Tuple[Optional[Price], str]:
+        service = service.lower()
+        best, found, source = 0, None, "none"
+        for table, name in zip(self.tables, ("pricing file", "snapshot")):
+            specific, price = _match(table.get(service, {}), model)
+            if specific > best:
+                best, found, source = specific, price, name
+        if found is None and self.default is not None:
+            return self.default, "default"
+        return found, source
 
     def price(self, service: str, model: str) -> Optional[Price]:
-        """The price of a model, the longest listed prefix ending at a '-', or the default."""
         key = (service, model)
         if key in self._cache:
             return self._cache[key]
-        models = self.prices.get(service.lower(), {})
-        found = models.get(model)
-        if found is None:
-            best = ""
-            for name in models:
-                if model.startswith(name + "-") and len(name) > len(best):
-                    best = name
-            found = models.get(best) if best else None
-        if found is None:
-            found = self.default
+        found = self._find(service, model)[0]
         if len(self._cache) < 10_000:
             self._cache[key] = found
         return found
+
+    def source(self, service: str, model: str) -> str:
+        """Where a model's price comes from: 'pricing file', 'snapshot', 'default' or 'none'."""
+        return self._find(service, model)[1]

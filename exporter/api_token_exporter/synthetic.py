@@ -15,6 +15,7 @@ from typing import Dict, List, Sequence, Tuple
 
 from .history import Aggregate, ImportResult, build_blocks
 from .metrics import LATENCY_BUCKETS
+from .usage import LLMUsage
 
 
 STEP = 120          # seconds between samples: every 5-minute window holds two, as rate() needs
@@ -29,6 +30,7 @@ class Profile:
     latency: Tuple[float, float] = (0.02, 0.2)  # typical range in seconds (log-uniform)
     llm: Sequence[Tuple[str, str]] = ()        # (service, model) it calls, one call per request
     llm_tokens: Tuple[int, int] = (200, 600)   # typical input and output tokens per call
+    cached: float = 0.0                        # share of the input read from the prompt cache
     refused: float = 0.0                       # 429s a minute (over its minute limit)
 
 
@@ -41,9 +43,10 @@ PROFILES: Dict[str, Profile] = {
     "demo-slow": Profile(15, (("/api/v1/slow", "GET"),), latency=(0.3, 2.5)),
     "demo-limited": Profile(20, ITEMS[:1], refused=40),
     "demo-llm": Profile(30, (("/api/v1/chat", "POST"),), latency=(0.3, 1.5),
-                        llm=(("openai", "gpt-4"), ("openai", "gpt-3.5-turbo"), ("anthropic", "claude-3-5-sonnet"))),
+                        llm=(("openai", "gpt-4o"), ("openai", "gpt-4o-mini"), ("anthropic", "claude-sonnet-4-5")),
+                        cached=0.4),
     "demo-sidecar": Profile(120, (("/v1/orders", "GET"), ("/v1/orders/{id}", "POST")),
-                            llm=(("openai", "gpt-3.5-turbo"),), llm_tokens=(20, 60)),
+                            llm=(("openai", "gpt-4o-mini"),), llm_tokens=(20, 60)),
 }
 
 
@@ -162,8 +165,10 @@ def generate(agg: Aggregate, start: float, end: float, seed: int = 42,
                     agg.add_durations(b, token, route, method, per_bucket, seconds)
             for (service, model), calls in zip(p.llm, _split(ok, [1] * len(p.llm), rnd) if p.llm else ()):
                 if calls:
-                    agg.add_llm(b, token, service, model, calls * rnd.randint(*sorted(p.llm_tokens)),
-                                calls * rnd.randint(p.llm_tokens[1], p.llm_tokens[1] * 2), calls)
+                    prompt = calls * rnd.randint(*sorted(p.llm_tokens))
+                    agg.add_llm(b, token, LLMUsage(service, model, prompt,
+                                                   calls * rnd.randint(p.llm_tokens[1], p.llm_tokens[1] * 2),
+                                                   int(prompt * p.cached)), calls)
     return plan
 
 
