@@ -37,7 +37,7 @@ def test_every_setting_is_documented():
 
 
 def test_series_budget_per_token_is_as_documented(keys):
-    """docs/metrics.md: 38 + R*M*C per token with three windows and no LLM use."""
+    """docs/metrics.md: 43 + R*M*C per token with three windows and no LLM use."""
     client = build_app(keys[0]).test_client()
     before = client.get("/metrics").get_data(as_text=True)
     client.get("/items", headers={"X-API-Key": keys[1]["alpha"]})
@@ -49,8 +49,8 @@ def test_series_budget_per_token_is_as_documented(keys):
     added = len(token_series(after, "alpha")) - len(token_series(before, "alpha"))
     # info, status and status-class lines exist for every configured key from the start
     assert len(token_series(before, "alpha")) == 11
-    assert len(token_series(after, "alpha")) == 39
-    assert "38 + R·M·C + 4·L + B" in CATALOGUE and added == 28
+    assert len(token_series(after, "alpha")) == 44
+    assert "43 + R·M·C + 4·L + B" in CATALOGUE and added == 33
 
 
 def test_overflow_label_is_shared_across_families():

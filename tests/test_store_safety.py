@@ -281,3 +281,48 @@ def test_a_full_disk_during_a_fold_is_logged_and_loses_nothing(tmp_path, monkeyp
     reader.store.close()
     assert sample_total(_render_text(Metrics(directory=str(tmp_path))), "apitoken_requests_total",
                         token="alpha") == 5
+
+
+OLD_LAYOUT_WRITER = """
+import sys
+from api_token_exporter import metrics
+from api_token_exporter.store import Family
+from api_token_exporter.metrics import FORMER_LATENCY_BUCKETS, Metrics
+old = FORMER_LATENCY_BUCKETS[0]
+real = metrics.catalogue
+def catalogue():          # as the release before the latency buckets changed wrote its files
+    return tuple(Family(f.name, f.kind, f.help, f.labelnames, old, scale=f.scale) if f.kind == "histogram" else f
+                 for f in real())
+metrics.catalogue = catalogue
+m = Metrics(directory=sys.argv[1])
+for seconds in map(float, sys.argv[2:]):
+    m.observe_request("alpha", "/a", "GET", 200, seconds, authenticated=True)
+"""
+
+
+def test_histograms_written_with_the_former_buckets_are_read_into_the_new_ones(tmp_path):
+    """An upgrade keeps every count: an old bucket's observations move to the first new bucket
+    at or above its bound, from a dead file and from the archive alike."""
+    def old_run(*seconds):
+        subprocess.run([sys.executable, "-c", OLD_LAYOUT_WRITER, str(tmp_path), *map(str, seconds)],
+                       check=True, timeout=60)
+    old_run(0.7, 3.5)
+    assert fold_dead_files(str(tmp_path), catalogue()) == 1           # into the archive, old layout
+    old_run(0.004, 20)                                                 # a dead file, old layout
+    now = Metrics(directory=str(tmp_path))
+    now.observe_request("alpha", "/a", "GET", 200, 0.7, authenticated=True)   # the new layout
+    text = _render_text(now)
+
+    def bucket(le):
+        return sample_total(text, "apitoken_request_duration_seconds_bucket", token="alpha", le=le)
+    assert sample_total(text, "apitoken_request_duration_seconds_count", token="alpha") == 5
+    assert sample_total(text, "apitoken_request_duration_seconds_sum", token="alpha") == pytest.approx(
+        0.7 + 3.5 + 0.004 + 20 + 0.7)
+    assert (bucket("0.005"), bucket("0.5"), bucket("0.75"), bucket("1.0"), bucket("3.0"), bucket("5.0"),
+            bucket("10.0"), bucket("+Inf")) == (1, 1, 2, 3, 3, 4, 4, 5)     # the old 0.7 counts at 1.0
+    assert sample_total(text, "apitoken_route_request_duration_seconds_count", route="/a") == 5
+    now.store.close()
+    assert fold_dead_files(str(tmp_path), catalogue()) == 1            # the archive now holds both layouts
+    again = _render_text(Metrics(directory=str(tmp_path)))
+    assert sample_total(again, "apitoken_request_duration_seconds_bucket", token="alpha", le="1.0") == 3
+    assert sample_total(again, "apitoken_request_duration_seconds_count", token="alpha") == 5

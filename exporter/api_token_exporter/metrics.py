@@ -28,7 +28,10 @@ UNMATCHED_ROUTE = "__unmatched__"         # every path that matches no route tem
 STATUSES = ("active", "rate_limited", "inactive", "invalid", "expired")
 AUTH_FAILURE_REASONS = ("missing", "invalid", "inactive", "expired")
 STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
-LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0)
+# bounds around the latency thresholds (1 s and 2 s by default) close enough that a quantile
+# estimated from them is within a quarter second there
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 5.0, 10.0)
+FORMER_LATENCY_BUCKETS = ((0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0),)
 MICROSECONDS = 1e6                        # duration sums are kept in whole microseconds
 NANO_USD = 1e9                            # cost is kept in whole nano-dollars (exact to $9M a series)
 OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
@@ -89,10 +92,10 @@ def catalogue() -> Tuple[Family, ...]:
                "HTTP requests by API token and status class (1xx-5xx); every class of a "
                "configured key exists at 0 from start-up.", ("token", "class")),
         Family("apitoken_request_duration_seconds", "histogram", "Request duration by API token.",
-               ("token",), b, scale=MICROSECONDS),
+               ("token",), b, scale=MICROSECONDS, former_buckets=FORMER_LATENCY_BUCKETS),
         Family("apitoken_route_request_duration_seconds", "histogram",
                "Request duration by route template and method.", ("route", "method"), b,
-               scale=MICROSECONDS),
+               scale=MICROSECONDS, former_buckets=FORMER_LATENCY_BUCKETS),
         Family("apitoken_auth_failures_total", "counter",
                "Requests refused for authentication, by reason.", ("reason",)),
         Family("apitoken_rate_limited_total", "counter",

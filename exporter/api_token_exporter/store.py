@@ -82,15 +82,20 @@ def escape_help(text: str) -> str:
     return text.replace("\\", r"\\").replace("\n", r"\n")
 
 
+def _layout_name(name: str, buckets: Tuple[float, ...]) -> str:
+    return f"{name}~le" + "_".join(float_to_go_string(b) for b in buckets)
+
+
 class Family:
     """One metric family: kind is counter, histogram, gauge_recent (latest write wins across
     processes), gauge_max, or gauge (derived at scrape time, never stored)."""
 
     __slots__ = ("name", "kind", "help", "labelnames", "buckets", "width", "series", "prefixes",
-                 "dropped", "scale")
+                 "dropped", "scale", "stored_as", "former")
 
     def __init__(self, name: str, kind: str, help_text: str, labelnames: Sequence[str],
-                 buckets: Sequence[float] = (), scale: float = 1.0):
+                 buckets: Sequence[float] = (), scale: float = 1.0,
+                 former_buckets: Sequence[Sequence[float]] = ()):
         """``scale``: fractional amounts (a counter's, or a histogram's sum) are stored as whole
         multiples of 1/scale. Whole numbers add exactly in any order, so the sum over processes
         and the archive never depends on how it was grouped: without it, folding a dead
@@ -104,6 +109,25 @@ class Family:
         self.series: Dict[tuple, int] = {}
         self.prefixes: Dict[tuple, str] = {}
         self.dropped: set = set()
+        # A histogram whose buckets changed is stored under a name of its own layout, and the
+        # values of earlier layouts (``former_buckets``, oldest first; the oldest stored under
+        # the plain name) are moved into the current buckets when read: a count in an old
+        # bucket goes to the first current bucket at or above its bound.
+        self.stored_as = _layout_name(name, self.buckets) if former_buckets else name
+        self.former: Dict[str, Tuple[float, ...]] = {
+            (name if i == 0 else _layout_name(name, tuple(b))): tuple(b) for i, b in enumerate(former_buckets)}
+
+    def current_values(self, stored_as: str, values: List[float]) -> List[float]:
+        """Values stored under ``stored_as`` (this layout or a former one) in this layout."""
+        old = self.former.get(stored_as)
+        if old is None:
+            return values
+        out = [0.0] * self.width
+        for bound, count in zip(old, values):
+            out[min(bisect.bisect_left(self.buckets, bound), len(self.buckets))] += count
+        out[len(self.buckets)] += values[len(old)]        # above the last bound
+        out[-1] += values[len(old) + 1]                   # the sum
+        return out
 
     @property
     def type_name(self) -> str:
@@ -165,7 +189,7 @@ class Store:
     def __init__(self, families: Iterable[Family], directory: Optional[str] = None,
                  capacity: int = DEFAULT_CAPACITY):
         self.families = list(families)
-        self.by_name = {f.name: f for f in self.families}
+        self.by_name = stored_names(self.families)
         self.directory = directory or None
         self.scratch = max([f.width for f in self.families] + [1])
         if capacity < self.scratch + 16:
@@ -266,7 +290,7 @@ class Store:
                 why = f"no disk space for the metric store in {self.directory} ({exc.strerror})"
         if why is None and self._index is not None:
             try:
-                self._index.write(f"{slot}\t{family.name}\t{json.dumps(list(key))}\n")
+                self._index.write(f"{slot}\t{family.stored_as}\t{json.dumps(list(key))}\n")
                 self._index.flush()
             except OSError as exc:
                 why = f"the metric store's index in {self.directory} cannot be written ({exc.strerror})"
@@ -325,7 +349,7 @@ class Store:
         With a directory, summed over every process's file and the archive (gauges: newest or
         max)."""
         if self.directory:
-            merged = self._merged().get(family.name, {})
+            merged = self._merged().get(family.stored_as, {})
             keys = list(merged)
             if family.kind == "histogram":
                 rows = [merged[k] for k in keys]
@@ -380,13 +404,13 @@ class Store:
         newest or max. The result is new on every call; nothing is shared between callers."""
         with self._merge_lock, _dir_lock(self.directory, exclusive=False):
             archive = self._read_archive()
-            merged: Dict[str, Dict[tuple, List[float]]] = {f.name: {} for f in self.families}
+            merged: Dict[str, Dict[tuple, List[float]]] = {f.stored_as: {} for f in self.families}
             for name, rows in archive.get("series", {}).items():
                 family = self.by_name.get(name)
                 if family is not None and family.width:
-                    target = merged[name]
+                    target = merged[family.stored_as]
                     for key, values in rows.items():
-                        merge_into(target, family.kind, key, values)
+                        merge_into(target, family.kind, key, family.current_values(name, values))
             folded = archive.get("folded", frozenset())
             seen = set()
             for data_path in sorted(glob.glob(os.path.join(self.directory, "ate-*.data"))):
@@ -482,6 +506,15 @@ class Store:
 
 
 # -- files: reading, folding ----------------------------------------------------------------
+def stored_names(families: Iterable[Family]) -> Dict[str, Family]:
+    """Family by every name its values may be stored under: its own and its former layouts'."""
+    out = {}
+    for family in families:
+        out[family.stored_as] = family
+        out.update(dict.fromkeys(family.former, family))
+    return out
+
+
 def read_index(path: str, offset: int = 0) -> Tuple[List[tuple], int]:
     """(entries, bytes consumed) of the complete lines of an index file from ``offset``."""
     try:
@@ -511,9 +544,13 @@ def read_file_into(merged: Dict[str, Dict[tuple, List[float]]], by_name: Dict[st
     try:
         for slot, name, key in entries:
             family = by_name.get(name)
-            if family is None or not family.width or slot + family.width > len(values):
+            if family is None or not family.width:
                 continue
-            merge_into(merged[name], family.kind, key, values[slot:slot + family.width].tolist())
+            width = family.width if name == family.stored_as else len(family.former[name]) + 2
+            if slot + width > len(values):
+                continue
+            merge_into(merged.setdefault(family.stored_as, {}), family.kind, key,
+                       family.current_values(name, values[slot:slot + width].tolist()))
     finally:
         values.release()
         mm.close()
@@ -559,7 +596,7 @@ def fold_dead_files(directory: str, families: Iterable[Family]) -> int:
     """Fold the files of processes that ended into the archive and delete them. Returns how
     many were folded. Safe to call from any process at any time (gunicorn's master calls it
     when it starts and when a worker exits)."""
-    by_name = {f.name: f for f in families}
+    by_name = stored_names(families)
     path = os.path.join(directory, ARCHIVE)
     with _dir_lock(directory, exclusive=True):
         archive = load_archive(path)
