@@ -130,3 +130,26 @@ def test_healthz(exporter):
     r = exporter.get("/healthz")
     assert r.status_code == 200 and r.get_json()["status"] == "ok" and r.get_json()["keys"] == 6
     assert exporter.get("/anything-else").status_code == 404
+
+
+def test_llm_details_are_parts_of_the_totals_and_null_means_none(exporter):
+    events = [
+        {"token": "alpha", "route": "/chat", "status": 200, "duration_ms": 5,
+         "llm": {"service": "openai", "model": "gpt-4o", "input_tokens": 1200, "output_tokens": 300,
+                 "cached_input_tokens": 1024, "reasoning_tokens": None, "cache_write_tokens": None}},
+        {"token": "alpha", "route": "/chat", "status": 200, "duration_ms": 5,
+         "llm": {"service": "anthropic", "model": "claude-sonnet-4-5", "input_tokens": 10, "output_tokens": 5,
+                 "cached_input_tokens": 8, "cache_write_tokens": 8}},
+        {"token": "alpha", "route": "/chat", "status": 200, "duration_ms": 5,
+         "llm": {"service": "openai", "model": "o3", "input_tokens": 10, "output_tokens": 5,
+                 "reasoning_tokens": ""}},
+    ]
+    body = post(exporter, {"events": events}).get_json()
+    assert body["accepted"] == 1 and body["rejected"] == 2
+    errors = {e["index"]: e["errors"] for e in body["errors"]}
+    assert "is more than input_tokens (10)" in errors[1][0]
+    assert errors[2] == ["llm: reasoning_tokens must be a number"]
+    text = metrics(exporter)
+    assert sample_total(text, "apitoken_llm_tokens_total", type="cached_input") == 1024
+    assert sample_total(text, "apitoken_llm_tokens_total", type="input") == 176
+    assert sample_total(text, "apitoken_llm_tokens_total") == 1500

@@ -44,17 +44,22 @@ def test_the_shipped_snapshot_is_as_prices_update_writes_it(tmp_path):
             assert {"input", "output"} <= set(price) <= set(price_snapshot.FIELDS), (service, model)
 
 
-def test_the_most_specific_name_wins_and_the_users_file_on_the_same_name(tmp_path):
+def test_the_users_file_wins_and_the_snapshot_matches_releases_only(tmp_path):
     p = Pricing.load()
     assert p.price("openai", "gpt-4o-2099-01-01") == p.price("openai", "gpt-4o")   # a new dated release
+    assert p.price("anthropic", "claude-sonnet-4-5-20991231") == p.price("anthropic", "claude-sonnet-4-5")
     assert p.price("openai", "gpt-4o-mini") != p.price("openai", "gpt-4o")
-    assert p.price("openai", "mystery") is None and p.source("openai", "mystery") == "none"
+    for other in ("gpt-4-my-finetune", "gpt-5-ultra", "gpt-4o-realtime-preview-2099", "mystery"):
+        assert p.price("openai", other) is None and p.source("openai", other) == "none", other
     f = tmp_path / "p.yml"
-    f.write_text("services:\n  openai:\n    gpt-4o: {input: 1, output: 2}\n")
+    f.write_text("services:\n  openai:\n    gpt-4o: {input: 1, output: 2}\n"
+                 "  anthropic:\n    claude-sonnet-4-5: {input: 1, output: 1}\n")
     mine = Pricing.load(str(f))
     assert (mine.price("openai", "gpt-4o").input, mine.source("openai", "gpt-4o")) == (1, "pricing file")
-    assert mine.price("openai", "gpt-4o-2099-01-01").input == 1
-    assert mine.price("openai", "gpt-4o-mini") == p.price("openai", "gpt-4o-mini")   # listed by itself
+    # the dated names the APIs answer with are listed in the snapshot, yet the user's entry wins
+    assert mine.price("openai", "gpt-4o-2024-08-06").input == 1 and p.source("openai", "gpt-4o-2024-08-06") == "snapshot"
+    assert mine.source("anthropic", "claude-sonnet-4-5-20250929") == "pricing file"
+    assert mine.price("openai", "gpt-4o-mini").input == 1                  # the user's rule: any "-" suffix
     assert mine.checksum != p.checksum and mine.version == p.version
 
 
@@ -157,11 +162,21 @@ def llm_app(keys):
 
         @app.get("/anthropic-cached-stream")
         def anthropic_cached_stream():
-            def events():
+            def events():          # message_delta's usage is cumulative; null means unchanged
                 yield ('event: message_start\ndata: {"type": "message_start", "message": {"model": '
                        '"claude-haiku-4-5", "usage": {"input_tokens": 8, "cache_read_input_tokens": 3000, '
                        '"cache_creation_input_tokens": 0, "output_tokens": 1}}}\n\n')
+                yield ('event: message_delta\ndata: {"type": "message_delta", "usage": {"input_tokens": null, '
+                       '"cache_read_input_tokens": null, "output_tokens": 40}}\n\n')
                 yield 'event: message_delta\ndata: {"type": "message_delta", "usage": {"output_tokens": 77}}\n\n'
+            return Response(events(), content_type="text/event-stream")
+
+        @app.get("/openai-responses-incomplete")
+        def openai_responses_incomplete():
+            def events():          # cut off by max_output_tokens: still billed
+                yield ('event: response.incomplete\ndata: {"type": "response.incomplete", "response": {"model": '
+                       '"o3", "usage": {"input_tokens": 20, "output_tokens": 500, '
+                       '"output_tokens_details": {"reasoning_tokens": 480}}}}\n\n')
             return Response(events(), content_type="text/event-stream")
 
         @app.get("/both")
@@ -198,7 +213,7 @@ def test_cached_and_reasoning_tokens_are_priced_at_the_snapshots_cache_rates(llm
     client = llm_app(capture_llm_usage=True)
     h = {"X-API-Key": keys[1]["alpha"]}
     for path in ("/openai-cached", "/openai-responses", "/openai-responses-stream", "/anthropic-cached",
-                 "/anthropic-cached-stream"):
+                 "/anthropic-cached-stream", "/openai-responses-incomplete"):
         assert client.get(path, headers=h).status_code == 200
     text = metrics(client)
 
@@ -210,7 +225,7 @@ def test_cached_and_reasoning_tokens_are_priced_at_the_snapshots_cache_rates(llm
         return sample_total(text, "apitoken_llm_cost_usd_total", model=model)
 
     expected = {   # model: (snapshot entry, disjoint tokens)
-        "o3": (("openai", "o3"), dict(input=400, cached_input=600, output=300, reasoning=200)),
+        "o3": (("openai", "o3"), dict(input=420, cached_input=600, output=320, reasoning=680)),
         "gpt-4o": (("openai", "gpt-4o"), dict(input=200, cached_input=100, output=40)),
         "gpt-4o-mini": (("openai", "gpt-4o-mini"), dict(input=6, cached_input=64, output=9)),
         "claude-sonnet-4-5-20250929": (("anthropic", "claude-sonnet-4-5-20250929"),
@@ -224,7 +239,7 @@ def test_cached_and_reasoning_tokens_are_priced_at_the_snapshots_cache_rates(llm
         prompt = parts["input"] + parts["cached_input"] + parts.get("cache_write", 0)
         answer = parts["output"] + parts.get("reasoning", 0)
         assert cost(model) != pytest.approx(snapshot_cost(*entry, input=prompt, output=answer), rel=1e-3), model
-    assert sample_total(text, "apitoken_llm_requests_total") == 5
+    assert sample_total(text, "apitoken_llm_requests_total") == 6
 
 
 def test_unpriced_model_is_counted_never_priced_at_zero(llm_app, keys):
@@ -360,3 +375,22 @@ def test_prices_update_converts_litellms_map_and_show_says_where_a_price_comes_f
     refused = cli("update", "--from", str(tmp_path / "missing.json"), "--output", str(tmp_path / "x.json"))
     assert refused.returncode == 2 and "missing.json" in refused.stderr and "Traceback" not in refused.stderr
     assert not (tmp_path / "x.json").exists()
+    unwritable = cli("update", "--from", str(source), "--output", str(tmp_path / "no" / "such" / "p.json"))
+    assert unwritable.returncode == 2 and "cannot write" in unwritable.stderr and "Traceback" not in unwritable.stderr
+    bad_version = cli("update", "--from", str(source), "--output", str(out), "--version", "x\ny")
+    assert bad_version.returncode == 2 and "printable" in bad_version.stderr
+
+
+def test_odd_usage_blocks_are_refused_with_the_field_named_or_read_as_documented():
+    from api_token_exporter.llmcapture import extract_usage
+
+    def found(usage):
+        body = json.dumps({"type": "message", "model": "claude-haiku-4-5", "usage": usage}).encode()
+        return extract_usage("application/json", body)
+    assert found({"input_tokens": True, "cache_read_input_tokens": 5, "output_tokens": 1}).input_tokens is True
+    with pytest.raises(UsageError, match="input_tokens must be a number"):
+        validate_usage(*found({"input_tokens": True, "cache_read_input_tokens": 5, "output_tokens": 1}))
+    with pytest.raises(UsageError, match="cached_input_tokens must be a number"):
+        validate_usage(*found({"input_tokens": 3, "cache_read_input_tokens": "5", "output_tokens": 1}))
+    assert validate_usage(*found({"input_tokens": 3, "cache_read_input_tokens": None, "output_tokens": 1})) \
+        .parts() == {"input": 3, "cached_input": 0, "cache_write": 0, "output": 1, "reasoning": 0}

@@ -243,6 +243,9 @@ def cmd_prices(args) -> int:
         except (price_snapshot.SnapshotError, PricingError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
+        except OSError as exc:
+            print(f"error: cannot write {args.output}: {exc.strerror}", file=sys.stderr)
+            return 2
         models = {(s, m) for s, ms in snapshot["services"].items() for m in ms}
         line = f"wrote {args.output}: {snapshot['version']}, {len(models):,} models of {len(snapshot['services'])} services"
         if previous:

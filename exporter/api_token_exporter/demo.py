@@ -376,7 +376,7 @@ class DemoStack:
                 scrape_interval=self.scrape_interval, evaluation_interval=self.scrape_interval)
             # 400 days as the compose stack: a year of trends
             self._start_prometheus = lambda: stack.start_prometheus(prom_dir, prom_config, port=prom_port,
-                                                                    retention="400d")
+                                                                    retention="400d", timeout=120)
             self.prometheus = self._start_prometheus()
             self.services.append(self.prometheus)
             if history_span:
@@ -420,13 +420,27 @@ class DemoStack:
         self.rules_backfill.start()
 
     def _restart_prometheus(self) -> None:
+        """Stop and start the demo's Prometheus on its port. A start that fails is tried again;
+        stop() never waits for a restart longer than the swap."""
         with self._services_lock:
             if self._stopping:
                 raise RuntimeError("the demo is stopping")
             old = self.prometheus
             old.stop()
-            self.prometheus = self._start_prometheus()
-            self.services[self.services.index(old)] = self.prometheus
+        for attempt in range(3):
+            try:
+                new = self._start_prometheus()
+                break
+            except (RuntimeError, TimeoutError) as exc:
+                log.warning("restarting Prometheus failed (%s), trying again", exc)
+        else:
+            raise RuntimeError("Prometheus did not start again: see prometheus.log")
+        with self._services_lock:
+            self.prometheus = new
+            self.services[self.services.index(old)] = new
+            if self._stopping:               # stop() ran meanwhile and stopped the old one
+                new.stop()
+                raise RuntimeError("the demo is stopping")
 
     def describe(self) -> List[str]:
         lines = [f"demo API        {self.api_url}/api/v1/items   (X-API-Key header required)",
@@ -472,10 +486,11 @@ class DemoStack:
     def stop(self) -> None:
         if self.generator:
             self.generator.stop()
+        self._stopping = True
         with self._services_lock:
-            self._stopping = True
-            for service in reversed(self.services):
-                service.stop()
+            services = list(self.services)
+        for service in reversed(services):
+            service.stop()
         for server in self.servers:
             server.shutdown()
         if self.webhook:

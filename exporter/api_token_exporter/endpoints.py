@@ -336,7 +336,8 @@ def validate_event(core, event) -> Tuple[Optional[dict], List[str]]:
             try:
                 clean["llm"] = validate_usage(llm.get("service"), llm.get("model"),
                                               llm.get("input_tokens", 0), llm.get("output_tokens", 0),
-                                              *(llm.get(name, 0) for name in DETAIL_FIELDS))
+                                              *(0 if llm.get(name) is None else llm[name]
+                                                for name in DETAIL_FIELDS))
             except UsageError as exc:
                 errors.append(f"llm: {exc}")
     return (None, errors) if errors else (clean, [])

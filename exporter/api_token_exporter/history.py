@@ -491,9 +491,9 @@ def backfill_rules(prometheus_url: str, rule_files: List[str], start: float, end
             for name in sorted(os.listdir(out_dir)):
                 os.rename(os.path.join(out_dir, name), os.path.join(data_dir, name))
                 moved.append(os.path.join(data_dir, name))
+        if reload:                           # the last level too: its series show at once
+            reload()
         if n + 1 < len(levels):                  # the next level reads this one's series
-            if reload:
-                reload()
             _wait_for_series(prometheus_url, [r["record"] for g in groups for r in g["rules"]],
                              (start + end) / 2, load_timeout)
     return moved
@@ -507,8 +507,11 @@ def _wait_for_series(prometheus_url: str, names: List[str], at: float, timeout: 
     probe = "{__name__=~\"" + "|".join(map(re.escape, names)) + "\"}"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        found = requests.get(prometheus_url + "/api/v1/series", timeout=30, params={
-            "match[]": probe, "start": at - 3600, "end": at}).json()
+        try:           # a Prometheus restarting meanwhile refuses, or answers 503 in text
+            found = requests.get(prometheus_url + "/api/v1/series", timeout=30, params={
+                "match[]": probe, "start": at - 3600, "end": at}).json()
+        except (requests.RequestException, ValueError):
+            found = {}
         if found.get("data"):
             return
         time.sleep(2)

@@ -1,6 +1,6 @@
 """Find LLM usage in response bodies: OpenAI (Chat Completions and Responses), Anthropic and
 Cohere JSON, and the streamed (server-sent events) forms of OpenAI (the final chunk with `usage`,
-or `response.completed`) and Anthropic (`message_start` and `message_delta`).
+or the closing `response.completed` / `.incomplete` / `.failed`) and Anthropic (`message_start` and `message_delta`).
 
 Cached and reasoning tokens are read where the provider reports them: OpenAI's
 `prompt_tokens_details.cached_tokens` / `input_tokens_details.cached_tokens` and
@@ -15,6 +15,10 @@ from __future__ import annotations
 
 import json
 from typing import List, NamedTuple, Optional
+
+
+# a Responses stream ends with one of these, each carrying the usage billed so far
+RESPONSE_ENDS = ("response.completed", "response.incomplete", "response.failed")
 
 
 class Found(NamedTuple):
@@ -33,15 +37,16 @@ def _detail(usage: dict, section: str, name: str):
     return part.get(name, 0) or 0 if isinstance(part, dict) else 0
 
 
-def _number(value):
-    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else 0
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _anthropic(model: str, usage: dict) -> Found:
     cache_read = usage.get("cache_read_input_tokens") or 0
     cache_write = usage.get("cache_creation_input_tokens") or 0
-    base = usage.get("input_tokens", 0)
-    total = base + _number(cache_read) + _number(cache_write) if isinstance(base, (int, float)) else base
+    base = usage.get("input_tokens") or 0
+    parts = (base, cache_read, cache_write)
+    total = sum(parts) if all(map(_is_number, parts)) else base    # validation names the bad one
     return Found("anthropic", model, total, usage.get("output_tokens", 0), cache_read, cache_write)
 
 
@@ -93,10 +98,10 @@ def _from_events(text: str, model_hint: Optional[str]) -> Optional[Found]:
             message = event["message"]
             model = message.get("model") or model
             if isinstance(message.get("usage"), dict):
-                anthropic.update(message["usage"])
-        elif kind == "message_delta" and isinstance(event.get("usage"), dict):
-            anthropic.update(event["usage"])
-        elif kind == "response.completed" and isinstance(event.get("response"), dict):   # OpenAI Responses
+                anthropic.update((k, v) for k, v in message["usage"].items() if v is not None)
+        elif kind == "message_delta" and isinstance(event.get("usage"), dict):   # cumulative; null: unchanged
+            anthropic.update((k, v) for k, v in event["usage"].items() if v is not None)
+        elif kind in RESPONSE_ENDS and isinstance(event.get("response"), dict):   # OpenAI Responses
             found = _from_object(dict(event["response"], object="response"), model_hint) or found
         elif isinstance(event.get("usage"), dict):                                # OpenAI chat
             found = _from_object(event, model_hint) or found

@@ -12,6 +12,7 @@ Tiered prices (above 200k prompt tokens), batch prices and audio or image tokens
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -29,6 +30,9 @@ FIELDS = {"input": "input_cost_per_token", "output": "output_cost_per_token",
 # LiteLLM providers that are one service as usage reports name it
 SERVICE_ALIASES = {"cohere_chat": "cohere", "text-completion-openai": "openai", "bedrock_converse": "bedrock",
                    "text-completion-codestral": "codestral"}
+
+
+VERSION = re.compile(r"^[\x20-\x7e]{1,100}$")    # a label value of apitoken_pricing_info
 
 
 class SnapshotError(ValueError):
@@ -102,6 +106,8 @@ def read_source(path: str) -> Tuple[dict, str, str]:
 
 
 def build(path: str, version: Optional[str] = None) -> dict:
+    if version is not None and not VERSION.match(version):
+        raise SnapshotError("--version must be 1-100 printable characters")
     source, found_version, digest = read_source(path)
     services = convert(source)
     if not services:
@@ -127,9 +133,14 @@ def write(snapshot: dict, path: str) -> None:
         lines.append("    }" + ("," if i + 1 < len(services) else ""))
     lines += ["  }", "}", ""]
     tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write("\n".join(lines))
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write("\n".join(lines))
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def load(path: Optional[str] = None) -> dict:
@@ -138,8 +149,13 @@ def load(path: Optional[str] = None) -> dict:
         with open(path, "r", encoding="utf-8") as fh:
             doc = json.load(fh)
     except (OSError, ValueError) as exc:
-        raise SnapshotError(f"price snapshot {path}: {exc}") from None
+        raise SnapshotError(str(exc)) from None
     if not isinstance(doc, dict) or not isinstance(doc.get("services"), dict) or not doc.get("version"):
-        raise SnapshotError(f"price snapshot {path}: needs 'version' and 'services' "
-                            "(write one with: api-token-exporter prices update --from FILE)")
+        raise SnapshotError("needs 'version' and 'services' (write one with: api-token-exporter prices "
+                            "update --from FILE)")
+    bad = next((s for s, models in doc["services"].items() if not isinstance(models, dict)), None)
+    if bad is not None:
+        raise SnapshotError(f"services.{bad} must map models to prices")
+    if not VERSION.match(str(doc["version"])):
+        raise SnapshotError("version must be 1-100 printable characters")
     return doc

@@ -7,6 +7,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -60,16 +61,23 @@ def _price(where: str, raw) -> Price:
     return Price(**values)
 
 
-def _match(models: Dict[str, Price], model: str) -> Tuple[int, Optional[Price]]:
-    """(how specific, price): the exact name beats every prefix, a longer prefix a shorter one."""
+# a snapshot name stands for its dated releases only: gpt-4o-2024-08-06, claude-x-20250929,
+# model-latest, a Bedrock model's version; not for other models that share its start
+RELEASE_SUFFIX = re.compile(r"^(-(\d{4}-\d{2}-\d{2}|\d{8}|\d{4}|latest|v\d+(:\d+)?)|@.+)$")
+
+
+def _match(models: Dict[str, Price], model: str, releases_only: bool) -> Optional[Price]:
+    """The entry under the exact name, else under the longest listed name the model starts
+    with followed by '-' (for the snapshot: followed by a release suffix only)."""
     found = models.get(model)
     if found is not None:
-        return len(model) + 1, found
+        return found
     best = ""
     for name in models:
-        if len(name) > len(best) and model.startswith(name + "-"):
+        if len(name) > len(best) and model.startswith(name) and (
+                RELEASE_SUFFIX.match(model[len(name):]) if releases_only else model.startswith(name + "-")):
             best = name
-    return (len(best), models[best]) if best else (0, None)
+    return models[best] if best else None
 
 
 @functools.lru_cache(maxsize=4)
@@ -80,7 +88,7 @@ def _load_snapshot(path: str, mtime_ns: int) -> Tuple[Table, str, str]:
         snap = price_snapshot.load(path)
         table = {str(service): {str(m): _price(f"{service}.{m}", p) for m, p in models.items()}
                  for service, models in snap["services"].items()}
-    except (price_snapshot.SnapshotError, PricingError, AttributeError) as exc:
+    except (price_snapshot.SnapshotError, PricingError) as exc:
         raise PricingError(f"price snapshot {path}: {exc}") from None
     return table, str(snap["version"]), _digest(table)
 
@@ -92,9 +100,9 @@ def _digest(table: Table) -> str:
 
 
 class Pricing:
-    """Prices by (service, model): the entry listed under the model's exact name, else under the
-    longest name the model starts with followed by '-', in the user's table or the snapshot;
-    the most specific name wins and, on the same name, the user's table; then the default."""
+    """Prices by (service, model): the user's table first, by exact name, else by the longest
+    listed name the model starts with followed by '-'; then the snapshot, by exact name or a
+    listed name followed by a release suffix; then the default."""
 
     def __init__(self, prices: Table, default: Optional[Price] = None, snapshot: Optional[Table] = None,
                  version: str = "none", snapshot_digest: Optional[str] = None):
@@ -139,14 +147,13 @@ class Pricing:
 
     def _find(self, service: str, model: str) -> Tuple[Optional[Price], str]:
         service = service.lower()
-        best, found, source = 0, None, "none"
         for table, name in zip(self.tables, ("pricing file", "snapshot")):
-            specific, price = _match(table.get(service, {}), model)
-            if specific > best:
-                best, found, source = specific, price, name
-        if found is None and self.default is not None:
+            found = _match(table.get(service, {}), model, releases_only=name == "snapshot")
+            if found is not None:
+                return found, name
+        if self.default is not None:
             return self.default, "default"
-        return found, source
+        return None, "none"
 
     def price(self, service: str, model: str) -> Optional[Price]:
         key = (service, model)

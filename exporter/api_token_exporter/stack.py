@@ -150,7 +150,7 @@ def _launch(name: str, binary: str, workdir: str, config: dict, port: int, flags
     with open(cfg_path, "w", encoding="utf-8") as fh:
         yaml.safe_dump(config, fh, sort_keys=False)
     log_path = os.path.join(workdir, f"{name}.log")
-    with open(log_path, "w") as log:
+    with open(log_path, "a") as log:            # a restart keeps the earlier run's lines
         proc = subprocess.Popen([binary, f"--config.file={cfg_path}", f"--web.listen-address=127.0.0.1:{port}",
                                  *flags], stdout=log, stderr=subprocess.STDOUT)
     return _wait_ready(Service(name, f"http://127.0.0.1:{port}", proc, log_path), ready_path, timeout)
