@@ -44,3 +44,39 @@ def test_route_cap_with_many_templates(keys):
     assert len(routes) == 11 and "__overflow__" in routes
     assert sum(v for l, v in samples(text, "apitoken_label_overflow_total").items()
                if dict(l)["label"] == "route") == 20
+
+
+def test_failing_clients_are_capped_for_good_and_keep_their_own_exact_series(tmp_path, keys):
+    """The first max_clients failing addresses get their own series, exactly counted; later ones
+    share __overflow__, and a restart on the same state directory does not open new room."""
+    from api_token_exporter.metrics import Metrics
+    from conftest import sample_total
+    first = Metrics(directory=str(tmp_path), max_clients=3)
+    for i, times in enumerate((6, 1, 2, 4, 5)):
+        for _ in range(times):
+            first.auth_failure("invalid", f"203.0.113.{i}")
+    text = first.store.render().decode()
+    assert {dict(l)["client"] for l in samples(text, "apitoken_auth_failures_by_client_total")} == \
+        {"203.0.113.0", "203.0.113.1", "203.0.113.2", "__overflow__"}
+    assert sample_total(text, "apitoken_auth_failures_by_client_total", client="203.0.113.0") == 6
+    assert sample_total(text, "apitoken_auth_failures_by_client_total", client="__overflow__") == 9
+    assert sample_total(text, "apitoken_label_overflow_total", label="client") == 9
+    first.store.close()
+    again = Metrics(directory=str(tmp_path), max_clients=3)
+    again.auth_failure("missing", "198.51.100.7")               # new: no room left
+    again.auth_failure("missing", "203.0.113.1")                # known: its own series goes on
+    text = again.store.render().decode()
+    assert sample_total(text, "apitoken_auth_failures_by_client_total", client="203.0.113.1") == 2
+    assert sample_total(text, "apitoken_auth_failures_by_client_total", client="__overflow__") == 10
+    assert "198.51.100.7" not in text
+
+
+def test_the_middleware_counts_failures_by_the_client_address(client, keys):
+    from conftest import sample_total
+    for _ in range(3):
+        client.get("/items", headers={"X-API-Key": "atk_" + secrets.token_urlsafe(24)},
+                   environ_base={"REMOTE_ADDR": "192.0.2.44"})
+    client.get("/items", headers={"X-API-Key": keys[1]["alpha"]}, environ_base={"REMOTE_ADDR": "192.0.2.45"})
+    text = client.get("/metrics").get_data(as_text=True)
+    assert sample_total(text, "apitoken_auth_failures_by_client_total", client="192.0.2.44") == 3
+    assert 'client="192.0.2.45"' not in text                        # success creates no series

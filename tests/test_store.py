@@ -69,8 +69,10 @@ def drive(metrics, ref, seed=7, tokens=40):
             ref["apitoken_llm_requests_total"].labels(token, "openai", "gpt-4").inc()
             ref["apitoken_llm_cost_usd_total"].labels(token, "openai", "gpt-4").inc(0.0009)
         if i % 11 == 0:
-            metrics.auth_failure("invalid")
+            client = f"10.0.0.{rnd.randrange(5)}"
+            metrics.auth_failure("invalid", client)
             ref["apitoken_auth_failures_total"].labels("invalid").inc()
+            ref["apitoken_auth_failures_by_client_total"].labels(client).inc()
             metrics.observe_rate_limited(token, "minute")
             ref["apitoken_rate_limited_total"].labels(token, "minute").inc()
 

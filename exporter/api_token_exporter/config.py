@@ -57,6 +57,7 @@ class Settings:
     max_tokens: int = 10_000                # distinct token label values per family
     max_routes: int = 500
     max_models: int = 200
+    max_clients: int = 100                  # clients with their own failed-authentication series
     pricing_file: Optional[str] = None      # your LLM prices; the packaged pricing.yml (none) by default
     prices_file: Optional[str] = None       # the price snapshot (prices update); the packaged one by default
     capture_llm_usage: bool = False         # read usage from OpenAI/Anthropic/Cohere responses
@@ -88,7 +89,7 @@ class Settings:
             raise ConfigError("metrics_path must start with /")
         if bool(self.metrics_basic_user) != bool(self.metrics_basic_password):
             raise ConfigError("metrics basic auth needs both user and password")
-        for name in ("max_tokens", "max_routes", "max_models", "ingest_max_events",
+        for name in ("max_tokens", "max_routes", "max_models", "max_clients", "ingest_max_events",
                      "recent_requests", "capture_max_bytes", "store_capacity", "analytics_max_days",
                      "admin_rate_limit"):
             if getattr(self, name) < 1:

@@ -30,7 +30,7 @@ class UsageCore:
         self.limiter = RateLimiter(s.storage_uri, timeout=s.storage_timeout,
                                    failure_mode=s.storage_failure_mode, logger=log)
         self.metrics = Metrics(max_tokens=s.max_tokens, max_routes=s.max_routes,
-                               max_models=s.max_models, directory=s.state_dir,
+                               max_models=s.max_models, max_clients=s.max_clients, directory=s.state_dir,
                                capacity=s.store_capacity)
         self.keystore.on_install.append(lambda keys: self.metrics.init_tokens(k.id for k in keys))
         self.keystore.on_error.append(self.metrics.key_file_error)
@@ -87,8 +87,8 @@ class UsageCore:
         return decision
 
     # -- recording ---------------------------------------------------------------------------
-    def auth_failure(self, reason: str) -> None:
-        self.metrics.auth_failure(reason)
+    def auth_failure(self, reason: str, client: str = "") -> None:
+        self.metrics.auth_failure(reason, client)
 
     def record_request(self, token: Optional[str], route: str, method: str, code: int,
                        duration: float, now: Optional[float] = None,

@@ -211,7 +211,7 @@ def _thresholds(t: dict) -> Dict[str, dict]:
         "rate_limit": steps(("green", None), ("orange", t["rate_limit"]["approaching_ratio"]), ("red", 1)),
         "budget": steps(("green", None), ("orange", t["budgets"]["warning"]),
                         ("red", t["budgets"]["critical"]), ("dark-red", 1)),
-        "unauthorized": steps(("green", None), ("red", t["unauthorized"]["critical"])),
+        "unauthorized": steps(("green", None), ("orange", t["unauthorized"]["api_wide_warning"] + 1)),
         "headroom": steps(("red", None), ("orange", 1 - t["rate_limit"]["approaching_ratio"]), ("green", 0.5)),
     }
 
@@ -414,8 +414,10 @@ def alerts(t: dict) -> dict:
     b.stat("Watchdog (must be 1)", 'count(ALERTS{alertname="Watchdog", alertstate="firing"}) or vector(0)', "none",
            w=6, thresholds=steps(("red", None), ("green", 1)),
            description="0 means the alerting pipeline is broken")
-    b.stat("Failed authentications (1h)", ":apitoken_auth_failures:increase1h or vector(0)", "short", w=6,
-           thresholds=th["unauthorized"], decimals=0)
+    b.stat("Failed authentications (1h, all clients)", ":apitoken_auth_failures:count1h or vector(0)", "short",
+           w=6, thresholds=th["unauthorized"], decimals=0,
+           description="alerts: ApiTokenUnauthorizedAccessApiWide above the API-wide threshold, "
+                       "ApiTokenUnauthorizedAccess per client")
     b.table("Firing alerts", [target(
         'max by (alertname, severity, token) (ALERTS{alertstate="firing", alertname!="Watchdog"})', "",
         instant=True, fmt="table")], "none", {"alertname": "Alert", "severity": "Severity", "token": "Token"},

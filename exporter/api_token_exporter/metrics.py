@@ -98,6 +98,9 @@ def catalogue() -> Tuple[Family, ...]:
                scale=MICROSECONDS, former_buckets=FORMER_LATENCY_BUCKETS),
         Family("apitoken_auth_failures_total", "counter",
                "Requests refused for authentication, by reason.", ("reason",)),
+        Family("apitoken_auth_failures_by_client_total", "counter",
+               "Requests refused for authentication, by client address (the first max_clients clients "
+               "get their own series; later ones share __overflow__).", ("client",)),
         Family("apitoken_rate_limited_total", "counter",
                "Requests refused with 429, by token and the window that refused them.", ("token", "window")),
         Family("apitoken_rate_limit_limit", "gauge_recent", "Requests allowed per window.", ("token", "window")),
@@ -158,10 +161,10 @@ class Metrics:
     remembered, every write in the store's own layout."""
 
     def __init__(self, max_tokens: int = 10_000, max_routes: int = 500, max_models: int = 200,
-                 directory: Optional[str] = None, capacity: Optional[int] = None):
+                 directory: Optional[str] = None, capacity: Optional[int] = None, max_clients: int = 100):
         families = catalogue()
         (self.requests, self.by_class, self.duration, self.route_duration, self.auth_failures,
-         self.rate_limited, self.rl_limit, self.rl_remaining, self.rl_reset, self.storage_errors,
+         self.auth_failures_by_client, self.rate_limited, self.rl_limit, self.rl_remaining, self.rl_reset, self.storage_errors,
          self.last_used, self.llm_tokens, self.llm_requests, self.llm_cost, self.llm_unpriced,
          self.overflow, self.ingest_events, self.key_file_errors, _dropped) = families
         self.store = Store(families, directory, capacity or DEFAULT_CAPACITY)
@@ -176,6 +179,11 @@ class Metrics:
         self.routes = LabelGuard("route", max_routes, count_overflow, fixed=(UNMATCHED_ROUTE,))
         self.models = LabelGuard("model", max_models, count_overflow)
         self.services = LabelGuard("service", 50, count_overflow)
+        # failing clients are unbounded over time: the ones the store already holds (earlier
+        # runs, other workers) count against the cap, so it bounds the state directory too
+        self.clients = LabelGuard("client", max_clients, count_overflow)
+        with self.store.snapshot():
+            self.clients.reserve(key[0] for key in self.store.values_by_key(self.auth_failures_by_client))
         self.store.on_reopen.append(self._reopened)
         self._initial_series()
 
@@ -183,7 +191,7 @@ class Metrics:
         """After fork: the parent's slots mean nothing in the child's new file."""
         self._window_slots.clear()
         self._request_slots.clear()
-        for guard in (self.tokens, self.routes, self.models, self.services):
+        for guard in (self.tokens, self.routes, self.models, self.services, self.clients):
             guard.after_fork()
         self._initial_series()
 
@@ -246,9 +254,10 @@ class Metrics:
             self._request_slots[(token, route, method, code, authenticated)] = slots
         return slots
 
-    def auth_failure(self, reason: str) -> None:
+    def auth_failure(self, reason: str, client: str = "") -> None:
         with self.store.lock:
             self._add(self.auth_failures, (reason,), 1.0)
+            self._add(self.auth_failures_by_client, (self.clients.admit(client or "unknown"),), 1.0)
 
     def set_windows(self, token: str, windows, now: float) -> None:
         """Limit, remaining and reset time of each window, as of ``now``."""

@@ -317,7 +317,7 @@ class TokenAnalytics:
         key, reason = self.core.authenticate(environ.get(self._key_environ))
         observe = self.settings.observe_only
         if reason is not None:
-            self.core.auth_failure(reason)
+            self.core.auth_failure(reason, environ.get("REMOTE_ADDR", ""))
             if not observe:
                 code, detail = REFUSALS[reason]
                 body = json_response(start_response, code, {"detail": detail})

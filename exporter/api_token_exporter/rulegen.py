@@ -85,9 +85,10 @@ def validate(t: dict) -> None:
     for p in ("latency.warning", "latency.critical", "error_rate.warning", "error_rate.critical",
               "usage_spike.warning", "usage_spike.critical", "unauthorized.critical",
               "latency.min_requests", "error_rate.min_requests",
-              "usage_spike.min_requests_per_second"):
+              "usage_spike.min_requests_per_second", "unauthorized.api_wide_warning"):
         need(p, positive, "a number above 0")
     need("latency.quantile", lambda v: positive(v) and v < 1, "between 0 and 1")
+    need("rate_limit.refused_critical_for", lambda v: v is None or duration(v), "a duration or null")
     need("rate_limit.approaching_ratio", lambda v: positive(v) and v <= 1, "between 0 and 1")
     need("budgets.warning", lambda v: positive(v) and v < 1, "between 0 and 1")
     need("budgets.critical", lambda v: positive(v) and v < 1, "between 0 and 1")
@@ -111,8 +112,16 @@ def _q(value: float) -> str:
     return "p" + f"{value * 100:g}".replace(".", "_")
 
 
+def exact_increase(counter: str, window: str) -> str:
+    """How much each series of a counter rose over ``window``: the difference of the raw samples,
+    no extrapolation, so whole events stay whole; a series born within the window counts in full.
+    (A counter reset reads as no rise: keep counters across restarts with state_dir.)"""
+    return f"({counter} - {counter} offset {window} >= 0 or {counter})"
+
+
 def recording_rules(t: dict) -> List[dict]:
     w, c = t["rate_window"], t["coarse_window"]
+    uw = t["unauthorized"]["window"]
     c2 = c2_of(t)     # an hourly series is only visible for 5m to instant queries: look back further
     q = t["latency"]["quantile"]
     quantiles = sorted({0.5, q, 0.99})
@@ -161,8 +170,11 @@ def recording_rules(t: dict) -> List[dict]:
                   '  / on (token, period) max by (token, period) (apitoken_budget_usd{period="monthly"} > 0)')},
         {"record": "reason:apitoken_auth_failures:increase1h",
          "expr": "sum by (reason) (increase(apitoken_auth_failures_total[1h]))"},
-        {"record": f":apitoken_auth_failures:increase{t['unauthorized']['window']}",
-         "expr": f"sum(increase(apitoken_auth_failures_total[{t['unauthorized']['window']}]))"},
+        # exact counts for the thresholds: increase() extrapolates 5 failures to 5.08
+        {"record": f":apitoken_auth_failures:count{uw}",
+         "expr": f"sum({exact_increase('apitoken_auth_failures_total', uw)})"},
+        {"record": f"client:apitoken_auth_failures:count{uw}",
+         "expr": f"sum by (client) ({exact_increase('apitoken_auth_failures_by_client_total', uw)})"},
         {"record": "token:apitoken_requests:rate1h",
          "expr": "sum by (token) (rate(apitoken_requests_by_class_total[1h]))"},
         {"record": "token:apitoken_requests:rate1d",
@@ -235,8 +247,9 @@ def alert_rules(t: dict) -> List[dict]:
              f"and on (token) token:apitoken_requests:rate{w} * {w_s} >= {lat['min_requests']:g}"),
             lat["for"],
             f"{q} latency of token {{{{ $labels.token }}}} is above {limit:g}s",
-            (f"Token {{{{ $labels.token }}}} has a {q} response time of "
-             f"{{{{ $value | humanizeDuration }}}} over the last {w} ({severity} above {limit:g}s)."),
+            (f"The {q} response time of token {{{{ $labels.token }}}} over the last {w} is about "
+             f"{{{{ $value | humanizeDuration }}}} ({severity} above {limit:g}s; a {q} estimated from "
+             f"histogram buckets, within one bucket of the true value)."),
             threshold=f"{limit:g}s"))
     for severity in ("warning", "critical"):
         limit = err[severity]
@@ -262,15 +275,25 @@ def alert_rules(t: dict) -> List[dict]:
              f"rate (the larger of the same hour last week and the daily average; {severity} above "
              f"{factor:g}x)."),
             threshold=f"{factor:g}x"))
+    uw = unauth["window"]
     rules.append(_alert(
         t, "ApiTokenUnauthorizedAccess", "critical",
-        f":apitoken_auth_failures:increase{unauth['window']} > {unauth['critical']:g}",
+        f"client:apitoken_auth_failures:count{uw} > {unauth['critical']:g}",
         unauth["for"],
-        "Repeated failed API-key authentications",
-        (f"{{{{ $value | printf \"%.0f\" }}}} requests failed authentication (missing, invalid, "
-         f"inactive or expired key) in the last {unauth['window']} (critical above "
-         f"{unauth['critical']:g})."),
-        threshold=f"{unauth['critical']:g} per {unauth['window']}"))
+        "Client {{ $labels.client }} keeps failing API-key authentication",
+        (f"{{{{ $value | printf \"%.0f\" }}}} requests from {{{{ $labels.client }}}} failed authentication "
+         f"(missing, invalid, inactive or expired key) in the last {uw} (critical above "
+         f"{unauth['critical']:g}).{{{{ if eq $labels.client \"__overflow__\" }}}} These are clients past "
+         f"max_clients, counted together.{{{{ end }}}}"),
+        threshold=f"{unauth['critical']:g} per {uw} per client"))
+    rules.append(_alert(
+        t, "ApiTokenUnauthorizedAccessApiWide", "warning",
+        f":apitoken_auth_failures:count{uw} > {unauth['api_wide_warning']:g}",
+        unauth["for"],
+        "Many failed API-key authentications across the API",
+        (f"{{{{ $value | printf \"%.0f\" }}}} requests failed authentication in the last {uw}, all "
+         f"clients together (warning above {unauth['api_wide_warning']:g})."),
+        threshold=f"{unauth['api_wide_warning']:g} per {uw}"))
     ratio = rl["approaching_ratio"]
     rules.append(_alert(
         t, "ApiTokenRateLimitApproaching", "warning",
@@ -280,14 +303,17 @@ def alert_rules(t: dict) -> List[dict]:
         ("Token {{ $labels.token }} has used {{ $value | humanizePercentage }} of its "
          f"{{{{ $labels.window }}}} window (warning at {ratio * 100:g}%)."),
         threshold=f"{ratio * 100:g}%"))
-    rules.append(_alert(
-        t, "ApiTokenRateLimited", "critical",
-        f"token_window:apitoken_rate_limited:rate{w} > 0",
-        rl["refused_for"],
-        "Token {{ $labels.token }} is being refused with 429",
-        ("Token {{ $labels.token }} is over its {{ $labels.window }} limit: "
-         f"{{{{ $value | printf \"%.2f\" }}}} requests per second refused with 429 over the last {w}."),
-        threshold="any 429"))
+    refusing = f"token_window:apitoken_rate_limited:rate{w} > 0"
+    for severity, for_ in (("warning", rl["refused_for"]), ("critical", rl["refused_critical_for"])):
+        if for_ is None:
+            continue
+        lasting = f" without a break for {for_}" if severity == "critical" else ""
+        rules.append(_alert(
+            t, "ApiTokenRateLimited", severity, refusing, for_,
+            f"Token {{{{ $labels.token }}}} is being refused with 429{lasting}",
+            (f"Token {{{{ $labels.token }}}} is over its {{{{ $labels.window }}}} limit{lasting}: "
+             f"{{{{ $value | printf \"%.2f\" }}}} requests per second refused with 429 over the last {w}."),
+            threshold="any 429" if severity == "warning" else f"429s for {for_}"))
     for window, spec in sorted(rl["exhaustion"].items()):
         horizon = int(seconds(spec["horizon"]))
         rules.append(_alert(
