@@ -3,6 +3,7 @@ rules rendered from prometheus/thresholds.yml with short windows) -> Alertmanage
 committed routing and templates) -> webhook sink, Slack (posted to the sink) and SMTP sink."""
 import concurrent.futures
 import os
+import re
 import threading
 import time
 
@@ -25,7 +26,7 @@ FAST = {
     "latency": {"for": "2s", "min_requests": 4},
     "error_rate": {"for": "2s", "min_requests": 10},
     "token_state": {"for": "2s"},
-    "rate_limit": {"approaching_for": "0s", "refused_for": "0s"},
+    "rate_limit": {"approaching_for": "0s", "refused_for": "0s", "refused_critical_for": "3s"},
 }
 RUNBOOK = "http://localhost:9464/runbooks"        # runbook_base_url of prometheus/thresholds.yml
 
@@ -164,6 +165,9 @@ def test_every_alert_reaches_the_webhook_with_its_labels(stack):
     assert alert["annotations"]["runbook_url"] == RUNBOOK + "#apitokenhigherrorrate"
     assert alert["annotations"]["threshold"] == "10%"
     assert "of the requests of token flaky failed with a 5xx status" in alert["annotations"]["description"]
+    unauthorized = next(a for a in stack["webhook"].alerts() if a["labels"]["alertname"] == "ApiTokenUnauthorizedAccess")
+    assert unauthorized["labels"]["client"] == "127.0.0.1"          # per client, counted exactly
+    assert re.match(r"[678] requests from 127\.0\.0\.1 failed authentication", unauthorized["annotations"]["description"])
     limited = next(a for a in stack["webhook"].alerts() if a["labels"]["alertname"] == "ApiTokenRateLimited")
     assert limited["labels"]["window"] == "minute"
     # the API key itself never travels with an alert
@@ -190,7 +194,8 @@ def test_critical_alerts_arrive_by_email_and_warnings_do_not(stack):
     assert mail["to"] == "api-oncall@example.com"
     assert "Token: slowpoke" in mail["body"] and "Threshold: 2s" in mail["body"]
     assert f"Runbook: {RUNBOOK}#apitokenhighlatency" in mail["body"]
-    assert "has a p95 response time of" in mail["body"]
+    assert "The p95 response time of token slowpoke over the last 20s is about" in mail["body"]
+    assert "estimated from histogram buckets" in mail["body"]
     assert not [s for s in subjects() if "(warning)" in s]
 
 

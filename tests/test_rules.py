@@ -112,8 +112,9 @@ def test_every_runbook_link_has_a_section():
     anchors = {"#" + re.sub(r"[^a-z0-9 -]", "", h.strip().lower()).replace(" ", "-")
                for h in re.findall(r"^#+ (.+)$", runbooks, re.M)}
     alerts_doc = open(os.path.join(ROOT, "docs", "alerts.md")).read()
-    for group in yaml.safe_load(open(os.path.join(RULES_DIR, "apitoken-alerts.yml")))["groups"]:
-        for rule in group["rules"]:
+    for group in [g for f in ("apitoken-alerts.yml", "apitoken-anomalies.yml")
+                  for g in yaml.safe_load(open(os.path.join(RULES_DIR, f)))["groups"]]:
+        for rule in [r for r in group["rules"] if "alert" in r]:
             url = rule["annotations"]["runbook_url"]
             assert "#" + url.split("#", 1)[1] in anchors, url
             assert f"`{rule['alert']}`" in alerts_doc, rule["alert"]
@@ -130,6 +131,10 @@ ROUTES = [
     ({"alertname": "ApiTokenUnauthorizedAccess", "severity": "critical"}, "critical"),
     ({"alertname": "ApiTokenRateLimitApproaching", "severity": "warning", "token": "d", "window": "minute"}, "warning"),
     ({"alertname": "ApiTokenRateLimited", "severity": "critical", "token": "d", "window": "minute"}, "critical"),
+    ({"alertname": "ApiTokenRateLimited", "severity": "warning", "token": "d", "window": "minute"}, "warning"),
+    ({"alertname": "ApiTokenUnauthorizedAccessApiWide", "severity": "warning"}, "warning"),
+    ({"alertname": "ApiTokenTrafficAnomaly", "severity": "warning", "token": "g", "anomaly": "traffic",
+      "direction": "down"}, "warning"),
     ({"alertname": "ApiTokenInvalidStillUsed", "severity": "warning", "token": "e", "status": "inactive"}, "warning"),
     ({"alertname": "ApiTokenExporterDown", "severity": "critical", "instance": "x:1"}, "critical"),
     ({"alertname": "ApiTokenBudgetHigh", "severity": "warning", "token": "f", "period": "daily"}, "warning"),

@@ -22,7 +22,7 @@ def cmd_keys(args) -> int:
                                         ("monthly", args.monthly_budget)) if v is not None}
             raw = add_key(args.file, args.id, name=args.name, tenant=args.tenant,
                           rate_limits=_window_limits(args), budget_usd=budget,
-                          expires_at=args.expires)
+                          expires_at=args.expires, anomaly_sensitivity=args.anomaly_sensitivity or "")
             print(f"added {args.id} to {args.file}", file=sys.stderr)
             print("the key is shown this once; store it now:", file=sys.stderr)
             print(raw)
@@ -304,6 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
                 p.add_argument(f"--{w}", type=int, help=f"requests per {w} (overrides the default)")
             p.add_argument("--daily-budget", type=float, help="USD per day")
             p.add_argument("--monthly-budget", type=float, help="USD per month")
+            p.add_argument("--anomaly-sensitivity", choices=("low", "medium", "high"),
+                           help="width of this key's anomaly bands (default: thresholds.yml's)")
     keys.set_defaults(func=cmd_keys)
 
     serve = sub.add_parser("serve", help="run the exporter service (/metrics, ingest, admin)")

@@ -73,6 +73,9 @@ def _parse_time(value) -> Optional[dt.datetime]:
     return parsed
 
 
+SENSITIVITIES = ("low", "medium", "high")    # anomaly band widths: docs/alerts.md
+
+
 @dataclass
 class ApiKey:
     id: str
@@ -85,6 +88,7 @@ class ApiKey:
     budget_usd: Dict[str, float] = field(default_factory=dict)
     masked: str = ""
     created_at: Optional[dt.datetime] = None
+    anomaly_sensitivity: str = ""      # low, medium or high; "" for the thresholds.yml default
 
     def expired(self, now: Optional[float] = None) -> bool:
         if self.expires_at is None:
@@ -115,6 +119,9 @@ class ApiKey:
         for period, value in budget.items():
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise KeyStoreError(f"{where} ({token_id}): budget_usd.{period} must be >= 0")
+        sensitivity = raw.get("anomaly_sensitivity") or ""
+        if sensitivity not in ("",) + SENSITIVITIES:
+            raise KeyStoreError(f"{where} ({token_id}): anomaly_sensitivity must be low, medium or high")
         try:
             expires_at = _parse_time(raw.get("expires_at"))
             created_at = _parse_time(raw.get("created_at"))
@@ -131,6 +138,7 @@ class ApiKey:
             budget_usd={p: float(v) for p, v in budget.items()},
             masked=str(raw.get("masked", "") or ""),
             created_at=created_at,
+            anomaly_sensitivity=sensitivity,
         )
 
     def to_dict(self) -> dict:
@@ -144,6 +152,8 @@ class ApiKey:
             out["rate_limits"] = dict(self.rate_limits)
         if self.budget_usd:
             out["budget_usd"] = dict(self.budget_usd)
+        if self.anomaly_sensitivity:
+            out["anomaly_sensitivity"] = self.anomaly_sensitivity
         return out
 
 
@@ -329,7 +339,8 @@ def generate_key() -> str:
 def add_key(path: str, token_id: str, name: str = "", tenant: str = "",
             rate_limits: Optional[Dict[str, int]] = None,
             budget_usd: Optional[Dict[str, float]] = None,
-            expires_at: Optional[str] = None, raw_key: Optional[str] = None) -> str:
+            expires_at: Optional[str] = None, raw_key: Optional[str] = None,
+            anomaly_sensitivity: str = "") -> str:
     """Add a key to the file and return the raw secret (the only time it is seen)."""
     keys = load_keys(path) if os.path.exists(path) else []
     if not valid_token_id(token_id):
@@ -344,7 +355,7 @@ def add_key(path: str, token_id: str, name: str = "", tenant: str = "",
     entry = ApiKey.from_dict({
         "id": token_id, "name": name, "tenant": tenant, "hash": hash_key(raw_key),
         "rate_limits": rate_limits or {}, "budget_usd": budget_usd or {},
-        "expires_at": expires_at, "active": True,
+        "expires_at": expires_at, "active": True, "anomaly_sensitivity": anomaly_sensitivity,
     }, "new key")
     entry.masked = mask_key(raw_key)
     entry.created_at = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)

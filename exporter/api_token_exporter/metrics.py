@@ -18,6 +18,7 @@ import time
 from typing import Callable, Iterable, Optional, Tuple
 
 from . import validation
+from .keystore import SENSITIVITIES
 from .ratelimit import WindowState
 from .store import DEFAULT_CAPACITY, DROPPED_SERIES, Family, Store
 from .usage import LLMUsage
@@ -148,6 +149,9 @@ KEY_FILE_HEALTHY = Family("apitoken_key_file_healthy", "gauge",
                           "(the previous keys are in force) or it is missing or empty.", ())
 KEY_FILE_SUCCESS = Family("apitoken_key_file_last_success_timestamp_seconds", "gauge",
                           "Unix time the key file was last loaded successfully.", ())
+SENSITIVITY = Family("apitoken_anomaly_sensitivity", "gauge",
+                     "A key's own anomaly sensitivity (1 low, 2 medium, 3 high); keys without one use "
+                     "the rules' default.", ("token",))
 PRICING_INFO = Family("apitoken_pricing_info", "gauge",
                       "The LLM price table in force (value 1): the snapshot's version and a checksum of "
                       "the prices with the pricing file's applied.", ("version", "checksum"))
@@ -343,8 +347,10 @@ class ScrapeView:
             return []
         limited = self.limited_tokens()
         now = self.clock()
-        info, status, budget = [], [], []
+        info, status, budget, sensitivity = [], [], [], []
         for key in self.keystore.all():
+            if key.anomaly_sensitivity:
+                sensitivity.append(((key.id,), float(SENSITIVITIES.index(key.anomaly_sensitivity) + 1)))
             info.append(((key.id, key.name, key.tenant), 1.0))
             current = token_status(key, key.id in limited, now)
             status.extend(((key.id, s), 1.0 if s == current else 0.0) for s in STATUSES)
@@ -360,7 +366,7 @@ class ScrapeView:
                                      for s in ("closed", "half_open", "open")]))
         if self.pricing is not None:
             health.append((PRICING_INFO, [((self.pricing.version, self.pricing.checksum), 1.0)]))
-        return [(INFO, info), (STATUS, status), (BUDGET, budget)] + health
+        return [(INFO, info), (STATUS, status), (BUDGET, budget), (SENSITIVITY, sensitivity)] + health
 
     def render(self, accept: Optional[str] = None) -> Tuple[bytes, str]:
         openmetrics = bool(accept) and "application/openmetrics-text" in accept

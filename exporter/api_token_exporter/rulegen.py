@@ -105,6 +105,8 @@ def validate(t: dict) -> None:
         if window not in ("hour", "day"):
             raise ThresholdError(f"thresholds: rate_limit.exhaustion.{window}: hour or day only")
         seconds(spec["range"]), seconds(spec["horizon"])
+    from . import anomaly_rules
+    anomaly_rules.validate(t)
 
 
 def _q(value: float) -> str:
@@ -443,8 +445,11 @@ _Dumper.add_representer(str, _str_presenter)
 def render(t: dict) -> Dict[str, str]:
     def dump(groups):
         return HEADER + yaml.dump({"groups": groups}, Dumper=_Dumper, sort_keys=False, width=1000)
+    from . import anomaly_rules
     return {"apitoken-recording.yml": dump(recording_rules(t)),
-            "apitoken-alerts.yml": dump(alert_rules(t))}
+            "apitoken-alerts.yml": dump(alert_rules(t)),
+            "apitoken-anomalies.yml": dump(anomaly_rules.recording_rules(t) + [
+                {"name": "apitoken.anomaly.alerts", "rules": anomaly_rules.alert_rules(t, _alert)}])}
 
 
 def write(t: dict, out_dir: str) -> List[str]:

@@ -1,0 +1,123 @@
+"""The anomaly rules (prometheus/rules/apitoken-anomalies.yml) on three days of synthetic
+traffic, with promtool: each kind of anomaly fires, and what must not fire does not (a daily
+peak that recurs, a quiet token, a token still learning, a change within a key's own low
+sensitivity)."""
+import math
+import os
+import subprocess
+
+import pytest
+import yaml
+
+from conftest import require_binary
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+RULES = [os.path.abspath(os.path.join(ROOT, "prometheus", "rules", f))
+         for f in ("apitoken-recording.yml", "apitoken-anomalies.yml")]
+STEP = 60                        # seconds between input samples, a scrape a minute
+DAYS = 3
+HOUR, DAY = 3600, 86400
+ANOMALY = (2 * DAY + 10 * HOUR, 2 * DAY + 11 * HOUR)     # day 3, 10:00 to 11:00
+LABELS = 'job="api-token-exporter",instance="app:8000"'
+
+
+def during(t, span=ANOMALY):
+    return span[0] <= t < span[1]
+
+
+def counter(rate, born=0):
+    """promtool values of a counter whose per-second rate at time t is rate(t)."""
+    total, out = 0.0, []
+    for i in range(DAYS * DAY // STEP + 1):
+        t = i * STEP
+        if t < born:
+            out.append("_")
+            continue
+        out.append(f"{total:.4f}".rstrip("0").rstrip("."))     # promtool reads no exponents
+        total += rate(t) * STEP
+    return " ".join(out)
+
+
+def steady(level):
+    return lambda t: level
+
+
+def peak_daily(t):                     # 2 req/s, 6 req/s from 14:00 to 17:00 every day
+    return 6 if 14 * HOUR <= t % DAY < 17 * HOUR else 2
+
+
+TRAFFIC = {   # token: (req/s at t, born at)
+    "steady": (steady(2), 0),
+    "daily-peak": (peak_daily, 0),
+    "spike": (lambda t: 10 if during(t) else 2, 0),
+    "drop": (lambda t: 0 if during(t) else 2, 0),
+    "quiet": (lambda t: 0.01 if during(t) else 0.001, 0),          # 3.6 an hour, then 36
+    "young": (lambda t: 10 if during(t) else 2, 2 * DAY),          # still learning
+    "mod-default": (lambda t: 3.5 if during(t) else 2, 0),         # 1.75x: above medium's 1.5x
+    "mod-low": (lambda t: 3.5 if during(t) else 2, 0),             # under its own low sensitivity's 2x
+    "errors": (steady(2), 0),
+    "slow": (steady(2), 0),
+}
+
+
+def input_series():
+    series = []
+    for token, (rate, born) in TRAFFIC.items():
+        if token == "errors":      # 1 % errors, 20 % for the hour
+            share = lambda t: 0.2 if during(t) else 0.01          # noqa: E731
+            series += [(f'apitoken_requests_by_class_total{{{LABELS},token="errors",class="2xx"}}',
+                        counter(lambda t: rate(t) * (1 - share(t)))),
+                       (f'apitoken_requests_by_class_total{{{LABELS},token="errors",class="5xx"}}',
+                        counter(lambda t: rate(t) * share(t)))]
+            continue
+        series.append((f'apitoken_requests_by_class_total{{{LABELS},token="{token}",class="2xx"}}',
+                       counter(rate, born)))
+    # slow: every request between 0.1 s and 0.25 s (p95 about 0.24 s); for the hour 1.5 s to 2 s
+    fast = lambda t: 0 if during(t) else 2                          # noqa: E731
+    for le, rate in (("0.1", steady(0)), ("0.25", fast), ("1.5", fast), ("2.0", steady(2)), ("+Inf", steady(2))):
+        series.append((f'apitoken_request_duration_seconds_bucket{{{LABELS},token="slow",le="{le}"}}',
+                       counter(rate)))
+    series.append((f'apitoken_anomaly_sensitivity{{{LABELS},token="mod-low"}}',
+                   " ".join(["1"] * (DAYS * DAY // STEP + 1))))
+    return [{"series": s, "values": v} for s, v in series]
+
+
+def at(seconds):
+    return f"{seconds // 60}m"
+
+
+FIRING = 'count by (alertname, token, direction) (ALERTS{alertstate="firing", anomaly!=""})'
+
+
+def firing(*alerts):
+    return [{"labels": f'{{alertname="{name}",token="{token}",direction="{direction}"}}', "value": 1}
+            for name, token, direction in alerts]
+
+
+def test_each_anomaly_fires_and_nothing_else(tmp_path):
+    alerts = {r["alert"] for g in yaml.safe_load(open(RULES[1]))["groups"] for r in g["rules"] if "alert" in r}
+    assert alerts == {"ApiTokenTrafficAnomaly", "ApiTokenErrorAnomaly", "ApiTokenLatencyAnomaly"}  # each fires below
+    checks = [
+        # the daily peak on day 2 and 3 is what yesterday did at that hour: quiet
+        {"expr": FIRING, "eval_time": at(DAY + 15 * HOUR + 30 * 60), "exp_samples": []},
+        {"expr": FIRING, "eval_time": at(2 * DAY + 15 * HOUR + 30 * 60), "exp_samples": []},
+        {"expr": FIRING, "eval_time": at(2 * DAY + 9 * HOUR), "exp_samples": []},
+        # 40 minutes into the hour: every real anomaly, nothing for quiet, young or mod-low
+        {"expr": FIRING, "eval_time": at(ANOMALY[0] + 40 * 60), "exp_samples": firing(
+            ("ApiTokenTrafficAnomaly", "spike", "up"), ("ApiTokenTrafficAnomaly", "drop", "down"),
+            ("ApiTokenTrafficAnomaly", "mod-default", "up"), ("ApiTokenErrorAnomaly", "errors", "up"),
+            ("ApiTokenLatencyAnomaly", "slow", "up"))},
+        # an hour after it ended (past keep_firing_for): all resolved
+        {"expr": FIRING, "eval_time": at(ANOMALY[1] + HOUR), "exp_samples": []},
+        {"expr": "token:apitoken_anomaly:learning", "eval_time": at(2 * DAY + 12 * HOUR),
+         "exp_samples": [{"labels": f'token:apitoken_anomaly:learning{{token="{t}"}}', "value": int(t == "young")}
+                         for t in TRAFFIC if t != "slow"] + [
+                            {"labels": 'token:apitoken_anomaly:learning{token="slow"}', "value": 0}]},
+    ]
+    doc = {"rule_files": RULES, "evaluation_interval": "1m",
+           "tests": [{"interval": f"{STEP // 60}m", "input_series": input_series(), "promql_expr_test": checks}]}
+    path = tmp_path / "anomaly_test.yml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    result = subprocess.run([require_binary("promtool"), "test", "rules", str(path)], capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
