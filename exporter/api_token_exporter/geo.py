@@ -198,9 +198,9 @@ class CountryResolver:
 
 
 def _iptocc_backend():
-    purpose = "Country lookups with the built-in data (iptocc)"
+    purpose = "Country lookup with the built-in data (iptocc)"
     if sys.version_info < (3, 10):
-        raise ConfigError(f"{purpose} need Python 3.10 or newer; on this Python give mmdb_path, "
+        raise ConfigError(f"{purpose} needs Python 3.10 or newer; on this Python give mmdb_path, "
                           "a MaxMind-format country database")
     iptocc = optional_import("iptocc", "geo", purpose)
     from importlib.metadata import version
@@ -209,7 +209,7 @@ def _iptocc_backend():
 
 
 def _open_mmdb(path: str):
-    maxminddb = optional_import("maxminddb", "geo", "Country lookups from a MaxMind database (mmdb_path)")
+    maxminddb = optional_import("maxminddb", "geo", "Country lookup from a MaxMind database (mmdb_path)")
     try:
         reader = maxminddb.open_database(path)
     except FileNotFoundError:
