@@ -44,3 +44,11 @@ def test_load_benchmark_reconciles_exactly():
 def test_import_benchmark_imports_every_row():
     out = run("bench_import.py", "--rows", "2000", "--days", "2")
     assert "| whole import (+ OpenMetrics text, promtool blocks) |" in out and "2,000 rows" in out
+
+
+def test_geo_benchmark_measures_every_path():
+    out = run("bench_geo.py", "--lookups", "2000", "--rounds", "1", "--networks", "200")
+    assert "100% of them in the MaxMind DB" in out
+    for name in ("iptocc.country_code alone", "CountryResolver (iptocc), addresses seen before",
+                 "CountryResolver (MaxMind DB), every address new", "client_ip, no trusted proxies, every address new"):
+        assert f"| {name} |" in out

@@ -13,7 +13,7 @@ from api_token_exporter import cli, stack
 from api_token_exporter.store import float_to_go_string
 
 ROOT = stack.ROOT
-OPTIONAL = ("redis", "requests", "gunicorn", "prometheus_client", "aiosmtpd")
+OPTIONAL = ("redis", "requests", "gunicorn", "prometheus_client", "aiosmtpd", "iptocc", "maxminddb")
 
 WITHOUT_EXTRAS = textwrap.dedent("""
     import importlib.abc, sys
@@ -64,9 +64,10 @@ def test_dependencies_and_extras():
     project = tomllib.load(open(os.path.join(ROOT, "pyproject.toml"), "rb"))["project"]
     assert sorted(d.split(">")[0] for d in project["dependencies"]) == ["flask", "pyyaml"]
     extras = project["optional-dependencies"]
-    assert {"redis", "server", "analytics", "demo", "history", "test"} <= set(extras)
+    assert {"redis", "server", "analytics", "demo", "history", "geo", "test"} <= set(extras)
     assert extras["server"] == ["gunicorn>=21"] and extras["redis"] == ["redis>=4.5"]
-    assert any(d.startswith("api-token-exporter[redis,server,analytics,demo,history]") for d in extras["test"])
+    assert sorted(d.split(">")[0] for d in extras["geo"]) == ["iptocc", "maxminddb"]
+    assert any(d.startswith("api-token-exporter[redis,server,analytics,demo,history,geo]") for d in extras["test"])
 
 
 @given(st.floats(allow_nan=True, allow_infinity=True) | st.integers(-10**20, 10**20).map(float))
