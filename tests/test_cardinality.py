@@ -80,3 +80,31 @@ def test_the_middleware_counts_failures_by_the_client_address(client, keys):
     text = client.get("/metrics").get_data(as_text=True)
     assert sample_total(text, "apitoken_auth_failures_by_client_total", client="192.0.2.44") == 3
     assert 'client="192.0.2.45"' not in text                        # success creates no series
+
+
+def test_behind_a_trusted_proxy_the_client_is_the_forwarded_address(keys):
+    """A forged X-Forwarded-For entry from the client itself does not move the count."""
+    from flask import Flask
+
+    from api_token_exporter import TokenAnalytics
+    from conftest import sample_total
+    app = Flask("proxied")
+    app.get("/items")(lambda: "ok")
+    TokenAnalytics(app, keys_file=keys[0], metrics_public=True, trusted_proxies=["10.0.0.0/8"])
+    client = app.test_client()
+    forged = {"X-API-Key": "atk_" + secrets.token_urlsafe(24), "X-Forwarded-For": "1.2.3.4, 198.51.100.23"}
+    for _ in range(2):
+        client.get("/items", headers=forged, environ_base={"REMOTE_ADDR": "10.1.2.3"})   # via the proxy
+    client.get("/items", headers=forged, environ_base={"REMOTE_ADDR": "203.0.113.80"})   # not a proxy
+    text = client.get("/metrics").get_data(as_text=True)
+    assert sample_total(text, "apitoken_auth_failures_by_client_total", client="198.51.100.23") == 2
+    assert sample_total(text, "apitoken_auth_failures_by_client_total", client="203.0.113.80") == 1
+    assert 'client="1.2.3.4"' not in text
+
+
+def test_a_bad_trusted_proxy_is_named_at_start_up():
+    import pytest
+
+    from api_token_exporter.config import ConfigError, load_settings
+    with pytest.raises(ConfigError, match="10.0.0.1/8"):
+        load_settings(environ={"ATE_TRUSTED_PROXIES": "10.0.0.1/8"}, keys_file="k.yml").validate()

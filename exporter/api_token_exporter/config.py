@@ -68,6 +68,7 @@ class Settings:
     analytics_cache_seconds: float = 10.0   # the same question within this time gets the same answer
     admin_rate_limit: int = 60              # analytics and admin requests per minute per credential
     exempt_paths: List[str] = field(default_factory=lambda: ["/healthz"])
+    trusted_proxies: List[str] = field(default_factory=list)   # CIDRs whose X-Forwarded-For is believed
     recent_requests: int = 100              # ring buffer behind /admin/stats
     state_dir: Optional[str] = None         # metric files kept here survive restarts
     store_capacity: int = 4_000_000         # values (8 bytes each) one process's store can hold
@@ -89,6 +90,8 @@ class Settings:
             raise ConfigError("metrics_path must start with /")
         if bool(self.metrics_basic_user) != bool(self.metrics_basic_password):
             raise ConfigError("metrics basic auth needs both user and password")
+        from .geo import parse_trusted_proxies
+        parse_trusted_proxies(self.trusted_proxies)          # a bad entry is named at start-up
         for name in ("max_tokens", "max_routes", "max_models", "max_clients", "ingest_max_events",
                      "recent_requests", "capture_max_bytes", "store_capacity", "analytics_max_days",
                      "admin_rate_limit"):

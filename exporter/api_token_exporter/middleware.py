@@ -26,6 +26,7 @@ from .core import UsageCore
 from .keystore import ApiKey, KeyStore, mask_key
 from .metrics import UNMATCHED_ROUTE
 from .ratelimit import WINDOW_ORDER, Decision, StorageUnavailable
+from .geo import client_ip, parse_trusted_proxies
 from .llmcapture import extract_usage
 from .usage import LLMUsage, UsageError, validate_usage
 
@@ -219,6 +220,7 @@ class TokenAnalytics:
                                                                 core.view, core.tracker)
         self._key_environ = "HTTP_" + s.header_name.upper().replace("-", "_")
         self._exempt = set(s.exempt_paths)
+        self._trusted_proxies = parse_trusted_proxies(s.trusted_proxies)
         # bound once: matching a path then costs no environ parsing per request
         self._route_adapter = Map([Rule(r) for r in routes]).bind("localhost") if routes else None
         self._route_adapter_source = None
@@ -317,7 +319,7 @@ class TokenAnalytics:
         key, reason = self.core.authenticate(environ.get(self._key_environ))
         observe = self.settings.observe_only
         if reason is not None:
-            self.core.auth_failure(reason, environ.get("REMOTE_ADDR", ""))
+            self.core.auth_failure(reason, client_ip(environ, self._trusted_proxies))
             if not observe:
                 code, detail = REFUSALS[reason]
                 body = json_response(start_response, code, {"detail": detail})
