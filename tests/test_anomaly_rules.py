@@ -60,6 +60,17 @@ TRAFFIC = {   # token: (req/s at t, born at)
 }
 
 
+def nightly(t):                         # 02:00 to 03:00 every night
+    return 2 <= (t % DAY) // HOUR < 3
+
+
+ROUTES = {    # token: {route: req/s at t}
+    "new-route": {"/a": steady(2), "/admin": lambda t: 0.5 if t >= ANOMALY[0] else 0},
+    "mix": {"/a": lambda t: 0.2 if during(t) else 1.8, "/b": lambda t: 1.8 if during(t) else 0.2},
+    "nightly": {"/a": lambda t: 0 if nightly(t) else 2, "/export": lambda t: 2 if nightly(t) else 0},
+}
+
+
 def input_series():
     series = []
     for token, (rate, born) in TRAFFIC.items():
@@ -77,6 +88,19 @@ def input_series():
     for le, rate in (("0.1", steady(0)), ("0.25", fast), ("1.5", fast), ("2.0", steady(2)), ("+Inf", steady(2))):
         series.append((f'apitoken_request_duration_seconds_bucket{{{LABELS},token="slow",le="{le}"}}',
                        counter(rate)))
+    for token, routes in ROUTES.items():
+        for route, rate in routes.items():
+            series.append((f'apitoken_requests_total{{{LABELS},token="{token}",route="{route}",method="GET",code="200"}}',
+                           counter(rate)))
+        series.append((f'apitoken_requests_by_class_total{{{LABELS},token="{token}",class="2xx"}}',
+                       counter(lambda t, routes=routes: sum(r(t) for r in routes.values()))))
+    # travels: always from DE; from BR too for the hour (new); from ZZ (no country known) too
+    for country, rate in (("DE", steady(2)), ("BR", lambda t: 0.3 if during(t) else 0),
+                          ("ZZ", lambda t: 0.3 if during(t) else 0)):
+        series.append((f'apitoken_requests_by_country_total{{{LABELS},token="travels",country="{country}"}}',
+                       counter(rate)))
+    series.append((f'apitoken_requests_by_class_total{{{LABELS},token="travels",class="2xx"}}',
+                   counter(lambda t: 2.6 if during(t) else 2)))
     series.append((f'apitoken_anomaly_sensitivity{{{LABELS},token="mod-low"}}',
                    " ".join(["1"] * (DAYS * DAY // STEP + 1))))
     return [{"series": s, "values": v} for s, v in series]
@@ -90,13 +114,14 @@ FIRING = 'count by (alertname, token, direction) (ALERTS{alertstate="firing", an
 
 
 def firing(*alerts):
-    return [{"labels": f'{{alertname="{name}",token="{token}",direction="{direction}"}}', "value": 1}
-            for name, token, direction in alerts]
+    return [{"labels": "{" + f'alertname="{name}",token="{token}"' + (f',direction="{direction}"' if direction else "")
+             + "}", "value": 1} for name, token, direction in alerts]
 
 
 def test_each_anomaly_fires_and_nothing_else(tmp_path):
     alerts = {r["alert"] for g in yaml.safe_load(open(RULES[1]))["groups"] for r in g["rules"] if "alert" in r}
-    assert alerts == {"ApiTokenTrafficAnomaly", "ApiTokenErrorAnomaly", "ApiTokenLatencyAnomaly"}  # each fires below
+    assert alerts == {"ApiTokenTrafficAnomaly", "ApiTokenErrorAnomaly", "ApiTokenLatencyAnomaly",  # each fires below
+                      "ApiTokenNewRoute", "ApiTokenRouteMixAnomaly", "ApiTokenNewCountry"}
     checks = [
         # the daily peak on day 2 and 3 is what yesterday did at that hour: quiet
         {"expr": FIRING, "eval_time": at(DAY + 15 * HOUR + 30 * 60), "exp_samples": []},
@@ -106,12 +131,18 @@ def test_each_anomaly_fires_and_nothing_else(tmp_path):
         {"expr": FIRING, "eval_time": at(ANOMALY[0] + 40 * 60), "exp_samples": firing(
             ("ApiTokenTrafficAnomaly", "spike", "up"), ("ApiTokenTrafficAnomaly", "drop", "down"),
             ("ApiTokenTrafficAnomaly", "mod-default", "up"), ("ApiTokenErrorAnomaly", "errors", "up"),
-            ("ApiTokenLatencyAnomaly", "slow", "up"))},
-        # an hour after it ended (past keep_firing_for): all resolved
-        {"expr": FIRING, "eval_time": at(ANOMALY[1] + HOUR), "exp_samples": []},
+            ("ApiTokenLatencyAnomaly", "slow", "up"), ("ApiTokenNewRoute", "new-route", None),
+            ("ApiTokenRouteMixAnomaly", "mix", None), ("ApiTokenNewCountry", "travels", None))},
+        # the nightly export changes the mix every night at the same hour: expected
+        {"expr": FIRING, "eval_time": at(2 * DAY + 2 * HOUR + 40 * 60), "exp_samples": []},
+        # two hours after it ended (past keep_firing_for, and /admin known by then): all resolved
+        {"expr": FIRING, "eval_time": at(ANOMALY[1] + 2 * HOUR), "exp_samples": []},
+        # a new install, still learning: nothing fires or is pending (the demo's test checks the
+        # first minutes, before the anomaly group has run, on a real Prometheus)
+        {"expr": 'count(ALERTS{anomaly!=""})', "eval_time": at(2 * HOUR), "exp_samples": []},
         {"expr": "token:apitoken_anomaly:learning", "eval_time": at(2 * DAY + 12 * HOUR),
          "exp_samples": [{"labels": f'token:apitoken_anomaly:learning{{token="{t}"}}', "value": int(t == "young")}
-                         for t in TRAFFIC if t != "slow"] + [
+                         for t in list(TRAFFIC) + list(ROUTES) + ["travels"] if t != "slow"] + [
                             {"labels": 'token:apitoken_anomaly:learning{token="slow"}', "value": 0}]},
     ]
     doc = {"rule_files": RULES, "evaluation_interval": "1m",

@@ -44,6 +44,14 @@ def validate(t: dict) -> None:
             value = spec.get(key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 raise ThresholdError(f"thresholds: anomaly.sensitivities.{level}.{key} must be a number above 0")
+    try:
+        seconds(a["routes"]["memory"]), seconds(a["countries"]["memory"])
+        share = a["routes"]["mix_divergence"]
+    except (KeyError, TypeError):
+        raise ThresholdError("thresholds: anomaly.routes needs memory, mix_divergence, min_requests; "
+                             "anomaly.countries needs memory") from None
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share < 1:
+        raise ThresholdError("thresholds: anomaly.routes.mix_divergence must be between 0 and 1")
     if seconds(a["learning_period"]) < 86400:
         raise ThresholdError("thresholds: anomaly.learning_period must be at least 1d (the spread is a day's)")
 
@@ -93,7 +101,35 @@ def recording_rules(t: dict) -> List[dict]:
             {"record": _name(signal, "lower"),
              "expr": f"clamp_min({_name(signal, 'expected_low')} - {spread}, 0)"},
         ]
+    rules += route_mix_rules(t)
+    rules.append({"record": "token:apitoken_countries:count1d",
+                  "expr": (f"count by (token) (sum_over_time(token_country:apitoken_requests:increase{t['coarse_window']}"
+                           f'{{country!~"ZZ|__overflow__"}}[1d]) > 0)')})
     return [{"name": "apitoken.anomaly", "interval": a["interval"], "rules": rules}]
+
+
+def route_mix_rules(t: dict) -> List[dict]:
+    """Each route's share of a token's requests now, against the same hour yesterday and the
+    whole day before; the divergence is the share of traffic that moved (total variation
+    distance, 0 to 1), the smaller of the two, so a mix that changes every night at the same
+    hour is expected."""
+    w, c = t["rate_window"], t["coarse_window"]
+    now = f"token_route:apitoken_requests:rate{w} / on (token) group_left token:apitoken_requests:rate{w}"
+    hour = (f"token_route:apitoken_requests:increase{c} offset 23h / on (token) group_left "
+            f"token:apitoken_requests:increase{c} offset 23h")
+    day = (f"sum_over_time(token_route:apitoken_requests:increase{c}[1d] offset {c}) / on (token) group_left "
+           f"sum_over_time(token:apitoken_requests:increase{c}[1d] offset {c})")
+    rules = [{"record": "token_route:apitoken_anomaly_route_share:now", "expr": now},
+             {"record": "token_route:apitoken_anomaly_route_share:hour_yesterday", "expr": hour},
+             {"record": "token_route:apitoken_anomaly_route_share:day_before", "expr": day}]
+
+    def distance(base: str) -> str:
+        a, b = "token_route:apitoken_anomaly_route_share:now", f"token_route:apitoken_anomaly_route_share:{base}"
+        return f"0.5 * sum by (token) (abs(({a} or {b} * 0) - ({b} or {a} * 0)))"
+    rules.append({"record": "token:apitoken_anomaly_route_mix:divergence",
+                  "expr": (f'min without (base) (\n  label_replace({distance("hour_yesterday")}, "base", "hour", "", "")\n'
+                           f'  or label_replace({distance("day_before")}, "base", "day", "", "")\n)')})
+    return rules
 
 
 def _band_text(signal: str, fmt: str) -> str:
@@ -119,7 +155,9 @@ def alert_rules(t: dict, alert) -> List[dict]:
 
     def latest(series: str) -> str:
         return f"last_over_time({series}[{keep}])"
-    learned = f"unless on (token) {latest('token:apitoken_anomaly:learning')} == 1"
+    # `and ... == 0`, not `unless ... == 1`: before the anomaly group first runs there is no
+    # learning series, and nothing may fire then
+    learned = f"and on (token) {latest('token:apitoken_anomaly:learning')} == 0"
     change = f"(1 + {latest('token:apitoken_anomaly:min_change')})"
     per_hour = a["volume"]["min_requests_per_hour"]
     enough = {"error_ratio": f"and on (token) token:apitoken_requests:rate{w} * {w_s} >= {a['errors']['min_requests']:g}\n"
@@ -157,8 +195,53 @@ def alert_rules(t: dict, alert) -> List[dict]:
                          f"Unusual {label} {change_word} for token {{{{ $labels.token }}}}",
                          description, threshold=f"outside the learned band for {a['for']}",
                          extra_labels={"anomaly": kind.lower(), "direction": direction})
-            rule["keep_firing_for"] = a["keep_firing_for"]
-            if link:
-                rule["annotations"]["dashboard"] = f"{link}/d/ate-token?var-token={{{{ $labels.token }}}}"
             rules.append(rule)
+    rules += pattern_alerts(t, alert, latest, learned)
+    for rule in rules:
+        rule["keep_firing_for"] = a["keep_firing_for"]
+        if link:
+            rule["annotations"]["dashboard"] = f"{link}/d/ate-token?var-token={{{{ $labels.token }}}}"
     return rules
+
+
+def pattern_alerts(t: dict, alert, latest, learned: str) -> List[dict]:
+    """A route the token never called before, and a mix of routes unlike its own."""
+    a, w, c = t["anomaly"], t["rate_window"], t["coarse_window"]
+    r = a["routes"]
+    new_route = alert(
+        t, "ApiTokenNewRoute", "warning",
+        (f'token_route:apitoken_requests:rate{w}{{token!~"__.*", route!="__unmatched__"}} > 0\n'
+         f"unless on (token, route) max_over_time(token_route:apitoken_requests:increase{c}[{r['memory']}] "
+         f"offset {fmt_duration(2 * seconds(c))}) > 0\n{learned}"),
+        "5m", "Token {{ $labels.token }} calls {{ $labels.route }} for the first time",
+        (f"Token {_who()} called {{{{ $labels.route }}}}, a route it had not called in the "
+         f"{r['memory']} before: {{{{ $value | humanize }}}} req/s over the last {w}. A new client "
+         "version, or a key used by someone else?"),
+        threshold=f"not called in {r['memory']}", extra_labels={"anomaly": "pattern"})
+    top = ('{{ with printf "topk(1, token_route:apitoken_anomaly_route_share:now{token=\\"%s\\"} - on (token, route) '
+           '(token_route:apitoken_anomaly_route_share:day_before or token_route:apitoken_anomaly_route_share:now * 0))" '
+           '$labels.token | query }}{{ with first . }}{{ .Labels.route }}, now '
+           '{{ printf "token_route:apitoken_anomaly_route_share:now{token=\\"%s\\",route=\\"%s\\"}" '
+           '.Labels.token .Labels.route | query | first | value | humanizePercentage }} of its requests{{ end }}{{ end }}')
+    mix = alert(
+        t, "ApiTokenRouteMixAnomaly", "warning",
+        (f"{latest('token:apitoken_anomaly_route_mix:divergence')} > {r['mix_divergence']:g}\n"
+         f"and on (token) token:apitoken_requests:rate{w} * {int(seconds(w))} >= {r['min_requests']:g}\n{learned}"),
+        a["for"], "Token {{ $labels.token }} calls its routes in an unusual mix",
+        (f"{{{{ $value | humanizePercentage }}}} of the requests of token {_who()} moved to other routes "
+         f"than the same hour yesterday and the day before (alert above {r['mix_divergence'] * 100:g}%). "
+         f"Most grown: {top}."),
+        threshold=f"{r['mix_divergence'] * 100:g}% of traffic moved", extra_labels={"anomaly": "pattern"})
+    memory = a["countries"]["memory"]
+    new_country = alert(
+        t, "ApiTokenNewCountry", "warning",
+        (f'token_country:apitoken_requests:rate{w}{{token!~"__.*", country!~"ZZ|__overflow__"}} > 0\n'
+         f"unless on (token, country) max_over_time(token_country:apitoken_requests:increase{c}[{memory}] "
+         f"offset {fmt_duration(2 * seconds(c))}) > 0\n{learned}"),
+        "5m", "Token {{ $labels.token }} is used from {{ $labels.country }} for the first time",
+        (f"Requests with token {_who()} come from {{{{ $labels.country }}}} ({{{{ $value | humanize }}}} req/s "
+         f"over the last {w}), a country none came from in the {memory} before; it was used from "
+         '{{ with printf "token:apitoken_countries:count1d{token=\\"%s\\"}" $labels.token | query }}'
+         "{{ . | first | value }}{{ end }} countries in the last day. A leaked key?"),
+        threshold=f"no request from there in {memory}", extra_labels={"anomaly": "geographic"})
+    return [new_route, mix, new_country]

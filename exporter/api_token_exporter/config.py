@@ -58,6 +58,9 @@ class Settings:
     max_routes: int = 500
     max_models: int = 200
     max_clients: int = 100                  # clients with their own failed-authentication series
+    country_lookup: bool = False            # count requests by the client's country (the geo extra)
+    geo_database: Optional[str] = None      # a MaxMind-format country database; built-in RIR data if unset
+    max_countries_per_token: int = 10
     pricing_file: Optional[str] = None      # your LLM prices; the packaged pricing.yml (none) by default
     prices_file: Optional[str] = None       # the price snapshot (prices update); the packaged one by default
     capture_llm_usage: bool = False         # read usage from OpenAI/Anthropic/Cohere responses
@@ -92,7 +95,8 @@ class Settings:
             raise ConfigError("metrics basic auth needs both user and password")
         from .geo import parse_trusted_proxies
         parse_trusted_proxies(self.trusted_proxies)          # a bad entry is named at start-up
-        for name in ("max_tokens", "max_routes", "max_models", "max_clients", "ingest_max_events",
+        for name in ("max_tokens", "max_routes", "max_models", "max_clients", "max_countries_per_token",
+                     "ingest_max_events",
                      "recent_requests", "capture_max_bytes", "store_capacity", "analytics_max_days",
                      "admin_rate_limit"):
             if getattr(self, name) < 1:

@@ -30,13 +30,18 @@ class UsageCore:
         self.limiter = RateLimiter(s.storage_uri, timeout=s.storage_timeout,
                                    failure_mode=s.storage_failure_mode, logger=log)
         self.metrics = Metrics(max_tokens=s.max_tokens, max_routes=s.max_routes,
-                               max_models=s.max_models, max_clients=s.max_clients, directory=s.state_dir,
+                               max_models=s.max_models, max_clients=s.max_clients,
+                               max_countries_per_token=s.max_countries_per_token, directory=s.state_dir,
                                capacity=s.store_capacity)
         self.keystore.on_install.append(lambda keys: self.metrics.init_tokens(k.id for k in keys))
         self.keystore.on_error.append(self.metrics.key_file_error)
         self.keystore.watch()                     # a broken file shows in /healthz without traffic
         self.metrics.init_tokens(k.id for k in self.keystore.all())
         self.pricing = Pricing.load(s.pricing_file, s.prices_file)
+        self.countries = None
+        if s.country_lookup:
+            from .geo import CountryResolver
+            self.countries = CountryResolver(s.geo_database)
         self.view = ScrapeView(self.metrics, self.keystore, limiter=self.limiter, pricing=self.pricing)
         self.tracker = UsageTracker(s.recent_requests)
 
@@ -89,6 +94,11 @@ class UsageCore:
     # -- recording ---------------------------------------------------------------------------
     def auth_failure(self, reason: str, client: str = "") -> None:
         self.metrics.auth_failure(reason, client)
+
+    def record_country(self, token: str, client: str) -> None:
+        """With country_lookup: the country of a request of ``token`` from address ``client``."""
+        if self.countries is not None:
+            self.metrics.observe_country(token, self.countries.country(client))
 
     def record_request(self, token: Optional[str], route: str, method: str, code: int,
                        duration: float, now: Optional[float] = None,

@@ -51,7 +51,7 @@ DEMO_KEYS = {
 BUDGETS = {"demo-llm": {"daily": 0.5, "monthly": 10.0}, "demo-sidecar": {"daily": 1000.0, "monthly": 30000.0},
            None: {"daily": 5.0, "monthly": 100.0}}
 # alerts with no token: the Watchdog, and the missing and invalid keys the generator sends
-UNTOKENED_ALERTS = ("Watchdog", "ApiTokenUnauthorizedAccess")
+UNTOKENED_ALERTS = ("Watchdog", "ApiTokenUnauthorizedAccess", "ApiTokenUnauthorizedAccessApiWide")
 
 
 def expected_alerts() -> str:
@@ -60,7 +60,8 @@ def expected_alerts() -> str:
              for token_id, (name, _, _, alerts) in DEMO_KEYS.items()]
     return ("alerts to expect (Prometheus evaluates them in minutes; `for` durations then apply):\n"
             + "\n".join(lines)
-            + f"\n  {'missing/invalid':<16} keys sent by the generator: ApiTokenUnauthorizedAccess"
+            + f"\n  {'missing/invalid':<16} keys sent by the generator: ApiTokenUnauthorizedAccess (per client), "
+              "ApiTokenUnauthorizedAccessApiWide"
             + f"\n  {'(always)':<16} Watchdog, the dead man's switch")
 
 

@@ -340,6 +340,17 @@ def validate_event(core, event) -> Tuple[Optional[dict], List[str]]:
                                                 for name in DETAIL_FIELDS))
             except UsageError as exc:
                 errors.append(f"llm: {exc}")
+    country, client = event.get("country"), event.get("client_ip")
+    if country is not None:
+        if isinstance(country, str) and re.fullmatch(r"[A-Za-z]{2}", country):
+            clean["country"] = country.upper()
+        else:
+            errors.append("country must be an ISO 3166-1 alpha-2 code such as DE")
+    elif client is not None and core.countries is not None:
+        if isinstance(client, str) and len(client) <= 64:
+            clean["country"] = core.countries.country(client)      # ZZ when it is no address
+        else:
+            errors.append("client_ip must be an IP address")
     return (None, errors) if errors else (clean, [])
 
 
@@ -352,6 +363,8 @@ def ingest_event(core, event) -> List[str]:
     usage = clean.get("llm")
     if usage is not None:
         core.count_llm(clean["token"], usage)
+    if "country" in clean and core.countries is not None:
+        core.metrics.observe_country(clean["token"], clean["country"])
     return []
 
 

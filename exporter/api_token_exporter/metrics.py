@@ -102,6 +102,10 @@ def catalogue() -> Tuple[Family, ...]:
         Family("apitoken_auth_failures_by_client_total", "counter",
                "Requests refused for authentication, by client address (the first max_clients clients "
                "get their own series; later ones share __overflow__).", ("client",)),
+        Family("apitoken_requests_by_country_total", "counter",
+               "Requests of a token by the client's country (country_lookup); each token's first "
+               "max_countries_per_token countries get their own series, later ones share __overflow__.",
+               ("token", "country")),
         Family("apitoken_rate_limited_total", "counter",
                "Requests refused with 429, by token and the window that refused them.", ("token", "window")),
         Family("apitoken_rate_limit_limit", "gauge_recent", "Requests allowed per window.", ("token", "window")),
@@ -165,10 +169,11 @@ class Metrics:
     remembered, every write in the store's own layout."""
 
     def __init__(self, max_tokens: int = 10_000, max_routes: int = 500, max_models: int = 200,
-                 directory: Optional[str] = None, capacity: Optional[int] = None, max_clients: int = 100):
+                 directory: Optional[str] = None, capacity: Optional[int] = None, max_clients: int = 100,
+                 max_countries_per_token: int = 10):
         families = catalogue()
         (self.requests, self.by_class, self.duration, self.route_duration, self.auth_failures,
-         self.auth_failures_by_client, self.rate_limited, self.rl_limit, self.rl_remaining, self.rl_reset, self.storage_errors,
+         self.auth_failures_by_client, self.by_country, self.rate_limited, self.rl_limit, self.rl_remaining, self.rl_reset, self.storage_errors,
          self.last_used, self.llm_tokens, self.llm_requests, self.llm_cost, self.llm_unpriced,
          self.overflow, self.ingest_events, self.key_file_errors, _dropped) = families
         self.store = Store(families, directory, capacity or DEFAULT_CAPACITY)
@@ -186,8 +191,12 @@ class Metrics:
         # failing clients are unbounded over time: the ones the store already holds (earlier
         # runs, other workers) count against the cap, so it bounds the state directory too
         self.clients = LabelGuard("client", max_clients, count_overflow)
+        self.max_countries = max_countries_per_token
+        self._countries: dict = {}          # token -> countries with their own series (bounded)
         with self.store.snapshot():
             self.clients.reserve(key[0] for key in self.store.values_by_key(self.auth_failures_by_client))
+            for token, country in self.store.values_by_key(self.by_country):
+                self._countries.setdefault(token, set()).add(country)
         self.store.on_reopen.append(self._reopened)
         self._initial_series()
 
@@ -262,6 +271,22 @@ class Metrics:
         with self.store.lock:
             self._add(self.auth_failures, (reason,), 1.0)
             self._add(self.auth_failures_by_client, (self.clients.admit(client or "unknown"),), 1.0)
+
+    def observe_country(self, token: str, country: str) -> None:
+        """One request of ``token`` from ``country``; at most max_countries_per_token countries
+        per token get their own series."""
+        with self.store.lock:
+            token = self.tokens.admit(token, count=False)
+            seen = self._countries.get(token)
+            if seen is None:
+                seen = self._countries[token] = set()
+            if country not in seen:
+                if len(seen) >= self.max_countries:
+                    self._add(self.overflow, ("country",), 1.0)
+                    country = OVERFLOW
+                else:
+                    seen.add(country)
+            self._add(self.by_country, (token, country), 1.0)
 
     def set_windows(self, token: str, windows, now: float) -> None:
         """Limit, remaining and reset time of each window, as of ``now``."""

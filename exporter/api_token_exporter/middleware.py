@@ -393,6 +393,8 @@ class TokenAnalytics:
         self.core.record_request(key.id if key is not None else None, self._route(environ),
                                  environ.get("REQUEST_METHOD", "GET"), code,
                                  time.perf_counter() - started, key=key)
+        if key is not None and self.core.countries is not None:
+            self.core.record_country(key.id, client_ip(environ, self._trusted_proxies))
 
     def _observe_upstream_limits(self, token_id: str, headers, code: int) -> None:
         """Observe-only mode: take rate-limit values from the headers the app (or its upstream)
