@@ -390,3 +390,33 @@ def test_every_dashboard_panel_has_data_over_its_range_and_30_days(backfilled):
                    if not all(has_data(run(backfilled.prometheus.url, req))
                               for req in grafana_queries.requests_for(d, p, scrape, variables))]
     assert pending == [], "\n".join(f"{n} {d['time']['from']}: {p['title']}" for n, d, p in pending)
+
+
+ANOMALY_KINDS = {("ApiTokenTrafficAnomaly", "up"), ("ApiTokenErrorAnomaly", "up"), ("ApiTokenLatencyAnomaly", "up"),
+                 ("ApiTokenNewRoute", None), ("ApiTokenRouteMixAnomaly", None), ("ApiTokenNewCountry", None)}
+
+
+@pytest.mark.integration
+def test_the_compromised_key_shows_every_kind_of_anomaly_and_no_healthy_key_any(backfilled):
+    """With its history (and the anomaly rules backfilled over it), the demo's compromised key
+    raises each kind of anomaly (pending or firing: `for` is a quarter hour), and the keys that
+    behave as they always did raise none."""
+    rules_loaded(backfilled)
+    seen, others = set(), set()
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and not ANOMALY_KINDS <= seen:
+        alerts = requests.get(backfilled.prometheus.url + "/api/v1/alerts", timeout=30).json()["data"]["alerts"]
+        for alert in alerts:
+            labels = alert["labels"]
+            if not labels.get("anomaly"):
+                continue
+            if labels.get("token") == "demo-compromised":
+                seen.add((labels["alertname"], labels.get("direction")))
+            else:
+                others.add((labels.get("token"), labels["alertname"], labels.get("direction")))
+        assert others == set(), others
+        time.sleep(5)
+    assert ANOMALY_KINDS <= seen, seen
+    country = requests.get(backfilled.prometheus.url + "/api/v1/query", timeout=30, params={
+        "query": 'ALERTS{alertname="ApiTokenNewCountry", token="demo-compromised"}'}).json()["data"]["result"]
+    assert {r["metric"]["country"] for r in country} == {"BR"}

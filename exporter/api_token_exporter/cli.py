@@ -211,7 +211,8 @@ def cmd_backfill(args) -> int:
         rule_blocks = []
         if args.prometheus_url:
             from .stack import ROOT
-            rules = args.rules or [os.path.join(ROOT, "prometheus", "rules", "apitoken-recording.yml")]
+            rules = args.rules or [os.path.join(ROOT, "prometheus", "rules", f)
+                                   for f in ("apitoken-recording.yml", "apitoken-anomalies.yml")]
             rule_blocks = history.backfill_rules(args.prometheus_url, rules, start, end,
                                                  args.prometheus_data or args.output,
                                                  load_timeout=args.load_timeout)
@@ -396,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--output", default="backfill-blocks", help="else, where to write the blocks")
     back.add_argument("--prometheus-url", help="a Prometheus holding the history: backfill the recording rules")
     back.add_argument("--rules", nargs="+", help="recording rule files (with --prometheus-url; default: "
-                      "prometheus/rules/apitoken-recording.yml of the checkout)")
+                      "prometheus/rules/apitoken-recording.yml and apitoken-anomalies.yml of the checkout)")
     back.add_argument("--load-timeout", type=float, default=600,
                       help="seconds to wait for Prometheus to load one level of rule blocks before the next "
                            "(it does about once a minute, later while it compacts; default %(default)s)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import logging
 import os
 import random
@@ -45,7 +46,14 @@ DEMO_KEYS = {
     "demo-inactive": ("Revoked key", "acme", HEALTHY_LIMITS, ("ApiTokenInvalidStillUsed",)),
     "demo-expired": ("Expired trial", "globex", HEALTHY_LIMITS, ("ApiTokenInvalidStillUsed",)),
     "demo-sidecar": ("Go service (ingest)", "umbrella", HEALTHY_LIMITS, ()),
+    # with its history (make demo backfills it): every kind of anomaly at once; without: the
+    # fixed thresholds only, since anomalies need a day to learn
+    "demo-compromised": ("Compromised integration", "initech", HEALTHY_LIMITS, (
+        "ApiTokenHighErrorRate", "ApiTokenHighLatency", "ApiTokenUsageSpike", "ApiTokenTrafficAnomaly",
+        "ApiTokenErrorAnomaly", "ApiTokenLatencyAnomaly", "ApiTokenNewRoute", "ApiTokenRouteMixAnomaly",
+        "ApiTokenNewCountry")),
 }
+COMPROMISED_FROM = "200.160.0.8"     # a Brazilian address; the key's history is from Germany
 # LLM budgets in USD, scaled by --speed: the chat assistant's are small on purpose; the
 # sidecar's LLM calls (about $130 a day at speed 1) stay well inside its own
 BUDGETS = {"demo-llm": {"daily": 0.5, "monthly": 10.0}, "demo-sidecar": {"daily": 1000.0, "monthly": 30000.0},
@@ -137,6 +145,9 @@ def create_demo_api(**analytics_settings) -> Flask:
                                   "completion_tokens_details": {"reasoning_tokens": reasoning}}})
 
     analytics_settings.setdefault("capture_llm_usage", True)
+    # the generator sends a forwarded address for the compromised key, as a proxy on 127.0.0.1 would
+    analytics_settings.setdefault("country_lookup", True)
+    analytics_settings.setdefault("trusted_proxies", ["127.0.0.1/32"])
     TokenAnalytics(app, **analytics_settings)
     return app
 
@@ -197,8 +208,8 @@ class TrafficGenerator:
         self._lock = threading.Lock()
         self._random = random.Random(seed)
 
-    def _get(self, session, path, key=None, method="GET", **kw):
-        headers = {"X-API-Key": key} if key else {}
+    def _get(self, session, path, key=None, method="GET", headers=None, **kw):
+        headers = dict(headers or {}, **({"X-API-Key": key} if key else {}))
         try:
             session.request(method, self.base_url + path, headers=headers, timeout=10, **kw)
         except requests.RequestException:
@@ -230,6 +241,10 @@ class TrafficGenerator:
                                       json=dict(zip(("service", "model"), r.choice(MODELS)),
                                                 prompt="summarise this " * r.randint(1, 40),
                                                 stream=r.random() < 0.3))),
+            # three times its usual pace, on routes it never called, slow and failing, from Brazil
+            (1.0, lambda s: self._get(s, r.choice(["/api/v1/items", "/api/v1/flaky?fail=0.3",
+                                                   "/api/v1/slow?seconds=1.5"]), k["demo-compromised"],
+                                      headers={"X-Forwarded-For": COMPROMISED_FROM})),
             (8.0, lambda s: self._get(s, "/api/v1/items")),                                 # missing
             (6.0, lambda s: self._get(s, "/api/v1/items", "atk_" + secrets.token_urlsafe(24))),  # invalid
             (15.0, lambda s: self._get(s, "/api/v1/items", k["demo-inactive"])),
@@ -251,7 +266,7 @@ class TrafficGenerator:
             service, model = r.choice(MODELS)
             event = {"token": "demo-sidecar", "route": r.choice(["/v1/orders", "/v1/orders/{id}"]),
                      "method": r.choice(["GET", "POST"]), "status": r.choice([200] * 199 + [503]),   # 0.5 %: healthy
-                     "duration_ms": r.randint(5, 900)}
+                     "duration_ms": round(math.exp(r.uniform(math.log(5), math.log(900))))}
             if r.random() < 0.1:
                 event["llm"] = {"service": service, "model": model,
                                 "input_tokens": r.randint(10, 200), "output_tokens": r.randint(10, 200)}
@@ -410,8 +425,10 @@ class DemoStack:
 
         def run():
             try:
-                history.backfill_rules(self.prometheus.url,
-                                       [os.path.join(stack.ROOT, "prometheus", "rules", "apitoken-recording.yml")],
+                rules = os.path.join(stack.ROOT, "prometheus", "rules")
+                history.backfill_rules(self.prometheus.url,     # so the anomaly bands are learned from the start
+                                       [os.path.join(rules, "apitoken-recording.yml"),
+                                        os.path.join(rules, "apitoken-anomalies.yml")],
                                        start, end, os.path.join(self.data_dir, "prometheus", "data"),
                                        eval_interval="300s", reload=self._restart_prometheus)
             except Exception as exc:       # the demo runs on without them; say why

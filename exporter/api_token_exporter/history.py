@@ -22,6 +22,7 @@ import math
 import datetime as dt
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -277,6 +278,9 @@ class Aggregate:
         self._count("apitoken_requests_total", (token, route, method, str(code)), b, count)
         self._count("apitoken_requests_by_class_total", (token, status_class(code)), b, count)
 
+    def add_country(self, b: int, token: str, country: str, count: int) -> None:
+        self._count("apitoken_requests_by_country_total", (token, country), b, count)
+
     def add_refusals(self, b: int, token: str, route: str, code: int, count: int, reason: str = "",
                      window: str = "") -> None:
         """Requests refused by auth (``reason``) or a rate limit (``window``), counted as live ones
@@ -427,7 +431,6 @@ def rule_levels(rule_files: List[str]) -> List[List[dict]]:
     """Recording rule groups split by dependency: level 0 reads only raw series, level n reads
     series recorded at lower levels. promtool backfills each rule from what Prometheus holds,
     so a rule that reads another recorded series has to wait for its blocks."""
-    import re
     import yaml
     groups = []
     for path in rule_files:
@@ -484,10 +487,11 @@ def backfill_rules(prometheus_url: str, rule_files: List[str], start: float, end
             os.makedirs(out_dir)
             done = subprocess.run([promtool, "tsdb", "create-blocks-from", "rules", f"--url={prometheus_url}",
                                    f"--start={int(start)}", f"--end={int(end)}", f"--eval-interval={eval_interval}",
-                                   f"--output-dir={out_dir}", rules_path], capture_output=True, text=True)
+                                   f"--output-dir={work}/two-hour", rules_path], capture_output=True, text=True)
             if done.returncode != 0:
                 raise ImportFailed("promtool could not backfill the rules: "
                                    f"{(done.stderr or done.stdout).strip()[-500:]}")
+            merge_blocks(promtool, f"{work}/two-hour", out_dir, work)
             for name in sorted(os.listdir(out_dir)):
                 os.rename(os.path.join(out_dir, name), os.path.join(data_dir, name))
                 moved.append(os.path.join(data_dir, name))
@@ -499,10 +503,44 @@ def backfill_rules(prometheus_url: str, rule_files: List[str], start: float, end
     return moved
 
 
+_DUMPED = re.compile(r'^\{__name__="((?:[^"\\]|\\.)*)"(?:, (.*))?\} (\S+) (-?\d+)$')
+_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+
+
+def merge_blocks(promtool: str, source: str, output_dir: str, work: str) -> None:
+    """promtool writes a rule backfill as two-hour blocks: a month of one level is 360 of them,
+    and a Prometheus opening thousands of blocks runs out of file descriptors. Rewrite them as
+    few long blocks: `promtool tsdb dump`, as OpenMetrics, then create-blocks-from openmetrics."""
+    text = os.path.join(work, "rules.om.txt")
+    os.makedirs(os.path.join(source, "wal"), exist_ok=True)      # dump opens it as a database
+    with open(text, "w", encoding="utf-8") as out:
+        dump = subprocess.Popen([promtool, "tsdb", "dump", source], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        name = None
+        for line in dump.stdout:
+            found = _DUMPED.match(line.rstrip("\n"))
+            if not found:
+                continue
+            metric, labels, value, millis = found.groups()
+            if metric != name:
+                out.write(f"# TYPE {metric} gauge\n")
+                name = metric
+            pairs = ",".join(f'{k}="{v}"' for k, v in _LABEL.findall(labels or ""))
+            out.write(f"{metric}{{{pairs}}} {value} {int(millis) / 1000:.3f}\n")
+        out.write("# EOF\n")
+        if dump.wait() != 0:
+            raise ImportFailed(f"promtool could not read the rule blocks: {dump.stderr.read().strip()[-500:]}")
+    if name is None:                          # nothing recorded (no data for these rules)
+        return
+    done = subprocess.run([promtool, "tsdb", "create-blocks-from", "openmetrics", f"--max-block-duration={MAX_BLOCK}",
+                           "--quiet", text, output_dir], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise ImportFailed(f"promtool could not merge the rule blocks: {(done.stderr or done.stdout).strip()[-500:]}")
+
+
 def _wait_for_series(prometheus_url: str, names: List[str], at: float, timeout: float) -> None:
     """Until Prometheus answers for one of ``names`` in the hour before ``at``: in the middle of
     the history, as a Prometheus evaluating the same rules live has them near the end at once."""
-    import re
     import requests
     probe = "{__name__=~\"" + "|".join(map(re.escape, names)) + "\"}"
     deadline = time.monotonic() + timeout

@@ -31,6 +31,7 @@ class Profile:
     llm: Sequence[Tuple[str, str]] = ()        # (service, model) it calls, one call per request
     llm_tokens: Tuple[int, int] = (200, 600)   # typical input and output tokens per call
     cached: float = 0.0                        # share of the input read from the prompt cache
+    country: str = ""                          # where its requests come from (country_lookup)
     refused: float = 0.0                       # 429s a minute (over its minute limit)
 
 
@@ -39,13 +40,16 @@ ITEMS = (("/api/v1/items", "GET"), ("/api/v1/items/<int:item_id>", "GET"), ("/ap
 PROFILES: Dict[str, Profile] = {
     "demo-steady": Profile(46, ITEMS),
     "demo-bursty": Profile(40, ITEMS[:1]),
-    "demo-errors": Profile(60, (("/api/v1/flaky", "GET"), ITEMS[1]), error_rate=0.08, not_found=0.2),
+    # as the live generator: a third of its calls fail 40 % of the time, two thirds are 404s
+    "demo-errors": Profile(60, (("/api/v1/flaky", "GET"), ITEMS[1]), error_rate=0.13, not_found=0.67),
     "demo-slow": Profile(15, (("/api/v1/slow", "GET"),), latency=(0.3, 2.5)),
     "demo-limited": Profile(20, ITEMS[:1], refused=40),
     "demo-llm": Profile(30, (("/api/v1/chat", "POST"),), latency=(0.3, 1.5),
                         llm=(("openai", "gpt-4o"), ("openai", "gpt-4o-mini"), ("anthropic", "claude-sonnet-4-5")),
                         cached=0.4),
-    "demo-sidecar": Profile(120, (("/v1/orders", "GET"), ("/v1/orders/{id}", "POST")),
+    # calm for 30 days, from Germany; live it is the demo's compromised key (demo.DEMO_KEYS)
+    "demo-compromised": Profile(12, ITEMS[:2], latency=(0.02, 0.2), country="DE"),
+    "demo-sidecar": Profile(120, (("/v1/orders", "GET"), ("/v1/orders/{id}", "POST")), latency=(0.005, 0.9),
                             llm=(("openai", "gpt-4o-mini"),), llm_tokens=(20, 60)),
 }
 
@@ -147,6 +151,8 @@ def generate(agg: Aggregate, start: float, end: float, seed: int = 42,
                 if refused:
                     agg.add_refusals(b, token, p.routes[0][0], 429, refused, window="minute")
             n = _count(rnd, mu)
+            if n and p.country:
+                agg.add_country(b, token, p.country, n)
             if not n:
                 continue
             plan.requests += n
