@@ -15,19 +15,24 @@ An alert needs the value outside the band, a minimum relative change from the ce
 series has a MAD near 0), a minimum volume (a token with a few requests an hour never fires),
 the learning period behind it (``token:apitoken_anomaly:learning`` is 1 until then), ``for``,
 and ends only after ``keep_firing_for`` back inside.
+
+Usage patterns and countries are learned in Prometheus too, from hourly per-route and
+per-country series: a route or a country unseen for weeks, and a mix of routes unlike both the
+same hour yesterday and the day before.
 """
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import List
 
+from .keystore import SENSITIVITIES
 from .rulegen import ThresholdError, _q, fmt_duration, seconds
 
-SIGNALS = {   # name: (recorded source, unit for humans, directions)
-    "requests": ("token:apitoken_requests:rate{w}", "req/s", ("up", "down")),
-    "error_ratio": ("token:apitoken_request_errors:ratio_rate{w}", "ratio", ("up",)),
-    "latency": ("token:apitoken_request_duration_seconds:{q}_{w}", "seconds", ("up",)),
+SIGNALS = {   # name: (recorded source, directions)
+    "requests": ("token:apitoken_requests:rate{w}", ("up", "down")),
+    "error_ratio": ("token:apitoken_request_errors:ratio_rate{w}", ("up",)),
+    "latency": ("token:apitoken_request_duration_seconds:{q}_{w}", ("up",)),
 }
-LEVELS = ("low", "medium", "high")
+LEVELS = SENSITIVITIES
 
 
 def validate(t: dict) -> None:
@@ -81,7 +86,7 @@ def recording_rules(t: dict) -> List[dict]:
                        f"  unless on (token) present_over_time({_name('requests', 'sample')}[1h] offset "
                        f"{a['learning_period']})\n"
                        f"or token:apitoken_requests:rate{w} * 0")}]
-    for signal, (source, _, _) in SIGNALS.items():
+    for signal, (source, _) in SIGNALS.items():
         sample = _name(signal, "sample")
         rules += [
             {"record": sample, "expr": f"{source.format(w=w, q=q)} >= 0"},     # NaN (no requests) is no sample
@@ -168,7 +173,7 @@ def alert_rules(t: dict, alert) -> List[dict]:
             "latency": ("Latency", f"{q} latency", "humanizeDuration", "")}
     link = t.get("dashboard_url")
     rules = []
-    for signal, (source, _, directions) in SIGNALS.items():
+    for signal, (source, directions) in SIGNALS.items():
         value = source.format(w=w, q=q)
         kind, label, fmt, unit = what[signal]
         for direction in directions:

@@ -48,7 +48,7 @@ DEMO_KEYS = {
     "demo-sidecar": ("Go service (ingest)", "umbrella", HEALTHY_LIMITS, ()),
     # with its history (make demo backfills it): every kind of anomaly at once; without: the
     # fixed thresholds only, since anomalies need a day to learn
-    "demo-compromised": ("Compromised integration", "initech", HEALTHY_LIMITS, (
+    "demo-compromised": ("Compromised integration", "initech", {"minute": 300, "hour": 15000, "day": 300000}, (
         "ApiTokenHighErrorRate", "ApiTokenHighLatency", "ApiTokenUsageSpike", "ApiTokenTrafficAnomaly",
         "ApiTokenErrorAnomaly", "ApiTokenLatencyAnomaly", "ApiTokenNewRoute", "ApiTokenRouteMixAnomaly",
         "ApiTokenNewCountry")),
@@ -70,7 +70,9 @@ def expected_alerts() -> str:
             + "\n".join(lines)
             + f"\n  {'missing/invalid':<16} keys sent by the generator: ApiTokenUnauthorizedAccess (per client), "
               "ApiTokenUnauthorizedAccessApiWide"
-            + f"\n  {'(always)':<16} Watchdog, the dead man's switch")
+            + f"\n  {'(always)':<16} Watchdog, the dead man's switch"
+            + "\nthe anomaly alerts (*Anomaly, ApiTokenNew*) need the backfilled history (the default) and fire\n"
+              "after their 15-minute `for`; they are pending in Prometheus's /alerts before that")
 
 
 MODELS = [("openai", "gpt-4o"), ("openai", "gpt-4o-mini"), ("openai", "o3"),
@@ -241,9 +243,10 @@ class TrafficGenerator:
                                       json=dict(zip(("service", "model"), r.choice(MODELS)),
                                                 prompt="summarise this " * r.randint(1, 40),
                                                 stream=r.random() < 0.3))),
-            # three times its usual pace, on routes it never called, slow and failing, from Brazil
-            (1.0, lambda s: self._get(s, r.choice(["/api/v1/items", "/api/v1/flaky?fail=0.3",
-                                                   "/api/v1/slow?seconds=1.5"]), k["demo-compromised"],
+            # ten times its usual pace, on routes it never called, slow and failing, from Brazil
+            (0.5, lambda s: self._get(s, "/api/v1/flaky?fail=0.3", k["demo-compromised"],
+                                      headers={"X-Forwarded-For": COMPROMISED_FROM})),
+            (2.0, lambda s: self._get(s, "/api/v1/slow?seconds=1.5", k["demo-compromised"],
                                       headers={"X-Forwarded-For": COMPROMISED_FROM})),
             (8.0, lambda s: self._get(s, "/api/v1/items")),                                 # missing
             (6.0, lambda s: self._get(s, "/api/v1/items", "atk_" + secrets.token_urlsafe(24))),  # invalid
