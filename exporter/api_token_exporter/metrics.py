@@ -173,7 +173,8 @@ class Metrics:
                  max_countries_per_token: int = 10):
         families = catalogue()
         (self.requests, self.by_class, self.duration, self.route_duration, self.auth_failures,
-         self.auth_failures_by_client, self.by_country, self.rate_limited, self.rl_limit, self.rl_remaining, self.rl_reset, self.storage_errors,
+         self.auth_failures_by_client, self.by_country, self.rate_limited, self.rl_limit,
+         self.rl_remaining, self.rl_reset, self.storage_errors,
          self.last_used, self.llm_tokens, self.llm_requests, self.llm_cost, self.llm_unpriced,
          self.overflow, self.ingest_events, self.key_file_errors, _dropped) = families
         self.store = Store(families, directory, capacity or DEFAULT_CAPACITY)
