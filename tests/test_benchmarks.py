@@ -27,7 +27,7 @@ def test_middleware_benchmark_compares_the_four_variants():
 
 def test_scrape_benchmark_checks_identical_output_first():
     out = run("bench_scrape.py", "--tokens", "50", "--repeat", "1")
-    assert "| 50 | 1,723 |" in out         # 34 series per token plus 23 fixed ones
+    assert "| 50 | 1,978 |" in out         # 39 series per token plus 28 fixed ones
 
 
 def test_rate_limit_benchmark_counts_one_round_trip():

@@ -148,7 +148,8 @@ def test_demo_admin_json_behind_the_printed_token_file(demo):
     assert requests.get(demo["url"] + "/admin/stats", timeout=10).status_code == 401
     stats = requests.get(demo["url"] + "/admin/stats", timeout=10,
                          headers={"Authorization": f"Bearer {token}"}).json()
-    assert stats["tokens"]["count"] == 10 and stats["total_requests"] > 0
+    from api_token_exporter.demo import DEMO_KEYS
+    assert stats["tokens"]["count"] == len(DEMO_KEYS) == 11 and stats["total_requests"] > 0
 
 
 def test_without_docker_prometheus_and_alertmanager_run_from_local_binaries(demo):
