@@ -120,8 +120,10 @@ def route_mix_rules(t: dict) -> List[dict]:
     hour is expected."""
     w, c = t["rate_window"], t["coarse_window"]
     now = f"token_route:apitoken_requests:rate{w} / on (token) group_left token:apitoken_requests:rate{w}"
-    hour = (f"token_route:apitoken_requests:increase{c} offset 23h / on (token) group_left "
-            f"token:apitoken_requests:increase{c} offset 23h")
+    # an hourly series is written once an hour: an instant lookup 23 h back (5 minutes of
+    # lookback) mostly finds nothing, so take the last value of that hour
+    hour = (f"last_over_time(token_route:apitoken_requests:increase{c}[{c}] offset 23h) / on (token) group_left "
+            f"last_over_time(token:apitoken_requests:increase{c}[{c}] offset 23h)")
     day = (f"sum_over_time(token_route:apitoken_requests:increase{c}[1d] offset {c}) / on (token) group_left "
            f"sum_over_time(token:apitoken_requests:increase{c}[1d] offset {c})")
     rules = [{"record": "token_route:apitoken_anomaly_route_share:now", "expr": now},
