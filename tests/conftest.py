@@ -35,6 +35,18 @@ def require_binary(name: str) -> str:
     return path
 
 
+def wait_for(what, check, timeout=90, interval=0.5):
+    """Until check() returns something true (returned); else fail naming what and the last answer."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what}; last answer: {last!r}")
+
+
 def wait_for_port(port: int, proc: subprocess.Popen = None, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -17,6 +17,7 @@ from api_token_exporter.keystore import add_key, load_keys, save_keys
 from api_token_exporter.sinks import SmtpSink, WebhookSink
 from api_token_exporter.stack import (ROOT, alertmanager_config, find_binary, free_port,
                                       prometheus_config, start_alertmanager, start_prometheus)
+from conftest import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -31,15 +32,6 @@ FAST = {
 RUNBOOK = "http://localhost:9464/runbooks"        # runbook_base_url of prometheus/thresholds.yml
 
 
-def wait_for(what, check, timeout=90, interval=0.5):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out waiting for {what}; last answer: {last!r}")
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from api_token_exporter.server import create_app
 from api_token_exporter.sinks import WebhookSink
 from api_token_exporter.stack import (ROOT, alertmanager_config, find_binary, free_port, prometheus_config,
                                       start_alertmanager, start_prometheus)
+from conftest import wait_for
 
 pytestmark = pytest.mark.integration
 # minutes instead of the defaults' quarter hours, so the test waits seconds
@@ -27,15 +28,6 @@ USUAL = 2.0                      # requests per second in the history
 DAYS = 2
 
 
-def wait_for(what, check, timeout=180, interval=1.0):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out waiting for {what}; last answer: {last!r}")
 
 
 @pytest.fixture
@@ -105,9 +97,9 @@ def test_a_traffic_spike_reaches_the_webhook_with_its_context(stack):
         return requests.get(prom + "/api/v1/query", params={"query": expr}, timeout=10).json()["data"]["result"]
     # learned from the backfilled history: not learning, and a band around USUAL
     wait_for("the learned band", lambda: query('token:apitoken_anomaly:learning{token="shop"} == 0')
-             and query('token:apitoken_anomaly_requests:upper{token="shop"}'))
+             and query('token:apitoken_anomaly_requests:upper{token="shop"}'), timeout=180, interval=1.0)
     wait_for("a band around the usual rate", lambda: USUAL * 0.9 <= float(
-        query('token:apitoken_anomaly_requests:upper{token="shop"}')[0]["value"][1]) <= USUAL * 1.5, timeout=60)
+        query('token:apitoken_anomaly_requests:upper{token="shop"}')[0]["value"][1]) <= USUAL * 1.5, timeout=60, interval=1.0)
 
     stop = threading.Event()
 
@@ -121,7 +113,7 @@ def test_a_traffic_spike_reaches_the_webhook_with_its_context(stack):
     try:
         alerts = wait_for("the anomaly on the webhook", lambda: [
             a for a in stack["webhook"].alerts() if a["labels"]["alertname"] == "ApiTokenTrafficAnomaly"
-            and a["status"] == "firing"])
+            and a["status"] == "firing"], timeout=180, interval=1.0)
     finally:
         stop.set()
         thread.join(timeout=10)

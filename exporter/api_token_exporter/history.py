@@ -310,9 +310,8 @@ class Aggregate:
     def add_llm(self, b: int, token: str, usage: LLMUsage, requests: int = 1) -> None:
         """``usage`` of ``requests`` requests together; tokens by type as the live store has them."""
         key = (token, usage.service, usage.model)
-        for kind, n in usage.parts().items():
-            if n or kind in ("input", "output"):
-                self._count("apitoken_llm_tokens_total", key + (kind,), b, n)
+        for kind, n in usage.exported_parts().items():
+            self._count("apitoken_llm_tokens_total", key + (kind,), b, n)
         self._count("apitoken_llm_requests_total", key, b, requests)
         price = self.pricing.price(usage.service, usage.model) if self.pricing else None
         if price is None:

@@ -336,9 +336,8 @@ class Metrics:
             token = self.tokens.admit(token, count=False)
             service = self.services.admit(usage.service.lower())
             model = self.models.admit(usage.model)
-            for kind, n in usage.parts().items():
-                if n or kind in ("input", "output"):
-                    self._add(self.llm_tokens, (token, service, model, kind), float(n))
+            for kind, n in usage.exported_parts().items():
+                self._add(self.llm_tokens, (token, service, model, kind), float(n))
             self._add(self.llm_requests, (token, service, model), 1.0)
             if cost_usd is None:
                 self._add(self.llm_unpriced, (service, model), 1.0)

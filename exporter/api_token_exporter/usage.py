@@ -41,6 +41,10 @@ class LLMUsage:
                 "cached_input": self.cached_input_tokens, "cache_write": self.cache_write_tokens,
                 "output": self.output_tokens - self.reasoning_tokens, "reasoning": self.reasoning_tokens}
 
+    def exported_parts(self) -> Dict[str, int]:
+        """The parts that get a series: input and output always, the others once they occur."""
+        return {k: n for k, n in self.parts().items() if n or k in ("input", "output")}
+
 
 def validate_usage(service, model, input_tokens=0, output_tokens=0, cached_input_tokens=0,
                    cache_write_tokens=0, reasoning_tokens=0) -> LLMUsage:
