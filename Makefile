@@ -28,6 +28,7 @@ bench:
 	$(VPY) benchmarks/bench_ratelimit.py
 	$(VPY) benchmarks/bench_load.py
 	$(VPY) benchmarks/bench_import.py
+	$(VPY) benchmarks/bench_geo.py
 
 dashboards:
 	api-token-exporter dashboards

@@ -39,7 +39,9 @@ def count(variant: str, keys_file: str, raw: str, n: int, workdir: str) -> int:
     result = subprocess.run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
                              os.path.realpath(sys.executable), "-c", script],
                             capture_output=True, text=True, timeout=900,
-                            env=dict(os.environ, BENCH_KEY=raw))
+                            # the real binary does not find the venv by itself: hand it this sys.path
+                            env=dict(os.environ, BENCH_KEY=raw,
+                                     PYTHONPATH=os.pathsep.join(p for p in sys.path if p)))
     found = re.search(r"Collected : (\d+)", result.stderr)
     if result.returncode != 0 or not found:
         raise RuntimeError(f"valgrind run failed for {variant}:\n{result.stderr[-2000:]}")

@@ -72,6 +72,13 @@ class Settings:
     admin_rate_limit: int = 60              # analytics and admin requests per minute per credential
     exempt_paths: List[str] = field(default_factory=lambda: ["/healthz"])
     trusted_proxies: List[str] = field(default_factory=list)   # CIDRs whose X-Forwarded-For is believed
+    alertmanager_url: Optional[str] = None  # with admin_token: the alert API (active, history, acknowledge)
+    alert_db_url: Optional[str] = None      # alert history: sqlite:///path or postgresql://...; state_dir/alerts.db
+    alert_webhook_token: Optional[str] = None   # enables the webhook Alertmanager posts notifications to
+    alert_sync_interval: float = 30.0       # seconds between syncs with Alertmanager and ALERTS (0: on demand)
+    alert_rules_dir: Optional[str] = None   # rule files Prometheus reads: alert settings re-render them there
+    thresholds_file: Optional[str] = None   # the thresholds the rules are rendered from (prometheus/thresholds.yml)
+    alertmanager_config_file: Optional[str] = None   # Alertmanager's file: alert settings change its channels
     recent_requests: int = 100              # ring buffer behind /admin/stats
     state_dir: Optional[str] = None         # metric files kept here survive restarts
     store_capacity: int = 4_000_000         # values (8 bytes each) one process's store can hold
@@ -84,6 +91,10 @@ class Settings:
                 raise ConfigError(f"rate_limits.{window} must be a whole number >= 0")
         if not self.header_name or not self.header_name.replace("-", "").isalnum():
             raise ConfigError(f"header_name {self.header_name!r} is not a valid header name")
+        if not 0 <= self.alert_sync_interval <= 86400:
+            raise ConfigError("alert_sync_interval must be from 0 (sync on demand) to 86400 seconds")
+        if self.alertmanager_url and not self.admin_token:
+            raise ConfigError("alertmanager_url enables the alert API, which needs admin_token")
         if not 0 <= self.analytics_cache_seconds <= 3600:
             raise ConfigError("analytics_cache_seconds must be from 0 to 3600")
         if self.storage_failure_mode not in ("open", "closed", "local"):
@@ -104,7 +115,8 @@ class Settings:
         return self
 
 
-_SECRET_FIELDS = ("metrics_basic_password", "metrics_bearer_token", "admin_token", "ingest_token")
+_SECRET_FIELDS = ("metrics_basic_password", "metrics_bearer_token", "admin_token", "ingest_token",
+                  "alert_webhook_token")
 _BOOLEANS = {"1": True, "true": True, "yes": True, "on": True,
              "0": False, "false": False, "no": False, "off": False}
 _DURATIONS = {"prometheus_timeout", "storage_timeout"}

@@ -92,13 +92,15 @@ class AnswerCache:
 
 def build_endpoints(core, serve_metrics: bool = True, admin: bool = True, health: bool = False,
                     anonymous_metrics: bool = True):
-    """Return (wsgi_app, paths it answers) for a UsageCore. Without credentials configured,
-    ``anonymous_metrics`` False refuses the metrics path (403) rather than serving it to all."""
+    """Return (wsgi_app, paths it answers, path prefixes it answers) for a UsageCore. Without
+    credentials configured, ``anonymous_metrics`` False refuses the metrics path (403) rather
+    than serving it to all."""
     s = core.settings
     app = Flask("api_token_exporter.endpoints")
     app.json.sort_keys = False
     app.json.ensure_ascii = False
     paths = set()
+    prefixes: List[str] = []
 
     @app.errorhandler(404)
     def _not_found(_):
@@ -176,6 +178,10 @@ def build_endpoints(core, serve_metrics: bool = True, admin: bool = True, health
         @app.route("/admin/stats", methods=["GET"])
         def admin_stats():
             return admin_denied() or jsonify(core.tracker.stats(core.keystore, s.rate_limits, core.view))
+
+        if s.alertmanager_url:
+            from . import alert_api
+            alert_api.register(app, paths, prefixes, core, admin_denied, _same, _bearer)
 
     if admin and s.ingest_token:
         paths.add(INGEST_PATH)
@@ -270,7 +276,7 @@ def build_endpoints(core, serve_metrics: bool = True, admin: bool = True, health
             return answer(lambda scope: analytics.usage_report(client, scope, time.time(),
                                                                deadline=s.prometheus_timeout))
 
-    return app, paths
+    return app, paths, tuple(prefixes)
 
 
 def validate_event(core, event) -> Tuple[Optional[dict], List[str]]:

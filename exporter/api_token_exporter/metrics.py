@@ -135,6 +135,9 @@ def catalogue() -> Tuple[Family, ...]:
                "Usage events posted to the ingest endpoint, by result.", ("result",)),
         Family("apitoken_key_file_reload_errors_total", "counter",
                "Versions of the key file that could not be loaded (the previous keys stayed).", ()),
+        Family("apitoken_alert_feedback_total", "counter",
+               "Verdicts given on alerts through the alert API (true_positive, false_positive), by "
+               "alert name.", ("alertname", "verdict")),
         Family(DROPPED_SERIES, "counter",
                "Series not stored because the metric store was full (store_capacity).", ()),
     )
@@ -176,7 +179,7 @@ class Metrics:
          self.auth_failures_by_client, self.by_country, self.rate_limited, self.rl_limit,
          self.rl_remaining, self.rl_reset, self.storage_errors,
          self.last_used, self.llm_tokens, self.llm_requests, self.llm_cost, self.llm_unpriced,
-         self.overflow, self.ingest_events, self.key_file_errors, _dropped) = families
+         self.overflow, self.ingest_events, self.key_file_errors, self.alert_feedback, _dropped) = families
         self.store = Store(families, directory, capacity or DEFAULT_CAPACITY)
         self._window_slots = {}
         self._request_slots = {}
@@ -189,6 +192,7 @@ class Metrics:
         self.routes = LabelGuard("route", max_routes, count_overflow, fixed=(UNMATCHED_ROUTE,))
         self.models = LabelGuard("model", max_models, count_overflow)
         self.services = LabelGuard("service", 50, count_overflow)
+        self.alertnames = LabelGuard("alertname", 200, count_overflow)
         # failing clients are unbounded over time: the ones the store already holds (earlier
         # runs, other workers) count against the cap, so it bounds the state directory too
         self.clients = LabelGuard("client", max_clients, count_overflow)
@@ -196,6 +200,7 @@ class Metrics:
         self._countries: dict = {}          # token -> countries with their own series (bounded)
         with self.store.snapshot():
             self.clients.reserve(key[0] for key in self.store.values_by_key(self.auth_failures_by_client))
+            self.alertnames.reserve(key[0] for key in self.store.values_by_key(self.alert_feedback))
             for token, country in self.store.values_by_key(self.by_country):
                 self._countries.setdefault(token, set()).add(country)
         self.store.on_reopen.append(self._reopened)
@@ -205,7 +210,7 @@ class Metrics:
         """After fork: the parent's slots mean nothing in the child's new file."""
         self._window_slots.clear()
         self._request_slots.clear()
-        for guard in (self.tokens, self.routes, self.models, self.services, self.clients):
+        for guard in (self.tokens, self.routes, self.models, self.services, self.clients, self.alertnames):
             guard.after_fork()
         self._initial_series()
 
@@ -327,6 +332,10 @@ class Metrics:
         with self.store.lock:
             self._add(self.ingest_events, ("accepted",), float(accepted))
             self._add(self.ingest_events, ("rejected",), float(rejected))
+
+    def count_alert_feedback(self, alertname: str, verdict: str) -> None:
+        with self.store.lock:
+            self._add(self.alert_feedback, (self.alertnames.admit(alertname), verdict), 1.0)
 
     def observe_llm(self, token: str, usage: LLMUsage, cost_usd: Optional[float]) -> None:
         """``cost_usd`` None means the model has no price: counted as unpriced, never as $0.

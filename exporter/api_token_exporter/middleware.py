@@ -228,7 +228,7 @@ class TokenAnalytics:
         self._metrics_server = None
         from .endpoints import build_endpoints  # the built-in /metrics and /admin/* endpoints
         # on an API's own port, metrics (token names, tenants) are for Prometheus only
-        self.endpoints, self._internal_paths = build_endpoints(
+        self.endpoints, self._internal_paths, self._internal_prefixes = build_endpoints(
             self.core, serve_metrics=s.metrics_port is None, health=app is None,
             anonymous_metrics=app is None or s.metrics_public)
         self.app = None
@@ -262,7 +262,7 @@ class TokenAnalytics:
         from werkzeug.serving import make_server
         from .endpoints import build_endpoints
         open_ = metrics_open_without_credentials(self.settings, addr)
-        metrics_app, _ = build_endpoints(self.core, serve_metrics=True, admin=False, anonymous_metrics=open_)
+        metrics_app, _, _ = build_endpoints(self.core, serve_metrics=True, admin=False, anonymous_metrics=open_)
         probe = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET)
         try:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as the server will
@@ -308,7 +308,7 @@ class TokenAnalytics:
 
     def __call__(self, environ, start_response):
         path = environ.get("PATH_INFO", "")
-        if path in self._internal_paths:
+        if path in self._internal_paths or self._internal_prefixes and path.startswith(self._internal_prefixes):
             return self.endpoints(environ, start_response)
         if self.app is None:
             return json_response(start_response, 404, {"detail": "Not found"})

@@ -1,0 +1,348 @@
+"""Alert settings through the API: seed 002's ``alert_thresholds`` shape, anomaly sensitivity
+and learning period, and which channels get which severity.
+
+A change is put in force by re-rendering the rules from ``thresholds.yml`` with the stored
+overrides, checking them (promtool where installed), replacing the rule files and reloading
+Prometheus; channels by rewriting the severity receivers of Alertmanager's configuration and
+reloading it. Anything that fails puts the previous files back: nothing changed. The rules stay
+plain PromQL with constants, which promtool's unit tests cover and a reader can follow; per-token
+threshold gauges joined in every rule would have made each rule longer and every threshold depend
+on the exporter being scraped.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import re
+import subprocess
+import tempfile
+from typing import Dict, List, Optional
+
+import yaml
+
+from . import rulegen
+from .alertmanager import Alertmanager, Prometheus, UpstreamError
+
+SEVERITIES = ("critical", "warning")
+CHANNELS = {"email": "email_configs", "slack": "slack_configs", "webhook": "webhook_configs"}
+# (settings path, thresholds.yml path, check)
+_NUMBER = (int, float)
+THRESHOLDS = [
+    ("alert_thresholds.response_time.warning", "latency.warning", ("seconds", 0.001, 3600)),
+    ("alert_thresholds.response_time.critical", "latency.critical", ("seconds", 0.001, 3600)),
+    ("alert_thresholds.error_rate.warning", "error_rate.warning", ("ratio", 0.0001, 1)),
+    ("alert_thresholds.error_rate.critical", "error_rate.critical", ("ratio", 0.0001, 1)),
+    ("alert_thresholds.usage_spike.warning", "usage_spike.warning", ("factor", 1.01, 1000)),
+    ("alert_thresholds.usage_spike.critical", "usage_spike.critical", ("factor", 1.01, 1000)),
+    ("alert_thresholds.unauthorized_access.critical", "unauthorized.critical", ("count", 0, 1_000_000)),
+    ("alert_thresholds.unauthorized_access.api_wide_warning", "unauthorized.api_wide_warning",
+     ("count", 0, 100_000_000)),
+    ("alert_thresholds.rate_limit.approaching", "rate_limit.approaching_ratio", ("ratio", 0.01, 0.999)),
+    ("anomaly.sensitivity", "anomaly.sensitivity", ("choice", "low", "medium", "high")),
+    ("anomaly.learning_period", "anomaly.learning_period", ("duration", 3600, 90 * 86400)),
+]
+_EMAIL = re.compile(r"^[^@\s,<>\"]+@[^@\s,<>\"]+\.[^@\s,<>\"]+$")
+
+
+class SettingsError(ValueError):
+    """A bad value: the message names the field; nothing was changed."""
+
+
+class ApplyError(RuntimeError):
+    """Prometheus or Alertmanager refused the change: the previous files are back."""
+
+
+def _get(doc: dict, path: str):
+    node = doc
+    for part in path.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _set(doc: dict, path: str, value) -> None:
+    parts = path.split(".")
+    node = doc
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+
+
+def _check(field: str, value, rule):
+    kind = rule[0]
+    if kind == "choice":
+        if value not in rule[1:]:
+            raise SettingsError(f"{field} must be one of {', '.join(rule[1:])}")
+        return value
+    if kind == "duration":
+        try:
+            secs = rulegen.seconds(value)
+        except rulegen.ThresholdError:
+            raise SettingsError(f"{field} must be a duration such as 12h, 1d or 8d") from None
+        if not rule[1] <= secs <= rule[2]:
+            raise SettingsError(f"{field} must be from 1h to 90d")
+        return value
+    if isinstance(value, bool) or not isinstance(value, _NUMBER) or value != value:
+        raise SettingsError(f"{field} must be a number")
+    if kind == "count" and int(value) != value:
+        raise SettingsError(f"{field} must be a whole number")
+    if not rule[1] <= value <= rule[2]:
+        raise SettingsError(f"{field} must be from {rule[1]} to {rule[2]}")
+    return int(value) if kind == "count" else float(value)
+
+
+def _known_paths(doc, prefix="") -> List[str]:
+    out = []
+    for key, value in doc.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out += _known_paths(value, path + ".")
+        else:
+            out.append(path)
+    return out
+
+
+class AlertSettings:
+    def __init__(self, history, thresholds_file: str, rules_dir: Optional[str],
+                 prometheus: Optional[Prometheus], alertmanager_config_file: Optional[str] = None,
+                 alertmanager: Optional[Alertmanager] = None):
+        self.history, self.thresholds_file, self.rules_dir = history, thresholds_file, rules_dir
+        self.prometheus, self.am_file, self.am = prometheus, alertmanager_config_file, alertmanager
+
+    # -- reading ----------------------------------------------------------------------------
+    def stored(self) -> dict:
+        found = self.history.get_settings()
+        return found[0] if found else {}
+
+    def thresholds(self, stored: Optional[dict] = None) -> dict:
+        return rulegen.load_thresholds(self.thresholds_file, (stored if stored is not None else self.stored())
+                                       .get("overrides") or {})
+
+    def current(self) -> dict:
+        found = self.history.get_settings()
+        stored = found[0] if found else {}
+        t = self.thresholds(stored)
+        out: dict = {}
+        for field, source, _rule in THRESHOLDS:
+            _set(out, field, _get(t, source))
+        channels, recipients = self._read_channels()
+        out["channels"], out["recipients"] = channels, recipients
+        out["updated_at"] = found[1] if found else None
+        out["updated_by"] = found[2] if found else None
+        return out
+
+    def _am_config(self) -> Optional[dict]:
+        if not self.am_file:
+            return None
+        with open(self.am_file, "r", encoding="utf-8") as fh:
+            return yaml.safe_load(fh)
+
+    def _read_channels(self):
+        cfg = self._am_config()
+        if cfg is None:
+            return None, None
+        receivers = {r["name"]: r for r in cfg.get("receivers", [])}
+        channels = {sev: [c for c, key in CHANNELS.items() if receivers.get(sev, {}).get(key)]
+                    for sev in SEVERITIES}
+        emails, slack = [], None
+        for sev in SEVERITIES:
+            for e in receivers.get(sev, {}).get("email_configs", []):
+                emails += [a.strip() for a in str(e.get("to", "")).split(",") if a.strip() and a.strip() not in emails]
+            for s in receivers.get(sev, {}).get("slack_configs", []):
+                slack = slack or s.get("channel")
+        return channels, {"email": emails, "slack_channel": slack}
+
+    # -- validating -------------------------------------------------------------------------
+    def validate(self, body) -> dict:
+        """The stored document after ``body`` (a partial settings document) is applied."""
+        if not isinstance(body, dict):
+            raise SettingsError("settings must be a JSON object")
+        allowed = {f for f, _s, _r in THRESHOLDS}
+        stored = copy.deepcopy(self.stored())
+        overrides = stored.setdefault("overrides", {})
+        for path in _known_paths({k: v for k, v in body.items() if k not in ("channels", "recipients")}):
+            if path in ("updated_at", "updated_by"):
+                continue
+            if path not in allowed:
+                raise SettingsError(f"{path} is not a setting (one of: {', '.join(sorted(allowed))}, "
+                                    "channels, recipients)")
+        for field, source, rule in THRESHOLDS:
+            value = _get(body, field)
+            if value is not None:
+                _set(overrides, source, _check(field, value, rule))
+        try:
+            t = self.thresholds(stored)
+        except rulegen.ThresholdError as exc:
+            raise SettingsError(str(exc).replace("thresholds: ", "")) from None
+        for pair in (("response_time", "latency"), ("error_rate", "error_rate"), ("usage_spike", "usage_spike")):
+            if t[pair[1]]["warning"] >= t[pair[1]]["critical"]:
+                raise SettingsError(f"alert_thresholds.{pair[0]}.warning must be below its critical")
+        if "channels" in body or "recipients" in body:
+            if self.am_file is None:
+                raise SettingsError("channels and recipients need alertmanager_config_file (the file "
+                                    "Alertmanager reads), which is not set")
+            stored["channels"] = self._check_channels(body.get("channels"), stored.get("channels"))
+            stored["recipients"] = self._check_recipients(body.get("recipients"), stored.get("recipients"))
+        return stored
+
+    def _check_channels(self, given, before) -> Optional[dict]:
+        if given is None:
+            return before
+        if not isinstance(given, dict):
+            raise SettingsError("channels must be an object: {\"critical\": [...], \"warning\": [...]}")
+        out = dict(before or self._read_channels()[0])
+        templates = self._templates()
+        for severity, kinds in given.items():
+            if severity not in SEVERITIES:
+                raise SettingsError(f"channels.{severity}: severities are {', '.join(SEVERITIES)}")
+            if not isinstance(kinds, list) or any(k not in CHANNELS for k in kinds):
+                raise SettingsError(f"channels.{severity} must be a list of {', '.join(CHANNELS)}")
+            for kind in kinds:
+                if kind not in templates:
+                    raise SettingsError(f"channels.{severity}: {kind} is not configured in Alertmanager's "
+                                        f"configuration (no receiver has {CHANNELS[kind]})")
+            out[severity] = list(dict.fromkeys(kinds))
+        return out
+
+    def _check_recipients(self, given, before) -> Optional[dict]:
+        if given is None:
+            return before
+        if not isinstance(given, dict) or set(given) - {"email", "slack_channel"}:
+            raise SettingsError("recipients has email (a list of addresses) and slack_channel")
+        out = dict(before or {})
+        if "email" in given:
+            emails = given["email"]
+            if not isinstance(emails, list) or not emails or not all(
+                    isinstance(a, str) and _EMAIL.match(a) for a in emails):
+                raise SettingsError("recipients.email must be a non-empty list of email addresses")
+            out["email"] = emails
+        if "slack_channel" in given:
+            channel = given["slack_channel"]
+            if not isinstance(channel, str) or not re.fullmatch(r"[#@][\w.-]{1,80}", channel):
+                raise SettingsError("recipients.slack_channel must look like #channel or @user")
+            out["slack_channel"] = channel
+        return out
+
+    def _templates(self) -> Dict[str, list]:
+        """One configuration per channel kind, from the stored copy or Alertmanager's file."""
+        found = (self.stored().get("templates") or {})
+        cfg = self._am_config() or {}
+        for receiver in cfg.get("receivers", []):
+            if receiver.get("name") in SEVERITIES:
+                for kind, key in CHANNELS.items():
+                    if receiver.get(key) and kind not in found:
+                        found[kind] = receiver[key]
+        return found
+
+    # -- applying ---------------------------------------------------------------------------
+    def update(self, body, by: str) -> dict:
+        previous = self.stored()
+        stored = self.validate(body)
+        if "channels" in stored:
+            stored["templates"] = self._templates()
+        try:
+            self.apply(stored)
+        except ApplyError:
+            self.apply(previous or {"overrides": {}})    # the part that went through goes back too
+            raise
+        self.history.put_settings(stored, by)
+        return self.current()
+
+    def apply(self, stored: dict) -> bool:
+        """Put ``stored`` in force; False when the files already say it."""
+        changed = False
+        if self.rules_dir:
+            changed |= self._apply_rules(self.thresholds(stored))
+        if stored.get("channels") and self.am_file:
+            changed |= self._apply_channels(stored)
+        return changed
+
+    def converge(self) -> bool:
+        """What another replica stored (or a redeploy overwrote) is put in force again."""
+        stored = self.stored()
+        return bool(stored) and self.apply(stored)
+
+    def _apply_rules(self, t: dict) -> bool:
+        rendered = rulegen.render(t)
+        if not rulegen.stale(t, self.rules_dir):
+            return False
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, text in rendered.items():
+                with open(os.path.join(tmp, name), "w", encoding="utf-8") as fh:
+                    fh.write(text)
+            _promtool_check([os.path.join(tmp, name) for name in rendered])
+        _replace_files({os.path.join(self.rules_dir, n): text for n, text in rendered.items()},
+                       self.prometheus.reload if self.prometheus else None, "Prometheus")
+        return True
+
+    def _apply_channels(self, stored: dict) -> bool:
+        cfg = self._am_config()
+        templates = stored.get("templates") or {}
+        recipients = stored.get("recipients") or {}
+        for receiver in cfg.get("receivers", []):
+            severity = receiver.get("name")
+            if severity not in SEVERITIES or severity not in stored["channels"]:
+                continue
+            for kind, key in CHANNELS.items():
+                if kind in stored["channels"][severity] and kind in templates:
+                    receiver[key] = copy.deepcopy(templates[kind])
+                else:
+                    receiver.pop(key, None)
+            for email in receiver.get("email_configs", []):
+                if recipients.get("email"):
+                    email["to"] = ", ".join(recipients["email"])
+            for slack in receiver.get("slack_configs", []):
+                if recipients.get("slack_channel"):
+                    slack["channel"] = recipients["slack_channel"]
+        text = yaml.safe_dump(cfg, sort_keys=False, width=1000)
+        with open(self.am_file, "r", encoding="utf-8") as fh:
+            if fh.read() == text:
+                return False
+        _replace_files({self.am_file: text}, self.am.reload if self.am else None, "Alertmanager")
+        return True
+
+
+def _promtool_check(paths: List[str]) -> None:
+    from .stack import find_binary
+    promtool = find_binary("promtool")
+    if not promtool:            # Prometheus's reload checks them too, and refuses bad ones
+        return
+    result = subprocess.run([promtool, "check", "rules", *paths], capture_output=True, text=True, timeout=60)
+    if result.returncode != 0:
+        raise ApplyError(f"promtool refused the rendered rules: {(result.stdout + result.stderr).strip()[-500:]}")
+
+
+def _replace_files(files: Dict[str, str], reload, name: str) -> None:
+    """Write every file (atomically each), then reload; on a refusal put the old ones back."""
+    before = {}
+    for path in files:
+        try:
+            with open(path, "r", encoding="utf-8") as fh:
+                before[path] = fh.read()
+        except FileNotFoundError:
+            before[path] = None
+    _write_all(files)
+    if reload is None:
+        return
+    try:
+        reload()
+    except UpstreamError as exc:
+        _write_all(before)
+        try:
+            reload()
+        except UpstreamError:
+            pass
+        raise ApplyError(f"{name} refused the change, the previous configuration is back: {exc}") from None
+
+
+def _write_all(files: Dict[str, Optional[str]]) -> None:
+    for path, text in files.items():
+        if text is None:
+            if os.path.exists(path):
+                os.remove(path)
+            continue
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
