@@ -65,3 +65,10 @@ def test_readme_gives_the_two_commands_ci_runs():
     ci = (ROOT / ".ci" / "run").read_text()
     assert "make test" in ci and "make test" in readme
     assert "make demo" in readme
+
+
+def test_readme_layout_names_every_module():
+    layout = (ROOT / "README.md").read_text().split("## Layout", 1)[1].split("\n## ", 1)[0]
+    package = ROOT / "exporter" / "api_token_exporter"
+    missing = [p.stem for p in package.glob("*.py") if p.stem != "__init__" and f"`{p.stem}`" not in layout]
+    assert missing == []

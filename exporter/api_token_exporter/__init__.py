@@ -3,6 +3,7 @@
     from api_token_exporter import TokenAnalytics
     TokenAnalytics(app, keys_file="keys.yml")
 """
+from .alert_check import AlertService
 from .config import Settings, load_settings
 from .keystore import KeyStore, hash_key, mask_key
 from .middleware import TokenAnalytics, current_token, record_llm_usage
@@ -10,4 +11,5 @@ from .usage import UsageError
 
 __version__ = "0.1.0"
 __all__ = ["TokenAnalytics", "record_llm_usage", "current_token", "Settings", "load_settings",
-           "KeyStore", "hash_key", "mask_key", "UsageError", "__version__"]
+           "KeyStore", "hash_key", "mask_key", "UsageError", "AlertService",
+           "__version__"]
