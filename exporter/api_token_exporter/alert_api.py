@@ -38,11 +38,12 @@ def build_alert_management(core):
     history = AlertHistory(url)
     prometheus = Prometheus(s.prometheus_url, s.prometheus_timeout) if s.prometheus_url else None
     am = Alertmanager(s.alertmanager_url, s.prometheus_timeout)
-    management = AlertManagement(history, am, prometheus, core.keystore, core.metrics,
-                                 s.alert_sync_interval).start()
+    management = AlertManagement(history, am, prometheus, core.keystore, core.metrics, s.alert_sync_interval)
     thresholds = s.thresholds_file or f"{ROOT}/prometheus/thresholds.yml"
     settings = AlertSettings(history, thresholds, s.alert_rules_dir, prometheus, s.alertmanager_config_file, am)
-    return management, settings
+    if s.alert_rules_dir or s.alertmanager_config_file:
+        management.on_sync.append(settings.converge)
+    return management.start(), settings
 
 
 def _parse_duration(value) -> float:

@@ -45,6 +45,7 @@ class AlertManagement:
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._external: Optional[Dict[str, str]] = None
+        self.on_sync: List = []            # more to do on each background sync (settings converge)
 
     # -- the background sync ----------------------------------------------------------------
     def start(self) -> "AlertManagement":
@@ -58,12 +59,13 @@ class AlertManagement:
 
     def _loop(self) -> None:
         while not self._stop.wait(self.sync_interval if self._last_sync else 1.0):
-            try:
-                self.sync()
-            except UpstreamError as exc:
-                log.warning("alert sync: %s", exc)
-            except Exception:                   # never let the thread die: the next run retries
-                log.exception("alert sync failed")
+            for task in [self.sync, *self.on_sync]:
+                try:
+                    task()
+                except UpstreamError as exc:
+                    log.warning("alert sync: %s", exc)
+                except Exception:               # never let the thread die: the next run retries
+                    log.exception("alert sync failed")
 
     def fresh(self, max_age: Optional[float] = None) -> None:
         """Sync first unless one ran within ``max_age`` (half the interval by default)."""
@@ -93,35 +95,37 @@ class AlertManagement:
         return self._external
 
     def _fill_from_alerts(self, now: float):
-        """Episodes in ``ALERTS`` since the last sync (the first sync: since the last stored
-        event, at most SYNC_LOOKBACK back); returns (episodes found, {fingerprint: end} of those
+        """Episodes in ``ALERTS`` since the last sync (the first sync: the hour before, at most
+        SYNC_LOOKBACK after a long gap); returns (episodes found, {fingerprint: end} of those
         that ended, fingerprints firing at ``now``)."""
         since = self.history.synced_until()
         start = max(now - SYNC_LOOKBACK, (since if since is not None else now - 3600) - 300)
-        step = max(15.0, (now - start) / MAX_POINTS)
+        step = max(5.0, (now - start) / MAX_POINTS)
         external = self._external_labels()
-        filled, ended, firing_now = 0, {}, set()
+
+        def identity(metric):
+            labels = {k: v for k, v in metric.items() if k not in ("__name__", "alertstate")}
+            labels.update({k: v for k, v in external.items() if k not in labels})
+            return labels
+        firing_now = {fingerprint(identity(s["metric"])) for s in self.prometheus.firing_now()}
+        filled, ended = 0, {}
         for series in self.prometheus.firing_range(start, now, step):
-            labels = {k: v for k, v in series["metric"].items() if k not in ("__name__", "alertstate")}
+            labels = identity(series["metric"])
             if labels.get("alertname") in NOT_IN_HISTORY:
                 continue
-            labels.update({k: v for k, v in external.items() if k not in labels})
             fp = fingerprint(labels)
             times = [float(t) for t, _ in series["values"]]
             runs, run_start, previous = [], times[0], times[0]
             for t in times[1:]:
-                if t - previous > 2.5 * step:
+                if t - previous > 1.5 * step:
                     runs.append((run_start, previous + step))
                     run_start = t
                 previous = t
-            last_open = now - previous <= 2.5 * step
-            runs.append((run_start, None if last_open else previous + step))
+            runs.append((run_start, None if fp in firing_now else previous + step))
             for run_start, run_end in runs:
                 if self.history.record(fp, labels, {}, run_start, run_end, "prometheus", tolerance=2 * step):
                     filled += 1
-            if last_open:
-                firing_now.add(fp)
-            else:
+            if fp not in firing_now:
                 ended[fp] = previous + step
         self.history.mark_synced(now)
         return filled, ended, firing_now
@@ -150,7 +154,11 @@ class AlertManagement:
         start = parse_time(alert.get("startsAt"))
         if start is None:
             raise ValueError("an alert needs startsAt")
-        end = parse_time(alert.get("endsAt")) if alert.get("status") == "resolved" else None
+        ends = parse_time(alert.get("endsAt"))
+        if source == "webhook":
+            end = ends if alert.get("status") == "resolved" else None
+        else:                                   # Alertmanager's own view: past its end, resolved
+            end = ends if ends is not None and ends <= time.time() else None
         fp = alert.get("fingerprint") or fingerprint(labels)
         return self.history.record(fp, labels, {str(k): str(v) for k, v in (alert.get("annotations") or {}).items()},
                                    start, end, source)

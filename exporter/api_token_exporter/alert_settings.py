@@ -162,7 +162,7 @@ class AlertSettings:
         stored = copy.deepcopy(self.stored())
         overrides = stored.setdefault("overrides", {})
         for path in _known_paths({k: v for k, v in body.items() if k not in ("channels", "recipients")}):
-            if path in ("updated_at", "updated_by"):
+            if path in ("updated_at", "updated_by", "by"):
                 continue
             if path not in allowed:
                 raise SettingsError(f"{path} is not a setting (one of: {', '.join(sorted(allowed))}, "
@@ -172,12 +172,12 @@ class AlertSettings:
             if value is not None:
                 _set(overrides, source, _check(field, value, rule))
         try:
-            t = self.thresholds(stored)
-        except rulegen.ThresholdError as exc:
-            raise SettingsError(str(exc).replace("thresholds: ", "")) from None
-        for pair in (("response_time", "latency"), ("error_rate", "error_rate"), ("usage_spike", "usage_spike")):
-            if t[pair[1]]["warning"] >= t[pair[1]]["critical"]:
-                raise SettingsError(f"alert_thresholds.{pair[0]}.warning must be below its critical")
+            self.thresholds(stored)
+        except rulegen.ThresholdError as exc:           # in this API's names, not thresholds.yml's
+            message = str(exc).replace("thresholds: ", "")
+            for field, source, _rule in THRESHOLDS:
+                message = re.sub(rf"\b{re.escape(source)}\b", field, message)
+            raise SettingsError(message) from None
         if "channels" in body or "recipients" in body:
             if self.am_file is None:
                 raise SettingsError("channels and recipients need alertmanager_config_file (the file "
@@ -249,21 +249,22 @@ class AlertSettings:
         self.history.put_settings(stored, by)
         return self.current()
 
-    def apply(self, stored: dict) -> bool:
+    def apply(self, stored: dict, must_reload: bool = True) -> bool:
         """Put ``stored`` in force; False when the files already say it."""
         changed = False
         if self.rules_dir:
-            changed |= self._apply_rules(self.thresholds(stored))
+            changed |= self._apply_rules(self.thresholds(stored), must_reload)
         if stored.get("channels") and self.am_file:
-            changed |= self._apply_channels(stored)
+            changed |= self._apply_channels(stored, must_reload)
         return changed
 
     def converge(self) -> bool:
-        """What another replica stored (or a redeploy overwrote) is put in force again."""
-        stored = self.stored()
-        return bool(stored) and self.apply(stored)
+        """Put the stored settings in force where the files differ: what another replica stored,
+        or what a redeploy overwrote. Prometheus away is no error here: it reads the files when
+        it starts."""
+        return self.apply(self.stored() or {}, must_reload=False)
 
-    def _apply_rules(self, t: dict) -> bool:
+    def _apply_rules(self, t: dict, must_reload: bool = True) -> bool:
         rendered = rulegen.render(t)
         if not rulegen.stale(t, self.rules_dir):
             return False
@@ -272,11 +273,12 @@ class AlertSettings:
                 with open(os.path.join(tmp, name), "w", encoding="utf-8") as fh:
                     fh.write(text)
             _promtool_check([os.path.join(tmp, name) for name in rendered])
+        os.makedirs(self.rules_dir, exist_ok=True)
         _replace_files({os.path.join(self.rules_dir, n): text for n, text in rendered.items()},
-                       self.prometheus.reload if self.prometheus else None, "Prometheus")
+                       self.prometheus.reload if self.prometheus else None, "Prometheus", must_reload)
         return True
 
-    def _apply_channels(self, stored: dict) -> bool:
+    def _apply_channels(self, stored: dict, must_reload: bool = True) -> bool:
         cfg = self._am_config()
         templates = stored.get("templates") or {}
         recipients = stored.get("recipients") or {}
@@ -299,7 +301,7 @@ class AlertSettings:
         with open(self.am_file, "r", encoding="utf-8") as fh:
             if fh.read() == text:
                 return False
-        _replace_files({self.am_file: text}, self.am.reload if self.am else None, "Alertmanager")
+        _replace_files({self.am_file: text}, self.am.reload if self.am else None, "Alertmanager", must_reload)
         return True
 
 
@@ -313,8 +315,9 @@ def _promtool_check(paths: List[str]) -> None:
         raise ApplyError(f"promtool refused the rendered rules: {(result.stdout + result.stderr).strip()[-500:]}")
 
 
-def _replace_files(files: Dict[str, str], reload, name: str) -> None:
-    """Write every file (atomically each), then reload; on a refusal put the old ones back."""
+def _replace_files(files: Dict[str, str], reload, name: str, must_reload: bool = True) -> None:
+    """Write every file (atomically each), then reload; on a refusal put the old ones back (and
+    when ``must_reload``, also when the server does not answer)."""
     before = {}
     for path in files:
         try:
@@ -328,6 +331,8 @@ def _replace_files(files: Dict[str, str], reload, name: str) -> None:
     try:
         reload()
     except UpstreamError as exc:
+        if not must_reload and "did not answer" in str(exc):
+            return
         _write_all(before)
         try:
             reload()

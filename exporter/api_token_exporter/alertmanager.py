@@ -115,5 +115,8 @@ class Prometheus(_Http):
         return self.call("GET", "/api/v1/query_range", params={
             "query": 'ALERTS{alertstate="firing"}', "start": start, "end": end, "step": step}).json()["data"]["result"]
 
+    def firing_now(self) -> List[dict]:
+        return self.call("GET", "/api/v1/query", params={"query": 'ALERTS{alertstate="firing"}'}).json()["data"]["result"]
+
     def reload(self) -> None:
         self.call("POST", "/-/reload")

@@ -71,9 +71,22 @@ def prometheus_config(targets: Dict[str, List[str]], alertmanager: Optional[str]
 def alertmanager_config(smtp: Optional[str], webhook_base: str, slack_url_file: str,
                         group_wait: Optional[str] = None, group_interval: Optional[str] = None,
                         repeat_interval: Optional[str] = None,
-                        source: str = ALERTMANAGER_YML) -> dict:
+                        source: str = ALERTMANAGER_YML, history_url: Optional[str] = None,
+                        history_token_file: Optional[str] = None) -> dict:
+    """alertmanager.yml for local hosts: webhooks to ``webhook_base``, the history receiver to
+    the exporter at ``history_url`` with the token in ``history_token_file`` (without them, no
+    history route)."""
     with open(source, "r", encoding="utf-8") as fh:
         cfg = yaml.safe_load(fh)
+    if history_url:
+        for receiver in cfg["receivers"]:
+            if receiver["name"] == "history":
+                hook = receiver["webhook_configs"][0]
+                hook["url"] = history_url.rstrip("/") + "/api/v1/alerts/webhook"
+                hook["http_config"]["authorization"]["credentials_file"] = os.path.abspath(history_token_file)
+    else:
+        cfg["receivers"] = [r for r in cfg["receivers"] if r["name"] != "history"]
+        cfg["route"]["routes"] = [r for r in cfg["route"]["routes"] if r["receiver"] != "history"]
     g = cfg["global"]
     if smtp:
         g["smtp_smarthost"] = smtp
@@ -81,7 +94,7 @@ def alertmanager_config(smtp: Optional[str], webhook_base: str, slack_url_file: 
     cfg["templates"] = [os.path.join(os.path.dirname(os.path.abspath(source)), t)
                         for t in cfg.get("templates", [])]
     for receiver in cfg["receivers"]:
-        for hook in receiver.get("webhook_configs", []):
+        for hook in receiver.get("webhook_configs", []) if receiver["name"] != "history" else []:
             path = hook["url"].split("://", 1)[1].split("/", 1)[1]
             hook["url"] = f"{webhook_base.rstrip('/')}/{path}"
         if not smtp:
