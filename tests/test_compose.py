@@ -150,6 +150,6 @@ def test_alertmanager_and_prometheus_have_external_urls_and_the_slack_secret(com
     services = compose["services"]
     assert any(a.startswith("--web.external-url=") for a in services["prometheus"]["command"])
     assert any(a.startswith("--web.external-url=") for a in services["alertmanager"]["command"])
-    assert services["alertmanager"]["secrets"] == ["slack_api_url"]
+    assert services["alertmanager"]["secrets"] == ["slack_api_url", "alert_webhook_token"]
     config = yaml.safe_load(open(os.path.join(ROOT, "alertmanager", "alertmanager.yml")))
     assert config["global"]["slack_api_url_file"] == "/run/secrets/slack_api_url"
