@@ -118,15 +118,17 @@ class AlertManagement:
             runs, run_start, previous = [], times[0], times[0]
             for t in times[1:]:
                 if t - previous > 1.5 * step:
-                    runs.append((run_start, previous + step))
+                    runs.append((run_start, min(previous + step, t)))
                     run_start = t
                 previous = t
-            runs.append((run_start, None if fp in firing_now else previous + step))
+            # it ended after its last firing point and before the next one (or now)
+            end = min(previous + step, now)
+            runs.append((run_start, None if fp in firing_now else end))
             for run_start, run_end in runs:
                 if self.history.record(fp, labels, {}, run_start, run_end, "prometheus", tolerance=2 * step):
                     filled += 1
             if fp not in firing_now:
-                ended[fp] = previous + step
+                ended[fp] = end
         self.history.mark_synced(now)
         return filled, ended, firing_now
 
