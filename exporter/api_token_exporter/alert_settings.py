@@ -170,6 +170,9 @@ class AlertSettings:
         for field, source, rule in THRESHOLDS:
             value = _get(body, field)
             if value is not None:
+                if not self.rules_dir:
+                    raise SettingsError(f"{field}: thresholds need alert_rules_dir (the rule files "
+                                        "Prometheus reads), which is not set")
                 _set(overrides, source, _check(field, value, rule))
         try:
             self.thresholds(stored)
