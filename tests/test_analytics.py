@@ -195,6 +195,71 @@ def test_usage_summary_trends_and_predictions(world):
     assert p["projectedTokens"] >= tokens and p["projectedRequests"] >= requests_sent
 
 
+def test_usage_for_one_token_and_the_scope_it_must_stay_in(world):
+    acme = {"X-API-Key": world["raw"]["acme-chat"]}
+    chat = [u for t, u in world["sent"] if t == "acme-chat"]
+    for headers in (ADMIN, acme):
+        doc = requests.get(world["exporter"] + "/api/analytics/usage", headers=headers, timeout=60,
+                           params={"token": "acme-chat"}).json()
+        assert doc["summary"]["today"]["requests"] == len(chat)
+        assert doc["summary"]["today"]["tokens"] == sum(u.input_tokens + u.output_tokens for u in chat)
+        tokens = requests.get(world["exporter"] + "/analytics/tokens", headers=headers, timeout=60,
+                              params={"token": "acme-chat", "days": 1}).json()
+        assert {m["model"] for m in tokens["byModel"]} == {u.model for u in chat}
+    r = requests.get(world["exporter"] + "/api/analytics/usage", headers=acme, params={"token": "globex-bot"},
+                     timeout=30)
+    assert r.status_code == 400 and "tokens you may see" in r.json()["detail"]
+
+
+def capacity(world, headers=ADMIN, **params):
+    r = requests.get(world["exporter"] + "/api/analytics/capacity", headers=headers, params=params, timeout=60)
+    assert r.status_code == 200, r.text
+    return {t["token"]: t for t in r.json()["tokens"]}, r.json()
+
+
+def test_capacity_scenarios(world):
+    """The scenario planner on known traffic: each token's last hour, exact; its windows' live
+    state; month-end projections that are usage's predictions at 1x, and scale with the scenario."""
+    pricing = Pricing.load()
+    once, doc = capacity(world, multiplier="1")
+    for token in TENANTS:
+        mine = [u for t, u in world["sent"] if t == token]
+        assert once[token]["pacePerHour"] == len(mine), token          # sent within the hour, none refused
+        assert once[token]["monthToDate"]["cost"] == pytest.approx(
+            sum(pricing.price(u.service, u.model).cost(u) for u in mine if pricing.price(u.service, u.model)),
+            abs=1e-6), token
+        assert [w["window"] for w in once[token]["windows"]] == ["minute", "hour", "day"]
+    usage = requests.get(world["exporter"] + "/api/analytics/usage", headers=ADMIN, timeout=60).json()
+    assert doc["total"]["monthEnd"]["cost"] == pytest.approx(usage["predictions"]["estimatedMonthlyCost"], rel=1e-3)
+    assert doc["total"]["monthToDate"]["cost"] == pytest.approx(usage["summary"]["thisMonth"]["cost"], abs=1e-6)
+
+    # 500 times acme-chat's four requests an hour, 2,000 an hour: its hour (996 of 1,000 left, the
+    # demo API's live window) runs out after 996 / 2,000 of an hour, its day (9,996 of 10,000) after
+    # 9,996 / 2,000 hours; 33 a minute never exhaust the minute's 100
+    many, _ = capacity(world, multiplier="500x")
+    windows = {w["window"]: w for w in many["acme-chat"]["windows"]}
+    hour, day = windows["hour"], windows["day"]
+    assert (hour["limit"], hour["remaining"], hour["scenarioUse"]) == (1000, 996, 2000)
+    assert hour["useRatio"] == 2.0 and hour["resetsAt"]
+    assert hour["runsOutInSeconds"] == pytest.approx(996 / 2000 * 3600, abs=0.01)
+    assert (day["remaining"], day["scenarioUse"]) == (9996, 48000)
+    assert day["runsOutInSeconds"] == pytest.approx(9996 / 2000 * 3600, abs=0.01)
+    assert windows["minute"]["runsOutInSeconds"] is None and windows["minute"]["runsOutAt"] is None
+    # the sidecar's events went to the exporter, which enforces no limit: its windows are whole
+    assert [w["remaining"] for w in many["sidecar"]["windows"]] == [100, 1000, 10000]
+    thrice, _ = capacity(world, multiplier="3")
+    for token, entry in thrice.items():
+        base = once[token]
+        assert entry["monthEnd"]["cost"] == pytest.approx(
+            base["monthToDate"]["cost"] + 3 * (base["monthEnd"]["cost"] - base["monthToDate"]["cost"]), rel=1e-3, abs=1e-6)
+
+    acme, _ = capacity(world, {"X-API-Key": world["raw"]["acme-batch"]})
+    assert set(acme) == {"acme-chat", "acme-batch"}
+    r = requests.get(world["exporter"] + "/api/analytics/capacity", headers=ADMIN, params={"multiplier": "0"},
+                     timeout=10)
+    assert r.status_code == 400 and "multiplier" in r.json()["detail"]
+
+
 def test_csv_report_gives_the_same_numbers(world):
     result = subprocess.run([sys.executable, "-m", "api_token_exporter.cli", "report", "--days", "1", "--format", "csv",
                              "--prometheus-url", world["prom"].url, "--progress"],

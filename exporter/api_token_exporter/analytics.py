@@ -18,6 +18,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 import requests
 
 from .exact import ExactCounters
+from .ratelimit import WINDOW_SECONDS
 from .usage import INPUT_TYPES
 
 UTC = dt.timezone.utc
@@ -69,6 +70,17 @@ class Scope:
 
     def __init__(self, tokens: Optional[Iterable[str]] = None):
         self.tokens = sorted(tokens) if tokens is not None else None
+
+    def narrow(self, token: Optional[str]) -> "Scope":
+        """One of the tokens in scope (the console's token filter); AnalyticsError otherwise."""
+        if not token:
+            return self
+        if self.tokens is not None and token not in self.tokens:
+            raise AnalyticsError("token must be one of the tokens you may see")
+        from .keystore import valid_token_id
+        if not valid_token_id(token):
+            raise AnalyticsError("token must be a key id (1-64 letters, digits, _ . : -)")
+        return Scope([token])
 
     @property
     def matcher(self) -> str:
@@ -315,3 +327,123 @@ def usage_report(client: PrometheusClient, scope: Scope, now: float, progress: P
         },
         "generatedAt": iso(now),
     }
+
+
+PACE_SECONDS = 3600       # the recent pace a scenario multiplies, for rate-limit windows
+
+
+def _month(now: float) -> Tuple[float, float]:
+    """(start, end) of the UTC calendar month around ``now``."""
+    start = dt.datetime.fromtimestamp(now, UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    return start.timestamp(), start.timestamp() + calendar.monthrange(start.year, start.month)[1] * 86400
+
+
+def runs_out_in(limit: int, remaining: Optional[int], reset_at: Optional[float], rate: float, now: float,
+                seconds: int) -> Optional[float]:
+    """Seconds from ``now`` until a fixed window's allowance is first spent at ``rate`` requests
+    per second: in the running window (``remaining`` left until ``reset_at``) or, if that one
+    lasts, in a later full window; None if it never is at this rate."""
+    running = reset_at is not None and reset_at > now and remaining is not None
+    if running and remaining <= 0:
+        return 0.0
+    if rate <= 0:
+        return None
+    if running:
+        if rate * (reset_at - now) >= remaining:
+            return remaining / rate
+        return (reset_at - now) + limit / rate if rate * seconds >= limit else None
+    return limit / rate if rate * seconds >= limit else None
+
+
+def capacity_report(client: PrometheusClient, scope: Scope, now: float, keys: Dict[str, dict],
+                    multiplier: float = 1.0, deadline: Optional[float] = None) -> dict:
+    """The scenario planner: at ``multiplier`` times today's traffic, when each token's rate-limit
+    windows first run out (its requests over the last hour, exact, and the windows' live state) and
+    what the month comes to by its end (the month-to-date pace, as usage_report's predictions: at
+    1x the tokens' month-end costs add up to its estimatedMonthlyCost). ``keys``: {token id:
+    {"name", "tenant", "limits": {window: limit}}} of the tokens in scope, with no limits for those
+    that may not send requests (inactive, expired)."""
+    m = scope.matcher
+    month_start, month_end = _month(now)
+    parts = {"requests": (f"apitoken_requests_total{{{m}}}", ("token",)),
+             "tokens": (f"apitoken_llm_tokens_total{{{m}}}", ("token",)),
+             "cost": (f"apitoken_llm_cost_usd_total{{{m}}}", ("token",))}
+    pace_parts = {"requests": (f'apitoken_requests_total{{{m},code!="429"}}', ("token",))}
+    month_rows, pace_rows = _run(client, [(parts, month_start, now), (pace_parts, now - PACE_SECONDS, now)], None,
+                                 deadline=deadline)
+    mtd: Dict[str, dict] = {}
+    for labels, value in month_rows:
+        _add_usage(mtd.setdefault(labels["token"], {"requests": 0, "tokens": 0, "cost": 0.0}), labels["q"], value)
+    pace = {labels["token"]: value / PACE_SECONDS for labels, value in pace_rows}
+    live: Dict[Tuple[str, str], dict] = {}
+    for field, agg, metric in (("limit", "max", "limit"), ("remaining", "min", "remaining"),
+                               ("reset_at", "max", "reset_timestamp_seconds")):
+        for labels, value in client.query(f"{agg} by (token, window) (apitoken_rate_limit_{metric}{{{m}}})", now):
+            live.setdefault((labels.get("token"), labels.get("window")), {})[field] = value
+
+    elapsed, ahead = max(1.0, now - month_start), max(0.0, month_end - now)
+    zero = {"requests": 0, "tokens": 0, "cost": 0.0}
+
+    def month_end_at(used: dict) -> dict:
+        return {"requests": int(round(used["requests"] + used["requests"] / elapsed * multiplier * ahead)),
+                "tokens": int(round(used["tokens"] + used["tokens"] / elapsed * multiplier * ahead)),
+                "cost": round(used["cost"] + used["cost"] / elapsed * multiplier * ahead, 6)}
+
+    rows, totals = [], {"monthToDate": dict(zero), "monthEnd": dict(zero)}
+    for token in sorted(set(keys) | set(mtd)):
+        info = keys.get(token, {})
+        rate = pace.get(token, 0.0) * multiplier
+        windows = []
+        for window, limit in info.get("limits", {}).items():
+            state = live.get((token, window), {})
+            reset_at = state.get("reset_at")
+            running = reset_at is not None and reset_at > now
+            remaining = int(state["remaining"]) if running and "remaining" in state else None
+            seconds = WINDOW_SECONDS[window]
+            out_in = runs_out_in(limit, remaining, reset_at, rate, now, seconds)
+            windows.append({
+                "window": window, "limit": limit, "remaining": remaining if running else limit,
+                "resetsAt": iso(reset_at) if running else None,
+                "scenarioUse": round(rate * seconds, 3),
+                "useRatio": round(rate * seconds / limit, 4) if limit else None,
+                "runsOutInSeconds": None if out_in is None else round(out_in, 3),
+                "runsOutAt": None if out_in is None else iso(now + out_in)})
+        used = mtd.get(token, dict(zero))
+        end = month_end_at(used)
+        for name in zero:
+            totals["monthToDate"][name] += used[name]
+            totals["monthEnd"][name] += end[name]
+        rows.append({"token": token, "name": info.get("name"), "tenant": info.get("tenant"),
+                     "pacePerHour": round(pace.get(token, 0.0) * 3600, 3),
+                     "scenarioPerHour": round(rate * 3600, 3), "windows": windows,
+                     "monthToDate": used, "monthEnd": end})
+    for part in totals.values():
+        part["cost"] = round(part["cost"], 6)
+    return {
+        "multiplier": multiplier,
+        "tokens": rows,
+        "total": totals,
+        "basis": {"windows": "the requests of the last hour not refused with 429, times the multiplier",
+                  "monthEnd": "month-to-date pace times the multiplier, to the end of the month (UTC)"},
+        "monthEnds": iso(month_end),
+        "generatedAt": iso(now),
+    }
+
+
+def _add_usage(entry: dict, q: str, value: float) -> None:
+    if q == "cost":
+        entry["cost"] = round(entry["cost"] + value, 9)
+    elif q in entry:
+        entry[q] += int(round(value))
+
+
+def parse_multiplier(value: Optional[str]) -> float:
+    if value is None or value == "":
+        return 1.0
+    try:
+        number = float(value.rstrip("xX"))
+    except ValueError:
+        raise AnalyticsError(f"multiplier must be a number such as 1.5 or 2x, got {value!r}") from None
+    if not 0 < number <= 1000:
+        raise AnalyticsError("multiplier must be above 0 and at most 1000")
+    return number

@@ -80,6 +80,9 @@ class Settings:
     thresholds_file: Optional[str] = None   # the thresholds the rules are rendered from (prometheus/thresholds.yml)
     alertmanager_config_file: Optional[str] = None   # Alertmanager's file: alert settings change its channels
     recent_requests: int = 100              # ring buffer behind /admin/stats
+    console_refresh_seconds: float = 30.0   # how often the console's pages refresh (0: only by the button)
+    console_session_lifetime: float = 43200.0   # seconds a console sign-in lasts (12h)
+    console_secret: Optional[str] = None    # signs console sessions; derived from admin_token if unset
     state_dir: Optional[str] = None         # metric files kept here survive restarts
     store_capacity: int = 4_000_000         # values (8 bytes each) one process's store can hold
 
@@ -95,6 +98,12 @@ class Settings:
             raise ConfigError("alert_sync_interval must be from 0 (sync on demand) to 86400 seconds")
         if self.alertmanager_url and not self.admin_token:
             raise ConfigError("alertmanager_url enables the alert API, which needs admin_token")
+        if self.console_refresh_seconds != 0 and not 2 <= self.console_refresh_seconds <= 3600:
+            raise ConfigError("console_refresh_seconds must be 0 (refresh by the button only) or from 2 to 3600")
+        if not 60 <= self.console_session_lifetime <= 30 * 86400:
+            raise ConfigError("console_session_lifetime must be from 60 seconds (1m) to 30 days (720h)")
+        if self.console_secret is not None and len(self.console_secret) < 16:
+            raise ConfigError("console_secret must be at least 16 characters")
         if not 0 <= self.analytics_cache_seconds <= 3600:
             raise ConfigError("analytics_cache_seconds must be from 0 to 3600")
         if self.storage_failure_mode not in ("open", "closed", "local"):
@@ -116,10 +125,10 @@ class Settings:
 
 
 _SECRET_FIELDS = ("metrics_basic_password", "metrics_bearer_token", "admin_token", "ingest_token",
-                  "alert_webhook_token")
+                  "alert_webhook_token", "console_secret")
 _BOOLEANS = {"1": True, "true": True, "yes": True, "on": True,
              "0": False, "false": False, "no": False, "off": False}
-_DURATIONS = {"prometheus_timeout", "storage_timeout"}
+_DURATIONS = {"prometheus_timeout", "storage_timeout", "console_session_lifetime"}
 _OPTIONAL_INTS = {"metrics_port"}                  # seconds; "500ms", "10s", "2m" also accepted
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 

@@ -111,7 +111,7 @@ class UsageCore:
         self.metrics.observe_request(token if token is not None else UNAUTHENTICATED, route, method,
                                      code, duration, authenticated=token is not None, now=now)
         shown = (key.masked or key.id) if key is not None else (token or "(none)")
-        self.tracker.record(now, route, method, shown, code)
+        self.tracker.record(now, route, method, shown, code, token)
 
     def count_llm(self, token: str, usage: LLMUsage) -> LLMUsage:
         """Count validated usage: tokens by type, requests, and cost at the current prices."""

@@ -1,5 +1,6 @@
-"""Built-in endpoints: /metrics, /healthz, /runbooks, /admin/token-details, /admin/stats and the
-ingest endpoint /v1/events. Every credential is compared in constant time."""
+"""Built-in endpoints: /metrics, /healthz, /runbooks, /admin/token-details, /admin/stats, the
+ingest endpoint /v1/events, the analytics and alert APIs and the console (/ui). Every credential
+is compared in constant time."""
 from __future__ import annotations
 
 import base64
@@ -25,7 +26,7 @@ ADMIN_PATHS = ("/admin/token-details", "/admin/stats")
 INGEST_PATH = "/v1/events"
 HEALTH_PATH = "/healthz"
 RUNBOOKS_PATH = "/runbooks"       # what each alert's runbook_url points at by default
-ANALYTICS_PATHS = ("/analytics/tokens", "/api/analytics/usage")
+ANALYTICS_PATHS = ("/analytics/tokens", "/api/analytics/usage", "/api/analytics/capacity")
 MAX_DURATION_SECONDS = 3600.0
 MAX_JSON_DEPTH = 8                 # {"events": [{"llm": {...}}]} is 4 deep
 
@@ -162,22 +163,45 @@ def build_endpoints(core, serve_metrics: bool = True, admin: bool = True, health
         response.headers["Retry-After"] = str(wait)
         return response
 
+    sessions = None
     if admin and s.admin_token:
+        from . import console
         paths.update(ADMIN_PATHS)
+        sessions = console.register(app, paths, prefixes, core, over_budget)
+
+        def caller(admin_only: bool):
+            """(principal, None) or (None, refusal): the admin token (bearer or X-Admin-Token),
+            or a console session with its CSRF header (a tenant's only where not ``admin_only``)."""
+            given = _bearer(request.headers.get("Authorization")) or request.headers.get("X-Admin-Token")
+            if given is not None and _same(given, s.admin_token):
+                return console.ADMIN, over_budget("admin")
+            try:
+                principal = sessions.from_request()
+            except console.SessionRefused as exc:
+                return None, exc.response()
+            if principal is None:
+                return None, _unauthorized("Admin endpoints need the admin token", "Bearer")
+            if admin_only and not principal.admin:
+                return None, (jsonify({"detail": "Only the admin may do this"}), 403)
+            return principal, over_budget(principal.credential)
 
         def admin_denied():
-            given = _bearer(request.headers.get("Authorization")) or request.headers.get("X-Admin-Token")
-            if not _same(given, s.admin_token):
-                return _unauthorized("Admin endpoints need the admin token", "Bearer")
-            return over_budget("admin")
+            return caller(admin_only=True)[1]
+
+        def visible(principal):
+            return None if principal.tokens is None else frozenset(principal.tokens)
 
         @app.route("/admin/token-details", methods=["GET"])
         def token_details():
-            return admin_denied() or jsonify(core.tracker.token_details(core.keystore, s.rate_limits, core.view))
+            principal, refused = caller(admin_only=False)
+            return refused or jsonify(core.tracker.token_details(core.keystore, s.rate_limits, core.view,
+                                                                 tokens=visible(principal)))
 
         @app.route("/admin/stats", methods=["GET"])
         def admin_stats():
-            return admin_denied() or jsonify(core.tracker.stats(core.keystore, s.rate_limits, core.view))
+            principal, refused = caller(admin_only=False)
+            return refused or jsonify(core.tracker.stats(core.keystore, s.rate_limits, core.view,
+                                                         tokens=visible(principal)))
 
         if s.alertmanager_url:
             from . import alert_api
@@ -232,10 +256,18 @@ def build_endpoints(core, serve_metrics: bool = True, admin: bool = True, health
         cache = AnswerCache(s.analytics_cache_seconds)
 
         def scope_or_error():
-            """Admin token: every token. A tenant's API key: that tenant's tokens only."""
+            """Admin token: every token. A tenant's API key, or a console session: that tenant's
+            tokens only."""
             if s.admin_token and _same(_bearer(request.headers.get("Authorization")), s.admin_token):
                 return analytics.Scope(), over_budget("admin")
             raw = request.headers.get(s.header_name)
+            if not raw and sessions is not None:
+                try:
+                    principal = sessions.from_request()
+                except console.SessionRefused as exc:
+                    return None, exc.response()
+                if principal is not None:
+                    return analytics.Scope(principal.tokens), over_budget(principal.credential)
             if not raw:
                 return None, (_unauthorized(
                     "Analytics need the admin token (Authorization: Bearer <admin_token>) or an API "
@@ -245,9 +277,7 @@ def build_endpoints(core, serve_metrics: bool = True, admin: bool = True, health
                 return None, (jsonify({"detail": "Invalid API key"}), 401)
             if not key.active or key.expired():
                 return None, (jsonify({"detail": "API key is inactive"}), 403)
-            tenant_tokens = [k.id for k in core.keystore.all() if k.tenant == key.tenant] \
-                if key.tenant else [key.id]
-            return analytics.Scope(tenant_tokens), over_budget(f"key:{key.id}")
+            return analytics.Scope(core.keystore.visible_to(key)), over_budget(f"key:{key.id}")
 
         def answer(build):
             scope, error = scope_or_error()
@@ -256,6 +286,7 @@ def build_endpoints(core, serve_metrics: bool = True, admin: bool = True, health
             question = (request.path, ("*",) if scope.tokens is None else tuple(scope.tokens),
                         tuple(sorted(request.args.items())))
             try:
+                scope = scope.narrow(request.args.get("token"))
                 return jsonify(cache.get(question, lambda: build(scope)))
             except analytics.AnalyticsError as exc:
                 return jsonify({"detail": str(exc)}), 400
@@ -275,6 +306,17 @@ def build_endpoints(core, serve_metrics: bool = True, admin: bool = True, health
         def analytics_usage():
             return answer(lambda scope: analytics.usage_report(client, scope, time.time(),
                                                                deadline=s.prometheus_timeout))
+
+        @app.route("/api/analytics/capacity", methods=["GET"])
+        def analytics_capacity():
+            def build(scope):
+                multiplier = analytics.parse_multiplier(request.args.get("multiplier"))
+                now = time.time()
+                keys = {k.id: {"name": k.name, "tenant": k.tenant,
+                               "limits": core.limits_for(k) if k.active and not k.expired(now) else {}}
+                        for k in core.keystore.all() if scope.tokens is None or k.id in scope.tokens}
+                return analytics.capacity_report(client, scope, now, keys, multiplier, deadline=s.prometheus_timeout)
+            return answer(build)
 
     return app, paths, tuple(prefixes)
 

@@ -290,6 +290,13 @@ class KeyStore:
         self.reload()
         return list(self._by_id.values())
 
+    def visible_to(self, key: ApiKey) -> List[str]:
+        """The key ids an API key may see in analytics and the console: its tenant's tokens, or
+        its own for a key without a tenant."""
+        if not key.tenant:
+            return [key.id]
+        return [k.id for k in self.all() if k.tenant == key.tenant]
+
     def __len__(self) -> int:
         return len(self._by_id)
 

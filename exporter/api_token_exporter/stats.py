@@ -6,7 +6,7 @@ from __future__ import annotations
 import collections
 import datetime as dt
 import time
-from typing import Dict, Optional
+from typing import Collection, Dict, Optional
 
 from .metrics import STATUSES, UNAUTHENTICATED, token_status
 
@@ -31,8 +31,9 @@ class UsageTracker:
     def __init__(self, recent: int = 100):
         self._recent = collections.deque(maxlen=recent)   # append is atomic: no lock needed
 
-    def record(self, ts: float, route: str, method: str, masked: str, code: int) -> None:
-        self._recent.append((ts, route, method, masked, code))
+    def record(self, ts: float, route: str, method: str, masked: str, code: int,
+               token: Optional[str] = None) -> None:
+        self._recent.append((ts, route, method, masked, code, token))
 
     @classmethod
     def _read(cls, view, now: float):
@@ -65,15 +66,18 @@ class UsageTracker:
                     usage[token].windows.setdefault(window, {})[gauges[family]] = value
         return usage
 
-    def token_details(self, keystore, default_limits: Dict[str, int], view, now: Optional[float] = None) -> dict:
+    def token_details(self, keystore, default_limits: Dict[str, int], view, now: Optional[float] = None,
+                      tokens: Optional[Collection[str]] = None) -> dict:
+        """Seed 003's token details; ``tokens`` limits it to those key ids (a tenant's)."""
         now = now or time.time()
         usage, limited = self._read(view, now)
-        tokens = []
-        for key in keystore.all():
+        entries = []
+        for key in _keys(keystore, tokens):
             u = usage.get(key.id) or _Usage()
             hour = u.windows.get("hour")
             limit = key.rate_limits.get("hour", default_limits.get("hour"))
-            tokens.append({
+            limits = {**default_limits, **key.rate_limits}
+            entries.append({
                 "token_id": key.masked or key.id,
                 "id": key.id,
                 "name": key.name,
@@ -87,20 +91,24 @@ class UsageTracker:
                     "limit": limit,
                     "reset": time_str(hour.get("reset_at")) if hour else None,
                 },
-                "rate_limits": {w: {"limit": int(s.get("limit", 0)), "remaining": int(s.get("remaining", 0)),
-                                    "reset": time_str(s.get("reset_at"))} for w, s in u.windows.items()},
+                "rate_limits": _windows(limits, u.windows, now),
                 "last_used": time_str(u.last_used),
                 "endpoints_used": dict(u.endpoints.most_common()),
                 "top_endpoints": [[r, n] for r, n in u.endpoints.most_common(5)],
             })
-        return {"tokens": tokens, "total_tokens": len(tokens), "timestamp": time_str(now)}
+        return {"tokens": entries, "total_tokens": len(entries), "timestamp": time_str(now)}
 
-    def stats(self, keystore, default_limits: Dict[str, int], view, now: Optional[float] = None) -> dict:
+    def stats(self, keystore, default_limits: Dict[str, int], view, now: Optional[float] = None,
+              tokens: Optional[Collection[str]] = None) -> dict:
+        """Seed 003's stats; ``tokens`` limits every count and the recent requests to those key
+        ids (a tenant's), and leaves out unauthenticated requests."""
         now = now or time.time()
         usage, limited = self._read(view, now)
+        if tokens is not None:
+            usage = {t: u for t, u in usage.items() if t in tokens}
         counts = dict.fromkeys(STATUSES, 0)
         effective = 0
-        keys = keystore.all()
+        keys = _keys(keystore, tokens)
         for key in keys:
             status = token_status(key, key.id in limited, now)
             counts[status] += 1
@@ -112,7 +120,8 @@ class UsageTracker:
         success = sum(u.success_count for u in usage.values())
         recent = [{"timestamp": int(ts), "endpoint": route, "method": method, "token": masked,
                    "status": code, "time_str": time_str(ts)}
-                  for ts, route, method, masked, code in list(self._recent)]
+                  for ts, route, method, masked, code, token in list(self._recent)
+                  if tokens is None or token in tokens]
         return {
             "tokens": {
                 "count": len(keys),
@@ -133,3 +142,25 @@ class UsageTracker:
             "unauthenticated_requests": usage[UNAUTHENTICATED].usage_count if UNAUTHENTICATED in usage else 0,
             "recent_requests": recent[::-1],
         }
+
+
+def _keys(keystore, tokens: Optional[Collection[str]]):
+    return [k for k in keystore.all() if tokens is None or k.id in tokens]
+
+
+def _windows(limits: Dict[str, int], live: Dict[str, dict], now: float) -> Dict[str, dict]:
+    """Every window the key is limited by: the live state while the window runs, the whole
+    limit (reset None: the next request starts a window) before or after."""
+    out = {}
+    for window, limit in limits.items():
+        state = live.get(window)
+        if state and state.get("reset_at", 0) > now:
+            out[window] = {"limit": int(state.get("limit", limit)), "remaining": int(state.get("remaining", 0)),
+                           "reset": time_str(state["reset_at"])}
+        else:
+            out[window] = {"limit": int(limit), "remaining": int(limit), "reset": None}
+    for window, state in live.items():        # observe-only windows (the app's own headers)
+        if window not in out:
+            out[window] = {"limit": int(state.get("limit", 0)), "remaining": int(state.get("remaining", 0)),
+                           "reset": time_str(state.get("reset_at"))}
+    return out

@@ -1,0 +1,171 @@
+// Usage: seed 004's periods, trends and predictions from /api/analytics/usage, the breakdown by
+// model and service from /analytics/tokens, for one token or all, with CSV and JSON exports of
+// what is shown. Charts are uPlot (vendored in uplot/); each has its data as a table too.
+"use strict";
+
+(() => {
+  const {api, el, num, usd, utcDate} = ATE;
+  const VIEWS = {daily: ["date", "per day, last 30 days"], weekly: ["weekStart", "per week, last 12 weeks"],
+                 monthly: ["month", "per month, last 12 months"]};
+  const CHARTS = {
+    requests: {label: "Requests", color: "#0b5cad", kind: "area", format: num},
+    tokens: {label: "LLM tokens", color: "#8250df", kind: "bars", format: num},
+    cost: {label: "Cost (USD)", color: "#1a7f37", kind: "line", format: usd},
+  };
+  const charts = window.ATE_CHARTS = {};
+  const form = document.getElementById("filters");
+  const params = new URLSearchParams(location.search);
+  const today = utcDate(new Date());
+  const state = {
+    token: params.get("token") || "",
+    from: params.get("from") || utcDate(new Date(Date.now() - 29 * 86400e3)),
+    to: params.get("to") || today,
+    view: VIEWS[params.get("view")] ? params.get("view") : "daily",
+  };
+  let shown = null;            // the documents on screen, for the exports
+
+  form.token.value = state.token;
+  form.from.value = state.from;
+  form.to.value = state.to;
+  document.querySelector(`#view input[value="${state.view}"]`).checked = true;
+
+  const short = (n) => Math.abs(n) >= 1e6 ? (n / 1e6).toFixed(1) + "M" : Math.abs(n) >= 1e4 ? Math.round(n / 1e3) + "k" : String(n);
+  const epoch = (period) => Date.parse(period.length === 7 ? period + "-01T00:00:00Z" : period + "T00:00:00Z") / 1000;
+
+  function query(extra = {}) {
+    const q = new URLSearchParams(extra);
+    if (state.token) q.set("token", state.token);
+    return q.toString() ? "?" + q : "";
+  }
+
+  function chartOptions(key, width, step) {
+    const c = CHARTS[key];
+    const series = {label: c.label, stroke: c.color, width: 2, value: (u, v) => v === null ? "–" : c.format(v)};
+    if (c.kind === "area") series.fill = c.color + "2e";
+    if (c.kind === "bars") Object.assign(series, {fill: c.color + "b3", paths: uPlot.paths.bars({size: [0.7, 48]}), points: {show: false}});
+    if (c.kind === "line") series.points = {show: true, size: 5};
+    return {
+      width, height: 210, tzDate: (ts) => uPlot.tzDate(new Date(ts * 1e3), "Etc/UTC"),
+      scales: {x: {time: true, range: (u, min, max) => [min - step / 2, max + step / 2]},
+               y: {range: (u, min, max) => [0, max > 0 ? max * 1.1 : 1]}},
+      series: [{value: (u, ts) => ts === null ? "–" : new Date(ts * 1e3).toISOString().slice(0, 10)}, series],
+      axes: [{}, {size: 64, values: (u, vals, axis, space, step) => vals.map((v) => key !== "cost" ? short(v)
+        : "$" + v.toFixed(Math.min(4, Math.max(0, -Math.floor(Math.log10(step || 1))))))}],
+      legend: {show: false},
+    };
+  }
+
+  function drawChart(key, rows) {
+    const figure = document.getElementById(`chart-${key}`);
+    const plot = figure.querySelector(".plot");
+    const [field, words] = VIEWS[state.view];
+    const xs = rows.map((r) => epoch(r[field]));
+    const ys = rows.map((r) => r[key]);
+    const step = xs.length > 1 ? xs[1] - xs[0] : 86400;
+    if (charts[key]) charts[key].destroy();
+    charts[key] = new uPlot(chartOptions(key, Math.max(280, plot.clientWidth), step), [xs, ys], plot);
+    const total = ys.reduce((a, b) => a + b, 0);
+    plot.setAttribute("aria-label", `${CHARTS[key].label} ${words}: ${CHARTS[key].format(total)} in total. The table below has each value.`);
+    figure.querySelector(".data").replaceChildren(ATE.table([field === "date" ? "Day" : field === "month" ? "Month" : "Week from",
+                                                             CHARTS[key].label],
+      rows.map((r) => [r[field], CHARTS[key].format(r[key])]).reverse()));
+  }
+
+  function dateRange() {
+    const q = {start: state.from};
+    if (state.to < today) q.end = utcDate(new Date(Date.parse(state.to + "T00:00:00Z") + 86400e3));
+    return q;
+  }
+
+  function show(usage, breakdown) {
+    shown = {usage, breakdown};
+    for (const [period, entry] of Object.entries(usage.summary)) {
+      const card = document.querySelector(`[data-period="${period}"]`);
+      for (const field of ["requests", "tokens", "cost"]) {
+        const node = card.querySelector(`[data-field="${field}"]`);
+        node.textContent = field === "cost" ? usd(entry[field]) : num(entry[field]);
+        node.dataset.value = String(entry[field]);
+      }
+    }
+    const rows = usage.trends[state.view];
+    for (const key of Object.keys(CHARTS)) drawChart(key, rows);
+    const p = usage.predictions;
+    for (const [key, format] of [["estimatedMonthlyCost", usd], ["projectedRequests", num], ["projectedTokens", num]]) {
+      const node = document.querySelector(`[data-prediction="${key}"] .value`);
+      node.textContent = format(p[key]);
+      node.dataset.value = String(p[key]);
+    }
+    document.getElementById("basis").textContent =
+      `At the ${p.basis} (${(p.monthProgress * 100).toFixed(1)} % of the month has passed).`;
+    document.getElementById("by-model").replaceChildren(breakdown.byModel.length ? ATE.table(
+      ["Model", "Prompt tokens", "Completion tokens", "LLM requests", "Cost"],
+      breakdown.byModel.map((m) => [m.model, num(m.promptTokens), num(m.completionTokens), num(m.requestCount), usd(m.estimatedCost)]),
+      {id: "models"}) : el("p", {class: "muted"}, "No LLM usage in this range."));
+    const services = Object.entries(breakdown.byService);
+    document.getElementById("by-service").replaceChildren(services.length ? ATE.table(
+      ["Service", "Models", "Total tokens", "LLM requests", "Cost"],
+      services.map(([name, s]) => [name, s.models.join(", "), num(s.totalTokens), num(s.requestCount), usd(s.estimatedCost)]),
+      {id: "services"}) : el("p", {class: "muted"}, "No LLM usage in this range."));
+  }
+
+  async function load() {
+    const [usage, breakdown] = await Promise.all([
+      api("../api/analytics/usage" + query()),
+      api("../analytics/tokens" + query(dateRange())),
+    ]);
+    show(usage, breakdown);
+  }
+
+  function remember() {
+    const q = new URLSearchParams({view: state.view, from: state.from, to: state.to});
+    if (state.token) q.set("token", state.token);
+    history.replaceState(null, "", "?" + q);
+  }
+
+  form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    if (form.from.value > form.to.value) return ATE.showError("From must not be after To.");
+    Object.assign(state, {token: form.token.value, from: form.from.value, to: form.to.value});
+    remember();
+    refresh();
+  });
+  document.getElementById("view").addEventListener("change", (event) => {
+    state.view = event.target.value;
+    remember();
+    if (shown) show(shown.usage, shown.breakdown);
+  });
+  window.addEventListener("resize", () => {
+    for (const [key, chart] of Object.entries(charts)) {
+      chart.setSize({width: Math.max(280, document.querySelector(`#chart-${key} .plot`).clientWidth), height: 210});
+    }
+  });
+
+  function slug() {
+    return state.view + (state.token ? "-" + state.token : "");
+  }
+  document.getElementById("export-csv").addEventListener("click", () => {
+    if (!shown) return;
+    const field = VIEWS[state.view][0];
+    const lines = ["period,requests,llm_tokens,cost_usd"].concat(shown.usage.trends[state.view].map(
+      (r) => [r[field], r.requests, r.tokens, r.cost].join(",")));
+    ATE.download(`usage-${slug()}.csv`, "text/csv", lines.join("\n") + "\n");
+  });
+  document.getElementById("export-json").addEventListener("click", () => {
+    if (!shown) return;
+    const u = shown.usage;
+    ATE.download(`usage-${slug()}.json`, "application/json", JSON.stringify({
+      generatedAt: u.generatedAt, filters: {...state},
+      summary: u.summary, trend: {view: state.view, points: u.trends[state.view]}, predictions: u.predictions,
+      breakdown: {start: shown.breakdown.summary.timeframe.startDate, end: shown.breakdown.summary.timeframe.endDate,
+                  byModel: shown.breakdown.byModel, byService: shown.breakdown.byService},
+    }, null, 2) + "\n");
+  });
+
+  // the token list once: the tokens this session may see
+  api("../admin/token-details").then((doc) => {
+    for (const t of doc.tokens) form.token.append(el("option", {value: t.id}, t.name ? `${t.name} (${t.id})` : t.id));
+    form.token.value = state.token;
+  }).catch((e) => ATE.showError(e.message));
+
+  const refresh = ATE.every(load);
+})();
