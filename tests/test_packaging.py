@@ -89,3 +89,14 @@ def test_the_image_installs_what_its_services_run():
     line = next(l for l in dockerfile.splitlines() if "pip install" in l)
     for extra in ("server", "analytics", "redis", "demo"):     # serve, analytics, the ha profile, sinks
         assert extra in line, line
+
+
+def test_the_console_files_are_package_data():
+    """Every file the console serves is installed with the package (pyproject's package-data)."""
+    import fnmatch
+    patterns = tomllib.load(open(os.path.join(ROOT, "pyproject.toml"), "rb"))["tool"]["setuptools"][
+        "package-data"]["api_token_exporter.console"]
+    console = os.path.join(ROOT, "exporter", "api_token_exporter", "console")
+    files = [os.path.relpath(os.path.join(d, f), console) for d, _, names in os.walk(console) for f in names
+             if "__pycache__" not in d and not f.endswith(".py")]
+    assert files and [f for f in files if not any(fnmatch.fnmatch(f, p) for p in patterns)] == []
