@@ -508,6 +508,18 @@ def test_sign_in_and_sign_out_in_the_browser(world, browser):
     assert browser.execute_script("return document.cookie") == ""          # out of scripts' reach
     assert [a.text for a in browser.find_elements("css selector", "header nav a")] == \
         ["Tokens", "Usage", "Alerts", "Capacity"]
+    assert by_css(browser, 'header nav a[aria-current="page"]').text == "Usage"
+    # the keyboard: the first Tab reaches the skip link, which moves on to the content
+    from selenium.webdriver.common.keys import Keys
+    by_css(browser, "body").send_keys(Keys.TAB)
+    assert browser.switch_to.active_element.text == "Skip to content"
+    # every field has a label, every chart a text alternative (and its data as a table)
+    wait_for("the charts", lambda: browser.execute_script("return Object.keys(window.ATE_CHARTS).length") == 3)
+    assert browser.execute_script("""return [...document.querySelectorAll('input:not([type=hidden]), select')]
+        .filter((e) => !e.labels.length && !e.getAttribute('aria-label')).map((e) => e.outerHTML)""") == []
+    assert all(re.match(r"(Requests|LLM tokens|Cost \(USD\)) per day, last 30 days: .+ in total", label)
+               for label in browser.execute_script(
+                   "return [...document.querySelectorAll('.plot')].map((p) => p.getAttribute('aria-label'))"))
     by_css(browser, "form.who button").click()
     wait_for("signed out", lambda: "/ui/login" in browser.current_url, timeout=20)
     assert browser.get_cookie("ate_console") is None
