@@ -185,6 +185,17 @@ def test_fire_list_acknowledge_resolve_and_remember(stack):
         exporter.stop()
         exporter.start()
         assert listed(exporter, state="acknowledged")[0]["id"] == alert["id"]
+
+        # un-acknowledged: the silence expires and the alert is firing again; then acknowledged anew
+        r = requests.delete(f"{exporter.url}/api/v1/alerts/{alert['id']}/acknowledge", headers=ADMIN, timeout=30)
+        assert r.status_code == 200 and r.json()["expired"] is True, r.text
+        assert requests.get(f"{am}/api/v2/silence/{silence_id}", timeout=10).json()["status"]["state"] == "expired"
+        wait_for("firing again", lambda: [a for a in listed(exporter, state="firing") if a["id"] == alert["id"]],
+                 timeout=30)
+        r = requests.post(f"{exporter.url}/api/v1/alerts/{alert['id']}/acknowledge", headers=ADMIN,
+                          json={"comment": "rolling back", "duration": "1h", "by": "ana"}, timeout=30)
+        assert r.status_code == 201, r.text
+        silence_id = r.json()["silence_id"]
     finally:
         stop.set()
         thread.join(timeout=10)
@@ -205,7 +216,8 @@ def test_fire_list_acknowledge_resolve_and_remember(stack):
     assert episode["token"]["name"] == "Shop checkout" and episode["duration_seconds"] > 5
     assert episode["acknowledgement"]["by"] == "admin (ana)" and episode["acknowledgement"]["comment"] == "rolling back"
     kinds = [e["kind"] for e in episode["events"]]
-    assert kinds[:2] == ["fired", "acknowledged"] and "resolved" in kinds and kinds[-1] == "unacknowledged"
+    assert kinds[:4] == ["fired", "acknowledged", "unacknowledged", "acknowledged"]
+    assert kinds[4:] == ["resolved", "unacknowledged"], kinds
 
     # the same notification delivered twice (and once more with a bad token) is stored once
     total = history(exporter)["total"]
