@@ -60,7 +60,7 @@ def test_current_settings_are_the_thresholds_and_the_receivers(setup):
     ({"alert_thresholds": {"usage_spike": {"warning": 4}}},
      "alert_thresholds.usage_spike.warning must be below alert_thresholds.usage_spike.critical"),
     ({"alert_thresholds": {"unauthorized_access": {"critical": 2.5}}}, "must be a whole number"),
-    ({"anomaly": {"learning_period": "5m"}}, "anomaly.learning_period must be from 1h to 90d"),
+    ({"anomaly": {"learning_period": "5m"}}, "anomaly.learning_period must be from 1d to 90d"),
     ({"anomaly": {"learning_period": "a week"}}, "anomaly.learning_period must be a duration"),
     ({"alerts": {"x": 1}}, "alerts.x is not a setting"),
     ({"channels": {"info": ["webhook"]}}, "channels.info: severities are critical, warning"),

@@ -64,10 +64,12 @@ def test_dependencies_and_extras():
     project = tomllib.load(open(os.path.join(ROOT, "pyproject.toml"), "rb"))["project"]
     assert sorted(d.split(">")[0] for d in project["dependencies"]) == ["flask", "pyyaml"]
     extras = project["optional-dependencies"]
-    assert {"redis", "server", "analytics", "demo", "history", "geo", "test"} <= set(extras)
+    assert {"redis", "server", "analytics", "demo", "history", "geo", "alerts", "test"} <= set(extras)
     assert extras["server"] == ["gunicorn>=21"] and extras["redis"] == ["redis>=4.5"]
     assert sorted(d.split(">")[0] for d in extras["geo"]) == ["iptocc", "maxminddb"]
-    assert any(d.startswith("api-token-exporter[redis,server,analytics,demo,history,geo]") for d in extras["test"])
+    assert sorted(d.split(">")[0].split("[")[0] for d in extras["alerts"]) == ["psycopg", "requests", "sqlalchemy"]
+    assert any(d.startswith("api-token-exporter[redis,server,analytics,demo,history,geo,alerts]")
+               for d in extras["test"])
 
 
 @given(st.floats(allow_nan=True, allow_infinity=True) | st.integers(-10**20, 10**20).map(float))
