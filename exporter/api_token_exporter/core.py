@@ -52,9 +52,13 @@ class UsageCore:
             return None, "missing"
         if not well_formed_key(raw):
             return None, "invalid"
-        key = self.keystore.lookup(raw)
+        key, previous = self.keystore.lookup_secret(raw)
         if key is None:
             return None, "invalid"
+        if previous:                       # the secret a rotation replaced
+            if not key.previous_valid():
+                return key, "rotated"
+            self.metrics.old_secret_used(key.id)
         if not key.active:
             return key, "inactive"
         if key.expired():

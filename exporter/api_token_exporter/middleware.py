@@ -140,6 +140,7 @@ REFUSALS = {
     "invalid": (401, "Invalid API key"),
     "inactive": (403, "API key is inactive"),
     "expired": (401, "API key has expired"),
+    "rotated": (401, "API key was rotated and its grace period is over: use the new key"),
 }
 
 
