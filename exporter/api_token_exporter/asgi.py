@@ -153,6 +153,7 @@ class TokenAnalytics:
         self.settings = settings or load_settings(config_file, **overrides)
         s = self.settings
         core = self.core = UsageCore(s, keystore)
+        self._own_keystore = keystore is None          # a key store given to us is not ours to stop
         self.keystore, self.metrics, self.view, self.tracker = (core.keystore, core.metrics,
                                                                 core.view, core.tracker)
         self._key_header = s.header_name.lower().encode("latin-1")
@@ -188,7 +189,8 @@ class TokenAnalytics:
 
     async def shutdown(self) -> None:
         """Lifespan shutdown: close the Redis connections, stop the metrics_port server and the
-        key file watcher. Counts are already in the store (its file, with state_dir)."""
+        key file watcher (of a key store it made). Counts are already in the store (its file,
+        with state_dir)."""
         try:
             await self.core.limiter.aclose()
         except Exception:
@@ -199,7 +201,8 @@ class TokenAnalytics:
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server = None
-        self.keystore.stop_watching()
+        if self._own_keystore:
+            self.keystore.stop_watching()
 
     async def _lifespan(self, scope, receive, send) -> None:
         async def receive_():
