@@ -1,7 +1,8 @@
 """The ASGI middleware on real servers, called with httpx over TCP: uvicorn in-process (a
 streamed answer reaches the client chunk by chunk and its LLM usage is counted), uvicorn
 --workers and gunicorn with uvicorn's worker (totals on /metrics equal what was sent, for
-every token), and Redis limits shared by two ASGI instances and a WSGI one."""
+every token), Redis limits shared by two ASGI instances and a WSGI one, and the circuit
+breaker around a Redis that hangs."""
 import asyncio
 import collections
 import os
@@ -17,6 +18,7 @@ import uvicorn
 from api_token_exporter.keystore import add_key
 from asgi_app import OPENAI_USAGE, create_app
 from conftest import free_port, sample_total, stop_process, wait_for_port
+from test_storage_faults import own_redis  # noqa: F401  (a redis-server of the test alone)
 
 pytestmark = pytest.mark.integration
 TESTS = str(pathlib.Path(__file__).resolve().parent)
@@ -212,3 +214,47 @@ def test_redis_limits_hold_across_asgi_instances_and_a_wsgi_one(serve_asgi, guni
     limited = sum(sample_total(httpx.get(u + "/metrics", timeout=10).text, "apitoken_rate_limited_total",
                                token="beta") for u in urls)
     assert limited == 9
+
+
+# -- a Redis that hangs: the same breaker as the WSGI side, through redis.asyncio ----------------
+def test_a_hung_redis_opens_the_breaker_and_limits_come_back(own_redis, keys, caplog):
+    import logging
+    import signal
+    proc, uri = own_redis
+    caplog.set_level(logging.INFO, logger="api_token_exporter")
+    timeout = 0.1
+    app = create_app(keys_file=keys[0], storage_uri=uri, storage_timeout=timeout)
+
+    async def main():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            async def timed(raw):
+                started = time.perf_counter()
+                r = await c.get("/api/v1/items", headers={"X-API-Key": raw})
+                return r.status_code, time.perf_counter() - started
+            before = [(await timed(keys[1]["beta"]))[0] for _ in range(4)]
+            os.kill(proc.pid, signal.SIGSTOP)
+            try:
+                away = [await timed(keys[1]["alpha"]) for _ in range(100)]
+                text = (await c.get("/metrics")).text
+            finally:
+                os.kill(proc.pid, signal.SIGCONT)
+            deadline = time.monotonic() + 40
+            while time.monotonic() < deadline:       # it probes by itself and limits apply again
+                if (await timed(keys[1]["beta"]))[0] == 429:
+                    break
+                await asyncio.sleep(0.2)
+            else:
+                raise AssertionError("limits did not apply again after Redis came back")
+            return before, away, text, (await c.get("/metrics")).text
+    before, away, text, after = asyncio.run(main())
+    assert before == [200, 200, 200, 429]
+    assert {code for code, _ in away} == {200}             # fail open (the default)
+    took = sorted(t for _, t in away)
+    assert took[int(0.99 * len(took)) - 1] < 2 * timeout, took[-5:]
+    assert sum(t > timeout / 2 for t in took) <= 6          # the calls that opened it, and probes
+    assert sample_total(text, "apitoken_rate_limit_storage_breaker_state", state="open") == 1
+    assert sample_total(text, "apitoken_rate_limit_storage_errors_total") == 100
+    assert sample_total(after, "apitoken_rate_limit_storage_breaker_state", state="closed") == 1
+    changes = [r.getMessage() for r in caplog.records if "circuit breaker" in r.getMessage()]
+    assert "open" in changes[0] and "closed" in changes[-1] and len(changes) < 20
