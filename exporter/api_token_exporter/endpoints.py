@@ -179,7 +179,7 @@ def build_endpoints(core, serve_metrics: bool = True, admin: bool = True, health
         def admin_stats():
             return admin_denied() or jsonify(core.tracker.stats(core.keystore, s.rate_limits, core.view))
 
-        if s.alertmanager_url:
+        if s.alertmanager_url and health:       # the exporter service's (an API keeps its own paths)
             from . import alert_api
             alert_api.register(app, paths, prefixes, core, admin_denied, _same, _bearer)
 

@@ -2,8 +2,9 @@
 library (a window starts at its first request and lasts its length), in one pass per request.
 
 Storage by URI: ``memory://`` (per process), ``redis://[:password@]host:port/db`` (also
-``rediss://``, ``unix://``) or ``redis+sentinel://[:password@]host:port[,host:port]/service[/db]``
-(shared by workers and replicas). Windows are checked in order minute, hour, day; the first
+``rediss://``, ``unix://``), ``redis+sentinel://[:password@]host:port[,host:port]/service[/db]``
+or ``redis+cluster://[:password@]host:port[,host:port]`` (shared by workers and replicas; in
+Redis Cluster a token's windows share a hash slot, so the script still runs on one node). Windows are checked in order minute, hour, day; the first
 that is exhausted refuses the request and the longer windows are not charged for it.
 
 Why not `limits` itself: its MemoryStorage costs two calls and a key build per window (about
@@ -185,11 +186,25 @@ class AsyncRedisBackend:
 
 
 def redis_client(uri: str, timeout: float, asyncio: bool = False):
-    """A client for a redis://, rediss://, unix:// or redis+sentinel:// URI, from ``redis`` or,
-    with ``asyncio``, from ``redis.asyncio`` (redis>=4.5), with the same timeouts."""
+    """A client for a redis://, rediss://, unix://, redis+sentinel:// or redis+cluster:// URI,
+    from ``redis`` or, with ``asyncio``, from ``redis.asyncio`` (redis>=4.5), with the same
+    timeouts."""
     from .config import optional_import
     redis = optional_import("redis.asyncio" if asyncio else "redis", "redis", "Redis")
     timeouts = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+    if uri.startswith("redis+cluster://"):
+        cluster = optional_import(redis.__name__ + ".cluster", "redis", "Redis Cluster")
+        ClusterNode, RedisCluster = cluster.ClusterNode, cluster.RedisCluster
+        parts = urlsplit(uri)
+        nodes = []
+        for hostport in parts.netloc.rsplit("@", 1)[-1].split(","):
+            host, _, port = hostport.partition(":")
+            nodes.append(ClusterNode(host, int(port or 6379)))
+        password = unquote(parts.password) if parts.password else None
+        username = unquote(parts.username) if parts.username else None
+        # a failover (a replica promoted) takes the cluster's node timeout: the client retries
+        # MOVED/ASK and refreshes its slot map; the circuit breaker covers the seconds between
+        return RedisCluster(startup_nodes=nodes, password=password, username=username, **timeouts)
     if uri.startswith("redis+sentinel://"):
         Sentinel = optional_import(redis.__name__ + ".sentinel", "redis", "Redis").Sentinel
         parts = urlsplit(uri)
@@ -283,10 +298,11 @@ class RateLimiter:
                 raise ValueError(f"failure mode must be one of {', '.join(FAILURE_MODES)}")
             if scheme == "memory":
                 self.backend = MemoryBackend()
-            elif scheme in ("redis", "rediss", "unix", "redis+sentinel"):
+            elif scheme in ("redis", "rediss", "unix", "redis+sentinel", "redis+cluster"):
                 self.backend = _redis_backend(storage_uri, timeout)
             else:
-                raise ValueError("use memory://, redis://, rediss://, unix:// or redis+sentinel://")
+                raise ValueError("use memory://, redis://, rediss://, unix://, redis+sentinel:// or "
+                                 "redis+cluster://")
         except ValueError as exc:
             raise ValueError(f"rate-limit storage {self._safe_uri()!r}: {exc}") from None
         self.shared = scheme != "memory"
