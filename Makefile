@@ -23,6 +23,7 @@ demo:
 
 bench:
 	$(VPY) benchmarks/bench_middleware.py --rounds 21
+	$(VPY) benchmarks/bench_asgi.py --rounds 21
 	$(VPY) benchmarks/bench_instructions.py
 	$(VPY) benchmarks/bench_scrape.py
 	$(VPY) benchmarks/bench_ratelimit.py

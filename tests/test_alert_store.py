@@ -108,14 +108,16 @@ def test_acknowledgement_and_feedback_are_kept_with_the_episode(history):
     history.record(FP, LABELS, {}, T0, T0 + 900, "webhook")
     history.unacknowledge(episode_id, "api-token-exporter", "the alert resolved", now=T0 + 910)
     history.unacknowledge(episode_id, "api-token-exporter", "again", now=T0 + 920)     # once only
-    history.feedback(episode_id, "false_positive", "deploy", "admin", now=T0 + 1000)
+    assert history.feedback(episode_id, "true_positive", "", "admin", now=T0 + 990) is True     # the first
+    assert history.feedback(episode_id, "false_positive", "deploy", "admin", now=T0 + 1000) is False
     with pytest.raises(ValueError):
         history.feedback(episode_id, "maybe", "", "admin")
     episode, events = history.history(T0, T0 + 2000)[0][0]
     assert episode.ack == {"by": "admin (ana)", "comment": "looking into it", "at": T0 + 60, "until": T0 + 3600}
     assert episode.silence_id is None and history.acknowledged_silences() == []
     assert episode.feedback["verdict"] == "false_positive"
-    assert [e["kind"] for e in events] == ["fired", "acknowledged", "resolved", "unacknowledged", "feedback"]
+    assert [e["kind"] for e in events] == ["fired", "acknowledged", "resolved", "unacknowledged", "feedback",
+                                           "feedback"]
     assert history.feedback_counts() == {("ApiTokenHighErrorRate", "false_positive"): 1}
 
 
@@ -164,3 +166,41 @@ def test_fingerprint_and_times_follow_alertmanager():
     assert fingerprint({"a": "12"}) != fingerprint({"a1": "2"})
     with pytest.raises(ValueError):
         parse_time("yesterday")
+
+
+def test_an_acknowledgement_made_meanwhile_is_not_overwritten(history):
+    episode_id = history.record(FP, LABELS, {}, T0, None, "webhook")
+    assert history.acknowledge(episode_id, "admin (a)", "", T0 + 60, "sil-a") is True
+    assert history.acknowledge(episode_id, "admin (b)", "", T0 + 60, "sil-b") is False        # saw none
+    assert history.acknowledge(episode_id, "admin (b)", "", T0 + 60, "sil-b", replaces="sil-a") is True
+    assert [s for _e, s in history.acknowledged_silences()] == ["sil-b"]
+
+
+def test_an_episode_ended_by_a_racing_sync_is_reopened_by_a_notification(history):
+    episode_id = history.record(FP, LABELS, {}, T0, None, "webhook")
+    up_to = history.max_episode_id()
+    other = dict(LABELS, token="late")
+    late = history.record(fingerprint(other), other, {}, T0 + 5, None, "webhook")   # after the snapshot
+    history.resolve_missing(set(), T0 + 30, up_to_id=up_to)
+    assert history.latest(fingerprint(other)).status == "firing"                     # not judged
+    assert history.latest(FP).status == "resolved"
+    history.record(FP, LABELS, {}, T0, None, "alertmanager")                        # still firing after all
+    episode = history.latest(FP)
+    assert (episode.id, episode.status, episode.ends_at) == (episode_id, "firing", None)
+    assert [e["kind"] for e in history.history(T0, T0 + 100, token="shop")[0][0][1]] == ["fired"]
+    # an exact end is final: a later estimate does not move it, an alert list does not reopen it
+    history.record(FP, LABELS, {}, T0, T0 + 40, "webhook")
+    history.record(FP, LABELS, {}, T0, None, "alertmanager")
+    history.record(FP, LABELS, {}, T0 + 5, T0 + 50, "prometheus", tolerance=10)
+    assert (history.latest(FP).status, history.latest(FP).ends_at) == ("resolved", T0 + 40)
+    assert late
+
+
+def test_a_lease_is_held_by_one_until_released_or_expired(history):
+    assert history.try_lease("sync", "a", 60, now=T0) is True
+    assert history.try_lease("sync", "b", 60, now=T0 + 1) is False
+    assert history.try_lease("sync", "a", 60, now=T0 + 2) is True            # the holder renews
+    history.release_lease("sync", "a")
+    assert history.try_lease("sync", "b", 60, now=T0 + 3) is True
+    assert history.try_lease("sync", "a", 60, now=T0 + 62) is False
+    assert history.try_lease("sync", "a", 60, now=T0 + 64) is True           # b's expired

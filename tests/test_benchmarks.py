@@ -25,6 +25,13 @@ def test_middleware_benchmark_compares_the_four_variants():
         assert f"| {name} |" in out
 
 
+def test_asgi_benchmark_compares_the_four_variants():
+    out = run("bench_asgi.py", "--requests", "50", "--rounds", "1")
+    for name in ("bare FastAPI", "prometheus-fastapi-instrumentator", "api-token-exporter (full)",
+                 "api-token-exporter (observe-only)"):
+        assert f"| {name} |" in out
+
+
 def test_scrape_benchmark_checks_identical_output_first():
     out = run("bench_scrape.py", "--tokens", "50", "--repeat", "1")
     assert "| 50 | 1,978 |" in out         # 39 series per token plus 28 fixed ones

@@ -100,7 +100,16 @@ def test_every_bind_mount_exists(compose):
 def test_ha_profile_has_redis_and_two_replicas_sharing_it(compose):
     services = compose["services"]
     ha = {n for n, s in services.items() if "ha" in s.get("profiles", [])}
-    assert ha == {"redis", "api-replica-1", "api-replica-2"}
+    assert ha == {"redis", "api-replica-1", "api-replica-2", "prometheus-global", "prometheus-zone-a",
+                  "prometheus-zone-b"}
+    # each zone's Prometheus scrapes its replica and writes to the global store (the same
+    # files tests/test_remote_write.py runs)
+    for zone, replica in (("a", "api-replica-1"), ("b", "api-replica-2")):
+        cfg = yaml.safe_load(open(os.path.join(ROOT, "prometheus", "zones", f"zone-{zone}.yml")))
+        assert cfg["scrape_configs"][0]["static_configs"][0]["targets"] == [f"{replica}:8000"]
+        assert cfg["remote_write"][0]["url"] == "http://prometheus-global:9090/api/v1/write"
+        assert f"--config.file=/etc/prometheus/zones/zone-{zone}.yml" in services[f"prometheus-zone-{zone}"]["command"]
+    assert "--web.enable-remote-write-receiver" in services["prometheus-global"]["command"]
     for replica in ("api-replica-1", "api-replica-2"):
         assert services[replica]["environment"]["ATE_STORAGE_URI"] == "redis://redis:6379/0"
     assert services["api-replica-1"]["ports"] != services["api-replica-2"]["ports"]

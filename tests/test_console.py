@@ -25,7 +25,7 @@ from werkzeug.serving import make_server
 
 from api_token_exporter import analytics, rulegen
 from api_token_exporter.config import ConfigError, load_settings
-from api_token_exporter.keystore import set_active
+from api_token_exporter.keystore import rotate_key, set_active
 from conftest import build_app, free_port, require_binary, wait_for
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -180,6 +180,20 @@ def test_a_tenant_sees_its_tenants_tokens_only_and_revoking_its_key_ends_the_ses
         "/admin/stats", headers=csrf).status_code == 401, timeout=10, interval=0.2)
 
 
+def test_a_tenant_session_lasts_as_long_as_the_secret_it_signed_in_with(console, keys):
+    path, raw = keys
+    new, _ = rotate_key(path, "alpha", grace_seconds=4)
+    current = console.application.test_client()
+    wait_for("the new secret in force", lambda: sign_in(current, new).status_code == 303, timeout=10, interval=0.1)
+    current_csrf = {"X-CSRF-Token": csrf_of(current)}
+    assert sign_in(console, raw["alpha"]).status_code == 303             # the replaced secret, in its grace
+    csrf = {"X-CSRF-Token": csrf_of(console)}
+    assert console.get("/admin/stats", headers=csrf).status_code == 200
+    wait_for("the old secret's session refused after its grace", lambda: console.get(
+        "/admin/stats", headers=csrf).status_code == 401, timeout=15, interval=0.2)
+    assert current.get("/admin/stats", headers=current_csrf).status_code == 200
+
+
 def test_every_configured_window_is_in_the_token_details(console, keys):
     console.get("/items", headers={"X-API-Key": keys[1]["gamma"]})
     details = {t["id"]: t for t in console.get("/admin/token-details", headers=ADMIN).json["tokens"]}
@@ -189,6 +203,26 @@ def test_every_configured_window_is_in_the_token_details(console, keys):
     assert details["alpha"]["rate_limits"] == {"minute": {"limit": 100, "remaining": 100, "reset": None},
                                                "hour": {"limit": 1000, "remaining": 1000, "reset": None},
                                                "day": {"limit": 10000, "remaining": 10000, "reset": None}}
+
+
+def test_the_console_on_an_asgi_app(keys):
+    """The ASGI middleware serves the same endpoints app: sign-in, pages, assets, the session on
+    the JSON endpoints."""
+    import asyncio
+    import httpx
+    from asgi_app import create_app
+
+    async def scenario():
+        app = create_app(keys_file=keys[0], admin_token=ADMIN_TOKEN)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api.test") as c:
+            login = await c.post("/ui/login", data={"credential": ADMIN_TOKEN})
+            page = await c.get("/ui/tokens")
+            csrf = re.search(r'<meta name="ate-csrf" content="([^"]+)">', page.text).group(1)
+            return (login.status_code, "HttpOnly" in login.headers["set-cookie"], page.status_code,
+                    (await c.get("/admin/stats", headers={"X-CSRF-Token": csrf})).status_code,
+                    (await c.get("/admin/stats")).status_code,
+                    (await c.get("/ui/static/tokens.js")).headers["content-type"].split(";")[0])
+    assert asyncio.run(scenario()) == (303, True, 200, 200, 403, "text/javascript")
 
 
 def test_login_attempts_count_against_admin_rate_limit(make_app):
@@ -306,6 +340,7 @@ def world(tmp_path_factory):
     scraping it every second with the alert rules at test speed, Alertmanager with the history
     receiver, and the demo traffic once, counted by Prometheus."""
     from api_token_exporter.demo import create_demo_api, write_demo_keys
+    from api_token_exporter.server import create_app
     from api_token_exporter.stack import (alertmanager_config, find_binary, prometheus_config,
                                           start_alertmanager, start_prometheus)
     for binary in ("prometheus", "chromium", "chromedriver"):
@@ -333,23 +368,26 @@ def world(tmp_path_factory):
     rulegen.write(rulegen.load_thresholds(str(thresholds)), str(rules_dir))
     (tmp / "webhook-token").write_text("webhook-secret\n")
     (tmp / "slack").write_text("http://127.0.0.1:9/slack\n")
-    prom_port, am_port, api_port = free_port(), free_port(), free_port()
-    api_url = f"http://127.0.0.1:{api_port}"
+    prom_port, am_port, api_port, exporter_port = free_port(), free_port(), free_port(), free_port()
+    prom_url, api_url = f"http://127.0.0.1:{prom_port}", f"http://127.0.0.1:{api_port}"
+    exporter_url = f"http://127.0.0.1:{exporter_port}"
     started, servers = [], []
     try:
         am = start_alertmanager(str(tmp / "am"), alertmanager_config(
             None, "http://127.0.0.1:9", str(tmp / "slack"), group_wait="1s", group_interval="2s",
-            repeat_interval="1h", history_url=api_url, history_token_file=str(tmp / "webhook-token")),
+            repeat_interval="1h", history_url=exporter_url, history_token_file=str(tmp / "webhook-token")),
             port=am_port)
         started.append(am)
-        app = create_demo_api(
-            keys_file=keys_file, admin_token=ADMIN_TOKEN, prometheus_url=f"http://127.0.0.1:{prom_port}",
-            alertmanager_url=am.url, alert_webhook_token="webhook-secret", alert_db_url=f"sqlite:///{tmp}/alerts.db",
-            alert_sync_interval=2, console_refresh_seconds=2, admin_rate_limit=100000,
-            country_lookup=False)
-        server = make_server("127.0.0.1", api_port, app, threaded=True)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        servers.append((server, app.extensions["api_token_exporter"]))
+        fast = dict(admin_token=ADMIN_TOKEN, prometheus_url=prom_url, console_refresh_seconds=2, admin_rate_limit=100000)
+        app = create_demo_api(keys_file=keys_file, country_lookup=False, **fast)
+        # the alert API, and so the Alerts page, is the exporter service's
+        exporter = create_app(keys_file=keys_file, alertmanager_url=am.url, alert_webhook_token="webhook-secret",
+                              alert_db_url=f"sqlite:///{tmp}/alerts.db", alert_sync_interval=2, **fast)
+        for port, wsgi, middleware in ((api_port, app, app.extensions["api_token_exporter"]),
+                                       (exporter_port, exporter, exporter)):
+            server = make_server("127.0.0.1", port, wsgi, threaded=True)
+            threading.Thread(target=server.serve_forever, daemon=True).start()
+            servers.append((server, middleware))
         prom = start_prometheus(str(tmp / "prom"), prometheus_config(
             {"api-token-exporter": [f"127.0.0.1:{api_port}"]}, f"127.0.0.1:{am_port}", str(rules_dir),
             scrape_interval="1s", evaluation_interval="1s"), port=prom_port, retention="400d")
@@ -357,11 +395,13 @@ def world(tmp_path_factory):
         demo_traffic(api_url, raw)
         total = requests.get(api_url + "/admin/stats", headers=ADMIN, timeout=10).json()["total_requests"]
         wait_for("Prometheus to count the demo traffic", lambda: prometheus_total(prom.url) == total, timeout=60)
-        yield {"url": api_url, "raw": raw, "prom": prom.url, "am": am.url, "tmp": tmp, "app": app}
+        yield {"url": api_url, "exporter": exporter_url, "raw": raw, "prom": prom.url, "am": am.url}
     finally:
         for server, middleware in servers:
             server.shutdown()
-            middleware.endpoints.extensions["ate_alerts"].stop()
+            alerts = middleware.endpoints.extensions.get("ate_alerts")
+            if alerts is not None:
+                alerts.stop()
         for service in reversed(started):
             service.stop()
 
@@ -506,8 +546,7 @@ def test_sign_in_and_sign_out_in_the_browser(world, browser):
     assert cookie["httpOnly"] is True and cookie["sameSite"] == "Strict" and cookie["path"] == "/"
     assert ADMIN_TOKEN not in cookie["value"] and ADMIN_TOKEN not in browser.page_source
     assert browser.execute_script("return document.cookie") == ""          # out of scripts' reach
-    assert [a.text for a in browser.find_elements("css selector", "header nav a")] == \
-        ["Tokens", "Usage", "Alerts", "Capacity"]
+    assert [a.text for a in browser.find_elements("css selector", "header nav a")] == ["Tokens", "Usage", "Capacity"]
     assert by_css(browser, 'header nav a[aria-current="page"]').text == "Usage"
     # the keyboard: the first Tab reaches the skip link, which moves on to the content
     from selenium.webdriver.common.keys import Keys
@@ -707,7 +746,11 @@ return card ? {id: card.dataset.alertId, state: card.dataset.state} : null;"""
 
 @pytest.mark.integration
 def test_acknowledging_in_the_page_silences_the_alert_in_alertmanager(world, browser):
-    open_page(browser, world, "alerts")
+    exporter = {"url": world["exporter"]}       # the alert API's console
+    page_sign_in(browser, exporter, ADMIN_TOKEN)
+    open_page(browser, exporter, "alerts")
+    assert [a.text for a in browser.find_elements("css selector", "header nav a")] == \
+        ["Tokens", "Usage", "Alerts", "Capacity"]
     # nine failed authentications from 127.0.0.1 in the demo traffic: more than five an hour
     alert = wait_for("the unauthorized-access alert on the page", lambda: browser.execute_script(
         PAGE_ALERT, "ApiTokenUnauthorizedAccess"), timeout=120)
@@ -727,7 +770,7 @@ def test_acknowledging_in_the_page_silences_the_alert_in_alertmanager(world, bro
     # feedback from the page reaches the history
     by_css(browser, f'{card} button[data-verdict="true_positive"]').click()
     wait_for("the feedback in the history", lambda: [
-        a for a in get(world, "/api/v1/alerts/history", type="ApiTokenUnauthorizedAccess")["alerts"]
+        a for a in get(exporter, "/api/v1/alerts/history", type="ApiTokenUnauthorizedAccess")["alerts"]
         if a["id"] == alert["id"] and (a["feedback"] or {}).get("verdict") == "true_positive"], timeout=30)
     wait_for("the history table", lambda: "admin (ana)" in by_css(browser, "#history").text, timeout=30)
     screenshot(browser, "alerts")
@@ -769,13 +812,15 @@ def test_a_tenant_sees_only_its_tokens(world, browser):
                   lambda: browser.execute_script(PAGE_USAGE), lambda: usage_answer(world, "daily", headers=key))
     assert shown["periods"]["allTime"]["requests"] < get(world, "/api/analytics/usage")["summary"]["allTime"]["requests"]
     browser.get(world["url"] + "/ui/alerts")
+    assert "exporter service" in browser.page_source              # the API has no alert API
+    browser.get(world["exporter"] + "/ui/alerts")                 # the same sign-in: one host, one admin token
     assert "Alerts are for the admin" in browser.page_source
 
 
 @pytest.mark.integration
 def test_requests_without_the_session_or_with_a_wrong_csrf_token_are_refused(world, browser):
     page_sign_in(browser, world, ADMIN_TOKEN)
-    open_page(browser, world, "alerts")
+    open_page(browser, world, "tokens")
     cookie = {"ate_console": browser.get_cookie("ate_console")["value"]}
     csrf = browser.execute_script("return document.querySelector('meta[name=\"ate-csrf\"]').content")
     url = world["url"]
@@ -789,14 +834,17 @@ def test_requests_without_the_session_or_with_a_wrong_csrf_token_are_refused(wor
     assert requests.get(url + "/admin/stats", cookies=cookie, timeout=10,
                         headers={"X-CSRF-Token": csrf, "Sec-Fetch-Site": "cross-site"}).status_code == 403
     # a write with a wrong token changes nothing in Alertmanager
+    exporter = {"url": world["exporter"]}
     target = wait_for("a firing, unacknowledged alert", lambda: [
-        a for a in get(world, "/api/v1/alerts", state="firing")["alerts"]], timeout=60)[0]
+        a for a in get(exporter, "/api/v1/alerts", state="firing")["alerts"]], timeout=60)[0]
     silences = len(requests.get(world["am"] + "/api/v2/silences", timeout=10).json())
+    ack = f"{exporter['url']}/api/v1/alerts/{target['id']}/acknowledge"
     for headers in ({}, {"X-CSRF-Token": "forged"}):
-        r = requests.post(f"{url}/api/v1/alerts/{target['id']}/acknowledge", cookies=cookie, json={}, headers=headers,
-                          timeout=10)
+        r = requests.post(ack, cookies=cookie, json={}, headers=headers, timeout=10)
         assert r.status_code == 403, r.text
-    assert requests.post(f"{url}/api/v1/alerts/{target['id']}/acknowledge", json={}, timeout=10).status_code == 401
+    assert requests.post(ack, json={}, timeout=10).status_code == 401
+    assert requests.post(ack, json={}, cookies=cookie, headers={"X-CSRF-Token": csrf, "Sec-Fetch-Site": "same-site"},
+                         timeout=10).status_code == 403
     assert len(requests.get(world["am"] + "/api/v2/silences", timeout=10).json()) == silences
     assert alertmanager_alert(world, target["id"])["status"]["state"] == "active"
     # and from the page itself, as a script with a wrong token would send it

@@ -64,11 +64,13 @@ def test_dependencies_and_extras():
     project = tomllib.load(open(os.path.join(ROOT, "pyproject.toml"), "rb"))["project"]
     assert sorted(d.split(">")[0] for d in project["dependencies"]) == ["flask", "pyyaml"]
     extras = project["optional-dependencies"]
-    assert {"redis", "server", "analytics", "demo", "history", "geo", "test"} <= set(extras)
+    assert {"redis", "server", "analytics", "demo", "history", "geo", "alerts", "test"} <= set(extras)
     assert extras["server"] == ["gunicorn>=21"] and extras["redis"] == ["redis>=4.5"]
     assert sorted(d.split(">")[0] for d in extras["geo"]) == ["iptocc", "maxminddb"]
-    itself = next(d for d in extras["test"] if d.startswith("api-token-exporter["))
-    assert {"redis", "server", "analytics", "demo", "history", "geo"} <= set(itself[19:-1].split(","))
+    assert sorted(d.split(">")[0].split("[")[0] for d in extras["alerts"]) == ["psycopg", "requests", "sqlalchemy"]
+    self_extra = next(d for d in extras["test"] if d.startswith("api-token-exporter["))
+    assert {"redis", "server", "analytics", "demo", "history", "geo", "alerts", "asgi"} <= \
+        set(self_extra[len("api-token-exporter["):-1].split(","))
 
 
 @given(st.floats(allow_nan=True, allow_infinity=True) | st.integers(-10**20, 10**20).map(float))

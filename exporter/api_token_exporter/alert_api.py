@@ -6,15 +6,21 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
+import os
 import re
 import time
 
 from flask import Response, jsonify, request
 
+log = logging.getLogger("api_token_exporter.alerts")
+
 ALERTS_PATH = "/api/v1/alerts"
 WEBHOOK_PATH = "/api/v1/alerts/webhook"
 ACK_DEFAULT, ACK_MAX = 24 * 3600, 30 * 86400
 HISTORY_DEFAULT_DAYS, HISTORY_MAX_LIMIT = 7, 1000
+MAX_BODY_BYTES, MAX_BODY_DEPTH = 1_048_576, 12
+ALERT_ID = re.compile(r"[0-9a-f]{16}")
 CSV_FIELDS = ("id", "type", "severity", "status", "token", "token_name", "tenant", "starts_at", "ends_at",
               "duration_seconds", "acknowledged_by", "acknowledged_at", "acknowledgement_comment", "verdict",
               "notified", "found_in", "summary")
@@ -40,6 +46,9 @@ def build_alert_management(core):
     am = Alertmanager(s.alertmanager_url, s.prometheus_timeout)
     management = AlertManagement(history, am, prometheus, core.keystore, core.metrics, s.alert_sync_interval)
     thresholds = s.thresholds_file or f"{ROOT}/prometheus/thresholds.yml"
+    if not os.path.isfile(thresholds):
+        raise ConfigError(f"The alert API reads the alert thresholds from {thresholds}, which does not exist: "
+                          "set thresholds_file (a copy of prometheus/thresholds.yml)")
     settings = AlertSettings(history, thresholds, s.alert_rules_dir, prometheus, s.alertmanager_config_file, am)
     if s.alert_rules_dir or s.alertmanager_config_file:
         management.on_sync.append(settings.converge)
@@ -71,9 +80,11 @@ def _author(body: dict) -> str:
 
 def register(app, paths: set, prefixes: list, core, admin_denied, same, bearer):
     """Add the alert routes to the endpoints app."""
-    from . import analytics
-    from .alert_management import NotFound, STATES
-    from .alert_settings import ApplyError, SettingsError
+    import sqlalchemy
+
+    from . import analytics, validation
+    from .alert_management import STATES, Conflict, NotFound
+    from .alert_settings import ApplyError, SettingsBusy, SettingsError
     from .alert_store import VERDICTS
     from .alertmanager import UpstreamError
 
@@ -86,11 +97,25 @@ def register(app, paths: set, prefixes: list, core, admin_denied, same, bearer):
     def error(status: int, detail: str):
         return jsonify({"detail": detail}), status
 
+    @app.errorhandler(sqlalchemy.exc.SQLAlchemyError)
+    def _database_error(exc):
+        log.warning("alert history database: %s", type(exc).__name__)
+        return error(503, "The alert history database is unavailable; try again later")
+
     def body_or_error():
+        if (request.content_length or 0) > MAX_BODY_BYTES:
+            return None, error(413, f"Body larger than {MAX_BODY_BYTES} bytes")
+        raw = request.stream.read(MAX_BODY_BYTES + 1)
+        if len(raw) > MAX_BODY_BYTES:
+            return None, error(413, f"Body larger than {MAX_BODY_BYTES} bytes")
         try:
-            body = json.loads(request.get_data(cache=False) or b"{}")
+            body = json.loads(raw or b"{}")
+        except RecursionError:
+            body = None
         except (ValueError, UnicodeDecodeError) as exc:
             return None, error(400, f"Body is not valid JSON: {exc}")
+        if body is None or not validation.json_depth(body, MAX_BODY_DEPTH):
+            return None, error(400, f"Body must be a JSON object nesting at most {MAX_BODY_DEPTH} levels")
         if not isinstance(body, dict):
             return None, error(400, "Body must be a JSON object")
         return body, None
@@ -100,6 +125,8 @@ def register(app, paths: set, prefixes: list, core, admin_denied, same, bearer):
             return call()
         except NotFound as exc:
             return error(404, str(exc))
+        except Conflict as exc:
+            return error(409, str(exc))
         except UpstreamError as exc:
             return error(502, str(exc))
 
@@ -135,7 +162,7 @@ def register(app, paths: set, prefixes: list, core, admin_denied, same, bearer):
         if not 1 <= limit <= HISTORY_MAX_LIMIT or offset < 0:
             return error(400, f"limit must be from 1 to {HISTORY_MAX_LIMIT} and offset at least 0")
         try:
-            management.fresh()
+            management.sync_on_demand()
         except UpstreamError:
             pass                     # history answers from the database while they are away
         page = management.history_page(start, end, request.args.get("token"), request.args.get("type"),
@@ -162,6 +189,8 @@ def register(app, paths: set, prefixes: list, core, admin_denied, same, bearer):
             return jsonify(settings.update(body, _author(body)))
         except (SettingsError, ValueError) as exc:
             return error(400, str(exc))
+        except SettingsBusy as exc:
+            return error(409, str(exc))
         except ApplyError as exc:
             return error(502, str(exc))
 
@@ -170,7 +199,7 @@ def register(app, paths: set, prefixes: list, core, admin_denied, same, bearer):
         denied = admin_denied()
         if denied:
             return denied
-        if not re.fullmatch(r"[0-9a-f]{16}", alert_id):
+        if not ALERT_ID.fullmatch(alert_id):
             return error(404, "An alert id is the 16 hex digits of its fingerprint")
         body, bad = body_or_error()
         if bad:
@@ -192,6 +221,8 @@ def register(app, paths: set, prefixes: list, core, admin_denied, same, bearer):
         denied = admin_denied()
         if denied:
             return denied
+        if not ALERT_ID.fullmatch(alert_id):
+            return error(404, "An alert id is the 16 hex digits of its fingerprint")
         body, bad = body_or_error()
         if bad:
             return bad
@@ -237,5 +268,6 @@ def _csv(alerts) -> str:
                "acknowledgement_comment": ack.get("comment"), "verdict": verdict.get("verdict"),
                "notified": a["notified"], "found_in": a["found_in"], "summary": a["summary"]}
         # a spreadsheet must not run what an alert's text says (formula injection)
-        writer.writerow({k: ("'" + v if isinstance(v, str) and v[:1] in "=+-@" else v) for k, v in row.items()})
+        writer.writerow({k: ("'" + v if isinstance(v, str) and v[:1] in ("=", "+", "-", "@", "\t", "\r") else v)
+                         for k, v in row.items()})
     return out.getvalue()

@@ -12,6 +12,9 @@ silence ended.
 from __future__ import annotations
 
 import logging
+import math
+import os
+import socket
 import threading
 import time
 from typing import Dict, List, Optional
@@ -22,12 +25,17 @@ from .alertmanager import Alertmanager, Prometheus, UpstreamError, fingerprint, 
 log = logging.getLogger("api_token_exporter.alerts")
 
 STATES = ("firing", "acknowledged", "silenced", "inhibited")
+SYNC_LEASE = 120.0                 # seconds a sync may take before another worker may start one
 SYNC_LOOKBACK = 7 * 86400          # the longest gap the first sync fills from ALERTS
 MAX_POINTS = 10_000                # per ALERTS range query (Prometheus refuses more than 11,000)
 
 
 class NotFound(LookupError):
     pass
+
+
+class Conflict(RuntimeError):
+    """Someone else changed it at the same moment."""
 
 
 def _iso(epoch: Optional[float]) -> Optional[str]:
@@ -41,11 +49,11 @@ class AlertManagement:
         self.keystore, self.metrics = keystore, metrics
         self.sync_interval = sync_interval
         self._sync_lock = threading.Lock()
-        self._last_sync = 0.0
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._external: Optional[Dict[str, str]] = None
         self.on_sync: List = []            # more to do on each background sync (settings converge)
+        self.holder = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"   # who holds a lease
 
     # -- the background sync ----------------------------------------------------------------
     def start(self) -> "AlertManagement":
@@ -58,7 +66,9 @@ class AlertManagement:
         self._stop.set()
 
     def _loop(self) -> None:
-        while not self._stop.wait(self.sync_interval if self._last_sync else 1.0):
+        wait = 1.0                          # the first sync soon after start, then every interval
+        while not self._stop.wait(wait):
+            wait = self.sync_interval
             for task in [self.sync, *self.on_sync]:
                 try:
                     task()
@@ -67,26 +77,38 @@ class AlertManagement:
                 except Exception:               # never let the thread die: the next run retries
                     log.exception("alert sync failed")
 
-    def fresh(self, max_age: Optional[float] = None) -> None:
-        """Sync first unless one ran within ``max_age`` (half the interval by default)."""
-        if time.time() - self._last_sync > (self.sync_interval / 2 if max_age is None else max_age):
+    def sync_on_demand(self) -> None:
+        """With ``alert_sync_interval`` 0 there is no background sync: a reader syncs first."""
+        if self.sync_interval == 0:
             self.sync()
 
-    def sync(self, now: Optional[float] = None) -> dict:
-        now = time.time() if now is None else now
+    def sync(self, force: bool = False) -> Optional[dict]:
+        """Store what Alertmanager holds, fill from ALERTS, resolve what ended and release
+        acknowledgements. One worker or replica at a time (a lease in the database): None when
+        another is syncing, or synced less than half an interval ago."""
         with self._sync_lock:
-            held = self.am.alerts()
-            for alert in held:
-                self._store(alert, "alertmanager")
-            still_firing = {a["fingerprint"] for a in held if parse_time(a.get("endsAt")) is None
-                            or parse_time(a.get("endsAt")) > now}
-            filled, ended = 0, {}
-            if self.prometheus is not None:
-                filled, ended, firing_now = self._fill_from_alerts(now)
-                still_firing |= firing_now
-            resolved = self.history.resolve_missing(still_firing, now, ended)
-            released = self._release_acknowledgements()
-            self._last_sync = now
+            now = time.time()
+            since = self.history.synced_until()
+            if not force and since is not None and 0 <= now - since < self.sync_interval / 2:
+                return None
+            if not self.history.try_lease("sync", self.holder, SYNC_LEASE):
+                return None
+            try:
+                up_to = self.history.max_episode_id()      # episodes stored later are not judged here
+                held = self.am.alerts()
+                for alert in held:
+                    self._store(alert, "alertmanager")
+                still_firing = {a["fingerprint"] for a in held if parse_time(a.get("endsAt")) is None
+                                or parse_time(a.get("endsAt")) > now}
+                filled, ended = 0, {}
+                if self.prometheus is not None:
+                    filled, ended, firing_now = self._fill_from_alerts(now, since)
+                    still_firing |= firing_now
+                resolved = self.history.resolve_missing(still_firing, now, ended, up_to)
+                released = self._release_acknowledgements()
+                self.history.mark_synced(now)
+            finally:
+                self.history.release_lease("sync", self.holder)
         return {"stored": len(held), "filled": filled, "resolved": len(resolved), "released": released}
 
     def _external_labels(self) -> Dict[str, str]:
@@ -94,13 +116,14 @@ class AlertManagement:
             self._external = self.prometheus.external_labels()
         return self._external
 
-    def _fill_from_alerts(self, now: float):
+    def _fill_from_alerts(self, now: float, since: Optional[float]):
         """Episodes in ``ALERTS`` since the last sync (the first sync: the hour before, at most
         SYNC_LOOKBACK after a long gap); returns (episodes found, {fingerprint: end} of those
         that ended, fingerprints firing at ``now``)."""
-        since = self.history.synced_until()
-        start = max(now - SYNC_LOOKBACK, (since if since is not None else now - 3600) - 300)
-        step = max(5.0, (now - start) / MAX_POINTS)
+        begin = max(now - SYNC_LOOKBACK, (since or now - 3600) - 300)
+        step = float(max(5, math.ceil((now - begin) / MAX_POINTS)))
+        # on a grid of whole steps: two syncs that see the same episode give it the same start
+        start = math.floor(begin / step) * step
         external = self._external_labels()
 
         def identity(metric):
@@ -129,7 +152,6 @@ class AlertManagement:
                     filled += 1
             if fp not in firing_now:
                 ended[fp] = end
-        self.history.mark_synced(now)
         return filled, ended, firing_now
 
     def _release_acknowledgements(self) -> int:
@@ -190,8 +212,13 @@ class AlertManagement:
     def _values(self) -> Dict[str, float]:
         if self.prometheus is None:
             return {}
-        external, values = self._external_labels(), {}
-        for alert in self.prometheus.alerts():
+        try:
+            external, alerts = self._external_labels(), self.prometheus.alerts()
+        except UpstreamError as exc:                 # the list does not need Prometheus, only values
+            log.warning("alert values: %s", exc)
+            return {}
+        values = {}
+        for alert in alerts:
             if alert.get("state") != "firing":
                 continue
             labels = {**{k: v for k, v in external.items() if k not in alert["labels"]}, **alert["labels"]}
@@ -244,7 +271,7 @@ class AlertManagement:
 
     def describe(self, episode: Episode, events: List[dict], now: float) -> dict:
         labels, annotations = episode.labels, episode.annotations
-        until = episode.ends_at if episode.ends_at is not None else now
+        until = episode.ends_at if episode.ends_at is not None else min(now, time.time())
         return {"id": episode.fingerprint, "type": episode.alertname, "severity": labels.get("severity"),
                 "status": episode.status, "token": self._token(labels.get("token")),
                 "starts_at": _iso(episode.starts_at), "ends_at": _iso(episode.ends_at),
@@ -268,11 +295,15 @@ class AlertManagement:
         episode = self.history.latest(alert_id)
         if episode is None or episode_id is None:
             raise NotFound(f"Alert {alert_id} is kept out of history and cannot be acknowledged")
-        if episode.silence_id:
-            self.am.expire_silence(episode.silence_id)     # a new acknowledgement replaces the old
         now = time.time()
         silence_id = self.am.create_silence(alert["labels"], now, now + duration, by, comment)
-        self.history.acknowledge(episode.id, by, comment, now + duration, silence_id, now=now)
+        if not self.history.acknowledge(episode.id, by, comment, now + duration, silence_id,
+                                        replaces=episode.silence_id, now=now):
+            self.am.expire_silence(silence_id)             # someone acknowledged it meanwhile
+            raise Conflict(f"Alert {alert_id} was acknowledged by someone else at the same moment; "
+                           "read it again")
+        if episode.silence_id:
+            self.am.expire_silence(episode.silence_id)     # a new acknowledgement replaces the old
         return {"id": alert_id, "state": "acknowledged", "silence_id": silence_id, "acknowledged_by": by,
                 "comment": comment, "until": _iso(now + duration)}
 
@@ -282,19 +313,15 @@ class AlertManagement:
             raise NotFound(f"Alert {alert_id} is not acknowledged")
         self.am.expire_silence(episode.silence_id)
         self.history.unacknowledge(episode.id, by, "acknowledgement withdrawn")
-        return {"id": alert_id, "state": "firing" if episode.status == "firing" else episode.status,
+        return {"id": alert_id, "state": "firing" if episode.status == "firing" else "resolved",
                 "silence_id": episode.silence_id, "expired": True}
 
     def feedback(self, alert_id: str, verdict: str, note: str, by: str) -> dict:
         episode = self.history.latest(alert_id)
         if episode is None:
-            self.fresh(max_age=0)
-            episode = self.history.latest(alert_id)
-        if episode is None:
             raise NotFound(f"No alert with id {alert_id} in the history")
-        self.history.feedback(episode.id, verdict, note, by)
-        if self.metrics is not None:
-            self.metrics.count_alert_feedback(episode.alertname, verdict)
+        if self.history.feedback(episode.id, verdict, note, by) and self.metrics is not None:
+            self.metrics.count_alert_feedback(episode.alertname, verdict)   # an episode's first verdict
         return {"id": alert_id, "type": episode.alertname, "starts_at": _iso(episode.starts_at),
                 "verdict": verdict, "note": note, "by": by}
 

@@ -14,14 +14,16 @@ from __future__ import annotations
 import copy
 import os
 import re
+import socket
 import subprocess
 import tempfile
+import threading
 from typing import Dict, List, Optional
 
 import yaml
 
 from . import rulegen
-from .alertmanager import Alertmanager, Prometheus, UpstreamError
+from .alertmanager import Alertmanager, Prometheus, UpstreamError, format_time
 
 SEVERITIES = ("critical", "warning")
 CHANNELS = {"email": "email_configs", "slack": "slack_configs", "webhook": "webhook_configs"}
@@ -34,12 +36,12 @@ THRESHOLDS = [
     ("alert_thresholds.error_rate.critical", "error_rate.critical", ("ratio", 0.0001, 1)),
     ("alert_thresholds.usage_spike.warning", "usage_spike.warning", ("factor", 1.01, 1000)),
     ("alert_thresholds.usage_spike.critical", "usage_spike.critical", ("factor", 1.01, 1000)),
-    ("alert_thresholds.unauthorized_access.critical", "unauthorized.critical", ("count", 0, 1_000_000)),
+    ("alert_thresholds.unauthorized_access.critical", "unauthorized.critical", ("count", 1, 1_000_000)),
     ("alert_thresholds.unauthorized_access.api_wide_warning", "unauthorized.api_wide_warning",
-     ("count", 0, 100_000_000)),
+     ("count", 1, 100_000_000)),
     ("alert_thresholds.rate_limit.approaching", "rate_limit.approaching_ratio", ("ratio", 0.01, 0.999)),
     ("anomaly.sensitivity", "anomaly.sensitivity", ("choice", "low", "medium", "high")),
-    ("anomaly.learning_period", "anomaly.learning_period", ("duration", 3600, 90 * 86400)),
+    ("anomaly.learning_period", "anomaly.learning_period", ("duration", 86400, 90 * 86400)),
 ]
 _EMAIL = re.compile(r"^[^@\s,<>\"]+@[^@\s,<>\"]+\.[^@\s,<>\"]+$")
 
@@ -50,6 +52,19 @@ class SettingsError(ValueError):
 
 class ApplyError(RuntimeError):
     """Prometheus or Alertmanager refused the change: the previous files are back."""
+
+
+class SettingsBusy(RuntimeError):
+    """Another change is being put in force."""
+
+
+SETTINGS_LEASE = 120.0
+
+
+def _part(stored: dict, part: str):
+    if part == "rules":
+        return stored.get("overrides") or {}
+    return stored.get("channels"), stored.get("recipients")
 
 
 def _get(doc: dict, path: str):
@@ -81,7 +96,7 @@ def _check(field: str, value, rule):
         except rulegen.ThresholdError:
             raise SettingsError(f"{field} must be a duration such as 12h, 1d or 8d") from None
         if not rule[1] <= secs <= rule[2]:
-            raise SettingsError(f"{field} must be from 1h to 90d")
+            raise SettingsError(f"{field} must be from 1d to 90d")
         return value
     if isinstance(value, bool) or not isinstance(value, _NUMBER) or value != value:
         raise SettingsError(f"{field} must be a number")
@@ -109,6 +124,8 @@ class AlertSettings:
                  alertmanager: Optional[Alertmanager] = None):
         self.history, self.thresholds_file, self.rules_dir = history, thresholds_file, rules_dir
         self.prometheus, self.am_file, self.am = prometheus, alertmanager_config_file, alertmanager
+        self._lock = threading.Lock()
+        self.holder = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
 
     # -- reading ----------------------------------------------------------------------------
     def stored(self) -> dict:
@@ -128,7 +145,7 @@ class AlertSettings:
             _set(out, field, _get(t, source))
         channels, recipients = self._read_channels()
         out["channels"], out["recipients"] = channels, recipients
-        out["updated_at"] = found[1] if found else None
+        out["updated_at"] = format_time(found[1]) if found else None
         out["updated_by"] = found[2] if found else None
         return out
 
@@ -181,12 +198,15 @@ class AlertSettings:
             for field, source, _rule in THRESHOLDS:
                 message = re.sub(rf"\b{re.escape(source)}\b", field, message)
             raise SettingsError(message) from None
-        if "channels" in body or "recipients" in body:
+        channels, recipients = self._read_channels()
+        given = {k: body[k] for k in ("channels", "recipients")
+                 if k in body and body[k] != {"channels": channels, "recipients": recipients}[k]}
+        if given:                          # what GET answered, sent back unchanged, is no change
             if self.am_file is None:
                 raise SettingsError("channels and recipients need alertmanager_config_file (the file "
                                     "Alertmanager reads), which is not set")
-            stored["channels"] = self._check_channels(body.get("channels"), stored.get("channels"))
-            stored["recipients"] = self._check_recipients(body.get("recipients"), stored.get("recipients"))
+            stored["channels"] = self._check_channels(given.get("channels"), stored.get("channels") or channels)
+            stored["recipients"] = self._check_recipients(given.get("recipients"), stored.get("recipients"))
         return stored
 
     def _check_channels(self, given, before) -> Optional[dict]:
@@ -194,7 +214,7 @@ class AlertSettings:
             return before
         if not isinstance(given, dict):
             raise SettingsError("channels must be an object: {\"critical\": [...], \"warning\": [...]}")
-        out = dict(before or self._read_channels()[0])
+        out = dict(before)
         templates = self._templates()
         for severity, kinds in given.items():
             if severity not in SEVERITIES:
@@ -214,6 +234,11 @@ class AlertSettings:
         if not isinstance(given, dict) or set(given) - {"email", "slack_channel"}:
             raise SettingsError("recipients has email (a list of addresses) and slack_channel")
         out = dict(before or {})
+        templates = self._templates()
+        for field, kind in (("email", "email"), ("slack_channel", "slack")):
+            if field in given and kind not in templates:
+                raise SettingsError(f"recipients.{field}: {kind} is not configured in Alertmanager's "
+                                    f"configuration (no receiver has {CHANNELS[kind]})")
         if "email" in given:
             emails = given["email"]
             if not isinstance(emails, list) or not emails or not all(
@@ -228,8 +253,10 @@ class AlertSettings:
         return out
 
     def _templates(self) -> Dict[str, list]:
-        """One configuration per channel kind, from the stored copy or Alertmanager's file."""
-        found = (self.stored().get("templates") or {})
+        """One configuration per channel kind, as a severity receiver in Alertmanager's file has
+        it (read each time: an operator's edit of the file wins; a kind no receiver has any
+        more cannot be switched on here, and no receiver's secrets are copied elsewhere)."""
+        found: Dict[str, list] = {}
         cfg = self._am_config() or {}
         for receiver in cfg.get("receivers", []):
             if receiver.get("name") in SEVERITIES:
@@ -240,24 +267,32 @@ class AlertSettings:
 
     # -- applying ---------------------------------------------------------------------------
     def update(self, body, by: str) -> dict:
-        previous = self.stored()
-        stored = self.validate(body)
-        if "channels" in stored:
-            stored["templates"] = self._templates()
-        try:
-            self.apply(stored)
-        except ApplyError:
-            self.apply(previous or {"overrides": {}})    # the part that went through goes back too
-            raise
-        self.history.put_settings(stored, by)
-        return self.current()
+        """Validate, put in force, then store: one change at a time across workers and replicas
+        (a lease in the database), so none is lost and none is half done."""
+        with self._lock:
+            if not self.history.try_lease("settings", self.holder, SETTINGS_LEASE):
+                raise SettingsBusy("Another alert settings change is being put in force; try again in a moment")
+            try:
+                previous = self.stored()
+                stored = self.validate(body)
+                parts = {part for part in ("rules", "channels")
+                         if _part(stored, part) != _part(previous, part)}
+                try:
+                    self.apply(stored, parts=parts)
+                except ApplyError:
+                    self.apply(previous or {}, parts=parts)    # the part that went through goes back too
+                    raise
+                self.history.put_settings(stored, by)
+            finally:
+                self.history.release_lease("settings", self.holder)
+            return self.current()
 
-    def apply(self, stored: dict, must_reload: bool = True) -> bool:
+    def apply(self, stored: dict, must_reload: bool = True, parts=("rules", "channels")) -> bool:
         """Put ``stored`` in force; False when the files already say it."""
         changed = False
-        if self.rules_dir:
+        if "rules" in parts and self.rules_dir:
             changed |= self._apply_rules(self.thresholds(stored), must_reload)
-        if stored.get("channels") and self.am_file:
+        if "channels" in parts and stored.get("channels") and self.am_file:
             changed |= self._apply_channels(stored, must_reload)
         return changed
 
@@ -265,7 +300,13 @@ class AlertSettings:
         """Put the stored settings in force where the files differ: what another replica stored,
         or what a redeploy overwrote. Prometheus away is no error here: it reads the files when
         it starts."""
-        return self.apply(self.stored() or {}, must_reload=False)
+        with self._lock:
+            if not self.history.try_lease("settings", self.holder, SETTINGS_LEASE):
+                return False
+            try:
+                return self.apply(self.stored() or {}, must_reload=False)
+            finally:
+                self.history.release_lease("settings", self.holder)
 
     def _apply_rules(self, t: dict, must_reload: bool = True) -> bool:
         rendered = rulegen.render(t)
@@ -282,18 +323,18 @@ class AlertSettings:
         return True
 
     def _apply_channels(self, stored: dict, must_reload: bool = True) -> bool:
+        templates = self._templates()
         cfg = self._am_config()
-        templates = stored.get("templates") or {}
         recipients = stored.get("recipients") or {}
         for receiver in cfg.get("receivers", []):
             severity = receiver.get("name")
             if severity not in SEVERITIES or severity not in stored["channels"]:
                 continue
             for kind, key in CHANNELS.items():
-                if kind in stored["channels"][severity] and kind in templates:
-                    receiver[key] = copy.deepcopy(templates[kind])
-                else:
+                if kind not in stored["channels"][severity]:
                     receiver.pop(key, None)
+                elif not receiver.get(key) and kind in templates:      # a receiver keeps its own
+                    receiver[key] = copy.deepcopy(templates[kind])
             for email in receiver.get("email_configs", []):
                 if recipients.get("email"):
                     email["to"] = ", ".join(recipients["email"])
@@ -328,20 +369,25 @@ def _replace_files(files: Dict[str, str], reload, name: str, must_reload: bool =
                 before[path] = fh.read()
         except FileNotFoundError:
             before[path] = None
-    _write_all(files)
+    try:
+        _write_all(files)
+    except OSError as exc:
+        _write_all(before)
+        raise ApplyError(f"cannot write {exc.filename}: {exc.strerror}") from None
     if reload is None:
         return
     try:
         reload()
     except UpstreamError as exc:
-        if not must_reload and "did not answer" in str(exc):
+        if not must_reload and exc.status is None:
             return
         _write_all(before)
         try:
             reload()
         except UpstreamError:
             pass
-        raise ApplyError(f"{name} refused the change, the previous configuration is back: {exc}") from None
+        verb = "did not answer" if exc.status is None else "refused the change"
+        raise ApplyError(f"{name} {verb}; the previous configuration is back: {exc}") from None
 
 
 def _write_all(files: Dict[str, Optional[str]]) -> None:
@@ -350,7 +396,13 @@ def _write_all(files: Dict[str, Optional[str]]) -> None:
             if os.path.exists(path):
                 os.remove(path)
             continue
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(text)
+            os.chmod(tmp, 0o644)                 # readable by Prometheus or Alertmanager
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise

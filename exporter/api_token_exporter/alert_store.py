@@ -34,7 +34,8 @@ episodes = sa.Table(
     sa.Column("token", sa.String(200), nullable=False, default=""),
     sa.Column("labels", sa.Text, nullable=False),
     sa.Column("annotations", sa.Text, nullable=False, default="{}"),
-    sa.Column("source", sa.String(16), nullable=False),          # webhook | prometheus
+    sa.Column("source", sa.String(16), nullable=False),          # webhook | alertmanager | prometheus
+    sa.Column("end_source", sa.String(16)),                       # who said it ended (prometheus: estimated)
     sa.Column("notified", sa.Boolean, nullable=False, default=False),
     sa.Column("ack_by", sa.String(200)),
     sa.Column("ack_comment", sa.Text),
@@ -67,6 +68,7 @@ settings_table = sa.Table(
     sa.Column("updated_by", sa.String(200), nullable=False),
 )
 
+_RANK = {"prometheus": 0, "alertmanager": 1, "webhook": 2}
 NOT_IN_HISTORY = {"Watchdog"}      # always firing by design: the pipeline's heartbeat
 VERDICTS = ("true_positive", "false_positive")
 
@@ -165,14 +167,14 @@ class AlertHistory:
     def record(self, fingerprint: str, labels: Dict[str, str], annotations: Dict[str, str], start: float,
                end: Optional[float], source: str, tolerance: float = 0.0) -> Optional[int]:
         """Store one firing or resolved alert (``end`` None: still firing). Returns the episode id,
-        or None for alerts kept out of history. A notification (source ``webhook``) is exact: it
-        replaces what was only found in ``ALERTS``; ``ALERTS`` (source ``prometheus``, with a
-        ``tolerance`` of its step) only fills what the webhook never got."""
+        or None for alerts kept out of history. ``webhook`` and ``alertmanager`` are exact: they
+        replace what was only found in ``ALERTS``; ``prometheus`` (with a ``tolerance`` of its
+        query's step) only fills what they never gave."""
         if labels.get("alertname") in NOT_IN_HISTORY:
             return None
         e = episodes.c
+        exact = source != "prometheus"
         with self.engine.begin() as conn:
-            exact = source != "prometheus"
             row = self._find(conn, fingerprint, start, end, 0.0 if exact else tolerance)
             if row is None and exact:
                 # an episode first found in ALERTS (approximate start) is the same episode
@@ -181,56 +183,100 @@ class AlertHistory:
                     sa.or_(e.ends_at.is_(None), e.ends_at >= start - 120))).first()
                 if row is not None:
                     conn.execute(episodes.update().where(e.id == row.id).values(
-                        starts_at=start, source=source, notified=source == "webhook",
-                        annotations=json.dumps(annotations, sort_keys=True)))
+                        starts_at=start, annotations=json.dumps(annotations, sort_keys=True)))
+                    conn.execute(events.update().where(events.c.episode_id == row.id, events.c.kind == "fired")
+                                 .values(at=start))
             if row is None:
                 values = dict(fingerprint=fingerprint, starts_at=start, ends_at=end,
                               status="resolved" if end is not None else "firing",
-                              alertname=labels.get("alertname", ""), severity=labels.get("severity", ""),
-                              token=labels.get("token", ""), labels=json.dumps(labels, sort_keys=True),
+                              end_source=source if end is not None else None,
+                              alertname=labels.get("alertname", "")[:200], severity=labels.get("severity", "")[:32],
+                              token=labels.get("token", "")[:200], labels=json.dumps(labels, sort_keys=True),
                               annotations=json.dumps(annotations, sort_keys=True), source=source,
                               notified=source == "webhook")
                 inserted = conn.execute(self._insert(episodes).values(**values).on_conflict_do_nothing(
                     index_elements=["fingerprint", "starts_at"]).returning(e.id)).first()
-                if inserted is None:               # another replica stored it a moment ago
-                    row = conn.execute(sa.select(episodes).where(e.fingerprint == fingerprint,
-                                                                 e.starts_at == start)).first()
-                else:
+                if inserted is not None:
                     episode_id = inserted[0]
                     self._event(conn, episode_id, start, "fired", detail=source)
                     if end is not None:
                         self._event(conn, episode_id, end, "resolved", detail=source)
                     return episode_id
+                # another worker or replica stored it a moment ago
+                row = conn.execute(sa.select(episodes).where(e.fingerprint == fingerprint,
+                                                             e.starts_at == start)).first()
             episode_id = row.id
+            changes = {}
+            if exact and _RANK[source] > _RANK[row.source]:
+                changes["source"] = source               # the most exact source that saw it
             if source == "webhook" and not row.notified:
-                conn.execute(episodes.update().where(e.id == episode_id).values(notified=True))
+                changes["notified"] = True
             if row.annotations == "{}" and annotations:
-                conn.execute(episodes.update().where(e.id == episode_id).values(
-                    annotations=json.dumps(annotations, sort_keys=True)))
-            if end is not None and (row.status != "resolved" or exact and row.ends_at != end):
+                changes["annotations"] = json.dumps(annotations, sort_keys=True)
+            if changes:
+                conn.execute(episodes.update().where(e.id == episode_id).values(**changes))
+            if end is None:
+                if exact and row.status == "resolved" and row.end_source == "prometheus":
+                    # ended by a sync that raced this alert's arrival: it is firing after all
+                    if conn.execute(episodes.update().where(e.id == episode_id, e.end_source == "prometheus")
+                                    .values(status="firing", ends_at=None, end_source=None)).rowcount:
+                        conn.execute(events.delete().where(events.c.episode_id == episode_id,
+                                                           events.c.kind == "resolved"))
+                return episode_id
+            if row.status != "resolved" or exact and row.ends_at != end and row.end_source != "webhook":
                 changed = conn.execute(episodes.update().where(e.id == episode_id, sa.or_(
-                    e.status != "resolved", e.ends_at != end)).values(status="resolved", ends_at=end)).rowcount
+                    e.status != "resolved", e.ends_at != end)).values(
+                    status="resolved", ends_at=end, end_source=source)).rowcount
                 if changed and row.status != "resolved":
                     self._event(conn, episode_id, end, "resolved", detail=source)
+                elif changed:                            # an exact end replaces an estimated one
+                    conn.execute(events.update().where(events.c.episode_id == episode_id,
+                                                       events.c.kind == "resolved").values(at=end, detail=source))
             return episode_id
 
+    def max_episode_id(self) -> int:
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(sa.func.max(episodes.c.id))).scalar() or 0
+
     def resolve_missing(self, still_firing: Iterable[str], at: float,
-                        ended: Optional[Dict[str, float]] = None) -> List[Episode]:
+                        ended: Optional[Dict[str, float]] = None, up_to_id: Optional[int] = None) -> List[Episode]:
         """Episodes stored as firing whose fingerprint is not among ``still_firing`` are over
         (their resolution never reached the webhook: silenced, or the exporter was away): ended
-        at ``ended[fingerprint]`` where ALERTS tells, else at ``at``."""
+        at ``ended[fingerprint]`` where ALERTS tells, else at ``at``. Only episodes stored by
+        ``up_to_id``: one stored after ``still_firing`` was read is not judged by it."""
         firing, ended = set(still_firing), ended or {}
         out = []
+        e = episodes.c
+        where = [e.status == "firing"] + ([e.id <= up_to_id] if up_to_id is not None else [])
         with self.engine.begin() as conn:
-            for row in conn.execute(sa.select(episodes).where(episodes.c.status == "firing")).all():
+            for row in conn.execute(sa.select(episodes).where(*where)).all():
                 if row.fingerprint in firing:
                     continue
                 end = max(ended.get(row.fingerprint, at), row.starts_at)
-                if conn.execute(episodes.update().where(episodes.c.id == row.id, episodes.c.status == "firing")
-                                .values(status="resolved", ends_at=end)).rowcount:
+                if conn.execute(episodes.update().where(e.id == row.id, e.status == "firing")
+                                .values(status="resolved", ends_at=end, end_source="prometheus")).rowcount:
                     self._event(conn, row.id, end, "resolved", detail="prometheus")
                     out.append(_episode(row))
         return out
+
+    # -- leases: one worker or replica at a time does a job ----------------------------------
+    def try_lease(self, name: str, holder: str, seconds: float, now: Optional[float] = None) -> bool:
+        """Hold ``name`` for ``seconds`` unless someone else holds it; True when held."""
+        now = time.time() if now is None else now
+        t = settings_table.c
+        with self.engine.begin() as conn:
+            conn.execute(self._insert(settings_table).values(name=f"lease:{name}", doc="{}", updated_at=0.0,
+                                                            updated_by="").on_conflict_do_nothing(
+                index_elements=["name"]))
+            return conn.execute(settings_table.update().where(
+                t.name == f"lease:{name}", sa.or_(t.updated_at < now, t.updated_by == holder)).values(
+                updated_at=now + seconds, updated_by=holder)).rowcount == 1
+
+    def release_lease(self, name: str, holder: str) -> None:
+        t = settings_table.c
+        with self.engine.begin() as conn:
+            conn.execute(settings_table.update().where(t.name == f"lease:{name}", t.updated_by == holder)
+                         .values(updated_at=0.0))
 
     def latest(self, fingerprint: str) -> Optional[Episode]:
         with self.engine.connect() as conn:
@@ -245,12 +291,19 @@ class AlertHistory:
 
     # -- acknowledgements and feedback ------------------------------------------------------
     def acknowledge(self, episode_id: int, by: str, comment: str, until: float, silence_id: str,
-                    now: Optional[float] = None) -> None:
+                    replaces: Optional[str] = None, now: Optional[float] = None) -> bool:
+        """Record ``silence_id`` as the acknowledgement, if the episode still has ``replaces``
+        (None: no acknowledgement); False when someone acknowledged it meanwhile."""
         now = time.time() if now is None else now
+        e = episodes.c
         with self.engine.begin() as conn:
-            conn.execute(episodes.update().where(episodes.c.id == episode_id).values(
-                ack_by=by, ack_comment=comment, ack_at=now, ack_until=until, silence_id=silence_id))
+            if conn.execute(episodes.update().where(
+                    e.id == episode_id, e.silence_id.is_(None) if replaces is None else e.silence_id == replaces)
+                    .values(ack_by=by, ack_comment=comment, ack_at=now, ack_until=until,
+                            silence_id=silence_id)).rowcount != 1:
+                return False
             self._event(conn, episode_id, now, "acknowledged", by, comment)
+            return True
 
     def unacknowledge(self, episode_id: int, by: str, reason: str = "", now: Optional[float] = None) -> None:
         """The silence is gone; who acknowledged, when and why stays on the episode."""
@@ -267,14 +320,18 @@ class AlertHistory:
             rows = conn.execute(sa.select(episodes).where(episodes.c.silence_id.is_not(None))).all()
         return [(_episode(r), r.silence_id) for r in rows]
 
-    def feedback(self, episode_id: int, verdict: str, note: str, by: str, now: Optional[float] = None) -> None:
+    def feedback(self, episode_id: int, verdict: str, note: str, by: str, now: Optional[float] = None) -> bool:
+        """Store a verdict; True when it is the episode's first (a changed verdict replaces the
+        old one but is not a new one)."""
         if verdict not in VERDICTS:
             raise ValueError(f"verdict must be one of {', '.join(VERDICTS)}")
         now = time.time() if now is None else now
         with self.engine.begin() as conn:
+            first = conn.execute(sa.select(episodes.c.verdict).where(episodes.c.id == episode_id)).scalar() is None
             conn.execute(episodes.update().where(episodes.c.id == episode_id).values(
                 verdict=verdict, verdict_note=note, verdict_by=by, verdict_at=now))
             self._event(conn, episode_id, now, "feedback", by, f"{verdict}: {note}" if note else verdict)
+        return first
 
     # -- reading ----------------------------------------------------------------------------
     def history(self, start: float, end: float, token: Optional[str] = None, alertname: Optional[str] = None,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 from typing import Dict, List, Optional
+from urllib.parse import urlsplit, urlunsplit
 
 import requests
 import yaml
@@ -44,22 +45,28 @@ def format_time(epoch: float) -> str:
 
 
 class UpstreamError(RuntimeError):
-    """Alertmanager or Prometheus did not answer, or refused."""
+    """Alertmanager or Prometheus did not answer (``status`` None), or refused (its status)."""
+
+    def __init__(self, message: str, status: Optional[int] = None):
+        super().__init__(message)
+        self.status = status
 
 
 class _Http:
     def __init__(self, url: str, timeout: float, name: str):
         self.url, self.timeout, self.name = url.rstrip("/"), timeout, name
+        parts = urlsplit(self.url)         # what messages show: no user or password
+        self.shown = urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")))
         self.session = requests.Session()
 
     def call(self, method: str, path: str, **kwargs):
         try:
             response = self.session.request(method, self.url + path, timeout=self.timeout, **kwargs)
         except requests.RequestException as exc:
-            raise UpstreamError(f"{self.name} at {self.url} did not answer: {type(exc).__name__}") from None
+            raise UpstreamError(f"{self.name} at {self.shown} did not answer: {type(exc).__name__}") from None
         if response.status_code >= 400:
             raise UpstreamError(f"{self.name} answered {response.status_code} to {method} {path}: "
-                                f"{response.text.strip()[:300]}")
+                                f"{response.text.strip()[:300]}", response.status_code)
         return response
 
 
@@ -84,14 +91,14 @@ class Alertmanager(_Http):
         try:
             self.call("DELETE", f"/api/v2/silence/{silence_id}")
         except UpstreamError as exc:
-            if "answered 404" not in str(exc):    # already gone: nothing to expire
+            if exc.status != 404:                 # already gone: nothing to expire
                 raise
 
     def silence(self, silence_id: str) -> Optional[dict]:
         try:
             return self.call("GET", f"/api/v2/silence/{silence_id}").json()
         except UpstreamError as exc:
-            if "answered 404" in str(exc):
+            if exc.status == 404:
                 return None
             raise
 

@@ -356,6 +356,9 @@ class DemoStack:
             prom_url = None
         prom_dir = os.path.join(self.data_dir, "prometheus")
         history_span = self._backfill(os.path.join(prom_dir, "data")) if prom_url else None
+        # the API's console (/ui) shows its live tokens, and usage and capacity from Prometheus
+        self.api_url = self._serve(create_demo_api(keys_file=keys_file, storage_uri=self.storage_uri,
+                                                   admin_token=self.admin_token, prometheus_url=prom_url), self.port)
         with_alertmanager = (self.alertmanager_port is not None and prom_url is not None
                              and stack.find_binary(*stack.ALERTMANAGER_BINARIES) is not None)
         # the rules Prometheus reads: a copy the alert API's settings may re-render
@@ -364,25 +367,20 @@ class DemoStack:
         shutil.copytree(os.path.join(stack.ROOT, "prometheus", "rules"), rules_dir)
         am_port = (self.alertmanager_port or stack.free_port()) if with_alertmanager else None
         webhook_token_file = os.path.join(self.data_dir, "alert-webhook-token")
-        alerting = {}
-        if with_alertmanager:
-            webhook_token = secrets.token_urlsafe(16)
-            with open(webhook_token_file, "w") as fh:
-                fh.write(webhook_token)
-            os.chmod(webhook_token_file, 0o600)
-            alerting = dict(alertmanager_url=f"http://127.0.0.1:{am_port}", alert_webhook_token=webhook_token,
-                            alert_db_url=f"sqlite:///{os.path.abspath(os.path.join(self.data_dir, 'alerts.db'))}",
-                            alert_rules_dir=rules_dir, alert_sync_interval=15,
-                            alertmanager_config_file=os.path.join(self.data_dir, "alertmanager", "alertmanager.yml"))
-        # the API serves the console (/ui): its live tokens, and usage, alerts and capacity
-        # through the Prometheus and Alertmanager the demo runs
-        self.api_url = self._serve(create_demo_api(keys_file=keys_file, storage_uri=self.storage_uri,
-                                                   admin_token=self.admin_token, prometheus_url=prom_url,
-                                                   **alerting), self.port)
         if self.exporter_port is not None:
             from .server import create_app
+            alerting = {}
+            if with_alertmanager:
+                webhook_token = secrets.token_urlsafe(16)
+                with open(webhook_token_file, "w") as fh:
+                    fh.write(webhook_token)
+                os.chmod(webhook_token_file, 0o600)
+                alerting = dict(alertmanager_url=f"http://127.0.0.1:{am_port}", alert_webhook_token=webhook_token,
+                                alert_db_url=f"sqlite:///{os.path.abspath(os.path.join(self.data_dir, 'alerts.db'))}",
+                                alert_rules_dir=rules_dir, alert_sync_interval=15,
+                                alertmanager_config_file=os.path.join(self.data_dir, "alertmanager", "alertmanager.yml"))
             exporter = create_app(keys_file=keys_file, ingest_token=self.ingest_token,
-                                  admin_token=self.admin_token, prometheus_url=prom_url)
+                                  admin_token=self.admin_token, prometheus_url=prom_url, **alerting)
             self.sidecar_url = self._serve(exporter, self.exporter_port)
 
         am_addr = None
@@ -402,7 +400,8 @@ class DemoStack:
                 os.path.join(self.data_dir, "alertmanager"), stack.alertmanager_config(
                     f"{self.host}:{self.smtp.port}" if self.smtp else None, self.webhook.url, slack_file,
                     group_wait="10s", group_interval="30s",
-                    history_url=self.api_url, history_token_file=webhook_token_file), port=am_port)
+                    history_url=self.sidecar_url if self.exporter_port is not None else None,
+                    history_token_file=webhook_token_file), port=am_port)
             self.services.append(self.alertmanager)
             am_addr = self.alertmanager.url.split("://", 1)[1]
         elif prom_url:
@@ -487,11 +486,13 @@ class DemoStack:
 
     def describe(self) -> List[str]:
         lines = [f"console         {self.api_url}/ui   (sign in with the admin token in "
-                 f"{os.path.join(self.data_dir, 'admin-token')}, or a demo API key for its tenant's view)",
-                 f"demo API        {self.api_url}/api/v1/items   (X-API-Key header required)",
-                 f"its metrics     {self.api_url}/metrics",
-                 f"admin JSON      {self.api_url}/admin/stats and /admin/token-details "
-                 f"(Authorization: Bearer <{os.path.join(self.data_dir, 'admin-token')}>)"]
+                 f"{os.path.join(self.data_dir, 'admin-token')}, or a demo API key for its tenant's view)"]
+        if self.alertmanager and self.sidecar_url and self.exporter_port is not None:
+            lines.append(f"alerts console  {self.sidecar_url}/ui/alerts   (the exporter's console, beside its alert API)")
+        lines += [f"demo API        {self.api_url}/api/v1/items   (X-API-Key header required)",
+                  f"its metrics     {self.api_url}/metrics",
+                  f"admin JSON      {self.api_url}/admin/stats and /admin/token-details "
+                  f"(Authorization: Bearer <{os.path.join(self.data_dir, 'admin-token')}>)"]
         ingest_file = os.path.join(self.data_dir, "ingest-token")
         if self.sidecar_url:
             lines.append(f"exporter        {self.sidecar_url}/metrics")
@@ -507,8 +508,9 @@ class DemoStack:
         if self.alertmanager:
             lines.append(f"Alertmanager    {self.alertmanager.url}/api/v2/alerts   (its API: "
                          "Debian's package has no web page)")
-            lines.append(f"alert API       {self.api_url}/api/v1/alerts and /api/v1/alerts/history "
-                         "(admin token; acknowledge, feedback, settings: docs/alerts.md)")
+            if self.sidecar_url and self.exporter_port is not None:
+                lines.append(f"alert API       {self.sidecar_url}/api/v1/alerts and /api/v1/alerts/history "
+                             "(admin token; acknowledge, feedback, settings: docs/alerts.md)")
             lines.append(f"notifications   {self.webhook.url}/ (webhook and Slack posts), {self.webhook.url}/mail (emails)")
         lines += self.notes
         lines.append("Grafana         needs Docker (docker compose up); the dashboards are in grafana/dashboards/")

@@ -167,7 +167,8 @@ def build_endpoints(core, serve_metrics: bool = True, admin: bool = True, health
     if admin and s.admin_token:
         from . import console
         paths.update(ADMIN_PATHS)
-        sessions = console.register(app, paths, prefixes, core, over_budget)
+        sessions = console.register(app, paths, prefixes, core, over_budget,
+                                    alerts=bool(s.alertmanager_url and health))
 
         def caller(admin_only: bool):
             """(principal, None) or (None, refusal): the admin token (bearer or X-Admin-Token),
@@ -203,7 +204,7 @@ def build_endpoints(core, serve_metrics: bool = True, admin: bool = True, health
             return refused or jsonify(core.tracker.stats(core.keystore, s.rate_limits, core.view,
                                                          tokens=visible(principal)))
 
-        if s.alertmanager_url:
+        if s.alertmanager_url and health:       # the exporter service's (an API keeps its own paths)
             from . import alert_api
             alert_api.register(app, paths, prefixes, core, admin_denied, _same, _bearer)
 

@@ -25,9 +25,8 @@ from .config import Settings, load_settings
 from .core import UsageCore
 from .keystore import ApiKey, KeyStore, mask_key
 from .metrics import UNMATCHED_ROUTE
-from .ratelimit import WINDOW_ORDER, Decision, StorageUnavailable
+from .ratelimit import Decision, StorageUnavailable
 from .geo import client_ip, parse_trusted_proxies
-from .llmcapture import extract_usage
 from .usage import LLMUsage, UsageError, validate_usage
 
 log = logging.getLogger("api_token_exporter")
@@ -140,6 +139,7 @@ REFUSALS = {
     "invalid": (401, "Invalid API key"),
     "inactive": (403, "API key is inactive"),
     "expired": (401, "API key has expired"),
+    "rotated": (401, "API key was rotated and its grace period is over: use the new key"),
 }
 
 
@@ -381,13 +381,7 @@ class TokenAnalytics:
                 content_type = value
             elif lname == "x-llm-model":
                 model_hint = value
-        found = extract_usage(content_type, body, model_hint or None)
-        if found is None:
-            return
-        try:
-            self.count_llm(token_id, validate_usage(*found))
-        except UsageError as exc:
-            log.warning("LLM usage in a response for token %s not counted: %s", token_id, exc)
+        self.core.capture_llm(token_id, content_type, body, model_hint)
 
     def _record(self, environ, key: Optional[ApiKey], code: int, started: float) -> None:
         self.core.record_request(key.id if key is not None else None, self._route(environ),
@@ -397,42 +391,7 @@ class TokenAnalytics:
             self.core.record_country(key.id, client_ip(environ, self._trusted_proxies))
 
     def _observe_upstream_limits(self, token_id: str, headers, code: int) -> None:
-        """Observe-only mode: take rate-limit values from the headers the app (or its upstream)
-        set, in the seed 002 form ``X-RateLimit-Minute-Remaining`` or GitHub's
-        ``X-RateLimit-Remaining`` (reported as the ``default`` window)."""
-        found: Dict[str, Dict[str, float]] = {}
-        for name, value in headers:
-            lname = name.lower()
-            if not lname.startswith("x-ratelimit-"):
-                continue
-            parts = lname[len("x-ratelimit-"):].split("-")
-            if len(parts) == 2 and parts[0] in WINDOW_ORDER:
-                window, field = parts
-            elif len(parts) == 1:
-                window, field = "default", parts[0]
-            else:
-                continue
-            if field not in ("limit", "remaining", "reset"):
-                continue
-            try:
-                number = float(value)
-            except ValueError:
-                continue
-            if math.isfinite(number):        # the store holds finite values only
-                found.setdefault(window, {})[field] = number
-        now = time.time()
-        exhausted = None
-        for window, values in found.items():
-            if "limit" not in values or "remaining" not in values:
-                continue
-            reset = values.get("reset", 0.0)
-            reset_at = reset if reset > 1e9 else now + reset   # epoch or seconds from now
-            self.metrics.set_window(token_id, window, int(values["limit"]),
-                                    int(values["remaining"]), reset_at)
-            if values["remaining"] <= 0 and exhausted is None:
-                exhausted = window
-        if code == 429:
-            self.metrics.observe_rate_limited(token_id, exhausted or "default")
+        self.core.observe_upstream_limits(token_id, headers, code)   # observe-only: the app's X-RateLimit-*
 
     def count_llm(self, token: str, usage: LLMUsage) -> LLMUsage:
         return self.core.count_llm(token, usage)

@@ -13,7 +13,7 @@ import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import requests
 import yaml
@@ -170,14 +170,14 @@ def _launch(name: str, binary: str, workdir: str, config: dict, port: int, flags
 
 
 def start_prometheus(workdir: str, config: dict, port: Optional[int] = None,
-                     retention: str = "15d", timeout: float = 30) -> Service:
+                     retention: str = "15d", timeout: float = 30, flags: Sequence[str] = ()) -> Service:
     binary = find_binary("prometheus")
     if not binary:
         raise FileNotFoundError("prometheus is not installed (Debian: apt-get install prometheus)")
     return _launch("prometheus", binary, workdir, config, port or free_port(),
                    [f"--storage.tsdb.path={os.path.join(workdir, 'data')}",
                     f"--storage.tsdb.retention.time={retention}", "--rules.alert.resend-delay=1s",
-                    "--web.enable-lifecycle", *PROMETHEUS_FEATURES], "/-/ready", timeout)
+                    "--web.enable-lifecycle", *PROMETHEUS_FEATURES, *flags], "/-/ready", timeout)
 
 
 def start_alertmanager(workdir: str, config: dict, port: Optional[int] = None,

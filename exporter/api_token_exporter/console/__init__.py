@@ -19,7 +19,7 @@ from typing import Callable, Optional, Tuple
 from flask import Blueprint, jsonify, make_response, redirect, render_template, request, url_for
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 
-from ..keystore import well_formed_key
+from ..keystore import hash_key, well_formed_key
 
 PREFIX = "/ui"
 COOKIE = "ate_console"
@@ -87,7 +87,8 @@ class Sessions:
             key = self.keystore.lookup(credential) if well_formed_key(credential) else None
             if key is None or not key.active or key.expired():
                 return None
-            payload = {"r": "tenant", "k": key.id, "v": self._verifier("key:" + key.key_hash)}
+            # the secret used: a rotated one in its grace period signs in until the grace ends
+            payload = {"r": "tenant", "k": key.id, "v": self._verifier("key:" + hash_key(credential))}
         payload["c"] = secrets.token_urlsafe(24)
         return self._serializer.dumps(payload)
 
@@ -107,8 +108,10 @@ class Sessions:
                 return Principal("admin", None, "admin", "admin", data["c"])
             return None
         key = self.keystore.get(data.get("k")) if data.get("r") == "tenant" and isinstance(data.get("k"), str) else None
-        if key is None or not key.active or key.expired() or \
-                not hmac.compare_digest(data["v"], self._verifier("key:" + key.key_hash)):
+        if key is None or not key.active or key.expired():
+            return None
+        secrets_in_force = [key.key_hash] + ([key.previous.key_hash] if key.previous_valid() else [])
+        if not any(hmac.compare_digest(data["v"], self._verifier("key:" + h)) for h in secrets_in_force):
             return None
         label = f"tenant {key.tenant} ({key.name or key.id})" if key.tenant else f"key {key.name or key.id}"
         return Principal("tenant", tuple(self.keystore.visible_to(key)), label, f"key:{key.id}", data["c"])
@@ -131,13 +134,13 @@ class Sessions:
         return principal
 
 
-def register(app, paths: set, prefixes: list, core, over_budget: Callable) -> Sessions:
-    """Add the console's pages to the endpoints app; returns its Sessions, which the JSON
-    endpoints consult."""
+def register(app, paths: set, prefixes: list, core, over_budget: Callable, alerts: bool) -> Sessions:
+    """Add the console's pages to the endpoints app (the Alerts page where ``alerts``: the alert
+    API is there); returns its Sessions, which the JSON endpoints consult."""
     s = core.settings
     sessions = Sessions(s, core.keystore)
     available = {"tokens": True, "usage": bool(s.prometheus_url), "capacity": bool(s.prometheus_url),
-                 "alerts": bool(s.alertmanager_url)}
+                 "alerts": alerts}
     console = Blueprint("console", __name__, url_prefix=PREFIX, template_folder="templates",
                         static_folder="static")
     paths.add(PREFIX)
@@ -216,6 +219,7 @@ def _why_not(name: str) -> str:
     if name in ("usage", "capacity"):
         return "This page answers from Prometheus: set prometheus_url."
     if name == "alerts":
-        return "This page needs the alert API: set alertmanager_url (docs/alerts.md)."
+        return ("This page is the alert API's, which the exporter service (api-token-exporter serve) "
+                "runs with alertmanager_url set: open its console.")
     return "There is no such page."
 
