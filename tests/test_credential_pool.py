@@ -129,9 +129,12 @@ def test_sticks_to_the_current_one_and_rotates_under_the_threshold(caplog):
     assert sample_total(text, "apitoken_upstream_rotations_total", credential="gh-0", reason="threshold") == 1
     assert sample_total(text, "apitoken_upstream_selections_total", credential="gh-0") == 3
     assert "rotating from gh-0 to gh-1 (threshold)" in caplog.text
-    # every credential under the threshold: the one with most left still serves
+    # every credential under the threshold: the current one serves until it is out, then the next
     pool.observe(pool.by_id["gh-1"], 200, gh(50), ("core",), now=NOW)
+    assert pool.acquire(("core",), now=NOW).id == "gh-1"
+    pool.observe(pool.by_id["gh-1"], 200, gh(0), ("core",), now=NOW)
     assert pool.acquire(("core",), now=NOW).id == "gh-0"
+    assert sample_total(m.store.render().decode(), "apitoken_upstream_rotations_total", reason="threshold") == 1
 
 
 def test_rate_limited_until_retry_after_then_back():

@@ -135,6 +135,7 @@ def cmd_demo(args) -> int:
              prometheus_port=None if args.no_prometheus else args.prometheus_port,
              alertmanager_port=None if args.no_alertmanager else args.alertmanager_port,
              sink_port=args.sink_port, scrape_interval=args.scrape_interval, keep_data=args.keep_data,
+             proxy_port=None if args.no_proxy else args.proxy_port,
              backfill_days=0 if args.no_backfill else args.backfill_days)
     return 0
 
@@ -476,6 +477,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-alertmanager", action="store_true")
     demo.add_argument("--sink-port", type=int, default=8025, help="webhook/Slack/mail sink page")
     demo.add_argument("--scrape-interval", default="5s")
+    demo.add_argument("--proxy-port", type=int, default=8088,
+                      help="the proxy with a pool of upstream tokens, in front of a fake GitHub")
+    demo.add_argument("--no-proxy", action="store_true")
     demo.set_defaults(func=cmd_demo)
 
     for name, help_text, out, func in (

@@ -419,17 +419,22 @@ class CredentialPool:
         """The credential for a request that needs ``resources``, or None when none can take it.
         Counts the selection, and a rotation when it moves away from the current one."""
         now = self.clock() if now is None else now
+        reason = None
         with self._lock:
             current = self._current.get(resources)
-            if current is not None and current.id not in exclude and \
-                    self._blocked_until(current, resources, now) is None and \
-                    not self._standing(current, resources, now)[0]:
-                chosen, reason = current, None
+            keep = (current is not None and current.id not in exclude
+                    and self._blocked_until(current, resources, now) is None)
+            if keep and not self._standing(current, resources, now)[0]:
+                chosen = current
             else:
                 usable = [c for c in self.credentials
                           if c.id not in exclude and self._blocked_until(c, resources, now) is None]
-                chosen = min(usable, key=lambda c: self._standing(c, resources, now)) if usable else None
-                reason = None
+                standing = {c.id: self._standing(c, resources, now) for c in usable}
+                chosen = min(usable, key=lambda c: standing[c.id]) if usable else None
+                # under the threshold, the current one stays unless another is not: all low,
+                # moving on every request would only spread the last requests thin
+                if keep and (chosen is None or standing[chosen.id][0]):
+                    chosen = current
                 if current is not None and chosen is not None and chosen is not current:
                     reason = self._why_left(current, resources, exclude, now)
                 if chosen is not None:
@@ -702,6 +707,11 @@ class CredentialPool:
         self._thread = threading.Thread(target=run, name="upstream-pool", daemon=True)
         self._thread.start()
 
+    def restart(self, fetch=None) -> None:
+        """start() in a process that may have inherited a stopped copy (a fork)."""
+        self._stop, self._thread = threading.Event(), None
+        self.start(fetch)
+
     def stop(self) -> None:
         self._stop.set()
         if self._thread is not None:
@@ -807,7 +817,8 @@ class CredentialPool:
         counts = dict.fromkeys(UPSTREAM_STATUSES, 0)
         with self._lock:
             own = {c.id: self._status(c, now) for c in self.credentials}
-            current = next(iter(self._current.values()), None)
+            primary = ul.resources_for(self.config.provider, "GET", "/", self.config.rate_limit_headers)
+            current = self._current.get(primary) or next(iter(self._current.values()), None)
             recent = list(self._recent)
         per_account: Dict[str, Optional[int]] = {}
         limits: List[int] = []

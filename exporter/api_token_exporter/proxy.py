@@ -19,6 +19,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
+import threading
 import urllib.parse
 from http import HTTPStatus
 from typing import Dict, List, Optional, Tuple
@@ -329,11 +331,23 @@ class ProxyApp:
                                                      POOL_PATHS[1]: lambda: self.pool.stats()})
         self.pool = CredentialPool(pool_config, metrics=self.analytics.metrics)
         self.upstream.bind(self.pool, self.analytics)
-        self.pool.start(fetch=self.upstream.fetch_rate_limit)
         self._app = _BearerKey(self.analytics, "HTTP_" + settings.header_name.upper().replace("-", "_"))
+        self._pid = None
+        self._lock = threading.Lock()
 
     def __call__(self, environ, start_response):
+        if self._pid != os.getpid():
+            self._begin()
         return self._app(environ, start_response)
+
+    def _begin(self) -> None:
+        """The pool's upkeep thread starts with the first request of each process: a server
+        that loads the app before forking (gunicorn --preload) gets one in every worker and
+        none in its master, which never calls the upstream."""
+        with self._lock:
+            if self._pid != os.getpid():
+                self.pool.restart(fetch=self.upstream.fetch_rate_limit)
+                self._pid = os.getpid()
 
     def close(self) -> None:
         self.pool.stop()
