@@ -424,3 +424,18 @@ def test_gunicorn_workers_share_what_they_learn_through_the_state_dir(keys, tmp_
     with socket.socket() as s:
         assert s.connect_ex(("127.0.0.1", port)) != 0
     _ = stop_process
+
+
+def test_the_cli_names_a_bad_pool_entry_and_never_its_secret(tmp_path, capsys, monkeypatch):
+    from api_token_exporter import cli
+    monkeypatch.setenv("GH_X", GH[0])
+    pool = tmp_path / "pool.yml"
+    pool.write_text(yaml.safe_dump({"upstream": "https://api.github.com", "provider": "github",
+                                    "credentials": [{"id": "ok", "secret_env": "GH_X"},
+                                                    {"id": "dup", "secret_env": "GH_X"}]}))
+    monkeypatch.setenv("ATE_UPSTREAM_POOL_FILE", "")         # the command sets it: restored after the test
+    assert cli.main(["proxy", "--pool", str(pool)]) == 2
+    err = capsys.readouterr().err
+    assert "credentials[1]: same secret as ok" in err and GH[0] not in err and GH[0][4:20] not in err
+    monkeypatch.delenv("ATE_UPSTREAM_POOL_FILE")
+    assert cli.main(["proxy"]) == 2 and "needs a pool file" in capsys.readouterr().err
