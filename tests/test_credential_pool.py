@@ -162,6 +162,14 @@ def test_remaining_zero_is_rate_limited_until_the_reset_and_403_with_headers_too
     assert pool.acquire(("core",), now=NOW + 61).id == "gh-0"
 
 
+def test_spent_without_a_reset_is_tried_again_after_default_retry_after():
+    pool, _ = make_pool(1, provider="generic", default_retry_after="45s")
+    cred = pool.credentials[0]
+    pool.observe(cred, 200, {"x-ratelimit-limit": "10", "x-ratelimit-remaining": "0"}, ("default",), now=NOW)
+    assert pool.acquire(("default",), now=NOW + 44) is None
+    assert pool.acquire(("default",), now=NOW + 45).id == "gh-0"
+
+
 def test_invalid_on_401_and_403_without_headers_but_not_on_a_403_for_permissions():
     pool, m = make_pool(3)
     _, verdict = use(pool, "gh-0", code=401, headers={"x-ratelimit-limit": "60", "x-ratelimit-remaining": "59"})

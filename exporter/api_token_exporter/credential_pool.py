@@ -484,6 +484,10 @@ class CredentialPool:
             for resource, lim in list(obs.limits.items()):
                 if resource not in account.limits and len(account.limits) >= ul.MAX_RESOURCES:
                     continue
+                if lim.reset_at is None and lim.remaining is not None and lim.remaining <= 0:
+                    # spent with no reset said: try again later, not never
+                    lim = obs.limits[resource] = ul.Limit(lim.limit, lim.remaining,
+                                                          now + self.config.default_retry_after, lim.used)
                 account.limits[resource] = lim
                 account.stamps[resource] = now
                 changed.append(resource)
