@@ -178,6 +178,8 @@ ROUTES = [
     ({"alertname": "ApiTokenExporterDown", "severity": "critical", "instance": "x:1"}, "history,critical"),
     ({"alertname": "ApiTokenBudgetHigh", "severity": "warning", "token": "f", "period": "daily"}, "history,warning"),
     ({"alertname": "ApiTokenBudgetExhausted", "severity": "critical", "token": "f", "period": "monthly"}, "history,critical"),
+    ({"alertname": "ApiTokenUpstreamPoolExhausted", "severity": "critical", "provider": "github"}, "history,critical"),
+    ({"alertname": "ApiTokenUpstreamCredentialInvalid", "severity": "warning", "credential": "gh-1"}, "history,warning"),
     ({"alertname": "Watchdog", "severity": "none"}, "watchdog"),
     ({"alertname": "SomethingElse", "severity": "info"}, "history,webhook"),
 ]
@@ -186,7 +188,7 @@ ROUTES = [
 def test_amtool_check_config():
     result = run(require_binary("amtool"), "check-config", AM_CONFIG)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "1 templates" in result.stdout and "4 inhibit rules" in result.stdout
+    assert "1 templates" in result.stdout and "5 inhibit rules" in result.stdout
 
 
 @pytest.mark.parametrize("labels,receiver", ROUTES, ids=[l["alertname"] + "-" + l["severity"] for l, _ in ROUTES])

@@ -110,8 +110,9 @@ def validate(t: dict) -> None:
         if window not in ("hour", "day"):
             raise ThresholdError(f"thresholds: rate_limit.exhaustion.{window}: hour or day only")
         seconds(spec["range"]), seconds(spec["horizon"])
-    from . import anomaly_rules
+    from . import anomaly_rules, upstream_rules
     anomaly_rules.validate(t)
+    upstream_rules.validate(t)
 
 
 def _q(value: float) -> str:
@@ -512,9 +513,9 @@ _Dumper.add_representer(str, _str_presenter)
 def render(t: dict) -> Dict[str, str]:
     def dump(groups):
         return HEADER + yaml.dump({"groups": groups}, Dumper=_Dumper, sort_keys=False, width=1000)
-    from . import anomaly_rules
-    return {"apitoken-recording.yml": dump(recording_rules(t)),
-            "apitoken-alerts.yml": dump(alert_rules(t) + key_lifecycle_rules(t)),
+    from . import anomaly_rules, upstream_rules
+    return {"apitoken-recording.yml": dump(recording_rules(t) + upstream_rules.recording_rules(t)),
+            "apitoken-alerts.yml": dump(alert_rules(t) + upstream_rules.alert_rules(t, _alert) + key_lifecycle_rules(t)),
             "apitoken-anomalies.yml": dump(anomaly_rules.recording_rules(t) + [
                 {"name": "apitoken.anomaly.alerts", "rules": anomaly_rules.alert_rules(t, _alert)}])}
 
