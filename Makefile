@@ -30,6 +30,7 @@ bench:
 	$(VPY) benchmarks/bench_load.py
 	$(VPY) benchmarks/bench_import.py
 	$(VPY) benchmarks/bench_geo.py
+	$(VPY) benchmarks/bench_proxy.py
 
 dashboards:
 	api-token-exporter dashboards

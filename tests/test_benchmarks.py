@@ -53,6 +53,13 @@ def test_import_benchmark_imports_every_row():
     assert "| whole import (+ OpenMetrics text, promtool blocks) |" in out and "2,000 rows" in out
 
 
+def test_proxy_benchmark_compares_three_ways_and_reconciles():
+    out = run("bench_proxy.py", "--requests", "40", "--rounds", "1", "--streams", "2", "--clients", "4")
+    for name in ("upstream, direct", "pass-through proxy with requests", "api-token-exporter proxy"):
+        assert f"| {name} |" in out
+    assert out.count("{200: 80}") == 3 and "counted on /metrics (all)" in out
+
+
 def test_geo_benchmark_measures_every_path():
     out = run("bench_geo.py", "--lookups", "2000", "--rounds", "1", "--networks", "200")
     assert "100% of them in the MaxMind DB" in out

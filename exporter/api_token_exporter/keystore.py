@@ -434,12 +434,16 @@ def _now() -> dt.datetime:
 
 
 def update_key(path: str, token_id: str, **changes) -> ApiKey:
-    """Change fields of one key (None: unchanged) and stamp updated_at."""
+    """Change fields of one key (None: unchanged; ``expires_at`` "" removes the expiry) and stamp
+    updated_at."""
     keys = load_keys(path)
     for key in keys:
         if key.id == token_id:
             for name, value in changes.items():
-                if value is not None:
+                if name == "expires_at" and value is not None:
+                    value = _parse_time(value) if value != "" else None
+                    setattr(key, name, value)
+                elif value is not None:
                     setattr(key, name, value)
             key.updated_at = _now()
             ApiKey.from_dict(key.to_dict(), "updated key")          # still a valid entry

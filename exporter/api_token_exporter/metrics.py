@@ -143,6 +143,43 @@ def catalogue() -> Tuple[Family, ...]:
                "alert name.", ("alertname", "verdict")),
         Family(DROPPED_SERIES, "counter",
                "Series not stored because the metric store was full (store_capacity).", ()),
+    ) + upstream_catalogue()
+
+
+UPSTREAM_STATUSES = ("active", "rate_limited", "invalid", "cooling_down")
+
+
+def upstream_catalogue() -> Tuple[Family, ...]:
+    """The proxy's upstream credential pool (credential_pool.py): a credential is its configured
+    id (or a hash prefix), never its secret."""
+    cp = ("credential", "provider")
+    return (
+        Family("apitoken_upstream_requests_total", "counter",
+               "Requests the proxy sent upstream, by credential and the upstream's status code "
+               "(error: no answer).", cp + ("code",)),
+        Family("apitoken_upstream_selections_total", "counter",
+               "Times the pool chose a credential for a request (a retry chooses again).", cp),
+        Family("apitoken_upstream_rotations_total", "counter",
+               "Times the pool moved away from a credential, by reason: threshold, rate_limited, "
+               "invalid, cooling_down.", cp + ("reason",)),
+        Family("apitoken_upstream_exhausted_total", "counter",
+               "Requests refused because no credential of the pool could take them, by the pool's provider.",
+               ("provider",)),
+        Family("apitoken_upstream_rate_limit_limit", "gauge_recent",
+               "The upstream's limit of a credential per resource, from its response headers.",
+               cp + ("resource",)),
+        Family("apitoken_upstream_rate_limit_remaining", "gauge_recent",
+               "What the upstream says is left of the credential's limit.", cp + ("resource",)),
+        Family("apitoken_upstream_rate_limit_reset_timestamp_seconds", "gauge_recent",
+               "Unix time at which the upstream resets the credential's limit.", cp + ("resource",)),
+        Family("apitoken_upstream_credential_status", "gauge_recent",
+               "One-hot status of each upstream credential: active, rate_limited, invalid, cooling_down.",
+               cp + ("status",)),
+        Family("apitoken_upstream_credential_info", "gauge_recent",
+               "Upstream credentials of the pool (value 1); credentials of one account share its quota.",
+               cp + ("account",)),
+        Family("apitoken_upstream_credential_last_used_timestamp_seconds", "gauge_max",
+               "Unix time the credential was last sent upstream.", cp),
     )
 
 
@@ -186,7 +223,8 @@ class Metrics:
          self.rl_remaining, self.rl_reset, self.storage_errors,
          self.last_used, self.llm_tokens, self.llm_requests, self.llm_cost, self.llm_unpriced,
          self.overflow, self.ingest_events, self.key_file_errors, self.old_secret, self.alert_feedback,
-         _dropped) = families
+         _dropped, *upstream) = families
+        self.upstream = {f.name: f for f in upstream}       # recorded by credential_pool.py
         self.store = Store(families, directory, capacity or DEFAULT_CAPACITY)
         self._window_slots = {}
         self._request_slots = {}

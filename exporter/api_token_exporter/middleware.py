@@ -212,7 +212,7 @@ class _Capture:
 class TokenAnalytics:
     def __init__(self, app=None, *, settings: Optional[Settings] = None,
                  config_file: Optional[str] = None, routes: Optional[List[str]] = None,
-                 keystore: Optional[KeyStore] = None, **overrides):
+                 keystore: Optional[KeyStore] = None, admin_views=None, **overrides):
         self.settings = settings or load_settings(config_file, **overrides)
         s = self.settings
         core = self.core = UsageCore(s, keystore)
@@ -230,7 +230,7 @@ class TokenAnalytics:
         # on an API's own port, metrics (token names, tenants) are for Prometheus only
         self.endpoints, self._internal_paths, self._internal_prefixes = build_endpoints(
             self.core, serve_metrics=s.metrics_port is None, health=app is None,
-            anonymous_metrics=app is None or s.metrics_public)
+            anonymous_metrics=app is None or s.metrics_public, admin_views=admin_views)
         self.app = None
         if app is not None:
             if hasattr(app, "url_map") and hasattr(app, "wsgi_app"):
@@ -374,13 +374,19 @@ class TokenAnalytics:
             self._capture_llm(call.llm_token, call.headers, capture.body())
 
     def _capture_llm(self, token_id: str, headers, body: bytes) -> None:
-        content_type = model_hint = ""
+        content_type = model_hint = encoding = ""
         for name, value in headers:
             lname = name.lower()
             if lname == "content-type":
                 content_type = value
             elif lname == "x-llm-model":
                 model_hint = value
+            elif lname == "content-encoding":
+                encoding = value.strip().lower()
+        if encoding in ("gzip", "x-gzip", "deflate"):       # a proxied upstream's compressed answer
+            body = _decompressed(body, encoding, self.settings.capture_max_bytes)
+            if body is None:
+                return
         self.core.capture_llm(token_id, content_type, body, model_hint)
 
     def _record(self, environ, key: Optional[ApiKey], code: int, started: float) -> None:
@@ -395,6 +401,24 @@ class TokenAnalytics:
 
     def count_llm(self, token: str, usage: LLMUsage) -> LLMUsage:
         return self.core.count_llm(token, usage)
+
+
+def _decompressed(body: bytes, encoding: str, limit: int) -> Optional[bytes]:
+    """At most ``limit`` bytes of a gzip or deflate body; None if it is broken or larger."""
+    import zlib
+    wbits = 47 if encoding != "deflate" else 15          # gzip or zlib header; deflate as zlib
+    try:
+        d = zlib.decompressobj(wbits)
+        out = d.decompress(body, limit + 1)
+    except zlib.error:
+        if encoding != "deflate":
+            return None
+        try:                                              # raw deflate, as some servers send it
+            d = zlib.decompressobj(-15)
+            out = d.decompress(body, limit + 1)
+        except zlib.error:
+            return None
+    return out if len(out) <= limit else None
 
 
 def metrics_open_without_credentials(settings: Settings, addr: str) -> bool:
