@@ -116,9 +116,9 @@ class Sessions:
         label = f"tenant {key.tenant} ({key.name or key.id})" if key.tenant else f"key {key.name or key.id}"
         return Principal("tenant", tuple(self.keystore.visible_to(key)), label, f"key:{key.id}", data["c"])
 
-    def from_request(self, csrf: bool = True) -> Optional[Principal]:
-        """The session of a same-origin request (with its CSRF token in the X-CSRF-Token header
-        when ``csrf``); None without a session cookie; SessionRefused for a bad one."""
+    def from_request(self) -> Optional[Principal]:
+        """The session of a same-origin request with its CSRF token in the X-CSRF-Token header;
+        None without a session cookie; SessionRefused for a bad one."""
         value = request.cookies.get(COOKIE)
         if value is None:
             return None
@@ -128,7 +128,7 @@ class Sessions:
                                       f"again at {PREFIX}/")
         if request.headers.get("Sec-Fetch-Site", "same-origin") not in ("same-origin", "none"):
             raise SessionRefused(403, "The console session is for requests from its own pages only")
-        if csrf and not hmac.compare_digest((request.headers.get(CSRF_HEADER) or "").encode("utf-8"),
+        if not hmac.compare_digest((request.headers.get(CSRF_HEADER) or "").encode("utf-8"),
                                             principal.csrf.encode("utf-8")):
             raise SessionRefused(403, f"Missing or wrong {CSRF_HEADER} header for this console session")
         return principal
