@@ -919,3 +919,31 @@ def test_email_over_tls_with_a_login(tls_smtp, mode):
     [refused] = digest_channels.deliver(sample_digest(), wrong, ["email"])
     assert not refused.ok and "535" in refused.detail and "SECRET" not in str(refused)
     assert len(received) == 1
+
+
+@pytest.mark.integration
+def test_the_schedule_logs_failures_without_secrets(world, tmp_path, caplog):
+    import logging
+    from api_token_exporter.keystore import KeyStore
+    caplog.set_level(logging.DEBUG)
+    echo = echo_server()
+    try:
+        config, _ = channel_config(
+            world, tmp_path, "scheduled-failing", digest_schedule="daily", digest_time="00:00",
+            state_dir=str(tmp_path / "state"),
+            secrets={"slack": f"http://127.0.0.1:{free_port()}/services/T0/B0/SLACKSECRETSLACKSECRET",
+                     "discord": f"http://127.0.0.1:{echo.server_port}/api/webhooks/99/DISCORDSECRETDISCORDSECRET"})
+        sched = digest_schedule.DigestScheduler(load_settings(config, environ={}), KeyStore(world["keys_file"]))
+        assert sched.run_once() == {"overall": ["email", "webhook"]}
+        state = json.loads((tmp_path / "state" / "digest-state.json").read_text())
+        entries = next(iter(state["periods"].values()))["overall"]
+        assert entries["slack"]["attempts"] == 1 and entries["discord"]["attempts"] == 1
+        assert "to slack failed (attempt 1 of 5): cannot reach 127.0.0.1" in caplog.text
+        assert "to discord failed (attempt 1 of 5): 127.0.0.1 answered HTTP 404" in caplog.text
+        # every log line of this process, third-party clients' too, but the test's own receivers'
+        ours = "\n".join(r.getMessage() for r in caplog.records if r.name not in ("werkzeug", "mail.log"))
+        assert "failed (attempt 1 of 5)" in ours
+        for secret in ("SLACKSECRETSLACKSECRET", "DISCORDSECRETDISCORDSECRET", "WEBHOOKTOKENSECRET", "/api/webhooks/99"):
+            assert secret not in ours and secret not in json.dumps(state), secret
+    finally:
+        echo.shutdown()

@@ -13,11 +13,14 @@ from __future__ import annotations
 import datetime as dt
 import html
 import ipaddress
+import json
 import re
 import smtplib
 import socket
 import ssl
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from email.message import EmailMessage
 from email.utils import format_datetime, make_msgid
@@ -340,43 +343,56 @@ class Delivery:
         return f"{self.channel}: {'sent' if self.ok else 'FAILED'}" + (f" ({self.detail})" if self.detail else "")
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):      # a webhook that moved answers 3xx: say so
+        return None
+
+
 def post_json(url: str, payload: dict, token: Optional[str] = None, attempts: int = 2,
               sleep: Callable[[float], None] = time.sleep) -> str:
     """POST ``payload``; '' when the receiver accepted it (2xx), else why not, without the URL.
-    A 429 or 5xx, or no connection, is tried once more after Retry-After (at most 10 s)."""
-    import requests
-    headers = {"User-Agent": USER_AGENT}
+    A 429 or 5xx, or no connection, is tried once more after Retry-After (at most 10 s).
+    The standard library's client: it logs no request line (a webhook URL is a credential)."""
+    headers = {"User-Agent": USER_AGENT, "Content-Type": "application/json"}
     if token:
         headers["Authorization"] = f"Bearer {token}"
+    data = json.dumps(payload).encode("utf-8")
     host = urlsplit(url).hostname or "?"
+    opener = urllib.request.build_opener(_NoRedirect)
     problem = ""
     for attempt in range(attempts):
+        status, body, retry_after = None, "", None
         try:
-            response = requests.post(url, json=payload, headers=headers, timeout=HTTP_TIMEOUT, allow_redirects=False)
-        except requests.RequestException as exc:
-            problem = f"cannot reach {host} ({type(exc).__name__})"
-        else:
-            if 200 <= response.status_code < 300:
+            with opener.open(urllib.request.Request(url, data=data, headers=headers, method="POST"),
+                             timeout=HTTP_TIMEOUT) as response:
+                status = response.status
+        except urllib.error.HTTPError as exc:
+            status, retry_after = exc.code, exc.headers.get("Retry-After") if exc.headers else None
+            try:
+                body = exc.read(2000).decode("utf-8", "replace")
+            except OSError:
+                body = ""
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", exc)
+            problem = f"cannot reach {host} ({type(reason).__name__})"
+        if status is not None:
+            if 200 <= status < 300:
                 return ""
-            body = scrub(re.sub(r"\s+", " ", response.text or ""), None, [url] + ([token] if token else []))[:200]
-            problem = f"{host} answered HTTP {response.status_code}" + (f": {body}" if body else "")
-            if response.status_code != 429 and response.status_code < 500:
+            body = scrub(re.sub(r"\s+", " ", body), None, [url] + ([token] if token else []))[:200]
+            problem = f"{host} answered HTTP {status}" + (f": {body}" if body else "")
+            if status != 429 and status < 500:
                 return problem
-            if attempt + 1 < attempts:
-                try:
-                    wait = float(response.headers.get("Retry-After") or 1)
-                except ValueError:
-                    wait = 1.0
-                sleep(min(max(wait, 0.0), 10.0))
-                continue
         if attempt + 1 < attempts:
-            sleep(1.0)
+            try:
+                wait = float(retry_after) if retry_after else 1.0
+            except ValueError:
+                wait = 1.0
+            sleep(min(max(wait, 0.0), 10.0))
     return problem
 
 
 def render(d: dict, fmt: str, settings=None) -> str:
     """The digest as one channel would carry it (for --dry-run and --format)."""
-    import json
     if fmt == "json":
         return json.dumps(d, indent=2) + "\n"
     if fmt == "slack":
