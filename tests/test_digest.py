@@ -55,6 +55,45 @@ def check_discord(payload: dict) -> None:
     assert discord_total(payload) <= 6000
 
 
+def test_the_schemas_are_valid_json_schemas():
+    for validator in (SLACK, DISCORD):
+        Draft202012Validator.check_schema(validator.schema)
+
+
+def test_alerts_of_the_period_from_the_alert_history(tmp_path):
+    from api_token_exporter.alert_store import AlertHistory
+    from api_token_exporter.alertmanager import fingerprint
+    history = AlertHistory(f"sqlite:///{tmp_path / 'alerts.db'}")
+    day = ts("2026-03-03T00:00:00")
+
+    def fire(labels, start, end):
+        labels = {"severity": "warning", **labels}
+        history.record(fingerprint(labels), labels, {}, start, end, "webhook")
+    fire({"alertname": "ApiTokenTrafficAnomaly", "token": "acme-web", "anomaly": "traffic"}, day + 3600, day + 7200)
+    fire({"alertname": "ApiTokenTrafficAnomaly", "token": "acme-web", "anomaly": "traffic"}, day + 9000, day + 9600)
+    fire({"alertname": "ApiTokenHighErrorRate", "token": "globex-bot", "severity": "critical"}, day - 600, None)
+    fire({"alertname": "ApiTokenUsageSpike", "token": "acme-web"}, day - 7200, day - 3600)          # the day before
+    fire({"alertname": "ApiTokenExporterDown", "severity": "critical"}, day + 100, day + 200)         # no token
+    period = digest.Period("day", day, day + DAY)
+    overall = digest.alerts_section(digest.HistoryAlerts(history), digest.Audience(None, analytics.Scope()), period, 5)
+    assert overall["source"] == "history" and overall["total"] == 4 and overall["anomalies"] == 2
+    assert overall["bySeverity"] == {"critical": 2, "warning": 2}
+    assert [(g["alertname"], g["count"], g["tokens"]) for g in overall["byName"]] == [
+        ("ApiTokenExporterDown", 1, []), ("ApiTokenHighErrorRate", 1, ["globex-bot"]),
+        ("ApiTokenTrafficAnomaly", 2, ["acme-web"])]
+    acme = digest.alerts_section(digest.HistoryAlerts(history), digest.Audience("acme", analytics.Scope(["acme-web"])),
+                                 period, 5)
+    assert [g["alertname"] for g in acme["byName"]] == ["ApiTokenTrafficAnomaly"] and acme["total"] == 2
+
+    class Broken:
+        name = "history"
+
+        def episodes(self, start, end):
+            raise OSError("database is locked")
+    broken = digest.alerts_section(Broken(), digest.Audience(None, analytics.Scope()), period, 5)
+    assert broken["total"] == 0 and "could not be read" in broken["error"]
+
+
 # -- comparison math -------------------------------------------------------------------------------
 def test_change_from_nothing_has_no_percent():
     assert analytics.change(5, 0) == {"current": 5, "previous": 0, "change": 5, "changePercent": None}
