@@ -23,12 +23,14 @@ demo:
 
 bench:
 	$(VPY) benchmarks/bench_middleware.py --rounds 21
+	$(VPY) benchmarks/bench_asgi.py --rounds 21
 	$(VPY) benchmarks/bench_instructions.py
 	$(VPY) benchmarks/bench_scrape.py
 	$(VPY) benchmarks/bench_ratelimit.py
 	$(VPY) benchmarks/bench_load.py
 	$(VPY) benchmarks/bench_import.py
 	$(VPY) benchmarks/bench_geo.py
+	$(VPY) benchmarks/bench_proxy.py
 
 dashboards:
 	api-token-exporter dashboards

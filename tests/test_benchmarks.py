@@ -25,6 +25,13 @@ def test_middleware_benchmark_compares_the_four_variants():
         assert f"| {name} |" in out
 
 
+def test_asgi_benchmark_compares_the_four_variants():
+    out = run("bench_asgi.py", "--requests", "50", "--rounds", "1")
+    for name in ("bare FastAPI", "prometheus-fastapi-instrumentator", "api-token-exporter (full)",
+                 "api-token-exporter (observe-only)"):
+        assert f"| {name} |" in out
+
+
 def test_scrape_benchmark_checks_identical_output_first():
     out = run("bench_scrape.py", "--tokens", "50", "--repeat", "1")
     assert "| 50 | 1,978 |" in out         # 39 series per token plus 28 fixed ones
@@ -44,6 +51,13 @@ def test_load_benchmark_reconciles_exactly():
 def test_import_benchmark_imports_every_row():
     out = run("bench_import.py", "--rows", "2000", "--days", "2")
     assert "| whole import (+ OpenMetrics text, promtool blocks) |" in out and "2,000 rows" in out
+
+
+def test_proxy_benchmark_compares_three_ways_and_reconciles():
+    out = run("bench_proxy.py", "--requests", "40", "--rounds", "1", "--streams", "2", "--clients", "4")
+    for name in ("upstream, direct", "pass-through proxy with requests", "api-token-exporter proxy"):
+        assert f"| {name} |" in out
+    assert out.count("{200: 80}") == 3 and "counted on /metrics (all)" in out
 
 
 def test_geo_benchmark_measures_every_path():

@@ -43,12 +43,12 @@ class APIClient:
 def demo(tmp_path_factory):
     # no history: at --speed 4 the live traffic is four times the history's, a spike by definition
     data_dir = tmp_path_factory.mktemp("demo")
-    port, exporter_port, prom_port, am_port, sink_port = (free_port() for _ in range(5))
+    port, exporter_port, prom_port, am_port, sink_port, proxy_port = (free_port() for _ in range(6))
     proc = subprocess.Popen(
         [sys.executable, "-m", "api_token_exporter.cli", "demo", "--port", str(port),
          "--exporter-port", str(exporter_port), "--data-dir", str(data_dir), "--duration", "300", "--no-backfill",
          "--speed", "4", "--prometheus-port", str(prom_port), "--alertmanager-port", str(am_port),
-         "--sink-port", str(sink_port), "--scrape-interval", "1s"],
+         "--sink-port", str(sink_port), "--scrape-interval", "1s", "--proxy-port", str(proxy_port)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env=dict(os.environ, PYTHONUNBUFFERED="1"))
     try:
@@ -62,11 +62,11 @@ def demo(tmp_path_factory):
         yield {"url": f"http://127.0.0.1:{port}", "exporter": f"http://127.0.0.1:{exporter_port}",
                "key": key, "data_dir": data_dir, "output": "".join(lines),
                "prometheus": f"http://127.0.0.1:{prom_port}", "alertmanager": f"http://127.0.0.1:{am_port}",
-               "sink": f"http://127.0.0.1:{sink_port}"}
+               "sink": f"http://127.0.0.1:{sink_port}", "proxy": f"http://127.0.0.1:{proxy_port}"}
     finally:
         stop_process(proc)      # SIGTERM, as a supervisor would send
     # the demo stops what it started: nothing listens on its ports any more
-    for p in (prom_port, am_port, port, exporter_port):
+    for p in (prom_port, am_port, port, exporter_port, proxy_port):
         with socket.socket() as s:
             assert s.connect_ex(("127.0.0.1", p)) != 0, f"port {p} still open after the demo stopped"
 

@@ -37,7 +37,7 @@ def test_every_setting_is_documented():
 
 
 def test_series_budget_per_token_is_as_documented(keys):
-    """docs/metrics.md: 43 + R*M*C per token with three windows and no LLM use."""
+    """docs/metrics.md: 44 + R*M*C per token with three windows, no LLM use, no expiry or rotation."""
     client = build_app(keys[0]).test_client()
     before = client.get("/metrics").get_data(as_text=True)
     client.get("/items", headers={"X-API-Key": keys[1]["alpha"]})
@@ -47,10 +47,10 @@ def test_series_budget_per_token_is_as_documented(keys):
         return [l for l in text.splitlines() if not l.startswith("#") and f'token="{token}"' in l]
 
     added = len(token_series(after, "alpha")) - len(token_series(before, "alpha"))
-    # info, status and status-class lines exist for every configured key from the start
-    assert len(token_series(before, "alpha")) == 11
-    assert len(token_series(after, "alpha")) == 44
-    assert "43 + R·M·C + 4·L + B" in CATALOGUE and added == 33
+    # info, status, status-class and created-time lines exist for every configured key from the start
+    assert len(token_series(before, "alpha")) == 12
+    assert len(token_series(after, "alpha")) == 45
+    assert "44 + R·M·C + 4·L + B + K" in CATALOGUE and added == 33
 
 
 def test_overflow_label_is_shared_across_families():

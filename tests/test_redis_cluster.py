@@ -155,6 +155,28 @@ def test_three_instances_behind_round_robin_hold_the_minute_limit_exactly(cluste
             server.shutdown()
 
 
+def test_the_asyncio_client_shares_the_cluster_counts(cluster):
+    """The ASGI middleware's path (redis.asyncio's cluster client, the same script and keys)
+    and the sync one charge the same windows, on every primary."""
+    import asyncio
+    sync, other = RateLimiter(cluster.uri, timeout=1.0), RateLimiter(cluster.uri, timeout=1.0)
+    tokens = [f"async{i}" for i in range(24)]
+    assert len({cluster.primary_of(f"ate:rl:{{{t}}}:minute") for t in tokens}) == 3
+    plan = sync.plan({"minute": 5, "hour": 8})
+
+    async def main():
+        now = time.time()
+        out = []
+        for token in tokens:
+            out.append([(await other.hit_plan_async(token, plan, now)) if i % 2 else sync.hit_plan(token, plan, now)
+                        for i in range(7)])
+        await other.aclose()
+        return out
+    for answers in asyncio.run(main()):
+        assert [d.allowed for d in answers] == [True] * 5 + [False] * 2
+        assert [d.windows[0].remaining for d in answers[:5]] == [4, 3, 2, 1, 0]
+
+
 def test_a_primary_killed_mid_traffic(cluster):       # last: it leaves the cluster one node short
     """While its replica takes over, that primary's tokens get the failure mode (here
     ``closed``: a clear refusal, never a crash); then they are limited again, counting on from

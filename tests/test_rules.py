@@ -79,6 +79,45 @@ def test_a_threshold_change_reaches_the_rule_without_touching_promql():
     assert warning["annotations"]["threshold"] == "1.5s"
 
 
+def test_the_not_rotated_alert_when_it_is_switched_on(tmp_path):
+    """Off by default (not in the committed rules); with key_lifecycle.not_rotated_for it fires
+    that long after the key's creation or last rotation, and not before."""
+    t = rulegen.load_thresholds(THRESHOLDS, {"key_lifecycle": {"not_rotated_for": "2d"}})
+    rulegen.write(t, str(tmp_path / "rules"))
+    series = 'apitoken_key_event_timestamp_seconds{{job="a",instance="b",token="{}",event="{}"}}'
+    status = 'apitoken_token_status{{job="a",instance="b",token="{}",status="active"}}'
+    test = {"rule_files": [str(tmp_path / "rules" / "apitoken-alerts.yml")], "evaluation_interval": "5m",
+            "tests": [{"interval": "5m", "input_series": [
+                {"series": series.format("k-old", "created"), "values": "0x900"},
+                {"series": status.format("k-old"), "values": "1x900"},
+                {"series": series.format("k-rotated", "created"), "values": "0x900"},
+                {"series": series.format("k-rotated", "rotated"), "values": "_x288 86400x612"},   # on day 1
+                {"series": status.format("k-rotated"), "values": "1x900"}],
+                "alert_rule_test": [
+                    {"eval_time": "2d", "alertname": "ApiTokenKeyNotRotated", "exp_alerts": []},
+                    {"eval_time": "2d20m", "alertname": "ApiTokenKeyNotRotated", "exp_alerts": [
+                        {"exp_labels": {"severity": "warning", "token": "k-old"}}]},
+                    {"eval_time": "3d20m", "alertname": "ApiTokenKeyNotRotated", "exp_alerts": [
+                        {"exp_labels": {"severity": "warning", "token": "k-old"}},
+                        {"exp_labels": {"severity": "warning", "token": "k-rotated"}}]}]}]}
+    # exp_annotations must match exactly when given: take the rendered ones for each token
+    rule = next(r for g in rulegen.key_lifecycle_rules(t) for r in g["rules"] if r["alert"] == "ApiTokenKeyNotRotated")
+    assert "(keys rotate --grace 24h)" in rule["annotations"]["description"]
+    for case in test["tests"][0]["alert_rule_test"]:
+        for alert in case["exp_alerts"]:
+            age = {"2d20m": {"k-old": "2d 0h 20m 0s"}, "3d20m": {"k-old": "3d 0h 20m 0s", "k-rotated": "2d 0h 20m 0s"}}[
+                case["eval_time"]][alert["exp_labels"]["token"]]
+            alert["exp_annotations"] = {
+                "summary": f"API key {alert['exp_labels']['token']} has not been rotated for 2d",
+                "description": rule["annotations"]["description"].replace("{{ $labels.token }}", alert["exp_labels"]["token"])
+                .replace("{{ $value | humanizeDuration }}", age),
+                "runbook_url": rule["annotations"]["runbook_url"], "threshold": "not rotated 2d"}
+    path = tmp_path / "not_rotated_test.yml"
+    path.write_text(yaml.safe_dump(test))
+    result = run(require_binary("promtool"), "test", "rules", str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 @pytest.mark.parametrize("override,message", [
     ({"latency": {"warning": 3.0}}, "latency.warning must be below latency.critical"),
     ({"error_rate": {"for": "five minutes"}}, "error_rate.for must be a duration"),
@@ -139,6 +178,8 @@ ROUTES = [
     ({"alertname": "ApiTokenExporterDown", "severity": "critical", "instance": "x:1"}, "history,critical"),
     ({"alertname": "ApiTokenBudgetHigh", "severity": "warning", "token": "f", "period": "daily"}, "history,warning"),
     ({"alertname": "ApiTokenBudgetExhausted", "severity": "critical", "token": "f", "period": "monthly"}, "history,critical"),
+    ({"alertname": "ApiTokenUpstreamPoolExhausted", "severity": "critical", "provider": "github"}, "history,critical"),
+    ({"alertname": "ApiTokenUpstreamCredentialInvalid", "severity": "warning", "credential": "gh-1"}, "history,warning"),
     ({"alertname": "Watchdog", "severity": "none"}, "watchdog"),
     ({"alertname": "SomethingElse", "severity": "info"}, "history,webhook"),
 ]
@@ -147,7 +188,7 @@ ROUTES = [
 def test_amtool_check_config():
     result = run(require_binary("amtool"), "check-config", AM_CONFIG)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "1 templates" in result.stdout and "4 inhibit rules" in result.stdout
+    assert "1 templates" in result.stdout and "5 inhibit rules" in result.stdout
 
 
 @pytest.mark.parametrize("labels,receiver", ROUTES, ids=[l["alertname"] + "-" + l["severity"] for l, _ in ROUTES])

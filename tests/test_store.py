@@ -12,7 +12,7 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families 
 from prometheus_client.parser import text_string_to_metric_families
 
 from api_token_exporter.usage import LLMUsage
-from api_token_exporter.metrics import LATENCY_BUCKETS, STATUS_CLASSES, Metrics, catalogue
+from api_token_exporter.metrics import AUTH_FAILURE_REASONS, LATENCY_BUCKETS, STATUS_CLASSES, Metrics, catalogue
 from api_token_exporter.ratelimit import WindowState
 from conftest import require_binary
 
@@ -35,7 +35,7 @@ def reference_registry():
 def drive(metrics, ref, seed=7, tokens=40):
     """The same random events into our Metrics and into prometheus_client objects."""
     rnd = random.Random(seed)
-    for reason in ("missing", "invalid", "inactive", "expired"):
+    for reason in AUTH_FAILURE_REASONS:
         ref["apitoken_auth_failures_total"].labels(reason)
     for result in ("accepted", "rejected"):
         ref["apitoken_ingest_events_total"].labels(result)

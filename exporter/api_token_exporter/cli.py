@@ -15,33 +15,114 @@ def _window_limits(args) -> dict:
 
 
 def cmd_keys(args) -> int:
-    from .keystore import KeyStoreError, add_key, load_keys, set_active
+    from .keystore import KeyStoreError, add_key, load_keys, rotate_key, set_active, update_key
     try:
         if args.keys_cmd == "add":
             budget = {p: v for p, v in (("daily", args.daily_budget),
                                         ("monthly", args.monthly_budget)) if v is not None}
             raw = add_key(args.file, args.id, name=args.name, tenant=args.tenant,
                           rate_limits=_window_limits(args), budget_usd=budget,
-                          expires_at=args.expires, anomaly_sensitivity=args.anomaly_sensitivity or "")
+                          expires_at=args.expires, anomaly_sensitivity=args.anomaly_sensitivity or "",
+                          description=args.description)
             print(f"added {args.id} to {args.file}", file=sys.stderr)
             print("the key is shown this once; store it now:", file=sys.stderr)
             print(raw)
         elif args.keys_cmd == "list":
             keys = load_keys(args.file) if os.path.exists(args.file) else []
-            rows = [("ID", "NAME", "TENANT", "KEY", "ACTIVE", "EXPIRES", "LIMITS m/h/d")]
+            rows = [("ID", "NAME", "TENANT", "KEY", "ACTIVE", "EXPIRES", "LIMITS m/h/d", "ROTATION")]
             for k in keys:
                 limits = "/".join(str(k.rate_limits.get(w, "-")) for w in ("minute", "hour", "day"))
                 rows.append((k.id, k.name, k.tenant, k.masked or "-", "yes" if k.active else "no",
-                             k.expires_at.isoformat() if k.expires_at else "-", limits))
+                             k.expires_at.isoformat() if k.expires_at else "-", limits, _rotation(k)))
             widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
             for row in rows:
                 print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
         elif args.keys_cmd in ("revoke", "activate"):
             key = set_active(args.file, args.id, args.keys_cmd == "activate")
             print(f"{key.id} is now {'active' if key.active else 'inactive'}")
+        elif args.keys_cmd == "rotate":
+            from .rulegen import ThresholdError, seconds
+            try:
+                grace = seconds(args.grace) if args.grace not in ("0", "0s") else 0
+            except ThresholdError:
+                print(f"error: --grace must be a duration such as 24h, 7d or 0, got {args.grace!r}", file=sys.stderr)
+                return 2
+            raw, key = rotate_key(args.file, args.id, grace)
+            if key.previous is not None:
+                print(f"rotated {key.id}: the old secret {key.previous.masked} works until "
+                      f"{key.previous.valid_until.isoformat()}", file=sys.stderr)
+            else:
+                print(f"rotated {key.id}: the old secret is refused from now on", file=sys.stderr)
+            print("the new key is shown this once; store it now:", file=sys.stderr)
+            print(raw)
+        elif args.keys_cmd == "update":
+            key = update_key(args.file, args.id, name=args.name, tenant=args.tenant, description=args.description,
+                             anomaly_sensitivity=args.anomaly_sensitivity, expires_at=args.expires)
+            print(f"updated {key.id}")
+        elif args.keys_cmd == "show":
+            return _show_key(args)
     except (KeyStoreError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _rotation(key) -> str:
+    if key.previous is None:
+        return "-"
+    if key.previous_valid():
+        return f"old {key.previous.masked} valid until {key.previous.valid_until.isoformat()}"
+    return f"old {key.previous.masked} refused since {key.previous.valid_until.isoformat()}"
+
+
+def _show_key(args) -> int:
+    """One key's details, and its usage from Prometheus when there is one to ask."""
+    from .keystore import load_keys
+    key = next((k for k in (load_keys(args.file) if os.path.exists(args.file) else []) if k.id == args.id), None)
+    if key is None:
+        print(f"error: no key with id {args.id!r} in {args.file}", file=sys.stderr)
+        return 2
+
+    def when(t):
+        return t.isoformat() if t else "-"
+    lines = [("id", key.id), ("name", key.name or "-"), ("tenant", key.tenant or "-"),
+             ("description", key.description or "-"), ("key", key.masked or "-"),
+             ("active", "yes" if key.active else "no"), ("expires", when(key.expires_at)),
+             ("created", when(key.created_at)), ("updated", when(key.updated_at)),
+             ("last rotated", when(key.last_rotated_at)), ("rotation", _rotation(key)),
+             ("limits", ", ".join(f"{w} {n}" for w, n in key.rate_limits.items()) or "the defaults"),
+             ("budget", ", ".join(f"{p} ${v:g}" for p, v in key.budget_usd.items()) or "-")]
+    url = args.prometheus_url or os.environ.get("ATE_PROMETHEUS_URL")
+    if url:
+        import datetime as dt
+        import time as _time
+        from .analytics import PrometheusClient, PrometheusUnavailable
+        client = PrometheusClient(url, 10.0)
+        from .rulegen import exact_increase
+        token = key.id.replace("\\", "\\\\").replace('"', '\\"')
+        requests_of = f'apitoken_requests_total{{token="{token}"}}'
+        queries = (("requests, 24h", f"sum({exact_increase(requests_of, '1d')})"),
+                   ("requests, 30 days", f"sum({exact_increase(requests_of, '30d')})"),
+                   ("last used", f'max(apitoken_token_last_used_timestamp_seconds{{token="{token}"}})'),
+                   ("old secret used, 24h", "sum({})".format(exact_increase(
+                       f'apitoken_key_old_secret_requests_total{{token="{token}"}}', "1d"))))
+        for label, expr in queries:
+            try:
+                result = client.query(expr, _time.time())
+            except PrometheusUnavailable as exc:
+                lines.append(("usage", f"Prometheus unavailable: {exc}"))
+                break
+            value = result[0][1] if result else None
+            if label == "last used":
+                shown = "never" if value is None else dt.datetime.fromtimestamp(value, dt.timezone.utc).isoformat()
+            else:
+                shown = f"{round(value or 0):,}"
+            lines.append((label, shown))
+    else:
+        lines.append(("usage", "give --prometheus-url (or ATE_PROMETHEUS_URL) to see it"))
+    width = max(len(k) for k, _ in lines)
+    for label, value in lines:
+        print(f"{label.ljust(width)}  {value}")
     return 0
 
 
@@ -81,6 +162,35 @@ def cmd_serve(args) -> int:
                         args.workers, args.threads)
 
 
+def cmd_proxy(args) -> int:
+    from .config import ConfigError, load_settings
+    from .credential_pool import load_pool
+    from .server import run_gunicorn
+    env = _settings_env(args)
+    if args.pool:
+        env["ATE_UPSTREAM_POOL_FILE"] = os.path.abspath(args.pool)
+    if args.upstream:
+        env["ATE_UPSTREAM_URL"] = args.upstream
+    os.environ.update(env)
+    try:
+        settings = load_settings()
+        if not settings.upstream_pool_file:
+            raise ConfigError("the proxy needs a pool file: --pool FILE (or upstream_pool_file, ATE_UPSTREAM_POOL_FILE)")
+        pool = load_pool(settings.upstream_pool_file, upstream=settings.upstream_url)   # errors now, named
+        if settings.metrics_port is not None and args.workers > 1:
+            raise ConfigError(f"metrics_port cannot be served by {args.workers} workers; scrape the metrics path "
+                              "on --port instead, or run one worker")
+    except (ConfigError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"api-token-exporter proxy on http://{args.host}:{args.port} -> {pool.upstream} with "
+          f"{len(pool.credentials)} credential(s) ({', '.join(c.id for c in pool.credentials)}); "
+          f"{args.workers} worker(s), {args.threads} thread(s) each", file=sys.stderr, flush=True)
+    # a streamed answer may take as long as the upstream's read timeout between chunks
+    return run_gunicorn("api_token_exporter.proxy:app_from_env()", args.host, args.port, args.workers,
+                        max(2, args.threads), timeout=int(settings.upstream_read_timeout) + 30)
+
+
 def cmd_demo(args) -> int:
     from .config import ConfigError, optional_import
     from . import stack
@@ -106,6 +216,7 @@ def cmd_demo(args) -> int:
              prometheus_port=None if args.no_prometheus else args.prometheus_port,
              alertmanager_port=None if args.no_alertmanager else args.alertmanager_port,
              sink_port=args.sink_port, scrape_interval=args.scrape_interval, keep_data=args.keep_data,
+             proxy_port=None if args.no_proxy else args.proxy_port,
              backfill_days=0 if args.no_backfill else args.backfill_days)
     return 0
 
@@ -295,23 +406,35 @@ def build_parser() -> argparse.ArgumentParser:
     keys = sub.add_parser("keys", help="manage the API key file")
     keys_sub = keys.add_subparsers(dest="keys_cmd", required=True)
     for name, help_text in (("add", "add a key and print its secret once"),
-                            ("list", "list keys (never their secrets)"),
+                            ("list", "list keys (never their secrets) and pending rotations"),
+                            ("show", "one key's details, and its usage from Prometheus"),
+                            ("update", "change a key's name, tenant, description, expiry or sensitivity"),
+                            ("rotate", "give a key a new secret; the old one works through --grace"),
                             ("revoke", "mark a key inactive"),
                             ("activate", "mark a key active again")):
         p = keys_sub.add_parser(name, help=help_text)
         p.add_argument("--file", default=DEFAULT_KEYS_FILE, help="key file (default %(default)s)")
         if name != "list":
             p.add_argument("id", help="the key's id, used as its metric label")
+        if name in ("add", "update"):
+            default = "" if name == "add" else None
+            p.add_argument("--name", default=default)
+            p.add_argument("--tenant", default=default)
+            p.add_argument("--description", default=default, help="what the key is for, who owns it")
+            p.add_argument("--expires", help="ISO 8601 time after which the key is refused"
+                           + ("" if name == "add" else " ('' to remove)"))
+            p.add_argument("--anomaly-sensitivity", choices=("low", "medium", "high"),
+                           help="width of this key's anomaly bands (default: thresholds.yml's)")
         if name == "add":
-            p.add_argument("--name", default="")
-            p.add_argument("--tenant", default="")
-            p.add_argument("--expires", help="ISO 8601 time after which the key is refused")
             for w in ("minute", "hour", "day"):
                 p.add_argument(f"--{w}", type=int, help=f"requests per {w} (overrides the default)")
             p.add_argument("--daily-budget", type=float, help="USD per day")
             p.add_argument("--monthly-budget", type=float, help="USD per month")
-            p.add_argument("--anomaly-sensitivity", choices=("low", "medium", "high"),
-                           help="width of this key's anomaly bands (default: thresholds.yml's)")
+        if name == "rotate":
+            p.add_argument("--grace", default="24h",
+                           help="how long the old secret keeps working (default %(default)s; 0: not at all)")
+        if name == "show":
+            p.add_argument("--prometheus-url", help="where to read its usage ($ATE_PROMETHEUS_URL)")
     keys.set_defaults(func=cmd_keys)
 
     serve = sub.add_parser("serve", help="run the exporter service (/metrics, ingest, admin)")
@@ -324,6 +447,24 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--keys-file")
     serve.add_argument("--storage-uri", help="rate-limit storage: memory:// or redis://host:port/db")
     serve.set_defaults(func=cmd_serve)
+
+    proxy = sub.add_parser("proxy", help="a proxy in front of an upstream API with a pool of upstream credentials",
+                           description="Clients call the upstream through this proxy with their API keys of this "
+                                       "project (auth, rate limits, metrics as the middleware); the proxy sends one "
+                                       "of the pool's upstream credentials instead, moving to the next when one runs "
+                                       "low, and watches each (docs/proxy.md).")
+    proxy.add_argument("--pool", help="the pool file: upstream credentials (upstream_pool_file)")
+    proxy.add_argument("--upstream", help="the upstream's base URL, over the pool file's (upstream_url)")
+    proxy.add_argument("--host", default="127.0.0.1")
+    proxy.add_argument("--port", type=int, default=8088)
+    proxy.add_argument("--workers", type=int, default=2, help="gunicorn worker processes (default 2)")
+    proxy.add_argument("--threads", type=int, default=16,
+                       help="threads per worker (default 16): a streamed answer holds one for its length")
+    proxy.add_argument("--state-dir", help="keep counters here so they survive restarts ($ATE_STATE_DIR)")
+    proxy.add_argument("--config", help="YAML settings file (see docs/configuration.md)")
+    proxy.add_argument("--keys-file", help="the API keys of the proxy's clients")
+    proxy.add_argument("--storage-uri", help="rate-limit storage: memory:// or redis://host:port/db")
+    proxy.set_defaults(func=cmd_proxy)
 
     prices = sub.add_parser("prices", help="the LLM price table: show a model's price, update the snapshot")
     prices_sub = prices.add_subparsers(dest="prices_cmd", required=True)
@@ -434,6 +575,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-alertmanager", action="store_true")
     demo.add_argument("--sink-port", type=int, default=8025, help="webhook/Slack/mail sink page")
     demo.add_argument("--scrape-interval", default="5s")
+    demo.add_argument("--proxy-port", type=int, default=8088,
+                      help="the proxy with a pool of upstream tokens, in front of a fake GitHub")
+    demo.add_argument("--no-proxy", action="store_true")
     demo.set_defaults(func=cmd_demo)
 
     for name, help_text, out, func in (

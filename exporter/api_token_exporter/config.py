@@ -98,6 +98,11 @@ class Settings:
     recent_requests: int = 100              # ring buffer behind /admin/stats
     state_dir: Optional[str] = None         # metric files kept here survive restarts
     store_capacity: int = 4_000_000         # values (8 bytes each) one process's store can hold
+    upstream_pool_file: Optional[str] = None   # the proxy's upstream credentials (docs/proxy.md)
+    upstream_url: Optional[str] = None      # the proxy's upstream base URL, over the pool file's
+    upstream_connect_timeout: float = 5.0   # seconds to connect to the upstream
+    upstream_read_timeout: float = 300.0    # seconds the upstream may stay silent, within a stream too
+    upstream_max_connections: int = 20      # kept-alive upstream connections per process
 
     def validate(self) -> "Settings":
         for window, value in self.rate_limits.items():
@@ -127,7 +132,7 @@ class Settings:
         for name in ("max_tokens", "max_routes", "max_models", "max_clients", "max_countries_per_token",
                      "ingest_max_events",
                      "recent_requests", "capture_max_bytes", "store_capacity", "analytics_max_days",
-                     "admin_rate_limit"):
+                     "admin_rate_limit", "upstream_max_connections"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
         return self
@@ -139,7 +144,7 @@ _SECRET_FIELDS += ("digest_slack_webhook_url", "digest_discord_webhook_url", "di
                    "digest_webhook_token", "digest_smtp_password")
 _BOOLEANS = {"1": True, "true": True, "yes": True, "on": True,
              "0": False, "false": False, "no": False, "off": False}
-_DURATIONS = {"prometheus_timeout", "storage_timeout"}
+_DURATIONS = {"prometheus_timeout", "storage_timeout", "upstream_connect_timeout", "upstream_read_timeout"}
 _OPTIONAL_INTS = {"metrics_port"}                  # seconds; "500ms", "10s", "2m" also accepted
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 

@@ -1,23 +1,25 @@
 """The one recording core: keys → validation → rate limit → store.
 
-Every path that counts goes through a ``UsageCore``: the WSGI middleware (and later the ASGI
-middleware and the proxy) for live requests, the ingest endpoint for events posted by other
+Every path that counts goes through a ``UsageCore``: the WSGI and ASGI middleware (and later
+the proxy) for live requests, the ingest endpoint for events posted by other
 services, and the LLM capture. Nothing records by a second route, so a request counted by the
 middleware and the same request posted as an event give the same series.
 """
 from __future__ import annotations
 
 import logging
+import math
 import time
-from typing import Dict, Optional, Tuple
+from typing import Dict, Iterable, Optional, Tuple
 
 from .config import Settings
 from .keystore import ApiKey, KeyStore, well_formed_key
+from .llmcapture import extract_usage
 from .metrics import UNAUTHENTICATED, Metrics, ScrapeView
 from .pricing import Pricing
-from .ratelimit import Decision, RateLimiter, StorageUnavailable
+from .ratelimit import WINDOW_ORDER, Decision, RateLimiter, StorageUnavailable
 from .stats import UsageTracker
-from .usage import LLMUsage
+from .usage import LLMUsage, UsageError, validate_usage
 
 log = logging.getLogger("api_token_exporter")
 
@@ -52,9 +54,13 @@ class UsageCore:
             return None, "missing"
         if not well_formed_key(raw):
             return None, "invalid"
-        key = self.keystore.lookup(raw)
+        key, previous = self.keystore.lookup_secret(raw)
         if key is None:
             return None, "invalid"
+        if previous:                       # the secret a rotation replaced
+            if not key.previous_valid():
+                return key, "rotated"
+            self.metrics.old_secret_used(key.id)
         if not key.active:
             return key, "inactive"
         if key.expired():
@@ -81,11 +87,25 @@ class UsageCore:
         circuit breaker logs each change of state; requests are not logged one by one."""
         try:
             decision = self.limiter.hit_plan(key.id, self._plan(key), now)
-        except StorageUnavailable:
-            self.metrics.storage_error()
-            if self.limiter.failure_mode == "closed":
-                raise
-            return None
+        except StorageUnavailable as exc:
+            return self._storage_unavailable(exc)
+        return self._decided(key, decision, now)
+
+    async def hit_async(self, key: ApiKey, now: float) -> Optional[Decision]:
+        """hit() for asyncio front ends: Redis through redis.asyncio, never blocking the loop."""
+        try:
+            decision = await self.limiter.hit_plan_async(key.id, self._plan(key), now)
+        except StorageUnavailable as exc:
+            return self._storage_unavailable(exc)
+        return self._decided(key, decision, now)
+
+    def _storage_unavailable(self, exc: StorageUnavailable) -> None:
+        self.metrics.storage_error()
+        if self.limiter.failure_mode == "closed":
+            raise exc
+        return None
+
+    def _decided(self, key: ApiKey, decision: Decision, now: float) -> Decision:
         self.metrics.set_windows(key.id, decision.windows, now)
         if not decision.allowed:
             self.metrics.observe_rate_limited(key.id, decision.refused_by.window)
@@ -118,3 +138,53 @@ class UsageCore:
         price = self.pricing.price(usage.service, usage.model)
         self.metrics.observe_llm(token, usage, price.cost(usage) if price else None)
         return usage
+
+    # -- what a front end reads from a response (shared by the WSGI and ASGI middleware) ------
+    def capture_llm(self, token: str, content_type: str, body: bytes, model_hint: str = "") -> None:
+        """Count the LLM usage an OpenAI, Anthropic or Cohere answer (JSON or server-sent
+        events) reports, if any; a bad value is logged and nothing is counted."""
+        found = extract_usage(content_type, body, model_hint or None)
+        if found is None:
+            return
+        try:
+            self.count_llm(token, validate_usage(*found))
+        except UsageError as exc:
+            log.warning("LLM usage in a response for token %s not counted: %s", token, exc)
+
+    def observe_upstream_limits(self, token: str, headers: Iterable[Tuple[str, str]], code: int) -> None:
+        """Observe-only mode: take rate-limit values from the headers the app (or its upstream)
+        set, in the seed 002 form ``X-RateLimit-Minute-Remaining`` or GitHub's
+        ``X-RateLimit-Remaining`` (reported as the ``default`` window)."""
+        found: Dict[str, Dict[str, float]] = {}
+        for name, value in headers:
+            lname = name.lower()
+            if not lname.startswith("x-ratelimit-"):
+                continue
+            parts = lname[len("x-ratelimit-"):].split("-")
+            if len(parts) == 2 and parts[0] in WINDOW_ORDER:
+                window, field = parts
+            elif len(parts) == 1:
+                window, field = "default", parts[0]
+            else:
+                continue
+            if field not in ("limit", "remaining", "reset"):
+                continue
+            try:
+                number = float(value)
+            except ValueError:
+                continue
+            if math.isfinite(number):        # the store holds finite values only
+                found.setdefault(window, {})[field] = number
+        now = time.time()
+        exhausted = None
+        for window, values in found.items():
+            if "limit" not in values or "remaining" not in values:
+                continue
+            reset = values.get("reset", 0.0)
+            reset_at = reset if reset > 1e9 else now + reset   # epoch or seconds from now
+            self.metrics.set_window(token, window, int(values["limit"]),
+                                    int(values["remaining"]), reset_at)
+            if values["remaining"] <= 0 and exhausted is None:
+                exhausted = window
+        if code == 429:
+            self.metrics.observe_rate_limited(token, exhausted or "default")

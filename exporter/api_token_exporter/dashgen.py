@@ -399,7 +399,49 @@ def capacity(t: dict) -> dict:
     b.timeseries("429s by token and window", [target(
         "sum by (token, window) (rate(apitoken_rate_limited_total[$__rate_interval]))", "{{token}} {{window}}")],
         "reqps", w=12)
+    upstream_pool(b, t)
     return b.to_json()
+
+
+def upstream_pool(b: Board, t: dict) -> None:
+    """The proxy's upstream credential pool (docs/proxy.md): each account's quota counted once."""
+    share = t["upstream"]["headroom_warning"]
+    b.row("Upstream credential pool (api-token-exporter proxy)")
+    status = 'count(max by (credential, provider) (apitoken_upstream_credential_status{{status=~"{}"}}) == 1) or vector(0)'
+    b.stat("Credentials active", status.format("active"), "none", w=6)
+    b.stat("Rate limited or cooling down", status.format("rate_limited|cooling_down"), "none", w=6,
+           thresholds=steps(("green", None), ("yellow", 1)))
+    b.stat("Invalid (refused by the upstream)", status.format("invalid"), "none",
+           w=6, thresholds=steps(("green", None), ("red", 1)),
+           description="alert: ApiTokenUpstreamCredentialInvalid")
+    b.stat("Pool headroom (lowest resource)", "min(provider_resource:apitoken_upstream_headroom:ratio)",
+           "percentunit", w=6, thresholds=steps(("red", None), ("orange", share), ("green", 0.5)),
+           description="The pool's remaining over its limit, each account once; "
+                       "alert: ApiTokenUpstreamPoolHeadroomLow")
+    b.timeseries("Remaining per credential", [
+        target("max by (credential, resource) (apitoken_upstream_rate_limit_remaining)", "{{credential}} {{resource}}"),
+        target("provider_resource:apitoken_upstream_rate_limit_remaining:sum", "pool {{provider}} {{resource}}", "B")],
+        "short", description="Credentials of one account report the same quota; the pool line counts it once")
+    b.table("Credentials: limits and reset times", [
+        target("max by (credential, resource) (apitoken_upstream_rate_limit_limit)", "", "A", instant=True, fmt="table"),
+        target("min by (credential, resource) (apitoken_upstream_rate_limit_remaining)", "", "B", instant=True,
+               fmt="table"),
+        target("max by (credential, resource) (apitoken_upstream_rate_limit_reset_timestamp_seconds) * 1000", "",
+               "C", instant=True, fmt="table")], "short",
+        {"credential": "Credential", "resource": "Resource", "Value #A": "Limit", "Value #B": "Remaining",
+         "Value #C": "Resets at (UTC)"}, w=12, dates=["Resets at (UTC)"])
+    b.timeseries("Upstream requests by credential and code", [target(
+        "sum by (credential, code) (rate(apitoken_upstream_requests_total[$__rate_interval]))",
+        "{{credential}} {{code}}")], "reqps")
+    b.timeseries("Selections, rotations and refusals", [
+        target("sum by (credential) (rate(apitoken_upstream_selections_total[$__rate_interval]))",
+               "chosen {{credential}}"),
+        target("sum by (credential, reason) (rate(apitoken_upstream_rotations_total[$__rate_interval]))",
+               "left {{credential}} ({{reason}})", "B"),
+        target("sum by (provider) (rate(apitoken_upstream_exhausted_total[$__rate_interval]))",
+               "refused: pool exhausted", "C")], "reqps",
+        description="Rotations: the pool moved away from a credential (under rotate_below, rate limited, "
+                    "invalid, cooling down); refused: no credential could take the request")
 
 
 def alerts(t: dict) -> dict:

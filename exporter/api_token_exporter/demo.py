@@ -58,8 +58,15 @@ COMPROMISED_FROM = "200.160.0.8"     # a Brazilian address; the key's history is
 # sidecar's LLM calls (about $130 a day at speed 1) stay well inside its own
 BUDGETS = {"demo-llm": {"daily": 0.5, "monthly": 10.0}, "demo-sidecar": {"daily": 1000.0, "monthly": 30000.0},
            None: {"daily": 5.0, "monthly": 100.0}}
-# alerts with no token: the Watchdog, and the missing and invalid keys the generator sends
-UNTOKENED_ALERTS = ("Watchdog", "ApiTokenUnauthorizedAccess", "ApiTokenUnauthorizedAccessApiWide")
+# alerts with no token: the Watchdog, the missing and invalid keys the generator sends, and the
+# proxy pool's revoked upstream token
+UNTOKENED_ALERTS = ("Watchdog", "ApiTokenUnauthorizedAccess", "ApiTokenUnauthorizedAccessApiWide",
+                    "ApiTokenUpstreamCredentialInvalid")
+# the proxy's pool in front of a fake GitHub: (id, account, revoked upstream); two tokens of one
+# account share its quota; limits per 10-minute window, scaled by --speed
+POOL = (("gh-acme-1", "acme-bot", False), ("gh-acme-2", "acme-bot", False),
+        ("gh-globex", "globex-bot", False), ("gh-revoked", "initech-bot", True))
+POOL_LIMIT, POOL_WINDOW = 300, 600.0      # 40 calls a minute: one account runs low every ~7 min
 
 
 def expected_alerts() -> str:
@@ -70,6 +77,7 @@ def expected_alerts() -> str:
             + "\n".join(lines)
             + f"\n  {'missing/invalid':<16} keys sent by the generator: ApiTokenUnauthorizedAccess (per client), "
               "ApiTokenUnauthorizedAccessApiWide"
+            + f"\n  {'proxy pool':<16} gh-revoked, an upstream token GitHub refuses: ApiTokenUpstreamCredentialInvalid"
             + f"\n  {'(always)':<16} Watchdog, the dead man's switch"
             + "\nthe anomaly alerts (*Anomaly, ApiTokenNew*) need the backfilled history (the default) and fire\n"
               "after their 15-minute `for`; they are pending in Prometheus's /alerts before that")
@@ -198,8 +206,10 @@ class TrafficGenerator:
     """Bounded background traffic: every client stops when ``stop()`` is called."""
 
     def __init__(self, base_url: str, keys: Dict[str, str], sidecar_url: Optional[str] = None,
-                 ingest_token: Optional[str] = None, speed: float = 1.0, seed: int = 0):
+                 ingest_token: Optional[str] = None, speed: float = 1.0, seed: int = 0,
+                 proxy_url: Optional[str] = None):
         self.base_url = base_url.rstrip("/")
+        self.proxy_url = proxy_url
         self.keys = keys
         self.sidecar_url = sidecar_url
         self.ingest_token = ingest_token
@@ -256,11 +266,25 @@ class TrafficGenerator:
         ]
         if self.sidecar_url and self.ingest_token:
             clients.append((5.0, self._post_events))
+        if self.proxy_url:                   # GitHub calls through the proxy's credential pool
+            clients.append((1.5, lambda s: self._call(s, self.proxy_url + r.choice(
+                ["/repos/acme/portfolio", "/users/acme", f"/repos/acme/portfolio/issues/{r.randint(1, 30)}"]),
+                k["demo-steady"])))
         for interval, action in clients:
             t = threading.Thread(target=self._loop, args=(interval, action), daemon=True)
             t.start()
             self._threads.append(t)
         return self
+
+    def _call(self, session, url, key):
+        try:
+            session.get(url, headers={"X-API-Key": key}, timeout=10)
+        except requests.RequestException:
+            with self._lock:
+                self.stats.failed += 1
+            return
+        with self._lock:
+            self.stats.sent += 1
 
     def _post_events(self, session):
         r = self._random
@@ -297,7 +321,7 @@ class DemoStack:
                  alertmanager_port: Optional[int] = 9093, sink_port: Optional[int] = 8025,
                  scrape_interval: str = "5s", sidecar_url: Optional[str] = None,
                  ingest_token: Optional[str] = None, admin_token: Optional[str] = None,
-                 keep_data: bool = False, backfill_days: int = 0):
+                 keep_data: bool = False, backfill_days: int = 0, proxy_port: Optional[int] = 0):
         self.host, self.port, self.exporter_port = host, port, exporter_port
         self.keep_data, self.backfill_days = keep_data, backfill_days
         self.data_dir = os.path.abspath(data_dir)
@@ -305,6 +329,7 @@ class DemoStack:
         self.prometheus_port, self.alertmanager_port = prometheus_port, alertmanager_port
         self.sink_port, self.scrape_interval = sink_port, scrape_interval
         self.sidecar_url = sidecar_url
+        self.proxy_port, self.proxy_url, self.proxy, self.fake_github = proxy_port, None, None, None
         self.ingest_token = ingest_token or secrets.token_urlsafe(16)
         self.admin_token = admin_token or secrets.token_urlsafe(16)
         self.servers, self.services, self.notes = [], [], []
@@ -358,6 +383,8 @@ class DemoStack:
         history_span = self._backfill(os.path.join(prom_dir, "data")) if prom_url else None
         self.api_url = self._serve(create_demo_api(keys_file=keys_file, storage_uri=self.storage_uri,
                                                    admin_token=self.admin_token), self.port)
+        if self.proxy_port is not None:
+            self.proxy_url = self._start_proxy(keys_file)
         with_alertmanager = (self.alertmanager_port is not None and prom_url is not None
                              and stack.find_binary(*stack.ALERTMANAGER_BINARIES) is not None)
         # the rules Prometheus reads: a copy the alert API's settings may re-render
@@ -406,7 +433,8 @@ class DemoStack:
         elif prom_url:
             self.notes.append("Alertmanager    not installed (Debian: prometheus-alertmanager): alerts stay in Prometheus")
         if prom_url:
-            targets = {"api-token-exporter": [u.split("://", 1)[1] for u in (self.api_url, self.sidecar_url) if u],
+            targets = {"api-token-exporter": [u.split("://", 1)[1] for u in (self.api_url, self.sidecar_url,
+                                                                               self.proxy_url) if u],
                        "prometheus": [f"127.0.0.1:{prom_port}"]}
             if am_addr:
                 targets["alertmanager"] = [am_addr]
@@ -424,8 +452,39 @@ class DemoStack:
             self.notes.append("Prometheus      not installed (Debian: prometheus): metrics are on the /metrics URLs")
         if self.traffic:
             self.generator = TrafficGenerator(self.api_url, self.raw_keys, self.sidecar_url,
-                                              self.ingest_token, speed=self.speed).start()
+                                              self.ingest_token, speed=self.speed, proxy_url=self.proxy_url).start()
         return self
+
+    def _start_proxy(self, keys_file: str) -> str:
+        """The proxy in front of a fake GitHub, with a pool of upstream tokens in secret files
+        (written here, 0600) and one the upstream refuses."""
+        import yaml
+        from .fake_upstream import FakeUpstream
+        from .proxy import ProxyApp
+        limit = max(10, int(POOL_LIMIT * self.speed))
+        self.fake_github = FakeUpstream("github", limit=limit, window=POOL_WINDOW)
+        credentials = []
+        for cid, account, revoked in POOL:
+            secret = "ghp_" + secrets.token_hex(18)
+            path = os.path.join(self.data_dir, f"upstream-{cid}")
+            with open(path, "w") as fh:
+                fh.write(secret)
+            os.chmod(path, 0o600)
+            self.fake_github.add(secret, account=account)
+            if revoked:
+                self.fake_github.revoke(secret)
+            credentials.append({"id": cid, "secret_file": path, "account": account})
+        self.fake_github.record = False
+        upstream = self._serve(self.fake_github, 0)
+        pool_file = os.path.join(self.data_dir, "pool.yml")
+        with open(pool_file, "w") as fh:
+            yaml.safe_dump({"upstream": upstream, "provider": "github", "rotate_below": max(1, limit // 10),
+                            "refresh_interval": "60s", "credentials": credentials,
+                            "routes": ["/repos/<owner>/<repo>", "/repos/<owner>/<repo>/issues/<int:number>",
+                                       "/users/<user>"]}, fh, sort_keys=False)
+        self.proxy = ProxyApp(keys_file=keys_file, upstream_pool_file=pool_file, storage_uri=self.storage_uri,
+                              admin_token=self.admin_token, metrics_public=True)
+        return self._serve(self.proxy, self.proxy_port)
 
     def _backfill(self, tsdb: str):
         """Synthetic history for the demo's keys (a fresh data directory only): its blocks go in
@@ -507,13 +566,18 @@ class DemoStack:
                 lines.append(f"alert API       {self.sidecar_url}/api/v1/alerts and /api/v1/alerts/history "
                              "(admin token; acknowledge, feedback, settings: docs/alerts.md)")
             lines.append(f"notifications   {self.webhook.url}/ (webhook and Slack posts), {self.webhook.url}/mail (emails)")
+        if self.proxy_url:
+            lines.append(f"proxy           {self.proxy_url}/repos/acme/portfolio   (X-API-Key; a fake GitHub "
+                         f"behind a pool of {len(POOL)} upstream tokens: docs/proxy.md)")
+            lines.append(f"pool JSON       {self.proxy_url}/admin/pool/stats and /admin/pool/token-details (admin token)")
         lines += self.notes
         lines.append("Grafana         needs Docker (docker compose up); the dashboards are in grafana/dashboards/")
         lines.append(f"key file        {os.path.join(self.data_dir, 'keys.yml')}")
         lines.append(f"try it          curl -i -H 'X-API-Key: {self.raw_keys['demo-playground']}' "
                      f"{self.api_url}/api/v1/items")
         if self.generator:
-            lines.append("traffic         steady, bursty, erroring, slow, over-limit, LLM, missing and invalid keys")
+            lines.append("traffic         steady, bursty, erroring, slow, over-limit, LLM, missing and invalid keys"
+                         + (", GitHub calls through the proxy" if self.proxy_url else ""))
         return lines
 
     def _prometheus_alerts_page(self) -> str:
@@ -537,6 +601,8 @@ class DemoStack:
             service.stop()
         for server in self.servers:
             server.shutdown()
+        if self.proxy is not None:
+            self.proxy.close()
         if self.webhook:
             self.webhook.stop()
         if self.smtp:

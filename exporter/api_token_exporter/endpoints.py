@@ -91,10 +91,11 @@ class AnswerCache:
 
 
 def build_endpoints(core, serve_metrics: bool = True, admin: bool = True, health: bool = False,
-                    anonymous_metrics: bool = True):
+                    anonymous_metrics: bool = True, admin_views=None):
     """Return (wsgi_app, paths it answers, path prefixes it answers) for a UsageCore. Without
     credentials configured, ``anonymous_metrics`` False refuses the metrics path (403) rather
-    than serving it to all."""
+    than serving it to all. ``admin_views``: more admin JSON (path -> callable returning it),
+    behind the same admin token and budget (the proxy's /admin/pool/*)."""
     s = core.settings
     app = Flask("api_token_exporter.endpoints")
     app.json.sort_keys = False
@@ -178,6 +179,10 @@ def build_endpoints(core, serve_metrics: bool = True, admin: bool = True, health
         @app.route("/admin/stats", methods=["GET"])
         def admin_stats():
             return admin_denied() or jsonify(core.tracker.stats(core.keystore, s.rate_limits, core.view))
+
+        for path, view in (admin_views or {}).items():
+            paths.add(path)
+            app.add_url_rule(path, path, lambda view=view: admin_denied() or jsonify(view()), methods=["GET"])
 
         if s.alertmanager_url and health:       # the exporter service's (an API keeps its own paths)
             from . import alert_api

@@ -15,7 +15,7 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import yaml
 
@@ -77,6 +77,19 @@ SENSITIVITIES = ("low", "medium", "high")    # anomaly band widths: docs/alerts.
 
 
 @dataclass
+class PreviousSecret:
+    key_hash: str
+    masked: str
+    valid_until: dt.datetime
+
+    def __post_init__(self):
+        self.valid_until_ts = self.valid_until.timestamp()
+
+    def to_dict(self) -> dict:
+        return {"hash": self.key_hash, "masked": self.masked, "valid_until": self.valid_until.isoformat()}
+
+
+@dataclass
 class ApiKey:
     id: str
     key_hash: str
@@ -89,6 +102,13 @@ class ApiKey:
     masked: str = ""
     created_at: Optional[dt.datetime] = None
     anomaly_sensitivity: str = ""      # low, medium or high; "" for the thresholds.yml default
+    description: str = ""
+    updated_at: Optional[dt.datetime] = None
+    last_rotated_at: Optional[dt.datetime] = None
+    previous: Optional["PreviousSecret"] = None   # the secret a rotation replaced, in its grace period
+
+    def previous_valid(self, now: Optional[float] = None) -> bool:
+        return self.previous is not None and (now if now is not None else time.time()) < self.previous.valid_until_ts
 
     def expired(self, now: Optional[float] = None) -> bool:
         if self.expires_at is None:
@@ -122,9 +142,20 @@ class ApiKey:
         sensitivity = raw.get("anomaly_sensitivity") or ""
         if sensitivity not in ("",) + SENSITIVITIES:
             raise KeyStoreError(f"{where} ({token_id}): anomaly_sensitivity must be low, medium or high")
+        previous = raw.get("previous")
         try:
             expires_at = _parse_time(raw.get("expires_at"))
             created_at = _parse_time(raw.get("created_at"))
+            updated_at = _parse_time(raw.get("updated_at"))
+            last_rotated_at = _parse_time(raw.get("last_rotated_at"))
+            if previous is not None:
+                if not isinstance(previous, dict) or not re.match(r"^sha256:[0-9a-f]{64}$",
+                                                                  str(previous.get("hash", ""))):
+                    raise KeyStoreError("previous needs hash ('sha256:' and 64 hex digits), masked, valid_until")
+                until = _parse_time(previous.get("valid_until"))
+                if until is None:
+                    raise KeyStoreError("previous.valid_until is missing")
+                previous = PreviousSecret(previous["hash"], str(previous.get("masked", "") or ""), until)
         except KeyStoreError as exc:
             raise KeyStoreError(f"{where} ({token_id}): {exc}") from None
         return cls(
@@ -139,13 +170,22 @@ class ApiKey:
             masked=str(raw.get("masked", "") or ""),
             created_at=created_at,
             anomaly_sensitivity=sensitivity,
+            description=str(raw.get("description", "") or ""),
+            updated_at=updated_at,
+            last_rotated_at=last_rotated_at,
+            previous=previous,
         )
 
     def to_dict(self) -> dict:
         out = {"id": self.id, "name": self.name, "tenant": self.tenant, "hash": self.key_hash,
                "masked": self.masked, "active": self.active}
-        if self.created_at:
-            out["created_at"] = self.created_at.isoformat()
+        if self.description:
+            out["description"] = self.description
+        for name in ("created_at", "updated_at", "last_rotated_at"):
+            if getattr(self, name):
+                out[name] = getattr(self, name).isoformat()
+        if self.previous is not None:
+            out["previous"] = self.previous.to_dict()
         if self.expires_at:
             out["expires_at"] = self.expires_at.isoformat()
         if self.rate_limits:
@@ -173,6 +213,7 @@ class KeyStore:
         self.allow_empty = allow_empty
         self._lock = threading.Lock()
         self._by_hash: Dict[str, ApiKey] = {}
+        self._by_previous: Dict[str, ApiKey] = {}
         self._by_id: Dict[str, ApiKey] = {}
         self._stamp = self._bad_stamp = None
         self._last_check = float("-inf")
@@ -223,15 +264,19 @@ class KeyStore:
 
     # -- reading -----------------------------------------------------------------------------
     def _install(self, keys: List[ApiKey]) -> None:
-        by_id, by_hash = {}, {}
+        by_id, by_hash, by_previous = {}, {}, {}
         for key in keys:
             if key.id in by_id:
                 raise KeyStoreError(f"duplicate key id {key.id!r}")
-            if key.key_hash in by_hash:
-                raise KeyStoreError(f"key {key.id!r} has the same hash as {by_hash[key.key_hash].id!r}")
+            for h in (key.key_hash,) + ((key.previous.key_hash,) if key.previous else ()):
+                owner = by_hash.get(h) or by_previous.get(h)
+                if owner is not None:
+                    raise KeyStoreError(f"key {key.id!r} has the same hash as {owner.id!r}")
             by_id[key.id] = key
             by_hash[key.key_hash] = key
-        self._by_id, self._by_hash = by_id, by_hash
+            if key.previous is not None:
+                by_previous[key.previous.key_hash] = key
+        self._by_id, self._by_hash, self._by_previous = by_id, by_hash, by_previous
         for callback in self.on_install:
             callback(keys)
 
@@ -279,8 +324,19 @@ class KeyStore:
             return True
 
     def lookup(self, raw_key: str) -> Optional[ApiKey]:
+        """The key of a current secret, or of a rotated one still in its grace period."""
+        key, previous = self.lookup_secret(raw_key)
+        return key if not previous or key.previous_valid() else None
+
+    def lookup_secret(self, raw_key: str) -> Tuple[Optional[ApiKey], bool]:
+        """(key, True when ``raw_key`` is the secret a rotation replaced, in grace or not)."""
         self.reload()
-        return self._by_hash.get(hash_key(raw_key))
+        digest = hash_key(raw_key)
+        key = self._by_hash.get(digest)
+        if key is not None:
+            return key, False
+        key = self._by_previous.get(digest)
+        return key, key is not None
 
     def get(self, token_id: str) -> Optional[ApiKey]:
         self.reload()
@@ -340,7 +396,7 @@ def add_key(path: str, token_id: str, name: str = "", tenant: str = "",
             rate_limits: Optional[Dict[str, int]] = None,
             budget_usd: Optional[Dict[str, float]] = None,
             expires_at: Optional[str] = None, raw_key: Optional[str] = None,
-            anomaly_sensitivity: str = "") -> str:
+            anomaly_sensitivity: str = "", description: str = "") -> str:
     """Add a key to the file and return the raw secret (the only time it is seen)."""
     keys = load_keys(path) if os.path.exists(path) else []
     if not valid_token_id(token_id):
@@ -356,20 +412,60 @@ def add_key(path: str, token_id: str, name: str = "", tenant: str = "",
         "id": token_id, "name": name, "tenant": tenant, "hash": hash_key(raw_key),
         "rate_limits": rate_limits or {}, "budget_usd": budget_usd or {},
         "expires_at": expires_at, "active": True, "anomaly_sensitivity": anomaly_sensitivity,
+        "description": description,
     }, "new key")
     entry.masked = mask_key(raw_key)
-    entry.created_at = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+    entry.created_at = _now()
     if any(k.key_hash == entry.key_hash for k in keys):
         raise KeyStoreError("that key is already in the file under another id")
     save_keys(path, keys + [entry])
     return raw_key
 
 
-def set_active(path: str, token_id: str, active: bool) -> ApiKey:
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+
+
+def update_key(path: str, token_id: str, **changes) -> ApiKey:
+    """Change fields of one key (None: unchanged; ``expires_at`` "" removes the expiry) and stamp
+    updated_at."""
     keys = load_keys(path)
     for key in keys:
         if key.id == token_id:
-            key.active = active
+            for name, value in changes.items():
+                if name == "expires_at" and value is not None:
+                    value = _parse_time(value) if value != "" else None
+                    setattr(key, name, value)
+                elif value is not None:
+                    setattr(key, name, value)
+            key.updated_at = _now()
+            ApiKey.from_dict(key.to_dict(), "updated key")          # still a valid entry
             save_keys(path, keys)
             return key
     raise KeyStoreError(f"no key with id {token_id!r} in {path}")
+
+
+def set_active(path: str, token_id: str, active: bool) -> ApiKey:
+    return update_key(path, token_id, active=active)
+
+
+def rotate_key(path: str, token_id: str, grace_seconds: float, raw_key: Optional[str] = None) -> Tuple[str, ApiKey]:
+    """Give ``token_id`` a new secret; the current one stays valid for ``grace_seconds`` (0: not
+    at all). Same id, so the same labels, limits, budget and history. Returns (new secret, key)."""
+    keys = load_keys(path)
+    key = next((k for k in keys if k.id == token_id), None)
+    if key is None:
+        raise KeyStoreError(f"no key with id {token_id!r} in {path}")
+    if not 0 <= grace_seconds <= 90 * 86400:
+        raise KeyStoreError("the grace period must be from 0 to 90 days")
+    raw_key = raw_key or generate_key()
+    digest = hash_key(raw_key)
+    if any(digest in (k.key_hash, k.previous.key_hash if k.previous else None) for k in keys):
+        raise KeyStoreError("that secret is already in the file")
+    now = _now()
+    key.previous = PreviousSecret(key.key_hash, key.masked,
+                                  now + dt.timedelta(seconds=grace_seconds)) if grace_seconds > 0 else None
+    key.key_hash, key.masked = digest, mask_key(raw_key)
+    key.last_rotated_at = key.updated_at = now
+    save_keys(path, keys)
+    return raw_key, key

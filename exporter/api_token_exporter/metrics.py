@@ -27,7 +27,7 @@ UNAUTHENTICATED = "__unauthenticated__"   # token label of requests with a missi
 OVERFLOW = "__overflow__"                 # any label value past its family's cap
 UNMATCHED_ROUTE = "__unmatched__"         # every path that matches no route template
 STATUSES = ("active", "rate_limited", "inactive", "invalid", "expired")
-AUTH_FAILURE_REASONS = ("missing", "invalid", "inactive", "expired")
+AUTH_FAILURE_REASONS = ("missing", "invalid", "inactive", "expired", "rotated")
 STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 # bounds around the latency thresholds (1 s and 2 s by default) close enough that a quantile
 # estimated from them is within a quarter second there
@@ -135,11 +135,51 @@ def catalogue() -> Tuple[Family, ...]:
                "Usage events posted to the ingest endpoint, by result.", ("result",)),
         Family("apitoken_key_file_reload_errors_total", "counter",
                "Versions of the key file that could not be loaded (the previous keys stayed).", ()),
+        Family("apitoken_key_old_secret_requests_total", "counter",
+               "Requests authenticated with the secret a rotation replaced, during its grace period.",
+               ("token",)),
         Family("apitoken_alert_feedback_total", "counter",
                "Verdicts given on alerts through the alert API (true_positive, false_positive), by "
                "alert name.", ("alertname", "verdict")),
         Family(DROPPED_SERIES, "counter",
                "Series not stored because the metric store was full (store_capacity).", ()),
+    ) + upstream_catalogue()
+
+
+UPSTREAM_STATUSES = ("active", "rate_limited", "invalid", "cooling_down")
+
+
+def upstream_catalogue() -> Tuple[Family, ...]:
+    """The proxy's upstream credential pool (credential_pool.py): a credential is its configured
+    id (or a hash prefix), never its secret."""
+    cp = ("credential", "provider")
+    return (
+        Family("apitoken_upstream_requests_total", "counter",
+               "Requests the proxy sent upstream, by credential and the upstream's status code "
+               "(error: no answer).", cp + ("code",)),
+        Family("apitoken_upstream_selections_total", "counter",
+               "Times the pool chose a credential for a request (a retry chooses again).", cp),
+        Family("apitoken_upstream_rotations_total", "counter",
+               "Times the pool moved away from a credential, by reason: threshold, rate_limited, "
+               "invalid, cooling_down.", cp + ("reason",)),
+        Family("apitoken_upstream_exhausted_total", "counter",
+               "Requests refused because no credential of the pool could take them, by the pool's provider.",
+               ("provider",)),
+        Family("apitoken_upstream_rate_limit_limit", "gauge_recent",
+               "The upstream's limit of a credential per resource, from its response headers.",
+               cp + ("resource",)),
+        Family("apitoken_upstream_rate_limit_remaining", "gauge_recent",
+               "What the upstream says is left of the credential's limit.", cp + ("resource",)),
+        Family("apitoken_upstream_rate_limit_reset_timestamp_seconds", "gauge_recent",
+               "Unix time at which the upstream resets the credential's limit.", cp + ("resource",)),
+        Family("apitoken_upstream_credential_status", "gauge_recent",
+               "One-hot status of each upstream credential: active, rate_limited, invalid, cooling_down.",
+               cp + ("status",)),
+        Family("apitoken_upstream_credential_info", "gauge_recent",
+               "Upstream credentials of the pool (value 1); credentials of one account share its quota.",
+               cp + ("account",)),
+        Family("apitoken_upstream_credential_last_used_timestamp_seconds", "gauge_max",
+               "Unix time the credential was last sent upstream.", cp),
     )
 
 
@@ -162,6 +202,9 @@ SENSITIVITY = Family("apitoken_anomaly_sensitivity", "gauge",
 PRICING_INFO = Family("apitoken_pricing_info", "gauge",
                       "The LLM price table in force (value 1): the snapshot's version and a checksum of "
                       "the prices with the pricing file's applied.", ("version", "checksum"))
+KEY_TIMES = Family("apitoken_key_event_timestamp_seconds", "gauge",
+                   "When a key was created, expires, was last rotated, and when the secret a rotation "
+                   "replaced stops working (grace_ends); only the events a key has.", ("token", "event"))
 BUDGET = Family("apitoken_budget_usd", "gauge",
                 "LLM budget in USD per token and period (daily: trailing 24h, monthly: trailing 30 days).",
                 ("token", "period"))
@@ -179,7 +222,9 @@ class Metrics:
          self.auth_failures_by_client, self.by_country, self.rate_limited, self.rl_limit,
          self.rl_remaining, self.rl_reset, self.storage_errors,
          self.last_used, self.llm_tokens, self.llm_requests, self.llm_cost, self.llm_unpriced,
-         self.overflow, self.ingest_events, self.key_file_errors, self.alert_feedback, _dropped) = families
+         self.overflow, self.ingest_events, self.key_file_errors, self.old_secret, self.alert_feedback,
+         _dropped, *upstream) = families
+        self.upstream = {f.name: f for f in upstream}       # recorded by credential_pool.py
         self.store = Store(families, directory, capacity or DEFAULT_CAPACITY)
         self._window_slots = {}
         self._request_slots = {}
@@ -333,6 +378,10 @@ class Metrics:
             self._add(self.ingest_events, ("accepted",), float(accepted))
             self._add(self.ingest_events, ("rejected",), float(rejected))
 
+    def old_secret_used(self, token: str) -> None:
+        with self.store.lock:
+            self._add(self.old_secret, (self.tokens.admit(token),), 1.0)
+
     def count_alert_feedback(self, alertname: str, verdict: str) -> None:
         with self.store.lock:
             self._add(self.alert_feedback, (self.alertnames.admit(alertname), verdict), 1.0)
@@ -381,8 +430,13 @@ class ScrapeView:
             return []
         limited = self.limited_tokens()
         now = self.clock()
-        info, status, budget, sensitivity = [], [], [], []
+        info, status, budget, sensitivity, times = [], [], [], [], []
         for key in self.keystore.all():
+            for event, at in (("created", key.created_at), ("expires", key.expires_at),
+                              ("rotated", key.last_rotated_at),
+                              ("grace_ends", key.previous.valid_until if key.previous else None)):
+                if at is not None:
+                    times.append(((key.id, event), at.timestamp()))
             if key.anomaly_sensitivity:
                 sensitivity.append(((key.id,), float(SENSITIVITIES.index(key.anomaly_sensitivity) + 1)))
             info.append(((key.id, key.name, key.tenant), 1.0))
@@ -400,7 +454,8 @@ class ScrapeView:
                                      for s in ("closed", "half_open", "open")]))
         if self.pricing is not None:
             health.append((PRICING_INFO, [((self.pricing.version, self.pricing.checksum), 1.0)]))
-        return [(INFO, info), (STATUS, status), (BUDGET, budget), (SENSITIVITY, sensitivity)] + health
+        return [(INFO, info), (STATUS, status), (BUDGET, budget), (SENSITIVITY, sensitivity),
+                (KEY_TIMES, times)] + health
 
     def render(self, accept: Optional[str] = None) -> Tuple[bytes, str]:
         openmetrics = bool(accept) and "application/openmetrics-text" in accept

@@ -25,9 +25,8 @@ from .config import Settings, load_settings
 from .core import UsageCore
 from .keystore import ApiKey, KeyStore, mask_key
 from .metrics import UNMATCHED_ROUTE
-from .ratelimit import WINDOW_ORDER, Decision, StorageUnavailable
+from .ratelimit import Decision, StorageUnavailable
 from .geo import client_ip, parse_trusted_proxies
-from .llmcapture import extract_usage
 from .usage import LLMUsage, UsageError, validate_usage
 
 log = logging.getLogger("api_token_exporter")
@@ -140,6 +139,7 @@ REFUSALS = {
     "invalid": (401, "Invalid API key"),
     "inactive": (403, "API key is inactive"),
     "expired": (401, "API key has expired"),
+    "rotated": (401, "API key was rotated and its grace period is over: use the new key"),
 }
 
 
@@ -212,7 +212,7 @@ class _Capture:
 class TokenAnalytics:
     def __init__(self, app=None, *, settings: Optional[Settings] = None,
                  config_file: Optional[str] = None, routes: Optional[List[str]] = None,
-                 keystore: Optional[KeyStore] = None, **overrides):
+                 keystore: Optional[KeyStore] = None, admin_views=None, **overrides):
         self.settings = settings or load_settings(config_file, **overrides)
         s = self.settings
         core = self.core = UsageCore(s, keystore)
@@ -230,7 +230,7 @@ class TokenAnalytics:
         # on an API's own port, metrics (token names, tenants) are for Prometheus only
         self.endpoints, self._internal_paths, self._internal_prefixes = build_endpoints(
             self.core, serve_metrics=s.metrics_port is None, health=app is None,
-            anonymous_metrics=app is None or s.metrics_public)
+            anonymous_metrics=app is None or s.metrics_public, admin_views=admin_views)
         self.app = None
         if app is not None:
             if hasattr(app, "url_map") and hasattr(app, "wsgi_app"):
@@ -374,20 +374,20 @@ class TokenAnalytics:
             self._capture_llm(call.llm_token, call.headers, capture.body())
 
     def _capture_llm(self, token_id: str, headers, body: bytes) -> None:
-        content_type = model_hint = ""
+        content_type = model_hint = encoding = ""
         for name, value in headers:
             lname = name.lower()
             if lname == "content-type":
                 content_type = value
             elif lname == "x-llm-model":
                 model_hint = value
-        found = extract_usage(content_type, body, model_hint or None)
-        if found is None:
-            return
-        try:
-            self.count_llm(token_id, validate_usage(*found))
-        except UsageError as exc:
-            log.warning("LLM usage in a response for token %s not counted: %s", token_id, exc)
+            elif lname == "content-encoding":
+                encoding = value.strip().lower()
+        if encoding in ("gzip", "x-gzip", "deflate"):       # a proxied upstream's compressed answer
+            body = _decompressed(body, encoding, self.settings.capture_max_bytes)
+            if body is None:
+                return
+        self.core.capture_llm(token_id, content_type, body, model_hint)
 
     def _record(self, environ, key: Optional[ApiKey], code: int, started: float) -> None:
         self.core.record_request(key.id if key is not None else None, self._route(environ),
@@ -397,45 +397,28 @@ class TokenAnalytics:
             self.core.record_country(key.id, client_ip(environ, self._trusted_proxies))
 
     def _observe_upstream_limits(self, token_id: str, headers, code: int) -> None:
-        """Observe-only mode: take rate-limit values from the headers the app (or its upstream)
-        set, in the seed 002 form ``X-RateLimit-Minute-Remaining`` or GitHub's
-        ``X-RateLimit-Remaining`` (reported as the ``default`` window)."""
-        found: Dict[str, Dict[str, float]] = {}
-        for name, value in headers:
-            lname = name.lower()
-            if not lname.startswith("x-ratelimit-"):
-                continue
-            parts = lname[len("x-ratelimit-"):].split("-")
-            if len(parts) == 2 and parts[0] in WINDOW_ORDER:
-                window, field = parts
-            elif len(parts) == 1:
-                window, field = "default", parts[0]
-            else:
-                continue
-            if field not in ("limit", "remaining", "reset"):
-                continue
-            try:
-                number = float(value)
-            except ValueError:
-                continue
-            if math.isfinite(number):        # the store holds finite values only
-                found.setdefault(window, {})[field] = number
-        now = time.time()
-        exhausted = None
-        for window, values in found.items():
-            if "limit" not in values or "remaining" not in values:
-                continue
-            reset = values.get("reset", 0.0)
-            reset_at = reset if reset > 1e9 else now + reset   # epoch or seconds from now
-            self.metrics.set_window(token_id, window, int(values["limit"]),
-                                    int(values["remaining"]), reset_at)
-            if values["remaining"] <= 0 and exhausted is None:
-                exhausted = window
-        if code == 429:
-            self.metrics.observe_rate_limited(token_id, exhausted or "default")
+        self.core.observe_upstream_limits(token_id, headers, code)   # observe-only: the app's X-RateLimit-*
 
     def count_llm(self, token: str, usage: LLMUsage) -> LLMUsage:
         return self.core.count_llm(token, usage)
+
+
+def _decompressed(body: bytes, encoding: str, limit: int) -> Optional[bytes]:
+    """At most ``limit`` bytes of a gzip or deflate body; None if it is broken or larger."""
+    import zlib
+    wbits = 47 if encoding != "deflate" else 15          # gzip or zlib header; deflate as zlib
+    try:
+        d = zlib.decompressobj(wbits)
+        out = d.decompress(body, limit + 1)
+    except zlib.error:
+        if encoding != "deflate":
+            return None
+        try:                                              # raw deflate, as some servers send it
+            d = zlib.decompressobj(-15)
+            out = d.decompress(body, limit + 1)
+        except zlib.error:
+            return None
+    return out if len(out) <= limit else None
 
 
 def metrics_open_without_credentials(settings: Settings, addr: str) -> bool:

@@ -11,6 +11,9 @@ Why not `limits` itself: its MemoryStorage costs two calls and a key build per w
 60-130 µs for three windows with their header values, benchmarks/bench_ratelimit.py), and its
 Redis storage one round trip per call, six per request. Here memory is one dict pass and Redis
 one EVALSHA per request; tests check that both give the same answers as `limits`.
+
+Asyncio code (the ASGI middleware) calls ``hit_plan_async``: the same script, keys, circuit
+breaker and failure mode through ``redis.asyncio``, so WSGI and ASGI instances share counts.
 """
 from __future__ import annotations
 
@@ -125,41 +128,73 @@ return out
 """
 
 
+def redis_call(token: str, plan: Plan) -> Tuple[List[str], List[int]]:
+    """The keys and arguments of HIT_SCRIPT for one request: the same for the sync and the
+    asyncio client, so WSGI and ASGI instances share counts exactly."""
+    # {token} is a hash tag: a token's windows share a Redis Cluster slot
+    keys = [f"ate:rl:{{{token}}}:{window}" for window, _, _ in plan]
+    args: List[int] = []
+    for _, limit, seconds in plan:
+        args += [limit, seconds * 1000]
+    return keys, args
+
+
+def redis_decision(reply, plan: Plan, now: float) -> Decision:
+    """HIT_SCRIPT's reply (count and TTL of every window) as a Decision."""
+    windows: List[WindowState] = []
+    refused = None
+    charging = True
+    for i, (window, limit, seconds) in enumerate(plan):
+        count, ttl_ms = int(reply[2 * i]), int(reply[2 * i + 1])
+        reset_at = now + ttl_ms / 1000.0 if ttl_ms >= 0 else now + seconds
+        state = WindowState(window, limit, max(0, limit - count), reset_at)
+        if charging and count > limit:
+            refused, charging = state, False
+        windows.append(state)
+    return Decision(refused is None, windows, refused, plan)
+
+
 class RedisBackend:
     def __init__(self, client):
         self.client = client
         self._script = client.register_script(HIT_SCRIPT)
 
     def hit(self, token: str, plan: Plan, now: float) -> Decision:
-        # {token} is a hash tag: a token's windows share a Redis Cluster slot
-        keys = [f"ate:rl:{{{token}}}:{window}" for window, _, _ in plan]
-        args = []
-        for _, limit, seconds in plan:
-            args += [limit, seconds * 1000]
-        reply = self._script(keys=keys, args=args)
-        windows: List[WindowState] = []
-        refused = None
-        charging = True
-        for i, (window, limit, seconds) in enumerate(plan):
-            count, ttl_ms = int(reply[2 * i]), int(reply[2 * i + 1])
-            reset_at = now + ttl_ms / 1000.0 if ttl_ms >= 0 else now + seconds
-            state = WindowState(window, limit, max(0, limit - count), reset_at)
-            if charging and count > limit:
-                refused, charging = state, False
-            windows.append(state)
-        return Decision(refused is None, windows, refused, plan)
+        keys, args = redis_call(token, plan)
+        return redis_decision(self._script(keys=keys, args=args), plan, now)
 
     def reset(self) -> None:
         for key in self.client.scan_iter("ate:rl:*"):
             self.client.delete(key)
 
 
-def _redis_backend(uri: str, timeout: float) -> RedisBackend:
+class AsyncRedisBackend:
+    """The same script and keys through ``redis.asyncio``: one round trip per request that
+    never blocks the event loop (the ASGI middleware)."""
+
+    def __init__(self, client):
+        self.client = client
+        self._script = client.register_script(HIT_SCRIPT)
+
+    async def hit(self, token: str, plan: Plan, now: float) -> Decision:
+        keys, args = redis_call(token, plan)
+        return redis_decision(await self._script(keys=keys, args=args), plan, now)
+
+    async def aclose(self) -> None:
+        close = getattr(self.client, "aclose", None) or self.client.close    # redis < 5: close()
+        await close()
+
+
+def redis_client(uri: str, timeout: float, asyncio: bool = False):
+    """A client for a redis://, rediss://, unix://, redis+sentinel:// or redis+cluster:// URI,
+    from ``redis`` or, with ``asyncio``, from ``redis.asyncio`` (redis>=4.5), with the same
+    timeouts."""
     from .config import optional_import
-    redis = optional_import("redis", "redis", "Redis")
+    redis = optional_import("redis.asyncio" if asyncio else "redis", "redis", "Redis")
     timeouts = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
     if uri.startswith("redis+cluster://"):
-        from redis.cluster import ClusterNode, RedisCluster
+        cluster = optional_import(redis.__name__ + ".cluster", "redis", "Redis Cluster")
+        ClusterNode, RedisCluster = cluster.ClusterNode, cluster.RedisCluster
         parts = urlsplit(uri)
         nodes = []
         for hostport in parts.netloc.rsplit("@", 1)[-1].split(","):
@@ -169,9 +204,9 @@ def _redis_backend(uri: str, timeout: float) -> RedisBackend:
         username = unquote(parts.username) if parts.username else None
         # a failover (a replica promoted) takes the cluster's node timeout: the client retries
         # MOVED/ASK and refreshes its slot map; the circuit breaker covers the seconds between
-        return RedisBackend(RedisCluster(startup_nodes=nodes, password=password, username=username, **timeouts))
+        return RedisCluster(startup_nodes=nodes, password=password, username=username, **timeouts)
     if uri.startswith("redis+sentinel://"):
-        from redis.sentinel import Sentinel
+        Sentinel = optional_import(redis.__name__ + ".sentinel", "redis", "Redis").Sentinel
         parts = urlsplit(uri)
         password = unquote(parts.password) if parts.password else None
         hosts = []
@@ -183,8 +218,12 @@ def _redis_backend(uri: str, timeout: float) -> RedisBackend:
             raise ValueError("redis+sentinel:// needs the service name: redis+sentinel://host:26379/mymaster")
         db = int(path[1]) if len(path) > 1 else 0
         sentinel = Sentinel(hosts, sentinel_kwargs=timeouts, **timeouts)
-        return RedisBackend(sentinel.master_for(path[0], password=password, db=db, **timeouts))
-    return RedisBackend(redis.Redis.from_url(uri, **timeouts))
+        return sentinel.master_for(path[0], password=password, db=db, **timeouts)
+    return redis.Redis.from_url(uri, **timeouts)
+
+
+def _redis_backend(uri: str, timeout: float) -> RedisBackend:
+    return RedisBackend(redis_client(uri, timeout))
 
 
 class CircuitBreaker:
@@ -271,6 +310,9 @@ class RateLimiter:
         self.breaker = CircuitBreaker(self._safe_uri(), logger=logger)
         self._local = MemoryBackend() if failure_mode == "local" else None
         self._plans: Dict[tuple, Plan] = {}
+        self.timeout = timeout
+        self._async: Optional[AsyncRedisBackend] = None     # made on first use, in its event loop
+        self._async_loop = None
 
     def plan(self, limits: Dict[str, int]) -> Plan:
         items = tuple(limits.items())
@@ -294,13 +336,53 @@ class RateLimiter:
             try:
                 decision = self.backend.hit(token_id, plan, now)
             except Exception as exc:
-                breaker.failure(type(exc).__name__)
-                reason = f"rate-limit storage {self._safe_uri()} failed: {type(exc).__name__}"
-            else:
-                breaker.success()
-                return decision
-        else:
-            reason = f"rate-limit storage {self._safe_uri()} unavailable (circuit breaker open)"
+                return self._failed(exc, token_id, plan, now)
+            breaker.success()
+            return decision
+        return self._unavailable(token_id, plan, now)
+
+    async def hit_plan_async(self, token_id: str, plan: Plan, now: Optional[float] = None) -> Decision:
+        """hit_plan() for asyncio code: Redis through ``redis.asyncio`` (the same script, keys,
+        circuit breaker and failure mode); memory storage answers at once, as it does no I/O."""
+        now = now if now is not None else time.time()
+        if not self.shared:
+            return self.backend.hit(token_id, plan, now)
+        breaker = self.breaker
+        if breaker.allow():
+            try:
+                decision = await self._async_backend().hit(token_id, plan, now)
+            except Exception as exc:
+                return self._failed(exc, token_id, plan, now)
+            breaker.success()
+            return decision
+        return self._unavailable(token_id, plan, now)
+
+    def _async_backend(self) -> AsyncRedisBackend:
+        """The asyncio client of the running event loop (a client is bound to its loop)."""
+        import asyncio
+        loop = asyncio.get_running_loop()
+        backend = self._async
+        if backend is None or self._async_loop is not loop:
+            backend = self._async = AsyncRedisBackend(redis_client(self.storage_uri, self.timeout, asyncio=True))
+            self._async_loop = loop
+        return backend
+
+    async def aclose(self) -> None:
+        """Close the asyncio client's connections (the ASGI middleware's shutdown)."""
+        backend, self._async, self._async_loop = self._async, None, None
+        if backend is not None:
+            await backend.aclose()
+
+    def _failed(self, exc: Exception, token_id: str, plan: Plan, now: float) -> Decision:
+        self.breaker.failure(type(exc).__name__)
+        return self._fallback(token_id, plan, now,
+                              f"rate-limit storage {self._safe_uri()} failed: {type(exc).__name__}")
+
+    def _unavailable(self, token_id: str, plan: Plan, now: float) -> Decision:
+        return self._fallback(token_id, plan, now,
+                              f"rate-limit storage {self._safe_uri()} unavailable (circuit breaker open)")
+
+    def _fallback(self, token_id: str, plan: Plan, now: float, reason: str) -> Decision:
         if self._local is not None:
             return self._local.hit(token_id, plan, now)
         raise StorageUnavailable(reason)

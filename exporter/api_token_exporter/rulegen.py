@@ -82,6 +82,11 @@ def validate(t: dict) -> None:
               "exporter.down_for", "exporter.absent_for", "key_file.for", "rate_limit_storage.for",
               "notifications.down_for", "notifications.failing_for"):
         need(p, duration, "a duration such as 5m")
+    for p in ("key_lifecycle.expiring_within", "key_lifecycle.old_secret_warn_before", "key_lifecycle.for",
+              "key_lifecycle.interval"):
+        need(p, duration, "a duration such as 7d")
+    for p in ("key_lifecycle.unused_for", "key_lifecycle.not_rotated_for"):
+        need(p, lambda v: v is None or duration(v), "a duration such as 30d, or null (off)")
     for p in ("latency.warning", "latency.critical", "error_rate.warning", "error_rate.critical",
               "usage_spike.warning", "usage_spike.critical", "unauthorized.critical",
               "latency.min_requests", "error_rate.min_requests",
@@ -105,8 +110,9 @@ def validate(t: dict) -> None:
         if window not in ("hour", "day"):
             raise ThresholdError(f"thresholds: rate_limit.exhaustion.{window}: hour or day only")
         seconds(spec["range"]), seconds(spec["horizon"])
-    from . import anomaly_rules
+    from . import anomaly_rules, upstream_rules
     anomaly_rules.validate(t)
+    upstream_rules.validate(t)
 
 
 def _q(value: float) -> str:
@@ -436,6 +442,62 @@ def alert_rules(t: dict) -> List[dict]:
     return [{"name": "apitoken.alerts", "rules": rules}]
 
 
+def key_lifecycle_rules(t: dict) -> List[dict]:
+    """Keys that expire soon, sit unused, are never rotated, or whose replaced secret is still
+    in use near the end of its grace period (``keys rotate``): day-scale, so evaluated every 5m."""
+    k = t["key_lifecycle"]
+    times = "apitoken_key_event_timestamp_seconds"
+    active = 'max by (token) (apitoken_token_status{status=~"active|rate_limited"}) == 1'
+    within = int(seconds(k["expiring_within"]))
+    rules = [_alert(
+        t, "ApiTokenKeyExpiringSoon", "warning",
+        (f'(max by (token) ({times}{{event="expires"}}) - time()) < {within}\n'
+         f'and (max by (token) ({times}{{event="expires"}}) - time()) > 0\n'
+         f"and on (token) {active}"),
+        k["for"],
+        "API key {{ $labels.token }} expires in {{ $value | humanizeDuration }}",
+        "Key {{ $labels.token }} expires in {{ $value | humanizeDuration }} (warning within "
+        f"{k['expiring_within']}): issue a new key or move its expiry (keys update --expires) before "
+        "its clients are refused.",
+        threshold=f"{k['expiring_within']} before expiry")]
+    if k.get("unused_for"):
+        unused = int(seconds(k["unused_for"]))
+        last = "max by (token) (apitoken_token_last_used_timestamp_seconds)"
+        rules.append(_alert(
+            t, "ApiTokenKeyUnused", "warning",
+            (f"(\n  time() - {last} > {unused}\n"
+             f'  or (time() - max by (token) ({times}{{event="created"}}) > {unused} unless on (token) {last})\n'
+             f") and on (token) {active}"),
+            k["for"],
+            "API key {{ $labels.token }} has not been used for " + k["unused_for"],
+            "Active key {{ $labels.token }} made no request in the last " + k["unused_for"] + " (or never, "
+            "since it was created longer ago): revoke it if nobody needs it (keys revoke). Its last use "
+            "survives restarts with state_dir.",
+            threshold=f"unused {k['unused_for']}"))
+    if k.get("not_rotated_for"):
+        stale = int(seconds(k["not_rotated_for"]))
+        rules.append(_alert(
+            t, "ApiTokenKeyNotRotated", "warning",
+            f'time() - max by (token) ({times}{{event=~"created|rotated"}}) > {stale}\nand on (token) {active}',
+            k["for"],
+            "API key {{ $labels.token }} has not been rotated for " + k["not_rotated_for"],
+            "Key {{ $labels.token }} was created or last rotated {{ $value | humanizeDuration }} ago (warning "
+            f"after {k['not_rotated_for']}): rotate it (keys rotate --grace 24h) and give its clients the new secret.",
+            threshold=f"not rotated {k['not_rotated_for']}"))
+    before = int(seconds(k["old_secret_warn_before"]))
+    rules.append(_alert(
+        t, "ApiTokenOldSecretStillUsed", "warning",
+        (f"sum by (token) (increase(apitoken_key_old_secret_requests_total[1h])) > 0\n"
+         f'and on (token) (max by (token) ({times}{{event="grace_ends"}}) - time()) < {before}'),
+        "0m",
+        "Clients of {{ $labels.token }} still use the secret it was rotated from",
+        "About {{ $value | humanize }} requests of {{ $labels.token }} in the last hour used the secret "
+        f"a rotation replaced, and it stops working within {k['old_secret_warn_before']}: find those "
+        "clients (the key's requests by route) and give them the new secret.",
+        threshold=f"used within {k['old_secret_warn_before']} of the grace end"))
+    return [{"name": "apitoken.keys", "interval": k["interval"], "rules": rules}]
+
+
 class _Dumper(yaml.SafeDumper):
     pass
 
@@ -451,9 +513,9 @@ _Dumper.add_representer(str, _str_presenter)
 def render(t: dict) -> Dict[str, str]:
     def dump(groups):
         return HEADER + yaml.dump({"groups": groups}, Dumper=_Dumper, sort_keys=False, width=1000)
-    from . import anomaly_rules
-    return {"apitoken-recording.yml": dump(recording_rules(t)),
-            "apitoken-alerts.yml": dump(alert_rules(t)),
+    from . import anomaly_rules, upstream_rules
+    return {"apitoken-recording.yml": dump(recording_rules(t) + upstream_rules.recording_rules(t)),
+            "apitoken-alerts.yml": dump(alert_rules(t) + upstream_rules.alert_rules(t, _alert) + key_lifecycle_rules(t)),
             "apitoken-anomalies.yml": dump(anomaly_rules.recording_rules(t) + [
                 {"name": "apitoken.anomaly.alerts", "rules": anomaly_rules.alert_rules(t, _alert)}])}
 

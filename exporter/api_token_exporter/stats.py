@@ -27,6 +27,10 @@ class _Usage:
         self.windows: Dict[str, dict] = {}
 
 
+def _iso(when) -> Optional[str]:
+    return time_str(when.timestamp()) if when is not None else None
+
+
 class UsageTracker:
     def __init__(self, recent: int = 100):
         self._recent = collections.deque(maxlen=recent)   # append is atomic: no lock needed
@@ -92,6 +96,14 @@ class UsageTracker:
                 "last_used": time_str(u.last_used),
                 "endpoints_used": dict(u.endpoints.most_common()),
                 "top_endpoints": [[r, n] for r, n in u.endpoints.most_common(5)],
+                "description": key.description,
+                "created_at": _iso(key.created_at),
+                "updated_at": _iso(key.updated_at),
+                "expires_at": _iso(key.expires_at),
+                "last_rotated_at": _iso(key.last_rotated_at),
+                "rotation": None if key.previous is None else {
+                    "old_key": key.previous.masked, "old_key_valid_until": _iso(key.previous.valid_until),
+                    "old_key_valid": key.previous_valid(now)},
             })
         return {"tokens": tokens, "total_tokens": len(tokens), "timestamp": time_str(now)}
 

@@ -343,7 +343,28 @@ class Store:
         v[c] = z
         v[a + 1] = v[b + 1] = v[c + 1] = now
 
+    def set_recent(self, slot: int, value: float, now: float) -> None:
+        """One gauge_recent series, stamped ``now`` (the newest write wins across processes)."""
+        v = self.values
+        v[slot] = value
+        v[slot + 1] = now
+
+    def set_max(self, slot: int, value: float) -> None:
+        """Raise a gauge_max series to ``value``."""
+        if value > self.values[slot]:
+            self.values[slot] = value
+
     # -- reading -----------------------------------------------------------------------------
+    def recent_values(self, family: Family) -> Dict[tuple, Tuple[float, float]]:
+        """(value, time written) of each series of a gauge_recent family: the newest write of
+        any process in directory mode."""
+        if self.directory:
+            return {k: (row[0], row[1]) for k, row in self._merged().get(family.stored_as, {}).items()}
+        v = self.values
+        with self.lock:
+            items = list(family.series.items())
+        return {k: (v[slot], v[slot + 1]) for k, slot in items}
+
     def family_data(self, family: Family) -> Tuple[List[tuple], list]:
         """(keys, values): a float per key, or a list of floats per key for histograms.
         With a directory, summed over every process's file and the archive (gauges: newest or
