@@ -274,8 +274,12 @@ def _usage_entry(rows) -> dict:
 
 
 def usage_report(client: PrometheusClient, scope: Scope, now: float, progress: Progress = None,
-                 deadline: Optional[float] = None) -> dict:
-    """Seed 004's /api/analytics/usage: summary, trends and predictions (UTC calendar)."""
+                 deadline: Optional[float] = None, compare: Optional[str] = None) -> dict:
+    """Seed 004's /api/analytics/usage: summary, trends and predictions (UTC calendar); with
+    ``compare="previous"`` also ``comparison``: today, this week and this month against the same
+    stretch of the period before (see previous_stretch)."""
+    if compare not in (None, "", "previous"):
+        raise AnalyticsError(f"compare must be 'previous', got {compare!r}")
     m = scope.matcher
     today = dt.datetime.fromtimestamp(now, UTC).replace(hour=0, minute=0, second=0, microsecond=0)
     week = today - dt.timedelta(days=today.weekday())
@@ -299,10 +303,14 @@ def usage_report(client: PrometheusClient, scope: Scope, now: float, progress: P
                + [span(w, w + dt.timedelta(weeks=1)) for w in weekly]
                + [span(mo, (mo + dt.timedelta(days=32)).replace(day=1)) for mo in monthly])
     jobs += [(parts, lo, hi) for lo, hi in buckets]
+    previous = {}
+    if compare:
+        previous = {name: previous_stretch(name, periods[name], now) for name in COMPARED_PERIODS}
+        jobs += [(parts, lo, hi) for lo, hi in previous.values()]
     results = _run(client, jobs, progress, deadline=deadline)
 
     summary = {name: _usage_entry(rows) for name, rows in zip(periods, results[:4])}
-    trend_rows = results[4:]
+    trend_rows = results[4:4 + len(buckets)]
     trends = {
         "daily": [{"date": d.strftime("%Y-%m-%d"), **_usage_entry(r)}
                   for d, r in zip(daily, trend_rows[:30])],
@@ -315,6 +323,14 @@ def usage_report(client: PrometheusClient, scope: Scope, now: float, progress: P
     elapsed = max(1.0, now - month.timestamp())
     factor = month_seconds / elapsed
     mtd = summary["thisMonth"]
+    extra = {}
+    if compare:
+        before = results[4 + len(buckets):]
+        extra["comparison"] = {
+            name: {"period": {"start": iso(periods[name]), "end": iso(now)},
+                   "previousPeriod": {"start": iso(lo), "end": iso(hi)},
+                   **compare_entries(summary[name], _usage_entry(rows))}
+            for (name, (lo, hi)), rows in zip(previous.items(), before)}
     return {
         "summary": summary,
         "trends": trends,
@@ -326,6 +342,7 @@ def usage_report(client: PrometheusClient, scope: Scope, now: float, progress: P
             "monthProgress": round(elapsed / month_seconds, 6),
         },
         "generatedAt": iso(now),
+        **extra,
     }
 
 
@@ -447,3 +464,65 @@ def parse_multiplier(value: Optional[str]) -> float:
     if not 0 < number <= 1000:
         raise AnalyticsError("multiplier must be above 0 and at most 1000")
     return number
+
+
+# -- period comparison ---------------------------------------------------------------------------
+COMPARED = ("requests", "tokens", "cost")
+COMPARED_PERIODS = ("today", "thisWeek", "thisMonth")
+
+
+def change(current: float, previous: float, digits: int = 6) -> dict:
+    """This period against the previous one: absolute and percent change; the percent is None
+    (JSON null) when the previous period had nothing, where no percentage means anything."""
+    if isinstance(current, int) and isinstance(previous, int):
+        diff = current - previous
+    else:
+        diff = round(current - previous, digits)
+    percent = None if previous == 0 else round((current - previous) / abs(previous) * 100.0, 2)
+    return {"current": current, "previous": previous, "change": diff, "changePercent": percent}
+
+
+def compare_entries(current: dict, previous: dict, names: Sequence[str] = COMPARED) -> dict:
+    """{name: change(...)} for each of ``names`` in two usage entries."""
+    return {name: change(current[name], previous[name]) for name in names}
+
+
+def previous_range(start: float, end: float) -> Tuple[float, float]:
+    """The period of the same length just before (start, end]."""
+    return start - (end - start), start
+
+
+def previous_stretch(period: str, start: float, now: float) -> Tuple[float, float]:
+    """For a calendar period so far (today, this week, this month, from ``start`` to ``now``):
+    the same stretch of the period before, so a half-finished day is set against the same hours
+    of yesterday. A month compares the same elapsed time from the previous month's first day,
+    at most to that month's end (March 31st so far against all of February)."""
+    begin = dt.datetime.fromtimestamp(start, UTC)
+    if period == "today":
+        lo = begin - dt.timedelta(days=1)
+    elif period == "thisWeek":
+        lo = begin - dt.timedelta(weeks=1)
+    elif period == "thisMonth":
+        lo = (begin - dt.timedelta(days=1)).replace(day=1)
+    else:
+        raise AnalyticsError(f"no previous period for {period!r}")
+    return lo.timestamp(), min(start, lo.timestamp() + (now - start))
+
+
+def usage_totals(client: PrometheusClient, scope: Scope, ranges: Sequence[Tuple[float, float]],
+                 progress: Progress = None, deadline: Optional[float] = None) -> List[dict]:
+    """{requests, tokens, cost} of the scope's tokens over each range, as /api/analytics/usage
+    counts them (HTTP requests, all LLM tokens, cost in USD)."""
+    parts = _usage_parts(scope.matcher)
+    return [_usage_entry(rows) for rows in _run(client, [(parts, lo, hi) for lo, hi in ranges],
+                                                progress, deadline=deadline)]
+
+
+def compare_periods(client: PrometheusClient, scope: Scope, start: float, end: float,
+                    progress: Progress = None, deadline: Optional[float] = None) -> dict:
+    """(start, end] against the period of the same length just before it."""
+    before = previous_range(start, end)
+    current, previous = usage_totals(client, scope, [(start, end), before], progress, deadline)
+    return {"period": {"start": iso(start), "end": iso(end)},
+            "previousPeriod": {"start": iso(before[0]), "end": iso(before[1])},
+            **compare_entries(current, previous)}

@@ -253,6 +253,11 @@ def cmd_report(args) -> int:
     return report_main(args)
 
 
+def cmd_digest(args) -> int:
+    from .digest import main as digest_main
+    return digest_main(args)
+
+
 def cmd_import(args) -> int:
     from . import history
     from .pricing import Pricing, PricingError
@@ -601,7 +606,35 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--keys-file", default=DEFAULT_KEYS_FILE)
     report.add_argument("--timeout", type=float, default=30.0, help="seconds per query")
     report.add_argument("--progress", action="store_true", help="show progress even when not a terminal")
+    report.add_argument("--compare", choices=("previous",),
+                        help="also this period against the one of the same length before it (HTTP requests, "
+                             "LLM tokens, cost: absolute and percent change); with --format csv, only that")
     report.set_defaults(func=cmd_report)
+
+    digest = sub.add_parser("digest", help="send a usage digest to Slack, Discord, email or a webhook",
+                            description="A summary of a period (requests, errors, top tokens and endpoints, LLM "
+                                        "tokens and cost, budgets, alerts and anomalies, the change against the "
+                                        "period before) from Prometheus, sent to the channels the settings give "
+                                        "(digest_* in docs/configuration.md), or printed with --dry-run. Exit "
+                                        "code 2 for bad arguments or settings, 3 when Prometheus cannot answer, "
+                                        "4 when a channel refused it (the others still got it).")
+    digest.add_argument("--period", choices=("day", "week"),
+                        help="yesterday, or the 7 days before today (UTC; default day)")
+    digest.add_argument("--start", help="or a range: ISO 8601 date or time (UTC if no zone)")
+    digest.add_argument("--end", help="end of the range (default now)")
+    digest.add_argument("--tenant", help="only this tenant's tokens (needs the key file)")
+    digest.add_argument("--scope", choices=("overall", "per-tenant"), help="default: digest_scope (overall)")
+    digest.add_argument("--channel", help="only these of the configured channels, comma-separated: "
+                                          "slack, discord, email, webhook")
+    digest.add_argument("--dry-run", action="store_true", help="print it (--format, default text), send nothing")
+    digest.add_argument("--format", choices=("text", "json", "slack", "discord", "email"),
+                        help="print it this way (what that channel would get); with --dry-run, default text")
+    digest.add_argument("--prometheus-url", help="default prometheus_url, $ATE_PROMETHEUS_URL or "
+                                                 "http://127.0.0.1:9090")
+    digest.add_argument("--config", help="YAML settings file ($ATE_CONFIG): the channels and their secrets")
+    digest.add_argument("--keys-file", help="the key file: names and tenants (default keys_file, $ATE_KEYS_FILE)")
+    digest.add_argument("--timeout", type=float, default=30.0, help="seconds per Prometheus query")
+    digest.set_defaults(func=cmd_digest)
     return parser
 
 

@@ -79,6 +79,22 @@ class Settings:
     alert_rules_dir: Optional[str] = None   # rule files Prometheus reads: alert settings re-render them there
     thresholds_file: Optional[str] = None   # the thresholds the rules are rendered from (prometheus/thresholds.yml)
     alertmanager_config_file: Optional[str] = None   # Alertmanager's file: alert settings change its channels
+    digest_schedule: str = "off"            # usage digests from the exporter service: off, daily or weekly
+    digest_time: str = "08:00"              # when (UTC) the scheduled digest goes out
+    digest_weekday: str = "monday"          # the weekly digest's day (it covers the 7 days before it)
+    digest_scope: str = "overall"           # overall, or per-tenant: one digest per tenant of the key file
+    digest_top_n: int = 5                   # tokens, endpoints and models listed
+    digest_slack_webhook_url: Optional[str] = None     # secret (also *_file)
+    digest_discord_webhook_url: Optional[str] = None   # secret (also *_file)
+    digest_webhook_url: Optional[str] = None           # the digest JSON is posted here; secret (also *_file)
+    digest_webhook_token: Optional[str] = None         # sent as a bearer token to digest_webhook_url
+    digest_email_to: List[str] = field(default_factory=list)
+    digest_smtp_host: Optional[str] = None
+    digest_smtp_port: int = 587
+    digest_smtp_tls: str = "starttls"       # starttls, ssl (port 465) or none
+    digest_smtp_user: Optional[str] = None
+    digest_smtp_password: Optional[str] = None         # secret (also *_file)
+    digest_smtp_from: Optional[str] = None
     recent_requests: int = 100              # ring buffer behind /admin/stats
     console_refresh_seconds: float = 30.0   # how often the console's pages refresh (0: only by the button)
     console_session_lifetime: float = 43200.0   # seconds a console sign-in lasts (12h)
@@ -120,6 +136,8 @@ class Settings:
             raise ConfigError("metrics basic auth needs both user and password")
         from .geo import parse_trusted_proxies
         parse_trusted_proxies(self.trusted_proxies)          # a bad entry is named at start-up
+        from .digest_channels import check_settings as check_digest_settings
+        check_digest_settings(self)
         for name in ("max_tokens", "max_routes", "max_models", "max_clients", "max_countries_per_token",
                      "ingest_max_events",
                      "recent_requests", "capture_max_bytes", "store_capacity", "analytics_max_days",
@@ -130,7 +148,9 @@ class Settings:
 
 
 _SECRET_FIELDS = ("metrics_basic_password", "metrics_bearer_token", "admin_token", "ingest_token",
-                  "alert_webhook_token", "console_secret")
+                  "alert_webhook_token", "console_secret", "digest_slack_webhook_url",
+                  "digest_discord_webhook_url", "digest_webhook_url", "digest_webhook_token",
+                  "digest_smtp_password")
 _BOOLEANS = {"1": True, "true": True, "yes": True, "on": True,
              "0": False, "false": False, "no": False, "off": False}
 _DURATIONS = {"prometheus_timeout", "storage_timeout", "upstream_connect_timeout", "upstream_read_timeout",

@@ -311,7 +311,8 @@ def build_endpoints(core, serve_metrics: bool = True, admin: bool = True, health
         @app.route("/api/analytics/usage", methods=["GET"])
         def analytics_usage():
             return answer(lambda scope: analytics.usage_report(client, scope, time.time(),
-                                                               deadline=s.prometheus_timeout))
+                                                               deadline=s.prometheus_timeout,
+                                                               compare=request.args.get("compare")))
 
         @app.route("/api/analytics/capacity", methods=["GET"])
         def analytics_capacity():

@@ -1,4 +1,5 @@
-"""`api-token-exporter report`: seed 001's token report from Prometheus as a table, CSV or JSON."""
+"""`api-token-exporter report`: seed 001's token report from Prometheus as a table, CSV or JSON;
+with ``--compare previous``, the period against the one before it."""
 from __future__ import annotations
 
 import csv
@@ -9,6 +10,7 @@ import sys
 import time
 
 from . import analytics
+from .digest import signed
 
 CSV_COLUMNS = ["service", "model", "prompt_tokens", "completion_tokens", "total_tokens",
                "request_count", "estimated_cost_usd"]
@@ -54,6 +56,44 @@ def to_table(doc: dict, rows: list) -> str:
     return "\n".join(lines) + "\n"
 
 
+COMPARISON_COLUMNS = ["metric", "current", "previous", "change", "change_percent"]
+
+
+def _number(name: str, value) -> str:
+    if value is None:
+        return ""
+    return f"{value:.6f}" if name == "cost" else str(value)
+
+
+def comparison_csv(comparison: dict) -> str:
+    """One row per compared number: this period, the previous one, the change and its percent
+    (empty when the previous period had nothing)."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(COMPARISON_COLUMNS)
+    for name in analytics.COMPARED:
+        c = comparison[name]
+        writer.writerow([name, _number(name, c["current"]), _number(name, c["previous"]),
+                         _number(name, c["change"]),
+                         "" if c["changePercent"] is None else f'{c["changePercent"]:.2f}'])
+    return out.getvalue()
+
+
+def comparison_table(comparison: dict) -> str:
+    q = comparison["previousPeriod"]
+    lines = ["", f"AGAINST THE PREVIOUS PERIOD {q['start']} .. {q['end']}"]
+    rows = [("", "this period", "previous", "change")]
+    labels = {"requests": "HTTP requests", "tokens": "LLM tokens", "cost": "cost $"}
+    for name in analytics.COMPARED:
+        c = comparison[name]
+        fmt = (lambda v: f"{v:,.4f}") if name == "cost" else (lambda v: f"{v:,}")
+        rows.append((labels[name], fmt(c["current"]), fmt(c["previous"]), signed(c, name == "cost")))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for r in rows:
+        lines.append("  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths))))
+    return "\n".join(lines) + "\n"
+
+
 def main(args) -> int:
     url = args.prometheus_url or os.environ.get("ATE_PROMETHEUS_URL") or "http://127.0.0.1:9090"
     client = analytics.PrometheusClient(url, args.timeout)
@@ -72,6 +112,9 @@ def main(args) -> int:
     try:
         start, end = analytics.resolve_range(str(args.days), args.start, args.end, time.time())
         doc, rows = analytics.tokens_report_rows(client, scope, start, end, progress)
+        comparison = None
+        if getattr(args, "compare", None):
+            comparison = analytics.compare_periods(client, scope, start, end)
     except analytics.AnalyticsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -79,7 +122,9 @@ def main(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 3
     if args.format == "json":
-        print(json.dumps(doc, indent=2))
+        print(json.dumps({**doc, "comparison": comparison} if comparison else doc, indent=2))
+    elif args.format == "csv":
+        sys.stdout.write(comparison_csv(comparison) if comparison else to_csv(doc, rows))
     else:
-        sys.stdout.write(to_csv(doc, rows) if args.format == "csv" else to_table(doc, rows))
+        sys.stdout.write(to_table(doc, rows) + (comparison_table(comparison) if comparison else ""))
     return 0

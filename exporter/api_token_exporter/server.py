@@ -10,7 +10,11 @@ from .middleware import TokenAnalytics
 
 
 def create_app(**settings) -> TokenAnalytics:
-    return TokenAnalytics(None, **settings)
+    app = TokenAnalytics(None, **settings)
+    if app.settings.digest_schedule != "off":      # scheduled usage digests (digest_schedule.py)
+        from .digest_schedule import start_scheduler
+        app.digest_scheduler = start_scheduler(app.settings, app.keystore)
+    return app
 
 
 def app_from_env():
