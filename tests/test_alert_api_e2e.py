@@ -1,9 +1,7 @@
 """The alert API on the real binaries: Prometheus evaluating the rendered rules, Alertmanager
 routing every notification to the exporter's webhook, the history in PostgreSQL (and SQLite),
 acknowledgements as real silences, settings re-rendering the rules and reloading Prometheus."""
-import json
 import os
-import pathlib
 import threading
 import time
 

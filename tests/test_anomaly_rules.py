@@ -2,11 +2,9 @@
 traffic, with promtool: each kind of anomaly fires, and what must not fire does not (a daily
 peak that recurs, a quiet token, a token still learning, a change within a key's own low
 sensitivity)."""
-import math
 import os
 import subprocess
 
-import pytest
 import yaml
 
 from conftest import require_binary

@@ -11,7 +11,6 @@ import datetime as dt
 import hashlib
 import io
 import json
-import os
 import pathlib
 import re
 import tempfile

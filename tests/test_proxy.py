@@ -1,7 +1,6 @@
 """The proxy end to end against a fake upstream on a real socket: rotation, exhaustion and
 recovery, invalid credentials, streaming, LLM usage, the middleware's auth and limits, and no
 secret anywhere."""
-import gzip
 import json
 import logging
 import os

@@ -284,11 +284,6 @@ class AlertHistory:
                                .order_by(episodes.c.starts_at.desc()).limit(1)).first()
         return _episode(row) if row is not None else None
 
-    def firing(self) -> List[Episode]:
-        with self.engine.connect() as conn:
-            rows = conn.execute(sa.select(episodes).where(episodes.c.status == "firing")).all()
-        return [_episode(r) for r in rows]
-
     # -- acknowledgements and feedback ------------------------------------------------------
     def acknowledge(self, episode_id: int, by: str, comment: str, until: float, silence_id: str,
                     replaces: Optional[str] = None, now: Optional[float] = None) -> bool:
@@ -358,13 +353,6 @@ class AlertHistory:
                     by_episode[ev.episode_id].append({"at": ev.at, "kind": ev.kind, "by": ev.actor or None,
                                                       "detail": ev.detail or None})
         return [(_episode(r), by_episode[r.id]) for r in rows], total
-
-    def feedback_counts(self) -> Dict[Tuple[str, str], int]:
-        e = episodes.c
-        with self.engine.connect() as conn:
-            rows = conn.execute(sa.select(e.alertname, e.verdict, sa.func.count()).where(e.verdict.is_not(None))
-                                .group_by(e.alertname, e.verdict)).all()
-        return {(r[0], r[1]): r[2] for r in rows}
 
     # -- settings ---------------------------------------------------------------------------
     def get_settings(self, name: str = "alerts") -> Optional[Tuple[dict, float, str]]:
