@@ -36,9 +36,12 @@ class Profile:
 
 
 ITEMS = (("/api/v1/items", "GET"), ("/api/v1/items/<int:item_id>", "GET"), ("/api/v1/repos/<owner>/<repo>", "GET"))
+# what demo-steady calls through the proxy's credential pool (demo.DemoStack's pool file)
+PROXIED = (("/repos/<owner>/<repo>", "GET"), ("/repos/<owner>/<repo>/issues/<int:number>", "GET"),
+           ("/users/<user>", "GET"))
 # the live demo's paces at speed 1 (demo.TrafficGenerator), so its live traffic is no spike
 PROFILES: Dict[str, Profile] = {
-    "demo-steady": Profile(46, ITEMS),
+    "demo-steady": Profile(86, ITEMS + PROXIED),     # 40/min to the API, 40 through the proxy, 6 lost
     "demo-bursty": Profile(40, ITEMS[:1]),
     # as the live generator: a third of its calls fail 40 % of the time, two thirds are 404s
     "demo-errors": Profile(60, (("/api/v1/flaky", "GET"), ITEMS[1]), error_rate=0.13, not_found=0.67),
