@@ -135,6 +135,9 @@ def generate(agg: Aggregate, start: float, end: float, seed: int = 42,
             n = _count(rnd, per_minute * step / 60)
             if n:
                 agg.add_refusals(b, token, ITEMS[0][0], code, n, reason=reason)
+    # the pace at the end of the history is the live demo's (its generator keeps one pace):
+    # otherwise, run at a daily peak, every healthy key's live traffic would read as a drop
+    at_end = seasonality(end - 1) * 1.2
     for token, p in profiles.items():
         windows = [(end - a.days_ago * 86400, end - a.days_ago * 86400 + a.hours * 3600, a.kind)
                    for a in plan.anomalies if a.token == token]
@@ -145,7 +148,7 @@ def generate(agg: Aggregate, start: float, end: float, seed: int = 42,
         for b in range(first_bin, last_bin):
             t = b * step
             growth = 0.8 + 0.4 * (t - start) / span                       # +50 % over the period
-            mu = p.per_minute * step / 60 * seasonality(t) * growth
+            mu = p.per_minute * step / 60 * seasonality(t) * growth / at_end
             kinds = {kind for lo, hi, kind in windows if lo <= t < hi}
             if "spike" in kinds:
                 mu *= 5
