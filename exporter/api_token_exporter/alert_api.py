@@ -194,14 +194,18 @@ def register(app, paths: set, prefixes: list, core, admin_denied, same, bearer):
         except ApplyError as exc:
             return error(502, str(exc))
 
-    @app.route(ALERTS_PATH + "/<alert_id>/acknowledge", methods=["POST", "DELETE"])
-    def acknowledge(alert_id):
+    def alert_request(alert_id):
+        """(body, None) for an admin's request about a well-formed alert id, else (None, refusal)."""
         denied = admin_denied()
         if denied:
-            return denied
+            return None, denied
         if not ALERT_ID.fullmatch(alert_id):
-            return error(404, "An alert id is the 16 hex digits of its fingerprint")
-        body, bad = body_or_error()
+            return None, error(404, "An alert id is the 16 hex digits of its fingerprint")
+        return body_or_error()
+
+    @app.route(ALERTS_PATH + "/<alert_id>/acknowledge", methods=["POST", "DELETE"])
+    def acknowledge(alert_id):
+        body, bad = alert_request(alert_id)
         if bad:
             return bad
         try:
@@ -218,12 +222,7 @@ def register(app, paths: set, prefixes: list, core, admin_denied, same, bearer):
 
     @app.route(ALERTS_PATH + "/<alert_id>/feedback", methods=["POST"])
     def feedback(alert_id):
-        denied = admin_denied()
-        if denied:
-            return denied
-        if not ALERT_ID.fullmatch(alert_id):
-            return error(404, "An alert id is the 16 hex digits of its fingerprint")
-        body, bad = body_or_error()
+        body, bad = alert_request(alert_id)
         if bad:
             return bad
         verdict, note = body.get("verdict"), body.get("note") or ""
