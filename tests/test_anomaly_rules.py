@@ -74,31 +74,31 @@ def input_series():
     for token, (rate, born) in TRAFFIC.items():
         if token == "errors":      # 1 % errors, 20 % for the hour
             share = lambda t: 0.2 if during(t) else 0.01          # noqa: E731
-            series += [(f'apitoken_requests_by_class_total{{{LABELS},token="errors",class="2xx"}}',
+            series += [(f'apitoken_requests_total{{{LABELS},token="errors",route="/a",method="GET",code="200"}}',
                         counter(lambda t: rate(t) * (1 - share(t)))),
-                       (f'apitoken_requests_by_class_total{{{LABELS},token="errors",class="5xx"}}',
+                       (f'apitoken_requests_total{{{LABELS},token="errors",route="/a",method="GET",code="500"}}',
                         counter(lambda t: rate(t) * share(t)))]
             continue
-        series.append((f'apitoken_requests_by_class_total{{{LABELS},token="{token}",class="2xx"}}',
+        series.append((f'apitoken_requests_total{{{LABELS},token="{token}",route="/a",method="GET",code="200"}}',
                        counter(rate, born)))
-    # slow: every request between 0.1 s and 0.25 s (p95 about 0.24 s); for the hour 1.5 s to 2 s
+    # slow: every request between 0.1 s and 0.25 s (p95 about 0.24 s); for the hour 1 s to 2.5 s
     fast = lambda t: 0 if during(t) else 2                          # noqa: E731
-    for le, rate in (("0.1", steady(0)), ("0.25", fast), ("1.5", fast), ("2.0", steady(2)), ("+Inf", steady(2))):
+    for le, rate in (("0.1", steady(0)), ("0.25", fast), ("0.5", fast), ("1.0", fast), ("2.5", steady(2)),
+                     ("+Inf", steady(2))):
         series.append((f'apitoken_request_duration_seconds_bucket{{{LABELS},token="slow",le="{le}"}}',
                        counter(rate)))
     for token, routes in ROUTES.items():
         for route, rate in routes.items():
             series.append((f'apitoken_requests_total{{{LABELS},token="{token}",route="{route}",method="GET",code="200"}}',
                            counter(rate)))
-        series.append((f'apitoken_requests_by_class_total{{{LABELS},token="{token}",class="2xx"}}',
-                       counter(lambda t, routes=routes: sum(r(t) for r in routes.values()))))
     # travels: always from DE; from BR too for the hour (new); from ZZ (no country known) too
     for country, rate in (("DE", steady(2)), ("BR", lambda t: 0.3 if during(t) else 0),
                           ("ZZ", lambda t: 0.3 if during(t) else 0)):
         series.append((f'apitoken_requests_by_country_total{{{LABELS},token="travels",country="{country}"}}',
                        counter(rate)))
-    series.append((f'apitoken_requests_by_class_total{{{LABELS},token="travels",class="2xx"}}',
+    series.append((f'apitoken_requests_total{{{LABELS},token="travels",route="/a",method="GET",code="200"}}',
                    counter(lambda t: 2.6 if during(t) else 2)))
+    series.append((f'up{{{LABELS}}}', " ".join(["1"] * (DAYS * DAY // STEP + 1))))
     series.append((f'apitoken_anomaly_sensitivity{{{LABELS},token="mod-low"}}',
                    " ".join(["1"] * (DAYS * DAY // STEP + 1))))
     return [{"series": s, "values": v} for s, v in series]

@@ -2,6 +2,7 @@ import datetime as dt
 import functools
 
 from api_token_exporter.keystore import add_key, load_keys, save_keys
+from api_token_exporter.metrics import TOKEN_STATUS_VALUES
 from conftest import sample_total
 
 
@@ -131,7 +132,7 @@ def test_observe_only_takes_limits_from_the_apps_headers(keys):
     assert sample_total(text, "apitoken_rate_limit_reset_timestamp_seconds", token="alpha",
                         window="default") == 1999999999
     assert sample_total(text, "apitoken_rate_limited_total", token="alpha", window="default") == 1
-    assert sample_total(text, "apitoken_token_status", token="alpha", status="rate_limited") == 1
+    assert sample_total(text, "apitoken_token_status", token="alpha") == TOKEN_STATUS_VALUES["rate_limited"]
 
 
 def test_plain_wsgi_app_with_route_templates(keys):

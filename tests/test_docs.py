@@ -3,7 +3,12 @@ import dataclasses
 import pathlib
 import re
 
+from flask import Flask, jsonify
+
+from api_token_exporter import TokenAnalytics
 from api_token_exporter.config import Settings
+from api_token_exporter.keystore import add_key
+from api_token_exporter.usage import validate_usage
 from api_token_exporter.metrics import Metrics
 from api_token_exporter.server import create_app
 from conftest import build_app
@@ -36,21 +41,51 @@ def test_every_setting_is_documented():
     assert missing == []
 
 
+def token_series(text, token):
+    return [l for l in text.splitlines() if not l.startswith("#") and f'token="{token}"' in l]
+
+
 def test_series_budget_per_token_is_as_documented(keys):
-    """docs/metrics.md: 44 + R*M*C per token with three windows, no LLM use, no expiry or rotation."""
+    """docs/metrics.md: 18 + R*M*C per token with three windows on the default limits, no LLM
+    use, no expiry or rotation."""
     client = build_app(keys[0]).test_client()
     before = client.get("/metrics").get_data(as_text=True)
     client.get("/items", headers={"X-API-Key": keys[1]["alpha"]})
     after = client.get("/metrics").get_data(as_text=True)
+    # info, status and the created time exist for every configured key from the start
+    assert len(token_series(before, "alpha")) == 3
+    assert len(token_series(after, "alpha")) == 19
+    assert "18 + R·M·C + 4·L + B + K" in CATALOGUE
 
-    def token_series(text, token):
-        return [l for l in text.splitlines() if not l.startswith("#") and f'token="{token}"' in l]
 
-    added = len(token_series(after, "alpha")) - len(token_series(before, "alpha"))
-    # info, status, status-class and created-time lines exist for every configured key from the start
-    assert len(token_series(before, "alpha")) == 12
-    assert len(token_series(after, "alpha")) == 45
-    assert "44 + R·M·C + 4·L + B + K" in CATALOGUE and added == 33
+def example_app(tmp_path):
+    """The docs' example: a key with both budgets on the default limits, five routes."""
+    path = str(tmp_path / "keys.yml")
+    raw = add_key(path, "example", name="Example", tenant="acme", budget_usd={"daily": 5, "monthly": 100})
+    app = Flask("example")
+    for i in range(5):
+        app.add_url_rule(f"/r{i}/<int:n>", f"r{i}", lambda n: (jsonify(n=n), 200 if n else 404))
+    analytics = TokenAnalytics(app, keys_file=path, metrics_public=True)
+    return app, analytics, raw
+
+
+def test_the_documented_example_costs_30_series_per_token_and_4_per_llm_model(tmp_path):
+    """10,000 tokens like this one are 300,000 series (docs/metrics.md, docs/scaling.md)."""
+    app, analytics, raw = example_app(tmp_path)
+    client = app.test_client()
+    for i in range(5):
+        for n in (1, 0, 1):                                   # 200 and 404 on each route
+            r = client.get(f"/r{i}/{n}", headers={"X-API-Key": raw}, buffered=True)
+            assert r.status_code == (200 if n else 404)
+    text = client.get("/metrics").get_data(as_text=True)
+    series = token_series(text, "example")
+    assert len(series) == 30, "\n".join(series)
+    assert "10,000 × (18 + 10 + 2) = **300,000 series**" in CATALOGUE
+    for model in ("gpt-4o", "gpt-4o-mini"):
+        analytics.count_llm("example", validate_usage("openai", model, 10, 5))
+    text = client.get("/metrics").get_data(as_text=True)
+    assert len(token_series(text, "example")) == 38
+    assert "with 2 models each, 38 per token, 380,000 series" in CATALOGUE
 
 
 def test_overflow_label_is_shared_across_families():

@@ -25,16 +25,16 @@ def test_request_metrics_by_token_route_method_code(client, keys):
     assert sample_total(text, "apitoken_request_duration_seconds_count", token="alpha") == 5
     assert sample_total(text, "apitoken_request_duration_seconds_bucket", token="alpha", le="+Inf") == 5
     buckets = {dict(l)["le"] for l in samples(text, "apitoken_request_duration_seconds_bucket")}
-    assert {"1.0", "2.0"} <= buckets
+    assert buckets == {"0.1", "0.25", "0.5", "1.0", "2.5", "+Inf"}        # few per token
+    route_buckets = {dict(l)["le"] for l in samples(text, "apitoken_route_request_duration_seconds_bucket")}
+    assert {"0.005", "1.0", "2.0", "10.0"} <= route_buckets                 # fine per route
     assert sample_total(text, "apitoken_route_request_duration_seconds_count",
                         route="/items/<int:item_id>") == 3
     assert sample_total(text, "apitoken_token_last_used_timestamp_seconds", token="alpha") > 1.7e9
     assert sample_total(text, "apitoken_token_info", token="alpha", name="Alpha app", tenant="acme") == 1
-    assert sample_total(text, "apitoken_token_status", token="revoked", status="inactive") == 1
-    assert sample_total(text, "apitoken_token_status", token="old", status="expired") == 1
-    # one-hot: exactly one status per token
-    for token in ("alpha", "beta", "revoked", "old"):
-        assert sample_total(text, "apitoken_token_status", token=token) == 1
+    # one series per key, its value the status: 0 active, 1 rate_limited, 2 expired, 3 inactive
+    status = {dict(l)["token"]: v for l, v in samples(text, "apitoken_token_status").items()}
+    assert status == {"alpha": 0, "beta": 0, "gamma": 0, "delta": 0, "revoked": 3, "old": 2}
     assert "_created" not in text
 
 

@@ -3,6 +3,7 @@ import re
 import pytest
 
 from api_token_exporter.ratelimit import RateLimiter, StorageUnavailable
+from api_token_exporter.metrics import TOKEN_STATUS_VALUES
 from conftest import build_app, sample_total
 
 WINDOWS = {"Minute": 60, "Hour": 3600, "Day": 86400}
@@ -45,9 +46,8 @@ def test_per_key_minute_override_refuses_with_429_and_retry_after(client, keys):
     assert sample_total(text, "apitoken_rate_limited_total", token="beta", window="minute") == 1
     assert sample_total(text, "apitoken_requests_total", token="beta", code="429") == 1
     assert sample_total(text, "apitoken_rate_limit_remaining", token="beta", window="minute") == 0
-    assert sample_total(text, "apitoken_token_status", token="beta", status="rate_limited") == 1
-    assert sample_total(text, "apitoken_token_status", token="beta", status="active") == 0
-    assert sample_total(text, "apitoken_token_status", token="alpha", status="active") == 1
+    assert sample_total(text, "apitoken_token_status", token="beta") == TOKEN_STATUS_VALUES["rate_limited"]
+    assert sample_total(text, "apitoken_token_status", token="alpha") == TOKEN_STATUS_VALUES["active"]
 
 
 def test_hour_window_refuses(client, keys):

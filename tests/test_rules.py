@@ -85,14 +85,14 @@ def test_the_not_rotated_alert_when_it_is_switched_on(tmp_path):
     t = rulegen.load_thresholds(THRESHOLDS, {"key_lifecycle": {"not_rotated_for": "2d"}})
     rulegen.write(t, str(tmp_path / "rules"))
     series = 'apitoken_key_event_timestamp_seconds{{job="a",instance="b",token="{}",event="{}"}}'
-    status = 'apitoken_token_status{{job="a",instance="b",token="{}",status="active"}}'
+    status = 'apitoken_token_status{{job="a",instance="b",token="{}"}}'
     test = {"rule_files": [str(tmp_path / "rules" / "apitoken-alerts.yml")], "evaluation_interval": "5m",
             "tests": [{"interval": "5m", "input_series": [
                 {"series": series.format("k-old", "created"), "values": "0x900"},
-                {"series": status.format("k-old"), "values": "1x900"},
+                {"series": status.format("k-old"), "values": "0x900"},
                 {"series": series.format("k-rotated", "created"), "values": "0x900"},
                 {"series": series.format("k-rotated", "rotated"), "values": "_x288 86400x612"},   # on day 1
-                {"series": status.format("k-rotated"), "values": "1x900"}],
+                {"series": status.format("k-rotated"), "values": "0x900"}],
                 "alert_rule_test": [
                     {"eval_time": "2d", "alertname": "ApiTokenKeyNotRotated", "exp_alerts": []},
                     {"eval_time": "2d20m", "alertname": "ApiTokenKeyNotRotated", "exp_alerts": [
@@ -119,7 +119,8 @@ def test_the_not_rotated_alert_when_it_is_switched_on(tmp_path):
 
 
 @pytest.mark.parametrize("override,message", [
-    ({"latency": {"warning": 3.0}}, "latency.warning must be below latency.critical"),
+    ({"latency": {"warning": 2.2}}, "latency.warning must be below latency.critical"),
+    ({"latency": {"critical": 3.0}}, r"latency.critical must be below 2.5 \(the last bound of the per-token"),
     ({"error_rate": {"for": "five minutes"}}, "error_rate.for must be a duration"),
     ({"rate_limit": {"approaching_ratio": 1.5}}, "between 0 and 1"),
 ])

@@ -76,7 +76,7 @@ def test_scrapes_while_series_are_created_never_fail_and_totals_are_exact(tmp_pa
     assert len(scrapes) >= 8
     text = _render_text(metrics)
     assert sample_total(text, "apitoken_requests_total") == writers * per_writer
-    assert sample_total(text, "apitoken_requests_by_class_total", **{"class": "5xx"}) == writers * per_writer / 4
+    assert sample_total(text, "apitoken_requests_total", code="500") == writers * per_writer / 4
 
 
 def _count_requests(directory, token, n):
@@ -287,42 +287,48 @@ OLD_LAYOUT_WRITER = """
 import sys
 from api_token_exporter import metrics
 from api_token_exporter.store import Family
-from api_token_exporter.metrics import FORMER_LATENCY_BUCKETS, Metrics
-old = FORMER_LATENCY_BUCKETS[0]
+from api_token_exporter.metrics import FORMER_LATENCY_BUCKETS, LATENCY_BUCKETS, Metrics
 real = metrics.catalogue
-def catalogue():          # as the release before the latency buckets changed wrote its files
-    return tuple(Family(f.name, f.kind, f.help, f.labelnames, old, scale=f.scale) if f.kind == "histogram" else f
-                 for f in real())
+def catalogue():          # as an earlier release wrote its files: every histogram in one layout
+    if sys.argv[2] == "oldest":
+        return tuple(Family(f.name, f.kind, f.help, f.labelnames, FORMER_LATENCY_BUCKETS[0], scale=f.scale)
+                     if f.kind == "histogram" else f for f in real())
+    return tuple(Family(f.name, f.kind, f.help, f.labelnames, LATENCY_BUCKETS, scale=f.scale,
+                        former_buckets=FORMER_LATENCY_BUCKETS) if f.kind == "histogram" else f for f in real())
 metrics.catalogue = catalogue
 m = Metrics(directory=sys.argv[1])
-for seconds in map(float, sys.argv[2:]):
+for seconds in map(float, sys.argv[3:]):
     m.observe_request("alpha", "/a", "GET", 200, seconds, authenticated=True)
 """
 
 
 def test_histograms_written_with_the_former_buckets_are_read_into_the_new_ones(tmp_path):
     """An upgrade keeps every count: an old bucket's observations move to the first new bucket
-    at or above its bound, from a dead file and from the archive alike."""
-    def old_run(*seconds):
-        subprocess.run([sys.executable, "-c", OLD_LAYOUT_WRITER, str(tmp_path), *map(str, seconds)],
+    at or above its bound, from a dead file and from the archive alike; the per-token histogram
+    lost most of its buckets, the route histogram kept them."""
+    def old_run(layout, *seconds):
+        subprocess.run([sys.executable, "-c", OLD_LAYOUT_WRITER, str(tmp_path), layout, *map(str, seconds)],
                        check=True, timeout=60)
-    old_run(0.7, 3.5)
+    old_run("oldest", 0.7, 3.5)
     assert fold_dead_files(str(tmp_path), catalogue()) == 1           # into the archive, old layout
-    old_run(0.004, 20)                                                 # a dead file, old layout
+    old_run("oldest", 0.004, 20)                                       # a dead file, old layout
+    old_run("previous", 0.03, 1.3)                                     # the release before this one
     now = Metrics(directory=str(tmp_path))
     now.observe_request("alpha", "/a", "GET", 200, 0.7, authenticated=True)   # the new layout
     text = _render_text(now)
 
-    def bucket(le):
-        return sample_total(text, "apitoken_request_duration_seconds_bucket", token="alpha", le=le)
-    assert sample_total(text, "apitoken_request_duration_seconds_count", token="alpha") == 5
+    def bucket(le, family="apitoken_request_duration_seconds_bucket", **labels):
+        return sample_total(text, family, le=le, **(labels or {"token": "alpha"}))
+    assert sample_total(text, "apitoken_request_duration_seconds_count", token="alpha") == 7
     assert sample_total(text, "apitoken_request_duration_seconds_sum", token="alpha") == pytest.approx(
-        0.7 + 3.5 + 0.004 + 20 + 0.7)
-    assert (bucket("0.005"), bucket("0.5"), bucket("0.75"), bucket("1.0"), bucket("3.0"), bucket("5.0"),
-            bucket("10.0"), bucket("+Inf")) == (1, 1, 2, 3, 3, 4, 4, 5)     # the old 0.7 counts at 1.0
-    assert sample_total(text, "apitoken_route_request_duration_seconds_count", route="/a") == 5
+        0.7 + 3.5 + 0.004 + 20 + 0.03 + 1.3 + 0.7)
+    assert [bucket(le) for le in ("0.1", "0.25", "0.5", "1.0", "2.5", "+Inf")] == [2, 2, 2, 4, 5, 7]
+    route = "apitoken_route_request_duration_seconds_bucket"
+    assert [bucket(le, route, route="/a") for le in ("0.005", "0.05", "0.5", "0.75", "1.0", "1.5", "3.0",
+                                                      "5.0", "10.0", "+Inf")] == [1, 2, 2, 3, 4, 5, 5, 6, 6, 7]
+    assert sample_total(text, "apitoken_route_request_duration_seconds_count", route="/a") == 7
     now.store.close()
-    assert fold_dead_files(str(tmp_path), catalogue()) == 1            # the archive now holds both layouts
+    assert fold_dead_files(str(tmp_path), catalogue()) == 1            # the archive now holds every layout
     again = _render_text(Metrics(directory=str(tmp_path)))
-    assert sample_total(again, "apitoken_request_duration_seconds_bucket", token="alpha", le="1.0") == 3
-    assert sample_total(again, "apitoken_request_duration_seconds_count", token="alpha") == 5
+    assert sample_total(again, "apitoken_request_duration_seconds_bucket", token="alpha", le="1.0") == 4
+    assert sample_total(again, "apitoken_request_duration_seconds_count", token="alpha") == 7

@@ -55,7 +55,10 @@ def test_exact_totals_under_gunicorn_with_4_workers(gunicorn_app, keys):
     # gauges are not summed across workers: one token info line, one status per token
     assert sample_total(text, "apitoken_token_info", token="alpha") == 1
     assert sample_total(text, "apitoken_token_status", token="alpha") == 1
-    assert 0 < sample_total(text, "apitoken_rate_limit_limit", token="alpha", window="minute") <= 100
+    # alpha has no limit of its own: the default applies, and its remaining is below it
+    assert sample_total(text, "apitoken_rate_limit_limit", token="alpha") == 0
+    assert sample_total(text, "apitoken_rate_limit_default_limit", window="minute") == 100
+    assert 0 < sample_total(text, "apitoken_rate_limit_remaining", token="alpha", window="minute") < 100
 
 
 def test_redis_limits_hold_across_4_workers_and_two_instances(gunicorn_app, keys, redis_uri):

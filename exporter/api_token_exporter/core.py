@@ -44,7 +44,8 @@ class UsageCore:
         if s.country_lookup:
             from .geo import CountryResolver
             self.countries = CountryResolver(s.geo_database)
-        self.view = ScrapeView(self.metrics, self.keystore, limiter=self.limiter, pricing=self.pricing)
+        self.view = ScrapeView(self.metrics, self.keystore, limiter=self.limiter, pricing=self.pricing,
+                               default_limits=self.settings.rate_limits)
         self.tracker = UsageTracker(s.recent_requests)
 
     # -- keys --------------------------------------------------------------------------------

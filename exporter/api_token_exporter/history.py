@@ -33,9 +33,9 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 from . import validation
 from .exact import BASELINE_LOOKBACK
-from .metrics import LATENCY_BUCKETS, MICROSECONDS, NANO_USD, UNMATCHED_ROUTE, catalogue, status_class
+from .metrics import LATENCY_BUCKETS, MICROSECONDS, NANO_USD, UNMATCHED_ROUTE, catalogue
 from .pricing import Pricing
-from .store import escape_label, float_to_go_string
+from .store import escape_label, float_to_go_string, rebucket
 from .usage import DETAIL_FIELDS, LLMUsage, validate_usage
 
 HEARTBEAT = BASELINE_LOOKBACK - 300   # seconds between samples of a quiet series, a margin under the lookback
@@ -276,7 +276,6 @@ class Aggregate:
 
     def add_requests(self, b: int, token: str, route: str, method: str, code: int, count: int) -> None:
         self._count("apitoken_requests_total", (token, route, method, str(code)), b, count)
-        self._count("apitoken_requests_by_class_total", (token, status_class(code)), b, count)
 
     def add_country(self, b: int, token: str, country: str, count: int) -> None:
         self._count("apitoken_requests_by_country_total", (token, country), b, count)
@@ -321,6 +320,7 @@ class Aggregate:
 
 
 LABELS = {family.name: tuple(family.labelnames) for family in catalogue()}
+BUCKETS = {family.name: family.buckets for family in catalogue() if family.kind == "histogram"}
 SCALES = {"apitoken_llm_cost_usd_total": NANO_USD}
 
 
@@ -368,9 +368,10 @@ def write_openmetrics(agg: Aggregate, out, job: str, instance: str) -> Tuple[int
     hist_family: Dict[str, list] = {}
     for (name, key), bins in agg.histograms.items():
         hist_family.setdefault(name, []).append((key, bins))
-    les = [float_to_go_string(b) for b in LATENCY_BUCKETS] + ["+Inf"]
     for name in sorted(hist_family):
         out.write(f"# TYPE {name} histogram\n")
+        bounds = BUCKETS[name]              # cells are kept in LATENCY_BUCKETS, written in these
+        les = [float_to_go_string(b) for b in bounds] + ["+Inf"]
         for key, bins in sorted(hist_family[name]):
             series += len(les) + 2
             running = [0] * (len(LATENCY_BUCKETS) + 3)
@@ -382,8 +383,9 @@ def write_openmetrics(agg: Aggregate, out, job: str, instance: str) -> Tuple[int
                     running = [x + y for x, y in zip(running, bins[b])]
                 t = (b + 1) * step
                 cumulative = 0
+                per_bucket = rebucket(running[:len(LATENCY_BUCKETS) + 1], LATENCY_BUCKETS, bounds)
                 for i, prefix in enumerate(bucket_prefixes):
-                    cumulative += running[i]
+                    cumulative += int(per_bucket[i])
                     out.write(f"{prefix}{cumulative} {t}\n")
                 out.write(f"{count_prefix}{running[-2]} {t}\n")
                 out.write(f"{sum_prefix}{float_to_go_string(running[-1] / MICROSECONDS)} {t}\n")

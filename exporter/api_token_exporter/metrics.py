@@ -7,15 +7,18 @@ exact across workers and restarts. Token info, status and budgets are derived at
 from the key store and the collected rate-limit gauges, so they are right whichever worker
 answers.
 
-Series that alert ratios divide by exist at 0 before their first increment (every status class
-of a token, its rate-limited count per window, every auth failure reason): a counter born at 1
-loses that increment in rate() and increase().
+Per token, only what a question reads is kept (docs/metrics.md "Series budget"): a token's
+request totals and 5xx counts come from ``apitoken_requests_total``, its status is one series
+with a value, its latency histogram has few buckets (the route histogram keeps the fine ones),
+a window's limit is exported only where the key's differs from the default, and a 429 counter
+only for a window that refused. Counters born at their first event lose it in rate(): the
+rules count a series born within their window in full (rulegen.counted).
 """
 from __future__ import annotations
 
 import threading
 import time
-from typing import Callable, Iterable, Optional, Tuple
+from typing import Callable, Dict, Iterable, Optional, Tuple
 
 from . import validation
 from .keystore import SENSITIVITIES
@@ -27,12 +30,20 @@ UNAUTHENTICATED = "__unauthenticated__"   # token label of requests with a missi
 OVERFLOW = "__overflow__"                 # any label value past its family's cap
 UNMATCHED_ROUTE = "__unmatched__"         # every path that matches no route template
 STATUSES = ("active", "rate_limited", "inactive", "invalid", "expired")
+# apitoken_token_status is one series per key; its value is the status, worse statuses higher,
+# so max() over instances is the worst any of them sees
+TOKEN_STATUS_VALUES = {"active": 0, "rate_limited": 1, "expired": 2, "inactive": 3}
 AUTH_FAILURE_REASONS = ("missing", "invalid", "inactive", "expired", "rotated")
 STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
-# bounds around the latency thresholds (1 s and 2 s by default) close enough that a quantile
-# estimated from them is within a quarter second there
+# the route histogram: bounds around the latency thresholds (1 s and 2 s by default) close
+# enough that a quantile estimated from them is within a quarter second there
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 5.0, 10.0)
 FORMER_LATENCY_BUCKETS = ((0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0),)
+# the per-token histogram, one series per bucket per token: few bounds, each one of the route
+# histogram's (so a count moves between the layouts exactly), 1 s on a bound and one above the
+# 2 s critical threshold; a latency threshold must stay below the last bound (2.5 s)
+TOKEN_LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5)
+FORMER_TOKEN_LATENCY_BUCKETS = FORMER_LATENCY_BUCKETS + (LATENCY_BUCKETS,)
 MICROSECONDS = 1e6                        # duration sums are kept in whole microseconds
 NANO_USD = 1e9                            # cost is kept in whole nano-dollars (exact to $9M a series)
 OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
@@ -89,11 +100,10 @@ def catalogue() -> Tuple[Family, ...]:
         Family("apitoken_requests_total", "counter",
                "HTTP requests by API token, route template, method and status code.",
                ("token", "route", "method", "code")),
-        Family("apitoken_requests_by_class_total", "counter",
-               "HTTP requests by API token and status class (1xx-5xx); every class of a "
-               "configured key exists at 0 from start-up.", ("token", "class")),
-        Family("apitoken_request_duration_seconds", "histogram", "Request duration by API token.",
-               ("token",), b, scale=MICROSECONDS, former_buckets=FORMER_LATENCY_BUCKETS),
+        Family("apitoken_request_duration_seconds", "histogram",
+               "Request duration by API token (coarse buckets: the route histogram has the fine ones).",
+               ("token",), TOKEN_LATENCY_BUCKETS, scale=MICROSECONDS,
+               former_buckets=FORMER_TOKEN_LATENCY_BUCKETS),
         Family("apitoken_route_request_duration_seconds", "histogram",
                "Request duration by route template and method.", ("route", "method"), b,
                scale=MICROSECONDS, former_buckets=FORMER_LATENCY_BUCKETS),
@@ -108,8 +118,11 @@ def catalogue() -> Tuple[Family, ...]:
                ("token", "country")),
         Family("apitoken_rate_limited_total", "counter",
                "Requests refused with 429, by token and the window that refused them.", ("token", "window")),
-        Family("apitoken_rate_limit_limit", "gauge_recent", "Requests allowed per window.", ("token", "window")),
-        Family("apitoken_rate_limit_remaining", "gauge_recent", "Requests left in the current window.",
+        Family("apitoken_rate_limit_limit", "gauge_recent",
+               "Requests allowed per window, where the token's limit differs from "
+               "apitoken_rate_limit_default_limit.", ("token", "window")),
+        Family("apitoken_rate_limit_remaining", "gauge_recent",
+               "Requests left in the current window (the whole limit once the window has reset).",
                ("token", "window")),
         Family("apitoken_rate_limit_reset_timestamp_seconds", "gauge_recent",
                "Unix time at which the current window resets.", ("token", "window")),
@@ -185,8 +198,12 @@ def upstream_catalogue() -> Tuple[Family, ...]:
 
 INFO = Family("apitoken_token_info", "gauge", "Configured API tokens (value is always 1).",
               ("token", "name", "tenant"))
-STATUS = Family("apitoken_token_status", "gauge", "One-hot status of each configured API token.",
-                ("token", "status"))
+STATUS = Family("apitoken_token_status", "gauge",
+                "Status of each configured API token: 0 active, 1 rate_limited, 2 expired, 3 inactive.",
+                ("token",))
+DEFAULT_LIMIT = Family("apitoken_rate_limit_default_limit", "gauge",
+                       "Requests allowed per window to a token whose key sets no limit of its own.",
+                       ("window",))
 BREAKER = Family("apitoken_rate_limit_storage_breaker_state", "gauge",
                  "Circuit breaker in front of the shared rate-limit storage (one-hot): closed, "
                  "half_open (probing) or open (storage skipped).", ("state",))
@@ -218,7 +235,7 @@ class Metrics:
                  directory: Optional[str] = None, capacity: Optional[int] = None, max_clients: int = 100,
                  max_countries_per_token: int = 10):
         families = catalogue()
-        (self.requests, self.by_class, self.duration, self.route_duration, self.auth_failures,
+        (self.requests, self.duration, self.route_duration, self.auth_failures,
          self.auth_failures_by_client, self.by_country, self.rate_limited, self.rl_limit,
          self.rl_remaining, self.rl_reset, self.storage_errors,
          self.last_used, self.llm_tokens, self.llm_requests, self.llm_cost, self.llm_unpriced,
@@ -270,18 +287,13 @@ class Metrics:
             self._initial_token_series(self._configured)
 
     def init_tokens(self, token_ids) -> None:
-        """The configured tokens' status classes exist at 0 before their first request, so
-        that request counts in rate() too."""
+        """The configured tokens keep their place under max_tokens."""
         self._configured = tuple(token_ids)
         with self.store.lock:
             self._initial_token_series(self._configured)
 
     def _initial_token_series(self, token_ids) -> None:
         self.tokens.reserve(token_ids)
-        for token in token_ids:
-            if (token, "2xx") not in self.by_class.series:
-                for klass in STATUS_CLASSES:
-                    self.store.slot(self.by_class, (token, klass))
 
     # -- series lookup (store lock held) ------------------------------------------------------
     def _add(self, family: Family, key: tuple, amount: float) -> None:
@@ -296,23 +308,17 @@ class Metrics:
             slots = self._request_slots.get((token, route, method, code, authenticated))
             if slots is None:
                 slots = self._new_request_slots(token, route, method, code, authenticated)
-            counters, histograms, last_used = slots
-            store.observe_all(counters, histograms, self.duration, duration,
-                              last_used, now if now is not None else time.time())
+            counter, histograms, last_used = slots
+            store.observe_all(counter, histograms, duration, last_used, now if now is not None else time.time())
 
     def _new_request_slots(self, token, route, method, code, authenticated) -> tuple:
         """All slots a request writes, found once: the caps apply here (store lock held)."""
         store = self.store
         a_token, a_route, a_method = (self.tokens.admit(token), self.routes.admit(route),
                                       validation.method(method))
-        klass = status_class(code)
-        if (a_token, klass) not in self.by_class.series:
-            for other in STATUS_CLASSES:               # the token's other classes start at 0
-                store.slot(self.by_class, (a_token, other))
-        slots = ((store.slot(self.requests, (a_token, a_route, a_method, str(code))),
-                  store.slot(self.by_class, (a_token, klass))),
-                 (store.slot(self.duration, (a_token,)),
-                  store.slot(self.route_duration, (a_route, a_method))),
+        slots = (store.slot(self.requests, (a_token, a_route, a_method, str(code))),
+                 ((store.slot(self.duration, (a_token,)), self.duration),
+                  (store.slot(self.route_duration, (a_route, a_method)), self.route_duration)),
                  store.slot(self.last_used, (a_token,)) if authenticated else 0)
         if (a_token, a_route, a_method) == (token, route, method):   # overflowed ones: not remembered
             self._request_slots[(token, route, method, code, authenticated)] = slots
@@ -353,7 +359,6 @@ class Metrics:
     def _new_window_slots(self, token: str, window: str) -> tuple:
         key = (self.tokens.admit(token), window)
         slots = tuple(self.store.slot(f, key) for f in (self.rl_limit, self.rl_remaining, self.rl_reset))
-        self.store.slot(self.rate_limited, key)       # its 429 count exists at 0 from now on
         if key[0] == token:                   # an overflowed token is not remembered
             self._window_slots[(token, window)] = slots
         return slots
@@ -405,31 +410,53 @@ class Metrics:
 
 class ScrapeView:
     """What /metrics shows: the recorded families (summed over workers in multiprocess mode)
-    plus token info, one-hot status and budgets derived from the key store at scrape time."""
+    plus token info, status and budgets derived from the key store at scrape time, and the
+    rate-limit gauges as of the scrape."""
 
     def __init__(self, metrics: Metrics, keystore, clock: Callable[[], float] = time.time,
-                 limiter=None, pricing=None):
+                 limiter=None, pricing=None, default_limits: Optional[Dict[str, int]] = None):
         self.metrics = metrics
         self.keystore = keystore
         self.clock = clock
         self.limiter = limiter
         self.pricing = pricing
+        self.default_limits = dict(default_limits or {})
+
+    def windows(self, now: Optional[float] = None) -> Dict[tuple, Tuple[float, float, float]]:
+        """(limit, remaining, reset time) of each (token, window) as of ``now``: a window that
+        has reset has its whole limit left."""
+        now = now if now is not None else self.clock()
+        m = self.metrics
+        with m.store.snapshot():
+            limits = m.store.values_by_key(m.rl_limit)
+            remaining = m.store.values_by_key(m.rl_remaining)
+            resets = m.store.values_by_key(m.rl_reset)
+        out = {}
+        for key, limit in limits.items():
+            reset = resets.get(key, 0.0)
+            out[key] = (limit, remaining.get(key, limit) if reset > now else limit, reset)
+        return out
 
     def limited_tokens(self, now: Optional[float] = None) -> set:
         """Tokens with a window used up that has not reset yet: status rate_limited."""
-        now = now if now is not None else self.clock()
-        store = self.metrics.store
-        with store.snapshot():
-            remaining = store.values_by_key(self.metrics.rl_remaining)
-            resets = store.values_by_key(self.metrics.rl_reset)
-        return {tok for (tok, win), value in remaining.items()
-                if value <= 0 and resets.get((tok, win), 0) > now}
+        return {token for (token, _), (_, left, _) in self.windows(now).items() if left <= 0}
 
     def derived(self):
-        if self.keystore is None:
-            return []
-        limited = self.limited_tokens()
         now = self.clock()
+        windows = self.windows(now)
+        defaults = self.default_limits
+        limit, remaining, reset = [], [], []
+        for key, (lim, left, at) in windows.items():
+            if defaults.get(key[1]) != lim:
+                limit.append((key, lim))
+            remaining.append((key, left))
+            reset.append((key, at))
+        m = self.metrics
+        out = [(m.rl_limit, limit), (m.rl_remaining, remaining), (m.rl_reset, reset),
+               (DEFAULT_LIMIT, [((w,), float(n)) for w, n in defaults.items()])]
+        if self.keystore is None:
+            return out
+        limited = {token for (token, _), (_, left, _) in windows.items() if left <= 0}
         info, status, budget, sensitivity, times = [], [], [], [], []
         for key in self.keystore.all():
             for event, at in (("created", key.created_at), ("expires", key.expires_at),
@@ -440,8 +467,7 @@ class ScrapeView:
             if key.anomaly_sensitivity:
                 sensitivity.append(((key.id,), float(SENSITIVITIES.index(key.anomaly_sensitivity) + 1)))
             info.append(((key.id, key.name, key.tenant), 1.0))
-            current = token_status(key, key.id in limited, now)
-            status.extend(((key.id, s), 1.0 if s == current else 0.0) for s in STATUSES)
+            status.append(((key.id,), float(TOKEN_STATUS_VALUES[token_status(key, key.id in limited, now)])))
             budget.extend(((key.id, period), amount) for period, amount in sorted(key.budget_usd.items()))
         keystore = self.keystore
         health = [(KEYS_LOADED, [((), float(len(keystore)))]),
@@ -454,14 +480,16 @@ class ScrapeView:
                                      for s in ("closed", "half_open", "open")]))
         if self.pricing is not None:
             health.append((PRICING_INFO, [((self.pricing.version, self.pricing.checksum), 1.0)]))
-        return [(INFO, info), (STATUS, status), (BUDGET, budget), (SENSITIVITY, sensitivity),
-                (KEY_TIMES, times)] + health
+        return out + [(INFO, info), (STATUS, status), (BUDGET, budget), (SENSITIVITY, sensitivity),
+                      (KEY_TIMES, times)] + health
 
     def render(self, accept: Optional[str] = None) -> Tuple[bytes, str]:
         openmetrics = bool(accept) and "application/openmetrics-text" in accept
         store = self.metrics.store
+        m = self.metrics
         with store.snapshot():              # one read of the worker files for the whole scrape
-            body = store.render(self.derived(), openmetrics=openmetrics)
+            body = store.render(self.derived(), openmetrics=openmetrics,
+                                skip=(m.rl_limit, m.rl_remaining, m.rl_reset))
         return body, OPENMETRICS if openmetrics else TEXT
 
 

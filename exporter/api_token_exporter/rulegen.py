@@ -93,6 +93,10 @@ def validate(t: dict) -> None:
               "usage_spike.min_requests_per_second", "unauthorized.api_wide_warning"):
         need(p, positive, "a number above 0")
     need("latency.quantile", lambda v: positive(v) and v < 1, "between 0 and 1")
+    from .metrics import TOKEN_LATENCY_BUCKETS
+    top = TOKEN_LATENCY_BUCKETS[-1]
+    for p in ("latency.warning", "latency.critical"):     # a quantile estimate never exceeds it
+        need(p, lambda v: v < top, f"below {top:g} (the last bound of the per-token latency histogram)")
     need("rate_limit.refused_critical_for", lambda v: v is None or duration(v), "a duration or null")
     need("rate_limit.approaching_ratio", lambda v: positive(v) and v <= 1, "between 0 and 1")
     need("budgets.warning", lambda v: positive(v) and v < 1, "between 0 and 1")
@@ -115,16 +119,58 @@ def validate(t: dict) -> None:
     upstream_rules.validate(t)
 
 
+ERRORS = 'apitoken_requests_total{code=~"5.."}'
+
+
 def _q(value: float) -> str:
     """0.95 -> 'p95'."""
     return "p" + f"{value * 100:g}".replace(".", "_")
 
 
+def born(selector: str, window: str) -> str:
+    """The series of a counter born within ``window`` on a target that was up before it: their
+    whole value is what they counted in the window. Series of a target that was not scraped at
+    the window's start (a new instance, one coming back with its counts kept in state_dir, or
+    Prometheus itself back from an outage) are left out: their value is not this window's."""
+    return f"(({selector} unless {selector} offset {window}) and on (job, instance) (up offset {window} == 1))"
+
+
 def exact_increase(counter: str, window: str) -> str:
     """How much each series of a counter rose over ``window``: the difference of the raw samples,
-    no extrapolation, so whole events stay whole; a series born within the window counts in full.
-    (A counter reset reads as no rise: keep counters across restarts with state_dir.)"""
-    return f"({counter} - {counter} offset {window} >= 0 or {counter})"
+    no extrapolation, so whole events stay whole; a series born within the window counts in full;
+    one with no sample at the window's start that is not born there (Prometheus new or back from
+    an outage), or reset within it, counts its rise since its lowest sample in the window."""
+    return (f"({counter} - {counter} offset {window} >= 0 or {born(counter, window)}"
+            f" or {counter} - min_over_time({counter}[{window}]))")
+
+
+def counted(selector: str, window: str, fn: str = "rate") -> str:
+    """rate() or increase() of each series, where a series born within the window counts its
+    whole value: rate() starts from a series' first sample, so the events before it (a token's
+    first request, its first 5xx, its first 429 in a window) would be lost. Series appear at
+    their first event, not at 0 (docs/metrics.md "Series budget")."""
+    new = born(selector, window)
+    if fn == "rate":
+        new += f" / {int(seconds(window))}"
+    return f"({new} or {fn}({selector}[{window}]))"
+
+
+def rate_limit(token_selector: str = "", window_selector: str = "") -> str:
+    """Each (token, window)'s limit: its own (``apitoken_rate_limit_limit``, exported only where
+    the key sets one) or the default of its window, for every token with that window."""
+    def sel(*parts):
+        parts = [p for p in parts if p]
+        return "{" + ",".join(parts) + "}" if parts else ""
+    both = sel(token_selector, window_selector)
+    return (f"(max by (token, window) (apitoken_rate_limit_limit{both})\n"
+            f" or on (token, window)\n"
+            f" (0 * max by (token, window) (apitoken_rate_limit_remaining{both})\n"
+            f"  + on (window) group_left () max by (window) (apitoken_rate_limit_default_limit{sel(window_selector)})))")
+
+
+# apitoken_token_status values (metrics.TOKEN_STATUS_VALUES)
+TOKEN_STATUS = "max by (token) (apitoken_token_status)"
+USABLE = f"{TOKEN_STATUS} <= 1"                    # active or rate_limited
 
 
 def recording_rules(t: dict) -> List[dict]:
@@ -135,7 +181,7 @@ def recording_rules(t: dict) -> List[dict]:
     quantiles = sorted({0.5, q, 0.99})
     fast = [
         {"record": f"token:apitoken_requests:rate{w}",
-         "expr": f"sum by (token) (rate(apitoken_requests_by_class_total[{w}]))"},
+         "expr": f"sum by (token) {counted('apitoken_requests_total', w)}"},
         {"record": f"token_route:apitoken_requests:rate{w}",
          "expr": f"sum by (token, route) (rate(apitoken_requests_total[{w}]))"},
         {"record": f"token_code:apitoken_requests:rate{w}",
@@ -145,7 +191,7 @@ def recording_rules(t: dict) -> List[dict]:
         {"record": f"token_country:apitoken_requests:rate{w}",
          "expr": f"sum by (token, country) (rate(apitoken_requests_by_country_total[{w}]))"},
         {"record": f"token:apitoken_request_errors:rate{w}",
-         "expr": f'sum by (token) (rate(apitoken_requests_by_class_total{{class="5xx"}}[{w}]))'},
+         "expr": f"sum by (token) {counted(ERRORS, w)}"},
         {"record": f"token:apitoken_request_errors:ratio_rate{w}",
          "expr": (f"(token:apitoken_request_errors:rate{w} or token:apitoken_requests:rate{w} * 0)\n"
                   f"/\ntoken:apitoken_requests:rate{w} > -1")},
@@ -160,11 +206,10 @@ def recording_rules(t: dict) -> List[dict]:
          "expr": (f"histogram_quantile({q:g}, sum by (route, le) "
                   f"(rate(apitoken_route_request_duration_seconds_bucket[{w}])))")},
         {"record": f"token_window:apitoken_rate_limited:rate{w}",
-         "expr": f"sum by (token, window) (rate(apitoken_rate_limited_total[{w}]))"},
-        {"record": "token_window:apitoken_rate_limit:usage_ratio",
+         "expr": f"sum by (token, window) {counted('apitoken_rate_limited_total', w)}"},
+        {"record": "token_window:apitoken_rate_limit:usage_ratio",    # remaining is as of the scrape
          "expr": ("max by (token, window) (\n"
-                  "  (1 - apitoken_rate_limit_remaining / (apitoken_rate_limit_limit > 0))\n"
-                  "  and (apitoken_rate_limit_reset_timestamp_seconds > time())\n)")},
+                  f"  1 - apitoken_rate_limit_remaining / on (token, window) group_left () ({rate_limit()} > 0)\n)")},
         {"record": f"token_service_model_type:apitoken_llm_tokens:rate{w}",
          "expr": f"sum by (token, service, model, type) (rate(apitoken_llm_tokens_total[{w}]))"},
         {"record": f"token_service_model:apitoken_llm_cost_usd:rate{w}",
@@ -186,9 +231,9 @@ def recording_rules(t: dict) -> List[dict]:
         {"record": f"client:apitoken_auth_failures:count{uw}",
          "expr": f"sum by (client) ({exact_increase('apitoken_auth_failures_by_client_total', uw)})"},
         {"record": "token:apitoken_requests:rate1h",
-         "expr": "sum by (token) (rate(apitoken_requests_by_class_total[1h]))"},
+         "expr": f"sum by (token) {counted('apitoken_requests_total', '1h')}"},
         {"record": "token:apitoken_requests:rate1d",
-         "expr": "sum by (token) (rate(apitoken_requests_by_class_total[1d]))"},
+         "expr": f"sum by (token) {counted('apitoken_requests_total', '1d')}"},
         {"record": "token:apitoken_requests:baseline_rate",
          "expr": ('max by (token) (\n'
                   '  label_replace(token:apitoken_requests:rate1h offset 1w, "baseline", "same_hour_last_week", "", "")\n'
@@ -197,13 +242,13 @@ def recording_rules(t: dict) -> List[dict]:
     ]
     coarse = [
         {"record": f"token:apitoken_requests:increase{c}",
-         "expr": f"sum by (token) (increase(apitoken_requests_by_class_total[{c}]))"},
+         "expr": f"sum by (token) {counted('apitoken_requests_total', c, 'increase')}"},
         {"record": f"token_route:apitoken_requests:increase{c}",
          "expr": f"sum by (token, route) (increase(apitoken_requests_total[{c}]))"},
         {"record": f"token_country:apitoken_requests:increase{c}",
          "expr": f"sum by (token, country) (increase(apitoken_requests_by_country_total[{c}]))"},
         {"record": f"token:apitoken_request_errors:increase{c}",
-         "expr": f'sum by (token) (increase(apitoken_requests_by_class_total{{class="5xx"}}[{c}]))'},
+         "expr": f"sum by (token) {counted(ERRORS, c, 'increase')}"},
         {"record": f"token_service_model_type:apitoken_llm_tokens:increase{c}",
          "expr": f"sum by (token, service, model, type) (increase(apitoken_llm_tokens_total[{c}]))"},
         {"record": f"token_service_model:apitoken_llm_requests:increase{c}",
@@ -378,7 +423,8 @@ def alert_rules(t: dict) -> List[dict]:
             threshold=f"budget within {spec['horizon']}", extra_labels={"period": period}))
     rules.append(_alert(
         t, "ApiTokenInvalidStillUsed", "warning",
-        ('max by (token, status) (apitoken_token_status{status=~"inactive|expired|invalid"} == 1)\n'
+        (f'(label_replace({TOKEN_STATUS} == 3, "status", "inactive", "", "")\n'
+         f' or label_replace({TOKEN_STATUS} == 2, "status", "expired", "", ""))\n'
          f"and on (token) token:apitoken_requests:rate{w} > 0"),
         t["token_state"]["for"],
         "Token {{ $labels.token }} is {{ $labels.status }} but still used",
@@ -447,7 +493,7 @@ def key_lifecycle_rules(t: dict) -> List[dict]:
     in use near the end of its grace period (``keys rotate``): day-scale, so evaluated every 5m."""
     k = t["key_lifecycle"]
     times = "apitoken_key_event_timestamp_seconds"
-    active = 'max by (token) (apitoken_token_status{status=~"active|rate_limited"}) == 1'
+    active = USABLE
     within = int(seconds(k["expiring_within"]))
     rules = [_alert(
         t, "ApiTokenKeyExpiringSoon", "warning",

@@ -86,6 +86,16 @@ def _layout_name(name: str, buckets: Tuple[float, ...]) -> str:
     return f"{name}~le" + "_".join(float_to_go_string(b) for b in buckets)
 
 
+def rebucket(counts: Sequence[float], old: Sequence[float], new: Sequence[float]) -> List[float]:
+    """Per-bucket counts (``old`` bounds, then above the last) in ``new`` bounds: a count goes
+    to the first new bucket at or above its old bound (exact where every new bound is an old one)."""
+    out = [0.0] * (len(new) + 1)
+    for bound, count in zip(old, counts):
+        out[min(bisect.bisect_left(new, bound), len(new))] += count
+    out[len(new)] += counts[len(old)]
+    return out
+
+
 class Family:
     """One metric family: kind is counter, histogram, gauge_recent (latest write wins across
     processes), gauge_max, or gauge (derived at scrape time, never stored)."""
@@ -122,12 +132,7 @@ class Family:
         old = self.former.get(stored_as)
         if old is None:
             return values
-        out = [0.0] * self.width
-        for bound, count in zip(old, values):
-            out[min(bisect.bisect_left(self.buckets, bound), len(self.buckets))] += count
-        out[len(self.buckets)] += values[len(old)]        # above the last bound
-        out[-1] += values[len(old) + 1]                   # the sum
-        return out
+        return rebucket(values[:len(old) + 1], old, self.buckets) + [values[len(old) + 1]]
 
     @property
     def type_name(self) -> str:
@@ -316,20 +321,15 @@ class Store:
         scale = family.scale
         self.values[slot] += amount if scale == 1.0 else round(amount * scale)
 
-    def observe_all(self, counters: Sequence[int], histograms: Sequence[int], layout: Family,
+    def observe_all(self, counter: int, histograms: Sequence[Tuple[int, Family]],
                     value: float, max_slot: int, stamp: float) -> None:
-        """The request path in one call: +1 on each counter, ``value`` observed into each
-        histogram (all of ``layout``'s buckets and scale), ``stamp`` raised into the gauge_max
-        at ``max_slot`` (0: none)."""
+        """The request path in one call: +1 on the counter, ``value`` observed into each
+        (slot, family) histogram, ``stamp`` raised into the gauge_max at ``max_slot`` (0: none)."""
         v = self.values
-        for slot in counters:
-            v[slot] += 1.0
-        i = bisect.bisect_left(layout.buckets, value)
-        last = layout.width - 1
-        scaled = round(value * layout.scale)
-        for slot in histograms:
-            v[slot + i] += 1.0
-            v[slot + last] += scaled
+        v[counter] += 1.0
+        for slot, layout in histograms:
+            v[slot + bisect.bisect_left(layout.buckets, value)] += 1.0
+            v[slot + layout.width - 1] += round(value * layout.scale)
         if max_slot and stamp > v[max_slot]:
             v[max_slot] = stamp
 
@@ -476,11 +476,15 @@ class Store:
 
     # -- exposition --------------------------------------------------------------------------
     def render(self, derived: Iterable[Tuple[Family, List[Tuple[tuple, float]]]] = (),
-               openmetrics: bool = False) -> bytes:
-        """The exposition text. Values are finite by construction, so repr() formats them
-        (it parses to the same float as prometheus_client's Go-style formatting)."""
+               openmetrics: bool = False, skip: Iterable[Family] = ()) -> bytes:
+        """The exposition text; stored families in ``skip`` are left to ``derived``. Values are
+        finite by construction, so repr() formats them (it parses to the same float as
+        prometheus_client's Go-style formatting)."""
         out: List[str] = []
-        for family, keys, values in self.data():
+        skip = set(map(id, skip))
+        with self.snapshot():
+            stored = [(f,) + self.family_data(f) for f in self.families if f.width and id(f) not in skip]
+        for family, keys, values in stored:
             self._header(out, family, openmetrics)
             if not keys:
                 continue
