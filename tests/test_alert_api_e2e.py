@@ -315,8 +315,10 @@ def test_a_settings_change_takes_effect_and_a_bad_one_changes_nothing(stack):
 
     for body, field in (({"alert_thresholds": {"response_time": {"warning": "fast"}}},
                          "alert_thresholds.response_time.warning must be a number"),
-                        ({"alert_thresholds": {"response_time": {"warning": 3}}},
+                        ({"alert_thresholds": {"response_time": {"warning": 2.2}}},
                          "alert_thresholds.response_time.warning must be below alert_thresholds.response_time.critical"),
+                        ({"alert_thresholds": {"response_time": {"critical": 5}}},
+                         "alert_thresholds.response_time.critical must be below 2.5 (the last bound of the per-token"),
                         ({"alert_thresholds": {"latency": 1}}, "alert_thresholds.latency is not a setting"),
                         ({"anomaly": {"sensitivity": "paranoid"}}, "anomaly.sensitivity must be one of"),
                         ({"channels": {"warning": ["pager"]}}, "channels.warning must be a list of"),
@@ -327,11 +329,11 @@ def test_a_settings_change_takes_effect_and_a_bad_one_changes_nothing(stack):
     assert {p.name: p.read_bytes() for p in stack["rules"].glob("*.yml")} == rules
     assert exporter.get("/api/v1/alerts/settings").json() == before
 
-    r = put({"alert_thresholds": {"response_time": {"warning": 0.2, "critical": 5}},
+    r = put({"alert_thresholds": {"response_time": {"warning": 0.2, "critical": 2.4}},
              "anomaly": {"sensitivity": "high"}, "channels": {"warning": ["webhook"]}, "by": "ana"})
     assert r.status_code == 200, r.text
     after = r.json()
-    assert after["alert_thresholds"]["response_time"] == {"warning": 0.2, "critical": 5.0}
+    assert after["alert_thresholds"]["response_time"] == {"warning": 0.2, "critical": 2.4}
     assert after["anomaly"]["sensitivity"] == "high" and after["updated_by"] == "admin (ana)"
     assert after["channels"]["warning"] == ["webhook"]
     assert "token:apitoken_request_duration_seconds:p95_1m > 0.2" in (

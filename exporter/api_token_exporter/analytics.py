@@ -393,8 +393,7 @@ def capacity_report(client: PrometheusClient, scope: Scope, now: float, keys: Di
         _add_usage(mtd.setdefault(labels["token"], {"requests": 0, "tokens": 0, "cost": 0.0}), labels["q"], value)
     pace = {labels["token"]: value / PACE_SECONDS for labels, value in pace_rows}
     live: Dict[Tuple[str, str], dict] = {}
-    for field, agg, metric in (("limit", "max", "limit"), ("remaining", "min", "remaining"),
-                               ("reset_at", "max", "reset_timestamp_seconds")):
+    for field, agg, metric in (("remaining", "min", "remaining"), ("reset_at", "max", "reset_timestamp_seconds")):
         for labels, value in client.query(f"{agg} by (token, window) (apitoken_rate_limit_{metric}{{{m}}})", now):
             live.setdefault((labels.get("token"), labels.get("window")), {})[field] = value
 

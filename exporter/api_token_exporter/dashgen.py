@@ -12,7 +12,17 @@ import os
 import sys
 from typing import Dict, List, Optional
 
-from .rulegen import load_thresholds
+from .metrics import TOKEN_STATUS_VALUES
+from .rulegen import TOKEN_STATUS, load_thresholds, rate_limit
+
+STATUS_COLOURS = {"active": "green", "rate_limited": "orange", "expired": "red", "inactive": "red"}
+# apitoken_token_status is a number: Grafana shows its name
+STATUS_MAPPINGS = [{"type": "value", "options": {
+    str(v): {"text": name, "color": STATUS_COLOURS[name], "index": v} for name, v in TOKEN_STATUS_VALUES.items()}}]
+# a token's limit per window: its own, or its window's default (docs/metrics.md)
+HOUR = 'window="hour"'
+HOUR_LIMIT = f"(max by (token) {rate_limit(window_selector=HOUR)} > 0)"
+WINDOW_LIMIT = rate_limit(window_selector='window="$window"')
 
 DS = {"type": "prometheus", "uid": "prometheus"}
 REAL_TOKENS = 'token!~"__.*__"'
@@ -104,8 +114,11 @@ class Board:
               description: str = "", thresholds: Optional[dict] = None, options: Optional[dict] = None,
               custom: Optional[dict] = None, time_from: Optional[str] = None, interval: Optional[str] = None,
               decimals: Optional[int] = None, transformations: Optional[list] = None,
-              overrides: Optional[list] = None, max_data_points: Optional[int] = None) -> dict:
+              overrides: Optional[list] = None, max_data_points: Optional[int] = None,
+              mappings: Optional[list] = None) -> dict:
         defaults = {"unit": unit, "thresholds": thresholds or steps(("green", None))}
+        if mappings:
+            defaults["mappings"] = mappings
         if decimals is not None:
             defaults["decimals"] = decimals
         if custom:
@@ -223,18 +236,18 @@ def overview(t: dict) -> dict:
               ["overview"])
     b.row("Tokens")
     b.stat("Tokens", "count(count by (token) (apitoken_token_info)) or vector(0)", "none")
-    b.stat("Active", 'count(max by (token) (apitoken_token_status{status="active"}) == 1) or vector(0)', "none",
+    b.stat("Active", f"count({TOKEN_STATUS} == {TOKEN_STATUS_VALUES['active']}) or vector(0)", "none",
            thresholds=steps(("green", None)))
-    b.stat("Rate limited", 'count(max by (token) (apitoken_token_status{status="rate_limited"}) == 1) or vector(0)',
+    b.stat("Rate limited", f"count({TOKEN_STATUS} == {TOKEN_STATUS_VALUES['rate_limited']}) or vector(0)",
            "none", thresholds=steps(("green", None), ("yellow", 1)))
-    b.stat("Invalid", 'count(max by (token) (apitoken_token_status{status=~"invalid|expired|inactive"}) == 1) or vector(0)',
-           "none", thresholds=steps(("green", None), ("red", 1)))
+    b.stat("Invalid", f"count({TOKEN_STATUS} >= {TOKEN_STATUS_VALUES['expired']}) or vector(0)",
+           "none", thresholds=steps(("green", None), ("red", 1)), description="Expired or revoked keys")
     b.stat("Requests", total("apitoken_requests_total") + " or vector(0)", "short", decimals=0)
     b.stat("Successes", total('apitoken_requests_total{code=~"[123].."}') + " or vector(0)", "short",
            decimals=0)
     b.stat("Errors", total('apitoken_requests_total{code=~"[45].."}') + " or vector(0)", "short",
            decimals=0, thresholds=steps(("green", None), ("red", 1)))
-    b.stat("API limit per hour", 'sum(max by (token) (apitoken_rate_limit_limit{window="hour"})) or vector(0)',
+    b.stat("API limit per hour", f"sum({rate_limit(window_selector=HOUR)}) or vector(0)",
            "short", description="Sum of the hourly limits of the tokens seen")
     b.row("Usage by period (UTC)")
     for label, time_from in (("Today", "now/d"), ("This week (from Monday)", "now/w"),
@@ -252,8 +265,8 @@ def overview(t: dict) -> dict:
         target('sum(rate(apitoken_requests_total{code=~"5.."}[$__rate_interval])) / sum(rate(apitoken_requests_total[$__rate_interval]))',
                "5xx errors", "B")],
         "percentunit", lines=th["errors"], description="Lines: the error-rate alert thresholds")
-    b.timeseries("Latency", [target(
-        f"histogram_quantile({q}, sum by (le) (rate(apitoken_request_duration_seconds_bucket[$__rate_interval])))",
+    b.timeseries("Latency", [target(       # every request, in the route histogram's fine buckets
+        f"histogram_quantile({q}, sum by (le) (rate(apitoken_route_request_duration_seconds_bucket[$__rate_interval])))",
         f"p{int(q * 100)}", ref) for q, ref in ((0.5, "A"), (0.95, "B"), (0.99, "C"))],
         "s", lines=th["latency"], description="Lines: the latency alert thresholds")
     b.timeseries("Failed authentications by reason", [target(
@@ -272,8 +285,7 @@ def token_detail(t: dict) -> dict:
               "One token: status, uses, rate-limit windows, endpoints, latency and LLM spend.", ["token"])
     b.query_variable("token", "Token", "label_values(apitoken_token_info, token)")
     sel = 'token="$token"'
-    b.stat("Status", f"max by (status) (apitoken_token_status{{{sel}}}) == 1", "none", w=4, legend="{{status}}",
-           text_mode="name")
+    b.stat("Status", f"max(apitoken_token_status{{{sel}}})", "none", w=4, mappings=STATUS_MAPPINGS)
     b.stat("Uses", total(f"apitoken_requests_total{{{sel}}}") + " or vector(0)", "short", w=4, decimals=0)
     b.stat("Successes", total(f'apitoken_requests_total{{{sel},code=~"[123].."}}') + " or vector(0)",
            "short", w=4, decimals=0)
@@ -285,7 +297,7 @@ def token_detail(t: dict) -> dict:
     b.bargauge("Remaining per window", [target(
         f"min by (window) (apitoken_rate_limit_remaining{{{sel}}})", "{{window}}", instant=True)], "short", w=8)
     b.table("Window limits and reset times", [
-        target(f"max by (window) (apitoken_rate_limit_limit{{{sel}}})", "", "A", instant=True, fmt="table"),
+        target(f"max by (window) {rate_limit(token_selector=sel)}", "", "A", instant=True, fmt="table"),
         target(f"min by (window) (apitoken_rate_limit_remaining{{{sel}}})", "", "B", instant=True, fmt="table"),
         target(f"max by (window) (apitoken_rate_limit_reset_timestamp_seconds{{{sel}}}) * 1000", "", "C",
                instant=True, fmt="table")], "short",
@@ -370,7 +382,7 @@ def capacity(t: dict) -> dict:
     b.custom_variable("scenario", "Traffic scenario (x today)", ["1", "1.5", "2", "3"], "1")
     b.custom_variable("window", "Rate-limit window", ["minute", "hour", "day"], "hour")
     b.stat("Tokens over their hourly limit at $scenario x",
-           f'count(sum by (token) (rate(apitoken_requests_total{{{REAL_TOKENS}}}[$__rate_interval])) * 3600 * $scenario / on (token) max by (token) (apitoken_rate_limit_limit{{window="hour"}} > 0) > 1) or vector(0)',
+           f"count(sum by (token) (rate(apitoken_requests_total{{{REAL_TOKENS}}}[$__rate_interval])) * 3600 * $scenario / on (token) {HOUR_LIMIT} > 1) or vector(0)",
            "none", w=6, thresholds=steps(("green", None), ("red", 1)))
     b.stat("Requests, next 7 days at $scenario x",
            f"{pace(f'apitoken_requests_total{{{REAL_TOKENS}}}', '1h')} * 604800 * $scenario",
@@ -382,10 +394,10 @@ def capacity(t: dict) -> dict:
            f"{pace('apitoken_llm_cost_usd_total', '1h')} * 2592000 * $scenario",
            "currencyUSD", w=6, decimals=2)
     b.bargauge("Headroom per token ($window)", [target(
-        'min by (token) (apitoken_rate_limit_remaining{window="$window"} / (apitoken_rate_limit_limit{window="$window"} > 0))',
+        f'min by (token) (apitoken_rate_limit_remaining{{window="$window"}} / on (token, window) group_left () ({WINDOW_LIMIT} > 0))',
         "{{token}}", instant=True)], "percentunit", thresholds=th["headroom"])
     b.timeseries("Window used per token ($window)", [target(
-        'max by (token) (1 - apitoken_rate_limit_remaining{window="$window"} / (apitoken_rate_limit_limit{window="$window"} > 0))',
+        f'max by (token) (1 - apitoken_rate_limit_remaining{{window="$window"}} / on (token, window) group_left () ({WINDOW_LIMIT} > 0))',
         "{{token}}")], "percentunit", lines=th["rate_limit"], description="Line: the 80 % alert threshold")
     b.timeseries("Predicted remaining in 1 hour at $scenario x ($window)", [target(
         'min by (token) (apitoken_rate_limit_remaining{window="$window"} - (apitoken_rate_limit_remaining{window="$window"} - predict_linear(apitoken_rate_limit_remaining{window="$window"}[15m], 3600)) * $scenario)',
@@ -394,7 +406,7 @@ def capacity(t: dict) -> dict:
         f"sum by (token) (rate(apitoken_requests_total{{{REAL_TOKENS}}}[$__rate_interval])) * 3600 * $scenario",
         "{{token}}")], "short")
     b.bargauge("Projected hour-limit use at $scenario x", [target(
-        f'sum by (token) (rate(apitoken_requests_total{{{REAL_TOKENS}}}[$__rate_interval])) * 3600 * $scenario / on (token) max by (token) (apitoken_rate_limit_limit{{window="hour"}} > 0)',
+        f"sum by (token) (rate(apitoken_requests_total{{{REAL_TOKENS}}}[$__rate_interval])) * 3600 * $scenario / on (token) {HOUR_LIMIT}",
         "{{token}}", instant=True)], "percentunit", thresholds=th["rate_limit"])
     b.timeseries("429s by token and window", [target(
         "sum by (token, window) (rate(apitoken_rate_limited_total[$__rate_interval]))", "{{token}} {{window}}")],
