@@ -1,9 +1,10 @@
-"""/metrics for many active tokens: prometheus_client's generate_latest against this store,
-for the same series, side by side in one run; plus memory per series.
+"""/metrics for many active tokens: prometheus_client's generate_latest against this package's
+scrape view (what /metrics renders), for the same series, side by side in one run; plus memory
+per series.
 
-Each token: requests on one route with two status codes, five status classes, the duration
-histogram (14 series), three rate-limit windows (9 gauges and 3 refusal counters) and
-last-used: 34 series. The run checks that both outputs
+Each token: requests on one route with two status codes, the duration histogram (8 series),
+three rate-limit windows on the default limits (remaining and reset: 6 gauges) and last used:
+17 series, as docs/metrics.md's series budget counts them. The run checks that both outputs
 parse to the same families and samples before it times anything.
 
     python benchmarks/bench_scrape.py [--tokens 1000 10000 50000] [--repeat 3]
@@ -20,8 +21,12 @@ import tracemalloc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from api_token_exporter.metrics import LATENCY_BUCKETS, Metrics
+from api_token_exporter.config import DEFAULT_RATE_LIMITS
+from api_token_exporter.metrics import TOKEN_LATENCY_BUCKETS, Metrics, ScrapeView
 from api_token_exporter.ratelimit import WindowState
+
+NOW = 1.79e9                     # the scrape's clock: every window below is still running
+SERIES_PER_TOKEN = 17
 
 
 def populate_client(n: int):
@@ -29,15 +34,10 @@ def populate_client(n: int):
     requests = Counter("apitoken_requests", "HTTP requests by API token, route template, method and status code.",
                        ["token", "route", "method", "code"], registry=registry)
     duration = Histogram("apitoken_request_duration_seconds", "Request duration by API token.", ["token"],
-                         buckets=LATENCY_BUCKETS, registry=registry)
+                         buckets=TOKEN_LATENCY_BUCKETS, registry=registry)
     gauges = {name: Gauge(name, text, ["token", "window"], registry=registry) for name, text in (
-        ("apitoken_rate_limit_limit", "Requests allowed per window."),
         ("apitoken_rate_limit_remaining", "Requests left in the current window."),
         ("apitoken_rate_limit_reset_timestamp_seconds", "Unix time at which the current window resets."))}
-    by_class = Counter("apitoken_requests_by_class", "HTTP requests by API token and status class.",
-                       ["token", "class"], registry=registry)
-    refused = Counter("apitoken_rate_limited", "Requests refused with 429.", ["token", "window"],
-                      registry=registry)
     last = Gauge("apitoken_token_last_used_timestamp_seconds", "Unix time of the token's last request.",
                  ["token"], registry=registry)
     for i in range(n):
@@ -45,27 +45,27 @@ def populate_client(n: int):
         requests.labels(t, "/items/<int:item_id>", "GET", "200").inc(3)
         requests.labels(t, "/items/<int:item_id>", "GET", "404").inc()
         duration.labels(t).observe(0.02 + (i % 7) / 10)
-        for klass in ("1xx", "2xx", "3xx", "4xx", "5xx"):
-            by_class.labels(t, klass).inc({"2xx": 3, "4xx": 1}.get(klass, 0))
-        for window, limit in (("minute", 100), ("hour", 1000), ("day", 10000)):
-            refused.labels(t, window)
-            gauges["apitoken_rate_limit_limit"].labels(t, window).set(limit)
+        for window, limit in DEFAULT_RATE_LIMITS.items():
             gauges["apitoken_rate_limit_remaining"].labels(t, window).set(limit - 4)
             gauges["apitoken_rate_limit_reset_timestamp_seconds"].labels(t, window).set(1.8e9 + i)
-        last.labels(t).set(1.79e9 + i)
+        last.labels(t).set(NOW + i)
     return registry
 
 
-def populate_store(n: int) -> Metrics:
+def populate_store(n: int) -> ScrapeView:
     m = Metrics(directory="", max_tokens=n + 10)
     for i in range(n):
         t = f"token-{i:06d}"
         for _ in range(3):
             m.observe_request(t, "/items/<int:item_id>", "GET", 200, 0.02 + (i % 7) / 10, False)
-        m.observe_request(t, "/items/<int:item_id>", "GET", 404, 0.02 + (i % 7) / 10, True, now=1.79e9 + i)
-        m.set_windows(t, [WindowState(w, limit, limit - 4, 1.8e9 + i)
-                          for w, limit in (("minute", 100), ("hour", 1000), ("day", 10000))], 1.79e9 + i)
-    return m
+        m.observe_request(t, "/items/<int:item_id>", "GET", 404, 0.02 + (i % 7) / 10, True, now=NOW + i)
+        m.set_windows(t, [WindowState(w, limit, limit - 4, 1.8e9 + i) for w, limit in DEFAULT_RATE_LIMITS.items()],
+                      NOW)
+    return ScrapeView(m, None, clock=lambda: NOW, default_limits=DEFAULT_RATE_LIMITS)
+
+
+def render(view: ScrapeView) -> bytes:
+    return view.render()[0]
 
 
 def comparable(text: str, keep: set):
@@ -79,11 +79,13 @@ def comparable(text: str, keep: set):
 def check_identical(n: int = 300) -> None:
     """Both outputs parse to the same samples (the store's observations differ only in count:
     it records each request's duration, the client one observation per token)."""
-    ours = populate_store(n).store.render().decode()
+    ours = render(populate_store(n)).decode()
     theirs = generate_latest(populate_client(n)).decode()
-    keep = {"apitoken_requests_by_class", "apitoken_rate_limited", "apitoken_rate_limit_limit", "apitoken_rate_limit_remaining",
-            "apitoken_rate_limit_reset_timestamp_seconds", "apitoken_token_last_used_timestamp_seconds"}
+    keep = {"apitoken_requests", "apitoken_rate_limit_remaining", "apitoken_rate_limit_reset_timestamp_seconds",
+            "apitoken_token_last_used_timestamp_seconds"}
     assert comparable(ours, keep) == comparable(theirs, keep), "outputs differ"
+    per_token = [line for line in ours.splitlines() if 'token="token-000000"' in line]
+    assert len(per_token) == SERIES_PER_TOKEN, per_token
 
 
 def measured(fn, repeat: int):
@@ -113,7 +115,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args(argv)
     check_identical()
-    print(f"python {sys.version.split()[0]}; median of {args.repeat} scrapes; 34 series per token")
+    print(f"python {sys.version.split()[0]}; median of {args.repeat} scrapes; {SERIES_PER_TOKEN} series per token")
     print("| tokens | lines | generate_latest (s) | store render (s) | speed-up | client bytes/series | store bytes/series |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
     for n in args.tokens:
@@ -124,12 +126,12 @@ def main(argv=None) -> int:
 
 def row(n: int, repeat: int) -> str:
     client_mem, registry = retained_bytes(lambda: populate_client(n))
-    store_mem, metrics = retained_bytes(lambda: populate_store(n))
-    metrics.store.render()                        # the first scrape builds each line's prefix
+    store_mem, view = retained_bytes(lambda: populate_store(n))
+    render(view)                                  # the first scrape builds each line's prefix
     t_client, _ = measured(lambda: generate_latest(registry), repeat if n <= 10000 else 1)
-    t_store, ours = measured(metrics.store.render, repeat)
+    t_store, ours = measured(lambda: render(view), repeat)
     lines = sum(1 for line in ours.splitlines() if not line.startswith(b"#"))
-    series = n * 34
+    series = n * SERIES_PER_TOKEN
     return (f"| {n:,} | {lines:,} | {t_client:.3f} | {t_store:.3f} | {t_client / t_store:.1f}x | "
             f"{client_mem / series:.0f} | {store_mem / series:.0f} |")
 

@@ -34,7 +34,7 @@ def test_asgi_benchmark_compares_the_four_variants():
 
 def test_scrape_benchmark_checks_identical_output_first():
     out = run("bench_scrape.py", "--tokens", "50", "--repeat", "1")
-    assert "| 50 | 1,979 |" in out         # 39 series per token plus 29 fixed ones
+    assert "| 50 | 882 |" in out           # 17 series per token plus 32 fixed ones
 
 
 def test_rate_limit_benchmark_counts_one_round_trip():
