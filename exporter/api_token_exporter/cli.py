@@ -101,11 +101,11 @@ def _show_key(args) -> int:
         from .rulegen import exact_increase
         token = key.id.replace("\\", "\\\\").replace('"', '\\"')
         requests_of = f'apitoken_requests_total{{token="{token}"}}'
-        queries = (("requests, 24h", f"sum({exact_increase(requests_of, '1d')})"),
-                   ("requests, 30 days", f"sum({exact_increase(requests_of, '30d')})"),
+        queries = (("requests, 24h", f"sum({exact_increase(requests_of, '1d', '.+')})"),
+                   ("requests, 30 days", f"sum({exact_increase(requests_of, '30d', '.+')})"),
                    ("last used", f'max(apitoken_token_last_used_timestamp_seconds{{token="{token}"}})'),
                    ("old secret used, 24h", "sum({})".format(exact_increase(
-                       f'apitoken_key_old_secret_requests_total{{token="{token}"}}', "1d"))))
+                       f'apitoken_key_old_secret_requests_total{{token="{token}"}}', "1d", ".+"))))
         for label, expr in queries:
             try:
                 result = client.query(expr, _time.time())

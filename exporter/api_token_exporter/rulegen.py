@@ -127,29 +127,33 @@ def _q(value: float) -> str:
     return "p" + f"{value * 100:g}".replace(".", "_")
 
 
-def born(selector: str, window: str) -> str:
-    """The series of a counter born within ``window`` on a target that was up before it: their
-    whole value is what they counted in the window. Series of a target that was not scraped at
-    the window's start (a new instance, one coming back with its counts kept in state_dir, or
-    Prometheus itself back from an outage) are left out: their value is not this window's."""
-    return f"(({selector} unless {selector} offset {window}) and on (job, instance) (up offset {window} == 1))"
+def born(selector: str, window: str, job: str) -> str:
+    """The series of a counter born within ``window`` whose whole value is what they counted in
+    the window: on a target that was up at the window's start, or one new to Prometheus (no
+    scrape in the day before: a new instance, or Prometheus itself new). Series of a target that
+    was down or away at the window's start and had been scraped before (back with its counts kept
+    in state_dir, or Prometheus back from an outage) are left out: their value is not this
+    window's."""
+    up = f'up{{job=~"{job}"}}'
+    eligible = f"({up} offset {window} == 1 or {up} unless on (job, instance) present_over_time({up}[1d] offset {window}))"
+    return f"(({selector} unless {selector} offset {window}) and on (job, instance) {eligible})"
 
 
-def exact_increase(counter: str, window: str) -> str:
+def exact_increase(counter: str, window: str, job: str) -> str:
     """How much each series of a counter rose over ``window``: the difference of the raw samples,
-    no extrapolation, so whole events stay whole; a series born within the window counts in full;
-    one with no sample at the window's start that is not born there (Prometheus new or back from
-    an outage), or reset within it, counts its rise since its lowest sample in the window."""
-    return (f"({counter} - {counter} offset {window} >= 0 or {born(counter, window)}"
+    no extrapolation, so whole events stay whole; a series born within the window counts in full
+    (``born``); one with no sample at the window's start that is not born there, or reset within
+    it, counts its rise since its lowest sample in the window."""
+    return (f"({counter} - {counter} offset {window} >= 0 or {born(counter, window, job)}"
             f" or {counter} - min_over_time({counter}[{window}]))")
 
 
-def counted(selector: str, window: str, fn: str = "rate") -> str:
+def counted(selector: str, window: str, job: str, fn: str = "rate") -> str:
     """rate() or increase() of each series, where a series born within the window counts its
-    whole value: rate() starts from a series' first sample, so the events before it (a token's
-    first request, its first 5xx, its first 429 in a window) would be lost. Series appear at
-    their first event, not at 0 (docs/metrics.md "Series budget")."""
-    new = born(selector, window)
+    whole value (``born``): rate() starts from a series' first sample, so the events before it
+    (a token's first request, its first 5xx, its first 429 in a window) would be lost. Series
+    appear at their first event, not at 0 (docs/metrics.md "Series budget")."""
+    new = born(selector, window, job)
     if fn == "rate":
         new += f" / {int(seconds(window))}"
     return f"({new} or {fn}({selector}[{window}]))"
@@ -174,14 +178,14 @@ USABLE = f"{TOKEN_STATUS} <= 1"                    # active or rate_limited
 
 
 def recording_rules(t: dict) -> List[dict]:
-    w, c = t["rate_window"], t["coarse_window"]
+    w, c, job = t["rate_window"], t["coarse_window"], t["exporter_job"]
     uw = t["unauthorized"]["window"]
     c2 = c2_of(t)     # an hourly series is only visible for 5m to instant queries: look back further
     q = t["latency"]["quantile"]
     quantiles = sorted({0.5, q, 0.99})
     fast = [
         {"record": f"token:apitoken_requests:rate{w}",
-         "expr": f"sum by (token) {counted('apitoken_requests_total', w)}"},
+         "expr": f"sum by (token) {counted('apitoken_requests_total', w, job)}"},
         {"record": f"token_route:apitoken_requests:rate{w}",
          "expr": f"sum by (token, route) (rate(apitoken_requests_total[{w}]))"},
         {"record": f"token_code:apitoken_requests:rate{w}",
@@ -191,7 +195,7 @@ def recording_rules(t: dict) -> List[dict]:
         {"record": f"token_country:apitoken_requests:rate{w}",
          "expr": f"sum by (token, country) (rate(apitoken_requests_by_country_total[{w}]))"},
         {"record": f"token:apitoken_request_errors:rate{w}",
-         "expr": f"sum by (token) {counted(ERRORS, w)}"},
+         "expr": f"sum by (token) {counted(ERRORS, w, job)}"},
         {"record": f"token:apitoken_request_errors:ratio_rate{w}",
          "expr": (f"(token:apitoken_request_errors:rate{w} or token:apitoken_requests:rate{w} * 0)\n"
                   f"/\ntoken:apitoken_requests:rate{w} > -1")},
@@ -206,7 +210,7 @@ def recording_rules(t: dict) -> List[dict]:
          "expr": (f"histogram_quantile({q:g}, sum by (route, le) "
                   f"(rate(apitoken_route_request_duration_seconds_bucket[{w}])))")},
         {"record": f"token_window:apitoken_rate_limited:rate{w}",
-         "expr": f"sum by (token, window) {counted('apitoken_rate_limited_total', w)}"},
+         "expr": f"sum by (token, window) {counted('apitoken_rate_limited_total', w, job)}"},
         {"record": "token_window:apitoken_rate_limit:usage_ratio",    # remaining is as of the scrape
          "expr": ("max by (token, window) (\n"
                   f"  1 - apitoken_rate_limit_remaining / on (token, window) group_left () ({rate_limit()} > 0)\n)")},
@@ -227,13 +231,13 @@ def recording_rules(t: dict) -> List[dict]:
          "expr": "sum by (reason) (increase(apitoken_auth_failures_total[1h]))"},
         # exact counts for the thresholds: increase() extrapolates 5 failures to 5.08
         {"record": f":apitoken_auth_failures:count{uw}",
-         "expr": f"sum({exact_increase('apitoken_auth_failures_total', uw)})"},
+         "expr": f"sum({exact_increase('apitoken_auth_failures_total', uw, job)})"},
         {"record": f"client:apitoken_auth_failures:count{uw}",
-         "expr": f"sum by (client) ({exact_increase('apitoken_auth_failures_by_client_total', uw)})"},
+         "expr": f"sum by (client) ({exact_increase('apitoken_auth_failures_by_client_total', uw, job)})"},
         {"record": "token:apitoken_requests:rate1h",
-         "expr": f"sum by (token) {counted('apitoken_requests_total', '1h')}"},
+         "expr": f"sum by (token) {counted('apitoken_requests_total', '1h', job)}"},
         {"record": "token:apitoken_requests:rate1d",
-         "expr": f"sum by (token) {counted('apitoken_requests_total', '1d')}"},
+         "expr": f"sum by (token) {counted('apitoken_requests_total', '1d', job)}"},
         {"record": "token:apitoken_requests:baseline_rate",
          "expr": ('max by (token) (\n'
                   '  label_replace(token:apitoken_requests:rate1h offset 1w, "baseline", "same_hour_last_week", "", "")\n'
@@ -242,13 +246,13 @@ def recording_rules(t: dict) -> List[dict]:
     ]
     coarse = [
         {"record": f"token:apitoken_requests:increase{c}",
-         "expr": f"sum by (token) {counted('apitoken_requests_total', c, 'increase')}"},
+         "expr": f"sum by (token) {counted('apitoken_requests_total', c, job, 'increase')}"},
         {"record": f"token_route:apitoken_requests:increase{c}",
          "expr": f"sum by (token, route) (increase(apitoken_requests_total[{c}]))"},
         {"record": f"token_country:apitoken_requests:increase{c}",
          "expr": f"sum by (token, country) (increase(apitoken_requests_by_country_total[{c}]))"},
         {"record": f"token:apitoken_request_errors:increase{c}",
-         "expr": f"sum by (token) {counted(ERRORS, c, 'increase')}"},
+         "expr": f"sum by (token) {counted(ERRORS, c, job, 'increase')}"},
         {"record": f"token_service_model_type:apitoken_llm_tokens:increase{c}",
          "expr": f"sum by (token, service, model, type) (increase(apitoken_llm_tokens_total[{c}]))"},
         {"record": f"token_service_model:apitoken_llm_requests:increase{c}",
