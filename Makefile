@@ -9,7 +9,7 @@ VENV ?= .venv
 VPY := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install test demo bench rules report dashboards analytics-migrate analytics-seed analytics-report prices
+.PHONY: install test demo bench bench-memory rules report dashboards analytics-migrate analytics-seed analytics-report prices
 
 install:
 	PYTHON=$(PYTHON) VENV=$(VENV) bash .ci/install
@@ -31,6 +31,16 @@ bench:
 	$(VPY) benchmarks/bench_import.py
 	$(VPY) benchmarks/bench_geo.py
 	$(VPY) benchmarks/bench_proxy.py
+
+# Prometheus series and memory of the per-token metrics (benchmarks/bench_series_memory.py), the
+# revision OLD (a temporary git worktree) against the working tree; minutes, so not in bench or
+# test: [OLD=c980e1f] [TOKENS=10000] [LLM_MODELS=0|2] [ARGS="--sample-seconds 60 ..."]
+bench-memory:
+	@tmp=$$(mktemp -d) && trap 'git worktree remove --force "$$tmp/old" >/dev/null 2>&1; rm -rf "$$tmp"; git worktree prune' EXIT && \
+	trap 'exit 130' INT TERM && \
+	git worktree add --detach -q "$$tmp/old" $(or $(OLD),c980e1f) && \
+	$(VPY) benchmarks/bench_series_memory.py --compare "$$tmp/old" . --tokens $(or $(TOKENS),10000) \
+		--llm-models $(or $(LLM_MODELS),0) $(ARGS)
 
 dashboards:
 	api-token-exporter dashboards

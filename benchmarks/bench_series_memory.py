@@ -1,0 +1,626 @@
+"""Series and Prometheus memory of the per-token metrics, for N active tokens (docs/metrics.md
+"Series budget"): each token calls 5 routes with GET and two status codes (200, 404), has a
+daily and a monthly LLM budget in the key file, the default rate limits and, with
+``--llm-models L``, LLM usage (input and output tokens) for L priced models.
+
+1. The /metrics text comes from the checkout's own code, in a subprocess with
+   ``PYTHONPATH=DIR/exporter``: a key file of N keys (keystore helpers), then either a Flask
+   app wrapped by the real middleware, driven through its test client (``--driver app``, the
+   default: authentication, rate limits and LLM capture as in production) or the recording
+   calls of metrics.py (``--driver metrics``: observe_request, set_windows, observe_llm and a
+   ScrapeView render). Only public recording calls are used, never family names, so the same
+   script measures any checkout.
+2. That text is served on 127.0.0.1 and scraped every 5 s by a real Prometheus (job
+   ``api-token-exporter``), without rules and with the checkout's prometheus/rules/*.yml.
+3. Once prometheus_tsdb_head_series is stable for 3 reads, Prometheus's own RSS and Go heap in
+   use are sampled for ``--sample-seconds``; the same is done for an empty target (baseline).
+
+    python benchmarks/bench_series_memory.py --checkout . [--tokens 10000] [--llm-models 2]
+    python benchmarks/bench_series_memory.py --compare OLD_DIR NEW_DIR [--tokens 10000]
+
+``make bench-memory [OLD=c980e1f]`` compares a revision (a temporary git worktree) with the
+working tree. It takes minutes: progress goes to stderr, the tables to stdout.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import glob
+import gzip
+import http.server
+import json
+import os
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+ROUTES = 5
+LLM_MODELS = ("gpt-4o-mini", "gpt-4o", "gpt-4.1-mini", "gpt-4.1")   # priced in the shipped snapshot
+LLM_SERVICE = "openai"
+BUDGETS = {"daily": 5.0, "monthly": 100.0}
+JOB = "api-token-exporter"            # the job the shipped rules select (thresholds.yml exporter_job)
+FORBIDDEN_PORTS = {8000, 9464, 9090, 9093, 8025}   # the demo's and the compose stack's ports
+MiB = 1024 * 1024
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def token_id(i: int, n: int) -> str:
+    return f"tok-{i:0{max(5, len(str(n)))}d}"
+
+
+# -- 1. the /metrics text, generated in a subprocess by the checkout's own package -------------
+def generate(args) -> int:
+    """Runs with PYTHONPATH=CHECKOUT/exporter: writes the /metrics text to args.generate_to."""
+    checkout = os.path.realpath(args.checkout)
+    import api_token_exporter
+    where = os.path.realpath(api_token_exporter.__file__)
+    if not where.startswith(os.path.join(checkout, "exporter") + os.sep):
+        raise SystemExit(f"api_token_exporter was imported from {where}, not from {checkout}/exporter")
+    from api_token_exporter.keystore import add_key, hash_key, load_keys, mask_key, save_keys
+
+    n, models = args.tokens, LLM_MODELS[:args.llm_models]
+    work = tempfile.mkdtemp(prefix="ate-membench-gen-")
+    try:
+        started = time.perf_counter()
+        keys_file = os.path.join(work, "keys.yml")
+        ids = [token_id(i, n) for i in range(1, n + 1)]
+        secrets_ = [f"atk_membench_{i:08d}_secret" for i in range(1, n + 1)]
+        # add_key once (whatever fields a new key gets in this checkout), then the same key N times
+        add_key(keys_file, ids[0], name=f"Bench {ids[0]}", tenant="bench", budget_usd=dict(BUDGETS),
+                raw_key=secrets_[0])
+        template = load_keys(keys_file)[0]
+        import dataclasses
+        entries = [template] + [dataclasses.replace(template, id=t, name=f"Bench {t}", key_hash=hash_key(s),
+                                                    masked=mask_key(s))
+                                for t, s in zip(ids[1:], secrets_[1:])]
+        save_keys(keys_file, entries)
+        log(f"  key file: {n} keys in {time.perf_counter() - started:.1f} s")
+
+        started = time.perf_counter()
+        drive = drive_app if args.driver == "app" else drive_metrics
+        body = drive(keys_file, ids, secrets_, models, n)
+        elapsed = time.perf_counter() - started
+        with open(args.generate_to, "wb") as fh:
+            fh.write(body)
+        print(json.dumps({"seconds": round(elapsed, 1), "driver": args.driver, "bytes": len(body),
+                          "package": os.path.dirname(where)}))
+        return 0
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _overrides(n: int) -> dict:
+    """Settings only past the defaults' reach: more tokens than max_tokens, or than the store holds."""
+    out = {}
+    if n > 10_000:
+        out.update(max_tokens=n, store_capacity=max(4_000_000, 200 * n))
+    return out
+
+
+def drive_app(keys_file: str, ids, secrets_, models, n: int) -> bytes:
+    """A Flask app wrapped by TokenAnalytics, called through its test client: each token 5 routes
+    x (200, 404), its first request reporting usage of each model with record_llm_usage."""
+    from flask import Flask, jsonify
+    from api_token_exporter import TokenAnalytics, record_llm_usage
+
+    app = Flask("membench")
+
+    def make_view(route_index: int):
+        def view(item_id):
+            if item_id >= 100:
+                return jsonify(detail="Not found"), 404
+            if route_index == 0:
+                for m in models:
+                    record_llm_usage(LLM_SERVICE, m, input_tokens=120, output_tokens=40)
+            return jsonify(id=item_id)
+        view.__name__ = f"route{route_index}"
+        return view
+
+    for r in range(ROUTES):
+        app.add_url_rule(f"/v1/r{r}/<int:item_id>", view_func=make_view(r), methods=["GET"])
+    analytics = TokenAnalytics(app, keys_file=keys_file, metrics_public=True, **_overrides(n))
+    client = app.test_client()
+    last = time.perf_counter()
+    try:
+        for i, (t, secret) in enumerate(zip(ids, secrets_), 1):
+            headers = {"X-API-Key": secret}
+            for r in range(ROUTES):
+                for item, expected in ((1, 200), (404, 404)):
+                    resp = client.get(f"/v1/r{r}/{item}", headers=headers)
+                    resp.get_data()
+                    resp.close()                  # the middleware records when the body is closed
+                    if resp.status_code != expected:
+                        raise SystemExit(f"{t} GET /v1/r{r}/{item}: {resp.status_code}, expected {expected}: "
+                                         f"{resp.get_data(as_text=True)[:200]}")
+            if time.perf_counter() - last > 10:
+                last = time.perf_counter()
+                log(f"  {i}/{n} tokens driven")
+        resp = client.get("/metrics")
+        if resp.status_code != 200:
+            raise SystemExit(f"/metrics answered {resp.status_code}")
+        return resp.get_data()
+    finally:
+        stop = getattr(analytics.keystore, "stop_watching", None)
+        if stop:
+            stop()
+
+
+def drive_metrics(keys_file: str, ids, secrets_, models, n: int) -> bytes:
+    """The recording calls as UsageCore makes them, without HTTP: Metrics, WindowState from the
+    default limits, observe_llm with the snapshot's price, ScrapeView(...).render()."""
+    from api_token_exporter.config import load_settings
+    from api_token_exporter.keystore import KeyStore
+    from api_token_exporter.metrics import Metrics, ScrapeView
+    from api_token_exporter.pricing import Pricing
+    from api_token_exporter.ratelimit import WINDOW_SECONDS, WindowState
+    from api_token_exporter.usage import LLMUsage
+
+    s = load_settings(None, keys_file=keys_file, **_overrides(n))
+    keystore = KeyStore(keys_file)
+    metrics = Metrics(max_tokens=s.max_tokens, max_routes=s.max_routes, max_models=s.max_models,
+                      capacity=s.store_capacity)
+    if hasattr(metrics, "init_tokens"):
+        metrics.init_tokens(k.id for k in keystore.all())
+    pricing = Pricing.load(s.pricing_file, s.prices_file)
+    now = time.time()
+    for t in ids:
+        key = keystore.get(t)
+        limits = {**s.rate_limits, **(key.rate_limits or {})}
+        used = 0
+        for r in range(ROUTES):
+            for code in (200, 404):
+                used += 1
+                metrics.set_windows(t, [WindowState(w, limits[w], limits[w] - used, now + WINDOW_SECONDS[w])
+                                        for w in WINDOW_SECONDS if w in limits], now)
+                metrics.observe_request(t, f"/v1/r{r}/<int:item_id>", "GET", code, 0.003,
+                                        authenticated=True, now=now)
+                if r == 0 and code == 200:
+                    for m in models:
+                        usage = LLMUsage(LLM_SERVICE, m, 120, 40)
+                        price = pricing.price(LLM_SERVICE, m)
+                        metrics.observe_llm(t, usage, price.cost(usage) if price else None)
+    body, _ = ScrapeView(metrics, keystore, pricing=pricing).render()
+    return body
+
+
+def generate_text(python: str, checkout: str, out: str, args) -> dict:
+    env = dict(os.environ, PYTHONPATH=os.path.join(checkout, "exporter"))
+    cmd = [python, os.path.abspath(__file__), "--generate-to", out, "--checkout", checkout,
+           "--tokens", str(args.tokens), "--llm-models", str(args.llm_models), "--driver", args.driver]
+    try:
+        proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True, timeout=args.generate_timeout)
+    except subprocess.TimeoutExpired:
+        raise SystemExit(f"generating the text for {checkout} took more than {args.generate_timeout} s "
+                         "(--generate-timeout, or fewer --tokens)") from None
+    if proc.returncode != 0:
+        raise SystemExit(f"generating the text for {checkout} failed (exit {proc.returncode})")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def count_series(text: str, n: int) -> dict:
+    total = per_first = token_lines = 0
+    first = f'token="{token_id(1, n)}"'
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        total += 1
+        if 'token="tok-' in line:
+            token_lines += 1
+            if first in line:
+                per_first += 1
+    return {"total": total, "first_token": per_first, "token_lines": token_lines,
+            "per_token": token_lines / n if n else 0.0, "other": total - token_lines}
+
+
+# -- 2. serving the text, and a real Prometheus scraping it --------------------------------------
+class TextServer:
+    """The text at /metrics on 127.0.0.1 (gzip when asked), threaded."""
+
+    def __init__(self, body: bytes):
+        plain, packed = body, gzip.compress(body, 1)
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self):
+                zipped = "gzip" in self.headers.get("Accept-Encoding", "")
+                data = packed if zipped else plain
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+                if zipped:
+                    self.send_header("Content-Encoding", "gzip")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *a):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def free_port() -> int:
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in FORBIDDEN_PORTS:
+            return port
+    raise RuntimeError("no free port")
+
+
+def http_get(url: str, timeout: float = 30) -> bytes:
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        return resp.read()
+
+
+def self_metrics(base: str) -> Dict[str, float]:
+    """Prometheus's own /metrics: unlabelled samples by name; for labelled ones the max over
+    their series under "max:NAME" and the sum under "sum:NAME"."""
+    out: Dict[str, float] = {}
+    for line in http_get(base + "/metrics").decode().splitlines():
+        m = re.match(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{.*\})? (\S+)$", line)
+        if not m:
+            continue
+        name, labels, value = m.group(1), m.group(2), float(m.group(3))
+        if labels is None:
+            out[name] = value
+        else:
+            out["max:" + name] = max(out.get("max:" + name, value), value)
+            out["sum:" + name] = out.get("sum:" + name, 0.0) + value
+    return out
+
+
+def rfc3339(value: Optional[str]) -> float:
+    """Unix time of a timestamp of the Prometheus API, to the second (0 for none or year 1)."""
+    import datetime as dt
+    m = re.match(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.\d+)?(Z|[+-]\d\d:\d\d)$", value or "")
+    if not m or m.group(1).startswith("0001"):
+        return 0.0
+    zone = "+00:00" if m.group(2) == "Z" else m.group(2)
+    return dt.datetime.fromisoformat(m.group(1) + zone).timestamp()
+
+
+def query(base: str, expr: str) -> Optional[float]:
+    result = json.loads(http_get(base + "/api/v1/query?query=" + urllib.request.quote(expr)))["data"]["result"]
+    return float(result[0]["value"][1]) if result else None
+
+
+@dataclass
+class Measurement:
+    label: str
+    head_series: int = 0
+    rss: List[float] = field(default_factory=list)
+    heap: List[float] = field(default_factory=list)
+    seconds: float = 0.0
+    scrape_seconds: float = 0.0         # the last scrape of the target
+    rule_seconds: float = 0.0           # the slowest group's last evaluation
+    missed: float = 0.0                 # rule group iterations missed (evaluation slower than its interval)
+
+    def stat(self, name: str, how: str) -> float:
+        values = getattr(self, name)
+        return max(values) if how == "max" else statistics.median(values)
+
+
+def copy_rules(rules_dir: str, work: str, args) -> List[str]:
+    """The checkout's rule files, copied; every group evaluated at the evaluation interval unless
+    --keep-rule-intervals (the shipped 5m and 1h groups would first run up to an hour later)."""
+    import yaml
+    sources = sorted(glob.glob(os.path.join(rules_dir, "*.yml")))
+    if not sources:
+        raise SystemExit(f"no rule files in {rules_dir}")
+    os.makedirs(os.path.join(work, "rules"))
+    out = []
+    for path in sources:
+        with open(path) as fh:
+            doc = yaml.safe_load(fh) or {}
+        for group in doc.get("groups") or []:
+            if not args.keep_rule_intervals:
+                group.pop("interval", None)
+        target = os.path.join(work, "rules", os.path.basename(path))
+        with open(target, "w") as fh:
+            yaml.safe_dump(doc, fh, sort_keys=False)
+        out.append(target)
+    return out
+
+
+def measure_prometheus(body: bytes, rules_dir: Optional[str], label: str, args) -> Measurement:
+    """Start Prometheus scraping ``body`` (with the rule files of ``rules_dir``), wait for a stable
+    head, sample its memory; always stops it and removes its directory."""
+    started = time.monotonic()
+    work = tempfile.mkdtemp(prefix="ate-membench-prom-")
+    server = TextServer(body)
+    proc = None
+    log_path = os.path.join(work, "prometheus.log")
+
+    def tail() -> str:
+        with contextlib.suppress(OSError), open(log_path, errors="replace") as fh:
+            return "".join(fh.readlines()[-15:])
+        return ""
+
+    try:
+        rule_files = copy_rules(rules_dir, work, args) if rules_dir else []
+        interval = f"{args.scrape_interval}s"
+        config = {
+            "global": {"scrape_interval": interval, "evaluation_interval": interval,
+                       "scrape_timeout": interval},
+            "rule_files": rule_files,
+            "scrape_configs": [{"job_name": JOB, "static_configs": [{"targets": [f"127.0.0.1:{server.port}"]}]}],
+        }
+        cfg_path = os.path.join(work, "prometheus.yml")
+        with open(cfg_path, "w") as fh:
+            json.dump(config, fh)               # JSON is YAML
+        port = free_port()
+        base = f"http://127.0.0.1:{port}"
+        with open(log_path, "ab") as out:
+            proc = subprocess.Popen([args.prometheus, f"--config.file={cfg_path}",
+                                     f"--web.listen-address=127.0.0.1:{port}",
+                                     f"--storage.tsdb.path={os.path.join(work, 'data')}",
+                                     # the rules' calendar expressions look ahead (as stack.py runs it)
+                                     "--enable-feature=promql-negative-offset"],
+                                    stdout=out, stderr=subprocess.STDOUT)
+
+        def alive():
+            if proc.poll() is not None:
+                raise SystemExit(f"prometheus exited with code {proc.returncode}:\n{tail()}")
+
+        deadline = time.monotonic() + 60
+        while True:
+            alive()
+            with contextlib.suppress(OSError, urllib.error.URLError):
+                if http_get(base + "/-/ready", 1):
+                    break
+            if time.monotonic() > deadline:
+                raise SystemExit(f"prometheus not ready after 60 s:\n{tail()}")
+            time.sleep(0.2)
+
+        # the target scraped successfully at least twice, then the rules evaluated
+        deadline = time.monotonic() + args.settle_timeout
+        while True:
+            alive()
+            targets = json.loads(http_get(base + "/api/v1/targets"))["data"]["activeTargets"]
+            t = targets[0] if targets else {}
+            up = query(base, f'sum_over_time(up{{job="{JOB}"}}[1h])')
+            if t.get("health") == "up" and up and up >= 2:
+                break
+            if time.monotonic() > deadline:
+                raise SystemExit(f"{label}: fewer than 2 successful scrapes after {args.settle_timeout} s "
+                                 f"(target {t.get('health')}: {t.get('lastError') or 'no error'})\n{tail()}")
+            time.sleep(1)
+        scraped = float(int(time.time()))        # the API's times are compared to the second
+        if rule_files:
+            # every group evaluated once with those samples in place (a group's first evaluation
+            # comes up to one of its intervals after start-up; a slow group runs late)
+            deadline = time.monotonic() + args.settle_timeout + (3600 if args.keep_rule_intervals else 0)
+            while True:
+                alive()
+                groups = json.loads(http_get(base + "/api/v1/rules"))["data"]["groups"]
+                errors = [(r["name"], r["lastError"]) for g in groups for r in g["rules"] if r.get("lastError")]
+                if errors:
+                    raise SystemExit(f"{label}: rules fail to evaluate: {errors[:3]}")
+                loaded = sum(len(g["rules"]) for g in groups)
+                pending = [g["name"] for g in groups if rfc3339(g.get("lastEvaluation")) < scraped]
+                if loaded and not pending:
+                    break
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"{label}: rule groups not evaluated after the second scrape within "
+                                     f"{args.settle_timeout} s: {pending[:5]}")
+                time.sleep(1)
+            log(f"  {label}: {loaded} rules in {len(groups)} groups evaluated")
+
+        # the head is populated: prometheus_tsdb_head_series the same for 3 reads in a row, one
+        # scrape interval apart, or one evaluation of the slowest rule group apart if longer
+        deadline = time.monotonic() + args.settle_timeout
+        reads: List[float] = []
+        while True:
+            alive()
+            own = self_metrics(base)
+            reads.append(own["prometheus_tsdb_head_series"])
+            if len(reads) >= 3 and reads[-1] == reads[-2] == reads[-3]:
+                break
+            if time.monotonic() > deadline:
+                raise SystemExit(f"{label}: head series not stable after {args.settle_timeout} s: "
+                                 f"{[int(r) for r in reads[-6:]]}")
+            time.sleep(min(120.0, max(args.scrape_interval,
+                                      own.get("max:prometheus_rule_group_last_duration_seconds", 0.0))))
+        log(f"  {label}: head stable at {int(reads[-1])} series; sampling memory for {args.sample_seconds} s")
+
+        m = Measurement(label)
+        end = time.monotonic() + args.sample_seconds
+        while time.monotonic() < end:
+            alive()
+            s = self_metrics(base)
+            m.rss.append(s["process_resident_memory_bytes"])
+            m.heap.append(s["go_memstats_heap_inuse_bytes"])
+            m.head_series = int(s["prometheus_tsdb_head_series"])
+            m.rule_seconds = max(m.rule_seconds, s.get("max:prometheus_rule_group_last_duration_seconds", 0.0))
+            m.missed = s.get("sum:prometheus_rule_group_iterations_missed_total", 0.0)
+            time.sleep(1)
+        m.scrape_seconds = query(base, f'max(scrape_duration_seconds{{job="{JOB}"}})') or 0.0
+        m.seconds = time.monotonic() - started
+        log(f"  {label}: RSS max {m.stat('rss', 'max') / MiB:.0f} MiB, heap in use max "
+            f"{m.stat('heap', 'max') / MiB:.0f} MiB ({m.seconds:.0f} s)")
+        return m
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+        server.close()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+# -- 3. one checkout, and the comparison ---------------------------------------------------------
+@dataclass
+class Result:
+    checkout: str
+    tokens: int
+    series: dict
+    generate: dict
+    base_plain: Measurement
+    base_rules: Measurement
+    plain: Measurement
+    rules: Measurement
+
+
+def describe(checkout: str) -> str:
+    """DIR @ commit (+ changes when tracked files differ from it), or DIR outside git."""
+    git = ["git", "-C", checkout]
+    head = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    if head.returncode != 0:
+        return checkout
+    dirty = subprocess.run(git + ["diff", "--quiet", "HEAD", "--", "exporter", "prometheus"]).returncode != 0
+    return f"{os.path.basename(checkout)} @ {head.stdout.strip()}{' + changes' if dirty else ''}"
+
+
+def measure_checkout(checkout: str, base_plain: Measurement, args) -> Result:
+    checkout = os.path.realpath(checkout)
+    rules_dir = os.path.join(checkout, "prometheus", "rules")
+    if not os.path.isfile(os.path.join(checkout, "exporter", "api_token_exporter", "__init__.py")):
+        raise SystemExit(f"{checkout} is not a checkout of api-token-exporter (no exporter/api_token_exporter)")
+    work = tempfile.mkdtemp(prefix="ate-membench-")
+    try:
+        out = os.path.join(work, "metrics.txt")
+        log(f"{checkout}: generating /metrics for {args.tokens} tokens ({args.driver} driver, "
+            f"{args.llm_models} LLM models)")
+        gen = generate_text(args.python, checkout, out, args)
+        with open(out, "rb") as fh:
+            body = fh.read()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    series = count_series(body.decode(), args.tokens)
+    log(f"{checkout}: {series['total']} series ({series['first_token']} for {token_id(1, args.tokens)}, "
+        f"{series['per_token']:.2f} per token on average), {len(body) / MiB:.1f} MiB, generated in "
+        f"{gen['seconds']} s")
+    base_rules = measure_prometheus(b"", rules_dir, "baseline, rules", args)
+    plain = measure_prometheus(body, None, f"{args.tokens} tokens, no rules", args)
+    rules = measure_prometheus(body, rules_dir, f"{args.tokens} tokens, rules", args)
+    return Result(describe(checkout), args.tokens, series, gen, base_plain, base_rules, plain, rules)
+
+
+def table(results: List[Result], how: str) -> str:
+    scale = 10_000 / results[0].tokens
+
+    def above(m: Measurement, base: Measurement, what: str) -> float:
+        return (m.stat(what, how) - base.stat(what, how)) * scale / MiB
+
+    def per_series(m: Measurement, base: Measurement) -> str:
+        extra = m.head_series - base.head_series
+        return f"{(m.stat('heap', how) - base.stat('heap', how)) / extra:,.0f}" if extra > 0 else "-"
+
+    head = ["checkout", "tokens", "exposed series", "per token", "head series (no rules / rules)",
+            "RSS MiB (no rules / rules)", "heap in use MiB (no rules / rules)",
+            "heap bytes / head series (no rules / rules)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 2 + "---:|" * (len(head) - 2)]
+    for r in results:
+        lines.append("| " + " | ".join([
+            r.checkout, f"{r.tokens:,}", f"{r.series['total']:,}",
+            f"{r.series['first_token']} ({r.series['per_token']:.2f} avg)",
+            f"{r.plain.head_series:,} / {r.rules.head_series:,}",
+            f"{above(r.plain, r.base_plain, 'rss'):,.0f} / {above(r.rules, r.base_rules, 'rss'):,.0f}",
+            f"{above(r.plain, r.base_plain, 'heap'):,.0f} / {above(r.rules, r.base_rules, 'heap'):,.0f}",
+            f"{per_series(r.plain, r.base_plain)} / {per_series(r.rules, r.base_rules)}",
+        ]) + " |")
+    return "\n".join(lines)
+
+
+def details(results: List[Result]) -> str:
+    lines = ["| checkout | run | head series | RSS MiB max / median | heap in use MiB max / median "
+             "| scrape s | slowest rule group s | missed evaluations | run s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    seen = set()
+    for r in results:
+        for m in (r.base_plain, r.base_rules, r.plain, r.rules):
+            name = "(all)" if m is r.base_plain else r.checkout
+            if (name, m.label) in seen:
+                continue
+            seen.add((name, m.label))
+            lines.append(f"| {name} | {m.label} | {m.head_series:,} | {m.stat('rss', 'max') / MiB:,.0f} / "
+                         f"{m.stat('rss', 'median') / MiB:,.0f} | {m.stat('heap', 'max') / MiB:,.0f} / "
+                         f"{m.stat('heap', 'median') / MiB:,.0f} | {m.scrape_seconds:.2f} | "
+                         f"{m.rule_seconds:.2f} | {m.missed:.0f} | {m.seconds:.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--checkout", metavar="DIR", help="measure one checkout")
+    which.add_argument("--compare", nargs=2, metavar=("OLD_DIR", "NEW_DIR"), help="measure two checkouts")
+    p.add_argument("--tokens", type=int, default=10_000)
+    p.add_argument("--llm-models", type=int, default=0, choices=range(len(LLM_MODELS) + 1),
+                   help="LLM models each token uses (input and output tokens recorded)")
+    p.add_argument("--driver", choices=("app", "metrics"), default="app",
+                   help="app: a Flask app with the middleware via its test client; metrics: the "
+                        "recording calls of metrics.py directly")
+    p.add_argument("--sample-seconds", type=float, default=30)
+    p.add_argument("--scrape-interval", type=int, default=5, help="seconds, also the rule evaluation interval")
+    p.add_argument("--settle-timeout", type=float, default=300, help="seconds to wait for scrapes, rules, a stable head")
+    p.add_argument("--keep-rule-intervals", action="store_true",
+                   help="keep the rule groups' own intervals (5m, 1h: waits up to an hour for their "
+                        "first evaluation) instead of evaluating every group at the scrape interval")
+    p.add_argument("--generate-timeout", type=float, default=1800)
+    p.add_argument("--python", default=sys.executable, help="the interpreter with flask and pyyaml for the generator")
+    p.add_argument("--prometheus", default=shutil.which("prometheus") or "prometheus")
+    p.add_argument("--generate-to", help=argparse.SUPPRESS)        # internal: the generator subprocess
+    args = p.parse_args(argv)
+    if args.tokens < 1:
+        p.error("--tokens must be at least 1")
+    if args.generate_to:
+        return generate(args)
+    if not shutil.which(args.prometheus):
+        raise SystemExit("prometheus is not installed (Debian: apt-get install prometheus)")
+
+    started = time.monotonic()
+    checkouts = args.compare or [args.checkout]
+    log(f"baseline: Prometheus scraping an empty target, no rules")
+    base_plain = measure_prometheus(b"", None, "baseline, no rules", args)
+    results = [measure_checkout(c, base_plain, args) for c in checkouts]
+    version = subprocess.run([args.prometheus, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
+    print(f"\n{args.tokens:,} tokens x {ROUTES} routes x GET x (200, 404), daily + monthly budgets, default "
+          f"rate limits, {args.llm_models} LLM models; {args.driver} driver; {version}; scrape and "
+          f"evaluation every {args.scrape_interval} s; memory sampled for {args.sample_seconds:.0f} s")
+    scaled = "" if args.tokens == 10_000 else ", scaled to 10,000 tokens"
+    print(f"\nMemory above the baseline (an empty target; with rules: the same rules), max of the samples{scaled}:\n")
+    print(table(results, "max"))
+    print(f"\nThe same with the median of the samples{scaled}:\n")
+    print(table(results, "median"))
+    intervals = ("at its own interval" if args.keep_rule_intervals
+                 else f"every {args.scrape_interval} s (the shipped 5m and 1h group intervals replaced)")
+    print(f"\nWith rules: the checkout's prometheus/rules/*.yml, every group evaluated {intervals}; "
+          "head series include their output (recording rules, ALERTS), memory includes the work of "
+          "evaluating them (missed evaluations below: a group slower than its interval).")
+    print("\nEvery Prometheus run:\n")
+    print(details(results))
+    print("\nGenerating the text: " + "; ".join(
+        f"{r.checkout}: {r.generate['seconds']} s, {r.generate['bytes'] / MiB:.1f} MiB" for r in results))
+    print(f"Total run time: {time.monotonic() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
