@@ -430,24 +430,37 @@ def test_the_compromised_key_shows_every_kind_of_anomaly_and_no_healthy_key_any(
 @pytest.mark.integration
 def test_every_recording_rule_answers_on_the_smaller_series(backfilled):
     """The per-token series were cut to what is read (docs/metrics.md "Series budget"): every
-    recording rule the shipped files define still has data in the demo with its history."""
+    recording rule the shipped files define has data in the demo now, and every one the demo
+    backfills (all but the proxy pool's) ten days back too: the hourly group as well, whatever
+    the hour the history starts at (promtool skips an hourly group that starts late in a block)."""
     import yaml
     rules_loaded(backfilled)
     rules_dir = os.path.join(os.path.dirname(__file__), "..", "prometheus", "rules")
-    names = set()
+    names, backfilled_names = set(), set()
     for name in sorted(os.listdir(rules_dir)):
         with open(os.path.join(rules_dir, name), encoding="utf-8") as fh:
             for group in yaml.safe_load(fh)["groups"]:
-                names.update(r["record"] for r in group["rules"] if "record" in r)
+                recorded = {r["record"] for r in group["rules"] if "record" in r}
+                names |= recorded
+                if not group["name"].startswith("apitoken.upstream"):
+                    backfilled_names |= recorded
     assert len(names) > 40
+
+    def answering(at):
+        found = set()
+        for name in sorted(names):
+            result = requests.get(backfilled.prometheus.url + "/api/v1/query", timeout=30, params={
+                "query": f"count(last_over_time({name}[3h]))", "time": at}).json()["data"]["result"]
+            if result and float(result[0]["value"][1]) > 0:
+                found.add(name)
+        return found
+
+    assert backfilled_names - answering(time.time() - 10 * 86400) == set()
     empty = set(names)
-    deadline = time.monotonic() + 300           # the first evaluations of every group (1h ones read the backfill)
-    while empty and time.monotonic() < deadline:
-        for name in sorted(empty):
-            found = requests.get(backfilled.prometheus.url + "/api/v1/query", timeout=30, params={
-                "query": f"count(last_over_time({name}[3h]))"}).json()["data"]["result"]
-            if found and float(found[0]["value"][1]) > 0:
-                empty.discard(name)
-        if empty:
-            time.sleep(10)
+    deadline = time.monotonic() + 300           # the first evaluations of every group live
+    while True:
+        empty -= answering(time.time())
+        if not empty or time.monotonic() > deadline:
+            break
+        time.sleep(10)
     assert empty == set(), f"recording rules with no data: {sorted(empty)}"

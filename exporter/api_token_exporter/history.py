@@ -465,6 +465,9 @@ def rule_levels(rule_files: List[str]) -> List[List[dict]]:
     return out
 
 
+RULE_BLOCK = 7200          # promtool create-blocks-from rules: its default (and our) block length
+
+
 def backfill_rules(prometheus_url: str, rule_files: List[str], start: float, end: float, data_dir: str,
                    eval_interval: str = "60s", promtool: Optional[str] = None, load_timeout: float = 180,
                    reload: Optional[Callable[[], None]] = None) -> List[str]:
@@ -479,6 +482,10 @@ def backfill_rules(prometheus_url: str, rule_files: List[str], start: float, end
     promtool = _promtool(promtool)
     moved = []
     levels = rule_levels(rule_files)
+    # promtool evaluates a rule block by block (two hours each) and stops at the first block
+    # whose end comes before the group's first aligned evaluation: a start late in a block would
+    # leave an hourly group with nothing at all. Starting on a block boundary never does.
+    start = float(int(start) // RULE_BLOCK * RULE_BLOCK)
     for n, groups in enumerate(levels):
         with tempfile.TemporaryDirectory(prefix=".ate-rules-", dir=data_dir) as work:
             rules_path = os.path.join(work, "rules.yml")
