@@ -597,7 +597,7 @@ def main(argv=None) -> int:
 
     started = time.monotonic()
     checkouts = args.compare or [args.checkout]
-    log(f"baseline: Prometheus scraping an empty target, no rules")
+    log("baseline: Prometheus scraping an empty target, no rules")
     base_plain = measure_prometheus(b"", None, "baseline, no rules", args)
     results = [measure_checkout(c, base_plain, args) for c in checkouts]
     version = subprocess.run([args.prometheus, "--version"], capture_output=True, text=True).stdout.split("\n")[0]

@@ -12,7 +12,7 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families 
 from prometheus_client.parser import text_string_to_metric_families
 
 from api_token_exporter.usage import LLMUsage
-from api_token_exporter.metrics import AUTH_FAILURE_REASONS, LATENCY_BUCKETS, TOKEN_LATENCY_BUCKETS, Metrics, catalogue
+from api_token_exporter.metrics import AUTH_FAILURE_REASONS, Metrics, catalogue
 from api_token_exporter.ratelimit import WindowState
 from conftest import require_binary
 

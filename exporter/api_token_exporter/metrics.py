@@ -34,7 +34,6 @@ STATUSES = ("active", "rate_limited", "inactive", "invalid", "expired")
 # so max() over instances is the worst any of them sees
 TOKEN_STATUS_VALUES = {"active": 0, "rate_limited": 1, "expired": 2, "inactive": 3}
 AUTH_FAILURE_REASONS = ("missing", "invalid", "inactive", "expired", "rotated")
-STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 # the route histogram: bounds around the latency thresholds (1 s and 2 s by default) close
 # enough that a quantile estimated from them is within a quarter second there
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 5.0, 10.0)
@@ -48,10 +47,6 @@ MICROSECONDS = 1e6                        # duration sums are kept in whole micr
 NANO_USD = 1e9                            # cost is kept in whole nano-dollars (exact to $9M a series)
 OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 TEXT = "text/plain; version=0.0.4; charset=utf-8"
-
-
-def status_class(code: int) -> str:
-    return STATUS_CLASSES[min(max(code // 100, 1), 5) - 1]
 
 
 class LabelGuard:
@@ -439,7 +434,7 @@ class ScrapeView:
 
     def limited_tokens(self, now: Optional[float] = None) -> set:
         """Tokens with a window used up that has not reset yet: status rate_limited."""
-        return {token for (token, _), (_, left, _) in self.windows(now).items() if left <= 0}
+        return _limited(self.windows(now))
 
     def derived(self):
         now = self.clock()
@@ -456,7 +451,7 @@ class ScrapeView:
                (DEFAULT_LIMIT, [((w,), float(n)) for w, n in defaults.items()])]
         if self.keystore is None:
             return out
-        limited = {token for (token, _), (_, left, _) in windows.items() if left <= 0}
+        limited = _limited(windows)
         info, status, budget, sensitivity, times = [], [], [], [], []
         for key in self.keystore.all():
             for event, at in (("created", key.created_at), ("expires", key.expires_at),
@@ -491,6 +486,10 @@ class ScrapeView:
             body = store.render(self.derived(), openmetrics=openmetrics,
                                 skip=(m.rl_limit, m.rl_remaining, m.rl_reset))
         return body, OPENMETRICS if openmetrics else TEXT
+
+
+def _limited(windows: Dict[tuple, Tuple[float, float, float]]) -> set:
+    return {token for (token, _), (_, left, _) in windows.items() if left <= 0}
 
 
 def token_status(key, rate_limited: bool, now: float) -> str:
