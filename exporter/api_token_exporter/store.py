@@ -503,8 +503,10 @@ class Store:
             out.append("\n".join(map(add, line_prefixes, map(repr, values))) + "\n")
         for family, rows in derived:
             self._header(out, family, openmetrics)
-            for key, value in rows:
-                out.append(f"{family.name}{family.labels_text(key)} {float_to_go_string(value)}\n")
+            if rows:                     # per key in the key file, or per token's window: cached
+                prefixes = family.prefixes
+                line_prefixes = [prefixes.get(k) or self._prefix(family, k) for k, _ in rows]
+                out.append("\n".join(map(add, line_prefixes, [repr(float(v)) for _, v in rows])) + "\n")
         if openmetrics:
             out.append("# EOF\n")
         # validation.py keeps lone surrogates out; should one slip past, it must not cost a scrape
