@@ -417,41 +417,42 @@ class ScrapeView:
         self.pricing = pricing
         self.default_limits = dict(default_limits or {})
 
-    def windows(self, now: Optional[float] = None) -> Dict[tuple, Tuple[float, float, float]]:
-        """(limit, remaining, reset time) of each (token, window) as of ``now``: a window that
-        has reset has its whole limit left."""
-        now = now if now is not None else self.clock()
+    def window_rows(self, now: float):
+        """The rate-limit gauges as of ``now`` (a window that has reset has its whole limit
+        left; a limit only where it is not the window's default) and the tokens with a window
+        used up: (limit rows, remaining rows, reset rows, rate-limited tokens). One pass: it runs
+        on every scrape, for every token's windows."""
         m = self.metrics
-        with m.store.snapshot():
-            limits = m.store.values_by_key(m.rl_limit)
-            remaining = m.store.values_by_key(m.rl_remaining)
-            resets = m.store.values_by_key(m.rl_reset)
-        out = {}
-        for key, limit in limits.items():
-            reset = resets.get(key, 0.0)
-            out[key] = (limit, remaining.get(key, limit) if reset > now else limit, reset)
-        return out
+        store = m.store
+        with store.snapshot():
+            keys, limits = store.family_data(m.rl_limit)
+            remaining = store.values_by_key(m.rl_remaining)
+            resets = store.values_by_key(m.rl_reset)
+        defaults = self.default_limits
+        limit_rows, remaining_rows, reset_rows, limited = [], [], [], set()
+        for key, limit in zip(keys, limits):
+            at = resets.get(key, 0.0)
+            left = remaining.get(key, limit) if at > now else limit
+            if defaults.get(key[1]) != limit:
+                limit_rows.append((key, limit))
+            remaining_rows.append((key, left))
+            reset_rows.append((key, at))
+            if left <= 0:
+                limited.add(key[0])
+        return limit_rows, remaining_rows, reset_rows, limited
 
     def limited_tokens(self, now: Optional[float] = None) -> set:
         """Tokens with a window used up that has not reset yet: status rate_limited."""
-        return _limited(self.windows(now))
+        return self.window_rows(now if now is not None else self.clock())[3]
 
     def derived(self):
         now = self.clock()
-        windows = self.windows(now)
-        defaults = self.default_limits
-        limit, remaining, reset = [], [], []
-        for key, (lim, left, at) in windows.items():
-            if defaults.get(key[1]) != lim:
-                limit.append((key, lim))
-            remaining.append((key, left))
-            reset.append((key, at))
+        limit, remaining, reset, limited = self.window_rows(now)
         m = self.metrics
         out = [(m.rl_limit, limit), (m.rl_remaining, remaining), (m.rl_reset, reset),
-               (DEFAULT_LIMIT, [((w,), float(n)) for w, n in defaults.items()])]
+               (DEFAULT_LIMIT, [((w,), float(n)) for w, n in self.default_limits.items()])]
         if self.keystore is None:
             return out
-        limited = _limited(windows)
         info, status, budget, sensitivity, times = [], [], [], [], []
         for key in self.keystore.all():
             for event, at in (("created", key.created_at), ("expires", key.expires_at),
@@ -486,10 +487,6 @@ class ScrapeView:
             body = store.render(self.derived(), openmetrics=openmetrics,
                                 skip=(m.rl_limit, m.rl_remaining, m.rl_reset))
         return body, OPENMETRICS if openmetrics else TEXT
-
-
-def _limited(windows: Dict[tuple, Tuple[float, float, float]]) -> set:
-    return {token for (token, _), (_, left, _) in windows.items() if left <= 0}
 
 
 def token_status(key, rate_limited: bool, now: float) -> str:

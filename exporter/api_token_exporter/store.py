@@ -506,7 +506,7 @@ class Store:
             if rows:                     # per key in the key file, or per token's window: cached
                 prefixes = family.prefixes
                 line_prefixes = [prefixes.get(k) or self._prefix(family, k) for k, _ in rows]
-                out.append("\n".join(map(add, line_prefixes, [repr(float(v)) for _, v in rows])) + "\n")
+                out.append("\n".join(map(add, line_prefixes, [repr(v) for _, v in rows])) + "\n")
         if openmetrics:
             out.append("# EOF\n")
         # validation.py keeps lone surrogates out; should one slip past, it must not cost a scrape
