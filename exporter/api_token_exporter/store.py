@@ -499,18 +499,23 @@ class Store:
                     acc += (acc[-1], row[nb + 1])
                     out.append("\n".join(map(add, lines, map(repr, acc))) + "\n")
                 continue
-            line_prefixes = [prefixes.get(k) or self._prefix(family, k) for k in keys]
+            line_prefixes = self._line_prefixes(family, keys)
             out.append("\n".join(map(add, line_prefixes, map(repr, values))) + "\n")
         for family, rows in derived:
             self._header(out, family, openmetrics)
             if rows:                     # per key in the key file, or per token's window: cached
-                prefixes = family.prefixes
-                line_prefixes = [prefixes.get(k) or self._prefix(family, k) for k, _ in rows]
+                line_prefixes = self._line_prefixes(family, [k for k, _ in rows])
                 out.append("\n".join(map(add, line_prefixes, [repr(v) for _, v in rows])) + "\n")
         if openmetrics:
             out.append("# EOF\n")
         # validation.py keeps lone surrogates out; should one slip past, it must not cost a scrape
         return "".join(out).encode("utf-8", "replace")
+
+    @classmethod
+    def _line_prefixes(cls, family: Family, keys) -> List[str]:
+        """Each key's `name{labels} `, built once per series and cached on the family."""
+        prefixes = family.prefixes
+        return [prefixes.get(k) or cls._prefix(family, k) for k in keys]
 
     @staticmethod
     def _prefix(family: Family, key: tuple) -> str:
