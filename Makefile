@@ -19,7 +19,7 @@ test: install
 
 demo:
 	PYTHON=$(PYTHON) VENV=$(VENV) PACKAGE_ONLY=1 bash .ci/install
-	$(VPY) -m api_token_exporter.cli demo
+	$(VPY) -m devstack demo
 
 bench:
 	$(VPY) benchmarks/bench_middleware.py --rounds 21
@@ -47,7 +47,8 @@ dashboards:
 
 rules:
 	api-token-exporter rules
-	cp docs/runbooks.md exporter/api_token_exporter/runbooks.md   # served at the exporter's /runbooks
+	cp docs/runbooks.md exporter/api_token_exporter/mixin/runbooks.md   # served at the exporter's /runbooks
+	cp prometheus/thresholds.yml exporter/api_token_exporter/mixin/thresholds.yml   # the packaged defaults
 	promtool check rules prometheus/rules/*.yml
 	promtool test rules prometheus/tests/*.yml
 
@@ -62,7 +63,7 @@ analytics-migrate:
 
 # synthetic history for the demo's keys (make demo does it by itself): [DAYS=30] [PROMETHEUS_DATA=dir] [PROMETHEUS_URL=url]
 analytics-seed:
-	api-token-exporter backfill --days $(or $(DAYS),30) $(if $(PROMETHEUS_DATA),--prometheus-data $(PROMETHEUS_DATA)) $(if $(PROMETHEUS_URL),--prometheus-url $(PROMETHEUS_URL))
+	$(VPY) -m devstack backfill --days $(or $(DAYS),30) $(if $(PROMETHEUS_DATA),--prometheus-data $(PROMETHEUS_DATA)) $(if $(PROMETHEUS_URL),--prometheus-url $(PROMETHEUS_URL))
 
 analytics-report: report
 
@@ -70,4 +71,4 @@ analytics-report: report
 # (pip download litellm --no-deps -d /tmp/litellm); the diff shows what was repriced
 prices:
 	@test -n "$(FROM)" || { echo "usage: make prices FROM=litellm-1.110.2-...whl|model_prices_and_context_window.json"; exit 2; }
-	$(VPY) -m api_token_exporter.cli prices update --from $(FROM) --output exporter/api_token_exporter/llm-prices.json
+	$(VPY) -m api_token_exporter.cli prices update --from $(FROM) --output exporter/api_token_exporter/core/llm-prices.json

@@ -23,8 +23,8 @@ import starlette
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
-from api_token_exporter.asgi import TokenAnalytics
-from api_token_exporter.keystore import add_key
+from api_token_exporter.web.asgi import TokenAnalytics
+from api_token_exporter.core.keystore import add_key
 
 
 def make_fastapi() -> FastAPI:

@@ -23,7 +23,7 @@ import time
 import iptocc
 import maxminddb
 
-from api_token_exporter.geo import CACHE_SIZE, CountryResolver, client_ip, parse_trusted_proxies
+from api_token_exporter.core.geo import CACHE_SIZE, CountryResolver, client_ip, parse_trusted_proxies
 
 COUNTRIES = ["US", "DE", "JP", "BR", "IN", "FR", "GB", "CN", "NG", "AU"]
 

@@ -16,8 +16,8 @@ import sys
 import tempfile
 import time
 
-from api_token_exporter import history
-from api_token_exporter.pricing import Pricing
+from api_token_exporter.analytics import importer as history
+from api_token_exporter.core.pricing import Pricing
 
 ROUTES = [f"/api/v1/{name}" for name in ("items", "items/{id}", "orders", "orders/{id}", "users",
                                           "users/{id}", "search", "chat", "reports", "health")]

@@ -57,7 +57,7 @@ def main(argv=None) -> int:
         return 2
     sys.path.insert(0, HERE)
     from bench_middleware import variants
-    from api_token_exporter.keystore import add_key
+    from api_token_exporter.core.keystore import add_key
     with tempfile.TemporaryDirectory() as tmp:
         keys_file = os.path.join(tmp, "keys.yml")
         raw = add_key(keys_file, "bench")

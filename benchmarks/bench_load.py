@@ -52,7 +52,7 @@ def start_gunicorn(factory: str, env: dict, workdir: str):
     mp = tempfile.mkdtemp(dir=workdir)
     proc = subprocess.Popen(
         [sys.executable, "-m", "gunicorn", "--workers", "4", "--bind", f"127.0.0.1:{port}",
-         "--chdir", HERE, "--config", "python:api_token_exporter.gunicorn_conf", f"load_apps:{factory}()"],
+         "--chdir", HERE, "--config", "python:api_token_exporter.web.gunicorn_conf", f"load_apps:{factory}()"],
         env={**os.environ, **env, "ATE_STATE_DIR": mp}, stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL)
     wait_up(port, proc)
@@ -113,7 +113,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tokens", type=int, default=10)
     parser.add_argument("--clients", type=int, default=8)
     args = parser.parse_args(argv)
-    from api_token_exporter.keystore import add_key
+    from api_token_exporter.core.keystore import add_key
     workdir = tempfile.mkdtemp(prefix="ate-load-")
     keys_file = os.path.join(workdir, "keys.yml")
     keys = {f"load-{i}": add_key(keys_file, f"load-{i}") for i in range(args.tokens)}

@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry
 from werkzeug.test import EnvironBuilder
 
 from api_token_exporter import TokenAnalytics
-from api_token_exporter.keystore import add_key
+from api_token_exporter.core.keystore import add_key
 
 
 def make_flask() -> Flask:

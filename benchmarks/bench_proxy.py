@@ -35,7 +35,7 @@ HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authoriza
 # -- gunicorn factories ---------------------------------------------------------------------
 def upstream():
     """The fake GitHub: every secret with a quota it never runs out of; streams with a pause."""
-    from api_token_exporter.fake_upstream import FakeUpstream
+    from devstack.fake_upstream import FakeUpstream
     fake = FakeUpstream("github", limit=10 ** 9, chunk_delay=0.2)
     fake.record = False
     for secret in SECRETS:
@@ -170,7 +170,7 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, default=1, help="gunicorn workers per server")
     parser.add_argument("--threads", type=int, default=8, help="threads per worker")
     args = parser.parse_args(argv)
-    from api_token_exporter.keystore import add_key
+    from api_token_exporter.core.keystore import add_key
     workdir = tempfile.mkdtemp(prefix="ate-bench-proxy-")
     procs = []
     try:
@@ -188,10 +188,10 @@ def main(argv=None) -> int:
                                args.threads)
         procs.append(proc)
         state = os.path.join(workdir, "state")
-        proc, ours_port = start("api_token_exporter.proxy:app_from_env()",
+        proc, ours_port = start("api_token_exporter.proxy.app:app_from_env()",
                                 {**env, "ATE_UPSTREAM_POOL_FILE": pool_file, "ATE_KEYS_FILE": keys_file,
                                  "ATE_STATE_DIR": state, "ATE_METRICS_PUBLIC": "true"},
-                                args.workers, args.threads, ("--config", "python:api_token_exporter.gunicorn_conf"))
+                                args.workers, args.threads, ("--config", "python:api_token_exporter.web.gunicorn_conf"))
         procs.append(proc)
         variants = [("upstream, direct", up_port), ("pass-through proxy with requests", req_port),
                     ("api-token-exporter proxy", ours_port)]

@@ -21,7 +21,7 @@ from limits import RateLimitItemPerDay, RateLimitItemPerHour, RateLimitItemPerMi
 from limits.storage import MemoryStorage, RedisStorage
 from limits.strategies import FixedWindowRateLimiter
 
-from api_token_exporter.ratelimit import RateLimiter
+from api_token_exporter.core.ratelimit import RateLimiter
 
 LIMITS = {"minute": 10**9, "hour": 10**9, "day": 10**9}
 ITEMS = [RateLimitItemPerMinute(10**9), RateLimitItemPerHour(10**9), RateLimitItemPerDay(10**9)]

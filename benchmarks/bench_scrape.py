@@ -21,9 +21,9 @@ import tracemalloc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from api_token_exporter.config import DEFAULT_RATE_LIMITS
-from api_token_exporter.metrics import TOKEN_LATENCY_BUCKETS, Metrics, ScrapeView
-from api_token_exporter.ratelimit import WindowState
+from api_token_exporter.core.config import DEFAULT_RATE_LIMITS
+from api_token_exporter.core.metrics import TOKEN_LATENCY_BUCKETS, Metrics, ScrapeView
+from api_token_exporter.core.ratelimit import WindowState
 
 NOW = 1.79e9                     # the scrape's clock: every window below is still running
 SERIES_PER_TOKEN = 17

@@ -69,7 +69,7 @@ def generate(args) -> int:
     where = os.path.realpath(api_token_exporter.__file__)
     if not where.startswith(os.path.join(checkout, "exporter") + os.sep):
         raise SystemExit(f"api_token_exporter was imported from {where}, not from {checkout}/exporter")
-    from api_token_exporter.keystore import add_key, hash_key, load_keys, mask_key, save_keys
+    from api_token_exporter.core.keystore import add_key, hash_key, load_keys, mask_key, save_keys
 
     n, models = args.tokens, LLM_MODELS[:args.llm_models]
     work = tempfile.mkdtemp(prefix="ate-membench-gen-")
@@ -161,12 +161,12 @@ def drive_app(keys_file: str, ids, secrets_, models, n: int) -> bytes:
 def drive_metrics(keys_file: str, ids, secrets_, models, n: int) -> bytes:
     """The recording calls as UsageCore makes them, without HTTP: Metrics, WindowState from the
     default limits, observe_llm with the snapshot's price, ScrapeView(...).render()."""
-    from api_token_exporter.config import load_settings
-    from api_token_exporter.keystore import KeyStore
-    from api_token_exporter.metrics import Metrics, ScrapeView
-    from api_token_exporter.pricing import Pricing
-    from api_token_exporter.ratelimit import WINDOW_SECONDS, WindowState
-    from api_token_exporter.usage import LLMUsage
+    from api_token_exporter.core.config import load_settings
+    from api_token_exporter.core.keystore import KeyStore
+    from api_token_exporter.core.metrics import Metrics, ScrapeView
+    from api_token_exporter.core.pricing import Pricing
+    from api_token_exporter.core.ratelimit import WINDOW_SECONDS, WindowState
+    from api_token_exporter.core.usage import LLMUsage
 
     s = load_settings(None, keys_file=keys_file, **_overrides(n))
     keystore = KeyStore(keys_file)

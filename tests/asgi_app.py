@@ -15,8 +15,8 @@ from starlette.routing import Route
 
 from api_token_exporter import record_llm_usage
 from api_token_exporter import current_token as current_token_id
-from api_token_exporter.asgi import TokenAnalytics, current_token
-from api_token_exporter.keystore import ApiKey
+from api_token_exporter.web.asgi import TokenAnalytics, current_token
+from api_token_exporter.core.keystore import ApiKey
 
 OPENAI_USAGE = {"prompt_tokens": 52, "completion_tokens": 17, "total_tokens": 69,
                 "prompt_tokens_details": {"cached_tokens": 40},

@@ -19,7 +19,11 @@ from flask.testing import FlaskClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from api_token_exporter import TokenAnalytics
-from api_token_exporter.keystore import add_key, load_keys, save_keys
+
+# the dev stack (devstack/, beside the package, not installed) for the servers tests start too
+CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (CHECKOUT, os.environ.get("PYTHONPATH")) if p)
+from api_token_exporter.core.keystore import add_key, load_keys, save_keys
 
 
 def free_port() -> int:
@@ -202,7 +206,7 @@ def gunicorn_app(tmp_path):
         log = open(tmp_path / f"gunicorn-{port}.log", "w")
         proc = subprocess.Popen(
             [sys.executable, "-m", "gunicorn", "--workers", str(workers), "--threads", str(threads), "--bind",
-             f"127.0.0.1:{port}", "--config", "python:api_token_exporter.gunicorn_conf", factory],
+             f"127.0.0.1:{port}", "--config", "python:api_token_exporter.web.gunicorn_conf", factory],
             env=env, stdout=log, stderr=subprocess.STDOUT)
         procs.append(proc)
         wait_for_port(port, proc)

@@ -2,7 +2,7 @@ import re
 
 import pytest
 
-from api_token_exporter.keystore import mask_key
+from api_token_exporter.core.keystore import mask_key
 
 ADMIN = {"Authorization": "Bearer admin-secret"}
 TIME = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d$")

@@ -10,12 +10,12 @@ import requests
 import yaml
 from werkzeug.serving import make_server
 
-from api_token_exporter import rulegen
-from api_token_exporter.alertmanager import fingerprint
-from api_token_exporter.keystore import add_key
-from api_token_exporter.server import create_app
-from api_token_exporter.sinks import WebhookSink
-from api_token_exporter.stack import (ROOT, alertmanager_config, find_binary, free_port, prometheus_config,
+from api_token_exporter.mixin import rules as rulegen, thresholds
+from api_token_exporter.alerting.client import fingerprint
+from api_token_exporter.core.keystore import add_key
+from api_token_exporter.web.server import create_app
+from devstack.sinks import WebhookSink
+from devstack.stack import (ROOT, alertmanager_config, find_binary, free_port, prometheus_config,
                                       start_alertmanager, start_postgres, start_prometheus)
 from conftest import wait_for
 
@@ -71,11 +71,11 @@ def stack(request, tmp_path):
     keys_file = str(tmp_path / "keys.yml")
     for token, name in (("shop", "Shop checkout"), ("blog", "Blog"), ("api", "Public API")):
         add_key(keys_file, token, name=name, tenant="acme")
-    thresholds = tmp_path / "thresholds.yml"
-    thresholds.write_text(yaml.safe_dump(rulegen.load_thresholds(
+    thresholds_file = tmp_path / "thresholds.yml"
+    thresholds_file.write_text(yaml.safe_dump(thresholds.load_thresholds(
         os.path.join(ROOT, "prometheus", "thresholds.yml"), FAST), sort_keys=False))
     rules_dir = tmp_path / "rules"
-    rulegen.write(rulegen.load_thresholds(str(thresholds)), str(rules_dir))
+    rulegen.write(thresholds.load_thresholds(str(thresholds_file)), str(rules_dir))
     token_file = tmp_path / "alert_webhook_token"
     token_file.write_text("webhook-secret\n")
     started, exporters = [], []
@@ -93,7 +93,7 @@ def stack(request, tmp_path):
             keys_file=keys_file, admin_token="admin-secret",
             alertmanager_url=f"http://127.0.0.1:{am_port}", prometheus_url=f"http://127.0.0.1:{prom_port}",
             alert_webhook_token="webhook-secret", alert_db_url=db_url, state_dir=str(tmp_path / "state"),
-            alert_sync_interval=2, alert_rules_dir=str(rules_dir), thresholds_file=str(thresholds),
+            alert_sync_interval=2, alert_rules_dir=str(rules_dir), thresholds_file=str(thresholds_file),
             alertmanager_config_file=str(tmp_path / "am" / "alertmanager.yml"), admin_rate_limit=100000))
         exporters.append(alerts)
         slack = tmp_path / "slack_api_url"
@@ -372,11 +372,11 @@ def test_several_gunicorn_workers_keep_one_history(tmp_path):
     from conftest import stop_process, wait_for_port
     keys_file = str(tmp_path / "keys.yml")
     add_key(keys_file, "shop", name="Shop checkout", tenant="acme")
-    thresholds = tmp_path / "thresholds.yml"
-    thresholds.write_text(yaml.safe_dump(rulegen.load_thresholds(
+    thresholds_file = tmp_path / "thresholds.yml"
+    thresholds_file.write_text(yaml.safe_dump(thresholds.load_thresholds(
         os.path.join(ROOT, "prometheus", "thresholds.yml"), FAST), sort_keys=False))
     rules_dir = tmp_path / "rules"
-    rulegen.write(rulegen.load_thresholds(str(thresholds)), str(rules_dir))
+    rulegen.write(thresholds.load_thresholds(str(thresholds_file)), str(rules_dir))
     token_file = tmp_path / "token"
     token_file.write_text("webhook-secret")
     port, prom_port, am_port = free_port(), free_port(), free_port()
@@ -394,7 +394,7 @@ def test_several_gunicorn_workers_keep_one_history(tmp_path):
         env = dict(os.environ, ATE_KEYS_FILE=keys_file, ATE_ADMIN_TOKEN="admin-secret",
                    ATE_ALERTMANAGER_URL=f"http://127.0.0.1:{am_port}", ATE_PROMETHEUS_URL=f"http://127.0.0.1:{prom_port}",
                    ATE_ALERT_WEBHOOK_TOKEN_FILE=str(token_file), ATE_STATE_DIR=str(tmp_path / "state"),
-                   ATE_ALERT_SYNC_INTERVAL="1", ATE_THRESHOLDS_FILE=str(thresholds), ATE_ADMIN_RATE_LIMIT="100000")
+                   ATE_ALERT_SYNC_INTERVAL="1", ATE_THRESHOLDS_FILE=str(thresholds_file), ATE_ADMIN_RATE_LIMIT="100000")
         with open(log_path, "w") as log:
             proc = subprocess.Popen([sys.executable, "-m", "api_token_exporter.cli", "serve", "--port", str(port),
                                      "--workers", "3", "--threads", "4"], env=env, stdout=log, stderr=subprocess.STDOUT)

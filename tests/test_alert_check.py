@@ -9,7 +9,7 @@ import threading
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from api_token_exporter.alert_check import DEFAULT_THRESHOLDS, AlertService
+from api_token_exporter.alerting.checks import DEFAULT_THRESHOLDS, AlertService
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 LOGGER = "api_token_exporter.alerts"

@@ -6,11 +6,11 @@ import os
 import pytest
 import yaml
 
-from api_token_exporter import rulegen
-from api_token_exporter.alert_settings import AlertSettings, ApplyError, SettingsError
-from api_token_exporter.alert_store import AlertHistory
-from api_token_exporter.alertmanager import UpstreamError
-from api_token_exporter.stack import ALERTMANAGER_YML, ROOT, alertmanager_config
+from api_token_exporter.mixin import rules as rulegen, thresholds
+from api_token_exporter.alerting.settings import AlertSettings, ApplyError, SettingsError
+from api_token_exporter.alerting.store import AlertHistory
+from api_token_exporter.alerting.client import UpstreamError
+from devstack.stack import ALERTMANAGER_YML, ROOT, alertmanager_config
 
 THRESHOLDS = os.path.join(ROOT, "prometheus", "thresholds.yml")
 
@@ -28,7 +28,7 @@ class Reloads:
 @pytest.fixture
 def setup(tmp_path):
     rules = tmp_path / "rules"
-    rulegen.write(rulegen.load_thresholds(THRESHOLDS), str(rules))
+    rulegen.write(thresholds.load_thresholds(THRESHOLDS), str(rules))
     am_file = tmp_path / "alertmanager.yml"
     am_file.write_text(yaml.safe_dump(alertmanager_config("127.0.0.1:25", "http://127.0.0.1:1", str(tmp_path / "s"),
                                                           source=ALERTMANAGER_YML)))
@@ -87,7 +87,7 @@ def test_a_good_change_renders_reloads_and_persists(setup):
                              "recipients": {"email": ["a@example.com", "b@example.com"]}}, "admin (ana)")
     assert after["alert_thresholds"]["error_rate"] == {"warning": 0.02, "critical": 0.1}
     assert "token:apitoken_request_errors:ratio_rate5m > 0.02" in (rules / "apitoken-alerts.yml").read_text()
-    assert rulegen.stale(rulegen.load_thresholds(THRESHOLDS, {"error_rate": {"warning": 0.02}}), str(rules)) == []
+    assert rulegen.stale(thresholds.load_thresholds(THRESHOLDS, {"error_rate": {"warning": 0.02}}), str(rules)) == []
     receivers = {r["name"]: r for r in yaml.safe_load(am_file.read_text())["receivers"]}
     assert "slack_configs" not in receivers["critical"] and receivers["critical"]["email_configs"][0]["to"] == \
         "a@example.com, b@example.com"
@@ -113,9 +113,9 @@ def test_a_refused_reload_puts_the_previous_rules_back(setup):
 def test_converge_puts_stored_settings_back_in_force(setup):
     settings, rules, _am_file, prom, _am = setup
     settings.update({"anomaly": {"sensitivity": "high"}}, "admin")
-    rulegen.write(rulegen.load_thresholds(THRESHOLDS), str(rules))      # a redeploy brings the defaults
+    rulegen.write(thresholds.load_thresholds(THRESHOLDS), str(rules))      # a redeploy brings the defaults
     assert settings.converge() is True and prom.calls == 2
-    assert rulegen.stale(rulegen.load_thresholds(THRESHOLDS, {"anomaly": {"sensitivity": "high"}}), str(rules)) == []
+    assert rulegen.stale(thresholds.load_thresholds(THRESHOLDS, {"anomaly": {"sensitivity": "high"}}), str(rules)) == []
 
 
 def test_thresholds_need_a_rules_directory(setup, tmp_path):

@@ -4,8 +4,8 @@ import uuid
 
 import pytest
 
-from api_token_exporter.alert_store import AlertHistory
-from api_token_exporter.alertmanager import fingerprint, parse_time
+from api_token_exporter.alerting.store import AlertHistory
+from api_token_exporter.alerting.client import fingerprint, parse_time
 
 LABELS = {"alertname": "ApiTokenHighErrorRate", "severity": "critical", "token": "shop", "monitor": "x"}
 FP = fingerprint(LABELS)
@@ -14,7 +14,7 @@ T0 = 1_790_000_000.0
 
 @pytest.fixture(scope="module")
 def postgres(tmp_path_factory):
-    from api_token_exporter.stack import start_postgres
+    from devstack.stack import start_postgres
     pg = start_postgres(str(tmp_path_factory.mktemp("pg")))
     yield pg.url
     pg.stop()

@@ -11,11 +11,11 @@ import pytest
 import requests
 from werkzeug.serving import make_server
 
-from api_token_exporter import rulegen
-from api_token_exporter.demo import create_demo_api
-from api_token_exporter.keystore import add_key, load_keys, save_keys
-from api_token_exporter.sinks import SmtpSink, WebhookSink
-from api_token_exporter.stack import (ROOT, alertmanager_config, find_binary, free_port,
+from api_token_exporter.mixin import rules as rulegen, thresholds
+from devstack.demo import create_demo_api
+from api_token_exporter.core.keystore import add_key, load_keys, save_keys
+from devstack.sinks import SmtpSink, WebhookSink
+from devstack.stack import (ROOT, alertmanager_config, find_binary, free_port,
                                       prometheus_config, start_alertmanager, start_prometheus)
 from conftest import wait_for
 
@@ -60,7 +60,7 @@ def stack(tmp_path_factory):
     slack_file = tmp / "slack_api_url"
     slack_file.write_text(webhook.url + "/slack\n")
     rules_dir = tmp / "rules"
-    rulegen.write(rulegen.load_thresholds(os.path.join(ROOT, "prometheus", "thresholds.yml"), FAST),
+    rulegen.write(thresholds.load_thresholds(os.path.join(ROOT, "prometheus", "thresholds.yml"), FAST),
                   str(rules_dir))
     try:
         am = start_alertmanager(str(tmp / "am"), alertmanager_config(
@@ -248,7 +248,7 @@ def test_alertmanager_killed_fires_its_alert_on_the_real_binaries(tmp_path):
     slack_file = tmp_path / "slack_api_url"
     slack_file.write_text(webhook.url + "/slack\n")
     rules_dir = tmp_path / "rules"
-    rulegen.write(rulegen.load_thresholds(os.path.join(ROOT, "prometheus", "thresholds.yml"),
+    rulegen.write(thresholds.load_thresholds(os.path.join(ROOT, "prometheus", "thresholds.yml"),
                                           {"notifications": {"down_for": "2s", "failing_for": "2s"}}),
                   str(rules_dir))
     am = start_alertmanager(str(tmp_path / "am"), alertmanager_config(

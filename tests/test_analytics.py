@@ -14,12 +14,12 @@ import pytest
 import requests
 from werkzeug.serving import make_server
 
-from api_token_exporter.demo import CACHED_PROMPT_TOKENS, REASONING_MODELS, create_demo_api
-from api_token_exporter.keystore import add_key
-from api_token_exporter.pricing import Pricing
-from api_token_exporter.usage import LLMUsage
-from api_token_exporter.server import create_app
-from api_token_exporter.stack import find_binary, free_port, prometheus_config, start_prometheus
+from devstack.demo import CACHED_PROMPT_TOKENS, REASONING_MODELS, create_demo_api
+from api_token_exporter.core.keystore import add_key
+from api_token_exporter.core.pricing import Pricing
+from api_token_exporter.core.usage import LLMUsage
+from api_token_exporter.web.server import create_app
+from devstack.stack import find_binary, free_port, prometheus_config, start_prometheus
 
 pytestmark = pytest.mark.integration
 ADMIN = {"Authorization": "Bearer admin-secret"}

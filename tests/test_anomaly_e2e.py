@@ -11,12 +11,13 @@ import pytest
 import requests
 from werkzeug.serving import make_server
 
-from api_token_exporter import history, rulegen
-from api_token_exporter.history import Aggregate, ImportResult, build_blocks
-from api_token_exporter.keystore import add_key
-from api_token_exporter.server import create_app
-from api_token_exporter.sinks import WebhookSink
-from api_token_exporter.stack import (ROOT, alertmanager_config, find_binary, free_port, prometheus_config,
+from api_token_exporter.analytics import importer as history
+from api_token_exporter.mixin import rules as rulegen, thresholds
+from api_token_exporter.analytics.importer import Aggregate, ImportResult, build_blocks
+from api_token_exporter.core.keystore import add_key
+from api_token_exporter.web.server import create_app
+from devstack.sinks import WebhookSink
+from devstack.stack import (ROOT, alertmanager_config, find_binary, free_port, prometheus_config,
                                       start_alertmanager, start_prometheus)
 from conftest import wait_for
 
@@ -38,7 +39,7 @@ def stack(tmp_path):
     keys_file = str(tmp_path / "keys.yml")
     add_key(keys_file, "shop", name="Shop checkout", tenant="acme")
     rules_dir = tmp_path / "rules"
-    rulegen.write(rulegen.load_thresholds(os.path.join(ROOT, "prometheus", "thresholds.yml"), FAST), str(rules_dir))
+    rulegen.write(thresholds.load_thresholds(os.path.join(ROOT, "prometheus", "thresholds.yml"), FAST), str(rules_dir))
 
     # two days at USUAL req/s, ending two minutes ago
     end = time.time() - 120

@@ -9,7 +9,7 @@ import httpx
 import pytest
 import redis
 
-from api_token_exporter.asgi import TokenAnalytics, route_path
+from api_token_exporter.web.asgi import TokenAnalytics, route_path
 from asgi_app import ANTHROPIC_USAGE, OPENAI_USAGE, create_app
 from conftest import build_app, free_port, sample_total
 

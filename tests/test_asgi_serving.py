@@ -15,7 +15,7 @@ import httpx
 import pytest
 import uvicorn
 
-from api_token_exporter.keystore import add_key
+from api_token_exporter.core.keystore import add_key
 from asgi_app import OPENAI_USAGE, create_app
 from conftest import free_port, sample_total, stop_process, wait_for_port
 from test_storage_faults import own_redis  # noqa: F401  (a redis-server of the test alone)
@@ -42,7 +42,7 @@ def serve_asgi(tmp_path):
         else:                            # gunicorn_conf makes a private one, as `serve` does
             command = [sys.executable, "-m", "gunicorn", "--workers", str(workers), "--worker-class",
                        "uvicorn.workers.UvicornWorker", "--bind", f"127.0.0.1:{port}", "--config",
-                       "python:api_token_exporter.gunicorn_conf", "asgi_app:app_from_env()"]
+                       "python:api_token_exporter.web.gunicorn_conf", "asgi_app:app_from_env()"]
         log = open(tmp_path / f"{server}-{port}.log", "w")
         proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=TESTS)
         procs.append(proc)
@@ -194,7 +194,7 @@ def test_workers_add_up_exactly(serve_asgi, tmp_path, server):
 def test_redis_limits_hold_across_asgi_instances_and_a_wsgi_one(serve_asgi, gunicorn_app, keys, redis_uri):
     one = serve_asgi("uvicorn", workers=2, keys_file=keys[0], storage_uri=redis_uri)
     two = serve_asgi("gunicorn", workers=2, keys_file=keys[0], storage_uri=redis_uri)
-    wsgi = gunicorn_app("api_token_exporter.demo:app_from_env()", workers=2, keys_file=keys[0],
+    wsgi = gunicorn_app("devstack.demo:app_from_env()", workers=2, keys_file=keys[0],
                         storage_uri=redis_uri)
     urls = (one, two, wsgi)
 

@@ -1,8 +1,8 @@
 import datetime as dt
 import functools
 
-from api_token_exporter.keystore import add_key, load_keys, save_keys
-from api_token_exporter.metrics import TOKEN_STATUS_VALUES
+from api_token_exporter.core.keystore import add_key, load_keys, save_keys
+from api_token_exporter.core.metrics import TOKEN_STATUS_VALUES
 from conftest import sample_total
 
 

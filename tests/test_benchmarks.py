@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from api_token_exporter.stack import ROOT
+from devstack.stack import ROOT
 
 pytestmark = pytest.mark.integration
 

@@ -49,7 +49,7 @@ def test_route_cap_with_many_templates(keys):
 def test_failing_clients_are_capped_for_good_and_keep_their_own_exact_series(tmp_path, keys):
     """The first max_clients failing addresses get their own series, exactly counted; later ones
     share __overflow__, and a restart on the same state directory does not open new room."""
-    from api_token_exporter.metrics import Metrics
+    from api_token_exporter.core.metrics import Metrics
     from conftest import sample_total
     first = Metrics(directory=str(tmp_path), max_clients=3)
     for i, times in enumerate((6, 1, 2, 4, 5)):
@@ -105,6 +105,6 @@ def test_behind_a_trusted_proxy_the_client_is_the_forwarded_address(keys):
 def test_a_bad_trusted_proxy_is_named_at_start_up():
     import pytest
 
-    from api_token_exporter.config import ConfigError, load_settings
+    from api_token_exporter.core.config import ConfigError, load_settings
     with pytest.raises(ConfigError, match="10.0.0.1/8"):
         load_settings(environ={"ATE_TRUSTED_PROXIES": "10.0.0.1/8"}, keys_file="k.yml").validate()

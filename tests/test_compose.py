@@ -8,7 +8,7 @@ import sys
 import pytest
 import yaml
 
-from api_token_exporter.stack import ROOT
+from devstack.stack import ROOT
 
 COMPOSE = os.path.join(ROOT, "docker-compose.yml")
 

@@ -1,6 +1,6 @@
 import pytest
 
-from api_token_exporter.config import ConfigError, load_settings
+from api_token_exporter.core.config import ConfigError, load_settings
 
 
 def test_precedence_file_env_kwargs(tmp_path):

@@ -22,16 +22,17 @@ import requests
 import yaml
 from werkzeug.serving import make_server
 
-from api_token_exporter import analytics, rulegen
-from api_token_exporter.config import ConfigError, load_settings
-from api_token_exporter.keystore import rotate_key, set_active
+from api_token_exporter.analytics import queries as analytics
+from api_token_exporter.mixin import rules as rulegen, thresholds
+from api_token_exporter.core.config import ConfigError, load_settings
+from api_token_exporter.core.keystore import rotate_key, set_active
 from conftest import build_app, free_port, require_binary, wait_for
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SHOTS = ROOT / "docs" / "console"
 ADMIN_TOKEN = "console-admin-secret"
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-STATIC = ROOT / "exporter" / "api_token_exporter" / "console" / "static"
+STATIC = ROOT / "exporter" / "api_token_exporter" / "web" / "console" / "static"
 
 
 # -- sessions, CSRF and scopes (no browser) -----------------------------------------------------
@@ -338,17 +339,17 @@ def world(tmp_path_factory):
     """The demo API (the demo's keys, the console, the alert API) on a free port, Prometheus
     scraping it every second with the alert rules at test speed, Alertmanager with the history
     receiver, and the demo traffic once, counted by Prometheus."""
-    from api_token_exporter.demo import create_demo_api, write_demo_keys
-    from api_token_exporter.server import create_app
-    from api_token_exporter.stack import (alertmanager_config, find_binary, prometheus_config,
+    from devstack.demo import create_demo_api, write_demo_keys
+    from api_token_exporter.web.server import create_app
+    from devstack.stack import (alertmanager_config, find_binary, prometheus_config,
                                           start_alertmanager, start_prometheus)
     for binary in ("prometheus", "chromium", "chromedriver"):
         require_binary(binary)
     if not find_binary("alertmanager", "prometheus-alertmanager"):
         pytest.fail("alertmanager is not installed: run .ci/install")
-    from api_token_exporter import synthetic
-    from api_token_exporter.keystore import load_keys, save_keys
-    from api_token_exporter.pricing import Pricing
+    from devstack import synthetic
+    from api_token_exporter.core.keystore import load_keys, save_keys
+    from api_token_exporter.core.pricing import Pricing
     tmp = tmp_path_factory.mktemp("console")
     keys_file = str(tmp / "keys.yml")
     raw = write_demo_keys(keys_file)
@@ -360,11 +361,11 @@ def world(tmp_path_factory):
     # thirty days of the demo's synthetic history up to today (UTC): the charts have a past
     midnight = dt.datetime.now(dt.timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
     synthetic.write_history(str(tmp / "prom" / "data"), midnight - 30 * 86400, midnight, pricing=Pricing.load())
-    thresholds = tmp / "thresholds.yml"
-    thresholds.write_text(yaml.safe_dump(rulegen.load_thresholds(
+    thresholds_file = tmp / "thresholds.yml"
+    thresholds_file.write_text(yaml.safe_dump(thresholds.load_thresholds(
         str(ROOT / "prometheus" / "thresholds.yml"), FAST), sort_keys=False))
     rules_dir = tmp / "rules"
-    rulegen.write(rulegen.load_thresholds(str(thresholds)), str(rules_dir))
+    rulegen.write(thresholds.load_thresholds(str(thresholds_file)), str(rules_dir))
     (tmp / "webhook-token").write_text("webhook-secret\n")
     (tmp / "slack").write_text("http://127.0.0.1:9/slack\n")
     prom_port, am_port, api_port, exporter_port = free_port(), free_port(), free_port(), free_port()
@@ -776,7 +777,7 @@ def test_acknowledging_in_the_page_silences_the_alert_in_alertmanager(world, bro
 
 
 def tenant_tokens(world, tenant):
-    from api_token_exporter.demo import DEMO_KEYS
+    from devstack.demo import DEMO_KEYS
     return sorted(token for token, (_, owner, _, _) in DEMO_KEYS.items() if owner == tenant)
 
 
@@ -855,8 +856,8 @@ def test_requests_without_the_session_or_with_a_wrong_csrf_token_are_refused(wor
 
 @pytest.mark.integration
 def test_the_exporter_service_serves_the_console_too(world, browser, tmp_path):
-    from api_token_exporter.keystore import add_key
-    from api_token_exporter.server import create_app
+    from api_token_exporter.core.keystore import add_key
+    from api_token_exporter.web.server import create_app
     keys_file = str(tmp_path / "keys.yml")
     add_key(keys_file, "go-service", name="Go service", tenant="umbrella")
     server, url = serve(create_app(keys_file=keys_file, ingest_token="ingest-secret", admin_token=ADMIN_TOKEN,

@@ -6,9 +6,9 @@ import threading
 
 import pytest
 
-from api_token_exporter.config import ConfigError
-from api_token_exporter.credential_pool import CredentialPool, load_pool, mask_secret, pool_from_dict
-from api_token_exporter.metrics import Metrics
+from api_token_exporter.core.config import ConfigError
+from api_token_exporter.proxy.pool import CredentialPool, load_pool, mask_secret, pool_from_dict
+from api_token_exporter.core.metrics import Metrics
 from conftest import sample_total
 
 NOW = 1_800_000_000.0

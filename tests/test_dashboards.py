@@ -13,9 +13,9 @@ import yaml
 
 import grafana_queries
 
-from api_token_exporter import dashgen
-from api_token_exporter.demo import DemoStack
-from api_token_exporter.stack import ROOT, find_binary
+from api_token_exporter.mixin import dashboards as dashgen
+from devstack.demo import DemoStack
+from devstack.stack import ROOT, find_binary
 
 DASHBOARDS = sorted(glob.glob(os.path.join(ROOT, "grafana", "dashboards", "*.json")))
 BUILTINS = {"__rate_interval", "__range", "__interval", "__range_s", "__interval_ms"}

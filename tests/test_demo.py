@@ -9,8 +9,8 @@ import time
 import pytest
 import requests
 
-from api_token_exporter.demo import UNPRICED_MODEL
-from api_token_exporter.metrics import TOKEN_STATUS_VALUES
+from devstack.demo import UNPRICED_MODEL
+from api_token_exporter.core.metrics import TOKEN_STATUS_VALUES
 from conftest import free_port, require_binary, samples, sample_total, stop_process, wait_for_port
 
 pytestmark = pytest.mark.integration
@@ -46,7 +46,7 @@ def demo(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("demo")
     port, exporter_port, prom_port, am_port, sink_port, proxy_port = (free_port() for _ in range(6))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "api_token_exporter.cli", "demo", "--port", str(port),
+        [sys.executable, "-m", "devstack", "demo", "--port", str(port),
          "--exporter-port", str(exporter_port), "--data-dir", str(data_dir), "--duration", "300", "--no-backfill",
          "--speed", "4", "--prometheus-port", str(prom_port), "--alertmanager-port", str(am_port),
          "--sink-port", str(sink_port), "--scrape-interval", "1s", "--proxy-port", str(proxy_port)],
@@ -147,7 +147,7 @@ def test_demo_admin_json_behind_the_printed_token_file(demo):
     assert requests.get(demo["url"] + "/admin/stats", timeout=10).status_code == 401
     stats = requests.get(demo["url"] + "/admin/stats", timeout=10,
                          headers={"Authorization": f"Bearer {token}"}).json()
-    from api_token_exporter.demo import DEMO_KEYS
+    from devstack.demo import DEMO_KEYS
     assert stats["tokens"]["count"] == len(DEMO_KEYS) == 11 and stats["total_requests"] > 0
 
 
@@ -199,7 +199,7 @@ def test_every_url_the_demo_prints_answers(demo):
 def test_each_bad_actor_triggers_its_alerts_and_no_others(demo):
     """The clients `demo --help` lists: each deliberate bad actor's alerts go pending or fire,
     and nothing else does: the healthy clients stay inside every window of their limits."""
-    from api_token_exporter.demo import DEMO_KEYS, UNTOKENED_ALERTS
+    from devstack.demo import DEMO_KEYS, UNTOKENED_ALERTS
     allowed = {token: set(alerts) for token, (_, _, _, alerts) in DEMO_KEYS.items()}
     # the client test above spends the playground key's minute on purpose
     allowed["demo-playground"] |= {"ApiTokenRateLimitApproaching", "ApiTokenRateLimited",

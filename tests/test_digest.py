@@ -26,8 +26,9 @@ from jsonschema import Draft202012Validator, FormatChecker
 from werkzeug.serving import make_server
 from werkzeug.wrappers import Response
 
-from api_token_exporter import analytics, digest, digest_channels, digest_schedule
-from api_token_exporter.config import ConfigError, load_settings
+from api_token_exporter.analytics import queries as analytics, digest, digest_channels, digest_schedule
+from api_token_exporter.core import digest_settings
+from api_token_exporter.core.config import ConfigError, load_settings
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SCHEMAS = pathlib.Path(__file__).resolve().parent / "schemas"
@@ -61,8 +62,8 @@ def test_the_schemas_are_valid_json_schemas():
 
 
 def test_alerts_of_the_period_from_the_alert_history(tmp_path):
-    from api_token_exporter.alert_store import AlertHistory
-    from api_token_exporter.alertmanager import fingerprint
+    from api_token_exporter.alerting.store import AlertHistory
+    from api_token_exporter.alerting.client import fingerprint
     history = AlertHistory(f"sqlite:///{tmp_path / 'alerts.db'}")
     day = ts("2026-03-03T00:00:00")
 
@@ -279,8 +280,8 @@ def test_channel_secrets_from_files(tmp_path):
                                "ATE_DIGEST_SMTP_FROM": "d@example.com", "ATE_DIGEST_EMAIL_TO": "a@example.com, b@example.com"})
     assert s.digest_slack_webhook_url == SECRET_URL and s.digest_smtp_password == "smtp-pass-word"
     assert s.digest_email_to == ["a@example.com", "b@example.com"]
-    assert digest_channels.configured(s) == ["slack", "email"]
-    assert digest_channels.configured(s, ["email", "discord"]) == ["email"]
+    assert digest_settings.configured(s) == ["slack", "email"]
+    assert digest_settings.configured(s, ["email", "discord"]) == ["email"]
     cfg = tmp_path / "c.yml"
     cfg.write_text(f"digest_discord_webhook_url_file: {f}\n")
     assert load_settings(str(cfg), environ={}).digest_discord_webhook_url == SECRET_URL
@@ -448,7 +449,7 @@ def test_two_workers_at_once_send_once(tmp_path, monkeypatch):
 
 def test_the_database_lease_and_memory(tmp_path, monkeypatch):
     FakeBuild(monkeypatch)
-    from api_token_exporter.alert_store import AlertHistory
+    from api_token_exporter.alerting.store import AlertHistory
     url = f"sqlite:///{tmp_path / 'alerts.db'}"
     s = schedule_settings(tmp_path, alert_db_url=url)
     assert isinstance(digest_schedule.state_for(s), digest_schedule.DatabaseState)
@@ -473,12 +474,12 @@ def test_the_database_lease_and_memory(tmp_path, monkeypatch):
 # ================================================================================================
 # Integration: known traffic in a real Prometheus, the project's sinks
 # ================================================================================================
-from api_token_exporter.keystore import add_key                                     # noqa: E402
-from api_token_exporter.pricing import Pricing                                      # noqa: E402
-from api_token_exporter.server import create_app                                    # noqa: E402
-from api_token_exporter.sinks import SmtpSink, WebhookSink                          # noqa: E402
-from api_token_exporter.stack import find_binary, free_port, prometheus_config, start_prometheus  # noqa: E402
-from api_token_exporter.usage import LLMUsage                                       # noqa: E402
+from api_token_exporter.core.keystore import add_key                                     # noqa: E402
+from api_token_exporter.core.pricing import Pricing                                      # noqa: E402
+from api_token_exporter.web.server import create_app                                    # noqa: E402
+from devstack.sinks import SmtpSink, WebhookSink                          # noqa: E402
+from devstack.stack import find_binary, free_port, prometheus_config, start_prometheus  # noqa: E402
+from api_token_exporter.core.usage import LLMUsage                                       # noqa: E402
 
 KEYS = {"acme-web": ("Acme <web> & co", "acme", {}), "acme-batch": ("Batch", "acme", {"daily": 0.01}),
         "globex-bot": ("Globex bot", "globex", {"monthly": 100.0})}
@@ -839,7 +840,7 @@ def test_usage_api_compares_with_the_previous_period(world):
 
 @pytest.mark.integration
 def test_the_schedule_sends_a_period_once(world, tmp_path):
-    from api_token_exporter.keystore import KeyStore
+    from api_token_exporter.core.keystore import KeyStore
     config, _ = channel_config(world, tmp_path, "scheduled", digest_schedule="daily", digest_time="00:00",
                                state_dir=str(tmp_path / "state"))
     settings = load_settings(config, environ={})
@@ -963,7 +964,7 @@ def test_email_over_tls_with_a_login(tls_smtp, mode):
 @pytest.mark.integration
 def test_the_schedule_logs_failures_without_secrets(world, tmp_path, caplog):
     import logging
-    from api_token_exporter.keystore import KeyStore
+    from api_token_exporter.core.keystore import KeyStore
     caplog.set_level(logging.DEBUG)
     echo = echo_server()
     try:

@@ -6,11 +6,11 @@ import re
 from flask import Flask, jsonify
 
 from api_token_exporter import TokenAnalytics
-from api_token_exporter.config import Settings
-from api_token_exporter.keystore import add_key
-from api_token_exporter.usage import validate_usage
-from api_token_exporter.metrics import Metrics
-from api_token_exporter.server import create_app
+from api_token_exporter.core.config import Settings
+from api_token_exporter.core.keystore import add_key
+from api_token_exporter.core.usage import validate_usage
+from api_token_exporter.core.metrics import Metrics
+from api_token_exporter.web.server import create_app
 from conftest import build_app
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent

@@ -7,9 +7,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from hypothesis import given, strategies as st
 
-from api_token_exporter.analytics import PrometheusClient
-from api_token_exporter.exact import ExactCounters, samples_increase
-from api_token_exporter.stack import free_port, prometheus_config, start_prometheus
+from api_token_exporter.analytics.queries import PrometheusClient
+from api_token_exporter.analytics.exact import ExactCounters, samples_increase
+from devstack.stack import free_port, prometheus_config, start_prometheus
 
 
 @given(st.lists(st.tuples(st.integers(0, 50), st.booleans()), min_size=1, max_size=60),

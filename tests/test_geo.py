@@ -12,8 +12,8 @@ from hypothesis import given, strategies as st
 from mmdb_writer import MMDBWriter
 from netaddr import IPSet
 
-from api_token_exporter.config import ConfigError
-from api_token_exporter.geo import (CountryResolver, UNKNOWN_COUNTRY, client_ip,
+from api_token_exporter.core.config import ConfigError
+from api_token_exporter.core.geo import (CountryResolver, UNKNOWN_COUNTRY, client_ip,
                                     parse_trusted_proxies)
 
 PROXIES = ["10.0.0.0/8", "127.0.0.1/32", "::1/128"]
@@ -308,8 +308,8 @@ WITHOUT_GEO = textwrap.dedent("""
                 raise ImportError(f"No module named {name!r}")
     sys.meta_path.insert(0, Missing())
 
-    from api_token_exporter import geo
-    from api_token_exporter.config import ConfigError
+    from api_token_exporter.core import geo
+    from api_token_exporter.core.config import ConfigError
     print(geo.client_ip({"REMOTE_ADDR": "10.0.0.1", "HTTP_X_FORWARDED_FOR": "203.0.113.5"}, ["10.0.0.0/8"]))
     for kwargs in ({}, {"mmdb_path": "GeoLite2-Country.mmdb"}):
         try:

@@ -18,13 +18,13 @@ import pytest
 import requests
 from werkzeug.serving import make_server
 
-from api_token_exporter import history
-from api_token_exporter.keystore import add_key
-from api_token_exporter.pricing import Pricing
-from api_token_exporter.server import create_app
-from api_token_exporter.stack import find_binary, free_port, prometheus_config, start_prometheus
-from api_token_exporter.usage import LLMUsage
-from api_token_exporter.validation import ValidationError
+from api_token_exporter.analytics import importer as history
+from api_token_exporter.core.keystore import add_key
+from api_token_exporter.core.pricing import Pricing
+from api_token_exporter.web.server import create_app
+from devstack.stack import find_binary, free_port, prometheus_config, start_prometheus
+from api_token_exporter.core.usage import LLMUsage
+from api_token_exporter.core.validation import ValidationError
 
 SEED_COLUMNS = ["id", "user_id", "api_key_id", "endpoint", "method", "status_code", "response_time",
                 "created_at", "service", "model", "prompt_tokens", "completion_tokens"]
@@ -95,7 +95,7 @@ def test_rows_are_refused_with_a_reason():
                            ({"status_code": "abc"}, "code: not a number"),
                            ({"status_code": "42"}, "not an HTTP status"),
                            ({"endpoint": "items"}, "path template"),
-                           ({"created_at": "yesterday"}, "not ISO 8601"),
+                           ({"created_at": "yesterday"}, "must be an ISO 8601 date or time"),
                            ({"response_time": "-1"}, "duration must be at least 0"),
                            ({"model": "gpt-4"}, "service and model go together"),
                            ({"api_key_id": "atk_secret with spaces"}, "a key id, not the key")):
@@ -242,7 +242,7 @@ def test_import_from_sqlite_by_table_and_by_query(tmp_path):
 def test_import_from_postgresql(tmp_path):
     """The same table on a real PostgreSQL server, by URL."""
     import sqlalchemy as sa
-    from api_token_exporter.stack import start_postgres
+    from devstack.stack import start_postgres
     pg = start_postgres(str(tmp_path / "pg"))
     try:
         rows = seed_rows(300, time.time() - 86400, time.time() - 3600, random.Random(5))
@@ -307,10 +307,10 @@ def test_waiting_for_rule_blocks_outlasts_a_prometheus_that_is_away():
 
 def test_backfill_refuses_what_cannot_work(tmp_path):
     def backfill(*args):
-        return subprocess.run([sys.executable, "-m", "api_token_exporter.cli", "backfill", "--output",
+        return subprocess.run([sys.executable, "-m", "devstack", "backfill", "--output",
                                str(tmp_path / "b"), *args], capture_output=True, text=True, timeout=60)
     for args, message in ((["--step", "7"], "--step must divide a day"), (["--step", "0"], "--step must divide"),
-                          (["--until", "garbage"], "not ISO 8601"),
+                          (["--until", "garbage"], "must be an ISO 8601 date or time"),
                           (["--prometheus-url", "http://127.0.0.1:1"], "--prometheus-url needs --prometheus-data")):
         out = backfill(*args)
         assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, (args, out.stderr)
@@ -321,7 +321,7 @@ def test_backfill_refuses_what_cannot_work(tmp_path):
 def backfilled(tmp_path_factory):
     if not find_binary("prometheus"):
         pytest.fail("prometheus is not installed: run .ci/install")
-    from api_token_exporter.demo import DemoStack
+    from devstack.demo import DemoStack
     stack = DemoStack(port=0, exporter_port=0, data_dir=str(tmp_path_factory.mktemp("backfill")), speed=1,
                       prometheus_port=0, alertmanager_port=None, sink_port=0, scrape_interval="1s",
                       backfill_days=30).start()

@@ -10,9 +10,9 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families 
 from prometheus_client.parser import text_string_to_metric_families
 from werkzeug.test import Client
 
-from api_token_exporter import validation
-from api_token_exporter.pricing import Pricing, PricingError
-from api_token_exporter.server import create_app
+from api_token_exporter.core import validation
+from api_token_exporter.core.pricing import Pricing, PricingError
+from api_token_exporter.web.server import create_app
 from conftest import require_binary, sample_total
 
 INGEST = {"Authorization": "Bearer ingest-secret"}
@@ -65,7 +65,7 @@ def hostile_event(draw):
 
 @pytest.fixture(scope="module")
 def fuzz_target(tmp_path_factory):
-    from api_token_exporter.keystore import add_key
+    from api_token_exporter.core.keystore import add_key
     keys_file = str(tmp_path_factory.mktemp("fuzz") / "keys.yml")
     add_key(keys_file, "alpha")
     return exporter_client(keys_file, admin_rate_limit=1_000_000), require_binary("promtool")

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from api_token_exporter.server import create_app
+from api_token_exporter.web.server import create_app
 from conftest import sample_total
 
 INGEST = {"Authorization": "Bearer ingest-secret"}
@@ -113,7 +113,7 @@ def test_unknown_tokens_only_when_allowed_and_then_capped(keys):
 def test_runbooks_page_has_every_alert_link_anchor(exporter):
     import re
     import yaml
-    from api_token_exporter.stack import ROOT
+    from devstack.stack import ROOT
     r = exporter.get("/runbooks")
     assert r.status_code == 200 and r.content_type.startswith("text/html")
     page = r.get_data(as_text=True)

@@ -12,8 +12,8 @@ import requests
 import yaml
 from werkzeug.serving import make_server
 
-from api_token_exporter.keystore import KeyStoreError, add_key, load_keys, rotate_key, update_key
-from api_token_exporter.stack import find_binary, free_port, prometheus_config, start_prometheus
+from api_token_exporter.core.keystore import KeyStoreError, add_key, load_keys, rotate_key, update_key
+from devstack.stack import find_binary, free_port, prometheus_config, start_prometheus
 from conftest import build_app, sample_total, wait_for
 
 CLI = (sys.executable, "-m", "api_token_exporter.cli")

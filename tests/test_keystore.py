@@ -6,7 +6,7 @@ import time
 import pytest
 import yaml
 
-from api_token_exporter.keystore import (KeyStore, KeyStoreError, add_key, hash_key, load_keys,
+from api_token_exporter.core.keystore import (KeyStore, KeyStoreError, add_key, hash_key, load_keys,
                                          mask_key, save_keys)
 
 
@@ -100,7 +100,7 @@ def test_a_broken_then_emptied_key_file_turns_health_degraded_without_traffic(ke
     """Noticed by the watcher within ~2 s, with no request at all; the last good keys stay."""
     import time
     from werkzeug.test import Client
-    from api_token_exporter.server import create_app
+    from api_token_exporter.web.server import create_app
     path, raw = keys
     exporter = create_app(keys_file=path, ingest_token="in")
     client = Client(exporter)
@@ -137,7 +137,7 @@ def test_a_broken_then_emptied_key_file_turns_health_degraded_without_traffic(ke
 
 
 def test_a_missing_or_empty_key_file_stops_start_up_unless_allowed(tmp_path):
-    from api_token_exporter.keystore import KeyStore, KeyStoreError
+    from api_token_exporter.core.keystore import KeyStore, KeyStoreError
     missing = str(tmp_path / "nothing.yml")
     with pytest.raises(KeyStoreError, match="does not exist"):
         KeyStore(missing)

@@ -4,10 +4,10 @@ import pytest
 from flask import Flask, Response, jsonify
 
 from api_token_exporter import TokenAnalytics, record_llm_usage
-from api_token_exporter import price_snapshot
-from api_token_exporter.keystore import add_key
-from api_token_exporter.pricing import Pricing, PricingError
-from api_token_exporter.usage import UsageError, validate_usage
+from api_token_exporter.core import price_snapshot
+from api_token_exporter.core.keystore import add_key
+from api_token_exporter.core.pricing import Pricing, PricingError
+from api_token_exporter.core.usage import UsageError, validate_usage
 from conftest import BufferedClient, sample_total
 
 with open(price_snapshot.DEFAULT_SNAPSHOT_FILE, encoding="utf-8") as _fh:
@@ -382,7 +382,7 @@ def test_prices_update_converts_litellms_map_and_show_says_where_a_price_comes_f
 
 
 def test_odd_usage_blocks_are_refused_with_the_field_named_or_read_as_documented():
-    from api_token_exporter.llmcapture import extract_usage
+    from api_token_exporter.core.llmcapture import extract_usage
 
     def found(usage):
         body = json.dumps({"type": "message", "model": "claude-haiku-4-5", "usage": usage}).encode()

@@ -9,8 +9,8 @@ import tomllib
 from hypothesis import given, strategies as st
 from prometheus_client.utils import floatToGoString
 
-from api_token_exporter import cli, stack
-from api_token_exporter.store import float_to_go_string
+from devstack import cli as devstack_cli, stack
+from api_token_exporter.core.store import float_to_go_string
 
 ROOT = stack.ROOT
 OPTIONAL = ("redis", "requests", "gunicorn", "prometheus_client", "aiosmtpd", "iptocc", "maxminddb")
@@ -25,7 +25,7 @@ WITHOUT_EXTRAS = textwrap.dedent("""
 
     from werkzeug.test import Client
     from api_token_exporter import TokenAnalytics
-    from api_token_exporter.keystore import add_key
+    from api_token_exporter.core.keystore import add_key
 
     key = add_key(sys.argv[1], "svc")
     def app(environ, start_response):
@@ -80,7 +80,7 @@ def test_sample_values_are_written_as_prometheus_client_writes_them(value):
 
 def test_the_demo_says_it_needs_a_checkout(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(stack, "PROMETHEUS_YML", str(tmp_path / "missing.yml"))
-    assert cli.main(["demo", "--data-dir", str(tmp_path / "d")]) == 2
+    assert devstack_cli.main(["demo", "--data-dir", str(tmp_path / "d")]) == 2
     err = capsys.readouterr().err
     assert "run it from a checkout" in err and "make demo" in err
     assert not (tmp_path / "d").exists()
@@ -97,8 +97,8 @@ def test_the_console_files_are_package_data():
     """Every file the console serves is installed with the package (pyproject's package-data)."""
     import fnmatch
     patterns = tomllib.load(open(os.path.join(ROOT, "pyproject.toml"), "rb"))["tool"]["setuptools"][
-        "package-data"]["api_token_exporter.console"]
-    console = os.path.join(ROOT, "exporter", "api_token_exporter", "console")
+        "package-data"]["api_token_exporter.web.console"]
+    console = os.path.join(ROOT, "exporter", "api_token_exporter", "web", "console")
     files = [os.path.relpath(os.path.join(d, f), console) for d, _, names in os.walk(console) for f in names
              if "__pycache__" not in d and not f.endswith(".py")]
     assert files and [f for f in files if not any(fnmatch.fnmatch(f, p) for p in patterns)] == []

@@ -16,8 +16,8 @@ import requests
 import yaml
 from werkzeug.serving import make_server
 
-from api_token_exporter.fake_upstream import FakeUpstream, go_duration
-from api_token_exporter.proxy import ProxyApp
+from devstack.fake_upstream import FakeUpstream, go_duration
+from api_token_exporter.proxy.app import ProxyApp
 from conftest import free_port, sample_total, stop_process, wait_for, wait_for_port
 
 NOW = 1_800_000_000.0

@@ -2,8 +2,8 @@ import re
 
 import pytest
 
-from api_token_exporter.ratelimit import RateLimiter, StorageUnavailable
-from api_token_exporter.metrics import TOKEN_STATUS_VALUES
+from api_token_exporter.core.ratelimit import RateLimiter, StorageUnavailable
+from api_token_exporter.core.metrics import TOKEN_STATUS_VALUES
 from conftest import build_app, sample_total
 
 WINDOWS = {"Minute": 60, "Hour": 3600, "Day": 86400}

@@ -10,7 +10,7 @@ from limits import RateLimitItemPerDay, RateLimitItemPerHour, RateLimitItemPerMi
 from limits.storage import MemoryStorage
 from limits.strategies import FixedWindowRateLimiter
 
-from api_token_exporter.ratelimit import RateLimiter
+from api_token_exporter.core.ratelimit import RateLimiter
 from conftest import free_port, require_binary, stop_process, wait_for_port
 
 LIMITS = {"minute": 5, "hour": 8, "day": 20}

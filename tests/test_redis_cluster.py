@@ -9,8 +9,8 @@ import pytest
 import requests
 from werkzeug.serving import make_server
 
-from api_token_exporter.ratelimit import RateLimiter, StorageUnavailable
-from api_token_exporter.stack import find_binary, free_port, prometheus_config, start_prometheus
+from api_token_exporter.core.ratelimit import RateLimiter, StorageUnavailable
+from devstack.stack import find_binary, free_port, prometheus_config, start_prometheus
 from conftest import build_app, require_binary, sample_total, stop_process, wait_for, wait_for_port
 
 pytestmark = pytest.mark.integration

@@ -14,9 +14,9 @@ import requests
 import yaml
 from werkzeug.serving import make_server
 
-from api_token_exporter.keystore import add_key
-from api_token_exporter.server import create_app
-from api_token_exporter.stack import ROOT, find_binary, free_port, start_prometheus
+from api_token_exporter.core.keystore import add_key
+from api_token_exporter.web.server import create_app
+from devstack.stack import ROOT, find_binary, free_port, start_prometheus
 from conftest import wait_for
 
 pytestmark = pytest.mark.integration

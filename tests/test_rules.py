@@ -8,8 +8,8 @@ import sys
 import pytest
 import yaml
 
-from api_token_exporter import rulegen
-from api_token_exporter.stack import ROOT
+from api_token_exporter.mixin import rules as rulegen, thresholds
+from devstack.stack import ROOT
 from conftest import require_binary
 
 RULES_DIR = os.path.join(ROOT, "prometheus", "rules")
@@ -59,12 +59,12 @@ def test_every_alert_has_a_promtool_test():
 
 
 def test_committed_rules_equal_a_fresh_render():
-    assert rulegen.stale(rulegen.load_thresholds(THRESHOLDS), RULES_DIR) == []
+    assert rulegen.stale(thresholds.load_thresholds(THRESHOLDS), RULES_DIR) == []
 
 
 def test_rules_check_command_reports_stale_files(tmp_path):
     out = tmp_path / "rules"
-    rulegen.write(rulegen.load_thresholds(THRESHOLDS, {"latency": {"warning": 1.5}}), str(out))
+    rulegen.write(thresholds.load_thresholds(THRESHOLDS, {"latency": {"warning": 1.5}}), str(out))
     cli = (sys.executable, "-m", "api_token_exporter.cli")
     result = run(*cli, "rules", "--check", "--out", str(out))
     assert result.returncode == 1 and "out of date" in result.stderr
@@ -72,7 +72,7 @@ def test_rules_check_command_reports_stale_files(tmp_path):
 
 
 def test_a_threshold_change_reaches_the_rule_without_touching_promql():
-    t = rulegen.load_thresholds(THRESHOLDS, {"latency": {"warning": 1.5, "for": "10m"}})
+    t = thresholds.load_thresholds(THRESHOLDS, {"latency": {"warning": 1.5, "for": "10m"}})
     rules = rulegen.alert_rules(t)[0]["rules"]
     warning = next(r for r in rules if r["alert"] == "ApiTokenHighLatency" and r["labels"]["severity"] == "warning")
     assert "> 1.5\n" in warning["expr"] and warning["for"] == "10m"
@@ -82,7 +82,7 @@ def test_a_threshold_change_reaches_the_rule_without_touching_promql():
 def test_the_not_rotated_alert_when_it_is_switched_on(tmp_path):
     """Off by default (not in the committed rules); with key_lifecycle.not_rotated_for it fires
     that long after the key's creation or last rotation, and not before."""
-    t = rulegen.load_thresholds(THRESHOLDS, {"key_lifecycle": {"not_rotated_for": "2d"}})
+    t = thresholds.load_thresholds(THRESHOLDS, {"key_lifecycle": {"not_rotated_for": "2d"}})
     rulegen.write(t, str(tmp_path / "rules"))
     series = 'apitoken_key_event_timestamp_seconds{{job="a",instance="b",token="{}",event="{}"}}'
     status = 'apitoken_token_status{{job="a",instance="b",token="{}"}}'
@@ -125,8 +125,8 @@ def test_the_not_rotated_alert_when_it_is_switched_on(tmp_path):
     ({"rate_limit": {"approaching_ratio": 1.5}}, "between 0 and 1"),
 ])
 def test_bad_thresholds_say_what_is_wrong(override, message):
-    with pytest.raises(rulegen.ThresholdError, match=message):
-        rulegen.load_thresholds(THRESHOLDS, override)
+    with pytest.raises(thresholds.ThresholdError, match=message):
+        thresholds.load_thresholds(THRESHOLDS, override)
 
 
 def test_every_metric_a_rule_reads_is_in_the_catalogue():
@@ -142,7 +142,7 @@ def test_every_metric_a_rule_reads_is_in_the_catalogue():
 
 
 def test_the_packaged_runbooks_are_the_docs():
-    packaged = os.path.join(ROOT, "exporter", "api_token_exporter", "runbooks.md")
+    packaged = os.path.join(ROOT, "exporter", "api_token_exporter", "mixin", "runbooks.md")
     assert open(packaged).read() == open(os.path.join(ROOT, "docs", "runbooks.md")).read(), \
         "docs/runbooks.md changed: run `make rules` to ship it at the exporter's /runbooks"
 

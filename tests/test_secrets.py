@@ -1,8 +1,8 @@
 """A raw API key never appears in /metrics, logs, responses or errors."""
 import logging
 
-from api_token_exporter.server import create_app
-from api_token_exporter.keystore import mask_key
+from api_token_exporter.web.server import create_app
+from api_token_exporter.core.keystore import mask_key
 
 
 def test_no_raw_key_anywhere(make_app, keys, caplog, capsys):

@@ -17,11 +17,11 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from api_token_exporter.keystore import add_key
+from api_token_exporter.core.keystore import add_key
 from conftest import free_port, samples, sample_total, wait_for_port
 
 pytestmark = pytest.mark.integration
-DEMO = "api_token_exporter.demo:app_from_env()"
+DEMO = "devstack.demo:app_from_env()"
 CLI = [sys.executable, "-m", "api_token_exporter.cli"]
 
 ORACLE = """
@@ -233,9 +233,9 @@ def test_counters_survive_a_restart_with_state_dir(tmp_path, keys):
 
 @pytest.mark.parametrize("keep_state", [True, False], ids=["state_dir", "no_state_dir"])
 def test_analytics_stay_exact_across_a_restart(tmp_path, keys, keep_state):
-    from api_token_exporter.analytics import PrometheusClient
-    from api_token_exporter.exact import samples_increase
-    from api_token_exporter.stack import prometheus_config, start_prometheus
+    from api_token_exporter.analytics.queries import PrometheusClient
+    from api_token_exporter.analytics.exact import samples_increase
+    from devstack.stack import prometheus_config, start_prometheus
     port = free_port()
     prom = start_prometheus(str(tmp_path / "prom"), prometheus_config(
         {"api-token-exporter": [f"127.0.0.1:{port}"]}, None, str(tmp_path / "no-rules"),

@@ -11,9 +11,9 @@ from prometheus_client.openmetrics.exposition import generate_latest as generate
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families
 
-from api_token_exporter.usage import LLMUsage
-from api_token_exporter.metrics import AUTH_FAILURE_REASONS, Metrics, catalogue
-from api_token_exporter.ratelimit import WindowState
+from api_token_exporter.core.usage import LLMUsage
+from api_token_exporter.core.metrics import AUTH_FAILURE_REASONS, Metrics, catalogue
+from api_token_exporter.core.ratelimit import WindowState
 from conftest import require_binary
 
 
@@ -162,9 +162,9 @@ def test_a_forked_child_writes_its_own_file(tmp_path):
 
 
 def test_one_scrape_reads_the_worker_files_once(tmp_path, keys):
-    from api_token_exporter.keystore import KeyStore
-    from api_token_exporter.metrics import ScrapeView
-    from api_token_exporter.stats import UsageTracker
+    from api_token_exporter.core.keystore import KeyStore
+    from api_token_exporter.core.metrics import ScrapeView
+    from api_token_exporter.core.stats import UsageTracker
     metrics = Metrics(directory=str(tmp_path))
     metrics.observe_request("alpha", "/a", "GET", 200, 0.1, authenticated=True)
     metrics.set_windows("alpha", [WindowState("minute", 5, 0, 4_000_000_000.0)], 1.0)

@@ -12,10 +12,10 @@ import threading
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from api_token_exporter.usage import LLMUsage
-from api_token_exporter.metrics import Metrics, catalogue
-from api_token_exporter.ratelimit import WindowState
-from api_token_exporter.store import ARCHIVE, fold_dead_files
+from api_token_exporter.core.usage import LLMUsage
+from api_token_exporter.core.metrics import Metrics, catalogue
+from api_token_exporter.core.ratelimit import WindowState
+from api_token_exporter.core.store import ARCHIVE, fold_dead_files
 from conftest import sample_total
 
 
@@ -125,7 +125,7 @@ def test_concurrent_scrapes_across_processes_never_double_count(tmp_path):
 
 def test_a_full_store_never_writes_over_another_series(keys):
     from werkzeug.test import Client
-    from api_token_exporter.server import create_app
+    from api_token_exporter.web.server import create_app
     exporter = create_app(keys_file=keys[0], store_capacity=200, ingest_token="in")
     metrics = exporter.metrics
     client = Client(exporter)
@@ -169,8 +169,8 @@ def test_two_stores_in_one_process_share_a_directory(tmp_path):
 
 COUNT_AND_EXIT = """
 import sys
-from api_token_exporter.metrics import Metrics
-from api_token_exporter.usage import LLMUsage
+from api_token_exporter.core.metrics import Metrics
+from api_token_exporter.core.usage import LLMUsage
 m = Metrics(directory=sys.argv[1])
 for _ in range(int(sys.argv[2])):
     m.observe_request("alpha", "/a", "GET", 200, 0.1, authenticated=True)
@@ -237,7 +237,7 @@ def test_float_counters_never_go_down_when_files_are_folded(tmp_path):
     could lower the total by one rounding step, a counter reset to Prometheus. Amounts are kept
     as whole multiples of a unit, which add exactly in any order."""
     import random
-    from api_token_exporter.store import fold_dead_files
+    from api_token_exporter.core.store import fold_dead_files
     rnd = random.Random(1)
     for trial in range(40):
         d = tmp_path / str(trial)
@@ -267,7 +267,7 @@ def test_float_counters_never_go_down_when_files_are_folded(tmp_path):
 
 def test_a_full_disk_during_a_fold_is_logged_and_loses_nothing(tmp_path, monkeypatch, caplog):
     import errno
-    from api_token_exporter import store as store_module
+    from api_token_exporter.core import store as store_module
     subprocess.run([sys.executable, "-c", COUNT_AND_EXIT, str(tmp_path), "5"], check=True, timeout=60)
 
     def full(*args, **kwargs):
@@ -285,9 +285,9 @@ def test_a_full_disk_during_a_fold_is_logged_and_loses_nothing(tmp_path, monkeyp
 
 OLD_LAYOUT_WRITER = """
 import sys
-from api_token_exporter import metrics
-from api_token_exporter.store import Family
-from api_token_exporter.metrics import FORMER_LATENCY_BUCKETS, LATENCY_BUCKETS, Metrics
+from api_token_exporter.core import metrics
+from api_token_exporter.core.store import Family
+from api_token_exporter.core.metrics import FORMER_LATENCY_BUCKETS, LATENCY_BUCKETS, Metrics
 real = metrics.catalogue
 def catalogue():          # as an earlier release wrote its files: every histogram in one layout
     if sys.argv[2] == "oldest":

@@ -3,7 +3,7 @@ import datetime as dt
 
 import pytest
 
-from api_token_exporter import upstream_limits as ul
+from api_token_exporter.proxy import upstream_limits as ul
 
 NOW = 1_725_464_800.0        # 2024-09-04T15:46:40Z
 

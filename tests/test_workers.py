@@ -9,7 +9,7 @@ import requests
 from conftest import samples, sample_total
 
 pytestmark = pytest.mark.integration
-DEMO = "api_token_exporter.demo:app_from_env()"
+DEMO = "devstack.demo:app_from_env()"
 
 
 def send(url, key, path="/api/v1/items", method="GET", **kw):
@@ -20,7 +20,7 @@ def send(url, key, path="/api/v1/items", method="GET", **kw):
 def test_exact_totals_under_gunicorn_with_4_workers(gunicorn_app, keys):
     # memory:// limits are per worker, so alpha's 200 requests may meet a 429 in a busy worker:
     # counted like any other answer; the LLM call goes through a key that is never limited
-    from api_token_exporter.keystore import add_key
+    from api_token_exporter.core.keystore import add_key
     chatter = add_key(keys[0], "chatter", rate_limits={"minute": 10**6, "hour": 10**6, "day": 10**6})
     url = gunicorn_app(DEMO, workers=4, keys_file=keys[0])
     plan = [("alpha", "/api/v1/items")] * 150 + [("alpha", "/api/v1/items/7")] * 50 + \

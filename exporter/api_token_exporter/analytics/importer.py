@@ -1,0 +1,635 @@
+"""Past usage into Prometheus: `api-token-exporter import`.
+
+    records (CSV, JSON Lines, a SQL table or query)
+      -> validated rows (a report of the rejected ones, with reasons)
+      -> this project's counters and histograms, per series, at `step` resolution
+      -> one OpenMetrics file -> `promtool tsdb create-blocks-from openmetrics`
+      -> blocks moved into Prometheus's data directory (it loads them within a minute).
+
+The series are the live ones (the catalogue's names, labels, buckets and whole-unit sums) with
+``job`` and ``instance="import"`` added, so sums over instances add imported and live usage.
+Rows at or after the cut-over (``until``, the moment live metrics started) are refused: they
+are counted live. A series gets a sample where it changed and, between two changes, at least
+every HEARTBEAT seconds: exact totals (docs/analytics.md) look back an hour for a range's
+starting value, so a quiet hour must not read as a new series.
+"""
+from __future__ import annotations
+
+import bisect
+import csv
+import decimal
+import datetime as dt
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+
+from ..core import validation
+from ..core.timestamps import TimestampError, parse_timestamp
+from .exact import BASELINE_LOOKBACK
+from ..core.metrics import LATENCY_BUCKETS, MICROSECONDS, NANO_USD, UNMATCHED_ROUTE, catalogue
+from ..core.pricing import Pricing
+from ..core.store import escape_label, float_to_go_string, rebucket
+from ..core.usage import DETAIL_FIELDS, LLMUsage, validate_usage
+
+HEARTBEAT = BASELINE_LOOKBACK - 300   # seconds between samples of a quiet series, a margin under the lookback
+MAX_BLOCK = "2400h"               # promtool reads its input once per block: few, long blocks
+# record field -> seed-style column name (the APIUsage table: api_key_id, endpoint, ...)
+DEFAULT_COLUMNS = {"time": "created_at", "token": "api_key_id", "route": "endpoint", "method": "method",
+                   "code": "status_code", "duration": "response_time", "service": "service",
+                   "model": "model", "input_tokens": "prompt_tokens", "output_tokens": "completion_tokens",
+                   "cached_input_tokens": "cached_tokens", "cache_write_tokens": "cache_write_tokens",
+                   "reasoning_tokens": "reasoning_tokens"}
+REQUIRED = ("time", "token", "route", "code")
+USAGE_FIELDS = ("input_tokens", "output_tokens") + DETAIL_FIELDS
+
+
+class ImportFailed(ValueError):
+    """The import as a whole cannot go on (a missing column, a database error, promtool, ...)."""
+
+
+@dataclass
+class Rejected:
+    line: int
+    reason: str
+
+
+@dataclass
+class ImportResult:
+    rows: int = 0
+    accepted: int = 0
+    rejected: List[Rejected] = field(default_factory=list)
+    series: int = 0
+    samples: int = 0
+    first: Optional[float] = None
+    last: Optional[float] = None
+    blocks: List[str] = field(default_factory=list)
+
+
+# -- reading: (line of the file or row of the result, record) -----------------------------------
+Records = Iterator[Tuple[int, dict]]
+
+
+def read_csv(path: str, columns: Dict[str, str]) -> Records:
+    with open(path, newline="", encoding="utf-8-sig") as fh:       # -sig: Excel's byte-order mark
+        reader = csv.DictReader(fh)
+        _check_columns(reader.fieldnames or [], columns, path)
+        for record in reader:
+            yield reader.line_num, record
+
+
+def read_jsonl(path: str) -> Records:
+    with open(path, encoding="utf-8-sig") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                doc = json.loads(line)
+            except json.JSONDecodeError as exc:
+                doc = {"__error__": f"not JSON: {exc.msg}"}
+            yield n, doc if isinstance(doc, dict) else {"__error__": "not a JSON object"}
+
+
+def _check_columns(names, columns: Dict[str, str], where: str) -> None:
+    """A table without a required column is a mistake in the mapping, not a bad row."""
+    missing = [f"{columns[f]!r} ({f})" for f in REQUIRED if columns[f] not in names]
+    if missing:
+        raise ImportFailed(f"{where} has no column {', '.join(missing)}; its columns: {', '.join(map(str, names))}"
+                           " (point a field at another column with --map FIELD=COLUMN)")
+
+
+def read_sql(url: str, columns: Dict[str, str], table: Optional[str] = None, query: Optional[str] = None,
+             batch: int = 10_000) -> Records:
+    """Rows of a table or a query, by SQLAlchemy URL (sqlite:///f.db, postgresql+psycopg://...)."""
+    from ..core.config import optional_import
+    sa = optional_import("sqlalchemy", "history", "Importing from a database")
+    try:
+        engine = sa.create_engine(url)
+    except (sa.exc.SQLAlchemyError, ImportError) as exc:
+        raise ImportFailed(f"database URL: {exc}") from None
+    n = 0
+    try:
+        with engine.connect() as conn:
+            if query:
+                statement = sa.text(query)
+            else:
+                statement = sa.select(sa.Table(table, sa.MetaData(), autoload_with=conn))
+            result = conn.execution_options(stream_results=True).execute(statement)
+            keys = list(result.keys())
+            _check_columns(keys, columns, f"table {table}" if table else "the query")
+            while True:
+                chunk = result.fetchmany(batch)
+                if not chunk:
+                    break
+                for row in chunk:
+                    n += 1
+                    yield n, dict(zip(keys, row))
+    except sa.exc.NoSuchTableError:
+        raise ImportFailed(f"no table {table!r} in the database") from None
+    except sa.exc.SQLAlchemyError as exc:        # refused connection, bad query, ...
+        detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        raise ImportFailed(f"database: {detail} (after {n} rows)") from None
+    finally:
+        engine.dispose()
+
+
+def open_source(source: str, columns: Dict[str, str], table: Optional[str] = None,
+                query: Optional[str] = None) -> Records:
+    if "://" in source:
+        if not (table or query):
+            raise ImportFailed("a database source needs --table or --query")
+        return read_sql(source, columns, table, query)
+    if not os.path.exists(source):
+        raise ImportFailed(f"{source}: no such file")
+    if source.endswith((".jsonl", ".ndjson", ".json")):
+        return read_jsonl(source)
+    return read_csv(source, columns)
+
+
+# -- one row --------------------------------------------------------------------------------------
+def parse_time(value) -> float:
+    """A row's time (core/timestamps.py's grammar; a database may give a datetime or a Decimal)."""
+    try:
+        return parse_timestamp(float(value) if isinstance(value, decimal.Decimal) else value)
+    except TimestampError as exc:
+        raise validation.ValidationError(str(exc)) from None
+
+
+@dataclass
+class Row:
+    time: float
+    token: str
+    route: str
+    method: str
+    code: int
+    duration: Optional[float]
+    llm: Optional[LLMUsage]
+
+
+def parse_row(raw: dict, columns: Dict[str, str], duration_scale: float) -> Row:
+    if "__error__" in raw:
+        raise validation.ValidationError(raw["__error__"])
+
+    def get(name):
+        value = raw.get(columns.get(name, name))
+        return None if value is None or (isinstance(value, str) and not value.strip()) else value
+
+    def num(name):                     # CSV cells are text; JSON and SQL give numbers
+        value = get(name)
+        if isinstance(value, decimal.Decimal):     # PostgreSQL NUMERIC
+            return int(value) if value == value.to_integral_value() else float(value)
+        if isinstance(value, str):
+            text = value.strip()
+            try:
+                return int(text)
+            except ValueError:
+                try:
+                    return float(text)
+                except ValueError:
+                    raise validation.ValidationError(f"{name}: not a number: {text[:40]!r}") from None
+        return value
+
+    for name in REQUIRED:
+        if get(name) is None:
+            raise validation.ValidationError(f"{name}: missing (column {columns.get(name, name)!r})")
+    code = validation.whole_number("code", num("code"), 599)
+    if code < 100:
+        raise validation.ValidationError(f"code: {code} is not an HTTP status")
+    duration = num("duration")
+    if duration is not None:
+        duration = validation.number("duration", duration, 0.0, 86400.0 / duration_scale) * duration_scale
+    service, model, llm = get("service"), get("model"), None
+    if model is not None or service is not None:
+        if model is None or service is None:
+            raise validation.ValidationError("service and model go together")
+        llm = validate_usage(service, model, *(num(name) or 0 for name in USAGE_FIELDS))
+    return Row(parse_time(get("time")), validation.token_id("token", str(get("token")).strip()),
+               validation.route("route", get("route")), validation.method(get("method") or "GET"),
+               code, duration, llm)
+
+
+# -- aggregation ----------------------------------------------------------------------------------
+class Aggregate:
+    """Per series, the amount added in each step-long bin, in whole units (counts, microseconds,
+    nano-USD) as the live store keeps them, so totals come out exactly as live ones would."""
+
+    def __init__(self, step: int, pricing: Optional[Pricing]):
+        self.step = step
+        self.pricing = pricing
+        self.counters: Dict[Tuple[str, tuple], Dict[int, int]] = {}
+        self.histograms: Dict[Tuple[str, tuple], Dict[int, List[int]]] = {}
+        self.first = self.last = None
+
+    def _count(self, name: str, labels: tuple, b: int, amount: int) -> None:
+        bins = self.counters.get((name, labels))
+        if bins is None:
+            bins = self.counters[(name, labels)] = {}
+        bins[b] = bins.get(b, 0) + amount
+
+    def _observe(self, name: str, labels: tuple, b: int, seconds: float) -> None:
+        bins = self.histograms.get((name, labels))
+        if bins is None:
+            bins = self.histograms[(name, labels)] = {}
+        cell = bins.get(b)
+        if cell is None:
+            cell = bins[b] = [0] * (len(LATENCY_BUCKETS) + 3)    # buckets, +Inf, count, sum (µs)
+        cell[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        cell[-2] += 1
+        cell[-1] += int(round(seconds * MICROSECONDS))
+
+    def add(self, row: Row) -> None:
+        b = int(row.time // self.step)
+        self.first = row.time if self.first is None else min(self.first, row.time)
+        self.last = row.time if self.last is None else max(self.last, row.time)
+        self.add_requests(b, row.token, row.route, row.method, row.code, 1)
+        if row.duration is not None:
+            self._observe("apitoken_request_duration_seconds", (row.token,), b, row.duration)
+            self._observe("apitoken_route_request_duration_seconds", (row.route, row.method), b, row.duration)
+        if row.llm is not None:
+            self.add_llm(b, row.token, row.llm)
+
+    def add_requests(self, b: int, token: str, route: str, method: str, code: int, count: int) -> None:
+        self._count("apitoken_requests_total", (token, route, method, str(code)), b, count)
+
+    def add_country(self, b: int, token: str, country: str, count: int) -> None:
+        self._count("apitoken_requests_by_country_total", (token, country), b, count)
+
+    def add_refusals(self, b: int, token: str, route: str, code: int, count: int, reason: str = "",
+                     window: str = "") -> None:
+        """Requests refused by auth (``reason``) or a rate limit (``window``), counted as live ones
+        are, each answered in about a millisecond."""
+        self.add_requests(b, token, route, "GET", code, count)
+        self.add_durations(b, token, route, "GET", [count] + [0] * len(LATENCY_BUCKETS), count * 0.001)
+        if reason:
+            self._count("apitoken_auth_failures_total", (reason,), b, count)
+        if window:
+            self._count("apitoken_rate_limited_total", (token, window), b, count)
+
+    def add_durations(self, b: int, token: str, route: str, method: str, per_bucket: List[int],
+                      total_seconds: float) -> None:
+        """Several observations at once: how many fell in each bucket (LATENCY_BUCKETS, then +Inf)."""
+        n = sum(per_bucket)
+        for name, key in (("apitoken_request_duration_seconds", (token,)),
+                          ("apitoken_route_request_duration_seconds", (route, method))):
+            bins = self.histograms.setdefault((name, key), {})
+            cell = bins.get(b)
+            if cell is None:
+                cell = bins[b] = [0] * (len(LATENCY_BUCKETS) + 3)
+            for i, c in enumerate(per_bucket):
+                cell[i] += c
+            cell[-2] += n
+            cell[-1] += int(round(total_seconds * MICROSECONDS))
+
+    def add_llm(self, b: int, token: str, usage: LLMUsage, requests: int = 1) -> None:
+        """``usage`` of ``requests`` requests together; tokens by type as the live store has them."""
+        key = (token, usage.service, usage.model)
+        for kind, n in usage.exported_parts().items():
+            self._count("apitoken_llm_tokens_total", key + (kind,), b, n)
+        self._count("apitoken_llm_requests_total", key, b, requests)
+        price = self.pricing.price(usage.service, usage.model) if self.pricing else None
+        if price is None:
+            self._count("apitoken_llm_unpriced_requests_total", (usage.service, usage.model), b, requests)
+        else:
+            self._count("apitoken_llm_cost_usd_total", key, b, int(round(price.cost(usage) * NANO_USD)))
+
+
+LABELS = {family.name: tuple(family.labelnames) for family in catalogue()}
+BUCKETS = {family.name: family.buckets for family in catalogue() if family.kind == "histogram"}
+SCALES = {"apitoken_llm_cost_usd_total": NANO_USD}
+
+
+def sample_times(bins: Iterable[int], step: int) -> List[Tuple[int, bool]]:
+    """(bin, changed) for the bins where a series changed, plus heartbeats (changed False)
+    filling any gap longer than HEARTBEAT."""
+    out: List[Tuple[int, bool]] = []
+    every = max(1, HEARTBEAT // step)
+    for b in sorted(bins):
+        if out:
+            gap = out[-1][0] + every
+            while gap < b:
+                out.append((gap, False))
+                gap += every
+        out.append((b, True))
+    return out
+
+
+def write_openmetrics(agg: Aggregate, out, job: str, instance: str) -> Tuple[int, int]:
+    """Write every series in OpenMetrics text (families contiguous, samples in time order);
+    return (series, samples)."""
+    step = agg.step
+    base = f'instance="{escape_label(instance)}",job="{escape_label(job)}"'
+    series = samples = 0
+
+    def labels_text(name: str, key: tuple, extra: str = "") -> str:
+        pairs = ",".join(f'{n}="{escape_label(v)}"' for n, v in zip(LABELS[name], key))
+        return "{" + ",".join(p for p in (pairs, base, extra) if p) + "}"
+
+    by_family: Dict[str, list] = {}
+    for (name, key), bins in agg.counters.items():
+        by_family.setdefault(name, []).append((key, bins))
+    for name in sorted(by_family):
+        out.write(f"# TYPE {name[:-len('_total')]} counter\n")
+        scale = SCALES.get(name, 1)
+        for key, bins in sorted(by_family[name]):
+            series += 1
+            prefix = name + labels_text(name, key) + " "
+            total = 0
+            for b, changed in sample_times(bins, step):
+                if changed:
+                    total += bins[b]
+                out.write(f"{prefix}{float_to_go_string(total / scale)} {(b + 1) * step}\n")   # a bin's end
+                samples += 1
+    hist_family: Dict[str, list] = {}
+    for (name, key), bins in agg.histograms.items():
+        hist_family.setdefault(name, []).append((key, bins))
+    for name in sorted(hist_family):
+        out.write(f"# TYPE {name} histogram\n")
+        bounds = BUCKETS[name]              # cells are kept in LATENCY_BUCKETS, written in these
+        les = [float_to_go_string(b) for b in bounds] + ["+Inf"]
+        for key, bins in sorted(hist_family[name]):
+            series += len(les) + 2
+            running = [0] * (len(LATENCY_BUCKETS) + 3)
+            bucket_prefixes = [f"{name}_bucket{labels_text(name, key, f'le={chr(34)}{le}{chr(34)}')} " for le in les]
+            count_prefix = f"{name}_count{labels_text(name, key)} "
+            sum_prefix = f"{name}_sum{labels_text(name, key)} "
+            for b, changed in sample_times(bins, step):
+                if changed:
+                    running = [x + y for x, y in zip(running, bins[b])]
+                t = (b + 1) * step
+                cumulative = 0
+                per_bucket = rebucket(running[:len(LATENCY_BUCKETS) + 1], LATENCY_BUCKETS, bounds)
+                for i, prefix in enumerate(bucket_prefixes):
+                    cumulative += int(per_bucket[i])
+                    out.write(f"{prefix}{cumulative} {t}\n")
+                out.write(f"{count_prefix}{running[-2]} {t}\n")
+                out.write(f"{sum_prefix}{float_to_go_string(running[-1] / MICROSECONDS)} {t}\n")
+                samples += len(les) + 2
+    out.write("# EOF\n")
+    return series, samples
+
+
+# -- the whole import ------------------------------------------------------------------------------
+Progress = Optional[Callable[[str], None]]
+
+
+def _promtool(given: Optional[str]) -> str:
+    found = given or shutil.which("promtool")
+    if not found:
+        raise ImportFailed("promtool is not installed (Debian: apt-get install prometheus)")
+    return found
+
+
+def build_blocks(result: ImportResult, agg: Aggregate, output_dir: str, job: str, instance: str,
+                 promtool: Optional[str] = None, progress: Progress = None) -> None:
+    promtool = _promtool(promtool)
+    os.makedirs(output_dir, exist_ok=True)
+    # built beside their destination, then renamed: a Prometheus reloading its blocks never
+    # sees one half copied (it ignores directories whose names are not block ids)
+    with tempfile.TemporaryDirectory(prefix=".ate-import-", dir=output_dir) as work:
+        text = os.path.join(work, "samples.om.txt")
+        with open(text, "w", encoding="utf-8") as fh:
+            result.series, result.samples = write_openmetrics(agg, fh, job, instance)
+        if progress:
+            progress(f"{result.samples} samples of {result.series} series: building TSDB blocks")
+        blocks = os.path.join(work, "blocks")
+        done = subprocess.run([promtool, "tsdb", "create-blocks-from", "openmetrics",
+                               f"--max-block-duration={MAX_BLOCK}", "--quiet", text, blocks],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            raise ImportFailed(f"promtool could not build blocks: {(done.stderr or done.stdout).strip()[-500:]}")
+        for name in sorted(os.listdir(blocks)):
+            os.rename(os.path.join(blocks, name), os.path.join(output_dir, name))
+            result.blocks.append(os.path.join(output_dir, name))
+
+
+def rule_levels(rule_files: List[str]) -> List[List[dict]]:
+    """Recording rule groups split by dependency: level 0 reads only raw series, level n reads
+    series recorded at lower levels. promtool backfills each rule from what Prometheus holds,
+    so a rule that reads another recorded series has to wait for its blocks."""
+    import yaml
+    groups = []
+    for path in rule_files:
+        with open(path, encoding="utf-8") as fh:
+            groups += [g for g in (yaml.safe_load(fh) or {}).get("groups", [])]
+    rules = [(g, r) for g in groups for r in g["rules"] if "record" in r]
+    recorded = {r["record"] for _, r in rules}
+    level: Dict[str, int] = {}
+
+    def of(rule) -> int:
+        name = rule["record"]
+        if name not in level:
+            level[name] = 0                    # a cycle cannot recurse forever
+            deps = set(re.findall(r"[a-zA-Z_:][a-zA-Z0-9_:]*", rule["expr"])) & recorded
+            level[name] = 1 + max((of(by_name[d]) for d in deps if d != name), default=-1)
+        return level[name]
+    by_name = {r["record"]: r for _, r in rules}
+    out: List[List[dict]] = []
+    for g, r in rules:
+        n = of(r)
+        while len(out) <= n:
+            out.append([])
+        groups_at = out[n]
+        target = next((x for x in groups_at if x["name"] == g["name"]), None)
+        if target is None:
+            target = {"name": g["name"], "rules": []}
+            if "interval" in g:
+                target["interval"] = g["interval"]
+            groups_at.append(target)
+        target["rules"].append({k: v for k, v in r.items() if k in ("record", "expr", "labels")})
+    return out
+
+
+RULE_BLOCK = 7200          # promtool create-blocks-from rules: its default (and our) block length
+
+
+def backfill_rules(prometheus_url: str, rule_files: List[str], start: float, end: float, data_dir: str,
+                   eval_interval: str = "60s", promtool: Optional[str] = None, load_timeout: float = 180,
+                   reload: Optional[Callable[[], None]] = None) -> List[str]:
+    """Evaluate recording rules over [start, end) against a Prometheus that holds the history
+    (`promtool tsdb create-blocks-from rules`) and move the blocks into its data directory, a
+    dependency level at a time: each level waits until Prometheus has loaded the one before.
+
+    Prometheus picks new blocks up about once a minute, but not while it compacts, which on a
+    busy machine can last minutes. ``reload`` (restarting a Prometheus one owns, which opens
+    every block at start) makes the wait short and certain."""
+    import yaml
+    promtool = _promtool(promtool)
+    moved = []
+    levels = rule_levels(rule_files)
+    # promtool evaluates a rule block by block (two hours each) and stops at the first block
+    # whose end comes before the group's first aligned evaluation: a start late in a block would
+    # leave an hourly group with nothing at all. Starting on a block boundary never does.
+    start = float(int(start) // RULE_BLOCK * RULE_BLOCK)
+    for n, groups in enumerate(levels):
+        with tempfile.TemporaryDirectory(prefix=".ate-rules-", dir=data_dir) as work:
+            rules_path = os.path.join(work, "rules.yml")
+            with open(rules_path, "w", encoding="utf-8") as fh:
+                yaml.safe_dump({"groups": groups}, fh, sort_keys=False)
+            out_dir = os.path.join(work, "blocks")
+            os.makedirs(out_dir)
+            done = subprocess.run([promtool, "tsdb", "create-blocks-from", "rules", f"--url={prometheus_url}",
+                                   f"--start={int(start)}", f"--end={int(end)}", f"--eval-interval={eval_interval}",
+                                   f"--output-dir={work}/two-hour", rules_path], capture_output=True, text=True)
+            if done.returncode != 0:
+                raise ImportFailed("promtool could not backfill the rules: "
+                                   f"{(done.stderr or done.stdout).strip()[-500:]}")
+            merge_blocks(promtool, f"{work}/two-hour", out_dir, work)
+            for name in sorted(os.listdir(out_dir)):
+                os.rename(os.path.join(out_dir, name), os.path.join(data_dir, name))
+                moved.append(os.path.join(data_dir, name))
+        if reload:                           # the last level too: its series show at once
+            reload()
+        if n + 1 < len(levels):                  # the next level reads this one's series
+            _wait_for_series(prometheus_url, [r["record"] for g in groups for r in g["rules"]],
+                             (start + end) / 2, load_timeout)
+    return moved
+
+
+_DUMPED = re.compile(r'^\{__name__="((?:[^"\\]|\\.)*)"(?:, (.*))?\} (\S+) (-?\d+)$')
+_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+
+
+def merge_blocks(promtool: str, source: str, output_dir: str, work: str) -> None:
+    """promtool writes a rule backfill as two-hour blocks: a month of one level is 360 of them,
+    and a Prometheus opening thousands of blocks runs out of file descriptors. Rewrite them as
+    few long blocks: `promtool tsdb dump`, as OpenMetrics, then create-blocks-from openmetrics."""
+    text = os.path.join(work, "rules.om.txt")
+    os.makedirs(os.path.join(source, "wal"), exist_ok=True)      # dump opens it as a database
+    with open(text, "w", encoding="utf-8") as out:
+        dump = subprocess.Popen([promtool, "tsdb", "dump", source], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        name = None
+        for line in dump.stdout:
+            found = _DUMPED.match(line.rstrip("\n"))
+            if not found:
+                continue
+            metric, labels, value, millis = found.groups()
+            if metric != name:
+                out.write(f"# TYPE {metric} gauge\n")
+                name = metric
+            pairs = ",".join(f'{k}="{v}"' for k, v in _LABEL.findall(labels or ""))
+            out.write(f"{metric}{{{pairs}}} {value} {int(millis) / 1000:.3f}\n")
+        out.write("# EOF\n")
+        if dump.wait() != 0:
+            raise ImportFailed(f"promtool could not read the rule blocks: {dump.stderr.read().strip()[-500:]}")
+    if name is None:                          # nothing recorded (no data for these rules)
+        return
+    done = subprocess.run([promtool, "tsdb", "create-blocks-from", "openmetrics", f"--max-block-duration={MAX_BLOCK}",
+                           "--quiet", text, output_dir], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise ImportFailed(f"promtool could not merge the rule blocks: {(done.stderr or done.stdout).strip()[-500:]}")
+
+
+def _wait_for_series(prometheus_url: str, names: List[str], at: float, timeout: float) -> None:
+    """Until Prometheus answers for one of ``names`` in the hour before ``at``: in the middle of
+    the history, as a Prometheus evaluating the same rules live has them near the end at once."""
+    import requests
+    probe = "{__name__=~\"" + "|".join(map(re.escape, names)) + "\"}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:           # a Prometheus restarting meanwhile refuses, or answers 503 in text
+            found = requests.get(prometheus_url + "/api/v1/series", timeout=30, params={
+                "match[]": probe, "start": at - 3600, "end": at}).json()
+        except (requests.RequestException, ValueError):
+            found = {}
+        if found.get("data"):
+            return
+        time.sleep(2)
+    raise ImportFailed(f"Prometheus did not load the backfilled rules within {timeout:.0f} s: "
+                       "is the output its data directory?")
+
+
+def route_matcher(templates: List[str]) -> Callable[[str], str]:
+    """Raw paths to route templates, as the middleware's ``routes`` does; without templates the
+    column is taken as the route already."""
+    if not templates:
+        return lambda path: path
+    from werkzeug.exceptions import HTTPException
+    from werkzeug.routing import Map, Rule
+    adapter = Map([Rule(t) for t in templates]).bind("localhost")
+
+    def match(path: str) -> str:
+        try:
+            rule, _ = adapter.match(path.split("?", 1)[0], method="GET", return_rule=True)
+            return rule.rule
+        except HTTPException:
+            return UNMATCHED_ROUTE
+    return match
+
+
+def run_import(source: str, output_dir: str, *, table: Optional[str] = None, query: Optional[str] = None,
+               columns: Optional[Dict[str, str]] = None, until: Optional[float] = None, step: int = 60,
+               duration_unit: str = "s", pricing: Optional[Pricing] = None, job: str = "api-token-exporter",
+               instance: str = "import", routes: Optional[List[str]] = None, max_series: int = 200_000,
+               max_age_days: float = 400, progress: Progress = None, promtool: Optional[str] = None,
+               dry_run: bool = False, result: Optional[ImportResult] = None) -> ImportResult:
+    """Read, validate, aggregate and write blocks; rejected rows are listed, never fatal. Pass
+    ``result`` to keep what was read (the rejected rows) when the import fails part way."""
+    if not 1 <= step <= HEARTBEAT or 86400 % step:
+        raise ImportFailed(f"step must divide a day and be at most {HEARTBEAT} seconds (60, 300, ...)")
+    to_route = route_matcher(routes or [])
+    cols = dict(DEFAULT_COLUMNS, **(columns or {}))
+    scale = {"s": 1.0, "ms": 0.001}[duration_unit]
+    until = time.time() if until is None else until
+    oldest = until - max_age_days * 86400
+    agg = Aggregate(step, pricing)
+    result = result if result is not None else ImportResult()
+    last_report = time.monotonic()
+    n = 0
+    for where, raw in open_source(source, cols, table, query):
+        n += 1
+        result.rows = n
+        try:
+            row = parse_row(raw, cols, scale)
+            if row.time >= until:
+                raise validation.ValidationError(f"time: at or after the cut-over {_iso(until)} (live metrics count it)")
+            if row.time < oldest:
+                raise validation.ValidationError(f"time: before {_iso(oldest)}, more than {max_age_days:g} days "
+                                                 "before the cut-over (--max-age-days; Prometheus keeps no more)")
+        except (validation.ValidationError, TypeError, ValueError) as exc:
+            result.rejected.append(Rejected(where, str(exc)))
+            continue
+        row.route = to_route(row.route)
+        agg.add(row)
+        result.accepted += 1
+        if len(agg.counters) + len(agg.histograms) * (len(LATENCY_BUCKETS) + 3) > max_series:
+            raise ImportFailed(f"more than {max_series} series after {n} rows: is the route column raw "
+                               "paths? Give route templates (--route '/items/<id>'), or raise --max-series")
+        if progress and time.monotonic() - last_report >= 1:
+            last_report = time.monotonic()
+            progress(f"read {n} rows ({len(result.rejected)} rejected)")
+    result.first, result.last = agg.first, agg.last
+    if progress:
+        progress(f"read {result.rows} rows ({len(result.rejected)} rejected)")
+    if result.accepted and not dry_run:
+        build_blocks(result, agg, output_dir, job, instance, promtool, progress)
+    return result
+
+
+def _iso(t: float) -> str:
+    return f"{dt.datetime.fromtimestamp(t, dt.timezone.utc):%Y-%m-%dT%H:%M:%SZ}"
+
+
+def write_rejected(path: str, rejected: List[Rejected]) -> None:
+    """Line of the file (row of the result for a database) and reason, one per rejected record."""
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["line", "reason"])
+        for r in rejected:
+            writer.writerow([r.line, r.reason])
+
+
+def progress_printer(enabled: bool) -> Progress:
+    if not enabled:
+        return None
+
+    def show(message: str) -> None:
+        print(f"\r{message}\033[K" if sys.stderr.isatty() else message, end="" if sys.stderr.isatty() else "\n",
+              file=sys.stderr, flush=True)
+    return show

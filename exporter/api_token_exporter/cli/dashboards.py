@@ -1,0 +1,38 @@
+"""`api-token-exporter dashboards`: generate the Grafana dashboards."""
+from __future__ import annotations
+
+import os
+import sys
+
+from ..mixin.thresholds import DEFAULT_THRESHOLDS_HELP, default_thresholds_file
+
+
+def register(sub) -> None:
+    p = sub.add_parser("dashboards", help="generate the Grafana dashboards",
+                       description="The Grafana dashboards as JSON, their threshold lines from the thresholds file.")
+    p.add_argument("--thresholds", default=default_thresholds_file(), help=DEFAULT_THRESHOLDS_HELP)
+    p.add_argument("--out", "--output-dir", dest="out", default="grafana/dashboards",
+                   help="where to write the dashboards (default %(default)s)")
+    p.add_argument("--check", action="store_true",
+                   help="exit 1 if the generated files are out of date, write nothing")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..mixin.dashboards import render
+    rendered = render(args.thresholds)
+    if args.check:
+        stale = []
+        for name, text in rendered.items():
+            path = os.path.join(args.out, name)
+            if not os.path.exists(path) or open(path, encoding="utf-8").read() != text:
+                stale.append(path)
+        for path in stale:
+            print(f"out of date: {path} (run `make dashboards`)", file=sys.stderr)
+        return 1 if stale else 0
+    os.makedirs(args.out, exist_ok=True)
+    for name, text in rendered.items():
+        with open(os.path.join(args.out, name), "w", encoding="utf-8") as fh:
+            fh.write(text)
+        print(f"wrote {os.path.join(args.out, name)}")
+    return 0

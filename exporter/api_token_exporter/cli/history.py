@@ -1,0 +1,86 @@
+"""`api-token-exporter import`: past usage records into Prometheus as TSDB blocks."""
+from __future__ import annotations
+
+import sys
+import time
+
+
+def register(sub) -> None:
+    imp = sub.add_parser("import", help="bring past usage records into Prometheus as TSDB blocks",
+                         description="Usage records (CSV, JSON Lines, or a database table or query) into "
+                                     "this project's counters and histograms, written as Prometheus TSDB "
+                                     "blocks. Columns default to the APIUsage table's: api_key_id, endpoint, "
+                                     "method, status_code, response_time (seconds), created_at; optional "
+                                     "service, model, prompt_tokens, completion_tokens, cached_tokens, "
+                                     "cache_write_tokens, reasoning_tokens (parts of the prompt and completion "
+                                     "tokens).")
+    imp.add_argument("source", help="a .csv or .jsonl file, or a database URL (sqlite:///usage.db, "
+                                    "postgresql+psycopg://user@host/db)")
+    imp.add_argument("--table", help="the table to read (database source)")
+    imp.add_argument("--query", help="or the SQL query to read (database source)")
+    imp.add_argument("--map", action="append", default=[], metavar="FIELD=COLUMN",
+                     help="where a field is in your data, e.g. --map token=key_name --map time=ts")
+    imp.add_argument("--until", default="now", help="the cut-over: rows at or after it are refused, "
+                     "live metrics count them (ISO 8601 or Unix seconds; default now)")
+    imp.add_argument("--route", action="append", default=[], metavar="TEMPLATE",
+                     help="route templates (/items/<id>) for raw paths; unmatched paths become __unmatched__")
+    imp.add_argument("--step", type=int, default=60, help="seconds between samples (default %(default)s)")
+    imp.add_argument("--duration-unit", choices=("s", "ms"), default="s")
+    imp.add_argument("--pricing", help="your pricing file for LLM cost, over the price snapshot")
+    imp.add_argument("--prices", help="price snapshot (from `prices update`; default: the shipped one)")
+    imp.add_argument("--job", default="api-token-exporter", help="job label (default %(default)s)")
+    imp.add_argument("--instance", default="import", help="instance label (default %(default)s)")
+    imp.add_argument("--max-series", type=int, default=200_000)
+    imp.add_argument("--max-age-days", type=float, default=400,
+                     help="refuse rows older than this before the cut-over (default %(default)s, the compose "
+                          "stack's retention)")
+    where = imp.add_mutually_exclusive_group()
+    where.add_argument("--prometheus-data", help="Prometheus's data directory: blocks are moved there")
+    where.add_argument("--output", default="import-blocks", help="else, where to write the blocks")
+    imp.add_argument("--rejected", default="import-rejected.csv", help="rejected rows and reasons")
+    imp.add_argument("--dry-run", action="store_true", help="read and validate only")
+    imp.add_argument("--progress", action="store_true", help="progress on stderr even when not a terminal")
+    imp.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..analytics import importer as history
+    from ..core.pricing import Pricing, PricingError
+    columns = {}
+    for item in args.map:
+        name, _, column = item.partition("=")
+        if name not in history.DEFAULT_COLUMNS or not column:
+            print(f"error: --map {item!r}: expected FIELD=COLUMN with FIELD one of "
+                  f"{', '.join(history.DEFAULT_COLUMNS)}", file=sys.stderr)
+            return 2
+        columns[name] = column
+    result = history.ImportResult()
+    output = args.prometheus_data or args.output
+    try:
+        until = None if args.until == "now" else history.parse_time(args.until)
+        pricing = Pricing.load(args.pricing, args.prices)
+        history.run_import(
+            args.source, output, table=args.table, query=args.query, columns=columns, until=until,
+            step=args.step, duration_unit=args.duration_unit, pricing=pricing, job=args.job,
+            instance=args.instance, routes=args.route, max_series=args.max_series,
+            max_age_days=args.max_age_days, progress=history.progress_printer(args.progress or sys.stderr.isatty()),
+            dry_run=args.dry_run, result=result)
+    except (history.ImportFailed, PricingError, ValueError, OSError) as exc:
+        print(f"\nerror: {exc}", file=sys.stderr)
+        return 2
+    finally:                                   # what was read is reported, even on failure
+        history.write_rejected(args.rejected, result.rejected)
+    if result.rejected:
+        shown = "; ".join(f"line {r.line}: {r.reason}" for r in result.rejected[:3])
+        print(f"\n{len(result.rejected)} rows rejected, listed with reasons in {args.rejected} ({shown}"
+              f"{'; ...' if len(result.rejected) > 3 else ''})", file=sys.stderr)
+    span = ""
+    if result.first is not None:
+        fmt = lambda t: time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(t))   # noqa: E731
+        span = f" from {fmt(result.first)} to {fmt(result.last)}"
+    print(f"\nimported {result.accepted} of {result.rows} rows{span}: {result.series} series, "
+          f"{result.samples} samples, {len(result.blocks)} block(s): {', '.join(result.blocks) or 'none'}"
+          + ("" if args.prometheus_data or not result.blocks else
+             "\nnext: move these block directories into Prometheus's data directory "
+             "(--storage.tsdb.path); it loads them within a minute"), file=sys.stderr)
+    return 0 if result.accepted or not result.rows else 1

@@ -1,0 +1,37 @@
+"""`api-token-exporter rules`: render the Prometheus rules from a thresholds file."""
+from __future__ import annotations
+
+import sys
+
+from ..mixin.thresholds import DEFAULT_THRESHOLDS_HELP, default_thresholds_file
+
+
+def register(sub) -> None:
+    p = sub.add_parser("rules", help="render Prometheus rules from the thresholds file",
+                       description="Recording, alert, anomaly and key lifecycle rules for Prometheus, "
+                                   "rendered from the thresholds file.")
+    p.add_argument("--thresholds", default=default_thresholds_file(), help=DEFAULT_THRESHOLDS_HELP)
+    p.add_argument("--out", "--output-dir", dest="out", default="prometheus/rules",
+                   help="where to write the rule files (default %(default)s)")
+    p.add_argument("--check", action="store_true",
+                   help="exit 1 if the generated files are out of date, write nothing")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import yaml
+    from ..mixin.rules import stale, write
+    from ..mixin.thresholds import ThresholdError, load_thresholds
+    try:
+        t = load_thresholds(args.thresholds)
+    except (OSError, ThresholdError, yaml.YAMLError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.check:
+        outdated = stale(t, args.out)
+        for path in outdated:
+            print(f"out of date: {path} (run `make rules`)", file=sys.stderr)
+        return 1 if outdated else 0
+    for path in write(t, args.out):
+        print(f"wrote {path}")
+    return 0

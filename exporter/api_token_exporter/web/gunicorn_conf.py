@@ -1,0 +1,46 @@
+"""gunicorn settings for several workers sharing one set of metrics.
+
+``api-token-exporter serve`` uses these hooks; with gunicorn itself use
+``gunicorn --config python:api_token_exporter.web.gunicorn_conf 'api_token_exporter.web.server:app_from_env()'``.
+Every worker writes its values to its own file in the store directory (store.py); a scrape
+answered by any worker sums them all. The directory is the ``state_dir`` setting, where counts
+survive restarts, or else a private temporary directory made when the server starts and removed
+when it stops. Files of workers that exit are folded into the directory's archive, so their
+counts stay in the totals and the directory does not grow.
+"""
+import os
+import shutil
+import tempfile
+
+from api_token_exporter.core.config import load_settings
+from api_token_exporter.core.metrics import catalogue
+from api_token_exporter.core.store import fold_dead_files_safely
+
+_OWN_DIR = "_ATE_OWN_STATE_DIR"
+
+
+def on_starting(server):
+    settings = load_settings()              # a bad setting stops the server here, named
+    if settings.metrics_port is not None and server.cfg.workers > 1:
+        raise SystemExit(
+            f"error: metrics_port {settings.metrics_port} cannot be served by {server.cfg.workers} "
+            "workers; scrape the metrics path on the server's own port instead (any worker "
+            "answers with the sum of all of them), or run one worker")
+    directory = settings.state_dir
+    if not directory:
+        directory = tempfile.mkdtemp(prefix="ate-store-")
+        os.environ[_OWN_DIR] = directory
+    os.environ["ATE_STATE_DIR"] = os.path.abspath(directory)   # the workers inherit it
+    os.makedirs(directory, exist_ok=True)
+    fold_dead_files_safely(directory, catalogue())
+
+
+def child_exit(server, worker):
+    """A worker ended (stopped, recycled or crashed): fold its file into the archive."""
+    fold_dead_files_safely(os.environ["ATE_STATE_DIR"], catalogue())
+
+
+def on_exit(server):
+    own = os.environ.pop(_OWN_DIR, None)
+    if own:
+        shutil.rmtree(own, ignore_errors=True)
