@@ -228,7 +228,7 @@ def build_digest(client: analytics.PrometheusClient, period: Period, audience: A
     jobs = [(_requests_parts(m), a, b), (_previous_parts(m), before.start, before.end)]
     jobs += [({"cost": (f"apitoken_llm_cost_usd_total{{{m}}}", ("token",))}, b - BUDGET_WINDOWS[w], b)
              for w in windows]
-    results = analytics._run(client, jobs, None, deadline=deadline)
+    results = analytics.run_queries(client, jobs, None, deadline=deadline)
     llm_doc, llm_rows = analytics.tokens_report_rows(client, audience.scope, a, b, deadline=deadline)
 
     def grouped(rows, q):

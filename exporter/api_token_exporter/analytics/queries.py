@@ -136,7 +136,7 @@ def day_buckets(start: float, end: float) -> List[Tuple[str, float, float]]:
 Parts = Dict[str, Tuple[str, Tuple[str, ...]]]     # name -> (selector, group-by labels)
 
 
-def _run(client: PrometheusClient, jobs: Sequence[Tuple[Parts, float, float]], progress: Progress,
+def run_queries(client: PrometheusClient, jobs: Sequence[Tuple[Parts, float, float]], progress: Progress,
          workers: int = 8, deadline: Optional[float] = None) -> List[List[Tuple[Dict[str, str], float]]]:
     """Each job's exact totals as rows of (labels with q=<part name>, value). With ``deadline``
     (seconds), the whole answer takes no longer: PrometheusUnavailable then."""
@@ -206,7 +206,7 @@ def tokens_report_rows(client: PrometheusClient, scope: Scope, start: float, end
     days = day_buckets(start, end)
     jobs = [(_llm_parts(m, ("service", "model")), start, end)]
     jobs += [(_llm_parts(m, ()), lo, hi) for _, lo, hi in days]
-    results = _run(client, jobs, progress, deadline=deadline)
+    results = run_queries(client, jobs, progress, deadline=deadline)
 
     summary, by_model, by_service, by_pair = _counts(), {}, {}, {}
     for labels, value in results[0]:
@@ -296,7 +296,7 @@ def usage_report(client: PrometheusClient, scope: Scope, now: float, progress: P
     if compare:
         previous = {name: previous_stretch(name, periods[name], now) for name in COMPARED_PERIODS}
         jobs += [(parts, lo, hi) for lo, hi in previous.values()]
-    results = _run(client, jobs, progress, deadline=deadline)
+    results = run_queries(client, jobs, progress, deadline=deadline)
 
     summary = {name: _usage_entry(rows) for name, rows in zip(periods, results[:4])}
     trend_rows = results[4:4 + len(buckets)]
@@ -375,7 +375,7 @@ def capacity_report(client: PrometheusClient, scope: Scope, now: float, keys: Di
              "tokens": (f"apitoken_llm_tokens_total{{{m}}}", ("token",)),
              "cost": (f"apitoken_llm_cost_usd_total{{{m}}}", ("token",))}
     pace_parts = {"requests": (f'apitoken_requests_total{{{m},code!="429"}}', ("token",))}
-    month_rows, pace_rows = _run(client, [(parts, month_start, now), (pace_parts, now - PACE_SECONDS, now)], None,
+    month_rows, pace_rows = run_queries(client, [(parts, month_start, now), (pace_parts, now - PACE_SECONDS, now)], None,
                                  deadline=deadline)
     mtd: Dict[str, dict] = {}
     for labels, value in month_rows:
@@ -502,7 +502,7 @@ def usage_totals(client: PrometheusClient, scope: Scope, ranges: Sequence[Tuple[
     """{requests, tokens, cost} of the scope's tokens over each range, as /api/analytics/usage
     counts them (HTTP requests, all LLM tokens, cost in USD)."""
     parts = _usage_parts(scope.matcher)
-    return [_usage_entry(rows) for rows in _run(client, [(parts, lo, hi) for lo, hi in ranges],
+    return [_usage_entry(rows) for rows in run_queries(client, [(parts, lo, hi) for lo, hi in ranges],
                                                 progress, deadline=deadline)]
 
 

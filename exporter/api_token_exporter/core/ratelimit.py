@@ -17,11 +17,14 @@ breaker and failure mode through ``redis.asyncio``, so WSGI and ASGI instances s
 """
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
 from typing import Dict, List, Optional, Tuple
 from urllib.parse import unquote, urlsplit
+
+log = logging.getLogger("api_token_exporter")
 
 WINDOW_SECONDS = {"minute": 60, "hour": 3600, "day": 86400}
 WINDOW_ORDER = ("minute", "hour", "day")
@@ -304,10 +307,10 @@ class RateLimiter:
                 raise ValueError("use memory://, redis://, rediss://, unix://, redis+sentinel:// or "
                                  "redis+cluster://")
         except ValueError as exc:
-            raise ValueError(f"rate-limit storage {self._safe_uri()!r}: {exc}") from None
+            raise ValueError(f"rate-limit storage {self.safe_uri()!r}: {exc}") from None
         self.shared = scheme != "memory"
         self.failure_mode = failure_mode
-        self.breaker = CircuitBreaker(self._safe_uri(), logger=logger)
+        self.breaker = CircuitBreaker(self.safe_uri(), logger=logger)
         self._local = MemoryBackend() if failure_mode == "local" else None
         self._plans: Dict[tuple, Plan] = {}
         self.timeout = timeout
@@ -367,6 +370,19 @@ class RateLimiter:
             self._async_loop = loop
         return backend
 
+    async def open_async(self) -> None:
+        """Open the asyncio client of the running event loop and load the script (an ASGI
+        app's start-up); a storage that does not answer is logged, and requests meet the
+        breaker and the failure mode."""
+        if not self.shared:
+            return
+        try:
+            await self._async_backend().client.script_load(HIT_SCRIPT)
+        except Exception as exc:
+            log.warning("rate-limit storage %s does not answer at start-up (%s); limits apply "
+                        "once it does (storage_failure_mode: %s)", self.safe_uri(),
+                        type(exc).__name__, self.failure_mode)
+
     async def aclose(self) -> None:
         """Close the asyncio client's connections (the ASGI middleware's shutdown)."""
         backend, self._async, self._async_loop = self._async, None, None
@@ -376,18 +392,18 @@ class RateLimiter:
     def _failed(self, exc: Exception, token_id: str, plan: Plan, now: float) -> Decision:
         self.breaker.failure(type(exc).__name__)
         return self._fallback(token_id, plan, now,
-                              f"rate-limit storage {self._safe_uri()} failed: {type(exc).__name__}")
+                              f"rate-limit storage {self.safe_uri()} failed: {type(exc).__name__}")
 
     def _unavailable(self, token_id: str, plan: Plan, now: float) -> Decision:
         return self._fallback(token_id, plan, now,
-                              f"rate-limit storage {self._safe_uri()} unavailable (circuit breaker open)")
+                              f"rate-limit storage {self.safe_uri()} unavailable (circuit breaker open)")
 
     def _fallback(self, token_id: str, plan: Plan, now: float, reason: str) -> Decision:
         if self._local is not None:
             return self._local.hit(token_id, plan, now)
         raise StorageUnavailable(reason)
 
-    def _safe_uri(self) -> str:
+    def safe_uri(self) -> str:
         # redis://:password@host/0 (or ?password=...) must not reach a log line
         scheme, sep, rest = self.storage_uri.partition("://")
         return scheme + sep + rest.rsplit("@", 1)[-1].split("?", 1)[0]

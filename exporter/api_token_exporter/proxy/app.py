@@ -120,7 +120,7 @@ class UpstreamApp:
         if any(seg in (".", "..") for seg in path.split("/")):
             return json_response(start_response, 400, {"detail": "Paths with . or .. segments are not forwarded"})
         method = environ.get("REQUEST_METHOD", "GET")
-        route = self.analytics._route(environ)
+        route = self.analytics.route_template(environ)
         environ[ENVIRON_ROUTE] = route                 # the middleware labels with it, no second match
         endpoint = route if route != UNMATCHED_ROUTE else path
         try:

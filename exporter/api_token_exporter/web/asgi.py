@@ -43,7 +43,6 @@ import asyncio
 import io
 import json
 import logging
-import math
 import sys
 import time
 from typing import Dict, List, Optional, Tuple
@@ -55,8 +54,8 @@ from ..core.recording import UsageCore
 from ..core.geo import client_ip, parse_trusted_proxies
 from ..core.keystore import ApiKey, KeyStore
 from ..core.metrics import UNMATCHED_ROUTE
-from .wsgi import (REFUSALS, TokenAnalytics as _WSGITokenAnalytics, _Capture, _current, rate_limit_headers, record_llm_usage)
-from ..core.ratelimit import HIT_SCRIPT, StorageUnavailable
+from .endpoints import build_endpoints, serve_metrics_port
+from .pipeline import BodyCapture, admit_async, capture_llm_usage, current_call, enter, leave, record_llm_usage
 
 log = logging.getLogger("api_token_exporter")
 
@@ -94,12 +93,12 @@ class _Request:
     """One request through the middleware: the wrapped ``send`` and the context that
     record_llm_usage() reads (the attributes it shares with the WSGI middleware's call)."""
 
-    __slots__ = ("analytics", "scope", "send_", "key", "llm_token", "started", "root_path",
+    __slots__ = ("analytics", "core", "scope", "send_", "key", "llm_token", "started", "root_path",
                  "extra_headers", "code", "headers", "capture", "llm_recorded", "done",
                  "response_started")
 
     def __init__(self, analytics, scope, send, key, llm_token, started, root_path, extra_headers):
-        self.analytics, self.scope, self.send_ = analytics, scope, send
+        self.analytics, self.core, self.scope, self.send_ = analytics, analytics.core, scope, send
         self.key, self.llm_token, self.started, self.root_path = key, llm_token, started, root_path
         self.extra_headers = extra_headers
         self.code, self.headers = 500, ()
@@ -161,7 +160,6 @@ class TokenAnalytics:
         self._route_adapter = Map([Rule(r) for r in routes]).bind("localhost") if routes else None
         self._routes = None                  # the app's Starlette routes, found on first need
         self._metrics_server = None
-        from .endpoints import build_endpoints  # the WSGI app of /metrics, /admin/*, ingest
         self.endpoints, self._internal_paths, self._internal_prefixes = build_endpoints(
             core, serve_metrics=s.metrics_port is None, anonymous_metrics=s.metrics_public)
         self._endpoint_body_limit = max(s.ingest_max_bytes, 65536) + 1
@@ -172,19 +170,12 @@ class TokenAnalytics:
     def start_metrics_server(self, port: int, addr: str = "127.0.0.1"):
         """Serve /metrics (with the same auth) on its own port, in a daemon thread, as the
         WSGI middleware does (the first worker to bind serves the sum of all of them)."""
-        return _WSGITokenAnalytics.start_metrics_server(self, port, addr)
+        self._metrics_server = serve_metrics_port(self.core, port, addr)
+        return self._metrics_server
 
     async def startup(self) -> None:
         """Lifespan start-up: open the Redis connection of this event loop, load the script."""
-        limiter = self.core.limiter
-        if not limiter.shared:
-            return
-        try:
-            await limiter._async_backend().client.script_load(HIT_SCRIPT)
-        except Exception as exc:             # requests meet the breaker and the failure mode
-            log.warning("rate-limit storage %s does not answer at start-up (%s); limits apply "
-                        "once it does (storage_failure_mode: %s)", limiter._safe_uri(),
-                        type(exc).__name__, limiter.failure_mode)
+        await self.core.limiter.open_async()
 
     async def shutdown(self) -> None:
         """Lifespan shutdown: close the Redis connections, stop the metrics_port server and the
@@ -237,51 +228,21 @@ class TokenAnalytics:
             if header == name:
                 raw = value.decode("latin-1")
                 break
-        core = self.core
-        key, reason = core.authenticate(raw)
-        observe = self.settings.observe_only
-        if reason is not None:
-            core.auth_failure(reason, self._client(scope))
-            if not observe:
-                code, detail = REFUSALS[reason]
-                return await self._refuse(scope, send, key, started, code, detail)
+        admission = await admit_async(self.core, raw, lambda: self._client(scope), self.settings.observe_only)
+        key, refusal = admission.key, admission.refusal
+        if refusal is not None:
+            return await self._refuse(scope, send, key, started, refusal)
 
-        extra_headers = None
-        if key is not None and reason is None and not observe:
-            now = time.time()
-            try:
-                if core.limiter.shared:
-                    decision = await core.hit_async(key, now)
-                else:                        # memory: no I/O, no await
-                    decision = core.hit(key, now)
-            except StorageUnavailable:       # storage_failure_mode: closed
-                wait = max(1, math.ceil(core.limiter.breaker.backoff))
-                return await self._refuse(scope, send, key, started, 503,
-                                          "Rate limiting is unavailable, so requests are refused "
-                                          f"(storage_failure_mode: closed). Try again in {wait} seconds",
-                                          [(b"retry-after", str(wait).encode())])
-            if decision is not None:
-                headers = rate_limit_headers(decision, now)
-                extra_headers = _encode(headers)
-                if not decision.allowed:
-                    refused = decision.refused_by
-                    wait = refused.reset_in(now)
-                    return await self._refuse(scope, send, key, started, 429,
-                                              f"Rate limit exceeded for {refused.window}. "
-                                              f"Try again in {wait} seconds",
-                                              extra_headers + [(b"retry-after", str(wait).encode())])
-
-        identified = key is not None and reason is None
-        llm_token = key.id if identified else None
+        llm_token = admission.token
         state = scope.get("state")
         if state is None:
             state = scope["state"] = {}
-        state["api_key"] = key if identified else None
+        state["api_key"] = key if llm_token is not None else None
         call = _Request(self, scope, send, key, llm_token, started, scope.get("root_path", ""),
-                        extra_headers)
-        if identified and self.settings.capture_llm_usage:
-            call.capture = _Capture(self.settings.capture_max_bytes)
-        context = _current.set(call)         # background tasks run inside the app call too
+                        _encode(admission.headers) if admission.headers else None)
+        if llm_token is not None and self.settings.capture_llm_usage:
+            call.capture = BodyCapture(self.settings.capture_max_bytes)
+        context = enter(call)                # background tasks run inside the app call too
         try:
             await self.app(scope, receive, call.send)
         except asyncio.CancelledError:
@@ -291,30 +252,23 @@ class TokenAnalytics:
             call.finish(None if call.response_started else 500)
             raise
         finally:
-            _current.reset(context)
+            leave(context)
         if not call.done:                    # the client left mid-body, or no answer at all
             call.finish(None if call.response_started else 500)
 
-    async def _refuse(self, scope, send, key, started: float, code: int, detail: str,
-                      headers: List[Tuple[bytes, bytes]] = ()) -> None:
-        body = json.dumps({"detail": detail}).encode("utf-8")
-        self._record(scope, key, code, started, scope.get("root_path", ""))
-        await send({"type": "http.response.start", "status": code,
-                    "headers": [_JSON, (b"content-length", str(len(body)).encode()), *headers]})
+    async def _refuse(self, scope, send, key, started: float, refusal) -> None:
+        body = json.dumps(refusal.body()).encode("utf-8")
+        self._record(scope, key, refusal.code, started, scope.get("root_path", ""))
+        await send({"type": "http.response.start", "status": refusal.code,
+                    "headers": [_JSON, (b"content-length", str(len(body)).encode()), *_encode(refusal.headers)]})
         await send({"type": "http.response.body", "body": body})
 
     def _finish(self, call: _Request) -> None:
         self._record(call.scope, call.key, call.code, call.started, call.root_path)
         capture = call.capture
         if capture is not None and not call.llm_recorded and capture.complete:
-            content_type = model_hint = ""
-            for name, value in call.headers:
-                lname = name.lower()
-                if lname == b"content-type":
-                    content_type = value.decode("latin-1")
-                elif lname == b"x-llm-model":
-                    model_hint = value.decode("latin-1")
-            self.core.capture_llm(call.llm_token, content_type, capture.body(), model_hint)
+            capture_llm_usage(self.core, call.llm_token,
+                              [(n.decode("latin-1"), v.decode("latin-1")) for n, v in call.headers], capture.body())
 
     def _record(self, scope, key: Optional[ApiKey], code: int, started: float, root_path: str) -> None:
         core = self.core
@@ -466,7 +420,7 @@ def _call_wsgi(app, environ) -> Tuple[int, List[Tuple[bytes, bytes]], bytes]:
 async def current_token() -> Optional[ApiKey]:
     """FastAPI: ``key: ApiKey = Depends(current_token)``, the request's API key (id, name,
     tenant, limits), or None (observe-only mode, an exempt path, outside a request)."""
-    call = _current.get()
+    call = current_call()
     return call.key if call is not None and call.llm_token is not None else None
 
 

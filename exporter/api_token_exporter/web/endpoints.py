@@ -8,6 +8,7 @@ import binascii
 import html
 import hmac
 import json
+import logging
 import os
 import re
 import threading
@@ -21,6 +22,9 @@ from ..core.keystore import KEY_PREFIX, well_formed_key
 from ..core.ratelimit import RateLimiter
 from ..core.usage import DETAIL_FIELDS, UsageError, validate_usage
 from ..core.validation import ValidationError
+from .pipeline import REFUSALS
+
+log = logging.getLogger("api_token_exporter")
 
 ADMIN_PATHS = ("/admin/token-details", "/admin/stats")
 INGEST_PATH = "/v1/events"
@@ -278,11 +282,10 @@ def build_endpoints(core, serve_metrics: bool = True, admin: bool = True, health
                 return None, (_unauthorized(
                     "Analytics need the admin token (Authorization: Bearer <admin_token>) or an API "
                     f"key ({s.header_name}); none was given or the bearer token is wrong", "Bearer"))
-            key = core.keystore.lookup(raw) if well_formed_key(raw) else None
-            if key is None:
-                return None, (jsonify({"detail": "Invalid API key"}), 401)
-            if not key.active or key.expired():
-                return None, (jsonify({"detail": "API key is inactive"}), 403)
+            key, reason = core.authenticate(raw)
+            if reason is not None:                  # the same refusal as the API's own
+                code, detail = REFUSALS[reason]
+                return None, (jsonify({"detail": detail}), code)
             return analytics.Scope(core.keystore.visible_to(key)), over_budget(f"key:{key.id}")
 
         def answer(build):
@@ -439,3 +442,38 @@ def _runbooks_page() -> str:
             "<style>body{font:15px/1.5 system-ui,sans-serif;margin:2em auto;max-width:60em}"
             "pre{white-space:pre-wrap;font:inherit}</style></head><body><pre>"
             + "\n".join(lines) + "</pre></body></html>\n")
+
+
+def metrics_open_without_credentials(settings, addr: str) -> bool:
+    """A metrics port may answer without credentials when opened on purpose or only local."""
+    return settings.metrics_public or addr in ("127.0.0.1", "::1", "localhost")
+
+
+def serve_metrics_port(core, port: int, addr: str = "127.0.0.1"):
+    """Serve /metrics (with the same auth) on its own port, in a daemon thread; the server, or
+    None when the port is taken.
+
+    Under a server with several workers only the first to bind serves it (with state_dir
+    shared, its answer sums every worker); the others log it once and go on, rather than
+    failing to boot again and again."""
+    import errno
+    import socket
+    from werkzeug.serving import make_server
+    open_ = metrics_open_without_credentials(core.settings, addr)
+    metrics_app, _, _ = build_endpoints(core, serve_metrics=True, admin=False, anonymous_metrics=open_)
+    probe = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET)
+    try:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as the server will
+        probe.bind((addr, port))
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        log.warning("metrics_port %s:%d is already in use (another worker of this server, or "
+                    "another program): this process (pid %d) does not serve it", addr, port,
+                    os.getpid())
+        return None
+    finally:
+        probe.close()
+    server = make_server(addr, port, metrics_app, threaded=True)
+    threading.Thread(target=server.serve_forever, name="metrics-server", daemon=True).start()
+    return server

@@ -8,15 +8,10 @@
 """
 from __future__ import annotations
 
-import contextvars
-import os
-import socket
-import math
 import json
 import logging
-import threading
 import time
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Iterable, List, Optional, Tuple
 
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import Map, Rule
@@ -25,9 +20,10 @@ from ..core.config import Settings, load_settings
 from ..core.recording import UsageCore
 from ..core.keystore import ApiKey, KeyStore, mask_key
 from ..core.metrics import UNMATCHED_ROUTE
-from ..core.ratelimit import Decision, StorageUnavailable
 from ..core.geo import client_ip, parse_trusted_proxies
-from ..core.usage import LLMUsage, UsageError, validate_usage
+from ..core.usage import LLMUsage
+from .endpoints import build_endpoints, serve_metrics_port
+from .pipeline import BodyCapture, admit, capture_llm_usage, current_call, enter, leave, record_llm_usage
 
 log = logging.getLogger("api_token_exporter")
 
@@ -49,12 +45,12 @@ class _Call:
     client that has the whole response and then scrapes finds it counted; a streamed body (no
     Content-Length) is recorded when it ends, never held back a chunk."""
 
-    __slots__ = ("analytics", "environ", "start_response", "key", "llm_token", "started",
+    __slots__ = ("analytics", "core", "environ", "start_response", "key", "llm_token", "started",
                  "extra_headers", "code", "headers", "result", "capture", "llm_recorded", "done",
                  "sized", "context")
 
     def __init__(self, analytics, environ, start_response, key, llm_token, started, extra_headers):
-        self.analytics, self.environ, self.start_response = analytics, environ, start_response
+        self.analytics, self.core, self.environ, self.start_response = analytics, analytics.core, environ, start_response
         self.key, self.llm_token, self.started = key, llm_token, started
         self.extra_headers = extra_headers
         self.code, self.headers = 500, ()
@@ -112,11 +108,7 @@ class _Call:
             return
         self.done = True
         context, self.context = self.context, None
-        if context is not None:
-            try:
-                _current.reset(context)
-            except ValueError:               # closed from another context than the call's
-                _current.set(None)
+        leave(context)
         try:
             self.analytics._finish(self)
         except Exception:                    # counting must never break the app's response
@@ -131,43 +123,10 @@ class _Call:
             self.finish()
 
 
-_current: contextvars.ContextVar[Optional[_Call]] = contextvars.ContextVar(
-    "api_token_exporter_request", default=None)
-
-REFUSALS = {
-    "missing": (401, "Missing API key"),
-    "invalid": (401, "Invalid API key"),
-    "inactive": (403, "API key is inactive"),
-    "expired": (401, "API key has expired"),
-    "rotated": (401, "API key was rotated and its grace period is over: use the new key"),
-}
-
-
 def current_token() -> Optional[str]:
     """The id of the API token of the request being handled, or None."""
-    ctx = _current.get()
-    return ctx.llm_token if ctx is not None else None
-
-
-def record_llm_usage(service: str, model: str, input_tokens: int = 0, output_tokens: int = 0,
-                     token: Optional[str] = None, *, cached_input_tokens: int = 0,
-                     cache_write_tokens: int = 0, reasoning_tokens: int = 0) -> LLMUsage:
-    """Count LLM usage (tokens, cost) for the current request's token, or ``token``.
-
-    ``input_tokens`` counts every prompt token and ``output_tokens`` every answer token (OpenAI's
-    prompt_tokens and completion_tokens); the cached, cache-write and reasoning tokens are parts
-    of them, priced at their own rates. Raises UsageError for bad values, which are then not
-    counted at all."""
-    ctx = _current.get()
-    if ctx is None:
-        raise RuntimeError("record_llm_usage() called outside a request handled by TokenAnalytics")
-    token = token or ctx.llm_token
-    if not token:
-        raise UsageError("no API token: call inside an authenticated request or pass token=")
-    usage = ctx.analytics.count_llm(token, validate_usage(service, model, input_tokens, output_tokens,
-                                                         cached_input_tokens, cache_write_tokens, reasoning_tokens))
-    ctx.llm_recorded = True
-    return usage
+    call = current_call()
+    return call.llm_token if call is not None else None
 
 
 def _status_code(status: str) -> int:
@@ -187,28 +146,6 @@ def json_response(start_response, code: int, body: dict,
     return [payload]
 
 
-class _Capture:
-    """The first ``limit`` bytes of a response body, kept while it streams through."""
-    __slots__ = ("chunks", "size", "limit")
-
-    def __init__(self, limit: int):
-        self.chunks: List[bytes] = []
-        self.size = 0
-        self.limit = limit
-
-    def add(self, chunk: bytes) -> None:
-        if self.size <= self.limit:
-            self.chunks.append(chunk)
-            self.size += len(chunk)
-
-    @property
-    def complete(self) -> bool:
-        return self.size <= self.limit
-
-    def body(self) -> bytes:
-        return b"".join(self.chunks)
-
-
 class TokenAnalytics:
     def __init__(self, app=None, *, settings: Optional[Settings] = None,
                  config_file: Optional[str] = None, routes: Optional[List[str]] = None,
@@ -226,7 +163,6 @@ class TokenAnalytics:
         self._route_adapter_source = None
         self._flask_request = None     # Flask's request context variable, once init_app ran
         self._metrics_server = None
-        from .endpoints import build_endpoints  # the built-in /metrics and /admin/* endpoints
         # on an API's own port, metrics (token names, tenants) are for Prometheus only
         self.endpoints, self._internal_paths, self._internal_prefixes = build_endpoints(
             self.core, serve_metrics=s.metrics_port is None, health=app is None,
@@ -253,34 +189,9 @@ class TokenAnalytics:
         return self
 
     def start_metrics_server(self, port: int, addr: str = "127.0.0.1"):
-        """Serve /metrics (with the same auth) on its own port, in a daemon thread.
-
-        Under a server with several workers only the first to bind serves it (with state_dir
-        shared, its answer sums every worker); the others log it once and go on, rather than
-        failing to boot again and again."""
-        import errno
-        from werkzeug.serving import make_server
-        from .endpoints import build_endpoints
-        open_ = metrics_open_without_credentials(self.settings, addr)
-        metrics_app, _, _ = build_endpoints(self.core, serve_metrics=True, admin=False, anonymous_metrics=open_)
-        probe = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET)
-        try:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as the server will
-            probe.bind((addr, port))
-        except OSError as exc:
-            if exc.errno != errno.EADDRINUSE:
-                raise
-            log.warning("metrics_port %s:%d is already in use (another worker of this server, or "
-                        "another program): this process (pid %d) does not serve it", addr, port,
-                        os.getpid())
-            return None
-        finally:
-            probe.close()
-        server = make_server(addr, port, metrics_app, threaded=True)
-        thread = threading.Thread(target=server.serve_forever, name="metrics-server", daemon=True)
-        thread.start()
-        self._metrics_server = server
-        return server
+        """Serve /metrics (with the same auth) on its own port, in a daemon thread."""
+        self._metrics_server = serve_metrics_port(self.core, port, addr)
+        return self._metrics_server
 
     def stop(self) -> None:
         if self._metrics_server is not None:
@@ -288,7 +199,8 @@ class TokenAnalytics:
             self._metrics_server = None
 
     # -- request path ------------------------------------------------------------------------
-    def _route(self, environ) -> str:
+    def route_template(self, environ) -> str:
+        """The route template a request is labelled with (the proxy and Flask may set it)."""
         route = environ.get(ENVIRON_ROUTE)
         if route:
             return route
@@ -316,81 +228,37 @@ class TokenAnalytics:
             return self.app(environ, start_response)
 
         started = time.perf_counter()
-        key, reason = self.core.authenticate(environ.get(self._key_environ))
-        observe = self.settings.observe_only
-        if reason is not None:
-            self.core.auth_failure(reason, client_ip(environ, self._trusted_proxies))
-            if not observe:
-                code, detail = REFUSALS[reason]
-                body = json_response(start_response, code, {"detail": detail})
-                self._record(environ, key, code, started)
-                return body
+        admission = admit(self.core, environ.get(self._key_environ),
+                          lambda: client_ip(environ, self._trusted_proxies), self.settings.observe_only)
+        key, refusal = admission.key, admission.refusal
+        if refusal is not None:
+            body = json_response(start_response, refusal.code, refusal.body(), refusal.headers)
+            self._record(environ, key, refusal.code, started)
+            return body
 
-        extra_headers: List[Tuple[str, str]] = []
-        if key is not None and reason is None and not observe:
-            now = time.time()
-            try:
-                decision = self.core.hit(key, now)
-            except StorageUnavailable:              # storage_failure_mode: closed
-                wait = max(1, math.ceil(self.core.limiter.breaker.backoff))
-                body = json_response(start_response, 503, {
-                    "detail": "Rate limiting is unavailable, so requests are refused "
-                              f"(storage_failure_mode: closed). Try again in {wait} seconds"},
-                    [("Retry-After", str(wait))])
-                self._record(environ, key, 503, started)
-                return body
-            if decision is not None:
-                extra_headers = rate_limit_headers(decision, now)
-                if not decision.allowed:
-                    refused = decision.refused_by
-                    wait = refused.reset_in(now)
-                    body = json_response(start_response, 429, {
-                        "detail": f"Rate limit exceeded for {refused.window}. "
-                                  f"Try again in {wait} seconds"},
-                        extra_headers + [("Retry-After", str(wait))])
-                    self._record(environ, key, 429, started)
-                    return body
-
-        identified = key is not None and reason is None
-        llm_token = key.id if identified else None
+        llm_token = admission.token
         environ[ENVIRON_TOKEN] = llm_token
-        call = _Call(self, environ, start_response, key, llm_token, started, extra_headers)
-        call.context = _current.set(call)      # reset when the body is finished
+        call = _Call(self, environ, start_response, key, llm_token, started, admission.headers)
+        call.context = enter(call)             # left when the body is finished
         try:
             call.result = self.app(environ, call.start)
         except BaseException:
-            _current.reset(call.context)
+            leave(call.context)
             call.context = None
             self._record(environ, key, 500, started)
             raise
-        if identified and self.settings.capture_llm_usage:
-            call.capture = _Capture(self.settings.capture_max_bytes)
+        if llm_token is not None and self.settings.capture_llm_usage:
+            call.capture = BodyCapture(self.settings.capture_max_bytes)
         return call
 
     def _finish(self, call: _Call) -> None:
         self._record(call.environ, call.key, call.code, call.started)
         capture = call.capture
         if capture is not None and not call.llm_recorded and capture.complete:
-            self._capture_llm(call.llm_token, call.headers, capture.body())
-
-    def _capture_llm(self, token_id: str, headers, body: bytes) -> None:
-        content_type = model_hint = encoding = ""
-        for name, value in headers:
-            lname = name.lower()
-            if lname == "content-type":
-                content_type = value
-            elif lname == "x-llm-model":
-                model_hint = value
-            elif lname == "content-encoding":
-                encoding = value.strip().lower()
-        if encoding in ("gzip", "x-gzip", "deflate"):       # a proxied upstream's compressed answer
-            body = _decompressed(body, encoding, self.settings.capture_max_bytes)
-            if body is None:
-                return
-        self.core.capture_llm(token_id, content_type, body, model_hint)
+            capture_llm_usage(self.core, call.llm_token, call.headers, capture.body())
 
     def _record(self, environ, key: Optional[ApiKey], code: int, started: float) -> None:
-        self.core.record_request(key.id if key is not None else None, self._route(environ),
+        self.core.record_request(key.id if key is not None else None, self.route_template(environ),
                                  environ.get("REQUEST_METHOD", "GET"), code,
                                  time.perf_counter() - started, key=key)
         if key is not None and self.core.countries is not None:
@@ -403,60 +271,4 @@ class TokenAnalytics:
         return self.core.count_llm(token, usage)
 
 
-def _decompressed(body: bytes, encoding: str, limit: int) -> Optional[bytes]:
-    """At most ``limit`` bytes of a gzip or deflate body; None if it is broken or larger."""
-    import zlib
-    wbits = 47 if encoding != "deflate" else 15          # gzip or zlib header; deflate as zlib
-    try:
-        d = zlib.decompressobj(wbits)
-        out = d.decompress(body, limit + 1)
-    except zlib.error:
-        if encoding != "deflate":
-            return None
-        try:                                              # raw deflate, as some servers send it
-            d = zlib.decompressobj(-15)
-            out = d.decompress(body, limit + 1)
-        except zlib.error:
-            return None
-    return out if len(out) <= limit else None
-
-
-def metrics_open_without_credentials(settings: Settings, addr: str) -> bool:
-    """A metrics port may answer without credentials when opened on purpose or only local."""
-    return settings.metrics_public or addr in ("127.0.0.1", "::1", "localhost")
-
-
-_STATIC_HEADERS: Dict[tuple, tuple] = {}
-
-
-def _static_headers(plan) -> tuple:
-    """What a limit plan makes constant: names, limits and the RateLimit-Policy value."""
-    static = _STATIC_HEADERS.get(plan)
-    if static is None:
-        per_window = tuple((f"X-RateLimit-{w.capitalize()}-Limit", str(limit),
-                            f"X-RateLimit-{w.capitalize()}-Remaining", f"X-RateLimit-{w.capitalize()}-Reset",
-                            f'"{w}";r=') for w, limit, _ in plan)
-        policy = ", ".join(f'"{w}";q={limit};w={seconds}' for w, limit, seconds in plan)
-        static = _STATIC_HEADERS[plan] = (per_window, ("RateLimit-Policy", policy))
-    return static
-
-
-def rate_limit_headers(decision: Decision, now: float) -> List[Tuple[str, str]]:
-    """Seed 002's X-RateLimit-{Window}-{Limit,Remaining,Reset} (Reset in seconds) and the IETF
-    draft-ietf-httpapi-ratelimit-headers-10 RateLimit-Policy / RateLimit fields."""
-    if not decision.windows:
-        return []
-    per_window, policy = _static_headers(decision.plan)
-    headers: List[Tuple[str, str]] = []
-    current = []
-    for s, (limit_name, limit, remaining_name, reset_name, item) in zip(decision.windows, per_window):
-        reset = str(s.reset_in(now))
-        remaining = str(s.remaining)
-        headers += ((limit_name, limit), (remaining_name, remaining), (reset_name, reset))
-        current.append(f"{item}{remaining};t={reset}")
-    headers.append(policy)
-    headers.append(("RateLimit", ", ".join(current)))
-    return headers
-
-
-__all__ = ["TokenAnalytics", "record_llm_usage", "current_token", "mask_key"]
+__all__ = ["TokenAnalytics", "record_llm_usage", "current_token", "mask_key", "json_response"]

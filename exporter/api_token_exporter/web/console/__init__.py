@@ -19,7 +19,7 @@ from typing import Callable, Optional, Tuple
 from flask import Blueprint, jsonify, make_response, redirect, render_template, request, url_for
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 
-from ...core.keystore import hash_key, well_formed_key
+from ...core.keystore import hash_key
 
 PREFIX = "/ui"
 COOKIE = "ate_console"
@@ -63,8 +63,10 @@ class SessionRefused(Exception):
 class Sessions:
     """Sign-in with the admin token or an API key, and the signed session cookie that follows."""
 
-    def __init__(self, settings, keystore):
-        self.keystore, self.admin_token = keystore, settings.admin_token
+    def __init__(self, settings, keystore, authenticate):
+        """``authenticate``: the request pipeline's key check (UsageCore.authenticate), so a key
+        signs in exactly when the API would accept it."""
+        self.keystore, self.admin_token, self.authenticate = keystore, settings.admin_token, authenticate
         secret = settings.console_secret or hmac.new(settings.admin_token.encode("utf-8"),
                                                      b"api-token-exporter console sessions",
                                                      hashlib.sha256).hexdigest()
@@ -84,8 +86,8 @@ class Sessions:
         if hmac.compare_digest(credential.encode("utf-8"), self.admin_token.encode("utf-8")):
             payload = {"r": "admin", "v": self._verifier("admin:" + self.admin_token)}
         else:
-            key = self.keystore.lookup(credential) if well_formed_key(credential) else None
-            if key is None or not key.active or key.expired():
+            key, refused = self.authenticate(credential)
+            if refused is not None:
                 return None
             # the secret used: a rotated one in its grace period signs in until the grace ends
             payload = {"r": "tenant", "k": key.id, "v": self._verifier("key:" + hash_key(credential))}
@@ -138,7 +140,7 @@ def register(app, paths: set, prefixes: list, core, over_budget: Callable, alert
     """Add the console's pages to the endpoints app (the Alerts page where ``alerts``: the alert
     API is there); returns its Sessions, which the JSON endpoints consult."""
     s = core.settings
-    sessions = Sessions(s, core.keystore)
+    sessions = Sessions(s, core.keystore, core.authenticate)
     available = {"tokens": True, "usage": bool(s.prometheus_url), "capacity": bool(s.prometheus_url),
                  "alerts": alerts}
     console = Blueprint("console", __name__, url_prefix=PREFIX, template_folder="templates",

@@ -1,0 +1,251 @@
+"""The one request pipeline under every face: the WSGI and ASGI middleware and the proxy admit,
+refuse, limit, capture and record through these functions, so the same request gets the same
+status, body, headers and metrics from each.
+
+    admission = admit(core, raw_key, client, observe_only)       # or: await admit_async(...)
+    if admission.refusal: answer it (status, {"detail": ...}, headers) and core.record_request
+    else: call the app with admission.headers added to its answer; at its end, record it and
+          capture_llm_usage(core, token, response headers, body) when capture is on
+
+The request being handled is a context variable (``enter``/``leave``), which ``current_call``
+reads for ``record_llm_usage`` and ``current_token``.
+"""
+from __future__ import annotations
+
+import contextvars
+import math
+import time
+import zlib
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
+
+from ..core.keystore import ApiKey
+from ..core.ratelimit import Decision, StorageUnavailable
+from ..core.usage import LLMUsage, UsageError, validate_usage
+
+Headers = List[Tuple[str, str]]
+
+REFUSALS = {
+    "missing": (401, "Missing API key"),
+    "invalid": (401, "Invalid API key"),
+    "inactive": (403, "API key is inactive"),
+    "expired": (401, "API key has expired"),
+    "rotated": (401, "API key was rotated and its grace period is over: use the new key"),
+}
+
+
+class Refusal:
+    """An answer given instead of the app's: its status, the ``detail`` of its JSON body and
+    its headers."""
+    __slots__ = ("code", "detail", "headers")
+
+    def __init__(self, code: int, detail: str, headers: Headers = ()):
+        self.code, self.detail, self.headers = code, detail, list(headers)
+
+    def body(self) -> dict:
+        return {"detail": self.detail}
+
+
+class Admission:
+    """What the pipeline decided for one request: the key (also one that was refused), the
+    token whose usage the request counts as (None unless it authenticated), a refusal or None,
+    and the rate-limit headers the app's answer gets."""
+    __slots__ = ("key", "token", "refusal", "headers")
+
+    def __init__(self, key: Optional[ApiKey], token: Optional[str], refusal: Optional[Refusal],
+                 headers: Headers):
+        self.key, self.token, self.refusal, self.headers = key, token, refusal, headers
+
+
+def admit(core, raw_key: Optional[str], client: Callable[[], str], observe_only: bool) -> Admission:
+    """Authenticate ``raw_key`` and charge its rate limits (``client()`` names the caller of a
+    failed authentication)."""
+    first = _authenticate(core, raw_key, client, observe_only)
+    if first.refusal is not None or first.token is None or observe_only:
+        return first
+    now = time.time()
+    try:
+        decision = core.hit(first.key, now)
+    except StorageUnavailable:
+        return _unavailable(core, first.key)
+    return _limited(first, decision, now)
+
+
+async def admit_async(core, raw_key: Optional[str], client: Callable[[], str], observe_only: bool) -> Admission:
+    """``admit`` for an event loop: a shared rate-limit storage is asked without blocking it."""
+    first = _authenticate(core, raw_key, client, observe_only)
+    if first.refusal is not None or first.token is None or observe_only:
+        return first
+    now = time.time()
+    try:
+        if core.limiter.shared:
+            decision = await core.hit_async(first.key, now)
+        else:                                   # memory: no I/O, no await
+            decision = core.hit(first.key, now)
+    except StorageUnavailable:
+        return _unavailable(core, first.key)
+    return _limited(first, decision, now)
+
+
+def _authenticate(core, raw_key, client, observe_only) -> Admission:
+    key, reason = core.authenticate(raw_key)
+    if reason is None:
+        return Admission(key, key.id, None, [])
+    core.auth_failure(reason, client())
+    if observe_only:
+        return Admission(key, None, None, [])
+    return Admission(key, None, Refusal(*REFUSALS[reason]), [])
+
+
+def _unavailable(core, key: ApiKey) -> Admission:
+    """storage_failure_mode closed, while the rate-limit storage does not answer."""
+    wait = max(1, math.ceil(core.limiter.breaker.backoff))
+    return Admission(key, key.id, Refusal(
+        503, "Rate limiting is unavailable, so requests are refused "
+             f"(storage_failure_mode: closed). Try again in {wait} seconds", [("Retry-After", str(wait))]), [])
+
+
+def _limited(first: Admission, decision: Optional[Decision], now: float) -> Admission:
+    if decision is None:
+        return first
+    first.headers = headers = rate_limit_headers(decision, now)
+    if not decision.allowed:
+        refused = decision.refused_by
+        wait = refused.reset_in(now)
+        first.refusal = Refusal(429, f"Rate limit exceeded for {refused.window}. Try again in {wait} seconds",
+                                headers + [("Retry-After", str(wait))])
+    return first
+
+
+_STATIC_HEADERS: Dict[tuple, tuple] = {}
+
+
+def _static_headers(plan) -> tuple:
+    """What a limit plan makes constant: names, limits and the RateLimit-Policy value."""
+    static = _STATIC_HEADERS.get(plan)
+    if static is None:
+        per_window = tuple((f"X-RateLimit-{w.capitalize()}-Limit", str(limit),
+                            f"X-RateLimit-{w.capitalize()}-Remaining", f"X-RateLimit-{w.capitalize()}-Reset",
+                            f'"{w}";r=') for w, limit, _ in plan)
+        policy = ", ".join(f'"{w}";q={limit};w={seconds}' for w, limit, seconds in plan)
+        static = _STATIC_HEADERS[plan] = (per_window, ("RateLimit-Policy", policy))
+    return static
+
+
+def rate_limit_headers(decision: Decision, now: float) -> Headers:
+    """Seed 002's X-RateLimit-{Window}-{Limit,Remaining,Reset} (Reset in seconds) and the IETF
+    draft-ietf-httpapi-ratelimit-headers-10 RateLimit-Policy / RateLimit fields."""
+    if not decision.windows:
+        return []
+    per_window, policy = _static_headers(decision.plan)
+    headers: Headers = []
+    current = []
+    for s, (limit_name, limit, remaining_name, reset_name, item) in zip(decision.windows, per_window):
+        reset = str(s.reset_in(now))
+        remaining = str(s.remaining)
+        headers += ((limit_name, limit), (remaining_name, remaining), (reset_name, reset))
+        current.append(f"{item}{remaining};t={reset}")
+    headers.append(policy)
+    headers.append(("RateLimit", ", ".join(current)))
+    return headers
+
+
+# -- LLM usage in the app's answer ----------------------------------------------------------------
+class BodyCapture:
+    """The first ``limit`` bytes of a response body, kept while it streams through."""
+    __slots__ = ("chunks", "size", "limit")
+
+    def __init__(self, limit: int):
+        self.chunks: List[bytes] = []
+        self.size = 0
+        self.limit = limit
+
+    def add(self, chunk: bytes) -> None:
+        if self.size <= self.limit:
+            self.chunks.append(chunk)
+            self.size += len(chunk)
+
+    @property
+    def complete(self) -> bool:
+        return self.size <= self.limit
+
+    def body(self) -> bytes:
+        return b"".join(self.chunks)
+
+
+def capture_llm_usage(core, token: str, headers: Iterable[Tuple[str, str]], body: bytes) -> None:
+    """Count the LLM usage an answer reports (OpenAI, Anthropic, Cohere JSON or their streams),
+    decoding a gzip or deflate body first (a proxied upstream's compressed answer)."""
+    content_type = model_hint = encoding = ""
+    for name, value in headers:
+        lname = name.lower()
+        if lname == "content-type":
+            content_type = value
+        elif lname == "x-llm-model":
+            model_hint = value
+        elif lname == "content-encoding":
+            encoding = value.strip().lower()
+    if encoding in ("gzip", "x-gzip", "deflate"):
+        body = decompressed(body, encoding, core.settings.capture_max_bytes)
+        if body is None:
+            return
+    core.capture_llm(token, content_type, body, model_hint)
+
+
+def decompressed(body: bytes, encoding: str, limit: int) -> Optional[bytes]:
+    """At most ``limit`` bytes of a gzip or deflate body; None if it is broken or larger."""
+    wbits = 47 if encoding != "deflate" else 15          # gzip or zlib header; deflate as zlib
+    try:
+        d = zlib.decompressobj(wbits)
+        out = d.decompress(body, limit + 1)
+    except zlib.error:
+        if encoding != "deflate":
+            return None
+        try:                                              # raw deflate, as some servers send it
+            d = zlib.decompressobj(-15)
+            out = d.decompress(body, limit + 1)
+        except zlib.error:
+            return None
+    return out if len(out) <= limit else None
+
+
+# -- the request being handled -------------------------------------------------------------------
+_CURRENT: contextvars.ContextVar = contextvars.ContextVar("api_token_exporter_request", default=None)
+
+
+def enter(call) -> contextvars.Token:
+    """Make ``call`` (a face's request object: ``key``, ``llm_token``, ``llm_recorded``,
+    ``core``) the current request; ``leave`` with what this returns."""
+    return _CURRENT.set(call)
+
+
+def leave(context: Optional[contextvars.Token]) -> None:
+    if context is not None:
+        try:
+            _CURRENT.reset(context)
+        except ValueError:               # finished in another context (a server's thread)
+            _CURRENT.set(None)
+
+
+def current_call():
+    return _CURRENT.get()
+
+
+def record_llm_usage(service: str, model: str, input_tokens: int = 0, output_tokens: int = 0,
+                     token: Optional[str] = None, *, cached_input_tokens: int = 0,
+                     cache_write_tokens: int = 0, reasoning_tokens: int = 0) -> LLMUsage:
+    """Count LLM usage (tokens, cost) for the current request's token, or ``token``.
+
+    ``input_tokens`` counts every prompt token and ``output_tokens`` every answer token (OpenAI's
+    prompt_tokens and completion_tokens); the cached, cache-write and reasoning tokens are parts
+    of them, priced at their own rates. Raises UsageError for bad values, which are then not
+    counted at all."""
+    call = _CURRENT.get()
+    if call is None:
+        raise RuntimeError("record_llm_usage() called outside a request handled by TokenAnalytics")
+    token = token or call.llm_token
+    if not token:
+        raise UsageError("no API token: call inside an authenticated request or pass token=")
+    usage = call.core.count_llm(token, validate_usage(service, model, input_tokens, output_tokens,
+                                                      cached_input_tokens, cache_write_tokens, reasoning_tokens))
+    call.llm_recorded = True
+    return usage
