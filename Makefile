@@ -49,6 +49,7 @@ rules:
 	api-token-exporter rules
 	cp docs/runbooks.md exporter/api_token_exporter/mixin/runbooks.md   # served at the exporter's /runbooks
 	cp prometheus/thresholds.yml exporter/api_token_exporter/mixin/thresholds.yml   # the packaged defaults
+	cp alertmanager/templates/apitoken.tmpl exporter/api_token_exporter/mixin/templates/
 	promtool check rules prometheus/rules/*.yml
 	promtool test rules prometheus/tests/*.yml
 

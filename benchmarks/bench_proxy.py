@@ -27,6 +27,7 @@ import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+CHECKOUT = os.path.dirname(HERE)            # the dev stack (devstack/) beside the package
 SECRETS = ("ghp_" + "b" * 32 + "1111", "ghp_" + "c" * 32 + "2222")
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
               "transfer-encoding", "upgrade"}
@@ -76,7 +77,7 @@ def start(target: str, env: dict, workers: int, threads: int, extra=()):
     proc = subprocess.Popen(
         [sys.executable, "-m", "gunicorn", "--workers", str(workers), "--threads", str(threads),
          "--worker-class", "gthread", "--keep-alive", "30", "--bind", f"127.0.0.1:{port}", "--chdir", HERE,
-         *extra, target], env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+         *extra, target], env={**os.environ, "PYTHONPATH": CHECKOUT, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if proc.poll() is not None:

@@ -61,6 +61,16 @@ def token_id(i: int, n: int) -> str:
     return f"tok-{i:0{max(5, len(str(n)))}d}"
 
 
+def core_module(name: str):
+    """A module of the package's core, in either layout a compared revision has: core/NAME.py
+    (the layered package) or NAME.py (the flat one before it)."""
+    import importlib
+    try:
+        return importlib.import_module(f"api_token_exporter.core.{name}")
+    except ImportError:
+        return importlib.import_module(f"api_token_exporter.{name}")
+
+
 # -- 1. the /metrics text, generated in a subprocess by the checkout's own package -------------
 def generate(args) -> int:
     """Runs with PYTHONPATH=CHECKOUT/exporter: writes the /metrics text to args.generate_to."""
@@ -69,7 +79,9 @@ def generate(args) -> int:
     where = os.path.realpath(api_token_exporter.__file__)
     if not where.startswith(os.path.join(checkout, "exporter") + os.sep):
         raise SystemExit(f"api_token_exporter was imported from {where}, not from {checkout}/exporter")
-    from api_token_exporter.core.keystore import add_key, hash_key, load_keys, mask_key, save_keys
+    keystore = core_module("keystore")
+    add_key, hash_key, load_keys, mask_key, save_keys = (keystore.add_key, keystore.hash_key, keystore.load_keys,
+                                                         keystore.mask_key, keystore.save_keys)
 
     n, models = args.tokens, LLM_MODELS[:args.llm_models]
     work = tempfile.mkdtemp(prefix="ate-membench-gen-")
@@ -161,12 +173,12 @@ def drive_app(keys_file: str, ids, secrets_, models, n: int) -> bytes:
 def drive_metrics(keys_file: str, ids, secrets_, models, n: int) -> bytes:
     """The recording calls as UsageCore makes them, without HTTP: Metrics, WindowState from the
     default limits, observe_llm with the snapshot's price, ScrapeView(...).render()."""
-    from api_token_exporter.core.config import load_settings
-    from api_token_exporter.core.keystore import KeyStore
-    from api_token_exporter.core.metrics import Metrics, ScrapeView
-    from api_token_exporter.core.pricing import Pricing
-    from api_token_exporter.core.ratelimit import WINDOW_SECONDS, WindowState
-    from api_token_exporter.core.usage import LLMUsage
+    load_settings = core_module("config").load_settings
+    KeyStore = core_module("keystore").KeyStore
+    Metrics, ScrapeView = core_module("metrics").Metrics, core_module("metrics").ScrapeView
+    Pricing = core_module("pricing").Pricing
+    WINDOW_SECONDS, WindowState = core_module("ratelimit").WINDOW_SECONDS, core_module("ratelimit").WindowState
+    LLMUsage = core_module("usage").LLMUsage
 
     s = load_settings(None, keys_file=keys_file, **_overrides(n))
     keystore = KeyStore(keys_file)

@@ -102,8 +102,22 @@ def test_readme_gives_the_two_commands_ci_runs():
     assert "make demo" in readme
 
 
-def test_readme_layout_names_every_module():
+def test_readme_layout_names_every_module_under_its_folder():
+    """Each subpackage of the package (and the dev stack) is listed with every module in it."""
     layout = (ROOT / "README.md").read_text().split("## Layout", 1)[1].split("\n## ", 1)[0]
+    folders = {"devstack": ROOT / "devstack"}
     package = ROOT / "exporter" / "api_token_exporter"
-    missing = [p.stem for p in package.glob("*.py") if p.stem != "__init__" and f"`{p.stem}`" not in layout]
+    folders.update({p.name: p for p in package.iterdir() if (p / "__init__.py").exists()})
+    assert {"core", "mixin", "alerting", "analytics", "web", "proxy", "cli", "devstack"} <= set(folders)
+    missing = []
+    for name, folder in folders.items():
+        line = re.search(rf"`{name}/`(.*?)(?=\n\s*- `|\Z)", layout, re.S)
+        if line is None:
+            missing.append(f"{name}/")
+            continue
+        missing += [f"{name}/{p.stem}" for p in folder.glob("*.py")
+                    if p.stem not in ("__init__", "__main__") and f"`{p.stem}`" not in line.group(1)]
+        missing += [f"{name}/{p.name}/" for p in folder.iterdir() if (p / "__init__.py").exists()
+                    and f"`{p.name}/`" not in line.group(1)]
+    missing += [p.stem for p in package.glob("*.py") if p.stem != "__init__" and f"`{p.stem}`" not in layout]
     assert missing == []

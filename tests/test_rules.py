@@ -141,10 +141,15 @@ def test_every_metric_a_rule_reads_is_in_the_catalogue():
     assert used and used - catalogue == set()
 
 
-def test_the_packaged_runbooks_are_the_docs():
-    packaged = os.path.join(ROOT, "exporter", "api_token_exporter", "mixin", "runbooks.md")
-    assert open(packaged).read() == open(os.path.join(ROOT, "docs", "runbooks.md")).read(), \
-        "docs/runbooks.md changed: run `make rules` to ship it at the exporter's /runbooks"
+@pytest.mark.parametrize("packaged, source", [
+    ("runbooks.md", "docs/runbooks.md"),                     # served at the exporter's /runbooks
+    ("thresholds.yml", "prometheus/thresholds.yml"),         # what a pip install renders from
+    ("templates/apitoken.tmpl", "alertmanager/templates/apitoken.tmpl"),
+])
+def test_the_packaged_mixin_files_are_the_checkout_s(packaged, source):
+    path = os.path.join(ROOT, "exporter", "api_token_exporter", "mixin", packaged)
+    assert open(path).read() == open(os.path.join(ROOT, source)).read(), \
+        f"{source} changed: run `make rules` to ship it in the package"
 
 
 def test_every_runbook_link_has_a_section():

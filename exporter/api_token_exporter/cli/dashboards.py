@@ -4,13 +4,12 @@ from __future__ import annotations
 import os
 import sys
 
-from ..mixin.thresholds import DEFAULT_THRESHOLDS_HELP, default_thresholds_file
-
 
 def register(sub) -> None:
     p = sub.add_parser("dashboards", help="generate the Grafana dashboards",
                        description="The Grafana dashboards as JSON, their threshold lines from the thresholds file.")
-    p.add_argument("--thresholds", default=default_thresholds_file(), help=DEFAULT_THRESHOLDS_HELP)
+    p.add_argument("--thresholds", help="the thresholds file (default: prometheus/thresholds.yml when the "
+                   "current directory has one, as a checkout does, else the packaged defaults)")
     p.add_argument("--out", "--output-dir", dest="out", default="grafana/dashboards",
                    help="where to write the dashboards (default %(default)s)")
     p.add_argument("--check", action="store_true",
@@ -20,7 +19,8 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from ..mixin.dashboards import render
-    rendered = render(args.thresholds)
+    from ..mixin.thresholds import default_thresholds_file
+    rendered = render(args.thresholds or default_thresholds_file())
     if args.check:
         stale = []
         for name, text in rendered.items():

@@ -5,6 +5,8 @@ import os
 import sys
 import time
 
+from .common import command_settings
+
 
 def register(sub) -> None:
     digest = sub.add_parser("digest", help="send a usage digest to Slack, Discord, email or a webhook",
@@ -38,12 +40,12 @@ def run(args) -> int:
     from ..analytics.digest import (EXIT_BAD_ARGUMENTS, EXIT_DELIVERY, EXIT_PROMETHEUS, alerts_source,
                                     audiences, build_digest, resolve_period)
     from ..analytics.queries import AnalyticsError, PrometheusClient, PrometheusUnavailable
-    from ..core.config import ConfigError, load_settings
+    from ..core.config import ConfigError
     from ..core.digest_settings import CHANNELS, configured
     from ..core.keystore import KeyStore, KeyStoreError
     err = sys.stderr
     try:
-        settings = load_settings(args.config)
+        settings = command_settings(args)
     except ConfigError as exc:
         print(f"error: {channels.scrub(str(exc), None)}", file=err)
         return EXIT_BAD_ARGUMENTS

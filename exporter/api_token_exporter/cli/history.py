@@ -4,6 +4,8 @@ from __future__ import annotations
 import sys
 import time
 
+from .common import command_settings
+
 
 def register(sub) -> None:
     imp = sub.add_parser("import", help="bring past usage records into Prometheus as TSDB blocks",
@@ -26,8 +28,11 @@ def register(sub) -> None:
                      help="route templates (/items/<id>) for raw paths; unmatched paths become __unmatched__")
     imp.add_argument("--step", type=int, default=60, help="seconds between samples (default %(default)s)")
     imp.add_argument("--duration-unit", choices=("s", "ms"), default="s")
-    imp.add_argument("--pricing", help="your pricing file for LLM cost, over the price snapshot")
-    imp.add_argument("--prices", help="price snapshot (from `prices update`; default: the shipped one)")
+    imp.add_argument("--pricing-file", "--pricing", dest="pricing_file",
+                     help="your pricing file for LLM cost, over the price snapshot (default: pricing_file)")
+    imp.add_argument("--prices-file", "--prices", dest="prices_file",
+                     help="price snapshot (from `prices update`; default: prices_file, or the shipped one)")
+    imp.add_argument("--config", help="YAML settings file ($ATE_CONFIG)")
     imp.add_argument("--job", default="api-token-exporter", help="job label (default %(default)s)")
     imp.add_argument("--instance", default="import", help="instance label (default %(default)s)")
     imp.add_argument("--max-series", type=int, default=200_000)
@@ -58,7 +63,8 @@ def run(args) -> int:
     output = args.prometheus_data or args.output
     try:
         until = None if args.until == "now" else history.parse_time(args.until)
-        pricing = Pricing.load(args.pricing, args.prices)
+        settings = command_settings(args, pricing_file=args.pricing_file, prices_file=args.prices_file)
+        pricing = Pricing.load(settings.pricing_file, settings.prices_file)
         history.run_import(
             args.source, output, table=args.table, query=args.query, columns=columns, until=until,
             step=args.step, duration_unit=args.duration_unit, pricing=pricing, job=args.job,

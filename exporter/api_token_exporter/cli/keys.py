@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import sys
 
-from .common import DEFAULT_KEYS_FILE
+from .common import KEYS_FILE_HELP, command_settings, keys_file_of
 
 
 def register(sub) -> None:
@@ -18,7 +18,8 @@ def register(sub) -> None:
                             ("revoke", "mark a key inactive"),
                             ("activate", "mark a key active again")):
         p = keys_sub.add_parser(name, help=help_text)
-        p.add_argument("--file", default=DEFAULT_KEYS_FILE, help="key file (default %(default)s)")
+        p.add_argument("--keys-file", "--file", dest="keys_file", help=KEYS_FILE_HELP)
+        p.add_argument("--config", help="YAML settings file ($ATE_CONFIG)")
         if name != "list":
             p.add_argument("id", help="the key's id, used as its metric label")
         if name in ("add", "update"):
@@ -45,6 +46,7 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from ..core.keystore import KeyStoreError, add_key, load_keys, rotate_key, set_active, update_key
+    args.file = keys_file_of(args)
     try:
         if args.keys_cmd == "add":
             budget = {p: v for p, v in (("daily", args.daily_budget),
@@ -125,7 +127,7 @@ def show_key(args) -> int:
              ("last rotated", when(key.last_rotated_at)), ("rotation", rotation(key)),
              ("limits", ", ".join(f"{w} {n}" for w, n in key.rate_limits.items()) or "the defaults"),
              ("budget", ", ".join(f"{p} ${v:g}" for p, v in key.budget_usd.items()) or "-")]
-    url = args.prometheus_url or os.environ.get("ATE_PROMETHEUS_URL")
+    url = command_settings(args, prometheus_url=args.prometheus_url).prometheus_url
     if url:
         import datetime as dt
         import time as _time

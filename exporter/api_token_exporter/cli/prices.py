@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 import sys
 
+from .common import command_settings
+
 
 def register(sub) -> None:
     prices = sub.add_parser("prices", help="the LLM price table: show a model's price, update the snapshot")
@@ -11,10 +13,11 @@ def register(sub) -> None:
     show = prices_sub.add_parser("show", help="the price a model gets and where it comes from")
     show.add_argument("service")
     show.add_argument("model")
-    show.add_argument("--pricing", help="your pricing file ($ATE_PRICING_FILE)",
-                      default=os.environ.get("ATE_PRICING_FILE"))
-    show.add_argument("--prices", help="price snapshot ($ATE_PRICES_FILE; default: the shipped one)",
-                      default=os.environ.get("ATE_PRICES_FILE"))
+    show.add_argument("--pricing-file", "--pricing", dest="pricing_file",
+                      help="your pricing file (default: pricing_file of the settings, $ATE_PRICING_FILE)")
+    show.add_argument("--prices-file", "--prices", dest="prices_file",
+                      help="price snapshot (default: prices_file of the settings, $ATE_PRICES_FILE, or the shipped one)")
+    show.add_argument("--config", help="YAML settings file ($ATE_CONFIG)")
     update = prices_sub.add_parser("update", help="write a price snapshot from LiteLLM's price map",
                                    description="Convert LiteLLM's model_prices_and_context_window.json, or a "
                                                "LiteLLM wheel that carries it (pip download litellm --no-deps), "
@@ -59,7 +62,8 @@ def run(args) -> int:
                   "costs already counted keep the prices they were counted at")
         return 0
     try:
-        pricing = Pricing.load(args.pricing, args.prices)
+        settings = command_settings(args, pricing_file=args.pricing_file, prices_file=args.prices_file)
+        pricing = Pricing.load(settings.pricing_file, settings.prices_file)
     except PricingError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -13,8 +13,10 @@ def register(sub) -> None:
                                        "project (auth, rate limits, metrics as the middleware); the proxy sends one "
                                        "of the pool's upstream credentials instead, moving to the next when one runs "
                                        "low, and watches each (docs/proxy.md).")
-    proxy.add_argument("--pool", help="the pool file: upstream credentials (upstream_pool_file)")
-    proxy.add_argument("--upstream", help="the upstream's base URL, over the pool file's (upstream_url)")
+    proxy.add_argument("--upstream-pool-file", "--pool", dest="pool",
+                       help="the pool file: upstream credentials (upstream_pool_file)")
+    proxy.add_argument("--upstream-url", "--upstream", dest="upstream",
+                       help="the upstream's base URL, over the pool file's (upstream_url)")
     proxy.add_argument("--host", default="127.0.0.1")
     proxy.add_argument("--port", type=int, default=8088)
     proxy.add_argument("--workers", type=int, default=2, help="gunicorn worker processes (default 2)")
@@ -40,7 +42,7 @@ def run(args) -> int:
     try:
         settings = load_settings()
         if not settings.upstream_pool_file:
-            raise ConfigError("the proxy needs a pool file: --pool FILE (or upstream_pool_file, ATE_UPSTREAM_POOL_FILE)")
+            raise ConfigError("the proxy needs a pool file: --upstream-pool-file FILE (upstream_pool_file, ATE_UPSTREAM_POOL_FILE)")
         pool = load_pool(settings.upstream_pool_file, upstream=settings.upstream_url)   # errors now, named
         if settings.metrics_port is not None and args.workers > 1:
             raise ConfigError(f"metrics_port cannot be served by {args.workers} workers; scrape the metrics path "

@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 
-from .common import DEFAULT_KEYS_FILE
+from .common import KEYS_FILE_HELP, command_settings
 
 
 def register(sub) -> None:
@@ -15,9 +14,11 @@ def register(sub) -> None:
     report.add_argument("--start", help="ISO 8601 date or time (default: --days before --end)")
     report.add_argument("--end", help="ISO 8601 date or time (default: now)")
     report.add_argument("--format", choices=("table", "csv", "json"), default="table")
-    report.add_argument("--prometheus-url", help="default $ATE_PROMETHEUS_URL or http://127.0.0.1:9090")
+    report.add_argument("--prometheus-url", help="default prometheus_url of the settings ($ATE_PROMETHEUS_URL) "
+                                                 "or http://127.0.0.1:9090")
     report.add_argument("--tenant", help="only this tenant's tokens (needs --keys-file)")
-    report.add_argument("--keys-file", default=DEFAULT_KEYS_FILE)
+    report.add_argument("--keys-file", help=KEYS_FILE_HELP)
+    report.add_argument("--config", help="YAML settings file ($ATE_CONFIG): prometheus_url, keys_file")
     report.add_argument("--timeout", type=float, default=30.0, help="seconds per query")
     report.add_argument("--progress", action="store_true", help="show progress even when not a terminal")
     report.add_argument("--compare", choices=("previous",),
@@ -29,12 +30,13 @@ def register(sub) -> None:
 def run(args) -> int:
     from ..analytics import queries as analytics
     from ..analytics.report import comparison_csv, comparison_table, to_csv, to_table
-    url = args.prometheus_url or os.environ.get("ATE_PROMETHEUS_URL") or "http://127.0.0.1:9090"
+    settings = command_settings(args, prometheus_url=args.prometheus_url, keys_file=args.keys_file)
+    url = settings.prometheus_url or "http://127.0.0.1:9090"
     client = analytics.PrometheusClient(url, args.timeout)
     scope = analytics.Scope()
     if args.tenant:
         from ..core.keystore import KeyStore
-        store = KeyStore(args.keys_file)
+        store = KeyStore(settings.keys_file or "keys.yml")
         scope = analytics.Scope([k.id for k in store.all() if k.tenant == args.tenant])
     show_progress = args.progress or sys.stderr.isatty()
 

@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import sys
 
-from ..mixin.thresholds import DEFAULT_THRESHOLDS_HELP, default_thresholds_file
-
 
 def register(sub) -> None:
     p = sub.add_parser("rules", help="render Prometheus rules from the thresholds file",
                        description="Recording, alert, anomaly and key lifecycle rules for Prometheus, "
                                    "rendered from the thresholds file.")
-    p.add_argument("--thresholds", default=default_thresholds_file(), help=DEFAULT_THRESHOLDS_HELP)
+    p.add_argument("--thresholds", help="the thresholds file (default: prometheus/thresholds.yml when the "
+                   "current directory has one, as a checkout does, else the packaged defaults)")
     p.add_argument("--out", "--output-dir", dest="out", default="prometheus/rules",
                    help="where to write the rule files (default %(default)s)")
     p.add_argument("--check", action="store_true",
@@ -21,9 +20,9 @@ def register(sub) -> None:
 def run(args) -> int:
     import yaml
     from ..mixin.rules import stale, write
-    from ..mixin.thresholds import ThresholdError, load_thresholds
+    from ..mixin.thresholds import ThresholdError, default_thresholds_file, load_thresholds
     try:
-        t = load_thresholds(args.thresholds)
+        t = load_thresholds(args.thresholds or default_thresholds_file())
     except (OSError, ThresholdError, yaml.YAMLError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

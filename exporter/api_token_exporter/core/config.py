@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field, fields
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import yaml
 
@@ -26,14 +26,28 @@ DEFAULT_RATE_LIMITS = dict(zip(WINDOW_ORDER, (100, 1000, 10000)))  # seed 002
 
 @dataclass
 class Settings:
+    # -- keys: who may call: API keys, admin and ingest credentials
     keys_file: Optional[str] = None
     allow_empty_keys: bool = False          # a missing or empty key file is an error unless True
     header_name: str = "X-API-Key"
+    exempt_paths: List[str] = field(default_factory=lambda: ["/healthz"])
+    trusted_proxies: List[str] = field(default_factory=list)   # CIDRs whose X-Forwarded-For is believed
+    admin_token: Optional[str] = None       # enables /admin/* when set
+    admin_rate_limit: int = 60              # analytics and admin requests per minute per credential
+    ingest_token: Optional[str] = None      # enables the ingest endpoint when set
+    ingest_allow_unknown_tokens: bool = False
+    ingest_max_events: int = 1000
+    ingest_max_bytes: int = 1_048_576
+    # -- limits: rate limits
     rate_limits: Dict[str, int] = field(default_factory=lambda: dict(DEFAULT_RATE_LIMITS))
+    observe_only: bool = False
+    # -- storage: rate-limit storage and the metric store
     storage_uri: str = "memory://"
     storage_timeout: float = 0.1            # seconds to connect to and hear from Redis
     storage_failure_mode: str = "open"      # while Redis is away: open, closed (503) or local
-    observe_only: bool = False
+    state_dir: Optional[str] = None         # metric files kept here survive restarts
+    store_capacity: int = 4_000_000         # values (8 bytes each) one process's store can hold
+    # -- metrics: what /metrics exports and who may read it
     metrics_path: str = "/metrics"
     metrics_port: Optional[int] = None      # serve /metrics on its own port instead of the app
     metrics_addr: str = "127.0.0.1"
@@ -41,11 +55,6 @@ class Settings:
     metrics_basic_password: Optional[str] = None
     metrics_bearer_token: Optional[str] = None
     metrics_public: bool = False            # True: the app's /metrics answers without credentials
-    admin_token: Optional[str] = None       # enables /admin/* when set
-    ingest_token: Optional[str] = None      # enables the ingest endpoint when set
-    ingest_allow_unknown_tokens: bool = False
-    ingest_max_events: int = 1000
-    ingest_max_bytes: int = 1_048_576
     max_tokens: int = 10_000                # distinct token label values per family
     max_routes: int = 500
     max_models: int = 200
@@ -57,20 +66,25 @@ class Settings:
     prices_file: Optional[str] = None       # the price snapshot (prices update); the packaged one by default
     capture_llm_usage: bool = False         # read usage from OpenAI/Anthropic/Cohere responses
     capture_max_bytes: int = 1_048_576      # larger responses are not inspected
-    prometheus_url: Optional[str] = None    # enables the analytics API, answered from Prometheus
-    prometheus_timeout: float = 10.0        # a deadline for a whole analytics answer
-    analytics_max_days: int = 92            # the longest range /analytics/tokens answers
-    analytics_cache_seconds: float = 10.0   # the same question within this time gets the same answer
-    admin_rate_limit: int = 60              # analytics and admin requests per minute per credential
-    exempt_paths: List[str] = field(default_factory=lambda: ["/healthz"])
-    trusted_proxies: List[str] = field(default_factory=list)   # CIDRs whose X-Forwarded-For is believed
+    recent_requests: int = 100              # ring buffer behind /admin/stats
+    # -- alerting: the alert API
     alertmanager_url: Optional[str] = None  # with admin_token: the alert API (active, history, acknowledge)
     alert_db_url: Optional[str] = None      # alert history: sqlite:///path or postgresql://...; state_dir/alerts.db
     alert_webhook_token: Optional[str] = None   # enables the webhook Alertmanager posts notifications to
     alert_sync_interval: float = 30.0       # seconds between syncs with Alertmanager and ALERTS (0: on demand)
     alert_rules_dir: Optional[str] = None   # rule files Prometheus reads: alert settings re-render them there
-    thresholds_file: Optional[str] = None   # the thresholds the rules are rendered from (prometheus/thresholds.yml)
+    thresholds_file: Optional[str] = None   # the thresholds the rules are rendered from (unset: the packaged ones)
     alertmanager_config_file: Optional[str] = None   # Alertmanager's file: alert settings change its channels
+    # -- analytics: the analytics API, answered from Prometheus
+    prometheus_url: Optional[str] = None    # enables the analytics API, answered from Prometheus
+    prometheus_timeout: float = 10.0        # a deadline for a whole analytics answer
+    analytics_max_days: int = 92            # the longest range /analytics/tokens answers
+    analytics_cache_seconds: float = 10.0   # the same question within this time gets the same answer
+    # -- console: the console (/ui)
+    console_refresh_seconds: float = 30.0   # how often the console's pages refresh (0: only by the button)
+    console_session_lifetime: float = 43200.0   # seconds a console sign-in lasts (12h)
+    console_secret: Optional[str] = None    # signs console sessions; derived from admin_token if unset
+    # -- digests: usage digests
     digest_schedule: str = "off"            # usage digests from the exporter service: off, daily or weekly
     digest_time: str = "08:00"              # when (UTC) the scheduled digest goes out
     digest_weekday: str = "monday"          # the weekly digest's day (it covers the 7 days before it)
@@ -87,12 +101,7 @@ class Settings:
     digest_smtp_user: Optional[str] = None
     digest_smtp_password: Optional[str] = None         # secret (also *_file)
     digest_smtp_from: Optional[str] = None
-    recent_requests: int = 100              # ring buffer behind /admin/stats
-    console_refresh_seconds: float = 30.0   # how often the console's pages refresh (0: only by the button)
-    console_session_lifetime: float = 43200.0   # seconds a console sign-in lasts (12h)
-    console_secret: Optional[str] = None    # signs console sessions; derived from admin_token if unset
-    state_dir: Optional[str] = None         # metric files kept here survive restarts
-    store_capacity: int = 4_000_000         # values (8 bytes each) one process's store can hold
+    # -- proxy: the proxy's upstream
     upstream_pool_file: Optional[str] = None   # the proxy's upstream credentials (docs/proxy.md)
     upstream_url: Optional[str] = None      # the proxy's upstream base URL, over the pool file's
     upstream_connect_timeout: float = 5.0   # seconds to connect to the upstream
@@ -135,6 +144,36 @@ class Settings:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
         return self
+
+    def section(self, name: str) -> Dict[str, object]:
+        """The settings of one section (SECTIONS), by their names."""
+        return {field_name: getattr(self, field_name) for field_name in SECTIONS[name]}
+
+
+# The sections of the settings, as the YAML file may group them: ``metrics: {max_tokens: 5000}``
+# is ``max_tokens: 5000``, ATE_MAX_TOKENS=5000 and --max-tokens 5000 (one name everywhere).
+SECTIONS: Dict[str, Tuple[str, ...]] = {
+    "keys": ("keys_file", "allow_empty_keys", "header_name", "exempt_paths", "trusted_proxies",
+             "admin_token", "admin_rate_limit", "ingest_token", "ingest_allow_unknown_tokens",
+             "ingest_max_events", "ingest_max_bytes"),
+    "limits": ("rate_limits", "observe_only"),
+    "storage": ("storage_uri", "storage_timeout", "storage_failure_mode", "state_dir", "store_capacity"),
+    "metrics": ("metrics_path", "metrics_port", "metrics_addr", "metrics_basic_user",
+                "metrics_basic_password", "metrics_bearer_token", "metrics_public", "max_tokens",
+                "max_routes", "max_models", "max_clients", "country_lookup", "geo_database",
+                "max_countries_per_token", "pricing_file", "prices_file", "capture_llm_usage",
+                "capture_max_bytes", "recent_requests"),
+    "alerting": ("alertmanager_url", "alert_db_url", "alert_webhook_token", "alert_sync_interval",
+                 "alert_rules_dir", "thresholds_file", "alertmanager_config_file"),
+    "analytics": ("prometheus_url", "prometheus_timeout", "analytics_max_days", "analytics_cache_seconds"),
+    "console": ("console_refresh_seconds", "console_session_lifetime", "console_secret"),
+    "digests": ("digest_schedule", "digest_time", "digest_weekday", "digest_scope", "digest_top_n",
+                "digest_slack_webhook_url", "digest_discord_webhook_url", "digest_webhook_url",
+                "digest_webhook_token", "digest_email_to", "digest_smtp_host", "digest_smtp_port",
+                "digest_smtp_tls", "digest_smtp_user", "digest_smtp_password", "digest_smtp_from"),
+    "proxy": ("upstream_pool_file", "upstream_url", "upstream_connect_timeout", "upstream_read_timeout",
+              "upstream_max_connections"),
+}
 
 
 _SECRET_FIELDS = ("metrics_basic_password", "metrics_bearer_token", "admin_token", "ingest_token",
@@ -207,6 +246,29 @@ def _read_secret_file(name: str, path: str) -> str:
         raise ConfigError(f"{name}_file {path}: {exc.strerror}") from None
 
 
+def _flatten_sections(doc: dict, where: str) -> dict:
+    """A settings file's mapping with its sections opened: each section holds settings by their
+    own names (and a secret's ``*_file``); the flat form is accepted as well."""
+    flat = {name: value for name, value in doc.items() if name not in SECTIONS}
+    for section, names in SECTIONS.items():
+        if section not in doc:
+            continue
+        body = doc[section]
+        if not isinstance(body, dict):
+            raise ConfigError(f"config file {where}: {section} must be a mapping of settings "
+                              f"({', '.join(names)})")
+        for name, value in body.items():
+            base = name[:-len("_file")] if str(name).endswith("_file") else None
+            if name not in names and not (base in names and base in _SECRET_FIELDS):
+                home = next((s for s, members in SECTIONS.items() if name in members), None)
+                raise ConfigError(f"config file {where}: {section}.{name} is not a setting of the {section} "
+                                  "section" + (f" (it belongs in {home})" if home else ""))
+            if name in flat:
+                raise ConfigError(f"config file {where}: {name} is given twice (at the top and in {section})")
+            flat[name] = value
+    return flat
+
+
 def load_settings(config_file: Optional[str] = None, environ=None, **overrides) -> Settings:
     environ = os.environ if environ is None else environ
     defaults = Settings()
@@ -220,7 +282,7 @@ def load_settings(config_file: Optional[str] = None, environ=None, **overrides) 
             raise ConfigError(f"config file {config_file}: {exc}") from None
         if not isinstance(doc, dict):
             raise ConfigError(f"config file {config_file}: expected a mapping")
-        values.update(doc)
+        values.update(_flatten_sections(doc, config_file))
     known = {f.name for f in fields(Settings)}
     for f in fields(Settings):
         env_value = environ.get("ATE_" + f.name.upper())

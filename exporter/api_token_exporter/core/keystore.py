@@ -20,6 +20,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import yaml
 
 from . import validation
+from .timestamps import TimestampError, parse_datetime
 from .ratelimit import WINDOW_ORDER as WINDOWS
 BUDGET_PERIODS = ("daily", "monthly")
 KEY_PREFIX = "atk_"
@@ -59,18 +60,10 @@ def valid_token_id(token_id: str) -> bool:
 def _parse_time(value) -> Optional[dt.datetime]:
     if value in (None, ""):
         return None
-    if isinstance(value, dt.datetime):
-        parsed = value
-    elif isinstance(value, dt.date):
-        parsed = dt.datetime(value.year, value.month, value.day)
-    else:
-        try:
-            parsed = dt.datetime.fromisoformat(str(value).replace("Z", "+00:00"))
-        except ValueError as exc:
-            raise KeyStoreError(f"not an ISO 8601 time: {value!r}") from exc
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=dt.timezone.utc)
-    return parsed
+    try:
+        return parse_datetime(value)
+    except TimestampError as exc:
+        raise KeyStoreError(str(exc)) from None
 
 
 SENSITIVITIES = ("low", "medium", "high")    # anomaly band widths: docs/alerts.md

@@ -18,8 +18,6 @@ from .promql import ThresholdError, seconds
 
 PACKAGED_THRESHOLDS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "thresholds.yml")
 CHECKOUT_THRESHOLDS = os.path.join("prometheus", "thresholds.yml")
-DEFAULT_THRESHOLDS_HELP = ("the thresholds file (default: prometheus/thresholds.yml when the current directory "
-                           "has one, as a checkout does, else the packaged defaults)")
 
 
 def default_thresholds_file() -> str:
