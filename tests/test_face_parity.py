@@ -1,15 +1,20 @@
 """Every face answers through one request pipeline (web/pipeline.py): the same requests, sent to
-the WSGI middleware and to the ASGI middleware around the same app, get the same status, body,
-rate-limit headers and metrics. The proxy's face is in test_proxy.py (it wraps the WSGI one)."""
+the WSGI middleware, the ASGI middleware and the proxy in front of the same app, get the same
+status, body, rate-limit headers and metrics; the analytics API and the console's sign-in refuse
+the same keys with the same answers."""
 import asyncio
 import gzip
 import json
+import threading
 
 import httpx
 import pytest
+import yaml
+from werkzeug.serving import make_server
 from werkzeug.test import Client
 
 from api_token_exporter.core.keystore import rotate_key
+from api_token_exporter.proxy.app import ProxyApp
 from api_token_exporter.web.asgi import TokenAnalytics as AsgiAnalytics
 from api_token_exporter.web.wsgi import TokenAnalytics as WsgiAnalytics
 from conftest import samples
@@ -77,13 +82,38 @@ class AsgiFace:
         return asyncio.run(call())
 
 
+class ProxyFace(WsgiFace):
+    """The proxy (which forwards to the same app, served on 127.0.0.1) with a one-credential pool."""
+
+    def __init__(self, keys_file, upstream_url, tmp_path, monkeypatch):
+        monkeypatch.setenv("PARITY_UPSTREAM_SECRET", "upstream-secret-0123456789")
+        pool = tmp_path / "pool.yml"
+        pool.write_text(yaml.safe_dump({"upstream": upstream_url, "provider": "generic", "routes": ROUTES,
+                                        "refresh_interval": 0,
+                                        "credentials": [{"id": "up-1", "secret_env": "PARITY_UPSTREAM_SECRET"}]}))
+        self.proxy = ProxyApp(keys_file=keys_file, upstream_pool_file=str(pool),
+                              **{k: v for k, v in SETTINGS.items() if k != "routes"})
+        self.client = Client(self.proxy)
+
+
 @pytest.fixture
-def faces(keys):
+def upstream():
+    server = make_server("127.0.0.1", 0, wsgi_app, threaded=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def faces(keys, upstream, tmp_path, monkeypatch):
     path, raw = keys
     old_alpha = raw["alpha"]
     new_alpha, _ = rotate_key(path, "alpha", 3600)          # the old secret works for an hour more
     secrets = dict(raw, alpha=new_alpha, alpha_old=old_alpha)
-    return [WsgiFace(path), AsgiFace(path)], secrets
+    proxy = ProxyFace(path, upstream, tmp_path, monkeypatch)
+    yield [WsgiFace(path), AsgiFace(path), proxy], secrets
+    proxy.proxy.close()
 
 
 CASES = [  # (what, path, key id or raw text): the same from every face
@@ -118,15 +148,37 @@ def test_every_face_answers_every_case_the_same(faces):
         if code >= 400:
             assert headers["content-type"] == "application/json" and "detail" in json.loads(body), what
     statuses = [face.get("/items", secrets["beta"])[0] for face in faces]
-    assert statuses == [429, 429]                       # beta stays over its limit on both
+    assert statuses == [429] * len(faces)               # beta stays over its limit on each
 
     texts = [face.get("/metrics")[2].decode() for face in faces]
     for family in COMPARED:
         counted = [samples(text, family) for text in texts]
-        assert counted[0] == counted[1], family
+        assert all(c == counted[0] for c in counted[1:]), family
     wsgi_text = texts[0]
     assert samples(wsgi_text, "apitoken_llm_tokens_total")        # both LLM answers were read
     assert sum(v for k, v in samples(wsgi_text, "apitoken_llm_tokens_total").items()
                if ("type", "input") in k) == 2 * USAGE["prompt_tokens"]
     assert sum(samples(wsgi_text, "apitoken_key_old_secret_requests_total").values()) == 1
     assert sum(v for k, v in samples(wsgi_text, "apitoken_auth_failures_total").items()) == 5
+
+
+@pytest.mark.parametrize("who", ["invalid", "revoked", "old", "alpha_old"])
+def test_the_analytics_api_and_the_console_judge_keys_as_the_middleware(keys, who):
+    """An expired key gets the middleware's 401 "API key has expired" from the analytics API too
+    (it answered 403 "inactive" before), and signs in to the console exactly when the API accepts it."""
+    path, raw = keys
+    old_alpha = raw["alpha"]
+    rotate_key(path, "alpha", 3600)
+    secret = {"invalid": "atk_not_a_real_key_0123456789", "alpha_old": old_alpha}.get(who) or raw[who]
+    app = WsgiAnalytics(wsgi_app, keys_file=path, admin_token="a" * 32, prometheus_url="http://127.0.0.1:9",
+                        **SETTINGS)
+    client = Client(app)
+    middleware = client.get("/items", headers={"X-API-Key": secret}, buffered=True)
+    analytics = client.get("/analytics/tokens", headers={"X-API-Key": secret}, buffered=True)
+    if middleware.status_code == 200:
+        assert analytics.status_code not in (401, 403)        # past authentication (Prometheus is away)
+    else:
+        assert (analytics.status_code, analytics.get_json()) == (middleware.status_code, middleware.get_json())
+    sign_in = client.post("/ui/login", data={"credential": secret}, buffered=True)
+    assert ("ate_console=" in sign_in.headers.get("Set-Cookie", "")) == (middleware.status_code == 200), who
+    assert sign_in.status_code == (303 if middleware.status_code == 200 else 401), who

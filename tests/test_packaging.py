@@ -1,6 +1,7 @@
 """What an install carries: the middleware needs PyYAML and Flask only; every optional feature
 says which extra installs it; the exposition format matches prometheus_client without it."""
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -91,6 +92,15 @@ def test_the_image_installs_what_its_services_run():
     line = next(l for l in dockerfile.splitlines() if "pip install" in l)
     for extra in ("server", "analytics", "redis", "demo"):     # serve, analytics, the ha profile, sinks
         assert extra in line, line
+    # the demo and the sink are the dev stack, which the wheel does not carry: the image copies it
+    # beside the package and puts it on the path
+    import yaml
+    compose = yaml.safe_load(open(os.path.join(ROOT, "docker-compose.yml")))
+    dev = [name for name, service in compose["services"].items()
+           if "devstack" in " ".join(map(str, service.get("command") or []))]
+    assert {"demo-api", "webhook-sink"} <= set(dev)
+    assert "COPY devstack ./devstack" in dockerfile and re.search(r"ENV PYTHONPATH=/app\b", dockerfile)
+    assert re.search(r"^WORKDIR /app$", dockerfile, re.M)
 
 
 def test_the_console_files_are_package_data():
