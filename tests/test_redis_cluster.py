@@ -192,8 +192,11 @@ def test_a_primary_killed_mid_traffic(cluster):       # last: it leaves the clus
     errors = []
     stop = threading.Event()
 
+    slowest = [0.0]
+
     def traffic():
         while not stop.is_set():
+            started = time.monotonic()
             try:
                 outcomes["allowed" if limiter.hit(token, limits).allowed else "refused"] += 1
                 time.sleep(0.002)
@@ -202,6 +205,8 @@ def test_a_primary_killed_mid_traffic(cluster):       # last: it leaves the clus
                 time.sleep(0.05)
             except Exception as exc:                 # anything else is a bug
                 errors.append(repr(exc))
+            finally:
+                slowest[0] = max(slowest[0], time.monotonic() - started - 0.05)
     thread = threading.Thread(target=traffic)
     thread.start()
     time.sleep(0.5)
@@ -213,11 +218,16 @@ def test_a_primary_killed_mid_traffic(cluster):       # last: it leaves the clus
         before = dict(outcomes)
         wait_for("limits answered again", lambda: outcomes["allowed"] > before["allowed"] + 20, timeout=60)
         print(f"failover: {time.monotonic() - killed:.1f} s from the kill to answers again; "
-              f"{outcomes['unavailable']} calls answered by the failure mode meanwhile")
+              f"{outcomes['unavailable']} calls answered by the failure mode meanwhile; the slowest "
+              f"call took {slowest[0]:.2f} s")
     finally:
         stop.set()
         thread.join(timeout=30)
     assert errors == [] and outcomes["unavailable"] > 0 and outcomes["refused"] == 0
+    # no call waits in the client's own retries (4.4 s in one run when it did): a failed call
+    # answers within its storage_timeout, and the next one may spend one more refreshing the
+    # client's slot map (the dead node refuses at once here)
+    assert slowest[0] < 3 * 0.5
     # the window kept counting from the replica: the 100 hits before the kill (replicated)
     # were not lost, only, at most, those of the last moments before it
     decision = limiter.hit(token, limits)

@@ -205,9 +205,14 @@ def redis_client(uri: str, timeout: float, asyncio: bool = False):
             nodes.append(ClusterNode(host, int(port or 6379)))
         password = unquote(parts.password) if parts.password else None
         username = unquote(parts.username) if parts.username else None
-        # a failover (a replica promoted) takes the cluster's node timeout: the client retries
-        # MOVED/ASK and refreshes its slot map; the circuit breaker covers the seconds between
-        return RedisCluster(startup_nodes=nodes, password=password, username=username, **timeouts)
+        # No retries of a failed call: each would wait its own timeout (and a backoff), so a call
+        # during a failover would wait for the client instead of answering within
+        # storage_timeout. The failure goes to the breaker and the failure mode; the client still
+        # follows MOVED/ASK and refreshes its slot map on the next call, which finds the new primary.
+        retry = optional_import(redis.__name__ + ".retry", "redis", "Redis Cluster").Retry
+        backoff = optional_import("redis.backoff", "redis", "Redis Cluster").NoBackoff
+        return RedisCluster(startup_nodes=nodes, password=password, username=username,
+                            retry=retry(backoff(), 0), **timeouts)
     if uri.startswith("redis+sentinel://"):
         Sentinel = optional_import(redis.__name__ + ".sentinel", "redis", "Redis").Sentinel
         parts = urlsplit(uri)
