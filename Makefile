@@ -9,13 +9,19 @@ VENV ?= .venv
 VPY := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install test demo bench bench-memory rules report dashboards analytics-migrate analytics-seed analytics-report prices
+.PHONY: install test test-fast demo bench bench-memory rules report dashboards analytics-migrate analytics-seed analytics-report prices
 
 install:
 	PYTHON=$(PYTHON) VENV=$(VENV) bash .ci/install
 
 test: install
-	$(VPY) -m pytest
+	$(VPY) -m pytest --durations=25
+
+# every test that starts no server and no browser (their fixtures declare it: tests/support.py
+# needs); one that starts one all the same fails, named. Under a minute.
+FAST_TESTS := not (needs_redis or needs_prometheus or needs_alertmanager or needs_postgres or needs_server or needs_browser or needs_slow)
+test-fast: install
+	ATE_FAST_TESTS=1 $(VPY) -m pytest -q -m "$(FAST_TESTS)"
 
 demo:
 	PYTHON=$(PYTHON) VENV=$(VENV) PACKAGE_ONLY=1 bash .ci/install

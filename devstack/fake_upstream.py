@@ -62,7 +62,7 @@ class FakeUpstream:
     def serve(self, host: str = "127.0.0.1", port: int = 0) -> str:
         from werkzeug.serving import make_server
         self._server = make_server(host, port, self, threaded=True)
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
         return f"http://{host}:{self._server.server_port}"
 
     def stop(self) -> None:

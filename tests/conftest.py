@@ -1,102 +1,93 @@
-"""Small fixtures: keys, apps, clients, and real servers (redis-server, gunicorn) on 127.0.0.1.
+"""Fixtures: keys, apps, clients, and real servers (redis-server, gunicorn) on 127.0.0.1; the
+helpers are in support.py.
 
-A test that needs a binary that is not installed fails with the install hint; it never skips.
+Markers come from the fixtures: a fixture that starts a server says so with ``@needs(...)``
+(support.py), and every test that uses it, directly or through another fixture, gets the
+``needs_*`` marker. ``make test-fast`` runs the tests with none of them, and refuses, naming
+the test, any server such a test starts all the same: a forgotten ``needs`` fails there.
 """
 from __future__ import annotations
 
 import os
-import shutil
-import socket
 import subprocess
 import sys
 import time
-from typing import Dict
 
 import pytest
 import requests
-from flask import Flask, jsonify
-from flask.testing import FlaskClient
-from prometheus_client.parser import text_string_to_metric_families
 
+from support import (CHECKOUT, KEY_SPECS, NEEDS, build_app, free_port, needs, require_binary, stop_process,
+                     wait_for_port)
 from api_token_exporter import TokenAnalytics
-
-# the dev stack (devstack/, beside the package, not installed) for the servers tests start too
-CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (CHECKOUT, os.environ.get("PYTHONPATH")) if p)
 from api_token_exporter.core.keystore import add_key, load_keys, save_keys
 
+# the dev stack (devstack/, beside the package, not installed) for the servers tests start too
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (CHECKOUT, os.environ.get("PYTHONPATH")) if p)
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def require_binary(name: str) -> str:
-    path = shutil.which(name)
-    if not path:
-        pytest.fail(f"{name} is not installed: run .ci/install (apt-get install {name})")
-    return path
+FAST = os.environ.get("ATE_FAST_TESTS") == "1"
+# what make test-fast refuses to start: servers and browsers (promtool and amtool are commands)
+SERVER_PROGRAMS = {"redis-server": "redis", "prometheus": "prometheus", "alertmanager": "alertmanager",
+                   "prometheus-alertmanager": "alertmanager", "postgres": "postgres", "initdb": "postgres",
+                   "pg_ctl": "postgres", "chromium": "browser", "chromedriver": "browser"}
+SERVER_MODULES = {"gunicorn": "server", "uvicorn": "server"}
 
 
-def wait_for(what, check, timeout=90, interval=0.5):
-    """Until check() returns something true (returned); else fail naming what and the last answer."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out waiting for {what}; last answer: {last!r}")
+def pytest_configure(config):
+    for name in NEEDS:
+        config.addinivalue_line("markers", f"needs_{name}: the test starts {name} (declared with support.needs)")
+    if FAST:
+        _refuse_undeclared_servers()
 
 
-def wait_for_port(port: int, proc: subprocess.Popen = None, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process exited early with code {proc.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout} s")
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        declared = set()
+        for defs in getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {}).values():
+            for fixturedef in defs:
+                declared |= set(getattr(fixturedef.func, "needs", ()))
+        for name in sorted(declared):
+            item.add_marker(getattr(pytest.mark, f"needs_{name}"))
 
 
-def stop_process(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
+def _server_in(args) -> str:
+    """What server a command line starts, if any."""
+    argv = [args] if isinstance(args, (str, bytes, os.PathLike)) else list(args)
+    argv = [os.fsdecode(a) for a in argv]
+    if not argv:
+        return ""
+    for arg in argv:                        # also behind runuser, setsid, env ...
+        if not arg.startswith("-") and os.path.basename(arg) in SERVER_PROGRAMS:
+            return os.path.basename(arg)
+    if "-m" in argv[:3]:
+        module = argv[argv.index("-m") + 1] if argv.index("-m") + 1 < len(argv) else ""
+        if module in SERVER_MODULES or module == "devstack" and "demo" in argv:
+            return module
+        if module == "api_token_exporter.cli" and {"serve", "proxy"} & set(argv):
+            return "api-token-exporter " + next(a for a in argv if a in ("serve", "proxy"))
+    return ""
 
 
-def samples(text: str, name: str) -> Dict[tuple, float]:
-    """{sorted label items: value} for every sample called ``name`` in exposition text."""
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == name:
-                out[tuple(sorted(s.labels.items()))] = s.value
-    return out
+_running = ["collection"]          # the test being run, for the refusal's message
 
 
-def sample_total(text: str, metric: str, **match) -> float:
-    return sum(v for labels, v in samples(text, metric).items()
-               if all(dict(labels).get(k) == val for k, val in match.items()))
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    _running[0] = item.nodeid
+    yield
 
 
-KEY_SPECS = {
-    "alpha": dict(name="Alpha app", tenant="acme"),
-    "beta": dict(name="Beta app", tenant="globex", rate_limits={"minute": 3}),
-    "gamma": dict(name="Gamma batch", tenant="acme", rate_limits={"minute": 1000, "hour": 4}),
-    "delta": dict(name="Delta day", tenant="acme", rate_limits={"minute": 1000, "hour": 1000, "day": 2}),
-    "revoked": dict(name="Revoked", tenant="acme"),
-    "old": dict(name="Expired", tenant="acme", expires_at="2020-01-01T00:00:00Z"),
-}
+def _refuse_undeclared_servers():
+    """make test-fast: a test that starts a server without declaring it fails, named (fixtures
+    of any scope included: the check is on every process start of the run)."""
+    original = subprocess.Popen.__init__
+
+    def guarded(self, args, *a, **kw):
+        server = _server_in(args)
+        if server:
+            raise AssertionError(f"{_running[0]} starts {server} but does not declare it: put "
+                                 "@needs(...) (tests/support.py) on the fixture that starts it, or on the test")
+        original(self, args, *a, **kw)
+    subprocess.Popen.__init__ = guarded
 
 
 @pytest.fixture
@@ -110,41 +101,6 @@ def keys(tmp_path):
             entry.active = False
     save_keys(path, entries)
     return path, raw
-
-
-class BufferedClient(FlaskClient):
-    """Reads each body and closes it, as a WSGI server does (metrics are recorded on close)."""
-
-    def open(self, *args, **kwargs):
-        kwargs.setdefault("buffered", True)
-        return super().open(*args, **kwargs)
-
-
-def build_app(keys_file: str, **settings) -> Flask:
-    app = Flask("test-app")
-    app.test_client_class = BufferedClient
-
-    @app.get("/items")
-    def items():
-        return jsonify(items=[1, 2, 3])
-
-    @app.get("/items/<int:item_id>")
-    def item(item_id):
-        if item_id >= 100:
-            return jsonify(detail="Not found"), 404
-        return jsonify(id=item_id)
-
-    @app.get("/boom")
-    def boom():
-        raise RuntimeError("handler failed")
-
-    @app.get("/healthz")
-    def health():
-        return jsonify(ok=True)
-
-    settings.setdefault("metrics_public", True)   # tests scrape the app; test_metrics_endpoint checks the default
-    TokenAnalytics(app, keys_file=keys_file, **settings)
-    return app
 
 
 @pytest.fixture
@@ -170,6 +126,7 @@ def analytics(app) -> TokenAnalytics:
 
 
 @pytest.fixture(scope="session")
+@needs("redis")
 def redis_server(tmp_path_factory):
     """A real redis-server on a free loopback port; yields its URI."""
     binary = require_binary("redis-server")
@@ -193,6 +150,7 @@ def redis_uri(redis_server):
 
 
 @pytest.fixture
+@needs("server")
 def gunicorn_app(tmp_path):
     """Start a WSGI factory under gunicorn with N workers and multiprocess metrics."""
     procs = []

@@ -17,7 +17,7 @@ from api_token_exporter.web.server import create_app
 from devstack.sinks import WebhookSink
 from devstack.stack import (ROOT, alertmanager_config, find_binary, free_port, prometheus_config,
                                       start_alertmanager, start_postgres, start_prometheus)
-from conftest import wait_for
+from support import needs, wait_for
 
 pytestmark = pytest.mark.integration
 ADMIN = {"Authorization": "Bearer admin-secret"}
@@ -59,7 +59,8 @@ class Exporter:
         assert r.status_code == 200, r.text
 
 
-@pytest.fixture(params=["postgresql", "sqlite"])
+@pytest.fixture(params=[pytest.param("postgresql", marks=pytest.mark.needs_postgres), "sqlite"])
+@needs("prometheus", "alertmanager")
 def stack(request, tmp_path):
     """Two exporters, as replicas would be: one takes the events Prometheus scrapes, one answers
     the alert API and receives the notifications (so it can be away while alerts happen)."""
@@ -357,6 +358,7 @@ def test_a_settings_change_takes_effect_and_a_bad_one_changes_nothing(stack):
     assert again["alert_thresholds"] == after["alert_thresholds"] and again["updated_by"] == "admin (ana)"
 
 
+@needs("prometheus", "alertmanager", "server")
 def test_several_gunicorn_workers_keep_one_history(tmp_path):
     """`serve --workers 3 --threads 4` on one SQLite history, each worker with its own sync
     thread: the same episodes come from Alertmanager, ALERTS and a webhook posted 40 times at
@@ -369,7 +371,7 @@ def test_several_gunicorn_workers_keep_one_history(tmp_path):
     import subprocess
     import sys
     from concurrent.futures import ThreadPoolExecutor
-    from conftest import stop_process, wait_for_port
+    from support import stop_process, wait_for_port
     keys_file = str(tmp_path / "keys.yml")
     add_key(keys_file, "shop", name="Shop checkout", tenant="acme")
     thresholds_file = tmp_path / "thresholds.yml"

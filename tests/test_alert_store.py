@@ -6,6 +6,7 @@ import pytest
 
 from api_token_exporter.alerting.store import AlertHistory
 from api_token_exporter.alerting.client import fingerprint, parse_time
+from support import needs
 
 LABELS = {"alertname": "ApiTokenHighErrorRate", "severity": "critical", "token": "shop", "monitor": "x"}
 FP = fingerprint(LABELS)
@@ -13,6 +14,7 @@ T0 = 1_790_000_000.0
 
 
 @pytest.fixture(scope="module")
+@needs("postgres")
 def postgres(tmp_path_factory):
     from devstack.stack import start_postgres
     pg = start_postgres(str(tmp_path_factory.mktemp("pg")))
@@ -20,7 +22,7 @@ def postgres(tmp_path_factory):
     pg.stop()
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.needs_postgres)])
 def history(request, tmp_path):
     if request.param == "sqlite":
         url = f"sqlite:///{tmp_path / 'alerts.db'}"

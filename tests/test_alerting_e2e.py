@@ -17,7 +17,7 @@ from api_token_exporter.core.keystore import add_key, load_keys, save_keys
 from devstack.sinks import SmtpSink, WebhookSink
 from devstack.stack import (ROOT, alertmanager_config, find_binary, free_port,
                                       prometheus_config, start_alertmanager, start_prometheus)
-from conftest import wait_for
+from support import needs, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -35,6 +35,7 @@ RUNBOOK = "http://localhost:9464/runbooks"        # runbook_base_url of promethe
 
 
 @pytest.fixture(scope="module")
+@needs("prometheus", "alertmanager")
 def stack(tmp_path_factory):
     for name in ("prometheus", "promtool"):
         if not find_binary(name):
@@ -242,6 +243,7 @@ def test_resolved_notifications_follow_when_traffic_is_normal_again(stack):
         lambda m: str(m["Subject"]).startswith("[RESOLVED] ApiTokenHighErrorRate token=flaky")))
 
 
+@needs("prometheus", "alertmanager")
 def test_alertmanager_killed_fires_its_alert_on_the_real_binaries(tmp_path):
     """Prometheus watches the pipeline: kill Alertmanager and AlertmanagerUnreachable fires."""
     webhook = WebhookSink().start()

@@ -20,6 +20,7 @@ from api_token_exporter.core.pricing import Pricing
 from api_token_exporter.core.usage import LLMUsage
 from api_token_exporter.web.server import create_app
 from devstack.stack import find_binary, free_port, prometheus_config, start_prometheus
+from support import needs
 
 pytestmark = pytest.mark.integration
 ADMIN = {"Authorization": "Bearer admin-secret"}
@@ -52,6 +53,7 @@ def serve(app):
 
 
 @pytest.fixture(scope="module")
+@needs("prometheus")
 def world(tmp_path_factory):
     if not find_binary("prometheus"):
         pytest.fail("prometheus is not installed: run .ci/install")

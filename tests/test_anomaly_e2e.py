@@ -19,7 +19,7 @@ from api_token_exporter.web.server import create_app
 from devstack.sinks import WebhookSink
 from devstack.stack import (ROOT, alertmanager_config, find_binary, free_port, prometheus_config,
                                       start_alertmanager, start_prometheus)
-from conftest import wait_for
+from support import needs, wait_for
 
 pytestmark = pytest.mark.integration
 # minutes instead of the defaults' quarter hours, so the test waits seconds
@@ -32,6 +32,7 @@ DAYS = 2
 
 
 @pytest.fixture
+@needs("prometheus", "alertmanager")
 def stack(tmp_path):
     for binary in ("prometheus", "promtool"):
         if not find_binary(binary):

@@ -7,7 +7,7 @@ import subprocess
 
 import yaml
 
-from conftest import require_binary
+from support import needs, require_binary
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 RULES = [os.path.abspath(os.path.join(ROOT, "prometheus", "rules", f))
@@ -116,6 +116,7 @@ def firing(*alerts):
              + "}", "value": 1} for name, token, direction in alerts]
 
 
+@needs("slow")          # promtool evaluates every rule over hours of samples
 def test_each_anomaly_fires_and_nothing_else(tmp_path):
     alerts = {r["alert"] for g in yaml.safe_load(open(RULES[1]))["groups"] for r in g["rules"] if "alert" in r}
     assert alerts == {"ApiTokenTrafficAnomaly", "ApiTokenErrorAnomaly", "ApiTokenLatencyAnomaly",  # each fires below

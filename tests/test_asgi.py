@@ -11,7 +11,7 @@ import redis
 
 from api_token_exporter.web.asgi import TokenAnalytics, route_path
 from asgi_app import ANTHROPIC_USAGE, OPENAI_USAGE, create_app
-from conftest import build_app, free_port, sample_total
+from support import build_app, free_port, sample_total
 
 LIMITS = {"minute": 10**6, "hour": 10**6, "day": 10**6}
 

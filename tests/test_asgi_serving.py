@@ -17,7 +17,7 @@ import uvicorn
 
 from api_token_exporter.core.keystore import add_key
 from asgi_app import OPENAI_USAGE, create_app
-from conftest import free_port, sample_total, stop_process, wait_for_port
+from support import free_port, needs, sample_total, stop_process, wait_for_port
 from test_storage_faults import own_redis  # noqa: F401  (a redis-server of the test alone)
 
 pytestmark = pytest.mark.integration
@@ -26,6 +26,7 @@ UNLIMITED = {"minute": 10**6, "hour": 10**6, "day": 10**6}
 
 
 @pytest.fixture
+@needs("server")
 def serve_asgi(tmp_path):
     """Start ``asgi_app:app_from_env`` under ``uvicorn --workers N`` or ``gunicorn -k
     uvicorn.workers.UvicornWorker -w N``; settings as ATE_* variables. Returns its URL."""
@@ -81,6 +82,7 @@ async def fire(url, plan, concurrency=16):
 
 
 # -- in-process uvicorn: streaming, lifespan, every refusal -----------------------------------
+@needs("server")
 def test_a_streamed_answer_reaches_the_client_before_the_app_finishes_and_is_counted(keys):
     port = free_port()
     url = f"http://127.0.0.1:{port}"

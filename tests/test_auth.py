@@ -3,7 +3,7 @@ import functools
 
 from api_token_exporter.core.keystore import add_key, load_keys, save_keys
 from api_token_exporter.core.metrics import TOKEN_STATUS_VALUES
-from conftest import sample_total
+from support import sample_total
 
 
 def metrics_text(client):
@@ -107,7 +107,7 @@ def test_observe_only_identifies_and_never_refuses(make_app, keys):
 def test_observe_only_takes_limits_from_the_apps_headers(keys):
     from flask import Flask
     from api_token_exporter import TokenAnalytics
-    from conftest import BufferedClient
+    from support import BufferedClient
     app = Flask("upstream")
     app.test_client_class = BufferedClient
 

@@ -2,7 +2,7 @@
 one label, and every per-token family has a cap."""
 import secrets
 
-from conftest import samples
+from support import samples
 
 
 def series_count(text):
@@ -30,7 +30,7 @@ def test_10000_invalid_keys_and_20000_raw_paths_stay_bounded(client, keys):
 def test_route_cap_with_many_templates(keys):
     from flask import Flask
     from api_token_exporter import TokenAnalytics
-    from conftest import BufferedClient
+    from support import BufferedClient
     app = Flask("many-routes")
     app.test_client_class = BufferedClient
     for i in range(30):
@@ -50,7 +50,7 @@ def test_failing_clients_are_capped_for_good_and_keep_their_own_exact_series(tmp
     """The first max_clients failing addresses get their own series, exactly counted; later ones
     share __overflow__, and a restart on the same state directory does not open new room."""
     from api_token_exporter.core.metrics import Metrics
-    from conftest import sample_total
+    from support import sample_total
     first = Metrics(directory=str(tmp_path), max_clients=3)
     for i, times in enumerate((6, 1, 2, 4, 5)):
         for _ in range(times):
@@ -72,7 +72,7 @@ def test_failing_clients_are_capped_for_good_and_keep_their_own_exact_series(tmp
 
 
 def test_the_middleware_counts_failures_by_the_client_address(client, keys):
-    from conftest import sample_total
+    from support import sample_total
     for _ in range(3):
         client.get("/items", headers={"X-API-Key": "atk_" + secrets.token_urlsafe(24)},
                    environ_base={"REMOTE_ADDR": "192.0.2.44"})
@@ -87,7 +87,7 @@ def test_behind_a_trusted_proxy_the_client_is_the_forwarded_address(keys):
     from flask import Flask
 
     from api_token_exporter import TokenAnalytics
-    from conftest import sample_total
+    from support import sample_total
     app = Flask("proxied")
     app.get("/items")(lambda: "ok")
     TokenAnalytics(app, keys_file=keys[0], metrics_public=True, trusted_proxies=["10.0.0.0/8"])

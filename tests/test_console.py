@@ -26,7 +26,7 @@ from api_token_exporter.analytics import queries as analytics
 from api_token_exporter.mixin import rules as rulegen, thresholds
 from api_token_exporter.core.config import ConfigError, load_settings
 from api_token_exporter.core.keystore import rotate_key, set_active
-from conftest import build_app, free_port, require_binary, wait_for
+from support import build_app, free_port, needs, require_binary, wait_for
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SHOTS = ROOT / "docs" / "console"
@@ -335,6 +335,7 @@ def prometheus_total(prom_url):
 
 
 @pytest.fixture(scope="module")
+@needs("prometheus", "alertmanager")
 def world(tmp_path_factory):
     """The demo API (the demo's keys, the console, the alert API) on a free port, Prometheus
     scraping it every second with the alert rules at test speed, Alertmanager with the history
@@ -407,6 +408,7 @@ def world(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+@needs("browser")
 def browser(world):
     """Headless Chromium at laptop size, downloading into a fresh directory."""
     from selenium import webdriver

@@ -6,7 +6,7 @@ from flask import Flask
 
 from api_token_exporter import TokenAnalytics
 from api_token_exporter.core.metrics import Metrics
-from conftest import sample_total, samples
+from support import sample_total, samples
 
 JP, AR = "1.0.16.1", "24.232.0.1"          # in blocks delegated to JP and AR (tests/test_geo.py)
 

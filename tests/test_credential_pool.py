@@ -9,7 +9,7 @@ import pytest
 from api_token_exporter.core.config import ConfigError
 from api_token_exporter.proxy.pool import CredentialPool, load_pool, mask_secret, pool_from_dict
 from api_token_exporter.core.metrics import Metrics
-from conftest import sample_total
+from support import sample_total
 
 NOW = 1_800_000_000.0
 SECRETS = {f"T{i}": f"ghp_{c * 4}{'x' * 28}{i}{c}" for i, c in enumerate("ABCD")}

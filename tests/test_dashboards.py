@@ -16,6 +16,7 @@ import grafana_queries
 from api_token_exporter.mixin import dashboards as dashgen
 from devstack.demo import DemoStack
 from devstack.stack import ROOT, find_binary
+from support import needs
 
 DASHBOARDS = sorted(glob.glob(os.path.join(ROOT, "grafana", "dashboards", "*.json")))
 BUILTINS = {"__rate_interval", "__range", "__interval", "__range_s", "__interval_ms"}
@@ -249,6 +250,7 @@ def test_the_grafana_model_matches_grafana():
 
 
 @pytest.fixture(scope="module")
+@needs("prometheus")
 def demo(tmp_path_factory):
     if not find_binary("prometheus"):
         pytest.fail("prometheus is not installed: run .ci/install")

@@ -11,7 +11,7 @@ import requests
 
 from devstack.demo import UNPRICED_MODEL
 from api_token_exporter.core.metrics import TOKEN_STATUS_VALUES
-from conftest import free_port, require_binary, samples, sample_total, stop_process, wait_for_port
+from support import free_port, needs, require_binary, sample_total, samples, stop_process, wait_for_port
 
 pytestmark = pytest.mark.integration
 
@@ -41,6 +41,7 @@ class APIClient:
 
 
 @pytest.fixture(scope="module")
+@needs("prometheus", "alertmanager", "server")
 def demo(tmp_path_factory):
     # no history: at --speed 4 the live traffic is four times the history's, a spike by definition
     data_dir = tmp_path_factory.mktemp("demo")

@@ -480,6 +480,7 @@ from api_token_exporter.web.server import create_app                            
 from devstack.sinks import SmtpSink, WebhookSink                          # noqa: E402
 from devstack.stack import find_binary, free_port, prometheus_config, start_prometheus  # noqa: E402
 from api_token_exporter.core.usage import LLMUsage                                       # noqa: E402
+from support import needs
 
 KEYS = {"acme-web": ("Acme <web> & co", "acme", {}), "acme-batch": ("Batch", "acme", {"daily": 0.01}),
         "globex-bot": ("Globex bot", "globex", {"monthly": 100.0})}
@@ -530,6 +531,7 @@ def prom_value(prom_url, expr):
 
 
 @pytest.fixture(scope="module")
+@needs("prometheus")
 def world(tmp_path_factory):
     if not find_binary("prometheus"):
         pytest.fail("prometheus is not installed: run .ci/install")

@@ -11,7 +11,7 @@ from api_token_exporter.core.keystore import add_key
 from api_token_exporter.core.usage import validate_usage
 from api_token_exporter.core.metrics import Metrics
 from api_token_exporter.web.server import create_app
-from conftest import build_app
+from support import build_app
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CATALOGUE = (ROOT / "docs" / "metrics.md").read_text()

@@ -10,6 +10,7 @@ from hypothesis import given, strategies as st
 from api_token_exporter.analytics.queries import PrometheusClient
 from api_token_exporter.analytics.exact import ExactCounters, samples_increase
 from devstack.stack import free_port, prometheus_config, start_prometheus
+from support import needs
 
 
 @given(st.lists(st.tuples(st.integers(0, 50), st.booleans()), min_size=1, max_size=60),
@@ -66,6 +67,7 @@ class Target:
 
 
 @pytest.fixture(scope="module")
+@needs("prometheus")
 def prometheus_and_target(tmp_path_factory):
     target = Target()
     prom = start_prometheus(str(tmp_path_factory.mktemp("exact")), prometheus_config(

@@ -5,19 +5,17 @@ the same keys with the same answers."""
 import asyncio
 import gzip
 import json
-import threading
 
 import httpx
 import pytest
 import yaml
-from werkzeug.serving import make_server
 from werkzeug.test import Client
 
 from api_token_exporter.core.keystore import rotate_key
 from api_token_exporter.proxy.app import ProxyApp
 from api_token_exporter.web.asgi import TokenAnalytics as AsgiAnalytics
 from api_token_exporter.web.wsgi import TokenAnalytics as WsgiAnalytics
-from conftest import samples
+from support import samples, serve_wsgi
 
 USAGE = {"prompt_tokens": 52, "completion_tokens": 17, "total_tokens": 69}
 COMPLETION = json.dumps({"id": "c1", "object": "chat.completion", "model": "gpt-4o", "choices": [],
@@ -98,11 +96,9 @@ class ProxyFace(WsgiFace):
 
 @pytest.fixture
 def upstream():
-    server = make_server("127.0.0.1", 0, wsgi_app, threaded=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_port}"
-    server.shutdown()
-    server.server_close()
+    url, stop = serve_wsgi(wsgi_app)
+    yield url
+    stop()
 
 
 @pytest.fixture

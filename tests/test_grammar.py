@@ -16,7 +16,7 @@ from api_token_exporter.core.keystore import add_key, load_keys
 from api_token_exporter.core.timestamps import TimestampError, format_timestamp, parse_timestamp
 from api_token_exporter.mixin.promql import ThresholdError, seconds
 from api_token_exporter.proxy.pool import pool_from_dict
-from conftest import CHECKOUT
+from support import CHECKOUT
 
 ROOT = pathlib.Path(CHECKOUT)
 

@@ -25,6 +25,7 @@ from api_token_exporter.web.server import create_app
 from devstack.stack import find_binary, free_port, prometheus_config, start_prometheus
 from api_token_exporter.core.usage import LLMUsage
 from api_token_exporter.core.validation import ValidationError
+from support import needs
 
 SEED_COLUMNS = ["id", "user_id", "api_key_id", "endpoint", "method", "status_code", "response_time",
                 "created_at", "service", "model", "prompt_tokens", "completion_tokens"]
@@ -120,6 +121,7 @@ def serve(app):
 
 
 @pytest.fixture(scope="module")
+@needs("prometheus")
 def imported(tmp_path_factory):
     if not find_binary("prometheus"):
         pytest.fail("prometheus is not installed: run .ci/install")
@@ -239,6 +241,7 @@ def test_import_from_sqlite_by_table_and_by_query(tmp_path):
 
 
 @pytest.mark.integration
+@needs("postgres")
 def test_import_from_postgresql(tmp_path):
     """The same table on a real PostgreSQL server, by URL."""
     import sqlalchemy as sa
@@ -318,6 +321,7 @@ def test_backfill_refuses_what_cannot_work(tmp_path):
 
 # -- the demo's synthetic history ---------------------------------------------------------------
 @pytest.fixture(scope="module")
+@needs("prometheus")
 def backfilled(tmp_path_factory):
     if not find_binary("prometheus"):
         pytest.fail("prometheus is not installed: run .ci/install")

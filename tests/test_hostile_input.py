@@ -13,7 +13,7 @@ from werkzeug.test import Client
 from api_token_exporter.core import validation
 from api_token_exporter.core.pricing import Pricing, PricingError
 from api_token_exporter.web.server import create_app
-from conftest import require_binary, sample_total
+from support import needs, require_binary, sample_total, samples
 
 INGEST = {"Authorization": "Bearer ingest-secret"}
 ADMIN = {"Authorization": "Bearer admin-secret"}
@@ -162,7 +162,7 @@ def test_methods_outside_the_standard_set_share_one_label(keys):
     assert client.post("/v1/events", json=events, headers=INGEST).json["accepted"] == 6
     text = client.get("/metrics").text
     methods = {dict(labels)["method"] for labels in
-               __import__("conftest").samples(text, "apitoken_requests_total")}
+               samples(text, "apitoken_requests_total")}
     assert methods == {"GET", "PATCH", "_OTHER"}
     assert sample_total(text, "apitoken_requests_total", method="_OTHER") == 4
 
@@ -199,6 +199,7 @@ def test_analytics_auth_errors_say_which_credentials_are_accepted(keys):
 
 
 @pytest.mark.integration
+@needs("server")
 def test_a_10_mb_chunked_body_is_refused_before_it_is_read_whole(tmp_path, keys):
     """The server must answer 413 once it has read the limit, while the client is still
     sending: it never waits for (or buffers) the whole body."""

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from api_token_exporter.web.server import create_app
-from conftest import sample_total
+from support import sample_total, samples
 
 INGEST = {"Authorization": "Bearer ingest-secret"}
 
@@ -104,7 +104,7 @@ def test_unknown_tokens_only_when_allowed_and_then_capped(keys):
     assert post(client, {"events": events}).get_json()["accepted"] == 10
     text = metrics(client)
     tokens = {dict(l)["token"] for l in
-              __import__("conftest").samples(text, "apitoken_requests_total")}
+              samples(text, "apitoken_requests_total")}
     assert tokens == {"svc-0", "svc-1", "svc-2", "__overflow__"}
     assert sample_total(text, "apitoken_requests_total", token="__overflow__") == 7
     assert sample_total(text, "apitoken_label_overflow_total", label="token") == 7

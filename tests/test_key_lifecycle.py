@@ -14,7 +14,7 @@ from werkzeug.serving import make_server
 
 from api_token_exporter.core.keystore import KeyStoreError, add_key, load_keys, rotate_key, update_key
 from devstack.stack import find_binary, free_port, prometheus_config, start_prometheus
-from conftest import build_app, sample_total, wait_for
+from support import build_app, needs, sample_total, wait_for
 
 CLI = (sys.executable, "-m", "api_token_exporter.cli")
 
@@ -100,6 +100,7 @@ def test_admin_json_carries_the_metadata_and_the_pending_rotation(key_file):
 
 
 @pytest.mark.integration
+@needs("prometheus")
 def test_old_secret_use_is_in_prometheus_and_keys_show(key_file, tmp_path):
     if not find_binary("prometheus"):
         pytest.fail("prometheus is not installed: run .ci/install")

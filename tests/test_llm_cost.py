@@ -8,7 +8,7 @@ from api_token_exporter.core import price_snapshot
 from api_token_exporter.core.keystore import add_key
 from api_token_exporter.core.pricing import Pricing, PricingError
 from api_token_exporter.core.usage import UsageError, validate_usage
-from conftest import BufferedClient, sample_total
+from support import BufferedClient, sample_total
 
 with open(price_snapshot.DEFAULT_SNAPSHOT_FILE, encoding="utf-8") as _fh:
     SNAPSHOT = json.load(_fh)          # the shipped table, read as data: the oracle for costs

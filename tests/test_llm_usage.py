@@ -2,7 +2,7 @@ import pytest
 from flask import Flask, jsonify, request
 
 from api_token_exporter import TokenAnalytics, UsageError, current_token, record_llm_usage
-from conftest import BufferedClient, sample_total
+from support import BufferedClient, sample_total
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ import subprocess
 import pytest
 import requests
 
-from conftest import build_app, free_port, require_binary, sample_total, samples
+from support import build_app, free_port, require_binary, sample_total, samples
 
 
 def test_request_metrics_by_token_route_method_code(client, keys):

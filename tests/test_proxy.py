@@ -8,17 +8,15 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
 import requests
 import yaml
-from werkzeug.serving import make_server
 
 from devstack.fake_upstream import FakeUpstream, go_duration
 from api_token_exporter.proxy.app import ProxyApp
-from conftest import free_port, sample_total, stop_process, wait_for, wait_for_port
+from support import free_port, needs, sample_total, serve_wsgi, stop_process, wait_for, wait_for_port
 
 NOW = 1_800_000_000.0
 GH = [f"ghp_{c * 4}{'s3cr3t' * 5}{c * 4}" for c in "ABC"]
@@ -42,17 +40,15 @@ def clock():
 
 @pytest.fixture
 def servers():
-    started = []
+    stops = []
 
     def serve(app):
-        server = make_server("127.0.0.1", 0, app, threaded=True)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        started.append(server)
-        return f"http://127.0.0.1:{server.server_port}"
+        url, stop = serve_wsgi(app)
+        stops.append(stop)
+        return url
     yield serve
-    for server in started:
-        server.shutdown()
-        server.server_close()
+    for stop in stops:
+        stop()
 
 
 @pytest.fixture
@@ -384,6 +380,7 @@ def test_no_secret_in_metrics_logs_responses_or_errors(stack, keys, caplog, caps
 
 # -- under gunicorn -----------------------------------------------------------------------------
 @pytest.mark.integration
+@needs("server")
 def test_gunicorn_workers_share_what_they_learn_through_the_state_dir(keys, tmp_path):
     fake = FakeUpstream("github")
     for secret in GH:

@@ -4,7 +4,7 @@ import pytest
 
 from api_token_exporter.core.ratelimit import RateLimiter, StorageUnavailable
 from api_token_exporter.core.metrics import TOKEN_STATUS_VALUES
-from conftest import build_app, sample_total
+from support import build_app, sample_total
 
 WINDOWS = {"Minute": 60, "Hour": 3600, "Day": 86400}
 
@@ -94,7 +94,7 @@ def test_redis_limits_hold_across_two_app_instances(keys, redis_uri):
 
 def test_redis_down_fails_open_and_is_counted(keys, caplog):
     # a port where nothing listens: the API keeps answering, the outage is visible
-    from conftest import free_port
+    from support import free_port
     client = build_app(keys[0], storage_uri=f"redis://:hunter2secret@127.0.0.1:{free_port()}/0").test_client()
     for _ in range(3):                   # the third failure in a row opens the circuit breaker
         r = get(client, keys[1]["alpha"])
@@ -108,7 +108,7 @@ def test_redis_down_fails_open_and_is_counted(keys, caplog):
 
 
 def test_limiter_raises_storage_unavailable_without_the_password():
-    from conftest import free_port
+    from support import free_port
     limiter = RateLimiter(f"redis://:pw-secret@127.0.0.1:{free_port()}/0")
     with pytest.raises(StorageUnavailable) as info:
         limiter.hit("t", {"minute": 5})

@@ -11,7 +11,7 @@ from limits.storage import MemoryStorage
 from limits.strategies import FixedWindowRateLimiter
 
 from api_token_exporter.core.ratelimit import RateLimiter
-from conftest import free_port, require_binary, stop_process, wait_for_port
+from support import free_port, require_binary, stop_process, wait_for_port
 
 LIMITS = {"minute": 5, "hour": 8, "day": 20}
 ITEMS = {"minute": RateLimitItemPerMinute, "hour": RateLimitItemPerHour, "day": RateLimitItemPerDay}

@@ -11,7 +11,7 @@ from werkzeug.serving import make_server
 
 from api_token_exporter.core.ratelimit import RateLimiter, StorageUnavailable
 from devstack.stack import find_binary, free_port, prometheus_config, start_prometheus
-from conftest import build_app, require_binary, sample_total, stop_process, wait_for, wait_for_port
+from support import build_app, needs, require_binary, sample_total, stop_process, wait_for, wait_for_port
 
 pytestmark = pytest.mark.integration
 NODE_TIMEOUT_MS = 1500
@@ -87,6 +87,7 @@ class Cluster:
 
 
 @pytest.fixture(scope="module")
+@needs("redis")
 def cluster(tmp_path_factory):
     c = Cluster(tmp_path_factory.mktemp("cluster"))
     yield c

@@ -17,7 +17,7 @@ from werkzeug.serving import make_server
 from api_token_exporter.core.keystore import add_key
 from api_token_exporter.web.server import create_app
 from devstack.stack import ROOT, find_binary, free_port, start_prometheus
-from conftest import wait_for
+from support import needs, wait_for
 
 pytestmark = pytest.mark.integration
 ADMIN = {"Authorization": "Bearer admin-secret"}
@@ -37,6 +37,7 @@ def serve(app):
     return server, f"http://127.0.0.1:{port}"
 
 
+@needs("prometheus")
 def test_two_zones_written_to_one_store_add_up_exactly(tmp_path):
     if not find_binary("prometheus"):
         pytest.fail("prometheus is not installed: run .ci/install")

@@ -10,7 +10,7 @@ import yaml
 
 from api_token_exporter.mixin import rules as rulegen, thresholds
 from devstack.stack import ROOT
-from conftest import require_binary
+from support import needs, require_binary
 
 RULES_DIR = os.path.join(ROOT, "prometheus", "rules")
 THRESHOLDS = os.path.join(ROOT, "prometheus", "thresholds.yml")
@@ -36,6 +36,7 @@ def test_promtool_check_config():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@needs("slow")          # promtool evaluates every rule over hours of samples
 def test_promtool_unit_tests():
     tests = sorted(os.path.join("prometheus", "tests", f)
                    for f in os.listdir(os.path.join(ROOT, "prometheus", "tests")) if f.endswith(".yml"))

@@ -18,7 +18,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from api_token_exporter.core.keystore import add_key
-from conftest import free_port, samples, sample_total, wait_for_port
+from support import free_port, needs, sample_total, samples, wait_for_port
 
 pytestmark = pytest.mark.integration
 DEMO = "devstack.demo:app_from_env()"
@@ -171,6 +171,7 @@ def port_free(port: int) -> bool:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@needs("server")
 def test_a_signal_to_serve_stops_every_worker_and_frees_the_port(tmp_path, keys, sig):
     proc, port = start_serve(tmp_path, "--workers", "4", "--keys-file", keys[0])
     deadline = time.monotonic() + 20
@@ -189,6 +190,7 @@ def test_a_signal_to_serve_stops_every_worker_and_frees_the_port(tmp_path, keys,
     assert port_free(port)
 
 
+@needs("server")
 def test_serve_refuses_metrics_port_with_several_workers_and_bad_settings(tmp_path, keys):
     refused = subprocess.run(CLI + ["serve", "--workers", "2", "--keys-file", keys[0]], capture_output=True,
                              text=True, timeout=60, env=dict(os.environ, ATE_METRICS_PORT=str(free_port())))
@@ -206,6 +208,7 @@ def post_events(port, n, token="alpha"):
     assert r.json()["accepted"] == n
 
 
+@needs("server")
 def test_counters_survive_a_restart_with_state_dir(tmp_path, keys):
     state = tmp_path / "state"
     env = {"ATE_INGEST_TOKEN": "in"}
@@ -232,6 +235,7 @@ def test_counters_survive_a_restart_with_state_dir(tmp_path, keys):
 
 
 @pytest.mark.parametrize("keep_state", [True, False], ids=["state_dir", "no_state_dir"])
+@needs("server")
 def test_analytics_stay_exact_across_a_restart(tmp_path, keys, keep_state):
     from api_token_exporter.analytics.queries import PrometheusClient
     from api_token_exporter.analytics.exact import samples_increase
@@ -289,6 +293,7 @@ def dt_is_midnight(ts: float) -> bool:
     return time.gmtime(ts).tm_hour == 0 and time.gmtime(ts).tm_min == 0
 
 
+@needs("server")
 def test_serve_threads_create_series_while_four_scrapers_read(tmp_path, keys):
     """One threaded worker: ingest threads add new tokens and routes (new series) while four
     threads scrape; no scrape fails, no counter goes down, the final totals are exact."""

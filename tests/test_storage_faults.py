@@ -9,13 +9,14 @@ import time
 
 import pytest
 
-from conftest import build_app, free_port, require_binary, sample_total, stop_process, wait_for_port
+from support import build_app, free_port, needs, require_binary, sample_total, stop_process, wait_for_port
 
 pytestmark = pytest.mark.integration
 TIMEOUT = 0.1
 
 
 @pytest.fixture
+@needs("redis")
 def own_redis(tmp_path):
     """A redis-server of this test alone (it gets stopped and continued)."""
     port = free_port()

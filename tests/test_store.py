@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from api_token_exporter.core.usage import LLMUsage
 from api_token_exporter.core.metrics import AUTH_FAILURE_REASONS, Metrics, catalogue
 from api_token_exporter.core.ratelimit import WindowState
-from conftest import require_binary
+from support import require_binary
 
 
 def reference_registry():
@@ -133,7 +133,7 @@ def test_several_processes_sum_exactly_and_gauges_take_the_newest(tmp_path):
         assert p.exitcode == 0
     reader = Metrics(directory=str(tmp_path))
     text = reader.store.render().decode()
-    from conftest import sample_total
+    from support import sample_total
     for i in range(4):
         assert sample_total(text, "apitoken_requests_total", token=f"t{i}") == 100 * (i + 1)
         assert sample_total(text, "apitoken_request_duration_seconds_count", token=f"t{i}") == 100 * (i + 1)
@@ -154,7 +154,7 @@ def test_a_forked_child_writes_its_own_file(tmp_path):
         finally:
             os._exit(0)
     os.waitpid(pid, 0)
-    from conftest import sample_total
+    from support import sample_total
     text = parent.store.render().decode()
     assert sample_total(text, "apitoken_requests_total", token="p") == 1
     assert sample_total(text, "apitoken_requests_total", token="child") == 1

@@ -16,7 +16,7 @@ from api_token_exporter.core.usage import LLMUsage
 from api_token_exporter.core.metrics import Metrics, catalogue
 from api_token_exporter.core.ratelimit import WindowState
 from api_token_exporter.core.store import ARCHIVE, fold_dead_files
-from conftest import sample_total
+from support import sample_total, samples
 
 
 def _render_text(metrics) -> str:
@@ -143,7 +143,7 @@ def test_a_full_store_never_writes_over_another_series(keys):
     assert sample_total(after, "apitoken_requests_total", token="alpha") == 1
     assert sample_total(after, "apitoken_request_duration_seconds_count", token="alpha") == 1
     stored = {dict(labels)["token"] for labels in
-              __import__("conftest").samples(after, "apitoken_requests_total")}
+              samples(after, "apitoken_requests_total")}
     dropped = sample_total(after, "apitoken_store_dropped_series_total")
     assert dropped > 0
     # every dropped series is counted once, however often it is written

@@ -13,7 +13,7 @@ import pytest
 import requests
 import yaml
 
-from conftest import free_port, require_binary, stop_process, wait_for
+from support import free_port, needs, require_binary, stop_process, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEV_STACK = ("demo", "fake_upstream", "sinks", "stack", "synthetic", "devstack")
@@ -21,6 +21,7 @@ HEAVY = ("requests", "sqlalchemy", "gunicorn", "devstack", "flask", "urllib3")
 
 
 @pytest.fixture(scope="module")
+@needs("slow")                  # pip builds the wheel and installs it with its dependencies
 def wheel(tmp_path_factory):
     out = tmp_path_factory.mktemp("wheel")
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "--disable-pip-version-check",

@@ -6,7 +6,7 @@ import concurrent.futures
 import pytest
 import requests
 
-from conftest import samples, sample_total
+from support import samples, sample_total
 
 pytestmark = pytest.mark.integration
 DEMO = "devstack.demo:app_from_env()"
