@@ -1,68 +1,136 @@
-"""Every benchmark still runs (tiny sizes) and says what it measured: guards against rot.
-Nothing here asserts a time; the figures live in docs/performance.md."""
+"""Every benchmark still runs (tiny sizes) and measures what it names: each variant it compares
+is there, its figures are numbers in a plausible range and agree with each other (an "added"
+column is the difference it claims, a speed-up the ratio of its two times, a count the requests
+sent). Nothing here asserts how fast anything is; the figures live in docs/performance.md."""
+import math
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 
-from devstack.stack import ROOT
+from support import CHECKOUT, needs
 
 pytestmark = pytest.mark.integration
 
 
 def run(script, *args):
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), *args],
-                            capture_output=True, text=True, timeout=300, cwd=ROOT)
+    result = subprocess.run([sys.executable, os.path.join(CHECKOUT, "benchmarks", script), *args],
+                            capture_output=True, text=True, timeout=300, cwd=CHECKOUT)
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
 
 
+def table(out: str, first_header: str):
+    """The Markdown table whose first column is ``first_header``: {first cell: {header: cell}}."""
+    lines = out.splitlines()
+    start = next(i for i, l in enumerate(lines) if re.match(rf"\|\s*{re.escape(first_header)}\s*\|", l))
+    headers = [c.strip() for c in lines[start].strip("|").split("|")]
+    rows = {}
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0]] = dict(zip(headers, cells))
+    return rows
+
+
+def number(cell: str) -> float:
+    value = float(cell.replace(",", "").replace("+", "").rstrip("x"))
+    assert math.isfinite(value), cell
+    return value
+
+
+def within_rounding(shown: float, numerator: float, denominator: float, step: float) -> bool:
+    """``shown`` is numerator / denominator of two figures each rounded to ``step``."""
+    low = (numerator - step / 2) / (denominator + step / 2)
+    high = (numerator + step / 2) / max(denominator - step / 2, 1e-12)
+    return low * 0.95 <= shown <= high * 1.05
+
+
+def check_added_over(rows, base: str, per: str, added: str, names):
+    """Each variant's "added" figure is its time less the base's, and times are plausible."""
+    assert set(rows) == {base, *names}
+    assert rows[base][added] == "—"
+    base_time = number(rows[base][per])
+    for name in (base, *names):
+        assert 1 <= number(rows[name][per]) <= 100_000, (name, rows[name])
+    for name in names:
+        assert abs(number(rows[name][added]) - (number(rows[name][per]) - base_time)) <= 0.15, rows[name]
+
+
 def test_middleware_benchmark_compares_the_four_variants():
-    out = run("bench_middleware.py", "--requests", "50", "--rounds", "1")
-    for name in ("bare Flask", "prometheus-flask-exporter", "api-token-exporter (full)",
-                 "api-token-exporter (observe-only)"):
-        assert f"| {name} |" in out
+    rows = table(run("bench_middleware.py", "--requests", "50", "--rounds", "1"), "variant")
+    check_added_over(rows, "bare Flask", "µs per request", "added over bare Flask (µs)",
+                     ("prometheus-flask-exporter", "api-token-exporter (full)", "api-token-exporter (observe-only)"))
 
 
 def test_asgi_benchmark_compares_the_four_variants():
-    out = run("bench_asgi.py", "--requests", "50", "--rounds", "1")
-    for name in ("bare FastAPI", "prometheus-fastapi-instrumentator", "api-token-exporter (full)",
-                 "api-token-exporter (observe-only)"):
-        assert f"| {name} |" in out
+    rows = table(run("bench_asgi.py", "--requests", "50", "--rounds", "1"), "variant")
+    check_added_over(rows, "bare FastAPI", "µs per request", "added over bare FastAPI (µs)",
+                     ("prometheus-fastapi-instrumentator", "api-token-exporter (full)",
+                      "api-token-exporter (observe-only)"))
 
 
 def test_scrape_benchmark_checks_identical_output_first():
-    out = run("bench_scrape.py", "--tokens", "50", "--repeat", "1")
-    assert "| 50 | 882 |" in out           # 17 series per token plus 32 fixed ones
+    row = table(run("bench_scrape.py", "--tokens", "50", "--repeat", "1"), "tokens")["50"]
+    assert number(row["lines"]) == 17 * 50 + 32          # 17 series per token plus 32 fixed ones
+    client, ours = number(row["generate_latest (s)"]), number(row["store render (s)"])
+    assert 0 < ours and 0 < client < 60
+    assert within_rounding(number(row["speed-up"]), client, ours, 0.001)       # of times rounded to ms
+    assert 0 < number(row["store bytes/series"]) < number(row["client bytes/series"])
 
 
+@needs("redis")
 def test_rate_limit_benchmark_counts_one_round_trip():
-    out = run("bench_ratelimit.py", "--requests", "100", "--rounds", "1")
-    ours = next(line for line in out.splitlines() if line.startswith("| api-token-exporter redis://"))
-    assert ours.split("|")[3].strip() == "1"
+    rows = table(run("bench_ratelimit.py", "--requests", "100", "--rounds", "1"), "variant")
+    assert number(rows["api-token-exporter redis://"]["round trips per request"]) == 1
+    assert number(rows["limits RedisStorage"]["round trips per request"]) > 1     # the reference, per window
+    for name, row in rows.items():
+        assert 0.1 <= number(row["µs per request"]) <= 100_000, name
 
 
+@needs("redis", "server")
 def test_load_benchmark_reconciles_exactly():
-    out = run("bench_load.py", "--requests-per-token", "5", "--tokens", "2", "--clients", "2")
-    assert out.count("| yes: 10 of 10 |") == 2
+    rows = table(run("bench_load.py", "--requests-per-token", "5", "--tokens", "2", "--clients", "2"), "variant")
+    assert set(rows) == {"bare Flask", "middleware, memory://", "middleware, redis://"}
+    for name, row in rows.items():
+        assert number(row["requests"]) == 10 and row["status codes"] == "{200: 10}", row
+        assert 0 < number(row["p50 ms"]) <= number(row["p99 ms"]) and number(row["req/s"]) > 0
+        if name != "bare Flask":
+            assert row["sent = counted on /metrics"] == "yes: 10 of 10"
 
 
 def test_import_benchmark_imports_every_row():
     out = run("bench_import.py", "--rows", "2000", "--days", "2")
-    assert "| whole import (+ OpenMetrics text, promtool blocks) |" in out and "2,000 rows" in out
+    assert "2,000 rows" in out
+    rows = table(out, "phase")
+    for phase in ("read, validate, aggregate (dry run)", "whole import (+ OpenMetrics text, promtool blocks)"):
+        seconds, rate = number(rows[phase]["seconds"]), number(rows[phase]["rows per second"])
+        assert seconds > 0 and within_rounding(rate, 2000, seconds, 0.1)          # of a time rounded to 0.1 s
 
 
+@needs("server")
 def test_proxy_benchmark_compares_three_ways_and_reconciles():
     out = run("bench_proxy.py", "--requests", "40", "--rounds", "1", "--streams", "2", "--clients", "4")
-    for name in ("upstream, direct", "pass-through proxy with requests", "api-token-exporter proxy"):
-        assert f"| {name} |" in out
-    assert out.count("{200: 80}") == 3 and "counted on /metrics (all)" in out
+    rows = table(out, "variant")
+    assert set(rows) == {"upstream, direct", "pass-through proxy with requests", "api-token-exporter proxy"}
+    direct = number(rows["upstream, direct"]["p50 ms (1 client)"])
+    for name, row in rows.items():
+        assert row["status codes"] == "{200: 80}", row
+        assert 0 < number(row["p50 ms (1 client)"]) <= number(row["p99 ms"]) and number(row["req/s (parallel)"]) > 0
+        if name != "upstream, direct":
+            added = number(row["p50 added"].replace(" ms", ""))
+            assert added == pytest.approx(number(row["p50 ms (1 client)"]) - direct, abs=0.02), row
+    assert "counted on /metrics (all)" in out
 
 
 def test_geo_benchmark_measures_every_path():
     out = run("bench_geo.py", "--lookups", "2000", "--rounds", "1", "--networks", "200")
     assert "100% of them in the MaxMind DB" in out
+    rows = table(out, "path")
     for name in ("iptocc.country_code alone", "CountryResolver (iptocc), addresses seen before",
                  "CountryResolver (MaxMind DB), every address new", "client_ip, no trusted proxies, every address new"):
-        assert f"| {name} |" in out
+        micro, rate = number(rows[name]["µs per call"]), number(rows[name]["calls per second"])
+        assert 0 < micro < 10_000 and micro * rate == pytest.approx(1e6, rel=0.1), rows[name]   # the same figure twice
