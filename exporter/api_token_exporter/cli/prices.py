@@ -23,8 +23,9 @@ def register(sub) -> None:
                                                "LiteLLM wheel that carries it (pip download litellm --no-deps), "
                                                "into a price snapshot.")
     update.add_argument("--from", dest="source", required=True, metavar="FILE", help="the .json file or a .whl")
-    update.add_argument("--output", default=os.environ.get("ATE_PRICES_FILE") or "llm-prices.json",
-                        help="where to write it (default: $ATE_PRICES_FILE or %(default)s)")
+    update.add_argument("--output", help="where to write it (default: prices_file of the settings, "
+                                          "$ATE_PRICES_FILE, or llm-prices.json)")
+    update.add_argument("--config", help="YAML settings file ($ATE_CONFIG)")
     update.add_argument("--version", help="the version to record (default: the wheel's, or the file's sha256)")
     prices.set_defaults(func=run)
 
@@ -33,6 +34,7 @@ def run(args) -> int:
     from ..core import price_snapshot
     from ..core.pricing import Pricing, PricingError
     if args.prices_cmd == "update":
+        args.output = args.output or command_settings(args).prices_file or "llm-prices.json"
         try:
             snapshot = price_snapshot.build(args.source, args.version)
             previous = None
