@@ -29,3 +29,13 @@ def settings_env(args) -> dict:
     if args.state_dir:
         env["ATE_STATE_DIR"] = os.path.abspath(args.state_dir)
     return env
+
+
+def generator_arguments(parser, what: str, out: str) -> None:
+    """The flags of a command that renders files from the thresholds (rules, dashboards)."""
+    parser.add_argument("--thresholds", help="the thresholds file (default: prometheus/thresholds.yml when the "
+                        "current directory has one, as a checkout does, else the packaged defaults)")
+    parser.add_argument("--out", "--output-dir", dest="out", default=out,
+                        help=f"where to write the {what} (default %(default)s)")
+    parser.add_argument("--check", action="store_true",
+                        help="exit 1 if the generated files are out of date, write nothing")

@@ -4,16 +4,13 @@ from __future__ import annotations
 import os
 import sys
 
+from .common import generator_arguments
+
 
 def register(sub) -> None:
     p = sub.add_parser("dashboards", help="generate the Grafana dashboards",
                        description="The Grafana dashboards as JSON, their threshold lines from the thresholds file.")
-    p.add_argument("--thresholds", help="the thresholds file (default: prometheus/thresholds.yml when the "
-                   "current directory has one, as a checkout does, else the packaged defaults)")
-    p.add_argument("--out", "--output-dir", dest="out", default="grafana/dashboards",
-                   help="where to write the dashboards (default %(default)s)")
-    p.add_argument("--check", action="store_true",
-                   help="exit 1 if the generated files are out of date, write nothing")
+    generator_arguments(p, "dashboards", "grafana/dashboards")
     p.set_defaults(func=run)
 
 

@@ -3,17 +3,14 @@ from __future__ import annotations
 
 import sys
 
+from .common import generator_arguments
+
 
 def register(sub) -> None:
     p = sub.add_parser("rules", help="render Prometheus rules from the thresholds file",
                        description="Recording, alert, anomaly and key lifecycle rules for Prometheus, "
                                    "rendered from the thresholds file.")
-    p.add_argument("--thresholds", help="the thresholds file (default: prometheus/thresholds.yml when the "
-                   "current directory has one, as a checkout does, else the packaged defaults)")
-    p.add_argument("--out", "--output-dir", dest="out", default="prometheus/rules",
-                   help="where to write the rule files (default %(default)s)")
-    p.add_argument("--check", action="store_true",
-                   help="exit 1 if the generated files are out of date, write nothing")
+    generator_arguments(p, "rule files", "prometheus/rules")
     p.set_defaults(func=run)
 
 
