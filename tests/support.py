@@ -21,6 +21,7 @@ from flask.testing import FlaskClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from api_token_exporter import TokenAnalytics
+from devstack.stack import free_port  # noqa: F401  (one implementation, the dev stack's)
 
 CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -64,12 +65,6 @@ def run_cli(*args, env=None, timeout=120, module="api_token_exporter.cli", **kw)
     subprocess, its output captured as text."""
     return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, env=env, **kw)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def require_binary(name: str) -> str:

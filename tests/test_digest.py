@@ -480,7 +480,7 @@ from api_token_exporter.web.server import create_app                            
 from devstack.sinks import SmtpSink, WebhookSink                          # noqa: E402
 from devstack.stack import find_binary, free_port, prometheus_config, start_prometheus  # noqa: E402
 from api_token_exporter.core.usage import LLMUsage                                       # noqa: E402
-from support import needs
+from support import needs, run_cli
 
 KEYS = {"acme-web": ("Acme <web> & co", "acme", {}), "acme-batch": ("Batch", "acme", {"daily": 0.01}),
         "globex-bot": ("Globex bot", "globex", {"monthly": 100.0})}
@@ -588,9 +588,7 @@ def world(tmp_path_factory):
 def cli(*args, env=None, cwd=None):
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("ATE_")}
     full_env.update(env or {})
-    result = subprocess.run([sys.executable, "-m", "api_token_exporter.cli", *args], capture_output=True, text=True,
-                            timeout=180, env=full_env, cwd=cwd)
-    return result
+    return run_cli(*args, env=full_env, cwd=cwd, timeout=180)
 
 
 def digest_json(world, *extra, env=None):

@@ -2,8 +2,6 @@
 the old one keeps working through the grace period (counted), then gets its own refusal; the
 metrics, limits and budget continue under the same id. Old-secret use is visible on /metrics,
 in Prometheus and in `keys show`."""
-import subprocess
-import sys
 import threading
 
 import pytest
@@ -13,14 +11,7 @@ from werkzeug.serving import make_server
 
 from api_token_exporter.core.keystore import KeyStoreError, add_key, load_keys, rotate_key, update_key
 from devstack.stack import find_binary, free_port, prometheus_config, start_prometheus
-from support import build_app, needs, sample_total, wait_for
-
-CLI = (sys.executable, "-m", "api_token_exporter.cli")
-
-
-def cli(*args):
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=60)
-
+from support import build_app, needs, run_cli, sample_total, wait_for
 
 @pytest.fixture
 def key_file(tmp_path):
@@ -36,7 +27,7 @@ def test_rotation_keeps_the_id_and_the_old_secret_works_through_its_grace(key_fi
     client = app.test_client()
     assert client.get("/items", headers={"X-API-Key": old}).status_code == 200
 
-    result = cli("keys", "rotate", "--file", path, "shop", "--grace", "3s")
+    result = run_cli("keys", "rotate", "--file", path, "shop", "--grace", "3s")
     assert result.returncode == 0, result.stderr
     new = result.stdout.strip()
     assert new.startswith("atk_") and new != old and new not in result.stderr and old not in result.stdout
@@ -52,7 +43,7 @@ def test_rotation_keeps_the_id_and_the_old_secret_works_through_its_grace(key_fi
     assert sample_total(text, "apitoken_key_old_secret_requests_total", token="shop") == 2
     assert 'apitoken_key_event_timestamp_seconds{token="shop",event="grace_ends"}' in text
     assert 'apitoken_budget_usd{token="shop",period="daily"} 5.0' in text
-    listing = cli("keys", "list", "--file", path).stdout
+    listing = run_cli("keys", "list", "--file", path).stdout
     assert "valid until" in listing and old not in listing and new not in listing
 
     wait_for("the grace period to end", lambda: not keystore.get("shop").previous_valid(), 10, 0.05)
@@ -64,7 +55,7 @@ def test_rotation_keeps_the_id_and_the_old_secret_works_through_its_grace(key_fi
     assert sample_total(text, "apitoken_auth_failures_total", reason="rotated") == 1
     assert sample_total(text, "apitoken_key_old_secret_requests_total", token="shop") == 2
     assert sample_total(text, "apitoken_requests_total", token="shop") == 6      # the refusal too, by id
-    assert "refused since" in cli("keys", "list", "--file", path).stdout
+    assert "refused since" in run_cli("keys", "list", "--file", path).stdout
 
 
 def test_rotation_without_grace_and_key_metadata(key_file):
@@ -85,7 +76,7 @@ def test_rotation_without_grace_and_key_metadata(key_file):
         rotate_key(path, "shop", 91 * 86400)
     with pytest.raises(KeyStoreError, match="no key with id"):
         rotate_key(path, "nope", 60)
-    assert cli("keys", "rotate", "--file", path, "shop", "--grace", "soon").returncode == 2
+    assert run_cli("keys", "rotate", "--file", path, "shop", "--grace", "soon").returncode == 2
 
 
 def test_admin_json_carries_the_metadata_and_the_pending_rotation(key_file):
@@ -125,7 +116,7 @@ def test_old_secret_use_is_in_prometheus_and_keys_show(key_file, tmp_path):
             assert requests.get(url, headers={"X-API-Key": old}, timeout=10).status_code == 200
         wait_for("the old-secret count in Prometheus", lambda: scraped() and float(scraped()[0]["value"][1]) == 4,
                  timeout=60)
-        shown = cli("keys", "show", "--file", path, "shop", "--prometheus-url", prom.url)
+        shown = run_cli("keys", "show", "--file", path, "shop", "--prometheus-url", prom.url)
         assert shown.returncode == 0, shown.stderr
         lines = dict(line.split(None, 1) if "  " not in line else (line[:line.index("  ")], line.split("  ", 1)[1].strip())
                      for line in shown.stdout.splitlines())

@@ -7,12 +7,8 @@ import pytest
 import yaml
 
 from api_token_exporter.core.keystore import (KeyStore, KeyStoreError, add_key, hash_key, load_keys,
-                                         mask_key, save_keys)
-
-
-def run_cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "api_token_exporter.cli", *args],
-                          capture_output=True, text=True, cwd=cwd, timeout=60)
+                                              mask_key, save_keys)
+from support import run_cli
 
 
 def test_cli_add_prints_secret_once_and_file_holds_only_its_hash(tmp_path):
