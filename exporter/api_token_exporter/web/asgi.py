@@ -55,7 +55,7 @@ from ..core.geo import client_ip, parse_trusted_proxies
 from ..core.keystore import ApiKey, KeyStore
 from ..core.metrics import UNMATCHED_ROUTE
 from .endpoints import build_endpoints, serve_metrics_port
-from .pipeline import BodyCapture, admit_async, capture_llm_usage, current_call, enter, leave, record_llm_usage
+from .pipeline import CURRENT, BodyCapture, admit, admit_async, capture_llm_usage, current_call, leave, record_llm_usage
 
 log = logging.getLogger("api_token_exporter")
 
@@ -228,21 +228,23 @@ class TokenAnalytics:
             if header == name:
                 raw = value.decode("latin-1")
                 break
-        admission = await admit_async(self.core, raw, lambda: self._client(scope), self.settings.observe_only)
-        key, refusal = admission.key, admission.refusal
+        core, observe = self.core, self.settings.observe_only
+        if core.limiter.shared and not observe:      # Redis, asked without blocking the loop
+            key, llm_token, refusal, headers = await admit_async(core, raw, observe, self._client, scope)
+        else:                                        # no I/O: no coroutine to make and await
+            key, llm_token, refusal, headers = admit(core, raw, observe, self._client, scope)
         if refusal is not None:
             return await self._refuse(scope, send, key, started, refusal)
 
-        llm_token = admission.token
         state = scope.get("state")
         if state is None:
             state = scope["state"] = {}
         state["api_key"] = key if llm_token is not None else None
         call = _Request(self, scope, send, key, llm_token, started, scope.get("root_path", ""),
-                        _encode(admission.headers) if admission.headers else None)
+                        _encode(headers) if headers else None)
         if llm_token is not None and self.settings.capture_llm_usage:
             call.capture = BodyCapture(self.settings.capture_max_bytes)
-        context = enter(call)                # background tasks run inside the app call too
+        context = CURRENT.set(call)          # background tasks run inside the app call too
         try:
             await self.app(scope, receive, call.send)
         except asyncio.CancelledError:

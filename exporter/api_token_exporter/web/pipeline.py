@@ -2,13 +2,13 @@
 refuse, limit, capture and record through these functions, so the same request gets the same
 status, body, headers and metrics from each.
 
-    admission = admit(core, raw_key, client, observe_only)       # or: await admit_async(...)
-    if admission.refusal: answer it (status, {"detail": ...}, headers) and core.record_request
-    else: call the app with admission.headers added to its answer; at its end, record it and
+    key, token, refusal, headers = admit(core, raw_key, observe_only, client_of, request)
+    if refusal: answer it (status, {"detail": ...}, headers) and core.record_request
+    else: call the app with the headers added to its answer; at its end, record it and
           capture_llm_usage(core, token, response headers, body) when capture is on
 
-The request being handled is a context variable (``enter``/``leave``), which ``current_call``
-reads for ``record_llm_usage`` and ``current_token``.
+The request being handled is the context variable CURRENT (``CURRENT.set(call)``, then
+``leave``), which ``current_call`` reads for ``record_llm_usage`` and ``current_token``.
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from ..core.ratelimit import Decision, StorageUnavailable
 from ..core.usage import LLMUsage, UsageError, validate_usage
 
 Headers = List[Tuple[str, str]]
+Admission = Tuple[Optional[ApiKey], Optional[str], Optional["Refusal"], Headers]
 
 REFUSALS = {
     "missing": (401, "Missing API key"),
@@ -45,75 +46,69 @@ class Refusal:
         return {"detail": self.detail}
 
 
-class Admission:
-    """What the pipeline decided for one request: the key (also one that was refused), the
-    token whose usage the request counts as (None unless it authenticated), a refusal or None,
-    and the rate-limit headers the app's answer gets."""
-    __slots__ = ("key", "token", "refusal", "headers")
-
-    def __init__(self, key: Optional[ApiKey], token: Optional[str], refusal: Optional[Refusal],
-                 headers: Headers):
-        self.key, self.token, self.refusal, self.headers = key, token, refusal, headers
+NO_HEADERS: Headers = ()           # shared: a face only tests it and adds it to a copy
 
 
-def admit(core, raw_key: Optional[str], client: Callable[[], str], observe_only: bool) -> Admission:
-    """Authenticate ``raw_key`` and charge its rate limits (``client()`` names the caller of a
-    failed authentication)."""
-    first = _authenticate(core, raw_key, client, observe_only)
-    if first.refusal is not None or first.token is None or observe_only:
-        return first
+def admit(core, raw_key: Optional[str], observe_only: bool, client_of: Callable, request) -> Admission:
+    """Authenticate ``raw_key`` and charge its rate limits. ``client_of(request)`` names the caller
+    of a failed authentication (called only then).
+
+    Returns (key, token, refusal, headers): the key (also one that was refused), the token whose
+    usage the request counts as (None unless it authenticated), a Refusal or None, and the
+    rate-limit headers the app's answer gets. A tuple, not an object: this is every request's path."""
+    key, reason = core.authenticate(raw_key)
+    if reason is not None:
+        return _refused(core, key, reason, observe_only, client_of, request)
+    if observe_only:
+        return key, key.id, None, NO_HEADERS
     now = time.time()
     try:
-        decision = core.hit(first.key, now)
+        decision = core.hit(key, now)
     except StorageUnavailable:
-        return _unavailable(core, first.key)
-    return _limited(first, decision, now)
+        return key, key.id, _unavailable(core), NO_HEADERS
+    return _limited(key, decision, now)
 
 
-async def admit_async(core, raw_key: Optional[str], client: Callable[[], str], observe_only: bool) -> Admission:
+async def admit_async(core, raw_key: Optional[str], observe_only: bool, client_of: Callable, request) -> Admission:
     """``admit`` for an event loop: a shared rate-limit storage is asked without blocking it."""
-    first = _authenticate(core, raw_key, client, observe_only)
-    if first.refusal is not None or first.token is None or observe_only:
-        return first
+    key, reason = core.authenticate(raw_key)
+    if reason is not None:
+        return _refused(core, key, reason, observe_only, client_of, request)
+    if observe_only:
+        return key, key.id, None, NO_HEADERS
     now = time.time()
     try:
         if core.limiter.shared:
-            decision = await core.hit_async(first.key, now)
+            decision = await core.hit_async(key, now)
         else:                                   # memory: no I/O, no await
-            decision = core.hit(first.key, now)
+            decision = core.hit(key, now)
     except StorageUnavailable:
-        return _unavailable(core, first.key)
-    return _limited(first, decision, now)
+        return key, key.id, _unavailable(core), NO_HEADERS
+    return _limited(key, decision, now)
 
 
-def _authenticate(core, raw_key, client, observe_only) -> Admission:
-    key, reason = core.authenticate(raw_key)
-    if reason is None:
-        return Admission(key, key.id, None, [])
-    core.auth_failure(reason, client())
-    if observe_only:
-        return Admission(key, None, None, [])
-    return Admission(key, None, Refusal(*REFUSALS[reason]), [])
+def _refused(core, key, reason: str, observe_only: bool, client_of, request) -> Admission:
+    core.auth_failure(reason, client_of(request))
+    return key, None, None if observe_only else Refusal(*REFUSALS[reason]), NO_HEADERS
 
 
-def _unavailable(core, key: ApiKey) -> Admission:
+def _unavailable(core) -> Refusal:
     """storage_failure_mode closed, while the rate-limit storage does not answer."""
     wait = max(1, math.ceil(core.limiter.breaker.backoff))
-    return Admission(key, key.id, Refusal(
-        503, "Rate limiting is unavailable, so requests are refused "
-             f"(storage_failure_mode: closed). Try again in {wait} seconds", [("Retry-After", str(wait))]), [])
+    return Refusal(503, "Rate limiting is unavailable, so requests are refused "
+                        f"(storage_failure_mode: closed). Try again in {wait} seconds", [("Retry-After", str(wait))])
 
 
-def _limited(first: Admission, decision: Optional[Decision], now: float) -> Admission:
+def _limited(key: ApiKey, decision: Optional[Decision], now: float) -> Admission:
     if decision is None:
-        return first
-    first.headers = headers = rate_limit_headers(decision, now)
-    if not decision.allowed:
-        refused = decision.refused_by
-        wait = refused.reset_in(now)
-        first.refusal = Refusal(429, f"Rate limit exceeded for {refused.window}. Try again in {wait} seconds",
-                                headers + [("Retry-After", str(wait))])
-    return first
+        return key, key.id, None, NO_HEADERS
+    headers = rate_limit_headers(decision, now)
+    if decision.allowed:
+        return key, key.id, None, headers
+    refused = decision.refused_by
+    wait = refused.reset_in(now)
+    return key, key.id, Refusal(429, f"Rate limit exceeded for {refused.window}. Try again in {wait} seconds",
+                                headers + [("Retry-After", str(wait))]), headers
 
 
 _STATIC_HEADERS: Dict[tuple, tuple] = {}
@@ -209,25 +204,18 @@ def decompressed(body: bytes, encoding: str, limit: int) -> Optional[bytes]:
 
 
 # -- the request being handled -------------------------------------------------------------------
-_CURRENT: contextvars.ContextVar = contextvars.ContextVar("api_token_exporter_request", default=None)
-
-
-def enter(call) -> contextvars.Token:
-    """Make ``call`` (a face's request object: ``key``, ``llm_token``, ``llm_recorded``,
-    ``core``) the current request; ``leave`` with what this returns."""
-    return _CURRENT.set(call)
+# the face's request object (``key``, ``llm_token``, ``llm_recorded``, ``core``) being handled;
+# a face sets it (CURRENT.set(call): one call on the request path) and ``leave``s it
+CURRENT: contextvars.ContextVar = contextvars.ContextVar("api_token_exporter_request", default=None)
+current_call = CURRENT.get
 
 
 def leave(context: Optional[contextvars.Token]) -> None:
     if context is not None:
         try:
-            _CURRENT.reset(context)
+            CURRENT.reset(context)
         except ValueError:               # finished in another context (a server's thread)
-            _CURRENT.set(None)
-
-
-def current_call():
-    return _CURRENT.get()
+            CURRENT.set(None)
 
 
 def record_llm_usage(service: str, model: str, input_tokens: int = 0, output_tokens: int = 0,
@@ -239,7 +227,7 @@ def record_llm_usage(service: str, model: str, input_tokens: int = 0, output_tok
     prompt_tokens and completion_tokens); the cached, cache-write and reasoning tokens are parts
     of them, priced at their own rates. Raises UsageError for bad values, which are then not
     counted at all."""
-    call = _CURRENT.get()
+    call = CURRENT.get()
     if call is None:
         raise RuntimeError("record_llm_usage() called outside a request handled by TokenAnalytics")
     token = token or call.llm_token

@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -23,7 +24,7 @@ from ..core.metrics import UNMATCHED_ROUTE
 from ..core.geo import client_ip, parse_trusted_proxies
 from ..core.usage import LLMUsage
 from .endpoints import build_endpoints, serve_metrics_port
-from .pipeline import BodyCapture, admit, capture_llm_usage, current_call, enter, leave, record_llm_usage
+from .pipeline import CURRENT, BodyCapture, admit, capture_llm_usage, current_call, leave, record_llm_usage
 
 log = logging.getLogger("api_token_exporter")
 
@@ -158,6 +159,7 @@ class TokenAnalytics:
         self._key_environ = "HTTP_" + s.header_name.upper().replace("-", "_")
         self._exempt = set(s.exempt_paths)
         self._trusted_proxies = parse_trusted_proxies(s.trusted_proxies)
+        self._client_of = functools.partial(client_ip, trusted_proxies=self._trusted_proxies)   # of an environ
         # bound once: matching a path then costs no environ parsing per request
         self._route_adapter = Map([Rule(r) for r in routes]).bind("localhost") if routes else None
         self._route_adapter_source = None
@@ -228,18 +230,16 @@ class TokenAnalytics:
             return self.app(environ, start_response)
 
         started = time.perf_counter()
-        admission = admit(self.core, environ.get(self._key_environ),
-                          lambda: client_ip(environ, self._trusted_proxies), self.settings.observe_only)
-        key, refusal = admission.key, admission.refusal
+        key, llm_token, refusal, headers = admit(self.core, environ.get(self._key_environ),
+                                                 self.settings.observe_only, self._client_of, environ)
         if refusal is not None:
             body = json_response(start_response, refusal.code, refusal.body(), refusal.headers)
             self._record(environ, key, refusal.code, started)
             return body
 
-        llm_token = admission.token
         environ[ENVIRON_TOKEN] = llm_token
-        call = _Call(self, environ, start_response, key, llm_token, started, admission.headers)
-        call.context = enter(call)             # left when the body is finished
+        call = _Call(self, environ, start_response, key, llm_token, started, headers)
+        call.context = CURRENT.set(call)       # left when the body is finished
         try:
             call.result = self.app(environ, call.start)
         except BaseException:
