@@ -94,17 +94,24 @@ def _count(rnd: random.Random, mean: float) -> int:
     return max(0, int(round(rnd.gauss(mean, math.sqrt(mean))))) if mean > 0 else 0
 
 
-def _split(n: int, weights: Sequence[float], rnd: random.Random) -> List[int]:
-    """n into parts proportional to weights, whole numbers that add up to n."""
+def split_counts(n: int, weights: Sequence[float], rnd: random.Random) -> List[int]:
+    """n into parts proportional to weights (a weight below 0 counts as 0), whole numbers that
+    add up to n: each part its whole share, and the units left over go, one each, to parts
+    drawn in proportion to their fractions. A part of weight 0 never gets one (a latency bucket
+    beyond a profile's range stays empty, a status share of 0 stays 0)."""
+    weights = [max(0.0, w) for w in weights]
     total = sum(weights)
-    parts, given = [], 0
-    for w in weights[:-1]:
-        share = n * w / total
-        k = int(share) + (1 if rnd.random() < share - int(share) else 0)
-        k = min(k, n - given)
-        parts.append(k)
-        given += k
-    parts.append(n - given)
+    if n <= 0 or total <= 0:
+        return [0] * (len(weights) - 1) + [max(n, 0)] if weights else []
+    shares = [n * w / total for w in weights]
+    parts = [int(share) for share in shares]
+    fractions = [share - part for share, part in zip(shares, parts)]
+    for _ in range(n - sum(parts)):
+        if sum(fractions) <= 0:                     # rounding: back to the shares themselves
+            fractions = [w for w in weights]
+        pick = rnd.choices(range(len(parts)), weights=fractions)[0]
+        parts[pick] += 1
+        fractions[pick] = 0.0
     return parts
 
 
@@ -163,19 +170,19 @@ def generate(agg: Aggregate, start: float, end: float, seed: int = 42,
                 continue
             plan.requests += n
             errors = 0.4 if "errors" in kinds else p.error_rate
-            ok, missing, failed = _split(n, [1 - errors - p.not_found, p.not_found, errors], rnd)
+            ok, missing, failed = split_counts(n, [1 - errors - p.not_found, p.not_found, errors], rnd)
             for (route, method), k_ok, k_missing, k_failed in zip(
-                    p.routes, _split(ok, [1] * len(p.routes), rnd), _split(missing, [1] * len(p.routes), rnd),
-                    _split(failed, [1] * len(p.routes), rnd)):
+                    p.routes, split_counts(ok, [1] * len(p.routes), rnd), split_counts(missing, [1] * len(p.routes), rnd),
+                    split_counts(failed, [1] * len(p.routes), rnd)):
                 for code, k in ((200, k_ok), (404, k_missing), (500, k_failed)):
                     if k:
                         agg.add_requests(b, token, route, method, code, k)
                 k = k_ok + k_missing + k_failed
                 if k:
-                    per_bucket = _split(k, slow_shares if "slow" in kinds else shares, rnd)
+                    per_bucket = split_counts(k, slow_shares if "slow" in kinds else shares, rnd)
                     seconds = k * mean * (8 if "slow" in kinds else 1)
                     agg.add_durations(b, token, route, method, per_bucket, seconds)
-            for (service, model), calls in zip(p.llm, _split(ok, [1] * len(p.llm), rnd) if p.llm else ()):
+            for (service, model), calls in zip(p.llm, split_counts(ok, [1] * len(p.llm), rnd) if p.llm else ()):
                 if calls:
                     prompt = calls * rnd.randint(*sorted(p.llm_tokens))
                     agg.add_llm(b, token, LLMUsage(service, model, prompt,

@@ -15,6 +15,7 @@ import threading
 import time
 
 import pytest
+from hypothesis import given, strategies as st
 import requests
 from werkzeug.serving import make_server
 
@@ -472,3 +473,15 @@ def test_every_recording_rule_answers_on_the_smaller_series(backfilled):
             break
         time.sleep(10)
     assert empty == set(), f"recording rules with no data: {sorted(empty)}"
+
+
+@given(st.integers(0, 500), st.lists(st.floats(-1, 5, allow_nan=False), min_size=1, max_size=17), st.integers(0, 99))
+def test_the_synthetic_split_adds_up_and_gives_nothing_to_a_zero_weight(n, weights, seed):
+    """The demo's history splits counts by shares: whole parts adding up to n, none below 0 (a
+    counter that goes down reads as a reset), none where the weight is 0 or less (a latency
+    bucket beyond the profile's range), unless no weight is positive at all."""
+    from devstack.synthetic import split_counts
+    parts = split_counts(n, weights, __import__("random").Random(seed))
+    assert len(parts) == len(weights) and sum(parts) == n and min(parts) >= 0
+    if any(w > 0 for w in weights):
+        assert all(p == 0 for p, w in zip(parts, weights) if w <= 0)
