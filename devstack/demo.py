@@ -21,7 +21,7 @@ import yaml
 from flask import Flask, Response, jsonify, request
 
 from api_token_exporter.core.keystore import add_key, load_keys, save_keys
-from api_token_exporter.web.wsgi import TokenAnalytics, record_llm_usage
+from api_token_exporter import TokenAnalytics, record_llm_usage
 from devstack.sinks import SmtpSink, WebhookSink
 
 log = logging.getLogger("api_token_exporter")

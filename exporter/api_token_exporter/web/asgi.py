@@ -3,7 +3,7 @@ limits with headers, metrics, LLM capture and built-in endpoints as the WSGI one
 same core.
 
     from fastapi import FastAPI
-    from api_token_exporter.web.asgi import TokenAnalytics
+    from api_token_exporter.asgi import TokenAnalytics
 
     app = FastAPI()
     app.add_middleware(TokenAnalytics, keys_file="keys.yml")      # FastAPI / Starlette
