@@ -252,8 +252,8 @@ def test_capacity_scenarios(world):
     thrice, _ = capacity(world, multiplier="3")
     for token, entry in thrice.items():
         base = once[token]
-        # costs are answered to 6 decimals: the expectation, built from two of them, carries up
-        # to 4 rounding steps of 0.5e-6 (3 of them tripled), and the answer one more
+        # costs are answered to 6 decimals: the expectation (3b - 2a of two answered costs) carries
+        # up to 2.5e-6 of their rounding, the answer 0.5e-6 of its own
         assert entry["monthEnd"]["cost"] == pytest.approx(
             base["monthToDate"]["cost"] + 3 * (base["monthEnd"]["cost"] - base["monthToDate"]["cost"]), rel=1e-3,
             abs=4.5e-6)
