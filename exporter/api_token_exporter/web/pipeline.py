@@ -70,18 +70,16 @@ def admit(core, raw_key: Optional[str], observe_only: bool, client_of: Callable,
 
 
 async def admit_async(core, raw_key: Optional[str], observe_only: bool, client_of: Callable, request) -> Admission:
-    """``admit`` for an event loop: a shared rate-limit storage is asked without blocking it."""
+    """``admit`` for an event loop: a shared rate-limit storage is asked without blocking it
+    (without one there is no I/O, and ``admit`` answers)."""
+    if observe_only or not core.limiter.shared:
+        return admit(core, raw_key, observe_only, client_of, request)
     key, reason = core.authenticate(raw_key)
     if reason is not None:
         return _refused(core, key, reason, observe_only, client_of, request)
-    if observe_only:
-        return key, key.id, None, NO_HEADERS
     now = time.time()
     try:
-        if core.limiter.shared:
-            decision = await core.hit_async(key, now)
-        else:                                   # memory: no I/O, no await
-            decision = core.hit(key, now)
+        decision = await core.hit_async(key, now)
     except StorageUnavailable:
         return key, key.id, _unavailable(core), NO_HEADERS
     return _limited(key, decision, now)
