@@ -428,6 +428,8 @@ def test_several_gunicorn_workers_keep_one_history(tmp_path):
         episodes = [(a["id"], a["starts_at"]) for a in stored()]
         assert len(episodes) == len(set(a["id"] for a in stored())) == len(held) >= 2, episodes
         assert all(a["notified"] for a in stored())
+    except Exception as exc:                 # what the server said is the first thing to read
+        raise AssertionError(f"{exc}\n--- serve log ---\n{log_path.read_text()[-3000:]}") from exc
     finally:
         if proc is not None:
             stop_process(proc)

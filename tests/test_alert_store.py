@@ -22,21 +22,58 @@ def postgres(tmp_path_factory):
     pg.stop()
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.needs_postgres)])
-def history(request, tmp_path):
+BACKENDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.needs_postgres)]
+
+
+@pytest.fixture(params=BACKENDS)
+def empty_database(request, tmp_path):
+    """The URL of a database with no tables: a file, or a database of its own on the server."""
     if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'alerts.db'}"
-    else:
-        import sqlalchemy as sa
-        base = request.getfixturevalue("postgres")
-        name = "h" + uuid.uuid4().hex[:12]                 # a database per test: nothing shared
-        admin = sa.create_engine(base, isolation_level="AUTOCOMMIT")
-        with admin.connect() as conn:
-            conn.execute(sa.text(f"CREATE DATABASE {name}"))
-        admin.dispose()
-        url = base.rsplit("/", 1)[0] + "/" + name
-    store = AlertHistory(url)
+        return f"sqlite:///{tmp_path / 'alerts.db'}"
+    import sqlalchemy as sa
+    base = request.getfixturevalue("postgres")
+    name = "h" + uuid.uuid4().hex[:12]                 # a database per test: nothing shared
+    admin = sa.create_engine(base, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f"CREATE DATABASE {name}"))
+    admin.dispose()
+    return base.rsplit("/", 1)[0] + "/" + name
+
+
+@pytest.fixture
+def history(empty_database):
+    store = AlertHistory(empty_database)
     yield store
+    store.close()
+
+
+def _open_history(url, go, results):
+    go.wait(30)
+    try:
+        AlertHistory(url).close()
+        results.put(None)
+    except Exception as exc:                 # reported to the test, which names it
+        results.put(repr(exc))
+
+
+def test_workers_starting_together_on_an_empty_database_all_start(empty_database):
+    """gunicorn starts its workers at once, each creating the tables it misses: a worker that
+    loses the race must not fail to boot (which stops the whole server)."""
+    import multiprocessing
+    import sqlalchemy as sa
+    from api_token_exporter.alerting.store import metadata
+    ctx = multiprocessing.get_context("fork")    # as gunicorn starts its workers
+    go, results = ctx.Event(), ctx.Queue()
+    workers = [ctx.Process(target=_open_history, args=(empty_database, go, results)) for _ in range(6)]
+    for w in workers:
+        w.start()
+    go.set()
+    errors = [results.get(timeout=120) for _ in workers]
+    for w in workers:
+        w.join(timeout=30)
+    assert errors == [None] * len(workers), errors
+    store = AlertHistory(empty_database)
+    assert set(sa.inspect(store.engine).get_table_names()) >= set(metadata.tables)
     store.close()
 
 

@@ -110,6 +110,20 @@ def default_url(state_dir: Optional[str]) -> Optional[str]:
     return f"sqlite:///{os.path.join(os.path.abspath(state_dir), 'alerts.db')}" if state_dir else None
 
 
+def _create_tables(engine) -> None:
+    """Create what is missing. Workers starting together race between checking and creating a
+    table; the loser's error means that table now exists, so each retry gets further, and the
+    number of tables and indexes bounds the retries."""
+    attempts = sum(1 + len(t.indexes) for t in metadata.tables.values()) + 1
+    for attempt in range(attempts):
+        try:
+            metadata.create_all(engine)
+            return
+        except sa.exc.DBAPIError:
+            if attempt == attempts - 1:
+                raise
+
+
 class AlertHistory:
     """The history store. Every method is one transaction; safe from several threads, processes
     (SQLite serialises writers; a busy writer is waited for) and, on PostgreSQL, replicas."""
@@ -129,10 +143,7 @@ class AlertHistory:
                 url = "postgresql+psycopg://" + url[len("postgresql://"):]
             self.engine = sa.create_engine(url, pool_pre_ping=True)
         self._insert = self._dialect_insert()
-        try:
-            metadata.create_all(self.engine)
-        except sa.exc.DBAPIError:                # another worker created the tables meanwhile
-            metadata.create_all(self.engine)
+        _create_tables(self.engine)
 
     def _dialect_insert(self):
         name = self.engine.dialect.name
