@@ -51,7 +51,7 @@ def run_demo_command(args) -> int:
 
 
 def run_backfill(args) -> int:
-    from api_token_exporter.analytics import importer as history
+    from api_token_exporter.analytics import importer as history, rule_backfill
     from api_token_exporter.core.pricing import Pricing, PricingError
 
     from . import synthetic
@@ -80,9 +80,9 @@ def run_backfill(args) -> int:
             from .stack import ROOT
             rules = args.rules or [os.path.join(ROOT, "prometheus", "rules", f)
                                    for f in ("apitoken-recording.yml", "apitoken-anomalies.yml")]
-            rule_blocks = history.backfill_rules(args.prometheus_url, rules, start, end,
-                                                 args.prometheus_data or args.output,
-                                                 load_timeout=args.load_timeout)
+            rule_blocks = rule_backfill.backfill_rules(args.prometheus_url, rules, start, end,
+                                                       args.prometheus_data or args.output,
+                                                       load_timeout=args.load_timeout)
     except history.ImportFailed as exc:
         print(f"\nerror: {exc}", file=sys.stderr)
         return 2

@@ -505,7 +505,7 @@ class DemoStack:
     def _backfill_rules(self, start: float, end: float) -> None:
         """The recording rules over the history, in the background. Between dependency levels
         Prometheus is restarted (a few seconds) so that it opens the new blocks at once."""
-        from api_token_exporter.analytics import importer as history
+        from api_token_exporter.analytics.rule_backfill import backfill_rules
         from devstack import stack
 
         def run():
@@ -518,10 +518,10 @@ class DemoStack:
                 doc["groups"] = [g for g in doc["groups"] if not g["name"].startswith("apitoken.upstream")]
                 with open(recording, "w", encoding="utf-8") as fh:
                     yaml.safe_dump(doc, fh, sort_keys=False)
-                history.backfill_rules(self.prometheus.url,     # so the anomaly bands are learned from the start
-                                       [recording, os.path.join(rules, "apitoken-anomalies.yml")],
-                                       start, end, os.path.join(self.data_dir, "prometheus", "data"),
-                                       eval_interval="300s", reload=self._restart_prometheus)
+                backfill_rules(self.prometheus.url,     # so the anomaly bands are learned from the start
+                               [recording, os.path.join(rules, "apitoken-anomalies.yml")],
+                               start, end, os.path.join(self.data_dir, "prometheus", "data"),
+                               eval_interval="300s", reload=self._restart_prometheus)
             except Exception as exc:       # the demo runs on without them; say why
                 self.rules_backfill_error = str(exc)
                 log.warning("backfilling the recording rules failed: %s", exc)

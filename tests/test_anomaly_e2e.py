@@ -11,7 +11,7 @@ import pytest
 import requests
 from werkzeug.serving import make_server
 
-from api_token_exporter.analytics import importer as history
+from api_token_exporter.analytics.rule_backfill import backfill_rules
 from api_token_exporter.mixin import rules as rulegen, thresholds
 from api_token_exporter.analytics.importer import Aggregate, ImportResult, build_blocks
 from api_token_exporter.core.keystore import add_key
@@ -80,9 +80,9 @@ def stack(tmp_path):
                                                timeout=120)
             started.append(prom["service"])
 
-        history.backfill_rules(prom["service"].url, [str(rules_dir / "apitoken-recording.yml"),
-                                                     str(rules_dir / "apitoken-anomalies.yml")],
-                               start, end, str(data), reload=restart)
+        backfill_rules(prom["service"].url, [str(rules_dir / "apitoken-recording.yml"),
+                                             str(rules_dir / "apitoken-anomalies.yml")],
+                       start, end, str(data), reload=restart)
         yield {"prom": prom, "webhook": webhook, "exporter": f"http://127.0.0.1:{port}"}
     finally:
         for service in reversed(started):

@@ -19,7 +19,7 @@ from hypothesis import given, strategies as st
 import requests
 from werkzeug.serving import make_server
 
-from api_token_exporter.analytics import importer as history
+from api_token_exporter.analytics import importer as history, rule_backfill
 from api_token_exporter.core.keystore import add_key
 from api_token_exporter.core.pricing import Pricing
 from api_token_exporter.web.server import create_app
@@ -222,6 +222,60 @@ def test_live_traffic_adds_to_the_imported_history_once(imported):
     assert before["allTime"]["requests"] == sum(c["requests"] for (t, _), c in expected.items() if t == token)
 
 
+_DUMPED = re.compile(r'^\{__name__="((?:[^"\\]|\\.)*)"(?:, (.*))?\} (\S+) (-?\d+)$')
+_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+_OPENMETRICS = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)\{(.*)\} (\S+) (\S+)$')
+
+
+def _recorded(lines, pattern, millis):
+    """{(name, labels): {time: value}} from `promtool tsdb dump` or OpenMetrics lines."""
+    out = collections.defaultdict(dict)
+    for line in lines:
+        found = pattern.match(line)
+        if found:
+            name, labels, value, at = found.groups()
+            key = (name, tuple(sorted(_LABEL.findall(labels or ""))))
+            out[key][float(at) / 1000 if millis else float(at)] = float(value)
+    return out
+
+
+@pytest.mark.integration
+def test_the_rule_backfill_records_what_promtool_records(imported, tmp_path):
+    """Recording rules over the past as one range query per rule (the fast path) record what
+    promtool's `create-blocks-from rules` records: the same series, moments and values. promtool
+    offsets each group's evaluations by a hash of its name: the fast path is given that offset."""
+    import io
+    import yaml
+    from api_token_exporter.alerting.client import Prometheus
+    rules = os.path.join(os.path.dirname(__file__), "..", "prometheus", "rules", "apitoken-recording.yml")
+    groups = [g for g in rule_backfill.rule_levels([rules])[0] if not g["name"].startswith("apitoken.upstream")]
+    assert {g.get("interval") for g in groups} == {None, "1h"}          # both kinds of group
+    start = (imported["now"] - 2 * 86400) // 7200 * 7200 + 1800         # not on a block boundary
+    end = start + 5 * 3600
+    rules_file = tmp_path / "level0.yml"
+    rules_file.write_text(yaml.safe_dump({"groups": groups}))
+    done = subprocess.run(["promtool", "tsdb", "create-blocks-from", "rules", f"--url={imported['prom'].url}",
+                           f"--start={int(start)}", f"--end={int(end)}", "--eval-interval=60s",
+                           f"--output-dir={tmp_path / 'blocks'}", str(rules_file)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    (tmp_path / "blocks" / "wal").mkdir(exist_ok=True)
+    dump = subprocess.run(["promtool", "tsdb", "dump", str(tmp_path / "blocks")], capture_output=True, text=True,
+                          timeout=300)
+    theirs = _recorded(dump.stdout.splitlines(), _DUMPED, millis=True)
+    prometheus = Prometheus(imported["prom"].url, timeout=120)
+    ours = {}
+    for group in groups:
+        first = next(min(v) for (name, _), v in theirs.items() if name == group["rules"][0]["record"])
+        text = io.StringIO()
+        rule_backfill.evaluate_rules(prometheus, [group], start, end, 60, text,
+                                     offset=first % (3600 if group.get("interval") else 60))
+        ours.update(_recorded(text.getvalue().splitlines(), _OPENMETRICS, millis=False))
+    assert len(ours) > 20 and set(ours) == set(theirs), set(ours) ^ set(theirs)
+    for key in ours:
+        assert ours[key] == pytest.approx(theirs[key], rel=1e-9), key
+
+
 def test_import_from_sqlite_by_table_and_by_query(tmp_path):
     """The APIUsage table itself, read through SQLAlchemy; a query with its own column names."""
     db = tmp_path / "app.db"
@@ -306,7 +360,7 @@ def test_waiting_for_rule_blocks_outlasts_a_prometheus_that_is_away():
     """A Prometheus restarting while the backfill waits refuses connections: that is waited
     out, and the deadline ends in a message, not a traceback."""
     with pytest.raises(history.ImportFailed, match="did not load the backfilled rules within 1 s"):
-        history._wait_for_series(f"http://127.0.0.1:{free_port()}", ["token:x:rate5m"], time.time(), 1)
+        rule_backfill.wait_for_series(f"http://127.0.0.1:{free_port()}", ["token:x:rate5m"], time.time(), 1)
 
 
 def test_backfill_refuses_what_cannot_work(tmp_path):

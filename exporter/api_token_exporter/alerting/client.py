@@ -107,9 +107,12 @@ class Prometheus(_Http):
         config = yaml.safe_load(self.call("GET", "/api/v1/status/config").json()["data"]["yaml"]) or {}
         return {str(k): str(v) for k, v in ((config.get("global") or {}).get("external_labels") or {}).items()}
 
-    def firing_range(self, start: float, end: float, step: float) -> List[dict]:
+    def query_range(self, expr: str, start: float, end: float, step: float) -> List[dict]:
         return self.call("GET", "/api/v1/query_range", params={
-            "query": 'ALERTS{alertstate="firing"}', "start": start, "end": end, "step": step}).json()["data"]["result"]
+            "query": expr, "start": start, "end": end, "step": step}).json()["data"]["result"]
+
+    def firing_range(self, start: float, end: float, step: float) -> List[dict]:
+        return self.query_range('ALERTS{alertstate="firing"}', start, end, step)
 
     def firing_now(self) -> List[dict]:
         return self.call("GET", "/api/v1/query", params={"query": 'ALERTS{alertstate="firing"}'}).json()["data"]["result"]

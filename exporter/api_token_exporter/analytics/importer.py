@@ -21,7 +21,6 @@ import decimal
 import datetime as dt
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -378,7 +377,7 @@ def write_openmetrics(agg: Aggregate, out, job: str, instance: str) -> Tuple[int
 Progress = Optional[Callable[[str], None]]
 
 
-def _promtool(given: Optional[str]) -> str:
+def find_promtool(given: Optional[str] = None) -> str:
     found = given or shutil.which("promtool")
     if not found:
         raise ImportFailed("promtool is not installed (Debian: apt-get install prometheus)")
@@ -387,162 +386,33 @@ def _promtool(given: Optional[str]) -> str:
 
 def build_blocks(result: ImportResult, agg: Aggregate, output_dir: str, job: str, instance: str,
                  promtool: Optional[str] = None, progress: Progress = None) -> None:
-    promtool = _promtool(promtool)
+    promtool = find_promtool(promtool)
     os.makedirs(output_dir, exist_ok=True)
-    # built beside their destination, then renamed: a Prometheus reloading its blocks never
-    # sees one half copied (it ignores directories whose names are not block ids)
     with tempfile.TemporaryDirectory(prefix=".ate-import-", dir=output_dir) as work:
         text = os.path.join(work, "samples.om.txt")
         with open(text, "w", encoding="utf-8") as fh:
             result.series, result.samples = write_openmetrics(agg, fh, job, instance)
         if progress:
             progress(f"{result.samples} samples of {result.series} series: building TSDB blocks")
-        blocks = os.path.join(work, "blocks")
-        done = subprocess.run([promtool, "tsdb", "create-blocks-from", "openmetrics",
-                               f"--max-block-duration={MAX_BLOCK}", "--quiet", text, blocks],
-                              capture_output=True, text=True)
-        if done.returncode != 0:
-            raise ImportFailed(f"promtool could not build blocks: {(done.stderr or done.stdout).strip()[-500:]}")
-        for name in sorted(os.listdir(blocks)):
-            os.rename(os.path.join(blocks, name), os.path.join(output_dir, name))
-            result.blocks.append(os.path.join(output_dir, name))
+        result.blocks += openmetrics_to_blocks(promtool, text, output_dir, work)
 
 
-def rule_levels(rule_files: List[str]) -> List[List[dict]]:
-    """Recording rule groups split by dependency: level 0 reads only raw series, level n reads
-    series recorded at lower levels. promtool backfills each rule from what Prometheus holds,
-    so a rule that reads another recorded series has to wait for its blocks."""
-    import yaml
-    groups = []
-    for path in rule_files:
-        with open(path, encoding="utf-8") as fh:
-            groups += [g for g in (yaml.safe_load(fh) or {}).get("groups", [])]
-    rules = [(g, r) for g in groups for r in g["rules"] if "record" in r]
-    recorded = {r["record"] for _, r in rules}
-    level: Dict[str, int] = {}
-
-    def of(rule) -> int:
-        name = rule["record"]
-        if name not in level:
-            level[name] = 0                    # a cycle cannot recurse forever
-            deps = set(re.findall(r"[a-zA-Z_:][a-zA-Z0-9_:]*", rule["expr"])) & recorded
-            level[name] = 1 + max((of(by_name[d]) for d in deps if d != name), default=-1)
-        return level[name]
-    by_name = {r["record"]: r for _, r in rules}
-    out: List[List[dict]] = []
-    for g, r in rules:
-        n = of(r)
-        while len(out) <= n:
-            out.append([])
-        groups_at = out[n]
-        target = next((x for x in groups_at if x["name"] == g["name"]), None)
-        if target is None:
-            target = {"name": g["name"], "rules": []}
-            if "interval" in g:
-                target["interval"] = g["interval"]
-            groups_at.append(target)
-        target["rules"].append({k: v for k, v in r.items() if k in ("record", "expr", "labels")})
-    return out
-
-
-RULE_BLOCK = 7200          # promtool create-blocks-from rules: its default (and our) block length
-
-
-def backfill_rules(prometheus_url: str, rule_files: List[str], start: float, end: float, data_dir: str,
-                   eval_interval: str = "60s", promtool: Optional[str] = None, load_timeout: float = 180,
-                   reload: Optional[Callable[[], None]] = None) -> List[str]:
-    """Evaluate recording rules over [start, end) against a Prometheus that holds the history
-    (`promtool tsdb create-blocks-from rules`) and move the blocks into its data directory, a
-    dependency level at a time: each level waits until Prometheus has loaded the one before.
-
-    Prometheus picks new blocks up about once a minute, but not while it compacts, which on a
-    busy machine can last minutes. ``reload`` (restarting a Prometheus one owns, which opens
-    every block at start) makes the wait short and certain."""
-    import yaml
-    promtool = _promtool(promtool)
-    moved = []
-    levels = rule_levels(rule_files)
-    # promtool evaluates a rule block by block (two hours each) and stops at the first block
-    # whose end comes before the group's first aligned evaluation: a start late in a block would
-    # leave an hourly group with nothing at all. Starting on a block boundary never does.
-    start = float(int(start) // RULE_BLOCK * RULE_BLOCK)
-    for n, groups in enumerate(levels):
-        with tempfile.TemporaryDirectory(prefix=".ate-rules-", dir=data_dir) as work:
-            rules_path = os.path.join(work, "rules.yml")
-            with open(rules_path, "w", encoding="utf-8") as fh:
-                yaml.safe_dump({"groups": groups}, fh, sort_keys=False)
-            out_dir = os.path.join(work, "blocks")
-            os.makedirs(out_dir)
-            done = subprocess.run([promtool, "tsdb", "create-blocks-from", "rules", f"--url={prometheus_url}",
-                                   f"--start={int(start)}", f"--end={int(end)}", f"--eval-interval={eval_interval}",
-                                   f"--output-dir={work}/two-hour", rules_path], capture_output=True, text=True)
-            if done.returncode != 0:
-                raise ImportFailed("promtool could not backfill the rules: "
-                                   f"{(done.stderr or done.stdout).strip()[-500:]}")
-            merge_blocks(promtool, f"{work}/two-hour", out_dir, work)
-            for name in sorted(os.listdir(out_dir)):
-                os.rename(os.path.join(out_dir, name), os.path.join(data_dir, name))
-                moved.append(os.path.join(data_dir, name))
-        if reload:                           # the last level too: its series show at once
-            reload()
-        if n + 1 < len(levels):                  # the next level reads this one's series
-            _wait_for_series(prometheus_url, [r["record"] for g in groups for r in g["rules"]],
-                             (start + end) / 2, load_timeout)
-    return moved
-
-
-_DUMPED = re.compile(r'^\{__name__="((?:[^"\\]|\\.)*)"(?:, (.*))?\} (\S+) (-?\d+)$')
-_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
-
-
-def merge_blocks(promtool: str, source: str, output_dir: str, work: str) -> None:
-    """promtool writes a rule backfill as two-hour blocks: a month of one level is 360 of them,
-    and a Prometheus opening thousands of blocks runs out of file descriptors. Rewrite them as
-    few long blocks: `promtool tsdb dump`, as OpenMetrics, then create-blocks-from openmetrics."""
-    text = os.path.join(work, "rules.om.txt")
-    os.makedirs(os.path.join(source, "wal"), exist_ok=True)      # dump opens it as a database
-    with open(text, "w", encoding="utf-8") as out:
-        dump = subprocess.Popen([promtool, "tsdb", "dump", source], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
-        name = None
-        for line in dump.stdout:
-            found = _DUMPED.match(line.rstrip("\n"))
-            if not found:
-                continue
-            metric, labels, value, millis = found.groups()
-            if metric != name:
-                out.write(f"# TYPE {metric} gauge\n")
-                name = metric
-            pairs = ",".join(f'{k}="{v}"' for k, v in _LABEL.findall(labels or ""))
-            out.write(f"{metric}{{{pairs}}} {value} {int(millis) / 1000:.3f}\n")
-        out.write("# EOF\n")
-        if dump.wait() != 0:
-            raise ImportFailed(f"promtool could not read the rule blocks: {dump.stderr.read().strip()[-500:]}")
-    if name is None:                          # nothing recorded (no data for these rules)
-        return
-    done = subprocess.run([promtool, "tsdb", "create-blocks-from", "openmetrics", f"--max-block-duration={MAX_BLOCK}",
-                           "--quiet", text, output_dir], capture_output=True, text=True)
+def openmetrics_to_blocks(promtool: str, text: str, output_dir: str, work: str) -> List[str]:
+    """An OpenMetrics file as TSDB blocks (`promtool tsdb create-blocks-from openmetrics`), built
+    in ``work`` (a directory beside ``output_dir``) and then renamed into ``output_dir``: a
+    Prometheus reloading its blocks never sees one half copied (it ignores directories whose
+    names are not block ids). Returns the blocks' paths."""
+    blocks = os.path.join(work, "blocks")
+    done = subprocess.run([promtool, "tsdb", "create-blocks-from", "openmetrics",
+                           f"--max-block-duration={MAX_BLOCK}", "--quiet", text, blocks],
+                          capture_output=True, text=True)
     if done.returncode != 0:
-        raise ImportFailed(f"promtool could not merge the rule blocks: {(done.stderr or done.stdout).strip()[-500:]}")
-
-
-def _wait_for_series(prometheus_url: str, names: List[str], at: float, timeout: float) -> None:
-    """Until Prometheus answers for one of ``names`` in the hour before ``at``: in the middle of
-    the history, as a Prometheus evaluating the same rules live has them near the end at once."""
-    import requests
-    probe = "{__name__=~\"" + "|".join(map(re.escape, names)) + "\"}"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:           # a Prometheus restarting meanwhile refuses, or answers 503 in text
-            found = requests.get(prometheus_url + "/api/v1/series", timeout=30, params={
-                "match[]": probe, "start": at - 3600, "end": at}).json()
-        except (requests.RequestException, ValueError):
-            found = {}
-        if found.get("data"):
-            return
-        time.sleep(2)
-    raise ImportFailed(f"Prometheus did not load the backfilled rules within {timeout:.0f} s: "
-                       "is the output its data directory?")
+        raise ImportFailed(f"promtool could not build blocks: {(done.stderr or done.stdout).strip()[-500:]}")
+    moved = []
+    for name in sorted(os.listdir(blocks)):
+        os.rename(os.path.join(blocks, name), os.path.join(output_dir, name))
+        moved.append(os.path.join(output_dir, name))
+    return moved
 
 
 def route_matcher(templates: List[str]) -> Callable[[str], str]:
