@@ -336,6 +336,7 @@ class DemoStack:
         self.servers, self.services, self.notes = [], [], []
         self.generator = self.prometheus = self.alertmanager = self.webhook = self.smtp = None
         self.rules_backfill: Optional[threading.Thread] = None
+        self.history_end: Optional[float] = None       # where the backfilled history ends
         self.rules_backfill_error: Optional[str] = None
         self._services_lock, self._stopping = threading.Lock(), False
         self.raw_keys: Dict[str, str] = {}
@@ -449,6 +450,7 @@ class DemoStack:
             self.prometheus = self._start_prometheus()
             self.services.append(self.prometheus)
             if history_span:
+                self.history_end = history_span[1]
                 self._backfill_rules(*history_span)
         elif self.prometheus_port is not None and not stack.find_binary("prometheus"):
             self.notes.append("Prometheus      not installed (Debian: prometheus): metrics are on the /metrics URLs")

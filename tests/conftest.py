@@ -142,6 +142,31 @@ def redis_server(tmp_path_factory):
         stop_process(proc)
 
 
+@pytest.fixture(scope="session")
+@needs("postgres")
+def postgres_server(tmp_path_factory):
+    """One real PostgreSQL cluster for the run; tests get a database each (``new_database``)."""
+    from devstack.stack import start_postgres
+    pg = start_postgres(str(tmp_path_factory.mktemp("pg")))
+    try:
+        yield pg.url
+    finally:
+        pg.stop()
+
+
+@pytest.fixture
+def new_database(postgres_server):
+    """The URL of a new, empty database on the run's PostgreSQL: nothing shared between tests."""
+    import uuid
+    import sqlalchemy as sa
+    name = "t" + uuid.uuid4().hex[:12]
+    admin = sa.create_engine(postgres_server, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f"CREATE DATABASE {name}"))
+    admin.dispose()
+    return postgres_server.rsplit("/", 1)[0] + "/" + name
+
+
 @pytest.fixture
 def redis_uri(redis_server):
     import redis

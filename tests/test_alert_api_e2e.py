@@ -16,7 +16,7 @@ from api_token_exporter.core.keystore import add_key
 from api_token_exporter.web.server import create_app
 from devstack.sinks import WebhookSink
 from devstack.stack import (ROOT, alertmanager_config, find_binary, free_port, prometheus_config,
-                                      start_alertmanager, start_postgres, start_prometheus)
+                                      start_alertmanager, start_prometheus)
 from support import needs, wait_for
 
 pytestmark = pytest.mark.integration
@@ -83,11 +83,7 @@ def stack(request, tmp_path):
     started, exporters = [], []
     webhook = WebhookSink().start()
     try:
-        db_url = None
-        if request.param == "postgresql":
-            pg = start_postgres(str(tmp_path / "pg"))
-            started.append(pg)
-            db_url = pg.url
+        db_url = request.getfixturevalue("new_database") if request.param == "postgresql" else None
         prom_port, am_port = free_port(), free_port()
         events = Exporter(dict(keys_file=keys_file, ingest_token="ingest-secret")).start()
         exporters.append(events)

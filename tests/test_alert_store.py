@@ -1,25 +1,14 @@
 """The alert history store: the same tests on SQLite and on a real PostgreSQL server."""
 import threading
-import uuid
 
 import pytest
 
 from api_token_exporter.alerting.store import AlertHistory
 from api_token_exporter.alerting.client import fingerprint, parse_time
-from support import needs
 
 LABELS = {"alertname": "ApiTokenHighErrorRate", "severity": "critical", "token": "shop", "monitor": "x"}
 FP = fingerprint(LABELS)
 T0 = 1_790_000_000.0
-
-
-@pytest.fixture(scope="module")
-@needs("postgres")
-def postgres(tmp_path_factory):
-    from devstack.stack import start_postgres
-    pg = start_postgres(str(tmp_path_factory.mktemp("pg")))
-    yield pg.url
-    pg.stop()
 
 
 BACKENDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.needs_postgres)]
@@ -30,14 +19,7 @@ def empty_database(request, tmp_path):
     """The URL of a database with no tables: a file, or a database of its own on the server."""
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'alerts.db'}"
-    import sqlalchemy as sa
-    base = request.getfixturevalue("postgres")
-    name = "h" + uuid.uuid4().hex[:12]                 # a database per test: nothing shared
-    admin = sa.create_engine(base, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f"CREATE DATABASE {name}"))
-    admin.dispose()
-    return base.rsplit("/", 1)[0] + "/" + name
+    return request.getfixturevalue("new_database")
 
 
 @pytest.fixture

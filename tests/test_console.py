@@ -433,8 +433,11 @@ def browser(world):
 
 
 def by_css(browser, selector):
+    """The first element matching ``selector``, waited for: after a click the next page may
+    still be loading."""
     from selenium.webdriver.common.by import By
-    return browser.find_element(By.CSS_SELECTOR, selector)
+    return wait_for(f"{selector} on {browser.current_url}", lambda: browser.find_elements(By.CSS_SELECTOR, selector),
+                    timeout=20, interval=0.1)[0]
 
 
 def page_sign_in(browser, world, credential):

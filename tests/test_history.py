@@ -296,30 +296,24 @@ def test_import_from_sqlite_by_table_and_by_query(tmp_path):
 
 
 @pytest.mark.integration
-@needs("postgres")
-def test_import_from_postgresql(tmp_path):
+def test_import_from_postgresql(tmp_path, new_database):
     """The same table on a real PostgreSQL server, by URL."""
     import sqlalchemy as sa
-    from devstack.stack import start_postgres
-    pg = start_postgres(str(tmp_path / "pg"))
-    try:
-        rows = seed_rows(300, time.time() - 86400, time.time() - 3600, random.Random(5))
-        engine = sa.create_engine(pg.url)
-        with engine.begin() as conn:
-            conn.execute(sa.text("create table api_usage (id int, user_id int, api_key_id int, endpoint text, "
-                                 "method text, status_code int, response_time float, created_at timestamp, "
-                                 "service text, model text, prompt_tokens int, completion_tokens int)"))
-            conn.execute(sa.text("insert into api_usage values (:id, :user_id, :api_key_id, :endpoint, :method, "
-                                 ":status_code, :response_time, :created_at, :service, :model, :prompt_tokens, "
-                                 ":completion_tokens)"),
-                         [{k: (None if v == "" else int(v) if k == "api_key_id" else v) for k, v in r.items()}
-                          for r in rows])
-        engine.dispose()
-        result = history.run_import(pg.url, str(tmp_path / "blocks"), table="api_usage")
-        assert (result.accepted, result.rejected) == (300, [])
-        assert result.blocks and all(os.path.isdir(b) for b in result.blocks)
-    finally:
-        pg.stop()
+    rows = seed_rows(300, time.time() - 86400, time.time() - 3600, random.Random(5))
+    engine = sa.create_engine(new_database)
+    with engine.begin() as conn:
+        conn.execute(sa.text("create table api_usage (id int, user_id int, api_key_id int, endpoint text, "
+                             "method text, status_code int, response_time float, created_at timestamp, "
+                             "service text, model text, prompt_tokens int, completion_tokens int)"))
+        conn.execute(sa.text("insert into api_usage values (:id, :user_id, :api_key_id, :endpoint, :method, "
+                             ":status_code, :response_time, :created_at, :service, :model, :prompt_tokens, "
+                             ":completion_tokens)"),
+                     [{k: (None if v == "" else int(v) if k == "api_key_id" else v) for k, v in r.items()}
+                      for r in rows])
+    engine.dispose()
+    result = history.run_import(new_database, str(tmp_path / "blocks"), table="api_usage")
+    assert (result.accepted, result.rejected) == (300, [])
+    assert result.blocks and all(os.path.isdir(b) for b in result.blocks)
 
 
 def test_raw_paths_need_templates(tmp_path):
@@ -464,8 +458,12 @@ ANOMALY_KINDS = {("ApiTokenTrafficAnomaly", "up"), ("ApiTokenErrorAnomaly", "up"
 def test_the_compromised_key_shows_every_kind_of_anomaly_and_no_healthy_key_any(backfilled):
     """With its history (and the anomaly rules backfilled over it), the demo's compromised key
     raises each kind of anomaly (pending or firing: `for` is a quarter hour), and the keys that
-    behave as they always did raise none."""
+    behave as they always did raise none. For the lookback (5 minutes) after the history ends,
+    Prometheus still reads its last recorded values, so an alert that became active then is the
+    history's own state (its random 5xx), not the live traffic's: those are not counted."""
+    from api_token_exporter.core.timestamps import parse_timestamp
     rules_loaded(backfilled)
+    tail = backfilled.history_end + 300
     seen, others = set(), set()
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and not ANOMALY_KINDS <= seen:
@@ -476,7 +474,7 @@ def test_the_compromised_key_shows_every_kind_of_anomaly_and_no_healthy_key_any(
                 continue
             if labels.get("token") == "demo-compromised":
                 seen.add((labels["alertname"], labels.get("direction")))
-            else:
+            elif parse_timestamp(alert["activeAt"]) > tail:
                 others.add((labels.get("token"), labels["alertname"], labels.get("direction")))
         assert others == set(), others
         time.sleep(5)
