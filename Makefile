@@ -14,8 +14,10 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 install:
 	PYTHON=$(PYTHON) VENV=$(VENV) bash .ci/install
 
+# two workers, a test file each (its module fixtures start once): most of a test's time is
+# spent waiting for Prometheus, Alertmanager or a browser, not computing
 test: install
-	$(VPY) -m pytest --durations=25
+	$(VPY) -m pytest -n 2 --dist loadfile --durations=25
 
 # every test that starts no server and no browser (their fixtures declare it: tests/support.py
 # needs); one that starts one all the same fails, named. Under a minute.
