@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -32,8 +33,32 @@ PROMETHEUS_FEATURES = ["--enable-feature=promql-negative-offset"]
 ALERTMANAGER_BINARIES = ("alertmanager", "prometheus-alertmanager")
 
 
+PORT_SLICE = 2000
+_handed_out: set = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A loopback port free now and likely still free when a server binds it seconds later:
+    below the kernel's ephemeral range (32768 and up on Linux), where outgoing connections
+    never land, in a slice of its own for each pytest-xdist worker, and never one handed out
+    before by this process."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:]
+    low = 20000 + (int(worker) % 6 if worker.isdigit() else 0) * PORT_SLICE
+    if len(_handed_out) >= PORT_SLICE // 2:
+        _handed_out.clear()
+    start = random.randrange(PORT_SLICE)
+    for i in range(PORT_SLICE):
+        port = low + (start + i) % PORT_SLICE
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    with socket.socket() as s:               # the whole slice busy: any port the kernel gives
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
