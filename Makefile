@@ -23,7 +23,7 @@ test: install
 # needs); one that starts one all the same fails, named. Under a minute.
 FAST_TESTS := not (needs_redis or needs_prometheus or needs_alertmanager or needs_postgres or needs_server or needs_browser or needs_slow)
 test-fast: install
-	ATE_FAST_TESTS=1 $(VPY) -m pytest -q -m "$(FAST_TESTS)"
+	ATE_FAST_TESTS=1 $(VPY) -m pytest -q -n 2 -m "$(FAST_TESTS)"
 
 demo:
 	PYTHON=$(PYTHON) VENV=$(VENV) PACKAGE_ONLY=1 bash .ci/install
