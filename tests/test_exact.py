@@ -10,7 +10,7 @@ from hypothesis import given, strategies as st
 from api_token_exporter.analytics.queries import PrometheusClient
 from api_token_exporter.analytics.exact import ExactCounters, samples_increase
 from devstack.stack import free_port, prometheus_config, start_prometheus
-from support import needs
+from support import needs, wait_for
 
 
 @given(st.lists(st.tuples(st.integers(0, 50), st.booleans()), min_size=1, max_size=60),
@@ -46,10 +46,12 @@ class Target:
 
     def __init__(self):
         self.values = {}
+        self.scrapes = 0                   # answered so far
         target = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self):
+                target.scrapes += 1
                 lines = ["# TYPE demo_events_total counter"]
                 lines += [f'demo_events_total{{token="{t}"}} {v}' for t, v in sorted(target.values.items())]
                 body = ("\n".join(lines) + "\n").encode()
@@ -91,7 +93,8 @@ def test_exact_totals_across_resets_vanished_and_new_series(prometheus_and_targe
                 target.values.pop(token, None)
             else:
                 target.values[token] = value
-        time.sleep(2.2)                               # every value is scraped at least twice
+        scraped = target.scrapes
+        wait_for("two scrapes of the new values", lambda: target.scrapes >= scraped + 2, timeout=30, interval=0.1)
 
     step(steady=0, restarts=0, vanishes=0)
     start = time.time()
