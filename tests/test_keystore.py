@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -6,7 +8,7 @@ import yaml
 
 from api_token_exporter.core.keystore import (KeyStore, KeyStoreError, add_key, hash_key, load_keys,
                                               mask_key, save_keys)
-from support import run_cli
+from support import needs, run_cli
 
 
 def test_cli_add_prints_secret_once_and_file_holds_only_its_hash(tmp_path):
@@ -141,3 +143,55 @@ def test_a_missing_or_empty_key_file_stops_start_up_unless_allowed(tmp_path):
         KeyStore(str(empty))
     assert len(KeyStore(missing, allow_empty=True)) == 0
     assert KeyStore(str(empty), allow_empty=True).healthy
+
+
+LATIN1_KEYS = "keys:\n- id: mueller\n  name: Shop\n  description: M\u00fcller GmbH\n  key_sha256: '{}'\n"
+
+
+def test_a_key_file_that_is_not_utf8_is_named_with_its_line(tmp_path):
+    path = tmp_path / "keys.yml"
+    path.write_bytes(LATIN1_KEYS.format("0" * 64).encode("latin-1"))
+    with pytest.raises(KeyStoreError, match=r"not UTF-8 \(byte 0xfc on line 4\): save it as UTF-8"):
+        load_keys(str(path))
+    listed = run_cli("keys", "list", "--file", str(path))
+    assert listed.returncode == 2 and "Traceback" not in listed.stderr
+    assert listed.stderr.strip() == f"error: {path}: the key file is not UTF-8 (byte 0xfc on line 4): save it as UTF-8"
+
+
+@needs("server")
+def test_serve_names_a_key_file_that_is_not_utf8_and_keeps_the_last_good_keys(tmp_path):
+    """At start-up the service stops with the reason; running, it keeps the keys it has,
+    reports degraded health and the key-file gauge, and logs no traceback."""
+    import requests
+    from support import free_port, stop_process, wait_for, wait_for_port
+    bad = tmp_path / "bad.yml"
+    bad.write_bytes(LATIN1_KEYS.format("0" * 64).encode("latin-1"))
+    env = dict(os.environ, ATE_KEYS_FILE=str(bad), ATE_INGEST_TOKEN="in", ATE_METRICS_PUBLIC="true")
+    started = run_cli("serve", "--port", free_port(), "--workers", "2", env=env, timeout=60)
+    assert started.returncode != 0 and "Traceback" not in started.stdout + started.stderr
+    assert f"{bad}: the key file is not UTF-8 (byte 0xfc on line 4)" in started.stderr, started.stderr[-2000:]
+
+    keys_file = tmp_path / "keys.yml"
+    add_key(str(keys_file), "alpha")
+    port = free_port()
+    log = tmp_path / "serve.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "api_token_exporter.cli", "serve", "--port", str(port),
+                                 "--workers", "2"], env=dict(env, ATE_KEYS_FILE=str(keys_file)),
+                                stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for_port(port, proc, timeout=60)
+        url = f"http://127.0.0.1:{port}"
+        assert requests.get(url + "/healthz", timeout=10).json()["status"] == "ok"
+        keys_file.write_bytes(LATIN1_KEYS.format("0" * 64).encode("latin-1"))
+        health = wait_for("degraded health", lambda: [h for h in [requests.get(url + "/healthz", timeout=10).json()]
+                                                      if h["status"] == "degraded"], timeout=20)[0]
+        assert health["keys"] == 1 and "not UTF-8 (byte 0xfc on line 4)" in health["key_file_error"]
+        assert str(keys_file) in health["key_file_error"]
+        metrics = requests.get(url + "/metrics", timeout=10).text
+        assert "apitoken_key_file_healthy 0" in metrics
+        time.sleep(1.5)                  # several reload checks of both workers meanwhile
+    finally:
+        stop_process(proc)
+    text = log.read_text()
+    assert "Traceback" not in text and "not UTF-8" in text, text[-3000:]

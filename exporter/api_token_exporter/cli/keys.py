@@ -92,7 +92,10 @@ def run(args) -> int:
             print(f"updated {key.id}")
         elif args.keys_cmd == "show":
             return show_key(args)
-    except (KeyStoreError, OSError) as exc:
+    except KeyStoreError as exc:
+        print(f"error: {args.file}: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
@@ -111,7 +114,8 @@ def rotation(key) -> str:
 
 
 def show_key(args) -> int:
-    """One key's details, and its usage from Prometheus when there is one to ask."""
+    """One key's details, and its usage from Prometheus when there is one to ask (the caller
+    reports a key file that cannot be read)."""
     from ..core.keystore import load_keys
     key = next((k for k in (load_keys(args.file) if os.path.exists(args.file) else []) if k.id == args.id), None)
     if key is None:

@@ -363,8 +363,15 @@ if hasattr(os, "register_at_fork"):
 
 
 def load_keys(path: str) -> List[ApiKey]:
-    with open(path, "r", encoding="utf-8") as fh:
-        doc = yaml.safe_load(fh) or {}
+    with open(path, "rb") as fh:
+        data = fh.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise KeyStoreError(f"the key file is not UTF-8 (byte 0x{data[exc.start]:02x} on line {line}): "
+                            "save it as UTF-8") from None
+    doc = yaml.safe_load(text) or {}
     if not isinstance(doc, dict) or not isinstance(doc.get("keys", []), list):
         raise KeyStoreError("the key file must be a mapping with a 'keys:' list")
     return [ApiKey.from_dict(raw, f"keys[{i}]") for i, raw in enumerate(doc.get("keys") or [])]
