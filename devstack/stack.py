@@ -88,6 +88,7 @@ def prometheus_config(targets: Dict[str, List[str]], alertmanager: Optional[str]
         if job["job_name"] in targets:
             job["static_configs"] = [{"targets": targets[job["job_name"]]}]
             job.pop("dns_sd_configs", None)     # compose service discovery: not here
+            job.pop("authorization", None)      # compose's secret: the local exporters need none
             jobs.append(job)
     cfg["scrape_configs"] = jobs
     return cfg

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from devstack.stack import ROOT
+from support import needs
 
 COMPOSE = os.path.join(ROOT, "docker-compose.yml")
 
@@ -162,3 +163,56 @@ def test_alertmanager_and_prometheus_have_external_urls_and_the_slack_secret(com
     assert services["alertmanager"]["secrets"] == ["slack_api_url", "alert_webhook_token"]
     config = yaml.safe_load(open(os.path.join(ROOT, "alertmanager", "alertmanager.yml")))
     assert config["global"]["slack_api_url_file"] == "/run/secrets/slack_api_url"
+
+
+def test_the_exporters_metrics_need_the_token_prometheus_is_given(compose):
+    """/metrics lists every token and tenant: published on all interfaces, it asks for the token
+    that compose gives the exporter and Prometheus as one secret."""
+    services = compose["services"]
+    assert services["exporter"]["environment"]["ATE_METRICS_BEARER_TOKEN_FILE"] == "/run/secrets/metrics_token"
+    assert "metrics_token" in services["exporter"]["secrets"] and "metrics_token" in services["prometheus"]["secrets"]
+    assert compose["secrets"]["metrics_token"]["file"].endswith("./prometheus/secrets/metrics_token.example}")
+    job = _exporter_job()
+    assert job["authorization"] == {"type": "Bearer", "credentials_file": "/run/secrets/metrics_token"}
+    assert "exporter:9464" in job["static_configs"][0]["targets"]
+
+
+def _exporter_job():
+    with open(os.path.join(ROOT, "prometheus", "prometheus.yml")) as fh:
+        return next(j for j in yaml.safe_load(fh)["scrape_configs"] if j["job_name"] == "api-token-exporter")
+
+
+@needs("prometheus", "server")
+def test_as_composed_the_exporter_answers_prometheus_and_no_one_else(tmp_path):
+    """`serve` with the compose secret's default file, and a real Prometheus with the committed
+    job (its targets on this machine): scraped, while a request without the token gets 401."""
+    import requests
+    from api_token_exporter.core.keystore import add_key
+    from devstack.stack import free_port, start_prometheus
+    from support import stop_process, wait_for, wait_for_port
+    example = os.path.join(ROOT, "prometheus", "secrets", "metrics_token.example")
+    keys_file = tmp_path / "keys.yml"
+    add_key(str(keys_file), "alpha")
+    port = free_port()
+    env = dict(os.environ, ATE_KEYS_FILE=str(keys_file), ATE_METRICS_BEARER_TOKEN_FILE=example)
+    proc = subprocess.Popen([sys.executable, "-m", "api_token_exporter.cli", "serve", "--port", str(port)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    prom = None
+    try:
+        wait_for_port(port, proc, timeout=60)
+        url = f"http://127.0.0.1:{port}/metrics"
+        refused = requests.get(url, timeout=10)
+        assert refused.status_code == 401 and "alpha" not in refused.text
+        assert requests.get(url, timeout=10, headers={"Authorization": "Bearer wrong"}).status_code == 401
+        token = open(example).read().strip()
+        assert requests.get(url, timeout=10, headers={"Authorization": f"Bearer {token}"}).status_code == 200
+        job = dict(_exporter_job(), static_configs=[{"targets": [f"127.0.0.1:{port}"]}],
+                   authorization={"type": "Bearer", "credentials_file": example})
+        job.pop("dns_sd_configs", None)
+        prom = start_prometheus(str(tmp_path / "prom"), {"global": {"scrape_interval": "1s"}, "scrape_configs": [job]})
+        wait_for("the exporter scraped", lambda: [r for r in requests.get(prom.url + "/api/v1/query", timeout=10, params={
+            "query": 'up{job="api-token-exporter"} == 1'}).json()["data"]["result"]], timeout=30)
+    finally:
+        if prom is not None:
+            prom.stop()
+        stop_process(proc)
