@@ -75,7 +75,7 @@ def test_asgi_benchmark_compares_the_four_variants():
 
 def test_scrape_benchmark_checks_identical_output_first():
     row = table(run("bench_scrape.py", "--tokens", "50", "--repeat", "1"), "tokens")["50"]
-    assert number(row["lines"]) == 17 * 50 + 32          # 17 series per token plus 32 fixed ones
+    assert number(row["lines"]) == 17 * 50 + 33          # 17 series per token plus 33 fixed ones
     client, ours = number(row["generate_latest (s)"]), number(row["store render (s)"])
     assert 0 < ours and 0 < client < 60
     assert within_rounding(number(row["speed-up"]), client, ours, 0.001)       # of times rounded to ms

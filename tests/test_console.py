@@ -225,9 +225,24 @@ def test_the_console_on_an_asgi_app(keys):
     assert asyncio.run(scenario()) == (303, True, 200, 200, 403, "text/javascript")
 
 
-def test_login_attempts_count_against_admin_rate_limit(make_app):
-    client = make_app(admin_token=ADMIN_TOKEN, admin_rate_limit=3).test_client()
+def test_failed_sign_ins_are_throttled_per_address_only(make_app):
+    app = make_app(admin_token=ADMIN_TOKEN, auth_failure_limit=3)
+    client = app.test_client()
     assert [sign_in(client, "wrong").status_code for _ in range(4)] == [401, 401, 401, 429]
+    refused = sign_in(client, ADMIN_TOKEN)                 # the right token too, from there
+    assert refused.status_code == 429 and 0 < int(refused.headers["Retry-After"]) <= 60
+    other = app.test_client()
+    other.environ_base["REMOTE_ADDR"] = "192.0.2.7"
+    assert sign_in(other, ADMIN_TOKEN).status_code == 303   # another address is not locked out
+
+
+def test_a_sign_in_posted_from_another_site_is_refused(console):
+    def post(**headers):
+        return console.post("/ui/login", data={"credential": ADMIN_TOKEN}, headers=headers)
+    assert post(**{"Sec-Fetch-Site": "cross-site"}).status_code == 403
+    assert post(Origin="https://evil.example").status_code == 403       # no Fetch Metadata: the Origin
+    assert post(Origin="http://localhost").status_code == 303
+    assert post().status_code == 303                                      # not a browser: nothing to forge
 
 
 def test_pages_carry_security_headers_and_no_inline_script(console):

@@ -34,6 +34,7 @@ class Settings:
     trusted_proxies: List[str] = field(default_factory=list)   # CIDRs whose X-Forwarded-For is believed
     admin_token: Optional[str] = None       # enables /admin/* when set
     admin_rate_limit: int = 60              # analytics and admin requests per minute per credential
+    auth_failure_limit: int = 20            # failed credentials per minute per client address; then 429 (0: off)
     ingest_token: Optional[str] = None      # enables the ingest endpoint when set
     ingest_allow_unknown_tokens: bool = False
     ingest_max_events: int = 1000
@@ -143,6 +144,8 @@ class Settings:
                      "admin_rate_limit", "upstream_max_connections"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
+        if self.auth_failure_limit < 0:
+            raise ConfigError("auth_failure_limit must be 0 (off) or more")
         return self
 
     def section(self, name: str) -> Dict[str, object]:
@@ -154,7 +157,7 @@ class Settings:
 # is ``max_tokens: 5000``, ATE_MAX_TOKENS=5000 and --max-tokens 5000 (one name everywhere).
 SECTIONS: Dict[str, Tuple[str, ...]] = {
     "keys": ("keys_file", "allow_empty_keys", "header_name", "exempt_paths", "trusted_proxies",
-             "admin_token", "admin_rate_limit", "ingest_token", "ingest_allow_unknown_tokens",
+             "admin_token", "admin_rate_limit", "auth_failure_limit", "ingest_token", "ingest_allow_unknown_tokens",
              "ingest_max_events", "ingest_max_bytes"),
     "limits": ("rate_limits", "observe_only"),
     "storage": ("storage_uri", "storage_timeout", "storage_failure_mode", "state_dir", "store_capacity"),

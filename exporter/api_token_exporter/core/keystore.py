@@ -200,8 +200,13 @@ class KeyStore:
     """
 
     def __init__(self, path: Optional[str] = None, keys: Iterable[ApiKey] = (),
-                 check_interval: float = 1.0, logger=None, allow_empty: bool = False):
+                 check_interval: float = 1.0, logger=None, allow_empty: bool = False,
+                 last_good: Optional[str] = None):
+        """``last_good``: where each good version of the file is copied, and what a store whose
+        file is broken when it starts serves instead (a gunicorn worker started while the file
+        is broken keeps the keys its siblings have, rather than failing to boot)."""
         self.path = path
+        self.last_good = last_good
         self.check_interval = check_interval
         self.allow_empty = allow_empty
         self._lock = threading.Lock()
@@ -295,18 +300,21 @@ class KeyStore:
                 if stamp is None and not self.allow_empty:
                     raise KeyStoreError("the key file does not exist (allow_empty_keys: true to "
                                         "run without keys)")
-                keys = load_keys(self.path) if stamp else []
+                data = read_key_file(self.path) if stamp else b""
+                keys = parse_keys(data) if stamp else []
                 if not keys and not self.allow_empty:
                     raise KeyStoreError("the key file has no keys (allow_empty_keys: true to run "
                                         "without keys)")
                 self._install(keys)
+                if self.last_good and stamp:
+                    _write_private(self.last_good, data)
             except (KeyStoreError, yaml.YAMLError, OSError) as exc:
                 self.last_error = f"{self.path}: {exc}"
                 self._bad_stamp = stamp
                 if self._logger:
                     self._logger.error("key file not reloaded, keeping the previous keys: %s",
                                        self.last_error)
-                if force and self._stamp is None and not self._by_id:
+                if force and self._stamp is None and not self._by_id and not self._from_last_good():
                     raise KeyStoreError(self.last_error) from None
                 for callback in self.on_error:
                     callback()
@@ -315,6 +323,18 @@ class KeyStore:
             self.last_success = time.time()
             self.last_error = None
             return True
+
+    def _from_last_good(self) -> bool:
+        """Install the last good copy of the file, if there is one that parses."""
+        if not self.last_good:
+            return False
+        try:
+            keys = parse_keys(read_key_file(self.last_good))
+        except (KeyStoreError, yaml.YAMLError, OSError):
+            return False
+        self._install(keys)
+        self.last_error += " (serving the last good version of the file)"
+        return True
 
     def lookup(self, raw_key: str) -> Optional[ApiKey]:
         """The key of a current secret, or of a rotated one still in its grace period."""
@@ -362,9 +382,34 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+def last_good_copy(state_dir: Optional[str]) -> Optional[str]:
+    """Where the processes sharing ``state_dir`` keep the last good version of the key file."""
+    return os.path.join(state_dir, ".keys-last-good.yml") if state_dir else None
+
+
 def load_keys(path: str) -> List[ApiKey]:
+    return parse_keys(read_key_file(path))
+
+
+def read_key_file(path: str) -> bytes:
     with open(path, "rb") as fh:
-        data = fh.read()
+        return fh.read()
+
+
+def _write_private(path: str, data: bytes) -> None:
+    """``data`` into ``path`` atomically, readable by this user only."""
+    fd, tmp = tempfile.mkstemp(prefix=".keys-", suffix=".yml", dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def parse_keys(data: bytes) -> List[ApiKey]:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -33,7 +33,7 @@ STATUSES = ("active", "rate_limited", "inactive", "invalid", "expired")
 # apitoken_token_status is one series per key; its value is the status, worse statuses higher,
 # so max() over instances is the worst any of them sees
 TOKEN_STATUS_VALUES = {"active": 0, "rate_limited": 1, "expired": 2, "inactive": 3}
-AUTH_FAILURE_REASONS = ("missing", "invalid", "inactive", "expired", "rotated")
+AUTH_FAILURE_REASONS = ("missing", "invalid", "inactive", "expired", "rotated", "throttled")
 # the route histogram: bounds around the latency thresholds (1 s and 2 s by default) close
 # enough that a quantile estimated from them is within a quarter second there
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 5.0, 10.0)

@@ -13,7 +13,7 @@ import time
 from typing import Dict, Iterable, Optional, Tuple
 
 from .config import Settings
-from .keystore import ApiKey, KeyStore, well_formed_key
+from .keystore import ApiKey, KeyStore, last_good_copy, well_formed_key
 from .llmcapture import extract_usage
 from .metrics import UNAUTHENTICATED, Metrics, ScrapeView
 from .pricing import Pricing
@@ -28,7 +28,7 @@ class UsageCore:
     def __init__(self, settings: Settings, keystore: Optional[KeyStore] = None):
         s = self.settings = settings
         self.keystore = keystore if keystore is not None else KeyStore(
-            s.keys_file, logger=log, allow_empty=s.allow_empty_keys)
+            s.keys_file, logger=log, allow_empty=s.allow_empty_keys, last_good=last_good_copy(s.state_dir))
         self.limiter = RateLimiter(s.storage_uri, timeout=s.storage_timeout,
                                    failure_mode=s.storage_failure_mode, logger=log)
         self.metrics = Metrics(max_tokens=s.max_tokens, max_routes=s.max_routes,

@@ -18,11 +18,14 @@ from typing import List, Optional, Tuple
 from flask import Flask, Response, jsonify, request
 
 from ..core import validation
+from ..core.geo import client_ip, parse_trusted_proxies
 from ..core.keystore import KEY_PREFIX, well_formed_key
 from ..core.ratelimit import RateLimiter
 from ..core.usage import DETAIL_FIELDS, UsageError, validate_usage
 from ..core.validation import ValidationError
+from .console import PREFIX as CONSOLE_PREFIX
 from .pipeline import REFUSALS
+from .throttle import FailureThrottle
 
 log = logging.getLogger("api_token_exporter")
 
@@ -112,6 +115,38 @@ def build_endpoints(core, serve_metrics: bool = True, admin: bool = True, health
     def _not_found(_):
         return jsonify({"detail": "Not found"}), 404
 
+    # guessing credentials: an address whose credentials failed auth_failure_limit times in a
+    # minute gets 429 here until the minute is over; health and runbooks are always answered
+    throttle = FailureThrottle(s.auth_failure_limit)
+    trusted = parse_trusted_proxies(s.trusted_proxies)
+    sign_in_path = CONSOLE_PREFIX + "/login"
+
+    def tries_a_credential() -> bool:
+        headers = request.headers
+        return bool(headers.get("Authorization") or headers.get("X-Admin-Token") or headers.get(s.header_name)
+                    or request.method == "POST" and request.path == sign_in_path)
+
+    @app.before_request
+    def throttled():
+        if request.path in (HEALTH_PATH, RUNBOOKS_PATH):
+            return None
+        address = client_ip(request.environ, trusted)
+        wait = throttle.retry_after(address)
+        if wait is None:
+            return None
+        core.metrics.auth_failure("throttled", address)
+        response = jsonify({"detail": f"Too many failed credentials from this address: try again in {wait} "
+                                      "seconds (auth_failure_limit)"})
+        response.status_code = 429
+        response.headers["Retry-After"] = str(wait)
+        return response
+
+    @app.after_request
+    def count_failure(response):
+        if response.status_code == 401 and tries_a_credential():
+            throttle.failed(client_ip(request.environ, trusted))
+        return response
+
     @app.errorhandler(405)
     def _not_allowed(_):
         return jsonify({"detail": "Method not allowed"}), 405
@@ -172,8 +207,7 @@ def build_endpoints(core, serve_metrics: bool = True, admin: bool = True, health
     if admin and s.admin_token:
         from . import console
         paths.update(ADMIN_PATHS)
-        sessions = console.register(app, paths, prefixes, core, over_budget,
-                                    alerts=bool(s.alertmanager_url and health))
+        sessions = console.register(app, paths, prefixes, core, alerts=bool(s.alertmanager_url and health))
 
         def caller(admin_only: bool):
             """(principal, None) or (None, refusal): the admin token (bearer or X-Admin-Token),

@@ -13,7 +13,7 @@ import shutil
 import tempfile
 
 from api_token_exporter.core.config import load_settings
-from api_token_exporter.core.keystore import KeyStore, KeyStoreError
+from api_token_exporter.core.keystore import KeyStore, KeyStoreError, last_good_copy
 from api_token_exporter.core.metrics import catalogue
 from api_token_exporter.core.store import fold_dead_files_safely
 
@@ -27,16 +27,19 @@ def on_starting(server):
             f"error: metrics_port {settings.metrics_port} cannot be served by {server.cfg.workers} "
             "workers; scrape the metrics path on the server's own port instead (any worker "
             "answers with the sum of all of them), or run one worker")
-    try:                                    # a key file that cannot be read stops it here too, named,
-        KeyStore(settings.keys_file, allow_empty=settings.allow_empty_keys)   # not as worker tracebacks
-    except KeyStoreError as exc:
-        raise SystemExit(f"error: {exc}")
     directory = settings.state_dir
     if not directory:
         directory = tempfile.mkdtemp(prefix="ate-store-")
         os.environ[_OWN_DIR] = directory
     os.environ["ATE_STATE_DIR"] = os.path.abspath(directory)   # the workers inherit it
     os.makedirs(directory, exist_ok=True)
+    try:          # a key file that cannot be read stops it here, named, not as worker tracebacks
+        KeyStore(settings.keys_file, allow_empty=settings.allow_empty_keys)
+    except KeyStoreError as exc:
+        on_exit(server)
+        raise SystemExit(f"error: {exc}")
+    # this run's first good version: what a worker started while the file is broken serves
+    KeyStore(settings.keys_file, allow_empty=settings.allow_empty_keys, last_good=last_good_copy(directory))
     fold_dead_files_safely(directory, catalogue())
 
 

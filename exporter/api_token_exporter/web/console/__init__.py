@@ -14,7 +14,8 @@ import hashlib
 import hmac
 import secrets
 from dataclasses import dataclass
-from typing import Callable, Optional, Tuple
+from typing import Optional, Tuple
+from urllib.parse import urlsplit
 
 from flask import Blueprint, jsonify, make_response, redirect, render_template, request, url_for
 from itsdangerous import BadSignature, URLSafeTimedSerializer
@@ -136,7 +137,7 @@ class Sessions:
         return principal
 
 
-def register(app, paths: set, prefixes: list, core, over_budget: Callable, alerts: bool) -> Sessions:
+def register(app, paths: set, prefixes: list, core, alerts: bool) -> Sessions:
     """Add the console's pages to the endpoints app (the Alerts page where ``alerts``: the alert
     API is there); returns its Sessions, which the JSON endpoints consult."""
     s = core.settings
@@ -173,16 +174,23 @@ def register(app, paths: set, prefixes: list, core, over_budget: Callable, alert
     def home():
         return redirect(url_for("console.page", name="tokens"))
 
+    def from_this_site() -> bool:
+        """Fetch Metadata where the browser sends it; else the Origin header, where there is
+        one, names this host (a client that sends neither is no browser a page can drive)."""
+        site = request.headers.get("Sec-Fetch-Site")
+        if site is not None:
+            return site in ("same-origin", "none")
+        origin = request.headers.get("Origin")
+        return origin is None or urlsplit(origin).netloc == request.host
+
     @console.route("/login", methods=["GET", "POST"])
     def sign_in():
         if request.method == "GET":
             if sessions.principal(request.cookies.get(COOKIE)) is not None:
                 return redirect(url_for("console.page", name="tokens"))
             return login_page()
-        if request.headers.get("Sec-Fetch-Site", "same-origin") not in ("same-origin", "none"):
+        if not from_this_site():
             return login_page("Sign in from the console's own page.", 403)
-        if over_budget(f"login:{request.remote_addr}") is not None:
-            return login_page("Too many attempts: wait a minute.", 429)
         value = sessions.sign_in(request.form.get("credential", "").strip())
         if value is None:
             return login_page("That is neither the admin token nor a valid, active API key.", 401)
