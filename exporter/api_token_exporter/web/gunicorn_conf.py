@@ -8,8 +8,11 @@ survive restarts, or else a private temporary directory made when the server sta
 when it stops. Files of workers that exit are folded into the directory's archive, so their
 counts stay in the totals and the directory does not grow.
 """
+import ctypes
 import os
 import shutil
+import signal
+import sys
 import tempfile
 
 from api_token_exporter.core.config import load_settings
@@ -18,6 +21,7 @@ from api_token_exporter.core.metrics import catalogue
 from api_token_exporter.core.store import fold_dead_files_safely
 
 _OWN_DIR = "_ATE_OWN_STATE_DIR"
+PR_SET_PDEATHSIG = 1                        # prctl(2)
 
 
 def on_starting(server):
@@ -41,6 +45,19 @@ def on_starting(server):
     # this run's first good version: what a worker started while the file is broken serves
     KeyStore(settings.keys_file, allow_empty=settings.allow_empty_keys, last_good=last_good_copy(directory))
     fold_dead_files_safely(directory, catalogue())
+
+
+def post_fork(server, worker):
+    """A worker ends when its master dies, even by kill -9: otherwise it keeps serving its
+    keep-alive clients and holding the port, and a supervisor's immediate restart finds it in
+    use. Linux kills the worker when its parent goes (SIGKILL: certain and at once; what it
+    counted is in its store file already, folded in by the next start)."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != server.pid:          # the master went between the fork and prctl
+        os._exit(0)
 
 
 def child_exit(server, worker):

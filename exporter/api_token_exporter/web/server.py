@@ -38,7 +38,7 @@ def run_gunicorn(factory: str, host: str, port: int, workers: int = 1, threads: 
         def load_config(self):
             options = {"bind": f"{host}:{port}", "workers": workers, "threads": threads,
                        "worker_class": "gthread" if threads > 1 else "sync",
-                       "on_starting": gunicorn_conf.on_starting,
+                       "on_starting": gunicorn_conf.on_starting, "post_fork": gunicorn_conf.post_fork,
                        "child_exit": gunicorn_conf.child_exit, "on_exit": gunicorn_conf.on_exit}
             if timeout:
                 options["timeout"] = timeout
