@@ -243,6 +243,9 @@ def test_a_sign_in_posted_from_another_site_is_refused(console):
     assert post(Origin="https://evil.example").status_code == 403       # no Fetch Metadata: the Origin
     assert post(Origin="http://localhost").status_code == 303
     assert post().status_code == 303                                      # not a browser: nothing to forge
+    csrf = csrf_of(console)                # the session's JSON calls: the same check
+    assert console.get("/admin/stats", headers={"X-CSRF-Token": csrf, "Origin": "https://evil.example"}).status_code == 403
+    assert console.get("/admin/stats", headers={"X-CSRF-Token": csrf, "Origin": "http://localhost"}).status_code == 200
 
 
 def test_pages_carry_security_headers_and_no_inline_script(console):

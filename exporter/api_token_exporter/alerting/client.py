@@ -111,6 +111,9 @@ class Prometheus(_Http):
         return self.call("GET", "/api/v1/query_range", params={
             "query": expr, "start": start, "end": end, "step": step}).json()["data"]["result"]
 
+    def series(self, match: str, start: float, end: float) -> List[dict]:
+        return self.call("GET", "/api/v1/series", params={"match[]": match, "start": start, "end": end}).json()["data"]
+
     def firing_range(self, start: float, end: float, step: float) -> List[dict]:
         return self.query_range('ALERTS{alertstate="firing"}', start, end, step)
 

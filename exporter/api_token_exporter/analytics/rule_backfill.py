@@ -129,17 +129,15 @@ def backfill_rules(prometheus_url: str, rule_files: List[str], start: float, end
 def wait_for_series(prometheus_url: str, names: List[str], at: float, timeout: float) -> None:
     """Until Prometheus answers for one of ``names`` in the hour before ``at``: in the middle of
     the history, as a Prometheus evaluating the same rules live has them near the end at once."""
-    import requests
+    prometheus = Prometheus(prometheus_url, timeout=30)
     probe = "{__name__=~\"" + "|".join(map(re.escape, names)) + "\"}"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:           # a Prometheus restarting meanwhile refuses, or answers 503 in text
-            found = requests.get(prometheus_url + "/api/v1/series", timeout=30, params={
-                "match[]": probe, "start": at - 3600, "end": at}).json()
-        except (requests.RequestException, ValueError):
-            found = {}
-        if found.get("data"):
-            return
+            if prometheus.series(probe, at - 3600, at):
+                return
+        except (UpstreamError, ValueError, KeyError):
+            pass
         time.sleep(2)
     raise ImportFailed(f"Prometheus did not load the backfilled rules within {timeout:.0f} s: "
                        "is the output its data directory?")

@@ -397,11 +397,12 @@ def read_key_file(path: str) -> bytes:
 
 
 def _write_private(path: str, data: bytes) -> None:
-    """``data`` into ``path`` atomically, readable by this user only."""
+    """``data`` into ``path`` atomically (temp file + rename), readable by this user only."""
     fd, tmp = tempfile.mkstemp(prefix=".keys-", suffix=".yml", dir=os.path.dirname(os.path.abspath(path)))
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
+        os.chmod(tmp, 0o600)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -424,20 +425,10 @@ def parse_keys(data: bytes) -> List[ApiKey]:
 
 def save_keys(path: str, keys: Iterable[ApiKey]) -> None:
     """Write atomically (temp file + rename) so a reader never sees half a file."""
-    doc = {"keys": [k.to_dict() for k in keys]}
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".keys-", suffix=".yml", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write("# api-token-exporter key store: hashes only, never raw keys.\n")
-            yaml.safe_dump(doc, fh, sort_keys=False)
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    text = "# api-token-exporter key store: hashes only, never raw keys.\n" + yaml.safe_dump(
+        {"keys": [k.to_dict() for k in keys]}, sort_keys=False)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    _write_private(path, text.encode("utf-8"))
 
 
 def generate_key() -> str:

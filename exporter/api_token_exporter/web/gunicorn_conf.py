@@ -8,6 +8,7 @@ survive restarts, or else a private temporary directory made when the server sta
 when it stops. Files of workers that exit are folded into the directory's archive, so their
 counts stay in the totals and the directory does not grow.
 """
+import contextlib
 import ctypes
 import os
 import shutil
@@ -37,13 +38,16 @@ def on_starting(server):
         os.environ[_OWN_DIR] = directory
     os.environ["ATE_STATE_DIR"] = os.path.abspath(directory)   # the workers inherit it
     os.makedirs(directory, exist_ok=True)
-    try:          # a key file that cannot be read stops it here, named, not as worker tracebacks
-        KeyStore(settings.keys_file, allow_empty=settings.allow_empty_keys)
+    # a key file that cannot be read stops it here, named, not as worker tracebacks; a good one
+    # is this run's first last-good copy (a previous run's is no fallback for this start)
+    copy = last_good_copy(directory)
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(copy)
+    try:
+        KeyStore(settings.keys_file, allow_empty=settings.allow_empty_keys, last_good=copy)
     except KeyStoreError as exc:
         on_exit(server)
         raise SystemExit(f"error: {exc}")
-    # this run's first good version: what a worker started while the file is broken serves
-    KeyStore(settings.keys_file, allow_empty=settings.allow_empty_keys, last_good=last_good_copy(directory))
     fold_dead_files_safely(directory, catalogue())
 
 

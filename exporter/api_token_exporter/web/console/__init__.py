@@ -61,6 +61,17 @@ class SessionRefused(Exception):
         return jsonify({"detail": self.detail}), self.status
 
 
+def from_this_site() -> bool:
+    """The request comes from the console's own pages: by Fetch Metadata where the browser sends
+    it; else the Origin header, where there is one, names this host (a client that sends
+    neither is no browser a page can drive)."""
+    site = request.headers.get("Sec-Fetch-Site")
+    if site is not None:
+        return site in ("same-origin", "none")
+    origin = request.headers.get("Origin")
+    return origin is None or urlsplit(origin).netloc == request.host
+
+
 class Sessions:
     """Sign-in with the admin token or an API key, and the signed session cookie that follows."""
 
@@ -129,7 +140,7 @@ class Sessions:
         if principal is None:
             raise SessionRefused(401, f"The console session has expired or is no longer valid: sign in "
                                       f"again at {PREFIX}/")
-        if request.headers.get("Sec-Fetch-Site", "same-origin") not in ("same-origin", "none"):
+        if not from_this_site():
             raise SessionRefused(403, "The console session is for requests from its own pages only")
         if not hmac.compare_digest((request.headers.get(CSRF_HEADER) or "").encode("utf-8"),
                                             principal.csrf.encode("utf-8")):
@@ -173,15 +184,6 @@ def register(app, paths: set, prefixes: list, core, alerts: bool) -> Sessions:
     @console.route("/", methods=["GET"])
     def home():
         return redirect(url_for("console.page", name="tokens"))
-
-    def from_this_site() -> bool:
-        """Fetch Metadata where the browser sends it; else the Origin header, where there is
-        one, names this host (a client that sends neither is no browser a page can drive)."""
-        site = request.headers.get("Sec-Fetch-Site")
-        if site is not None:
-            return site in ("same-origin", "none")
-        origin = request.headers.get("Origin")
-        return origin is None or urlsplit(origin).netloc == request.host
 
     @console.route("/login", methods=["GET", "POST"])
     def sign_in():
