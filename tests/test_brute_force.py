@@ -16,7 +16,7 @@ def get(port, path, source="127.0.0.1", method="GET", **headers):
     try:
         conn.request(method, path, body=b"[]" if method == "POST" else None, headers=headers)
         response = conn.getresponse()
-        return response.status, dict(response.getheaders()), response.read()
+        return response.status, response.headers, response.read()      # names in any case
     finally:
         conn.close()
 

@@ -92,7 +92,7 @@ def test_every_setting_is_in_exactly_one_section():
     assert sorted(named) == sorted(f.name for f in dataclasses.fields(Settings))
     assert len(named) == len(set(named))
     assert set(SECTIONS) == {"keys", "limits", "storage", "metrics", "alerting", "analytics", "console",
-                             "digests", "proxy"}
+                             "digests", "proxy", "serving"}
 
 
 def test_a_sectioned_file_reads_as_a_flat_one(tmp_path):

@@ -66,7 +66,7 @@ def test_dependencies_and_extras():
     assert sorted(d.split(">")[0] for d in project["dependencies"]) == ["flask", "pyyaml"]
     extras = project["optional-dependencies"]
     assert {"redis", "server", "analytics", "demo", "history", "geo", "alerts", "test"} <= set(extras)
-    assert extras["server"] == ["gunicorn>=21"] and extras["redis"] == ["redis>=4.5"]
+    assert extras["server"] == ["gunicorn>=21", "uvicorn>=0.29", "uvicorn-worker>=0.2"] and extras["redis"] == ["redis>=4.5"]
     assert sorted(d.split(">")[0] for d in extras["geo"]) == ["iptocc", "maxminddb"]
     assert sorted(d.split(">")[0].split("[")[0] for d in extras["alerts"]) == ["psycopg", "requests", "sqlalchemy"]
     self_extra = next(d for d in extras["test"] if d.startswith("api-token-exporter["))

@@ -108,6 +108,11 @@ class Settings:
     upstream_connect_timeout: float = 5.0   # seconds to connect to the upstream
     upstream_read_timeout: float = 300.0    # seconds the upstream may stay silent, within a stream too
     upstream_max_connections: int = 20      # kept-alive upstream connections per process
+    # -- serving: what one client may hold of `serve` and `proxy`
+    http_header_timeout: float = 10.0       # seconds for a request's line and headers to arrive
+    http_body_timeout: float = 30.0         # seconds for its body (each read of a streamed one)
+    http_keepalive_timeout: float = 5.0     # an idle kept-alive connection is closed after this
+    http_max_connections: int = 1000        # per worker process; more requests are answered 503
 
     def validate(self) -> "Settings":
         for window, value in self.rate_limits.items():
@@ -141,7 +146,7 @@ class Settings:
         for name in ("max_tokens", "max_routes", "max_models", "max_clients", "max_countries_per_token",
                      "ingest_max_events",
                      "recent_requests", "capture_max_bytes", "store_capacity", "analytics_max_days",
-                     "admin_rate_limit", "upstream_max_connections"):
+                     "admin_rate_limit", "upstream_max_connections", "http_max_connections"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
         if self.auth_failure_limit < 0:
@@ -176,6 +181,7 @@ SECTIONS: Dict[str, Tuple[str, ...]] = {
                 "digest_smtp_tls", "digest_smtp_user", "digest_smtp_password", "digest_smtp_from"),
     "proxy": ("upstream_pool_file", "upstream_url", "upstream_connect_timeout", "upstream_read_timeout",
               "upstream_max_connections"),
+    "serving": ("http_header_timeout", "http_body_timeout", "http_keepalive_timeout", "http_max_connections"),
 }
 
 
@@ -186,7 +192,7 @@ _SECRET_FIELDS = ("metrics_basic_password", "metrics_bearer_token", "admin_token
 _BOOLEANS = {"1": True, "true": True, "yes": True, "on": True,
              "0": False, "false": False, "no": False, "off": False}
 _DURATIONS = {"prometheus_timeout", "storage_timeout", "upstream_connect_timeout", "upstream_read_timeout",
-              "console_session_lifetime"}
+              "console_session_lifetime", "http_header_timeout", "http_body_timeout", "http_keepalive_timeout"}
 _OPTIONAL_INTS = {"metrics_port"}
 
 

@@ -40,10 +40,8 @@ worker).
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import logging
-import sys
 import time
 from typing import Dict, List, Optional, Tuple
 
@@ -54,6 +52,7 @@ from ..core.recording import UsageCore
 from ..core.geo import client_ip, parse_trusted_proxies
 from ..core.keystore import ApiKey, KeyStore
 from ..core.metrics import UNMATCHED_ROUTE
+from .bridge import call_wsgi, wsgi_environ
 from .endpoints import build_endpoints, serve_metrics_port
 from .pipeline import CURRENT, BodyCapture, admit, admit_async, capture_llm_usage, current_call, leave, record_llm_usage
 
@@ -349,9 +348,9 @@ class TokenAnalytics:
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)[:self._endpoint_body_limit]
-        environ = _environ(scope, path, body)
+        environ = wsgi_environ(scope, path, body)
         status, headers, payload = await asyncio.get_running_loop().run_in_executor(
-            None, _call_wsgi, self.endpoints, environ)
+            None, call_wsgi, self.endpoints, environ)
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": payload})
 
@@ -375,48 +374,6 @@ def _match(routes, scope, prefix: str) -> Optional[str]:
         if match is Match.PARTIAL and partial is None:
             partial = prefix + path
     return partial
-
-
-def _environ(scope, path: str, body: bytes) -> dict:
-    server = scope.get("server") or ("localhost", 80)
-    client = scope.get("client")
-    environ = {
-        "REQUEST_METHOD": scope.get("method", "GET"),
-        "SCRIPT_NAME": scope.get("root_path", "").encode("utf-8").decode("latin-1"),
-        "PATH_INFO": path.encode("utf-8").decode("latin-1"),
-        "QUERY_STRING": scope.get("query_string", b"").decode("latin-1"),
-        "SERVER_NAME": str(server[0]), "SERVER_PORT": str(server[1] if server[1] is not None else 80),
-        "SERVER_PROTOCOL": "HTTP/" + scope.get("http_version", "1.1"),
-        "REMOTE_ADDR": client[0] if client else "",
-        "CONTENT_LENGTH": str(len(body)),
-        "wsgi.version": (1, 0), "wsgi.url_scheme": scope.get("scheme", "http"),
-        "wsgi.input": io.BytesIO(body), "wsgi.errors": sys.stderr, "wsgi.multithread": True,
-        "wsgi.multiprocess": True, "wsgi.run_once": False,
-    }
-    for name, value in scope.get("headers", ()):
-        name, value = name.decode("latin-1").upper().replace("-", "_"), value.decode("latin-1")
-        if name == "CONTENT_LENGTH":
-            continue                          # the body read, which may be shorter than said
-        key = name if name == "CONTENT_TYPE" else "HTTP_" + name
-        environ[key] = environ[key] + "," + value if key in environ else value
-    return environ
-
-
-def _call_wsgi(app, environ) -> Tuple[int, List[Tuple[bytes, bytes]], bytes]:
-    answer = {}
-
-    def start_response(status, headers, exc_info=None):
-        answer["status"], answer["headers"] = status, headers
-
-    result = app(environ, start_response)
-    try:
-        payload = b"".join(result)
-    finally:
-        close = getattr(result, "close", None)
-        if close is not None:
-            close()
-    return (int(answer["status"][:3]), [(n.lower().encode("latin-1"), v.encode("latin-1"))
-                                        for n, v in answer["headers"]], payload)
 
 
 async def current_token() -> Optional[ApiKey]:

@@ -21,6 +21,7 @@ from api_token_exporter.core.keystore import KeyStore, KeyStoreError, last_good_
 from api_token_exporter.core.metrics import catalogue
 from api_token_exporter.core.store import fold_dead_files_safely
 
+worker_class = "api_token_exporter.web.worker.ServingWorker"     # slow clients hold sockets, not threads
 _OWN_DIR = "_ATE_OWN_STATE_DIR"
 PR_SET_PDEATHSIG = 1                        # prctl(2)
 

@@ -29,6 +29,7 @@ def run_gunicorn(factory: str, host: str, port: int, workers: int = 1, threads: 
     environment (ATE_*), which the caller has set."""
     from ..core.config import optional_import
     optional_import("gunicorn", "server", "api-token-exporter serve")
+    optional_import("uvicorn_worker", "server", "api-token-exporter serve")
     from gunicorn.app.base import BaseApplication
     from gunicorn.util import import_app
 
@@ -37,7 +38,7 @@ def run_gunicorn(factory: str, host: str, port: int, workers: int = 1, threads: 
     class Server(BaseApplication):
         def load_config(self):
             options = {"bind": f"{host}:{port}", "workers": workers, "threads": threads,
-                       "worker_class": "gthread" if threads > 1 else "sync",
+                       "worker_class": gunicorn_conf.worker_class,
                        "on_starting": gunicorn_conf.on_starting, "post_fork": gunicorn_conf.post_fork,
                        "child_exit": gunicorn_conf.child_exit, "on_exit": gunicorn_conf.on_exit}
             if timeout:
