@@ -39,6 +39,7 @@ bench:
 	$(VPY) benchmarks/bench_import.py
 	$(VPY) benchmarks/bench_geo.py
 	$(VPY) benchmarks/bench_proxy.py
+	$(VPY) benchmarks/bench_slow_clients.py
 
 # Prometheus series and memory of the per-token metrics (benchmarks/bench_series_memory.py), the
 # revision OLD (a temporary git worktree) against the working tree; minutes, so not in bench or

@@ -113,10 +113,11 @@ def test_import_benchmark_imports_every_row():
 
 
 @needs("server")
-def test_proxy_benchmark_compares_three_ways_and_reconciles():
+def test_proxy_benchmark_compares_four_ways_and_reconciles():
     out = run("bench_proxy.py", "--requests", "40", "--rounds", "1", "--streams", "2", "--clients", "4")
     rows = table(out, "variant")
-    assert set(rows) == {"upstream, direct", "pass-through proxy with requests", "api-token-exporter proxy"}
+    assert set(rows) == {"upstream, direct", "pass-through proxy with requests", "api-token-exporter proxy",
+                         "api-token-exporter proxy under gthread"}
     direct = number(rows["upstream, direct"]["p50 ms (1 client)"])
     for name, row in rows.items():
         assert row["status codes"] == "{200: 80}", row
@@ -124,7 +125,17 @@ def test_proxy_benchmark_compares_three_ways_and_reconciles():
         if name != "upstream, direct":
             added = number(row["p50 added"].replace(" ms", ""))
             assert added == pytest.approx(number(row["p50 ms (1 client)"]) - direct, abs=0.02), row
-    assert "counted on /metrics (all)" in out
+    assert out.count("counted on /metrics (all)") == 2
+
+
+@needs("server")
+def test_slow_clients_benchmark_holds_them_beside_the_model_it_replaced():
+    out = run("bench_slow_clients.py", "--held", "4", "--requests", "24")
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [(r[0].strip(), r[1].strip()) for r in rows] == [
+        ("event loop (as served)", "0"), ("event loop (as served)", "4"), ("gthread, 4 threads", "0"),
+        ("gthread, 4 threads", "4")]
+    assert [r[2].strip() for r in rows[:2]] == ["24 of 24"] * 2      # nobody waits behind the held ones
 
 
 def test_geo_benchmark_measures_every_path():
