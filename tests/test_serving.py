@@ -244,6 +244,60 @@ def test_workers_end_with_a_killed_master_and_a_restart_gets_the_port_and_the_co
 
 
 @needs("server")
+def test_sigterm_drains_keep_alive_clients_without_resetting_a_request(tmp_path, keys):
+    """SIGTERM under load from kept-alive clients: every request sent is answered (the last ones
+    with Connection: close), then new connections are refused; no request is reset, and what
+    was acknowledged is exactly what the next run counts."""
+    import threading
+    state = tmp_path / "state"
+    env = {"ATE_INGEST_TOKEN": "in"}
+    args = ["--workers", "2", "--threads", "4", "--keys-file", keys[0], "--state-dir", str(state)]
+    proc, port = start_serve(tmp_path, *args, env=env)
+    body = json.dumps({"events": [{"token": "alpha", "route": "/orders/{id}", "method": "GET", "status": 200,
+                                   "duration_ms": 4}]})
+    acknowledged, closes, resets, refused = [], [], [], []
+
+    def load():
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        while True:
+            fresh = conn.sock is None
+            try:
+                conn.request("POST", "/v1/events", body=body, headers={"Authorization": "Bearer in"})
+                response = conn.getresponse()
+                answer = json.loads(response.read())
+            except ConnectionRefusedError:
+                assert fresh
+                refused.append(1)
+                return
+            except (ConnectionResetError, BrokenPipeError, http.client.RemoteDisconnected) as exc:
+                resets.append(type(exc).__name__)
+                conn.close()
+                continue
+            acknowledged.append(answer["accepted"])
+            if response.will_close:
+                closes.append(1)
+                conn.close()
+    threads = [threading.Thread(target=load) for _ in range(8)]
+    for t in threads:
+        t.start()
+    try:
+        wait_for("some load", lambda: len(acknowledged) >= 300, timeout=30, interval=0.05)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        for t in threads:
+            t.join(timeout=30)
+    assert resets == [] and len(refused) == 8 and closes, (resets, len(refused), len(closes))
+    again, _ = start_serve(tmp_path, *args, env=env, port=port)
+    try:
+        text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        assert sample_total(text, "apitoken_requests_total", token="alpha") == sum(acknowledged)
+    finally:
+        again.send_signal(signal.SIGTERM)
+        again.wait(timeout=60)
+
+
+@needs("server")
 def test_serve_refuses_metrics_port_with_several_workers_and_bad_settings(tmp_path, keys):
     refused = subprocess.run(CLI + ["serve", "--workers", "2", "--keys-file", keys[0]], capture_output=True,
                              text=True, timeout=60, env=dict(os.environ, ATE_METRICS_PORT=str(free_port())))

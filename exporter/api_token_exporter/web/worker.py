@@ -7,8 +7,10 @@ line and goes silent would stay forever), its body within ``http_body_timeout`` 
 idle kept-alive connection lasts ``http_keepalive_timeout``, and past ``http_max_connections``
 per worker a request is answered 503 at once. Heads are at most 16 KiB (h11's limit).
 
-On SIGTERM the worker stops accepting, closes idle connections, lets requests in flight finish
-(answered with ``Connection: close``) within gunicorn's graceful timeout, then exits.
+On SIGTERM the worker stops accepting and drains: a request in flight is answered with
+``Connection: close``, and so is one that comes on an idle kept-alive connection within
+``DRAIN_IDLE`` seconds (uvicorn would close those at once, resetting a client whose next request
+is already on its way); then the worker exits, within gunicorn's graceful timeout.
 """
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ from uvicorn_worker import UvicornWorker
 from ..core.config import load_settings
 from .bridge import WsgiBridge
 
+DRAIN_IDLE = 1.0
+CLOSE = (b"connection", b"close")
 REQUEST_TIMEOUT = b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
 
 
@@ -26,6 +30,7 @@ class HeadTimeoutProtocol(H11Protocol):
 
     header_timeout = 10.0
     head_timer = None
+    draining = False
 
     def connection_made(self, transport):
         super().connection_made(transport)
@@ -34,6 +39,31 @@ class HeadTimeoutProtocol(H11Protocol):
     def on_response_complete(self):
         super().on_response_complete()
         self.arm_head_timer()              # the next request's head, if the connection stays
+
+    def handle_events(self):
+        super().handle_events()
+        if self.draining and self.cycle is not None and not self.cycle.response_complete:
+            self.last_request()
+
+    def shutdown(self):
+        """SIGTERM: drain, do not reset (see the module's doc)."""
+        self.draining = True
+        if self.cycle is None or self.cycle.response_complete:
+            self.loop.call_later(DRAIN_IDLE, self.close_if_idle)
+        else:
+            self.last_request()
+
+    def last_request(self):
+        """The request being answered is this connection's last: its answer says so (uvicorn
+        would close after it without a word, and the client's next request would be reset)."""
+        cycle = self.cycle
+        cycle.keep_alive = False
+        if not cycle.response_started and CLOSE not in cycle.scope["headers"]:
+            cycle.scope["headers"].append(CLOSE)   # uvicorn answers a request that asks to close with Connection: close
+
+    def close_if_idle(self):
+        if not self.transport.is_closing() and (self.cycle is None or self.cycle.response_complete):
+            self.transport.close()
 
     def connection_lost(self, exc):
         if self.head_timer is not None:
