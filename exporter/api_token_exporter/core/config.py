@@ -81,6 +81,10 @@ class Settings:
     prometheus_timeout: float = 10.0        # a deadline for a whole analytics answer
     analytics_max_days: int = 92            # the longest range /analytics/tokens answers
     analytics_cache_seconds: float = 10.0   # the same question within this time gets the same answer
+    analytics_max_concurrent: int = 2       # answers computed from Prometheus at once, per process
+    analytics_max_per_caller: int = 1       # of those, by one credential
+    analytics_breaker_failures: int = 3     # answers in a row Prometheus could not give: then paused
+    analytics_breaker_cooldown: float = 30.0    # how long analytics stay paused before a probe
     # -- console: the console (/ui)
     console_refresh_seconds: float = 30.0   # how often the console's pages refresh (0: only by the button)
     console_session_lifetime: float = 43200.0   # seconds a console sign-in lasts (12h)
@@ -146,7 +150,8 @@ class Settings:
         for name in ("max_tokens", "max_routes", "max_models", "max_clients", "max_countries_per_token",
                      "ingest_max_events",
                      "recent_requests", "capture_max_bytes", "store_capacity", "analytics_max_days",
-                     "admin_rate_limit", "upstream_max_connections", "http_max_connections"):
+                     "admin_rate_limit", "upstream_max_connections", "http_max_connections",
+                     "analytics_max_concurrent", "analytics_max_per_caller", "analytics_breaker_failures"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
         if self.auth_failure_limit < 0:
@@ -173,7 +178,9 @@ SECTIONS: Dict[str, Tuple[str, ...]] = {
                 "capture_max_bytes", "recent_requests"),
     "alerting": ("alertmanager_url", "alert_db_url", "alert_webhook_token", "alert_sync_interval",
                  "alert_rules_dir", "thresholds_file", "alertmanager_config_file"),
-    "analytics": ("prometheus_url", "prometheus_timeout", "analytics_max_days", "analytics_cache_seconds"),
+    "analytics": ("prometheus_url", "prometheus_timeout", "analytics_max_days", "analytics_cache_seconds",
+                  "analytics_max_concurrent", "analytics_max_per_caller", "analytics_breaker_failures",
+                  "analytics_breaker_cooldown"),
     "console": ("console_refresh_seconds", "console_session_lifetime", "console_secret"),
     "digests": ("digest_schedule", "digest_time", "digest_weekday", "digest_scope", "digest_top_n",
                 "digest_slack_webhook_url", "digest_discord_webhook_url", "digest_webhook_url",
@@ -192,7 +199,8 @@ _SECRET_FIELDS = ("metrics_basic_password", "metrics_bearer_token", "admin_token
 _BOOLEANS = {"1": True, "true": True, "yes": True, "on": True,
              "0": False, "false": False, "no": False, "off": False}
 _DURATIONS = {"prometheus_timeout", "storage_timeout", "upstream_connect_timeout", "upstream_read_timeout",
-              "console_session_lifetime", "http_header_timeout", "http_body_timeout", "http_keepalive_timeout"}
+              "console_session_lifetime", "http_header_timeout", "http_body_timeout", "http_keepalive_timeout",
+              "analytics_breaker_cooldown"}
 _OPTIONAL_INTS = {"metrics_port"}
 
 

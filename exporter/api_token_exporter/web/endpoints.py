@@ -178,14 +178,19 @@ def build_endpoints(core, serve_metrics: bool = True, admin: bool = True, health
     def runbooks():
         return Response(_runbooks_page(), content_type="text/html; charset=utf-8")
 
+    gate = None                 # the analytics' bound and breaker, with prometheus_url (below)
+
     @app.route(HEALTH_PATH, methods=["GET"])
     def healthz():
         store = core.metrics.store
-        return jsonify({"status": "ok" if core.keystore.healthy else "degraded",
-                        "keys": len(core.keystore),
-                        "key_file_error": core.keystore.last_error,
-                        "store": {"dropped_series": store.dropped_series(), "capacity": store.capacity,
-                                  "state_dir": store.directory if core.settings.state_dir else None}})
+        answer = {"status": "ok" if core.keystore.healthy else "degraded",
+                  "keys": len(core.keystore),
+                  "key_file_error": core.keystore.last_error,
+                  "store": {"dropped_series": store.dropped_series(), "capacity": store.capacity,
+                            "state_dir": store.directory if core.settings.state_dir else None}}
+        if gate is not None:
+            answer["analytics"] = gate.state()
+        return jsonify(answer)
 
     # analytics and admin answers cost Prometheus queries and store merges: a per-credential
     # limit keeps any one key (or a leaked admin token) from turning them against the servers
@@ -295,46 +300,52 @@ def build_endpoints(core, serve_metrics: bool = True, admin: bool = True, health
         from ..core.config import optional_import
         optional_import("requests", "analytics", "The analytics API (prometheus_url)")
         from ..analytics import queries as analytics
+        from ..analytics.gate import QueryGate, Refused
         client = analytics.PrometheusClient(s.prometheus_url, s.prometheus_timeout)
         paths.update(ANALYTICS_PATHS)
         cache = AnswerCache(s.analytics_cache_seconds)
+        gate = QueryGate(s.analytics_max_concurrent, s.analytics_max_per_caller, s.analytics_breaker_failures,
+                         s.analytics_breaker_cooldown)
 
         def scope_or_error():
-            """Admin token: every token. A tenant's API key, or a console session: that tenant's
-            tokens only."""
+            """(scope, credential, None) or (None, None, refusal). Admin token: every token. A
+            tenant's API key, or a console session: that tenant's tokens only."""
             if s.admin_token and _same(_bearer(request.headers.get("Authorization")), s.admin_token):
-                return analytics.Scope(), over_budget("admin")
+                return analytics.Scope(), "admin", over_budget("admin")
             raw = request.headers.get(s.header_name)
             if not raw and sessions is not None:
                 try:
                     principal = sessions.from_request()
                 except console.SessionRefused as exc:
-                    return None, exc.response()
+                    return None, None, exc.response()
                 if principal is not None:
-                    return analytics.Scope(principal.tokens), over_budget(principal.credential)
+                    credential = principal.credential
+                    return analytics.Scope(principal.tokens), credential, over_budget(credential)
             if not raw:
-                return None, (_unauthorized(
+                return None, None, (_unauthorized(
                     "Analytics need the admin token (Authorization: Bearer <admin_token>) or an API "
                     f"key ({s.header_name}); none was given or the bearer token is wrong", "Bearer"))
             key, reason = core.authenticate(raw)
             if reason is not None:                  # the same refusal as the API's own
                 code, detail = REFUSALS[reason]
-                return None, (jsonify({"detail": detail}), code)
-            return analytics.Scope(core.keystore.visible_to(key)), over_budget(f"key:{key.id}")
+                return None, None, (jsonify({"detail": detail}), code)
+            return analytics.Scope(core.keystore.visible_to(key)), f"key:{key.id}", over_budget(f"key:{key.id}")
 
         def answer(build):
-            scope, error = scope_or_error()
+            scope, credential, error = scope_or_error()
             if error:
                 return error
             question = (request.path, ("*",) if scope.tokens is None else tuple(scope.tokens),
                         tuple(sorted(request.args.items())))
             try:
                 scope = scope.narrow(request.args.get("token"))
-                return jsonify(cache.get(question, lambda: build(scope)))
+                return jsonify(cache.get(question, lambda: gate.run(credential, lambda: build(scope))))
             except analytics.AnalyticsError as exc:
                 return jsonify({"detail": str(exc)}), 400
             except analytics.PrometheusUnavailable as exc:
                 return jsonify({"detail": f"Analytics unavailable: {exc}"}), 503
+            except Refused as exc:
+                return jsonify({"detail": exc.detail}), exc.status, {"Retry-After": str(exc.retry_after)}
 
         @app.route("/analytics/tokens", methods=["GET"])
         def analytics_tokens():
