@@ -216,28 +216,11 @@ class Store:
         self.pid = os.getpid()
         size = self.capacity * 8
         if self.directory:
-            os.makedirs(self.directory, exist_ok=True)
-            if fold:                            # not in a forked child: the parent may hold the lock
-                fold_dead_files_safely(self.directory, self.families)
-            while True:
-                base = os.path.join(self.directory, f"ate-{self.pid}-{secrets.token_hex(4)}")
-                try:
-                    self._index = open(base + ".idx", "x", encoding="utf-8")
-                    break
-                except FileExistsError:
-                    continue
-            # locked before it gets the name a fold looks for: never seen unowned while we live
-            fd = os.open(base + ".data.new", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            os.ftruncate(fd, size)              # sparse: pages cost memory only once touched
-            # blocks are reserved ahead of use, so a full disk refuses new series (counted)
-            # instead of killing the process with SIGBUS when a page is first written
-            os.posix_fallocate(fd, 0, min(size, ALLOCATION_CHUNK * 8))
-            self._allocated = min(self.capacity, ALLOCATION_CHUNK)
-            os.rename(base + ".data.new", base + ".data")
-            self._fd = fd
-            self._mm = mmap.mmap(fd, size)
-            self.path = base + ".data"
+            try:
+                self._open_files(size, fold)
+            except OSError as exc:
+                raise OSError(exc.errno, f"the metric store cannot create its files in {self.directory}: "
+                                         f"{exc.strerror or exc}") from None
         else:
             self._mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
             self.path = None
@@ -252,6 +235,59 @@ class Store:
         for callback in self.on_reopen:
             callback()
 
+    def _open_files(self, size: int, fold: bool) -> None:
+        os.makedirs(self.directory, exist_ok=True)
+        if fold:                            # not in a forked child: the parent may hold the lock
+            fold_dead_files_safely(self.directory, self.families)
+        while True:
+            base = os.path.join(self.directory, f"ate-{self.pid}-{secrets.token_hex(4)}")
+            try:
+                index = os.open(base + ".idx", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                break
+            except FileExistsError:
+                continue
+        try:
+            # locked before it gets the name a fold looks for: never seen unowned while we live
+            fd = os.open(base + ".data.new", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                os.ftruncate(fd, size)          # sparse: pages cost memory only once touched
+                # blocks are reserved ahead of use, so a full disk refuses new series (counted)
+                # instead of killing the process with SIGBUS when a page is first written
+                os.posix_fallocate(fd, 0, min(size, ALLOCATION_CHUNK * 8))
+                os.rename(base + ".data.new", base + ".data")
+            except OSError:
+                os.close(fd)
+                with contextlib.suppress(OSError):
+                    os.unlink(base + ".data.new")
+                raise
+        except OSError:
+            os.close(index)
+            with contextlib.suppress(OSError):
+                os.unlink(base + ".idx")
+            raise
+        self._allocated = min(self.capacity, ALLOCATION_CHUNK)
+        self._index, self._index_size = index, 0
+        self._fd = fd
+        self._mm = mmap.mmap(fd, size)
+        self.path = base + ".data"
+
+    def write_index_line(self, line: bytes) -> None:
+        """Append one index line whole or not at all: a failed write (a full disk) is cut off
+        again, so no part of it can join a later line. Written at its offset, unbuffered: a
+        line that failed is never written later (a buffered file would, pointing at a slot
+        another series then gets)."""
+        offset = self._index_size
+        try:
+            written = 0
+            while written < len(line):
+                written += os.pwrite(self._index, line[written:], offset + written)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._index, offset)
+            raise
+        self._index_size = offset + written
+
     def reopen(self) -> None:
         """In a forked child: close the parent's mapping and file, then open our own."""
         old_values, old_mm, old_fd, old_index = self.values, self._mm, self._fd, self._index
@@ -263,8 +299,8 @@ class Store:
             with contextlib.suppress(OSError):
                 os.close(old_fd)                # the parent's lock stays with the parent
         if old_index is not None:
-            with contextlib.suppress(Exception):
-                old_index.close()
+            with contextlib.suppress(OSError):
+                os.close(old_index)
         self._open(fold=False)
 
     def close(self) -> None:
@@ -273,7 +309,7 @@ class Store:
         with self.lock:
             if self._fd is not None:
                 self._mm.flush()
-                self._index.close()
+                os.close(self._index)
                 self.values.release()
                 self._mm.close()                 # mmap holds a dup of the descriptor
                 os.close(self._fd)               # the last one: our lock on the file is released
@@ -295,8 +331,7 @@ class Store:
                 why = f"no disk space for the metric store in {self.directory} ({exc.strerror})"
         if why is None and self._index is not None:
             try:
-                self._index.write(f"{slot}\t{family.stored_as}\t{json.dumps(list(key))}\n")
-                self._index.flush()
+                self.write_index_line(f"{slot}\t{family.stored_as}\t{json.dumps(list(key))}\n".encode("utf-8"))
             except OSError as exc:
                 why = f"the metric store's index in {self.directory} cannot be written ({exc.strerror})"
         if why is not None:
@@ -557,9 +592,12 @@ def read_index(path: str, offset: int = 0) -> Tuple[List[tuple], int]:
         return [], 0
     end = chunk.rfind(b"\n") + 1               # a line still being written waits for next time
     entries = []
-    for line in chunk[:end].decode("utf-8").splitlines():
-        slot, name, key = line.split("\t", 2)
-        entries.append((int(slot), name, tuple(json.loads(key))))
+    for line in chunk[:end].split(b"\n")[:-1]:
+        try:
+            slot, name, key = line.decode("utf-8").split("\t", 2)
+            entries.append((int(slot), name, tuple(json.loads(key))))
+        except ValueError:                      # never written by a store: no scrape fails on it
+            log.error("metric store index %s: a line that cannot be read is skipped", path)
     return entries, end
 
 
@@ -612,6 +650,24 @@ def _owned_by_nobody(data_path: str) -> bool:
         return False
     finally:
         os.close(fd)
+
+
+def check_directory(directory: str) -> None:
+    """Raise OSError, naming ``directory``, if a store could not start there: it cannot be made
+    or written, or has no room for a store's first reservation (a full disk at start-up)."""
+    probe = os.path.join(directory, f".probe-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd = os.open(probe, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, ALLOCATION_CHUNK * 8)
+        finally:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(probe)
+    except OSError as exc:
+        raise OSError(exc.errno, f"the metric store cannot start in {directory}: {exc.strerror or exc} "
+                                 f"(each process needs {ALLOCATION_CHUNK * 8 // 1048576} MiB there to begin)") from None
 
 
 def fold_dead_files_safely(directory: str, families: Iterable[Family]) -> int:

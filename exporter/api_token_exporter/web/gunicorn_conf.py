@@ -19,7 +19,7 @@ import tempfile
 from api_token_exporter.core.config import load_settings
 from api_token_exporter.core.keystore import KeyStore, KeyStoreError, last_good_copy
 from api_token_exporter.core.metrics import catalogue
-from api_token_exporter.core.store import fold_dead_files_safely
+from api_token_exporter.core.store import check_directory, fold_dead_files_safely
 
 worker_class = "api_token_exporter.web.worker.ServingWorker"     # slow clients hold sockets, not threads
 _OWN_DIR = "_ATE_OWN_STATE_DIR"
@@ -38,7 +38,11 @@ def on_starting(server):
         directory = tempfile.mkdtemp(prefix="ate-store-")
         os.environ[_OWN_DIR] = directory
     os.environ["ATE_STATE_DIR"] = os.path.abspath(directory)   # the workers inherit it
-    os.makedirs(directory, exist_ok=True)
+    try:
+        check_directory(directory)          # a full disk stops the start here, named
+    except OSError as exc:
+        on_exit(server)
+        raise SystemExit(f"error: {exc.strerror}")
     # a key file that cannot be read stops it here, named, not as worker tracebacks; a good one
     # is this run's first last-good copy (a previous run's is no fallback for this start)
     copy = last_good_copy(directory)
