@@ -38,7 +38,9 @@ def test_10000_invalid_keys_and_20000_raw_paths_stay_bounded(client, keys):
     assert series_count(text) - baseline < 60
 
 
-def test_route_cap_with_many_templates(keys):
+def test_the_apps_own_routes_are_known_and_never_capped(keys):
+    """Routes of the Flask app (its own templates: bounded by its code) always get their series;
+    max_routes caps only routes nobody declared."""
     from flask import Flask
     from api_token_exporter import TokenAnalytics
     from support import BufferedClient
@@ -47,12 +49,28 @@ def test_route_cap_with_many_templates(keys):
     for i in range(30):
         app.add_url_rule(f"/r{i}", f"r{i}", lambda: "ok")
     TokenAnalytics(app, keys_file=keys[0], max_routes=10, metrics_public=True)
+    app.add_url_rule("/late", "late", lambda: "ok")          # added after the middleware
     client = app.test_client()
-    for i in range(30):
-        client.get(f"/r{i}", headers={"X-API-Key": keys[1]["alpha"]})
+    for path in [f"/r{i}" for i in range(30)] + ["/late"]:
+        client.get(path, headers={"X-API-Key": keys[1]["alpha"]})
     text = client.get("/metrics").get_data(as_text=True)
     routes = {dict(l)["route"] for l in samples(text, "apitoken_requests_total")}
-    assert len(routes) == 11 and "__overflow__" in routes
+    assert routes == {f"/r{i}" for i in range(30)} | {"/late"}
+    assert not samples(text, "apitoken_label_overflow_total")
+
+
+def test_route_cap_for_undeclared_routes_leaves_known_routes_alone(keys):
+    from api_token_exporter.web.server import create_app
+    app = create_app(keys_file=keys[0], ingest_token="i" * 32, metrics_public=True, max_routes=10,
+                     known_routes=["/known/<id>"])
+    from werkzeug.test import Client
+    client = Client(app)
+    events = [{"token": "alpha", "route": f"/junk/{i}", "status": 200, "duration_ms": 1} for i in range(30)]
+    events.append({"token": "alpha", "route": "/known/<id>", "status": 200, "duration_ms": 1})
+    assert client.post("/v1/events", json=events, headers={"Authorization": "Bearer " + "i" * 32}).status_code == 200
+    text = client.get("/metrics").get_data(as_text=True)
+    routes = {dict(l)["route"] for l in samples(text, "apitoken_requests_total")}
+    assert len(routes) == 12 and {"/known/<id>", "__overflow__"} <= routes
     assert sum(v for l, v in samples(text, "apitoken_label_overflow_total").items()
                if dict(l)["label"] == "route") == 20
 

@@ -113,16 +113,42 @@ def test_a_lone_surrogate_route_is_refused_and_scraping_survives(keys):
     body = '{"events": [{"token": "alpha", "route": "/\\ud800", "status": 200, "duration_ms": 1}]}'
     r = client.post("/v1/events", data=body, headers={**INGEST, "Content-Type": "application/json"})
     assert r.status_code == 400
-    assert r.json["errors"][0]["errors"] == ["route must be valid UTF-8 text without control characters"]
+    assert r.json["errors"][0]["errors"] == [
+        "route must be valid UTF-8 text without control, invisible or direction characters"]
     scrape_is_sound(client)
 
 
-@pytest.mark.parametrize("route", ["/a\x00b", "/a\rb", "/a\tb", "/a\nb"])
-def test_control_characters_in_routes_are_refused(keys, route):
+@pytest.mark.parametrize("route", ["/a\x00b", "/a\rb", "/a\tb", "/a\nb",
+                                   "/admin\u202e/nimda", "/a\u200bb", "\ufeff/a", "/a\u2066b\u2069"])
+def test_control_invisible_and_direction_characters_in_routes_are_refused(keys, route):
+    """Right-to-left overrides, zero-width spaces and byte-order marks would let a shown route
+    pass for another: each event is refused with its reason, the others of the batch kept."""
     client = exporter_client(keys[0])
-    r = client.post("/v1/events", json=[{"token": "alpha", "route": route, "status": 200, "duration_ms": 1}],
-                    headers=INGEST)
-    assert r.status_code == 400 and "control characters" in r.json["errors"][0]["errors"][0]
+    r = client.post("/v1/events", headers=INGEST, json=[
+        {"token": "alpha", "route": route, "status": 200, "duration_ms": 1},
+        {"token": "alpha", "route": "/fine", "status": 200, "duration_ms": 1}])
+    assert r.status_code == 200 and r.json["accepted"] == 1
+    assert r.json["errors"] == [{"index": 0, "errors": [
+        "route must be valid UTF-8 text without control, invisible or direction characters"]}]
+    text = client.get("/metrics").get_data(as_text=True)
+    assert 'route="/fine"' in text and route not in text
+
+
+def test_an_api_key_is_never_a_label_whichever_field_it_is_sent_in(keys):
+    client = exporter_client(keys[0])
+    raw = keys[1]["alpha"]
+    events = [{"token": "alpha", "route": "/x", "status": 200, "duration_ms": 1, "llm": llm}
+              for llm in ({"service": raw, "model": "gpt-4o"}, {"service": "openai", "model": raw})]
+    events += [{"token": "alpha", "route": route, "status": 200, "duration_ms": 1}
+               for route in (f"/users/{raw}", "/" + raw)]
+    r = client.post("/v1/events", json=events, headers=INGEST)
+    assert r.status_code == 400 and r.json["accepted"] == 0
+    assert [e["errors"] for e in r.json["errors"]] == [["llm: service must not be an API key"],
+                                                        ["llm: model must not be an API key"],
+                                                        ["route must not hold an API key"]] * 1 + [
+                                                           ["route must not hold an API key"]]
+    text = client.get("/metrics").get_data(as_text=True)
+    assert raw not in text and raw[4:] not in text and raw not in r.get_data(as_text=True)
 
 
 @pytest.mark.parametrize("price", [".nan", ".inf", "-.inf", "-1"])

@@ -59,6 +59,8 @@ class Settings:
     max_tokens: int = 10_000                # distinct token label values per family
     max_routes: int = 500
     max_models: int = 200
+    max_series_per_token: int = 1000        # label combinations of one token; then __overflow__
+    known_routes: List[str] = field(default_factory=list)   # route templates a flood cannot push out
     max_clients: int = 100                  # clients with their own failed-authentication series
     country_lookup: bool = False            # count requests by the client's country (the geo extra)
     geo_database: Optional[str] = None      # a MaxMind-format country database; built-in RIR data if unset
@@ -147,7 +149,10 @@ class Settings:
             raise ConfigError("metrics basic auth needs both user and password")
         parse_trusted_proxies(self.trusted_proxies)          # a bad entry is named at start-up
         digest_settings.check(self)
-        for name in ("max_tokens", "max_routes", "max_models", "max_clients", "max_countries_per_token",
+        for route in self.known_routes:
+            if not isinstance(route, str) or not route.startswith("/"):
+                raise ConfigError(f"known_routes: {route!r} is not a route template starting with /")
+        for name in ("max_tokens", "max_routes", "max_models", "max_series_per_token", "max_clients", "max_countries_per_token",
                      "ingest_max_events",
                      "recent_requests", "capture_max_bytes", "store_capacity", "analytics_max_days",
                      "admin_rate_limit", "upstream_max_connections", "http_max_connections",
@@ -173,7 +178,7 @@ SECTIONS: Dict[str, Tuple[str, ...]] = {
     "storage": ("storage_uri", "storage_timeout", "storage_failure_mode", "state_dir", "store_capacity"),
     "metrics": ("metrics_path", "metrics_port", "metrics_addr", "metrics_basic_user",
                 "metrics_basic_password", "metrics_bearer_token", "metrics_public", "max_tokens",
-                "max_routes", "max_models", "max_clients", "country_lookup", "geo_database",
+                "max_routes", "max_models", "max_series_per_token", "known_routes", "max_clients", "country_lookup", "geo_database",
                 "max_countries_per_token", "pricing_file", "prices_file", "capture_llm_usage",
                 "capture_max_bytes", "recent_requests"),
     "alerting": ("alertmanager_url", "alert_db_url", "alert_webhook_token", "alert_sync_interval",

@@ -54,16 +54,18 @@ class LabelGuard:
 
     Fixed values (e.g. UNAUTHENTICATED) are always admitted and do not use the cap. Reserved
     values (the keys of the key file) are always admitted and do use it: other values share
-    what they leave.
+    what they leave. Known values (``known(value)`` true: the app's routes, listed models) are
+    always admitted and do not use it, so a flood of other values cannot push them out.
     """
 
     def __init__(self, name: str, cap: int, on_overflow: Callable[[str], None],
-                 fixed: Iterable[str] = ()):
+                 fixed: Iterable[str] = (), known: Callable[[str], bool] = lambda value: False):
         self.name = name
         self.cap = cap
         self._seen = set(fixed)
-        self._fixed = len(self._seen)
+        self._counted = 0
         self._on_overflow = on_overflow
+        self.known = known
         self._lock = threading.Lock()
 
     def after_fork(self) -> None:
@@ -71,7 +73,10 @@ class LabelGuard:
 
     def reserve(self, values: Iterable[str]) -> None:
         with self._lock:
-            self._seen.update(values)
+            for value in values:
+                if value not in self._seen:
+                    self._seen.add(value)
+                    self._counted += 1
 
     def admit(self, value: str, count: bool = True) -> str:
         """The value, or OVERFLOW past the cap (counted unless ``count`` is False: a second
@@ -81,12 +86,22 @@ class LabelGuard:
         with self._lock:
             if value in self._seen:
                 return value
-            if len(self._seen) - self._fixed >= self.cap:
+            if self.known(value):
+                self._seen.add(value)
+                return value
+            if self._counted >= self.cap:
                 if count:
                     self._on_overflow(self.name)
                 return OVERFLOW
             self._seen.add(value)
+            self._counted += 1
             return value
+
+
+def code_class(code: int) -> str:
+    """The label of a status code past a token's series budget: 2xx, 4xx, 5xx... (still matched
+    by code=~"5..")."""
+    return f"{code // 100}xx"
 
 
 def catalogue() -> Tuple[Family, ...]:
@@ -139,6 +154,9 @@ def catalogue() -> Tuple[Family, ...]:
                "LLM usage reports for a model with no price: their cost is not counted.", ("service", "model")),
         Family("apitoken_label_overflow_total", "counter",
                "Label values replaced by __overflow__ because a cap was reached.", ("label",)),
+        Family("apitoken_series_overflow_total", "counter",
+               "Events of a token recorded with route or model __overflow__ (and the status code's class) "
+               "because the token had used its series budget (max_series_per_token).", ("token",)),
         Family("apitoken_ingest_events_total", "counter",
                "Usage events posted to the ingest endpoint, by result.", ("result",)),
         Family("apitoken_key_file_reload_errors_total", "counter",
@@ -228,14 +246,15 @@ class Metrics:
 
     def __init__(self, max_tokens: int = 10_000, max_routes: int = 500, max_models: int = 200,
                  directory: Optional[str] = None, capacity: Optional[int] = None, max_clients: int = 100,
-                 max_countries_per_token: int = 10):
+                 max_countries_per_token: int = 10, max_series_per_token: int = 1000,
+                 known_routes: Iterable[str] = (), listed_model: Callable[[str], bool] = lambda model: False):
         families = catalogue()
         (self.requests, self.duration, self.route_duration, self.auth_failures,
          self.auth_failures_by_client, self.by_country, self.rate_limited, self.rl_limit,
          self.rl_remaining, self.rl_reset, self.storage_errors,
          self.last_used, self.llm_tokens, self.llm_requests, self.llm_cost, self.llm_unpriced,
-         self.overflow, self.ingest_events, self.key_file_errors, self.old_secret, self.alert_feedback,
-         _dropped, *upstream) = families
+         self.overflow, self.series_overflow, self.ingest_events, self.key_file_errors, self.old_secret,
+         self.alert_feedback, _dropped, *upstream) = families
         self.upstream = {f.name: f for f in upstream}       # recorded by credential_pool.py
         self.store = Store(families, directory, capacity or DEFAULT_CAPACITY)
         self._window_slots = {}
@@ -245,9 +264,15 @@ class Metrics:
         def count_overflow(label: str) -> None:      # called with the store lock held
             self._add(self.overflow, (label,), 1.0)
 
+        self.known_routes = set(known_routes)
         self.tokens = LabelGuard("token", max_tokens, count_overflow, fixed=(UNAUTHENTICATED,))
-        self.routes = LabelGuard("route", max_routes, count_overflow, fixed=(UNMATCHED_ROUTE,))
-        self.models = LabelGuard("model", max_models, count_overflow)
+        self.routes = LabelGuard("route", max_routes, count_overflow, fixed=(UNMATCHED_ROUTE,),
+                                 known=self.known_routes.__contains__)
+        self.models = LabelGuard("model", max_models, count_overflow, known=listed_model)
+        # per token: how many label combinations it has of requests (route, method, code) and of
+        # LLM usage (service, model); past the budget new ones share __overflow__
+        self.series_budget = max_series_per_token
+        self._combinations: Dict[str, int] = {}
         self.services = LabelGuard("service", 50, count_overflow)
         self.alertnames = LabelGuard("alertname", 200, count_overflow)
         # failing clients are unbounded over time: the ones the store already holds (earlier
@@ -260,13 +285,26 @@ class Metrics:
             self.alertnames.reserve(key[0] for key in self.store.values_by_key(self.alert_feedback))
             for token, country in self.store.values_by_key(self.by_country):
                 self._countries.setdefault(token, set()).add(country)
+        self._count_combinations()
         self.store.on_reopen.append(self._reopened)
         self._initial_series()
+
+    def _count_combinations(self) -> None:
+        """Each token's combinations so far (earlier runs, other workers, a parent process)."""
+        counts: Dict[str, int] = {}
+        with self.store.snapshot():
+            for family, overflowed in ((self.requests, lambda k: k[1] == OVERFLOW),
+                                       (self.llm_requests, lambda k: k[2] == OVERFLOW)):
+                for key in self.store.values_by_key(family):
+                    if not overflowed(key):
+                        counts[key[0]] = counts.get(key[0], 0) + 1
+        self._combinations = counts
 
     def _reopened(self) -> None:
         """After fork: the parent's slots mean nothing in the child's new file."""
         self._window_slots.clear()
         self._request_slots.clear()
+        self._count_combinations()
         for guard in (self.tokens, self.routes, self.models, self.services, self.clients, self.alertnames):
             guard.after_fork()
         self._initial_series()
@@ -307,17 +345,35 @@ class Metrics:
             store.observe_all(counter, histograms, duration, last_used, now if now is not None else time.time())
 
     def _new_request_slots(self, token, route, method, code, authenticated) -> tuple:
-        """All slots a request writes, found once: the caps apply here (store lock held)."""
+        """All slots a request writes, found once: the caps and the token's series budget apply
+        here (store lock held)."""
         store = self.store
         a_token, a_route, a_method = (self.tokens.admit(token), self.routes.admit(route),
                                       validation.method(method))
-        slots = (store.slot(self.requests, (a_token, a_route, a_method, str(code))),
+        key = (a_token, a_route, a_method, str(code))
+        within = self._within_budget(self.requests, key)
+        if not within:
+            key = (a_token, a_route if a_route in self.known_routes else OVERFLOW, a_method, code_class(code))
+        slots = (store.slot(self.requests, key),
                  ((store.slot(self.duration, (a_token,)), self.duration),
                   (store.slot(self.route_duration, (a_route, a_method)), self.route_duration)),
                  store.slot(self.last_used, (a_token,)) if authenticated else 0)
-        if (a_token, a_route, a_method) == (token, route, method):   # overflowed ones: not remembered
+        if within and (a_token, a_route, a_method) == (token, route, method):   # overflowed ones: not remembered
             self._request_slots[(token, route, method, code, authenticated)] = slots
         return slots
+
+    def _within_budget(self, family: Family, key: tuple) -> bool:
+        """Whether ``key`` (token first) has or may get a series of its own; else the event is
+        counted in apitoken_series_overflow_total (store lock held)."""
+        if key in family.series:
+            return True
+        token = key[0]
+        used = self._combinations.get(token, 0)
+        if used < self.series_budget:
+            self._combinations[token] = used + 1
+            return True
+        self._add(self.series_overflow, (token,), 1.0)
+        return False
 
     def auth_failure(self, reason: str, client: str = "") -> None:
         with self.store.lock:
@@ -394,6 +450,8 @@ class Metrics:
             token = self.tokens.admit(token, count=False)
             service = self.services.admit(usage.service.lower())
             model = self.models.admit(usage.model)
+            if not self._within_budget(self.llm_requests, (token, service, model)) and not self.models.known(model):
+                model = OVERFLOW
             for kind, n in usage.exported_parts().items():
                 self._add(self.llm_tokens, (token, service, model, kind), float(n))
             self._add(self.llm_requests, (token, service, model), 1.0)

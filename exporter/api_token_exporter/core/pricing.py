@@ -109,6 +109,7 @@ class Pricing:
         self.tables: List[Table] = [
             {s.lower(): dict(models) for s, models in table.items()} for table in (prices, snapshot or {})]
         self.default = default
+        self.listed = frozenset(m for table in self.tables for models in table.values() for m in models)
         self.version = version
         self._cache: Dict[Tuple[str, str], Optional[Price]] = {}
         self.checksum = hashlib.sha256("".join(
@@ -154,6 +155,11 @@ class Pricing:
         if self.default is not None:
             return self.default, "default"
         return None, "none"
+
+    def lists_model(self, model: str) -> bool:
+        """Whether a table lists the model by its exact name (for any service): such a model
+        keeps its own series whatever else is sent."""
+        return model in self.listed
 
     def price(self, service: str, model: str) -> Optional[Price]:
         key = (service, model)

@@ -13,7 +13,7 @@ import time
 from typing import Dict, Iterable, Optional, Tuple
 
 from .config import Settings
-from .keystore import ApiKey, KeyStore, last_good_copy, well_formed_key
+from .keystore import KEY_PREFIX, ApiKey, KeyStore, last_good_copy, well_formed_key
 from .llmcapture import extract_usage
 from .metrics import UNAUTHENTICATED, Metrics, ScrapeView
 from .pricing import Pricing
@@ -22,6 +22,7 @@ from .stats import UsageTracker
 from .usage import LLMUsage, UsageError, validate_usage
 
 log = logging.getLogger("api_token_exporter")
+MIN_KEY_LENGTH = 16     # shorter parts of a label are not looked up as keys (a hash each)
 
 
 class UsageCore:
@@ -31,15 +32,16 @@ class UsageCore:
             s.keys_file, logger=log, allow_empty=s.allow_empty_keys, last_good=last_good_copy(s.state_dir))
         self.limiter = RateLimiter(s.storage_uri, timeout=s.storage_timeout,
                                    failure_mode=s.storage_failure_mode, logger=log)
+        self.pricing = Pricing.load(s.pricing_file, s.prices_file)
         self.metrics = Metrics(max_tokens=s.max_tokens, max_routes=s.max_routes,
                                max_models=s.max_models, max_clients=s.max_clients,
                                max_countries_per_token=s.max_countries_per_token, directory=s.state_dir,
-                               capacity=s.store_capacity)
+                               capacity=s.store_capacity, max_series_per_token=s.max_series_per_token,
+                               known_routes=s.known_routes, listed_model=self.pricing.lists_model)
         self.keystore.on_install.append(lambda keys: self.metrics.init_tokens(k.id for k in keys))
         self.keystore.on_error.append(self.metrics.key_file_error)
         self.keystore.watch()                     # a broken file shows in /healthz without traffic
         self.metrics.init_tokens(k.id for k in self.keystore.all())
-        self.pricing = Pricing.load(s.pricing_file, s.prices_file)
         self.countries = None
         if s.country_lookup:
             from .geo import CountryResolver
@@ -134,6 +136,23 @@ class UsageCore:
         shown = (key.masked or key.id) if key is not None else (token or "(none)")
         self.tracker.record(now, route, method, shown, code, token)
 
+    def is_a_key(self, value: str) -> bool:
+        """Whether a label a client sent is, or holds, an API key (never to become a label):
+        the keys' prefix anywhere, or a current key as the whole value or one of its path
+        segments (keys may be imported without the prefix)."""
+        if KEY_PREFIX in value:
+            return True
+        return any(self.keystore.lookup(part) is not None
+                   for part in {value, *value.split("/")} if len(part) >= MIN_KEY_LENGTH)
+
+    def validate_usage(self, *values) -> LLMUsage:
+        """validate_usage, and neither the service nor the model may be an API key."""
+        usage = validate_usage(*values)
+        for field, value in (("service", usage.service), ("model", usage.model)):
+            if self.is_a_key(value):
+                raise UsageError(f"{field} must not be an API key")
+        return usage
+
     def count_llm(self, token: str, usage: LLMUsage) -> LLMUsage:
         """Count validated usage: tokens by type, requests, and cost at the current prices."""
         price = self.pricing.price(usage.service, usage.model)
@@ -148,7 +167,7 @@ class UsageCore:
         if found is None:
             return
         try:
-            self.count_llm(token, validate_usage(*found))
+            self.count_llm(token, self.validate_usage(*found))
         except UsageError as exc:
             log.warning("LLM usage in a response for token %s not counted: %s", token, exc)
 

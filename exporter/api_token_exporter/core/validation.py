@@ -31,7 +31,9 @@ def _is_clean_text(value: str) -> bool:
         return False
     if value.isprintable():                        # fast path: no control or format characters
         return True
-    return not any(unicodedata.category(ch) in ("Cc", "Cs") or ch in "\u2028\u2029" for ch in value)
+    # Cf: invisible and direction characters (U+200B, U+202E, U+2066, U+FEFF...), with which a
+    # shown route could pass for another
+    return not any(unicodedata.category(ch) in ("Cc", "Cf", "Cs") or ch in "\u2028\u2029" for ch in value)
 
 
 def label_value(field: str, value, max_length: int = MAX_LABEL_LENGTH) -> str:
@@ -40,7 +42,7 @@ def label_value(field: str, value, max_length: int = MAX_LABEL_LENGTH) -> str:
     if len(value) > max_length:
         raise ValidationError(f"{field} must be at most {max_length} characters")
     if not _is_clean_text(value):
-        raise ValidationError(f"{field} must be valid UTF-8 text without control characters")
+        raise ValidationError(f"{field} must be valid UTF-8 text without control, invisible or direction characters")
     return value
 
 

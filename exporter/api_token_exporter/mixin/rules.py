@@ -292,6 +292,18 @@ def alert_rules(t: dict) -> List[dict]:
         "The circuit breaker in front of Redis is open on {{ $labels.instance }}: requests are let "
         "through without limits, refused, or limited per process, as storage_failure_mode says.",
         threshold="breaker open"))
+    overflow = "apitoken_series_overflow_total"
+    rules.append(_alert(
+        t, "ApiTokenSeriesBudgetExceeded", "warning",
+        (f"sum by (job, instance, token) (increase({overflow}[10m])) > 0\n"
+         f"or sum by (job, instance, token) ({overflow} > 0 unless {overflow} offset 10m)"),
+        t["series_budget"]["for"],
+        "Token {{ $labels.token }} used its series budget on {{ $labels.instance }}",
+        ("Token {{ $labels.token }} sent more label combinations (route, method, status code, model) "
+         "than max_series_per_token allows: its new ones are recorded under __overflow__ and the "
+         "status code's class. A client sending raw paths or made-up values, or a budget too small "
+         "for this token."),
+        threshold="max_series_per_token"))
     n = t["notifications"]
     rules.append(_alert(
         t, "AlertmanagerUnreachable", "critical",

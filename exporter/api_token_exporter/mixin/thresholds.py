@@ -73,7 +73,7 @@ def validate(t: dict) -> None:
               "rate_limit.refused_for", "rate_limit.exhaustion_for", "token_state.for",
               "budgets.for", "budgets.forecast_for",
               "exporter.down_for", "exporter.absent_for", "key_file.for", "rate_limit_storage.for",
-              "notifications.down_for", "notifications.failing_for"):
+              "series_budget.for", "notifications.down_for", "notifications.failing_for"):
         need(p, duration, "a duration such as 5m")
     for p in ("key_lifecycle.expiring_within", "key_lifecycle.old_secret_warn_before", "key_lifecycle.for",
               "key_lifecycle.interval"):

@@ -157,6 +157,7 @@ class TokenAnalytics:
         self._exempt = frozenset(s.exempt_paths)
         self._trusted_proxies = parse_trusted_proxies(s.trusted_proxies)
         self._route_adapter = Map([Rule(r) for r in routes]).bind("localhost") if routes else None
+        core.metrics.known_routes.update(routes or ())  # a flood cannot push them out
         self._routes = None                  # the app's Starlette routes, found on first need
         self._metrics_server = None
         self.endpoints, self._internal_paths, self._internal_prefixes = build_endpoints(

@@ -21,7 +21,7 @@ from ..core import validation
 from ..core.geo import client_ip, parse_trusted_proxies
 from ..core.keystore import KEY_PREFIX, well_formed_key
 from ..core.ratelimit import RateLimiter
-from ..core.usage import DETAIL_FIELDS, UsageError, validate_usage
+from ..core.usage import DETAIL_FIELDS, UsageError
 from ..core.validation import ValidationError
 from .console import PREFIX as CONSOLE_PREFIX
 from .pipeline import REFUSALS
@@ -413,6 +413,9 @@ def validate_event(core, event) -> Tuple[Optional[dict], List[str]]:
             else:
                 clean["token"] = token
     check("route", validation.route, "route", event.get("route"))
+    if "route" in clean and core.is_a_key(clean["route"]):
+        del clean["route"]
+        errors.append("route must not hold an API key")
     method = event.get("method", "GET")
     if isinstance(method, str) and 0 < len(method) <= 32:
         clean["method"] = validation.method(method)
@@ -437,10 +440,10 @@ def validate_event(core, event) -> Tuple[Optional[dict], List[str]]:
             errors.append("llm must be an object with service, model, input_tokens, output_tokens")
         else:
             try:
-                clean["llm"] = validate_usage(llm.get("service"), llm.get("model"),
-                                              llm.get("input_tokens", 0), llm.get("output_tokens", 0),
-                                              *(0 if llm.get(name) is None else llm[name]
-                                                for name in DETAIL_FIELDS))
+                clean["llm"] = core.validate_usage(llm.get("service"), llm.get("model"),
+                                                   llm.get("input_tokens", 0), llm.get("output_tokens", 0),
+                                                   *(0 if llm.get(name) is None else llm[name]
+                                                     for name in DETAIL_FIELDS))
             except UsageError as exc:
                 errors.append(f"llm: {exc}")
     country, client = event.get("country"), event.get("client_ip")

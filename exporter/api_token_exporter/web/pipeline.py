@@ -20,7 +20,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 from ..core.keystore import ApiKey
 from ..core.ratelimit import Decision, StorageUnavailable
-from ..core.usage import LLMUsage, UsageError, validate_usage
+from ..core.usage import LLMUsage, UsageError
 
 Headers = List[Tuple[str, str]]
 Admission = Tuple[Optional[ApiKey], Optional[str], Optional["Refusal"], Headers]
@@ -231,7 +231,8 @@ def record_llm_usage(service: str, model: str, input_tokens: int = 0, output_tok
     token = token or call.llm_token
     if not token:
         raise UsageError("no API token: call inside an authenticated request or pass token=")
-    usage = call.core.count_llm(token, validate_usage(service, model, input_tokens, output_tokens,
-                                                      cached_input_tokens, cache_write_tokens, reasoning_tokens))
+    usage = call.core.count_llm(token, call.core.validate_usage(service, model, input_tokens, output_tokens,
+                                                                cached_input_tokens, cache_write_tokens,
+                                                                reasoning_tokens))
     call.llm_recorded = True
     return usage

@@ -70,7 +70,11 @@ class _Call:
             ctx = analytics._flask_request.get(None)
             if ctx is not None:
                 rule = ctx.request.url_rule
-                self.environ[ENVIRON_ROUTE] = rule.rule if rule is not None else UNMATCHED_ROUTE
+                if rule is not None:
+                    analytics.known_routes.add(rule.rule)     # a route the app has, even if added late
+                    self.environ[ENVIRON_ROUTE] = rule.rule
+                else:
+                    self.environ[ENVIRON_ROUTE] = UNMATCHED_ROUTE
         if self.llm_token is not None and analytics.settings.observe_only:
             analytics._observe_upstream_limits(self.llm_token, headers, self.code)
         if self.extra_headers:
@@ -162,6 +166,8 @@ class TokenAnalytics:
         self._client_of = functools.partial(client_ip, trusted_proxies=self._trusted_proxies)   # of an environ
         # bound once: matching a path then costs no environ parsing per request
         self._route_adapter = Map([Rule(r) for r in routes]).bind("localhost") if routes else None
+        self.known_routes = core.metrics.known_routes     # the app's routes: a flood cannot push them out
+        self.known_routes.update(routes or ())
         self._route_adapter_source = None
         self._flask_request = None     # Flask's request context variable, once init_app ran
         self._metrics_server = None
@@ -184,6 +190,7 @@ class TokenAnalytics:
         self.app = flask_app.wsgi_app
         flask_app.wsgi_app = self
         self._route_adapter_source = flask_app.url_map
+        self.known_routes.update(rule.rule for rule in flask_app.url_map.iter_rules())
         flask_app.extensions["api_token_exporter"] = self
 
         from flask.globals import _cv_request
