@@ -7,11 +7,14 @@ A test that needs a binary that is not installed fails with the install hint; it
 """
 from __future__ import annotations
 
+import contextlib
+import http.client
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from typing import Dict
 
@@ -24,6 +27,8 @@ from api_token_exporter import TokenAnalytics
 from devstack.stack import free_port  # noqa: F401  (one implementation, the dev stack's)
 
 CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+INGEST = "i" * 32                  # the ingest token of services a test starts with running_cli
 
 # what a test may need beyond this process, as markers: needs_redis, needs_prometheus, ...
 NEEDS = ("redis", "prometheus", "alertmanager", "postgres", "server", "browser", "slow")
@@ -167,3 +172,47 @@ def build_app(keys_file: str, **settings) -> Flask:
     settings.setdefault("metrics_public", True)   # tests scrape the app; test_metrics_endpoint checks the default
     TokenAnalytics(app, keys_file=keys_file, **settings)
     return app
+
+
+@contextlib.contextmanager
+def running_cli(command, tmp_path, extra_env=(), **settings):
+    """`api-token-exporter COMMAND` on a free port with ATE_* ``settings``; yields the port
+    once it listens, stops it afterwards (its output: server-PORT.log in ``tmp_path``)."""
+    port = free_port()
+    env = dict(os.environ, **dict(extra_env), **{f"ATE_{k.upper()}": str(v) for k, v in settings.items()})
+    log = open(tmp_path / f"server-{port}.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "api_token_exporter.cli", *command, "--port", str(port)],
+                            env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for_port(port, proc, timeout=60)
+        yield port
+    finally:
+        stop_process(proc)
+        log.close()
+
+
+def timed_requests(port, plan, threads=4):
+    """Each (method, path, headers, body) on its own connection, from ``threads`` threads:
+    [(status, seconds)] in plan order."""
+    results = [None] * len(plan)
+
+    def worker(offset):
+        for i in range(offset, len(plan), threads):
+            method, path, headers, body = plan[i]
+            started = time.monotonic()
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            try:
+                conn.request(method, path, body=body, headers=headers)
+                response = conn.getresponse()
+                response.read()
+                results[i] = (response.status, time.monotonic() - started)
+            except OSError as exc:
+                results[i] = (type(exc).__name__, time.monotonic() - started)
+            finally:
+                conn.close()
+    pool = [threading.Thread(target=worker, args=(n,)) for n in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    return results

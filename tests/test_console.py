@@ -499,7 +499,13 @@ def agree(what, shown, answered, timeout=60):
 
 
 def get(world, path, headers=ADMIN, **params):
-    r = requests.get(world["url"] + path, headers=headers, params=params, timeout=60)
+    """As a client should: an analytics call refused while the same credential (the page, with
+    its refreshes) has answers in flight is repeated after its Retry-After."""
+    for _ in range(10):
+        r = requests.get(world["url"] + path, headers=headers, params=params, timeout=60)
+        if r.status_code not in (429, 503) or "Retry-After" not in r.headers:
+            break
+        time.sleep(int(r.headers["Retry-After"]))
     assert r.status_code == 200, r.text
     return r.json()
 

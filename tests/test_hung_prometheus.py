@@ -13,8 +13,7 @@ from api_token_exporter.analytics.gate import QueryGate, Refused
 from api_token_exporter.analytics.queries import PrometheusUnavailable
 from api_token_exporter.core.keystore import add_key
 from devstack.stack import prometheus_config, start_prometheus
-from support import needs
-from test_slow_clients import INGEST, running, timed_requests
+from support import INGEST, needs, running_cli as running, timed_requests
 
 ADMIN = "a" * 32
 
@@ -93,7 +92,8 @@ def test_a_hung_prometheus_costs_a_bounded_wait_then_nothing_and_health_and_inge
     try:
         with running(["serve", "--threads", "4"], tmp_path, keys_file=keys_file, ingest_token=INGEST,
                      admin_token=ADMIN, prometheus_url=prom.url, prometheus_timeout="2s",
-                     analytics_cache_seconds=0, analytics_breaker_failures=2,
+                     analytics_cache_seconds=0, analytics_max_concurrent=2, analytics_max_per_caller=1,
+                     analytics_breaker_failures=2,
                      analytics_breaker_cooldown="3s") as port:
             url = f"http://127.0.0.1:{port}"
             assert requests.get(url + "/api/analytics/usage", headers={"X-API-Key": keys[0]}, timeout=10).status_code == 200

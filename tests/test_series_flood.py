@@ -1,17 +1,14 @@
 """One ingest client floods the real service with label combinations (route x method x status
 under one known token): the series stay bounded by the token's budget, nothing sent is lost
 from the totals, and the real keys that come after keep their own routes and models."""
-import os
 import subprocess
 import time
 
-import pytest
 import requests
 
 from api_token_exporter.core.metrics import Metrics
 from api_token_exporter.core.keystore import add_key
-from support import needs, samples
-from test_slow_clients import INGEST, running
+from support import INGEST, needs, running_cli as running, samples
 
 FLOOD = 400_000
 METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH", "FOO")
@@ -83,4 +80,3 @@ def test_a_combination_flood_ends_bounded_and_the_real_keys_keep_their_routes_an
         models = {dict(k)["model"]: v for k, v in samples(text, "apitoken_llm_requests_total").items()
                   if dict(k)["token"] == token}
         assert models == {"gpt-4o": 7}
-    _ = os, pytest

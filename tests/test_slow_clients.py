@@ -5,8 +5,6 @@ import http.client
 import json
 import os
 import socket
-import subprocess
-import sys
 import threading
 import time
 
@@ -16,26 +14,10 @@ import yaml
 
 from api_token_exporter.core.keystore import add_key
 from devstack.fake_upstream import FakeUpstream
-from support import free_port, needs, sample_total, stop_process, wait_for, wait_for_port
+from support import INGEST, needs, running_cli as running, sample_total, timed_requests, wait_for
 
 pytestmark = pytest.mark.integration
-INGEST = "i" * 32
 HELD = 500                          # slow connections held open at once
-
-
-@contextlib.contextmanager
-def running(command, tmp_path, extra_env=(), **settings):
-    port = free_port()
-    env = dict(os.environ, **dict(extra_env), **{f"ATE_{k.upper()}": str(v) for k, v in settings.items()})
-    log = open(tmp_path / f"server-{port}.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "api_token_exporter.cli", *command, "--port", str(port)],
-                            env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        wait_for_port(port, proc, timeout=60)
-        yield port
-    finally:
-        stop_process(proc)
-        log.close()
 
 
 def open_slow_connections(port, count, *, path="/v1/events", kinds=(0, 1, 2)):
@@ -75,33 +57,6 @@ def still_open(s) -> bool:
         return False
     finally:
         s.setblocking(True)
-
-
-def timed_requests(port, plan, threads=4):
-    """Each (method, path, headers, body) on its own connection, from ``threads`` threads:
-    [(status, seconds)] in plan order."""
-    results = [None] * len(plan)
-
-    def worker(offset):
-        for i in range(offset, len(plan), threads):
-            method, path, headers, body = plan[i]
-            started = time.monotonic()
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-            try:
-                conn.request(method, path, body=body, headers=headers)
-                response = conn.getresponse()
-                response.read()
-                results[i] = (response.status, time.monotonic() - started)
-            except OSError as exc:
-                results[i] = (type(exc).__name__, time.monotonic() - started)
-            finally:
-                conn.close()
-    pool = [threading.Thread(target=worker, args=(n,)) for n in range(threads)]
-    for t in pool:
-        t.start()
-    for t in pool:
-        t.join()
-    return results
 
 
 def p99(results) -> float:

@@ -12,7 +12,8 @@ def register(sub) -> None:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=9464)
     serve.add_argument("--workers", type=int, default=1, help="gunicorn worker processes (default 1)")
-    serve.add_argument("--threads", type=int, default=4, help="threads per worker (default 4)")
+    serve.add_argument("--threads", type=int, default=8,
+                       help="threads per worker that run the app (default 8); requests are read on an event loop")
     serve.add_argument("--state-dir", help="keep counters here so they survive restarts ($ATE_STATE_DIR)")
     serve.add_argument("--config", help="YAML settings file (see docs/configuration.md)")
     serve.add_argument("--keys-file")

@@ -83,8 +83,8 @@ class Settings:
     prometheus_timeout: float = 10.0        # a deadline for a whole analytics answer
     analytics_max_days: int = 92            # the longest range /analytics/tokens answers
     analytics_cache_seconds: float = 10.0   # the same question within this time gets the same answer
-    analytics_max_concurrent: int = 2       # answers computed from Prometheus at once, per process
-    analytics_max_per_caller: int = 1       # of those, by one credential
+    analytics_max_concurrent: int = 4       # answers computed from Prometheus at once, per process
+    analytics_max_per_caller: int = 2       # of those, by one credential (a console page asks 2 at once)
     analytics_breaker_failures: int = 3     # answers in a row Prometheus could not give: then paused
     analytics_breaker_cooldown: float = 30.0    # how long analytics stay paused before a probe
     # -- console: the console (/ui)

@@ -332,6 +332,8 @@ class ProxyApp:
         self.pool = CredentialPool(pool_config, metrics=self.analytics.metrics)
         self.upstream.bind(self.pool, self.analytics)
         self._app = _BearerKey(self.analytics, "HTTP_" + settings.header_name.upper().replace("-", "_"))
+        # bodies another credential may be tried with are read whole before a thread is taken
+        self.buffered_body_bytes = pool_config.retry_body_max_bytes + 1
         self._pid = None
         self._lock = threading.Lock()
 

@@ -14,12 +14,12 @@ translation from an ASGI scope to a WSGI environ.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import io
 import json
 import logging
 import sys
-from concurrent.futures import ThreadPoolExecutor
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 log = logging.getLogger("api_token_exporter")
 
@@ -92,12 +92,11 @@ def _asgi_headers(headers) -> List[Tuple[bytes, bytes]]:
 class WsgiBridge:
     """The ASGI app that serves ``app`` (WSGI) on ``threads`` threads."""
 
-    def __init__(self, app, *, threads: int, body_timeout: float,
-                 buffered_body_bytes: Optional[int] = None):
+    def __init__(self, app, *, threads: int, body_timeout: float):
         self.app = app
         self.body_timeout = body_timeout
-        self.buffered = buffered_body_bytes or getattr(app, "buffered_body_bytes", DEFAULT_BUFFER)
-        self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="app")
+        self.buffered = getattr(app, "buffered_body_bytes", DEFAULT_BUFFER)
+        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="app")
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "lifespan":
@@ -169,14 +168,20 @@ class WsgiBridge:
             if close is not None:
                 close()
 
-    @staticmethod
-    def _stream(result, started, send, receive, loop):
+    def _stream(self, result, started, send, receive, loop):
+        """Send the app's chunks as it yields them; a client that leaves, or does not take a
+        chunk within the body timeout (it stopped reading), ends the stream and frees the thread."""
         gone = asyncio.run_coroutine_threadsafe(_watch_disconnect(receive), loop)
 
         def put(message):
             if gone.done():
                 raise ClientGone()
-            asyncio.run_coroutine_threadsafe(send(message), loop).result()
+            future = asyncio.run_coroutine_threadsafe(send(message), loop)
+            try:
+                future.result(self.body_timeout)
+            except concurrent.futures.TimeoutError:
+                future.cancel()
+                raise ClientGone() from None
 
         head_sent = False
         try:
@@ -240,7 +245,7 @@ class LoopInput(io.RawIOBase):
             future = asyncio.run_coroutine_threadsafe(self.receive(), self.loop)
             try:
                 message = future.result(self.timeout)
-            except TimeoutError:
+            except concurrent.futures.TimeoutError:
                 future.cancel()
                 raise OSError("the request's body stopped arriving") from None
             if message["type"] == "http.disconnect":

@@ -166,6 +166,7 @@ class TokenAnalytics:
         self._client_of = functools.partial(client_ip, trusted_proxies=self._trusted_proxies)   # of an environ
         # bound once: matching a path then costs no environ parsing per request
         self._route_adapter = Map([Rule(r) for r in routes]).bind("localhost") if routes else None
+        self.buffered_body_bytes = max(s.ingest_max_bytes, 1 << 20) + 1   # read before the app runs (bridge.py)
         self.known_routes = core.metrics.known_routes     # the app's routes: a flood cannot push them out
         self.known_routes.update(routes or ())
         self._route_adapter_source = None

@@ -8,11 +8,19 @@ const ATE = (() => {
   const csrf = meta("ate-csrf");
   const refreshSeconds = Number(meta("ate-refresh"));
 
-  async function api(path, {method = "GET", body} = {}) {
+  // A read the server asks to repeat soon (analytics already being computed for this session:
+  // 429 or 503 with a short Retry-After) is repeated, up to 3 times; a longer wait is shown.
+  async function api(path, {method = "GET", body} = {}, attempt = 0) {
     const headers = {"Accept": "application/json", "X-CSRF-Token": csrf};
     if (body !== undefined) headers["Content-Type"] = "application/json";
     const response = await fetch(path, {method, headers, credentials: "same-origin",
                                         body: body === undefined ? undefined : JSON.stringify(body)});
+    const wait = Number(response.headers.get("Retry-After"));
+    if (method === "GET" && (response.status === 429 || response.status === 503) && wait > 0 && wait <= 5
+        && attempt < 3) {
+      await new Promise((resolve) => setTimeout(resolve, wait * 1000));
+      return api(path, {method, body}, attempt + 1);
+    }
     let doc = null;
     try { doc = await response.json(); } catch (e) { /* not JSON */ }
     if (response.status === 401) {
