@@ -59,15 +59,13 @@ class QueryGate:
                                       "(analytics_max_per_caller); try again when it has arrived")
             self.total += 1
             self.in_flight[caller] = self.in_flight.get(caller, 0) + 1
-        ok = False
+        answered = None                      # None: failed, but not for Prometheus (not counted)
         try:
             answer = compute()
-            ok = True
+            answered = True
             return answer
         except PrometheusUnavailable:
-            raise
-        except Exception:
-            ok = None                        # not Prometheus's failure: the breaker does not count it
+            answered = False
             raise
         finally:
             with self.lock:
@@ -79,9 +77,9 @@ class QueryGate:
                     del self.in_flight[caller]
                 if probe:
                     self.probing = False
-                if ok:
+                if answered:
                     self.failed = 0
-                elif ok is False:
+                elif answered is False:
                     self.failed += 1
                     if self.failed >= self.failures:
                         self.paused_until = self.clock() + self.cooldown

@@ -155,8 +155,9 @@ def catalogue() -> Tuple[Family, ...]:
         Family("apitoken_label_overflow_total", "counter",
                "Label values replaced by __overflow__ because a cap was reached.", ("label",)),
         Family("apitoken_series_overflow_total", "counter",
-               "Events of a token recorded with route or model __overflow__ (and the status code's class) "
-               "because the token had used its series budget (max_series_per_token).", ("token",)),
+               "Events of a token recorded in its overflow series because it had used its series budget "
+               "(max_series_per_token): route or model __overflow__ (a known route: its own, with the "
+               "status code's class).", ("token",)),
         Family("apitoken_ingest_events_total", "counter",
                "Usage events posted to the ingest endpoint, by result.", ("result",)),
         Family("apitoken_key_file_reload_errors_total", "counter",
@@ -450,8 +451,8 @@ class Metrics:
             token = self.tokens.admit(token, count=False)
             service = self.services.admit(usage.service.lower())
             model = self.models.admit(usage.model)
-            if not self._within_budget(self.llm_requests, (token, service, model)) and not self.models.known(model):
-                model = OVERFLOW
+            if not self.models.known(model) and not self._within_budget(self.llm_requests, (token, service, model)):
+                model = OVERFLOW                     # a listed model never does: bounded by the price tables
             for kind, n in usage.exported_parts().items():
                 self._add(self.llm_tokens, (token, service, model, kind), float(n))
             self._add(self.llm_requests, (token, service, model), 1.0)
