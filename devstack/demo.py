@@ -335,10 +335,9 @@ class DemoStack:
         self.admin_token = admin_token or secrets.token_urlsafe(16)
         self.servers, self.services, self.notes = [], [], []
         self.generator = self.prometheus = self.alertmanager = self.webhook = self.smtp = None
-        self.rules_backfill: Optional[threading.Thread] = None
         self.history_end: Optional[float] = None       # where the backfilled history ends
+        self.history_plan = None                        # what the generator put in it
         self.rules_backfill_error: Optional[str] = None
-        self._services_lock, self._stopping = threading.Lock(), False
         self.raw_keys: Dict[str, str] = {}
 
     def _serve(self, app, port: int):
@@ -444,14 +443,13 @@ class DemoStack:
             prom_config = stack.prometheus_config(
                 targets, am_addr, rules_dir,
                 scrape_interval=self.scrape_interval, evaluation_interval=self.scrape_interval)
-            # 400 days as the compose stack: a year of trends
-            self._start_prometheus = lambda: stack.start_prometheus(prom_dir, prom_config, port=prom_port,
-                                                                    retention="400d", timeout=120)
-            self.prometheus = self._start_prometheus()
-            self.services.append(self.prometheus)
             if history_span:
                 self.history_end = history_span[1]
-                self._backfill_rules(*history_span)
+                self._backfill_rules(prom_dir, *history_span)
+            # 400 days as the compose stack: a year of trends
+            self.prometheus = stack.start_prometheus(prom_dir, prom_config, port=prom_port, retention="400d",
+                                                     timeout=120)
+            self.services.append(self.prometheus)
         elif self.prometheus_port is not None and not stack.find_binary("prometheus"):
             self.notes.append("Prometheus      not installed (Debian: prometheus): metrics are on the /metrics URLs")
         if self.traffic:
@@ -500,58 +498,43 @@ class DemoStack:
         end = time.time()
         start = end - self.backfill_days * 86400
         plan, _ = synthetic.write_history(tsdb, start, end, pricing=Pricing.load())
+        self.history_plan = plan
         self.notes.append(f"history         {self.backfill_days} days backfilled ({plan.requests:,} requests, "
                           f"{len(plan.anomalies)} anomalies; --no-backfill to start empty)")
         return start, end
 
-    def _backfill_rules(self, start: float, end: float) -> None:
-        """The recording rules over the history, in the background. Between dependency levels
-        Prometheus is restarted (a few seconds) so that it opens the new blocks at once."""
+    def _backfill_rules(self, prom_dir: str, start: float, end: float) -> None:
+        """The recording and anomaly rules over the history, before the demo's Prometheus starts:
+        restarting it to load each dependency level's blocks would reset every alert's `for`
+        timer. A private Prometheus on the same data, without targets or rules, answers the
+        rules' queries and is restarted between levels; the demo's own then opens every block.
+        A failure is noted and the demo runs on without them."""
         from api_token_exporter.analytics.rule_backfill import backfill_rules
         from devstack import stack
+        rules = os.path.join(stack.ROOT, "prometheus", "rules")
+        # the history has no upstream credential pool: its groups would be work for nothing
+        recording = os.path.join(self.data_dir, "backfill-recording.yml")
+        with open(os.path.join(rules, "apitoken-recording.yml"), encoding="utf-8") as fh:
+            doc = yaml.safe_load(fh)
+        doc["groups"] = [g for g in doc["groups"] if not g["name"].startswith("apitoken.upstream")]
+        with open(recording, "w", encoding="utf-8") as fh:
+            yaml.safe_dump(doc, fh, sort_keys=False)
+        config = stack.prometheus_config({}, None, os.path.join(self.data_dir, "no-rules"))
+        work = {"prometheus": stack.start_prometheus(prom_dir, config, retention="400d", timeout=120)}
 
-        def run():
-            try:
-                rules = os.path.join(stack.ROOT, "prometheus", "rules")
-                # the history has no upstream credential pool: its groups would be work for nothing
-                recording = os.path.join(self.data_dir, "backfill-recording.yml")
-                with open(os.path.join(rules, "apitoken-recording.yml"), encoding="utf-8") as fh:
-                    doc = yaml.safe_load(fh)
-                doc["groups"] = [g for g in doc["groups"] if not g["name"].startswith("apitoken.upstream")]
-                with open(recording, "w", encoding="utf-8") as fh:
-                    yaml.safe_dump(doc, fh, sort_keys=False)
-                backfill_rules(self.prometheus.url,     # so the anomaly bands are learned from the start
-                               [recording, os.path.join(rules, "apitoken-anomalies.yml")],
-                               start, end, os.path.join(self.data_dir, "prometheus", "data"),
-                               eval_interval="300s", reload=self._restart_prometheus)
-            except Exception as exc:       # the demo runs on without them; say why
-                self.rules_backfill_error = str(exc)
-                log.warning("backfilling the recording rules failed: %s", exc)
-        self.rules_backfill = threading.Thread(target=run, name="rules-backfill", daemon=True)
-        self.rules_backfill.start()
-
-    def _restart_prometheus(self) -> None:
-        """Stop and start the demo's Prometheus on its port. A start that fails is tried again;
-        stop() never waits for a restart longer than the swap."""
-        with self._services_lock:
-            if self._stopping:
-                raise RuntimeError("the demo is stopping")
-            old = self.prometheus
-            old.stop()
-        for attempt in range(3):
-            try:
-                new = self._start_prometheus()
-                break
-            except (RuntimeError, TimeoutError) as exc:
-                log.warning("restarting Prometheus failed (%s), trying again", exc)
-        else:
-            raise RuntimeError("Prometheus did not start again: see prometheus.log")
-        with self._services_lock:
-            self.prometheus = new
-            self.services[self.services.index(old)] = new
-            if self._stopping:               # stop() ran meanwhile and stopped the old one
-                new.stop()
-                raise RuntimeError("the demo is stopping")
+        def restart():                     # on the same port: the backfill keeps asking its URL
+            port = int(work["prometheus"].url.rsplit(":", 1)[1])
+            work["prometheus"].stop()
+            work["prometheus"] = stack.start_prometheus(prom_dir, config, port=port, retention="400d", timeout=120)
+        try:
+            backfill_rules(work["prometheus"].url,     # so the anomaly bands are learned from the start
+                           [recording, os.path.join(rules, "apitoken-anomalies.yml")],
+                           start, end, os.path.join(prom_dir, "data"), eval_interval="300s", reload=restart)
+        except Exception as exc:
+            self.rules_backfill_error = str(exc)
+            log.warning("backfilling the recording rules failed: %s", exc)
+        finally:
+            work["prometheus"].stop()
 
     def describe(self) -> List[str]:
         lines = [f"console         {self.api_url}/ui   (sign in with the admin token in "
@@ -609,10 +592,7 @@ class DemoStack:
     def stop(self) -> None:
         if self.generator:
             self.generator.stop()
-        self._stopping = True
-        with self._services_lock:
-            services = list(self.services)
-        for service in reversed(services):
+        for service in reversed(self.services):
             service.stop()
         for server in self.servers:
             server.shutdown()

@@ -78,6 +78,10 @@ ANOMALIES = [Anomaly("demo-steady", 3.4, 2, "spike"), Anomaly("demo-errors", 5.7
 class Plan:
     requests: int = 0
     anomalies: List[Anomaly] = field(default_factory=list)
+    by_token: Dict[str, int] = field(default_factory=dict)     # requests by token label, refused ones too
+
+    def count(self, token: str, n: int) -> None:
+        self.by_token[token] = self.by_token.get(token, 0) + n
 
 
 def seasonality(t: float) -> float:
@@ -142,6 +146,7 @@ def generate(agg: Aggregate, start: float, end: float, seed: int = 42,
             n = _count(rnd, per_minute * step / 60)
             if n:
                 agg.add_refusals(b, token, ITEMS[0][0], code, n, reason=reason)
+                plan.count(token, n)
     # the pace at the end of the history is the live demo's (its generator keeps one pace):
     # otherwise, run at a daily peak, every healthy key's live traffic would read as a drop
     at_end = seasonality(end - 1) * 1.2
@@ -163,12 +168,14 @@ def generate(agg: Aggregate, start: float, end: float, seed: int = 42,
                 refused = _count(rnd, p.refused * step / 60 * seasonality(t) * growth)
                 if refused:
                     agg.add_refusals(b, token, p.routes[0][0], 429, refused, window="minute")
+                    plan.count(token, refused)
             n = _count(rnd, mu)
             if n and p.country:
                 agg.add_country(b, token, p.country, n)
             if not n:
                 continue
             plan.requests += n
+            plan.count(token, n)
             errors = 0.4 if "errors" in kinds else p.error_rate
             ok, missing, failed = split_counts(n, [1 - errors - p.not_found, p.not_found, errors], rnd)
             for (route, method), k_ok, k_missing, k_failed in zip(
