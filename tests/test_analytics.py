@@ -346,3 +346,13 @@ def test_dashboard_period_totals_agree_with_the_api(world):
             value = float(result[0]["value"][1]) if result else 0.0
             assert value == pytest.approx(usage["summary"][api_name][field], abs=1e-6), (period, field)
             assert value > 0, (period, field)
+
+
+def test_without_prometheus_the_service_says_what_to_set(tmp_path):
+    keys_file = str(tmp_path / "keys.yml")
+    add_key(keys_file, "alpha")
+    from werkzeug.test import Client
+    client = Client(create_app(keys_file=keys_file, admin_token="admin-secret"))
+    for path in ("/analytics/tokens", "/api/analytics/usage", "/api/analytics/capacity"):
+        r = client.get(path, headers=ADMIN)
+        assert r.status_code == 404 and "set prometheus_url" in r.json["detail"], path

@@ -95,6 +95,17 @@ def test_overflow_label_is_shared_across_families():
     assert m.tokens.admit("__unauthenticated__") == "__unauthenticated__"
 
 
+def test_user_facing_text_never_names_the_product_documents():
+    """Users never saw the seed documents: "seed 003's JSON" says nothing to them."""
+    files = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md")),
+             *sorted((ROOT / "exporter").rglob("*.py")), *sorted((ROOT / "exporter").rglob("*.js")),
+             *sorted((ROOT / "exporter").rglob("*.html")), *sorted((ROOT / "exporter").rglob("*.md"))]
+    found = [f"{p.relative_to(ROOT)}:{n}" for p in files
+             for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
+             if re.search(r"\bseed 00\d", line, re.I)]
+    assert found == []
+
+
 def test_readme_gives_the_two_commands_ci_runs():
     readme = (ROOT / "README.md").read_text()
     ci = (ROOT / ".ci" / "run").read_text()

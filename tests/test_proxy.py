@@ -435,3 +435,29 @@ def test_the_cli_names_a_bad_pool_entry_and_never_its_secret(tmp_path, capsys, m
     assert "credentials[1]: same secret as ok" in err and GH[0] not in err and GH[0][4:20] not in err
     monkeypatch.delenv("ATE_UPSTREAM_POOL_FILE")
     assert cli.main(["proxy"]) == 2 and "needs a pool file" in capsys.readouterr().err
+
+
+@needs("server")
+def test_the_served_pool_knows_its_credentials_limits_before_the_first_request(keys, tmp_path, caplog):
+    """`api-token-exporter proxy` asks idle GitHub credentials (the free /rate_limit) as soon as
+    its worker has loaded, so the pool's JSON has their limits before any client came."""
+    from support import running_cli
+    fake = FakeUpstream("github", limit=5000)
+    for secret in GH[:2]:
+        fake.add(secret)
+    upstream = fake.serve()
+    pool_file = tmp_path / "pool.yml"
+    pool_file.write_text(yaml.safe_dump({"provider": "github", "refresh_interval": "1h", "credentials": [
+        {"id": f"gh-{i}", "secret_env": f"UPSTREAM_SECRET_{i}"} for i in range(2)]}))
+    env = {f"UPSTREAM_SECRET_{i}": s for i, s in enumerate(GH[:2])}
+    try:
+        with running_cli(["proxy", "--pool", str(pool_file), "--upstream", upstream, "--workers", "1"], tmp_path,
+                         env, keys_file=keys[0], admin_token="a" * 32) as port:
+            # before any request to the proxy: it asked each credential by itself
+            wait_for("both credentials asked", lambda: len(fake.seen) >= 2, timeout=20, interval=0.2)
+            assert [s["path"] for s in fake.seen] == ["/rate_limit"] * 2
+            r = requests.get(f"http://127.0.0.1:{port}/admin/pool/stats", timeout=10,
+                             headers={"Authorization": "Bearer " + "a" * 32})
+            assert r.json()["tokens"]["effective_limit"] == 10000
+    finally:
+        fake.stop()

@@ -1,4 +1,4 @@
-"""In-process alert checks for one call: seed 002's ``AlertService.check_all_alerts``.
+"""In-process alert checks for one call: ``AlertService.check_all_alerts``.
 
     from api_token_exporter.alerting.checks import AlertService
     alerts = AlertService()                              # thresholds as in prometheus/thresholds.yml
@@ -51,7 +51,7 @@ RING = MINUTE_BUCKETS + HOUR_BUCKETS
 UNAUTHORIZED_WINDOW = 3600
 MAX_TEXT = 64
 
-# seed 002's alert_thresholds plus the rules' volume guards: prometheus/thresholds.yml's values
+# alert_thresholds plus the rules' volume guards: prometheus/thresholds.yml's values
 DEFAULT_THRESHOLDS = {
     "response_time": {"warning": 1.0, "critical": 2.0},
     "error_rate": {"warning": 0.05, "critical": 0.10, "min_requests": 20},
@@ -71,7 +71,7 @@ _UNITS = {"response_time": "s", "usage_spike": "x", "error_rate": "", "unauthori
 
 
 def validate_thresholds(alert_thresholds: Optional[dict]) -> Dict[str, dict]:
-    """Seed 002's ``alert_thresholds`` (any part of it) over the defaults, checked field by field."""
+    """``alert_thresholds`` (any part of it) over the defaults, checked field by field."""
     merged = {name: dict(fields) for name, fields in DEFAULT_THRESHOLDS.items()}
     for name, fields in (alert_thresholds or {}).items():
         if name not in merged:

@@ -1,4 +1,4 @@
-"""Alert settings through the API: seed 002's ``alert_thresholds`` shape, anomaly sensitivity
+"""Alert settings through the API: the ``alert_thresholds`` shape, anomaly sensitivity
 and learning period, and which channels get which severity.
 
 A change is put in force by re-rendering the rules from ``thresholds.yml`` with the stored

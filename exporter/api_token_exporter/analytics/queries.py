@@ -4,8 +4,7 @@ Totals over a time range are exact with respect to the samples Prometheus holds,
 extrapolated `increase()`, for series that reset, stop being exported or are born inside the
 range (exact.py).
 
-Shapes: `tokens_report` is seed 001's /analytics/tokens; `usage_report` is seed 004's
-/api/analytics/usage content.
+Shapes: `tokens_report` is /analytics/tokens; `usage_report` is /api/analytics/usage.
 """
 from __future__ import annotations
 
@@ -194,7 +193,7 @@ def _add(target: dict, q: str, labels: dict, value: float) -> None:
 
 def tokens_report(client: PrometheusClient, scope: Scope, start: float, end: float,
                   progress: Progress = None, deadline: Optional[float] = None) -> dict:
-    """Seed 001's /analytics/tokens: summary, byModel, byDay, byService."""
+    """/analytics/tokens: summary, byModel, byDay, byService."""
     return tokens_report_rows(client, scope, start, end, progress, deadline)[0]
 
 
@@ -264,7 +263,7 @@ def _usage_entry(rows) -> dict:
 
 def usage_report(client: PrometheusClient, scope: Scope, now: float, progress: Progress = None,
                  deadline: Optional[float] = None, compare: Optional[str] = None) -> dict:
-    """Seed 004's /api/analytics/usage: summary, trends and predictions (UTC calendar); with
+    """/api/analytics/usage: summary, trends and predictions (UTC calendar); with
     ``compare="previous"`` also ``comparison``: today, this week and this month against the same
     stretch of the period before (see previous_stretch)."""
     if compare not in (None, "", "previous"):

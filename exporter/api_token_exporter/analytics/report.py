@@ -1,4 +1,4 @@
-"""`api-token-exporter report`: seed 001's token report from Prometheus as a table, CSV or JSON;
+"""`api-token-exporter report`: the token report from Prometheus as a table, CSV or JSON;
 with ``--compare previous``, the period against the one before it."""
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ from .ratelimit import WINDOW_ORDER
 
 __all__ = ["Settings", "load_settings", "ConfigError", "optional_import", "duration_setting"]
 
-DEFAULT_RATE_LIMITS = dict(zip(WINDOW_ORDER, (100, 1000, 10000)))  # seed 002
+DEFAULT_RATE_LIMITS = dict(zip(WINDOW_ORDER, (100, 1000, 10000)))  # per minute, hour and day
 
 
 @dataclass

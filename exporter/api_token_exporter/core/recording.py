@@ -173,7 +173,7 @@ class UsageCore:
 
     def observe_upstream_limits(self, token: str, headers: Iterable[Tuple[str, str]], code: int) -> None:
         """Observe-only mode: take rate-limit values from the headers the app (or its upstream)
-        set, in the seed 002 form ``X-RateLimit-Minute-Remaining`` or GitHub's
+        set, in the form ``X-RateLimit-Minute-Remaining`` or GitHub's
         ``X-RateLimit-Remaining`` (reported as the ``default`` window)."""
         found: Dict[str, Dict[str, float]] = {}
         for name, value in headers:

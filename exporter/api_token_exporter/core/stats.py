@@ -1,4 +1,4 @@
-"""The admin JSON of seed 003 (/admin/token-details, /admin/stats), answered from the metric
+"""The admin JSON (/admin/token-details, /admin/stats), answered from the metric
 store (so under several workers it covers all of them) plus a ring buffer of recent requests
 (the requests this process served)."""
 from __future__ import annotations
@@ -72,7 +72,7 @@ class UsageTracker:
 
     def token_details(self, keystore, default_limits: Dict[str, int], view, now: Optional[float] = None,
                       tokens: Optional[Collection[str]] = None) -> dict:
-        """Seed 003's token details; ``tokens`` limits it to those key ids (a tenant's)."""
+        """The token details; ``tokens`` limits it to those key ids (a tenant's)."""
         now = now or time.time()
         usage, limited = self._read(view, now)
         entries = []
@@ -112,7 +112,7 @@ class UsageTracker:
 
     def stats(self, keystore, default_limits: Dict[str, int], view, now: Optional[float] = None,
               tokens: Optional[Collection[str]] = None) -> dict:
-        """Seed 003's stats; ``tokens`` limits every count and the recent requests to those key
+        """The stats; ``tokens`` limits every count and the recent requests to those key
         ids (a tenant's), and leaves out unauthenticated requests."""
         now = now or time.time()
         usage, limited = self._read(view, now)

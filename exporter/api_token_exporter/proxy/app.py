@@ -1,5 +1,5 @@
 """`api-token-exporter proxy`: a reverse proxy in front of one upstream API that holds a pool of
-upstream credentials (seed 003).
+upstream credentials.
 
     application = create_proxy(upstream_pool_file="pool.yml", keys_file="keys.yml")
     gunicorn 'api_token_exporter.proxy.app:app_from_env()'      # settings from ATE_* variables
@@ -339,13 +339,15 @@ class ProxyApp:
 
     def __call__(self, environ, start_response):
         if self._pid != os.getpid():
-            self._begin()
+            self.begin()
         return self._app(environ, start_response)
 
-    def _begin(self) -> None:
-        """The pool's upkeep thread starts with the first request of each process: a server
-        that loads the app before forking (gunicorn --preload) gets one in every worker and
-        none in its master, which never calls the upstream."""
+    def begin(self) -> None:
+        """The pool's upkeep thread, in this process: it asks idle GitHub credentials for their
+        limits at once, so the pool's figures are there before the first request. The serving
+        worker calls it once it has loaded the app; elsewhere the first request does. A server
+        that loads the app before forking (gunicorn --preload) gets one in every worker and none
+        in its master, which never calls the upstream."""
         with self._lock:
             if self._pid != os.getpid():
                 self.pool.restart(fetch=self.upstream.fetch_rate_limit)

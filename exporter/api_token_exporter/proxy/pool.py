@@ -1,4 +1,4 @@
-"""The upstream credential pool behind the proxy (seed 003): several upstream tokens, the next
+"""The upstream credential pool behind the proxy: several upstream tokens, the next
 one taken when the current one runs low, each watched.
 
 Choosing: the current credential while it is usable and has at least ``rotate_below`` left of
@@ -48,7 +48,7 @@ CREDENTIAL_KEYS = {"id", "secret_env", "secret_file", "provider", "account"}
 
 
 def mask_secret(secret: str) -> str:
-    """Seed 003's ``ghp_xxxx...yyyy``: the known prefix, four characters and the last four."""
+    """``ghp_xxxx...yyyy``: the known prefix, four characters and the last four."""
     prefix = next((p for p in SECRET_PREFIXES if secret.startswith(p)), "")
     head = secret[:len(prefix) + 4]
     if len(secret) - len(head) < 12:             # too short to show both ends safely
@@ -517,7 +517,7 @@ class CredentialPool:
                     account.stamps[resource] = now
                     if resource not in changed:
                         changed.append(resource)
-                log.info("upstream credential %s rate limited until %s", cred.id, time_str(until))
+                log.warning("upstream credential %s rate limited until %s", cred.id, time_str(until))
             if code >= 500:
                 self._failed(cred, state, now)
             elif verdict == "ok":
@@ -722,7 +722,7 @@ class CredentialPool:
             self._thread.join(timeout=5)
             self._thread = None
 
-    # -- seed 003's admin JSON -----------------------------------------------------------------
+    # -- the admin JSON -----------------------------------------------------------------
     def _read(self):
         """Per credential from the metric store (every worker of a shared state_dir): counts,
         last use, limits and status; endpoints and recent requests are this process's."""

@@ -373,6 +373,15 @@ def build_endpoints(core, serve_metrics: bool = True, admin: bool = True, health
                 return analytics.capacity_report(client, scope, now, keys, multiplier, deadline=s.prometheus_timeout)
             return answer(build)
 
+    elif admin and health:          # the exporter service without Prometheus: say what is missing
+        paths.update(ANALYTICS_PATHS)
+
+        def no_prometheus():
+            return jsonify({"detail": "The analytics API answers from Prometheus: set prometheus_url "
+                                      "(ATE_PROMETHEUS_URL) to its base URL"}), 404
+        for path in ANALYTICS_PATHS:
+            app.add_url_rule(path, "no_prometheus" + path, no_prometheus, methods=["GET"])
+
     return app, paths, tuple(prefixes)
 
 

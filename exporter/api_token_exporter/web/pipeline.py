@@ -125,7 +125,7 @@ def _static_headers(plan) -> tuple:
 
 
 def rate_limit_headers(decision: Decision, now: float) -> Headers:
-    """Seed 002's X-RateLimit-{Window}-{Limit,Remaining,Reset} (Reset in seconds) and the IETF
+    """The X-RateLimit-{Window}-{Limit,Remaining,Reset} headers (Reset in seconds) and the IETF
     draft-ietf-httpapi-ratelimit-headers-10 RateLimit-Policy / RateLimit fields."""
     if not decision.windows:
         return []

@@ -103,4 +103,7 @@ class ServingWorker(UvicornWorker):
 
     def load_wsgi(self):
         super().load_wsgi()
+        begin = getattr(self.wsgi, "begin", None)      # the proxy's pool upkeep, in this worker
+        if begin is not None:
+            begin()
         self.wsgi = WsgiBridge(self.wsgi, threads=max(1, self.cfg.threads), body_timeout=self.body_timeout)

@@ -1,4 +1,4 @@
-// Tokens: seed 003's eight cards, a card per token and the recent requests, from /admin/stats
+// Tokens: the eight summary cards, a card per token and the recent requests, from /admin/stats
 // and /admin/token-details (a tenant's session gets its tenant's tokens only).
 "use strict";
 

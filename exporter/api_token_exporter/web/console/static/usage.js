@@ -1,4 +1,4 @@
-// Usage: seed 004's periods, trends and predictions from /api/analytics/usage, the breakdown by
+// Usage: the periods, trends and predictions from /api/analytics/usage, the breakdown by
 // model and service from /analytics/tokens, for one token or all, with CSV and JSON exports of
 // what is shown. Charts are uPlot (vendored in uplot/); each has its data as a table too.
 "use strict";
