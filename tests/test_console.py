@@ -511,7 +511,7 @@ def get(world, path, headers=ADMIN, **params):
 
 
 def screenshot(browser, name):
-    """The whole page at the window's width (1366 px) as docs/console/<name>.png."""
+    """The whole page at the window's width (1366 px, or the phone's) as docs/console/<name>.png."""
     SHOTS.mkdir(exist_ok=True)
     size = browser.execute_cdp_cmd("Page.getLayoutMetrics", {})["cssContentSize"]
     shot = browser.execute_cdp_cmd("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True,
@@ -905,3 +905,31 @@ def test_the_exporter_service_serves_the_console_too(world, browser, tmp_path):
         assert [a.text for a in browser.find_elements("css selector", "header nav a")] == ["Tokens"]
     finally:
         server.shutdown()
+
+
+WIDER_THAN_THE_SCREEN = """
+const edge = window.innerWidth;
+return [document.documentElement.scrollWidth, edge,
+        [...document.querySelectorAll('body *')].filter((e) => e.getBoundingClientRect().right > edge + 1)
+          .slice(0, 5).map((e) => e.tagName.toLowerCase() + (e.id ? '#' + e.id : '') + '.' + e.className)];"""
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("page", ["tokens", "usage", "capacity", "alerts"])
+def test_every_page_fits_a_phone_and_a_laptop_without_scrolling_sideways(world, browser, page):
+    """At 390 x 844 (a phone) and 1366 x 768 nothing is wider than the screen: numbers wrap,
+    tables scroll inside their box. The phone screenshots go in docs/console/."""
+    site = {"url": world["exporter"]} if page == "alerts" else world     # the alert API's console
+    page_sign_in(browser, site, ADMIN_TOKEN)
+    for width, height in ((390, 844), (1366, 768)):
+        browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {
+            "width": width, "height": height, "deviceScaleFactor": 1, "mobile": width < 700})
+        try:
+            open_page(browser, site, page)
+            time.sleep(1)                       # charts and tables drawn after the first answer
+            scroll, screen, wide = browser.execute_script(WIDER_THAN_THE_SCREEN)
+            assert scroll <= screen, (page, width, scroll, wide)
+            if width < 700:
+                screenshot(browser, f"{page}-phone")
+        finally:
+            browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})

@@ -110,10 +110,13 @@ def _runbook(t: dict, alert: str) -> str:
     return f"{t['runbook_base_url']}#{alert.lower()}"
 
 
-def _alert(t, name, severity, expr, for_, summary, description, threshold=None, extra_labels=None):
+def _alert(t, name, severity, expr, for_, summary, description, threshold=None, extra_labels=None,
+           keep_firing_for=None):
     rule = {"alert": name, "expr": expr}
     if seconds(for_) > 0:
         rule["for"] = for_
+    if keep_firing_for:                  # an alert on a boundary stays one episode, not many
+        rule["keep_firing_for"] = keep_firing_for
     rule["labels"] = {"severity": severity, **(extra_labels or {})}
     annotations = {"summary": summary, "description": description, "runbook_url": _runbook(t, name)}
     if threshold is not None:
@@ -193,7 +196,7 @@ def alert_rules(t: dict) -> List[dict]:
         "Token {{ $labels.token }} has used most of its {{ $labels.window }} rate limit",
         ("Token {{ $labels.token }} has used {{ $value | humanizePercentage }} of its "
          f"{{{{ $labels.window }}}} window (warning at {ratio * 100:g}%)."),
-        threshold=f"{ratio * 100:g}%"))
+        threshold=f"{ratio * 100:g}%", keep_firing_for="5m"))
     refusing = f"token_window:apitoken_rate_limited:rate{w} > 0"
     for severity, for_ in (("warning", rl["refused_for"]), ("critical", rl["refused_critical_for"])):
         if for_ is None:
@@ -225,7 +228,7 @@ def alert_rules(t: dict) -> List[dict]:
             t, "ApiTokenBudgetHigh", severity,
             f"token_period:apitoken_llm_budget:usage_ratio >= {share:g}",
             budgets["for"],
-            f"Token {{{{ $labels.token }}}} has spent {share * 100:g}% of its {{{{ $labels.period }}}} LLM budget",
+            f"Token {{{{ $labels.token }}}} has spent over {share * 100:g}% of its {{{{ $labels.period }}}} LLM budget",
             ("Token {{ $labels.token }} has spent {{ $value | humanizePercentage }} of its "
              f"{{{{ $labels.period }}}} LLM budget ({severity} at {share * 100:g}%)."),
             threshold=f"{share * 100:g}%"))

@@ -65,7 +65,7 @@
 
   function alertCard(a) {
     const context = [`since ${when(a.since)}`];
-    if (a.value !== null && a.value !== undefined) context.push(`value ${Number(a.value).toPrecision(4).replace(/\.?0+$/, "")}`);
+    if (a.value !== null && a.value !== undefined) context.push(`value ${ATE_FORMAT.number(a.value)}`);
     return el("article", {class: "alert", dataset: {alertId: a.id, severity: a.severity, state: a.state},
                           "aria-labelledby": `a-${a.id}`},
       el("header", {},

@@ -46,12 +46,7 @@ const ATE = (() => {
     return node;
   }
 
-  const num = (n) => (n === null || n === undefined) ? "–" : Number(n).toLocaleString("en-US");
-  function usd(x) {
-    if (x === null || x === undefined) return "–";
-    const digits = Math.abs(x) >= 1 || x === 0 ? 2 : 4;
-    return "$" + Number(x).toLocaleString("en-US", {minimumFractionDigits: digits, maximumFractionDigits: digits});
-  }
+  const num = ATE_FORMAT.number, usd = ATE_FORMAT.usd;     // format.js: the one formatter
   // "2026-12-01T10:00:00.000Z" or "2026-12-01 10:00:00" (UTC) -> "2026-12-01 10:00:00"
   const when = (t) => t ? String(t).replace("T", " ").replace(/\.\d+Z$|Z$/, "") : "–";
   const utcDate = (d) => d.toISOString().slice(0, 10);

@@ -4,6 +4,9 @@
 
 (() => {
   const {api, el, num, when} = ATE;
+  // a reset today (UTC) by its time, a later one with its date too: "tomorrow 09:17" must not read as the past
+  const resetShown = (reset) => !reset ? "–"
+    : reset.slice(0, 10) === ATE_FORMAT.isoDate(new Date()) ? reset.slice(11) : when(reset).slice(5, 16);
   const STATUS = {active: ["Active", "good"], rate_limited: ["Rate limited", "warn"], invalid: ["Invalid", "bad"],
                   inactive: ["Inactive", "bad"], expired: ["Expired", "bad"]};
   const tone = (code) => code >= 500 ? "bad" : code >= 400 ? "warn" : "good";
@@ -35,7 +38,7 @@
           el("tr", {dataset: {window, remaining: String(w.remaining), limit: String(w.limit)}},
             el("th", {scope: "row"}, window),
             el("td", {}, `${num(w.remaining)} / ${num(w.limit)}`),
-            el("td", {}, w.reset ? w.reset.slice(11) : "–"))))),
+            el("td", {}, resetShown(w.reset)))))),
       el("p", {class: "last"}, "Last used ", el("span", {dataset: {field: "last_used"}}, when(t.last_used)),
          el("br"), "Hour window resets ", el("span", {dataset: {field: "reset"}}, when(t.rate_limit.reset))),
       el("h4", {}, "Top endpoints"),

@@ -29,7 +29,7 @@
   form.to.value = state.to;
   document.querySelector(`#view input[value="${state.view}"]`).checked = true;
 
-  const short = (n) => Math.abs(n) >= 1e6 ? (n / 1e6).toFixed(1) + "M" : Math.abs(n) >= 1e4 ? Math.round(n / 1e3) + "k" : String(n);
+  const F = ATE_FORMAT;
   const epoch = (period) => Date.parse(period.length === 7 ? period + "-01T00:00:00Z" : period + "T00:00:00Z") / 1000;
 
   function query(extra = {}) {
@@ -48,10 +48,11 @@
       width, height: 210, tzDate: (ts) => uPlot.tzDate(new Date(ts * 1e3), "Etc/UTC"),
       scales: {x: {time: true, range: (u, min, max) => [min - step / 2, max + step / 2]},
                y: {range: (u, min, max) => [0, max > 0 ? max * 1.1 : 1]}},
-      series: [{value: (u, ts) => ts === null ? "–" : new Date(ts * 1e3).toISOString().slice(0, 10)}, series],
-      axes: [{}, {size: 64, values: (u, vals, axis, space, step) => vals.map((v) => key !== "cost" ? short(v)
-        : "$" + v.toFixed(Math.min(4, Math.max(0, -Math.floor(Math.log10(step || 1))))))}],
-      legend: {show: false},
+      series: [{value: (u, ts) => ts === null ? "–" : F.isoDate(ts)}, series],
+      axes: [{space: 90, values: (u, vals) => vals.map((ts) => F.isoDate(ts))},
+             {size: 64, values: (u, vals, axis, space, step) => vals.map((v) => key !== "cost" ? F.compact(v)
+               : F.usdTick(v, step))}],
+      legend: {show: true, live: true},      // the value under the cursor, with its date
     };
   }
 
