@@ -918,7 +918,8 @@ return [document.documentElement.scrollWidth, edge,
 @pytest.mark.parametrize("page", ["tokens", "usage", "capacity", "alerts"])
 def test_every_page_fits_a_phone_and_a_laptop_without_scrolling_sideways(world, browser, page):
     """At 390 x 844 (a phone) and 1366 x 768 nothing is wider than the screen: numbers wrap,
-    tables scroll inside their box. The phone screenshots go in docs/console/."""
+    tables scroll inside their box; once loaded, the loading look is gone. The phone screenshots
+    go in docs/console/."""
     site = {"url": world["exporter"]} if page == "alerts" else world     # the alert API's console
     page_sign_in(browser, site, ADMIN_TOKEN)
     for width, height in ((390, 844), (1366, 768)):
@@ -927,6 +928,7 @@ def test_every_page_fits_a_phone_and_a_laptop_without_scrolling_sideways(world, 
         try:
             open_page(browser, site, page)
             time.sleep(1)                       # charts and tables drawn after the first answer
+            assert browser.execute_script("return document.getElementById('main').getAttribute('aria-busy')") is None
             scroll, screen, wide = browser.execute_script(WIDER_THAN_THE_SCREEN)
             assert scroll <= screen, (page, width, scroll, wide)
             if width < 700:

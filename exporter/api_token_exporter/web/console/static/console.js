@@ -66,6 +66,7 @@ const ATE = (() => {
       running = (async () => {
         try {
           await load();
+          document.getElementById("main").removeAttribute("aria-busy");    // the loading look ends
           showError("");
           updated.textContent = "Updated " + new Date().toISOString().slice(11, 19) + " UTC" +
             (refreshSeconds ? ` · every ${refreshSeconds} s` : "");
