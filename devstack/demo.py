@@ -520,13 +520,14 @@ class DemoStack:
         with open(recording, "w", encoding="utf-8") as fh:
             yaml.safe_dump(doc, fh, sort_keys=False)
         config = stack.prometheus_config({}, None, os.path.join(self.data_dir, "no-rules"))
-        work = {"prometheus": stack.start_prometheus(prom_dir, config, retention="400d", timeout=120)}
+        work = {}
 
         def restart():                     # on the same port: the backfill keeps asking its URL
             port = int(work["prometheus"].url.rsplit(":", 1)[1])
             work["prometheus"].stop()
             work["prometheus"] = stack.start_prometheus(prom_dir, config, port=port, retention="400d", timeout=120)
         try:
+            work["prometheus"] = stack.start_prometheus(prom_dir, config, retention="400d", timeout=120)
             backfill_rules(work["prometheus"].url,     # so the anomaly bands are learned from the start
                            [recording, os.path.join(rules, "apitoken-anomalies.yml")],
                            start, end, os.path.join(prom_dir, "data"), eval_interval="300s", reload=restart)
@@ -534,7 +535,8 @@ class DemoStack:
             self.rules_backfill_error = str(exc)
             log.warning("backfilling the recording rules failed: %s", exc)
         finally:
-            work["prometheus"].stop()
+            if "prometheus" in work:
+                work["prometheus"].stop()
 
     def describe(self) -> List[str]:
         lines = [f"console         {self.api_url}/ui   (sign in with the admin token in "
