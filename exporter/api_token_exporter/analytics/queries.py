@@ -427,7 +427,10 @@ def capacity_report(client: PrometheusClient, scope: Scope, now: float, keys: Di
         "multiplier": multiplier,
         "tokens": rows,
         "total": totals,
-        "basis": {"windows": "the requests of the last hour not refused with 429, times the multiplier",
+        "basis": {"windows": "the requests of the last hour not refused with 429 on every instance, times the "
+                             "multiplier, against the lowest remaining any instance reports (with a shared "
+                             "Redis storage the windows are shared; with memory:// each instance has its own "
+                             "and this is the pessimistic view)",
                   "monthEnd": "month-to-date pace times the multiplier, to the end of the month (UTC)"},
         "monthEnds": iso(month_end),
         "generatedAt": iso(now),
