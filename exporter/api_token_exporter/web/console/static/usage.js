@@ -38,6 +38,19 @@
     return q.toString() ? "?" + q : "";
   }
 
+  // weeks ticked on their Mondays and months on their first day (the points themselves), as
+  // many as fit; days where uPlot puts them
+  function xAxis() {
+    const axis = {space: 90, values: (u, vals) => vals.map((ts) => F.isoDate(ts))};
+    if (state.view !== "daily") {
+      axis.splits = (u) => {
+        const xs = u.data[0], every = Math.max(1, Math.ceil(xs.length * 90 / Math.max(1, u.width)));
+        return xs.filter((_, i) => (xs.length - 1 - i) % every === 0);
+      };
+    }
+    return axis;
+  }
+
   function chartOptions(key, width, step) {
     const c = CHARTS[key];
     const series = {label: c.label, stroke: c.color, width: 2, value: (u, v) => v === null ? "–" : c.format(v)};
@@ -49,7 +62,7 @@
       scales: {x: {time: true, range: (u, min, max) => [min - step / 2, max + step / 2]},
                y: {range: (u, min, max) => [0, max > 0 ? max * 1.1 : 1]}},
       series: [{value: (u, ts) => ts === null ? "–" : F.isoDate(ts)}, series],
-      axes: [{space: 90, values: (u, vals) => vals.map((ts) => F.isoDate(ts))},
+      axes: [xAxis(),
              {size: 64, values: (u, vals, axis, space, step) => vals.map((v) => key !== "cost" ? F.compact(v)
                : F.usdTick(v, step))}],
       legend: {show: true, live: true},      // the value under the cursor, with its date
