@@ -72,6 +72,14 @@ METRICS_CLOSED = ("Metrics are not public: set metrics_bearer_token (or metrics_
                   "metrics_port bound to 127.0.0.1, or set metrics_public: true")
 
 
+def retry_later(status: int, detail: str, wait: int) -> Response:
+    """A refusal to repeat after ``wait`` seconds: the JSON detail and Retry-After."""
+    response = jsonify({"detail": detail})
+    response.status_code = status
+    response.headers["Retry-After"] = str(wait)
+    return response
+
+
 class AnswerCache:
     """The same question within ``seconds`` gets the same answer, computed once."""
 
@@ -135,11 +143,8 @@ def build_endpoints(core, serve_metrics: bool = True, admin: bool = True, health
         if wait is None:
             return None
         core.metrics.auth_failure("throttled", address)
-        response = jsonify({"detail": f"Too many failed credentials from this address: try again in {wait} "
-                                      "seconds (auth_failure_limit)"})
-        response.status_code = 429
-        response.headers["Retry-After"] = str(wait)
-        return response
+        return retry_later(429, f"Too many failed credentials from this address: try again in {wait} "
+                                "seconds (auth_failure_limit)", wait)
 
     @app.after_request
     def count_failure(response):
@@ -202,11 +207,8 @@ def build_endpoints(core, serve_metrics: bool = True, admin: bool = True, health
         if decision.allowed:
             return None
         wait = decision.refused_by.reset_in(time.time())
-        response = jsonify({"detail": f"At most {s.admin_rate_limit} analytics and admin requests per "
-                                      f"minute per credential (admin_rate_limit). Try again in {wait} seconds"})
-        response.status_code = 429
-        response.headers["Retry-After"] = str(wait)
-        return response
+        return retry_later(429, f"At most {s.admin_rate_limit} analytics and admin requests per minute per "
+                                f"credential (admin_rate_limit). Try again in {wait} seconds", wait)
 
     sessions = None
     if admin and s.admin_token:
@@ -345,7 +347,7 @@ def build_endpoints(core, serve_metrics: bool = True, admin: bool = True, health
             except analytics.PrometheusUnavailable as exc:
                 return jsonify({"detail": f"Analytics unavailable: {exc}"}), 503
             except Refused as exc:
-                return jsonify({"detail": exc.detail}), exc.status, {"Retry-After": str(exc.retry_after)}
+                return retry_later(exc.status, exc.detail, exc.retry_after)
 
         @app.route("/analytics/tokens", methods=["GET"])
         def analytics_tokens():
