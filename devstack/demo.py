@@ -382,6 +382,9 @@ class DemoStack:
             prom_url = None
         prom_dir = os.path.join(self.data_dir, "prometheus")
         history_span = self._backfill(os.path.join(prom_dir, "data")) if prom_url else None
+        if history_span:                   # before anything that asks the demo's Prometheus starts
+            self.history_end = history_span[1]
+            self._backfill_rules(prom_dir, *history_span)
         # the API's console (/ui) shows its live tokens, and usage and capacity from Prometheus
         self.api_url = self._serve(create_demo_api(keys_file=keys_file, storage_uri=self.storage_uri,
                                                    admin_token=self.admin_token, prometheus_url=prom_url), self.port)
@@ -443,9 +446,6 @@ class DemoStack:
             prom_config = stack.prometheus_config(
                 targets, am_addr, rules_dir,
                 scrape_interval=self.scrape_interval, evaluation_interval=self.scrape_interval)
-            if history_span:
-                self.history_end = history_span[1]
-                self._backfill_rules(prom_dir, *history_span)
             # 400 days as the compose stack: a year of trends
             self.prometheus = stack.start_prometheus(prom_dir, prom_config, port=prom_port, retention="400d",
                                                      timeout=120)
@@ -499,8 +499,10 @@ class DemoStack:
         start = end - self.backfill_days * 86400
         plan, _ = synthetic.write_history(tsdb, start, end, pricing=Pricing.load())
         self.history_plan = plan
-        self.notes.append(f"history         {self.backfill_days} days backfilled ({plan.requests:,} requests, "
-                          f"{len(plan.anomalies)} anomalies; --no-backfill to start empty)")
+        total = sum(plan.by_token.values())           # as "All time" counts them: refusals too
+        self.notes.append(f"history         {self.backfill_days} days backfilled ({total:,} requests, "
+                          f"{total - plan.requests:,} of them refused; {len(plan.anomalies)} anomalies; "
+                          "--no-backfill to start empty)")
         return start, end
 
     def _backfill_rules(self, prom_dir: str, start: float, end: float) -> None:
