@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -19,6 +20,7 @@ import time
 from typing import Dict
 
 import pytest
+import requests
 from flask import Flask, jsonify
 from flask.testing import FlaskClient
 from prometheus_client.parser import text_string_to_metric_families
@@ -189,6 +191,35 @@ def running_cli(command, tmp_path, extra_env=(), **settings):
     finally:
         stop_process(proc)
         log.close()
+
+
+def start_serve(tmp_path, *args, env=None, port=None):
+    """`api-token-exporter serve ARGS` in its own session, answering /healthz: (process, port)."""
+    port = port or free_port()
+    log = open(tmp_path / f"serve-{port}-{time.monotonic_ns()}.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "api_token_exporter.cli", "serve", "--port", str(port), *args], stdout=log,
+                            stderr=subprocess.STDOUT, env=dict(os.environ, **(env or {})),
+                            start_new_session=True)
+    wait_for_port(port, proc)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
+                break
+        except requests.RequestException:
+            time.sleep(0.1)
+    return proc, port
+
+
+def console_sign_in(client, credential):
+    """Sign a Flask test client in to the console."""
+    return client.post("/ui/login", data={"credential": credential})
+
+
+def console_csrf(client, page="tokens") -> str:
+    """The CSRF token of a signed-in test client's console session."""
+    html = client.get(f"/ui/{page}").get_data(as_text=True)
+    return re.search(r'<meta name="ate-csrf" content="([^"]+)">', html).group(1)
 
 
 def timed_requests(port, plan, threads=4):

@@ -26,7 +26,7 @@ from api_token_exporter.analytics import queries as analytics
 from api_token_exporter.mixin import rules as rulegen, thresholds
 from api_token_exporter.core.config import ConfigError, load_settings
 from api_token_exporter.core.keystore import rotate_key, set_active
-from support import build_app, free_port, needs, require_binary, wait_for
+from support import build_app, console_csrf, console_sign_in, free_port, needs, require_binary, wait_for
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SHOTS = ROOT / "docs" / "console"
@@ -36,15 +36,6 @@ STATIC = ROOT / "exporter" / "api_token_exporter" / "web" / "console" / "static"
 
 
 # -- sessions, CSRF and scopes (no browser) -----------------------------------------------------
-
-def sign_in(client, credential):
-    return client.post("/ui/login", data={"credential": credential})
-
-
-def csrf_of(client, page="tokens"):
-    html = client.get(f"/ui/{page}").get_data(as_text=True)
-    return re.search(r'<meta name="ate-csrf" content="([^"]+)">', html).group(1)
-
 
 @pytest.fixture
 def console(make_app):
@@ -59,19 +50,19 @@ def test_the_console_is_there_only_with_the_admin_token(make_app):
     assert r.status_code == 302 and r.headers["Location"].endswith("/ui/login?next=tokens")
     assert with_token.get("/ui").status_code == 302
     # pages that need Prometheus or Alertmanager say so, and are not in the navigation
-    sign_in(with_token, ADMIN_TOKEN)
+    console_sign_in(with_token, ADMIN_TOKEN)
     usage = with_token.get("/ui/usage")
     assert usage.status_code == 404 and "prometheus_url" in usage.get_data(as_text=True)
     assert 'href="/ui/usage"' not in with_token.get("/ui/tokens").get_data(as_text=True)
 
 
 def test_sign_in_sets_a_strict_http_only_cookie_that_holds_no_credential(console, keys):
-    r = sign_in(console, "wrong")
+    r = console_sign_in(console, "wrong")
     assert r.status_code == 401 and "neither the admin token" in r.get_data(as_text=True)
     assert "Set-Cookie" not in r.headers
     for inactive in ("revoked", "old"):
-        assert sign_in(console, keys[1][inactive]).status_code == 401
-    r = sign_in(console, ADMIN_TOKEN)
+        assert console_sign_in(console, keys[1][inactive]).status_code == 401
+    r = console_sign_in(console, ADMIN_TOKEN)
     assert r.status_code == 303 and r.headers["Location"].endswith("/ui/tokens")
     cookie = r.headers["Set-Cookie"]
     assert cookie.startswith("ate_console=") and "HttpOnly" in cookie and "SameSite=Strict" in cookie
@@ -88,8 +79,8 @@ def test_sign_in_sets_a_strict_http_only_cookie_that_holds_no_credential(console
 
 def test_json_endpoints_take_the_session_only_with_its_csrf_token(console):
     assert console.get("/admin/stats").status_code == 401
-    sign_in(console, ADMIN_TOKEN)
-    csrf = csrf_of(console)
+    console_sign_in(console, ADMIN_TOKEN)
+    csrf = console_csrf(console)
     assert console.get("/admin/stats").status_code == 403                          # no header
     r = console.get("/admin/stats", headers={"X-CSRF-Token": csrf[:-1] + ("A" if csrf[-1] != "A" else "B")})
     assert r.status_code == 403 and "X-CSRF-Token" in r.json["detail"]
@@ -110,8 +101,8 @@ def test_json_endpoints_take_the_session_only_with_its_csrf_token(console):
 def test_a_login_from_another_site_and_a_sign_out_without_the_form_token_are_refused(console):
     r = console.post("/ui/login", data={"credential": ADMIN_TOKEN}, headers={"Sec-Fetch-Site": "cross-site"})
     assert r.status_code == 403 and "Set-Cookie" not in r.headers
-    sign_in(console, ADMIN_TOKEN)
-    csrf = csrf_of(console)
+    console_sign_in(console, ADMIN_TOKEN)
+    csrf = console_csrf(console)
     assert console.post("/ui/logout", data={"csrf_token": "nope"}).status_code == 403
     assert console.get("/ui/tokens").status_code == 200                            # still signed in
     r = console.post("/ui/logout", data={"csrf_token": csrf})
@@ -121,8 +112,8 @@ def test_a_login_from_another_site_and_a_sign_out_without_the_form_token_are_ref
 
 def test_sessions_expire(make_app, monkeypatch):
     client = make_app(admin_token=ADMIN_TOKEN, console_session_lifetime="2m").test_client()
-    assert "Max-Age=120" in sign_in(client, ADMIN_TOKEN).headers["Set-Cookie"]
-    csrf = csrf_of(client)
+    assert "Max-Age=120" in console_sign_in(client, ADMIN_TOKEN).headers["Set-Cookie"]
+    csrf = console_csrf(client)
     assert client.get("/admin/stats", headers={"X-CSRF-Token": csrf}).status_code == 200
     later = time.time() + 121
     monkeypatch.setattr(time, "time", lambda: later)
@@ -136,8 +127,8 @@ def test_every_worker_reads_a_session_and_a_new_admin_token_ends_it(keys):
     changed admin token ends them, console_secret or not."""
     one, two = build_app(keys[0], admin_token=ADMIN_TOKEN), build_app(keys[0], admin_token=ADMIN_TOKEN)
     first = one.test_client()
-    sign_in(first, ADMIN_TOKEN)
-    cookie, csrf = first.get_cookie("ate_console").value, csrf_of(first)
+    console_sign_in(first, ADMIN_TOKEN)
+    cookie, csrf = first.get_cookie("ate_console").value, console_csrf(first)
 
     def status(app):
         client = app.test_client()
@@ -147,8 +138,8 @@ def test_every_worker_reads_a_session_and_a_new_admin_token_ends_it(keys):
     assert status(build_app(keys[0], admin_token="another-admin-token")) == 401
     secret = "s" * 32
     a = build_app(keys[0], admin_token=ADMIN_TOKEN, console_secret=secret).test_client()
-    sign_in(a, ADMIN_TOKEN)
-    cookie, csrf = a.get_cookie("ate_console").value, csrf_of(a)
+    console_sign_in(a, ADMIN_TOKEN)
+    cookie, csrf = a.get_cookie("ate_console").value, console_csrf(a)
     assert status(build_app(keys[0], admin_token=ADMIN_TOKEN, console_secret=secret)) == 200
     assert status(build_app(keys[0], admin_token=ADMIN_TOKEN)) == 401               # other key
     assert status(build_app(keys[0], admin_token="rotated-admin-token", console_secret=secret)) == 401
@@ -160,8 +151,8 @@ def test_a_tenant_sees_its_tenants_tokens_only_and_revoking_its_key_ends_the_ses
         for _ in range(2):
             console.get("/items", headers={"X-API-Key": raw[token]})
     console.get("/items")                                           # no key: nobody's
-    sign_in(console, raw["alpha"])
-    csrf = {"X-CSRF-Token": csrf_of(console)}
+    console_sign_in(console, raw["alpha"])
+    csrf = {"X-CSRF-Token": console_csrf(console)}
     page = console.get("/ui/tokens").get_data(as_text=True)
     assert "tenant acme (Alpha app)" in page and 'href="/ui/alerts"' not in page
     details = console.get("/admin/token-details", headers=csrf).json
@@ -184,10 +175,10 @@ def test_a_tenant_session_lasts_as_long_as_the_secret_it_signed_in_with(console,
     path, raw = keys
     new, _ = rotate_key(path, "alpha", grace_seconds=4)
     current = console.application.test_client()
-    wait_for("the new secret in force", lambda: sign_in(current, new).status_code == 303, timeout=10, interval=0.1)
-    current_csrf = {"X-CSRF-Token": csrf_of(current)}
-    assert sign_in(console, raw["alpha"]).status_code == 303             # the replaced secret, in its grace
-    csrf = {"X-CSRF-Token": csrf_of(console)}
+    wait_for("the new secret in force", lambda: console_sign_in(current, new).status_code == 303, timeout=10, interval=0.1)
+    current_csrf = {"X-CSRF-Token": console_csrf(current)}
+    assert console_sign_in(console, raw["alpha"]).status_code == 303             # the replaced secret, in its grace
+    csrf = {"X-CSRF-Token": console_csrf(console)}
     assert console.get("/admin/stats", headers=csrf).status_code == 200
     wait_for("the old secret's session refused after its grace", lambda: console.get(
         "/admin/stats", headers=csrf).status_code == 401, timeout=15, interval=0.2)
@@ -228,12 +219,12 @@ def test_the_console_on_an_asgi_app(keys):
 def test_failed_sign_ins_are_throttled_per_address_only(make_app):
     app = make_app(admin_token=ADMIN_TOKEN, auth_failure_limit=3)
     client = app.test_client()
-    assert [sign_in(client, "wrong").status_code for _ in range(4)] == [401, 401, 401, 429]
-    refused = sign_in(client, ADMIN_TOKEN)                 # the right token too, from there
+    assert [console_sign_in(client, "wrong").status_code for _ in range(4)] == [401, 401, 401, 429]
+    refused = console_sign_in(client, ADMIN_TOKEN)                 # the right token too, from there
     assert refused.status_code == 429 and 0 < int(refused.headers["Retry-After"]) <= 60
     other = app.test_client()
     other.environ_base["REMOTE_ADDR"] = "192.0.2.7"
-    assert sign_in(other, ADMIN_TOKEN).status_code == 303   # another address is not locked out
+    assert console_sign_in(other, ADMIN_TOKEN).status_code == 303   # another address is not locked out
 
 
 def test_a_sign_in_posted_from_another_site_is_refused(console):
@@ -243,13 +234,13 @@ def test_a_sign_in_posted_from_another_site_is_refused(console):
     assert post(Origin="https://evil.example").status_code == 403       # no Fetch Metadata: the Origin
     assert post(Origin="http://localhost").status_code == 303
     assert post().status_code == 303                                      # not a browser: nothing to forge
-    csrf = csrf_of(console)                # the session's JSON calls: the same check
+    csrf = console_csrf(console)                # the session's JSON calls: the same check
     assert console.get("/admin/stats", headers={"X-CSRF-Token": csrf, "Origin": "https://evil.example"}).status_code == 403
     assert console.get("/admin/stats", headers={"X-CSRF-Token": csrf, "Origin": "http://localhost"}).status_code == 200
 
 
 def test_pages_carry_security_headers_and_no_inline_script(console):
-    sign_in(console, ADMIN_TOKEN)
+    console_sign_in(console, ADMIN_TOKEN)
     r = console.get("/ui/tokens")
     csp = r.headers["Content-Security-Policy"]
     assert "default-src 'self'" in csp and "frame-ancestors 'none'" in csp and "unsafe-inline" not in csp
@@ -575,7 +566,7 @@ def test_sign_in_and_sign_out_in_the_browser(world, browser):
     assert cookie["httpOnly"] is True and cookie["sameSite"] == "Strict" and cookie["path"] == "/"
     assert ADMIN_TOKEN not in cookie["value"] and ADMIN_TOKEN not in browser.page_source
     assert browser.execute_script("return document.cookie") == ""          # out of scripts' reach
-    assert [a.text for a in browser.find_elements("css selector", "header nav a")] == ["Tokens", "Usage", "Capacity"]
+    assert [a.text for a in browser.find_elements("css selector", "header nav a")] == ["Tokens", "Live", "Usage", "Capacity"]
     assert by_css(browser, 'header nav a[aria-current="page"]').text == "Usage"
     # the keyboard: the first Tab reaches the skip link, which moves on to the content
     from selenium.webdriver.common.keys import Keys
@@ -779,7 +770,7 @@ def test_acknowledging_in_the_page_silences_the_alert_in_alertmanager(world, bro
     page_sign_in(browser, exporter, ADMIN_TOKEN)
     open_page(browser, exporter, "alerts")
     assert [a.text for a in browser.find_elements("css selector", "header nav a")] == \
-        ["Tokens", "Usage", "Alerts", "Capacity"]
+        ["Tokens", "Live", "Usage", "Alerts", "Capacity"]
     # nine failed authentications from 127.0.0.1 in the demo traffic: more than five an hour
     alert = wait_for("the unauthorized-access alert on the page", lambda: browser.execute_script(
         PAGE_ALERT, "ApiTokenUnauthorizedAccess"), timeout=120)
@@ -832,7 +823,7 @@ def test_a_tenant_sees_only_its_tokens(world, browser):
     agree("the tenant's tokens page", lambda: (lambda p: {"ids": sorted(t["id"] for t in p["tokens"]),
                                                          "cards": p["cards"]})(browser.execute_script(PAGE_TOKENS)),
           expected)
-    assert [a.text for a in browser.find_elements("css selector", "header nav a")] == ["Tokens", "Usage", "Capacity"]
+    assert [a.text for a in browser.find_elements("css selector", "header nav a")] == ["Tokens", "Live", "Usage", "Capacity"]
     assert "tenant acme" in by_css(browser, "#who").text
     screenshot(browser, "tenant")
     key = {"X-API-Key": world["raw"]["demo-steady"]}
@@ -902,9 +893,60 @@ def test_the_exporter_service_serves_the_console_too(world, browser, tmp_path):
         shown = agree("the exporter's tokens page", lambda: browser.execute_script(PAGE_TOKENS),
                       lambda: expected_tokens(get(exporter, "/admin/stats"), get(exporter, "/admin/token-details")))
         assert shown["tokens"][0]["uses"] == 4 and shown["tokens"][0]["errors"] == 1
-        assert [a.text for a in browser.find_elements("css selector", "header nav a")] == ["Tokens"]
+        assert [a.text for a in browser.find_elements("css selector", "header nav a")] == ["Tokens", "Live"]
     finally:
         server.shutdown()
+
+
+PAGE_LIVE = """
+return {
+  rows: [...document.querySelectorAll('#live-requests tbody tr[data-status]')].map((r) => [
+    r.dataset.token, r.cells[2].textContent, Number(r.dataset.status)]),
+  tokens: Object.fromEntries([...document.querySelectorAll('#live-tokens tbody tr[data-token]')].map(
+    (r) => [r.dataset.token, [Number(r.dataset.requests), Number(r.dataset.errors)]])),
+  streams: Number(document.getElementById('updated').dataset.connects || 0),
+  ticks: Number(document.getElementById('updated').dataset.count || 0),
+};"""
+
+
+def live_rows(browser, sent):
+    """Waits until the live page lists every request of ``sent`` [(token, "METHOD /path", status)],
+    and returns what it shows then (the requests of others may be there too)."""
+    def shown():
+        page = browser.execute_script(PAGE_LIVE)
+        page["rows"] = [tuple(row) for row in page["rows"]]
+        return page if all(page["rows"].count(row) >= sent.count(row) for row in sent) else None
+    return wait_for("the live page to show the requests", shown, timeout=20, interval=0.1)
+
+
+@pytest.mark.integration
+def test_the_live_page_shows_requests_as_they_happen(world, browser):
+    """Pushed by the server, one stream, no polling: each request is on the page within two of
+    its one-second ticks; the counts per token are the requests sent; a tenant sees its own."""
+    page_sign_in(browser, world, ADMIN_TOKEN)
+    open_page(browser, world, "live")
+    raw = world["raw"]
+    send(world["url"], raw["demo-steady"], n=3)
+    send(world["url"], raw["demo-errors"], "/api/v1/flaky?fail=1", n=2)
+    sent_at = browser.execute_script(PAGE_LIVE)["ticks"]
+    sent = [("demo-steady", "GET /api/v1/items", 200)] * 3 + [("demo-errors", "GET /api/v1/flaky", 500)] * 2
+    shown = live_rows(browser, sent)
+    assert shown["ticks"] - sent_at <= 2, "shown later than two ticks after the requests were answered"
+    assert shown["streams"] == 1                     # pushed on one stream, never asked again
+    wait_for("the per-token counts", lambda: (lambda t: t.get("demo-steady", [0])[0] >= 3
+                                              and t.get("demo-errors", [0, 0])[1] >= 2)(
+        browser.execute_script(PAGE_LIVE)["tokens"]), timeout=20, interval=0.2)
+    screenshot(browser, "live")
+    # a tenant (acme) sees acme's requests, not globex's nor those without a key
+    page_sign_in(browser, world, raw["demo-steady"])
+    open_page(browser, world, "live")
+    send(world["url"], raw["demo-errors"], "/api/v1/flaky?fail=1", n=2)
+    send(world["url"], None, n=2)
+    send(world["url"], raw["demo-bursty"], "/api/v1/repos/acme/portfolio", n=2)
+    shown = live_rows(browser, [("demo-bursty", "GET /api/v1/repos/<owner>/<repo>", 200)] * 2)
+    acme = set(tenant_tokens(world, "acme"))
+    assert {row[0] for row in shown["rows"]} <= acme and set(shown["tokens"]) <= acme, shown
+    page_sign_in(browser, world, ADMIN_TOKEN)
 
 
 WIDER_THAN_THE_SCREEN = """
@@ -915,7 +957,7 @@ return [document.documentElement.scrollWidth, edge,
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("page", ["tokens", "usage", "capacity", "alerts"])
+@pytest.mark.parametrize("page", ["tokens", "live", "usage", "capacity", "alerts"])
 def test_every_page_fits_a_phone_and_a_laptop_without_scrolling_sideways(world, browser, page):
     """At 390 x 844 (a phone) and 1366 x 768 nothing is wider than the screen: numbers wrap,
     tables scroll inside their box; once loaded, the loading look is gone. The phone screenshots

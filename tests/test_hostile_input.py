@@ -231,7 +231,7 @@ def test_a_10_mb_chunked_body_is_refused_before_it_is_read_whole(tmp_path, keys)
     sending: it never waits for (or buffers) the whole body."""
     import signal
     import socket
-    from test_serving import start_serve
+    from support import start_serve
     proc, port = start_serve(tmp_path, "--keys-file", keys[0], env={"ATE_INGEST_TOKEN": "ingest-secret"})
     try:
         sock = socket.create_connection(("127.0.0.1", port), timeout=10)

@@ -18,7 +18,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from api_token_exporter.core.keystore import add_key
-from support import free_port, needs, sample_total, samples, wait_for, wait_for_port
+from support import free_port, needs, sample_total, samples, start_serve, wait_for
 
 pytestmark = pytest.mark.integration
 DEMO = "devstack.demo:app_from_env()"
@@ -134,23 +134,6 @@ def test_gunicorn_threaded_workers_under_concurrent_scrapes_count_exactly(gunico
     assert sample_total(text, "apitoken_requests_total") == total
     assert sample_total(text, "apitoken_request_duration_seconds_count") == total
     assert oracle_counts(tmp_path, [list(e) for e in events]) == {k: float(v) for k, v in sent.items()}
-
-
-def start_serve(tmp_path, *args, env=None, port=None):
-    port = port or free_port()
-    log = open(tmp_path / f"serve-{port}-{time.monotonic_ns()}.log", "w")
-    proc = subprocess.Popen(CLI + ["serve", "--port", str(port), *args], stdout=log,
-                            stderr=subprocess.STDOUT, env=dict(os.environ, **(env or {})),
-                            start_new_session=True)
-    wait_for_port(port, proc)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
-                break
-        except requests.RequestException:
-            time.sleep(0.1)
-    return proc, port
 
 
 def process_group_alive(pgid: int) -> bool:

@@ -165,6 +165,7 @@ def test_one_scrape_reads_the_worker_files_once(tmp_path, keys):
     from api_token_exporter.core.keystore import KeyStore
     from api_token_exporter.core.metrics import ScrapeView
     from api_token_exporter.core.stats import UsageTracker
+    from api_token_exporter.core.live import RequestFeed
     metrics = Metrics(directory=str(tmp_path))
     metrics.observe_request("alpha", "/a", "GET", 200, 0.1, authenticated=True)
     metrics.set_windows("alpha", [WindowState("minute", 5, 0, 4_000_000_000.0)], 1.0)
@@ -176,6 +177,6 @@ def test_one_scrape_reads_the_worker_files_once(tmp_path, keys):
     assert len(merges) == 1
     assert b'apitoken_token_status{token="alpha"} 1.0' in body         # rate_limited
     merges.clear()
-    details = UsageTracker().token_details(view.keystore, {"hour": 1000}, view)
+    details = UsageTracker(RequestFeed()).token_details(view.keystore, {"hour": 1000}, view)
     assert len(merges) == 1
     assert {t["id"]: t["status"] for t in details["tokens"]}["alpha"] == "rate_limited"

@@ -91,6 +91,8 @@ class Settings:
     console_refresh_seconds: float = 30.0   # how often the console's pages refresh (0: only by the button)
     console_session_lifetime: float = 43200.0   # seconds a console sign-in lasts (12h)
     console_secret: Optional[str] = None    # signs console sessions; derived from admin_token if unset
+    console_live_viewers: int = 10          # live views streaming at once, per process; more get 503
+    console_live_seconds: float = 300.0     # a live view's stream ends after this; the page reconnects
     # -- digests: usage digests
     digest_schedule: str = "off"            # usage digests from the exporter service: off, daily or weekly
     digest_time: str = "08:00"              # when (UTC) the scheduled digest goes out
@@ -138,6 +140,8 @@ class Settings:
             raise ConfigError("console_session_lifetime must be from 60 seconds (1m) to 30 days (30d)")
         if self.console_secret is not None and len(self.console_secret) < 16:
             raise ConfigError("console_secret must be at least 16 characters")
+        if not 10 <= self.console_live_seconds <= 86400:
+            raise ConfigError("console_live_seconds must be from 10 to 86400")
         if not 0 <= self.analytics_cache_seconds <= 3600:
             raise ConfigError("analytics_cache_seconds must be from 0 to 3600")
         if self.storage_failure_mode not in ("open", "closed", "local"):
@@ -156,7 +160,8 @@ class Settings:
                      "ingest_max_events",
                      "recent_requests", "capture_max_bytes", "store_capacity", "analytics_max_days",
                      "admin_rate_limit", "upstream_max_connections", "http_max_connections",
-                     "analytics_max_concurrent", "analytics_max_per_caller", "analytics_breaker_failures"):
+                     "analytics_max_concurrent", "analytics_max_per_caller", "analytics_breaker_failures",
+                     "console_live_viewers"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
         if self.auth_failure_limit < 0:
@@ -186,7 +191,8 @@ SECTIONS: Dict[str, Tuple[str, ...]] = {
     "analytics": ("prometheus_url", "prometheus_timeout", "analytics_max_days", "analytics_cache_seconds",
                   "analytics_max_concurrent", "analytics_max_per_caller", "analytics_breaker_failures",
                   "analytics_breaker_cooldown"),
-    "console": ("console_refresh_seconds", "console_session_lifetime", "console_secret"),
+    "console": ("console_refresh_seconds", "console_session_lifetime", "console_secret", "console_live_viewers",
+                "console_live_seconds"),
     "digests": ("digest_schedule", "digest_time", "digest_weekday", "digest_scope", "digest_top_n",
                 "digest_slack_webhook_url", "digest_discord_webhook_url", "digest_webhook_url",
                 "digest_webhook_token", "digest_email_to", "digest_smtp_host", "digest_smtp_port",

@@ -14,6 +14,7 @@ from typing import Dict, Iterable, Optional, Tuple
 
 from .config import Settings
 from .keystore import KEY_PREFIX, ApiKey, KeyStore, last_good_copy, well_formed_key
+from .live import RequestFeed
 from .llmcapture import extract_usage
 from .metrics import UNAUTHENTICATED, Metrics, ScrapeView
 from .pricing import Pricing
@@ -48,7 +49,8 @@ class UsageCore:
             self.countries = CountryResolver(s.geo_database)
         self.view = ScrapeView(self.metrics, self.keystore, limiter=self.limiter, pricing=self.pricing,
                                default_limits=self.settings.rate_limits)
-        self.tracker = UsageTracker(s.recent_requests)
+        self.feed = RequestFeed(s.state_dir)
+        self.tracker = UsageTracker(self.feed, s.recent_requests)
 
     # -- keys --------------------------------------------------------------------------------
     def authenticate(self, raw: Optional[str]) -> Tuple[Optional[ApiKey], Optional[str]]:
@@ -124,17 +126,13 @@ class UsageCore:
             self.metrics.observe_country(token, self.countries.country(client))
 
     def record_request(self, token: Optional[str], route: str, method: str, code: int,
-                       duration: float, now: Optional[float] = None,
-                       key: Optional[ApiKey] = None) -> None:
-        """One request: ``token`` is the key id (its ``key`` if the caller has it), or None for
-        a missing or unknown key."""
+                       duration: float, now: Optional[float] = None) -> None:
+        """One request: ``token`` is the key id, or None for a missing or unknown key. It is
+        counted in the store and written to the live feed."""
         now = time.time() if now is None else now
-        if key is None and token is not None:
-            key = self.keystore.get(token)
         self.metrics.observe_request(token if token is not None else UNAUTHENTICATED, route, method,
                                      code, duration, authenticated=token is not None, now=now)
-        shown = (key.masked or key.id) if key is not None else (token or "(none)")
-        self.tracker.record(now, route, method, shown, code, token)
+        self.feed.record(now, token, method, route, code, duration)
 
     def is_a_key(self, value: str) -> bool:
         """Whether a label a client sent is, or holds, an API key (never to become a label):

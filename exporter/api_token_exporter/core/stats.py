@@ -1,6 +1,6 @@
 """The admin JSON (/admin/token-details, /admin/stats), answered from the metric
-store (so under several workers it covers all of them) plus a ring buffer of recent requests
-(the requests this process served)."""
+store and the live request feed, so under several workers (a shared store directory) it covers
+all of them."""
 from __future__ import annotations
 
 import collections
@@ -32,12 +32,9 @@ def _iso(when) -> Optional[str]:
 
 
 class UsageTracker:
-    def __init__(self, recent: int = 100):
-        self._recent = collections.deque(maxlen=recent)   # append is atomic: no lock needed
-
-    def record(self, ts: float, route: str, method: str, masked: str, code: int,
-               token: Optional[str] = None) -> None:
-        self._recent.append((ts, route, method, masked, code, token))
+    def __init__(self, feed, recent: int = 100):
+        """``feed``: the live.RequestFeed the recent requests are read from, ``recent`` of them."""
+        self.feed, self.recent = feed, recent
 
     @classmethod
     def _read(cls, view, now: float):
@@ -130,10 +127,10 @@ class UsageTracker:
         current = usage[max(recent_used)[1]].windows["hour"] if recent_used else None
         total = sum(u.usage_count for u in usage.values())
         success = sum(u.success_count for u in usage.values())
-        recent = [{"timestamp": int(ts), "endpoint": route, "method": method, "token": masked,
-                   "status": code, "time_str": time_str(ts)}
-                  for ts, route, method, masked, code, token in list(self._recent)
-                  if tokens is None or token in tokens]
+        recent = [{"timestamp": int(r.time), "endpoint": r.route, "method": r.method,
+                   "token": shown_token(keystore, r.token), "status": r.code, "time_str": time_str(r.time)}
+                  for r in self.feed.latest(self.recent if tokens is None else SEARCHED)
+                  if tokens is None or r.token in tokens][-self.recent:]
         return {
             "tokens": {
                 "count": len(keys),
@@ -154,6 +151,17 @@ class UsageTracker:
             "unauthenticated_requests": usage[UNAUTHENTICATED].usage_count if UNAUTHENTICATED in usage else 0,
             "recent_requests": recent[::-1],
         }
+
+
+SEARCHED = 4096          # a tenant's recent requests are found among this many of everyone's
+
+
+def shown_token(keystore, token: Optional[str]) -> str:
+    """A token as lists of requests show it: its key's masked form (or id), '(none)' without one."""
+    if token is None:
+        return "(none)"
+    key = keystore.get(token)
+    return (key.masked or key.id) if key is not None else token
 
 
 def _keys(keystore, tokens: Optional[Collection[str]]):

@@ -52,12 +52,13 @@ from ..core.recording import UsageCore
 from ..core.geo import client_ip, parse_trusted_proxies
 from ..core.keystore import ApiKey, KeyStore
 from ..core.metrics import UNMATCHED_ROUTE
-from .bridge import call_wsgi, wsgi_environ
+from .bridge import call_wsgi, send_answer, wsgi_environ
 from .endpoints import build_endpoints, serve_metrics_port
 from .pipeline import CURRENT, BodyCapture, admit, admit_async, capture_llm_usage, current_call, leave, record_llm_usage
 
 log = logging.getLogger("api_token_exporter")
 
+STREAM_SEND_TIMEOUT = 30.0  # a client that takes no chunk of a live stream for this long is dropped
 CANCELLED = 499            # the request's task was cancelled before an answer (client went away)
 _JSON = (b"content-type", b"application/json")
 _NAMES: Dict[str, bytes] = {}
@@ -275,7 +276,7 @@ class TokenAnalytics:
     def _record(self, scope, key: Optional[ApiKey], code: int, started: float, root_path: str) -> None:
         core = self.core
         core.record_request(key.id if key is not None else None, self._route(scope, root_path),
-                            scope.get("method", "GET"), code, time.perf_counter() - started, key=key)
+                            scope.get("method", "GET"), code, time.perf_counter() - started)
         if key is not None and core.countries is not None:
             core.record_country(key.id, self._client(scope))
 
@@ -350,10 +351,8 @@ class TokenAnalytics:
                 break
         body = b"".join(chunks)[:self._endpoint_body_limit]
         environ = wsgi_environ(scope, path, body)
-        status, headers, payload = await asyncio.get_running_loop().run_in_executor(
-            None, call_wsgi, self.endpoints, environ)
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": payload})
+        answer = await asyncio.get_running_loop().run_in_executor(None, call_wsgi, self.endpoints, environ)
+        await send_answer(answer, send, receive, STREAM_SEND_TIMEOUT)
 
 
 def _match(routes, scope, prefix: str) -> Optional[str]:

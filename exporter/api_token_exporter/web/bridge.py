@@ -8,6 +8,12 @@ answer goes back in one piece, a streamed one (no Content-Length, or a large one
 upstream answers) chunk by chunk as the app yields it. A body larger than the buffer (the proxy
 passing an upload on) is read by the app from the loop, each read within the body timeout.
 
+An app may hand an endless answer to the loop instead (the console's live view): it puts an
+object in ``environ[LOOP_STREAM]`` whose ``on_loop(stopping)`` is an async generator of chunks;
+its WSGI answer then gives only the status and headers. The loop ``take``s the object before
+closing that answer and ``release``s it at the end. Such a stream holds no thread; it ends when
+the client leaves, stops reading for the body timeout, or the worker drains.
+
 The ASGI middleware's built-in endpoints go through ``wsgi_environ`` and ``call_wsgi`` too: one
 translation from an ASGI scope to a WSGI environ.
 """
@@ -15,16 +21,20 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import io
 import json
 import logging
 import sys
+import threading
 from typing import List, Tuple
 
 log = logging.getLogger("api_token_exporter")
 
 SMALL_ANSWER = 1 << 20          # answers up to this with a Content-Length are sent in one piece
 DEFAULT_BUFFER = 1 << 20
+LOOP_STREAM = "api_token_exporter.loop_stream"
+DRAINING = threading.Event()    # set when the worker drains (SIGTERM): streams on the loop end
 
 
 class ClientGone(Exception):
@@ -68,8 +78,9 @@ def wsgi_environ(scope, path: str, body: bytes, stream=None) -> dict:
     return environ
 
 
-def call_wsgi(app, environ) -> Tuple[int, List[Tuple[bytes, bytes]], bytes]:
-    """(status, headers, body) of a WSGI app's whole answer."""
+def call_wsgi(app, environ) -> Tuple[int, List[Tuple[bytes, bytes]], object]:
+    """(status, headers, body) of a WSGI app's whole answer; the body is the environ's
+    LOOP_STREAM instead where the app set one (send it with ``send_loop_stream``)."""
     answer = {}
 
     def start_response(status, headers, exc_info=None):
@@ -77,12 +88,33 @@ def call_wsgi(app, environ) -> Tuple[int, List[Tuple[bytes, bytes]], bytes]:
 
     result = app(environ, start_response)
     try:
-        payload = b"".join(result)
+        payload = _taken(environ) or b"".join(result)
     finally:
         close = getattr(result, "close", None)
         if close is not None:
             close()
     return int(answer["status"][:3]), _asgi_headers(answer["headers"]), payload
+
+
+async def send_loop_stream(stream, send, receive, timeout: float) -> None:
+    """Send a LOOP_STREAM's chunks (the head is sent) until it ends, the client leaves or does
+    not take a chunk within ``timeout``, or the worker drains."""
+    gone = asyncio.ensure_future(_watch_disconnect(receive))
+    chunks = stream.on_loop(lambda: gone.done() or DRAINING.is_set())
+    try:
+        async with contextlib.aclosing(chunks):
+            async for chunk in chunks:
+                if gone.done():
+                    return
+                await asyncio.wait_for(send({"type": "http.response.body", "body": chunk, "more_body": True}),
+                                       timeout)
+        if not gone.done():
+            await send({"type": "http.response.body", "body": b""})
+    except (asyncio.TimeoutError, OSError):
+        pass                                             # the client stopped reading, or left
+    finally:
+        gone.cancel()
+        stream.release()
 
 
 def _asgi_headers(headers) -> List[Tuple[bytes, bytes]]:
@@ -115,10 +147,8 @@ class WsgiBridge:
         stream = io.BufferedReader(LoopInput(body, receive, loop, self.body_timeout)) if more else None
         environ = wsgi_environ(scope, scope["path"], body, stream)
         answer = await loop.run_in_executor(self.executor, self._run, environ, send, receive, loop)
-        if answer is not None:                           # a whole answer: sent from here
-            status, headers, payload = answer
-            await send({"type": "http.response.start", "status": status, "headers": headers})
-            await send({"type": "http.response.body", "body": payload})
+        if answer is not None:                           # a whole answer or a loop stream: sent from here
+            await send_answer(answer, send, receive, self.body_timeout)
 
     async def _read_body(self, scope, receive, loop):
         """(body, more) once up to ``buffered`` bytes have come (more: the client sends more),
@@ -157,6 +187,9 @@ class WsgiBridge:
             log.exception("the app failed")
             return 500, [(b"content-type", b"application/json")], b'{"detail": "Internal error"}'
         try:
+            stream = _taken(environ)
+            if stream is not None:
+                return started[0], _asgi_headers(started[1]), stream
             length = next((v for n, v in started[1] if n.lower() == "content-length"), None) if started else None
             if isinstance(result, (list, tuple)) or (length is not None and int(length) <= SMALL_ANSWER):
                 payload = b"".join(result)
@@ -196,6 +229,29 @@ class WsgiBridge:
             put({"type": "http.response.body", "body": b""})
         finally:
             gone.cancel()
+
+
+def _taken(environ):
+    """The environ's LOOP_STREAM, taken by the loop, or None."""
+    stream = environ.get(LOOP_STREAM)
+    if stream is not None:
+        stream.take()
+    return stream
+
+
+async def send_answer(answer, send, receive, timeout: float) -> None:
+    """Send (status, headers, body): a body in one piece, or a LOOP_STREAM's chunks."""
+    status, headers, payload = answer
+    try:
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        if isinstance(payload, bytes):
+            await send({"type": "http.response.body", "body": payload})
+            return
+    except BaseException:
+        if not isinstance(payload, bytes):
+            payload.release()
+        raise
+    await send_loop_stream(payload, send, receive, timeout)
 
 
 def _has_body(headers) -> bool:

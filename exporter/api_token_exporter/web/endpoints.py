@@ -1,5 +1,5 @@
 """Built-in endpoints: /metrics, /healthz, /runbooks, /admin/token-details, /admin/stats, the
-ingest endpoint /v1/events, the analytics and alert APIs and the console (/ui). Every credential
+live view's stream /admin/live, the ingest endpoint /v1/events, the analytics and alert APIs and the console (/ui). Every credential
 is compared in constant time."""
 from __future__ import annotations
 
@@ -23,7 +23,9 @@ from ..core.keystore import KEY_PREFIX, well_formed_key
 from ..core.ratelimit import RateLimiter
 from ..core.usage import DETAIL_FIELDS, UsageError
 from ..core.validation import ValidationError
+from .bridge import LOOP_STREAM
 from .console import PREFIX as CONSOLE_PREFIX
+from .live import LIVE_PATH, LiveStreams
 from .pipeline import REFUSALS
 from .throttle import FailureThrottle
 
@@ -249,6 +251,22 @@ def build_endpoints(core, serve_metrics: bool = True, admin: bool = True, health
             principal, refused = caller(admin_only=False)
             return refused or jsonify(core.tracker.stats(core.keystore, s.rate_limits, core.view,
                                                          tokens=visible(principal)))
+
+        live = LiveStreams(core, s.console_live_viewers, s.console_live_seconds)
+        paths.add(LIVE_PATH)
+
+        @app.route(LIVE_PATH, methods=["GET"])
+        def live_stream():
+            principal, refused = caller(admin_only=False)
+            if refused:
+                return refused
+            stream = live.open(visible(principal))
+            if stream is None:
+                return retry_later(503, f"At most {s.console_live_viewers} live views at once on this server "
+                                        "(console_live_viewers): try again in 5 seconds", 5)
+            request.environ[LOOP_STREAM] = stream         # served from the event loop where it can be
+            return Response(stream, content_type="text/event-stream; charset=utf-8",
+                            headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
         for path, view in (admin_views or {}).items():
             paths.add(path)

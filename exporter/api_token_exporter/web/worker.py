@@ -18,7 +18,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn_worker import UvicornWorker
 
 from ..core.config import load_settings
-from .bridge import WsgiBridge
+from .bridge import DRAINING, WsgiBridge
 
 DRAIN_IDLE = 1.0
 CLOSE = (b"connection", b"close")
@@ -46,7 +46,8 @@ class HeadTimeoutProtocol(H11Protocol):
             self.last_request()
 
     def shutdown(self):
-        """SIGTERM: drain, do not reset (see the module's doc)."""
+        """SIGTERM: drain, do not reset (see the module's doc); endless streams end."""
+        DRAINING.set()
         self.draining = True
         if self.cycle is None or self.cycle.response_complete:
             self.loop.call_later(DRAIN_IDLE, self.close_if_idle)

@@ -32,7 +32,7 @@ SECURITY_HEADERS = {
     "X-Frame-Options": "DENY",
     "Referrer-Policy": "same-origin",
 }
-PAGES = (("tokens", "Tokens"), ("usage", "Usage"), ("alerts", "Alerts"), ("capacity", "Capacity"))
+PAGES = (("tokens", "Tokens"), ("live", "Live"), ("usage", "Usage"), ("alerts", "Alerts"), ("capacity", "Capacity"))
 
 
 @dataclass(frozen=True)
@@ -153,7 +153,7 @@ def register(app, paths: set, prefixes: list, core, alerts: bool) -> Sessions:
     API is there); returns its Sessions, which the JSON endpoints consult."""
     s = core.settings
     sessions = Sessions(s, core.keystore, core.authenticate)
-    available = {"tokens": True, "usage": bool(s.prometheus_url), "capacity": bool(s.prometheus_url),
+    available = {"tokens": True, "live": True, "usage": bool(s.prometheus_url), "capacity": bool(s.prometheus_url),
                  "alerts": alerts}
     console = Blueprint("console", __name__, url_prefix=PREFIX, template_folder="templates",
                         static_folder="static")

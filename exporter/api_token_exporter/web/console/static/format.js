@@ -63,7 +63,14 @@ const ATE_FORMAT = (() => {
     return `${isoDate(d)} ${pad(d.getUTCHours())}:${pad(d.getUTCMinutes())} UTC`;
   }
 
-  return {number, compact, usd, usdTick, measured, isoDate, isoDateTime};
+  // the time of day of Unix seconds in UTC, to the second: "14:05:07"
+  function isoTime(t) {
+    if (missing(t)) return DASH;
+    const d = t instanceof Date ? t : new Date(Number(t) * 1000);
+    return `${pad(d.getUTCHours())}:${pad(d.getUTCMinutes())}:${pad(d.getUTCSeconds())}`;
+  }
+
+  return {number, compact, usd, usdTick, measured, isoDate, isoDateTime, isoTime};
 })();
 
 if (typeof module !== "undefined") module.exports = ATE_FORMAT;
