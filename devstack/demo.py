@@ -21,6 +21,7 @@ import yaml
 from flask import Flask, Response, jsonify, request
 
 from api_token_exporter.core.keystore import add_key, load_keys, save_keys
+from api_token_exporter.mixin import rules as rulegen, thresholds
 from api_token_exporter import TokenAnalytics, record_llm_usage
 from devstack.sinks import SmtpSink, WebhookSink
 
@@ -392,10 +393,15 @@ class DemoStack:
             self.proxy_url = self._start_proxy(keys_file)
         with_alertmanager = (self.alertmanager_port is not None and prom_url is not None
                              and stack.find_binary(*stack.ALERTMANAGER_BINARIES) is not None)
-        # the rules Prometheus reads: a copy the alert API's settings may re-render
+        if self.exporter_port is not None and not self.exporter_port:
+            self.exporter_port = stack.free_port()
+        # the rules Prometheus reads, rendered with runbook links to this demo's exporter; the
+        # alert API's settings re-render them from the same thresholds file
         rules_dir = os.path.join(self.data_dir, "rules")
         shutil.rmtree(rules_dir, ignore_errors=True)
-        shutil.copytree(os.path.join(stack.ROOT, "prometheus", "rules"), rules_dir)
+        thresholds_file = self._write_thresholds(self.sidecar_url or (
+            f"http://{self.host}:{self.exporter_port}" if self.exporter_port is not None else None))
+        rulegen.write(thresholds.load_thresholds(thresholds_file), rules_dir)
         am_port = (self.alertmanager_port or stack.free_port()) if with_alertmanager else None
         webhook_token_file = os.path.join(self.data_dir, "alert-webhook-token")
         if self.exporter_port is not None:
@@ -410,7 +416,7 @@ class DemoStack:
                                 alert_db_url=f"sqlite:///{os.path.abspath(os.path.join(self.data_dir, 'alerts.db'))}",
                                 alert_rules_dir=rules_dir, alert_sync_interval=15,
                                 alertmanager_config_file=os.path.join(self.data_dir, "alertmanager", "alertmanager.yml"))
-            exporter = create_app(keys_file=keys_file, ingest_token=self.ingest_token,
+            exporter = create_app(keys_file=keys_file, ingest_token=self.ingest_token, thresholds_file=thresholds_file,
                                   admin_token=self.admin_token, prometheus_url=prom_url, **alerting)
             self.sidecar_url = self._serve(exporter, self.exporter_port)
 
@@ -456,6 +462,19 @@ class DemoStack:
             self.generator = TrafficGenerator(self.api_url, self.raw_keys, self.sidecar_url,
                                               self.ingest_token, speed=self.speed, proxy_url=self.proxy_url).start()
         return self
+
+    def _write_thresholds(self, exporter_url: Optional[str]) -> str:
+        """The shipped thresholds, with runbook links to ``exporter_url`` (the exporter serves
+        /runbooks) where there is one; the file's path."""
+        from devstack.stack import ROOT
+        with open(os.path.join(ROOT, "prometheus", "thresholds.yml"), encoding="utf-8") as fh:
+            doc = yaml.safe_load(fh)
+        if exporter_url:
+            doc["runbook_base_url"] = exporter_url.rstrip("/") + "/runbooks"
+        path = os.path.join(self.data_dir, "thresholds.yml")
+        with open(path, "w", encoding="utf-8") as fh:
+            yaml.safe_dump(doc, fh, sort_keys=False)
+        return path
 
     def _start_proxy(self, keys_file: str) -> str:
         """The proxy in front of a fake GitHub, with a pool of upstream tokens in secret files

@@ -208,7 +208,7 @@ def test_each_bad_actor_triggers_its_alerts_and_no_others(demo):
     wanted = {("demo-limited", "ApiTokenRateLimited"), ("demo-slow", "ApiTokenHighLatency"),
               ("demo-errors", "ApiTokenHighErrorRate"), ("demo-inactive", "ApiTokenInvalidStillUsed"),
               (None, "ApiTokenUnauthorizedAccess"), (None, "Watchdog")}
-    seen = set()
+    seen, runbooks = set(), set()
     start = time.monotonic()
     while time.monotonic() < start + 150 and not (wanted <= seen and time.monotonic() > start + 60):
         for alert in requests.get(demo["prometheus"] + "/api/v1/alerts", timeout=10).json()["data"]["alerts"]:
@@ -218,5 +218,13 @@ def test_each_bad_actor_triggers_its_alerts_and_no_others(demo):
             else:
                 assert name in allowed[token], (token, name, alert["state"])
             seen.add((token, name))
+            # links to this demo's exporter (its --exporter-port), and no value as 1.3e+05
+            runbooks.add(alert["annotations"]["runbook_url"])
+            assert "e+" not in alert["annotations"].get("description", ""), alert["annotations"]
         time.sleep(2)
     assert wanted <= seen, wanted - seen
+    for url in runbooks:
+        assert url.startswith(demo["exporter"] + "/runbooks#"), url
+    page = requests.get(demo["exporter"] + "/runbooks", timeout=10)
+    assert page.status_code == 200
+    assert all(f'id="{url.split("#")[1]}"' in page.text for url in runbooks), runbooks

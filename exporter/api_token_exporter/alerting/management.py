@@ -251,7 +251,8 @@ class AlertManagement:
             item = {
                 "id": fp, "type": labels.get("alertname"), "severity": labels.get("severity"),
                 "state": alert_state, "token": self._token(labels.get("token")),
-                "value": values.get(fp), "summary": annotations.get("summary"),
+                "value": values.get(fp), "measured": annotations.get("value"),
+                "threshold": annotations.get("threshold"), "summary": annotations.get("summary"),
                 "description": annotations.get("description"), "runbook": annotations.get("runbook_url"),
                 "dashboard": annotations.get("dashboard"), "since": alert.get("startsAt"),
                 "labels": labels, "silenced_by": silenced_by, "inhibited_by": inhibited_by,

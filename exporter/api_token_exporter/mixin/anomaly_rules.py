@@ -25,7 +25,7 @@ from __future__ import annotations
 from typing import List
 
 from ..core.keystore import SENSITIVITIES
-from .promql import ThresholdError, fmt_duration, quantile_name, seconds
+from .promql import ThresholdError, fmt_duration, per_second, piped, quantile_name, seconds
 
 SIGNALS = {   # name: (recorded source, directions)
     "requests": ("token:apitoken_requests:rate{w}", ("up", "down")),
@@ -139,11 +139,12 @@ def route_mix_rules(t: dict) -> List[dict]:
     return rules
 
 
-def _band_text(signal: str, fmt: str) -> str:
-    """'expected about X, band Y to Z' from the recorded series, for a notification."""
+def _band_text(signal: str, show) -> str:
+    """'expected about X, band Y to Z' from the recorded series, for a notification; ``show``
+    makes the template of one value."""
     def value(what: str) -> str:
         return (f'{{{{ with printf "{_name(signal, what)}{{token=\\"%s\\"}}" $labels.token | query }}}}'
-                f'{{{{ . | first | value | {fmt} }}}}{{{{ end }}}}')
+                f'{{{{ $v := . | first | value }}}}{show("$v")}{{{{ end }}}}')
     return f"usually about {value('median1d')}, expected band {value('lower')} to {value('upper')}"
 
 
@@ -170,14 +171,14 @@ def alert_rules(t: dict, alert) -> List[dict]:
     enough = {"error_ratio": f"and on (token) token:apitoken_requests:rate{w} * {w_s} >= {a['errors']['min_requests']:g}\n"
                              f"and {{value}} >= {a['errors']['min_ratio']:g}",
               "latency": f"and on (token) token:apitoken_requests:rate{w} * {w_s} >= {a['latency']['min_requests']:g}"}
-    what = {"requests": ("Traffic", "request rate", "humanize", " req/s"),
-            "error_ratio": ("Error", "5xx ratio", "humanizePercentage", ""),
-            "latency": ("Latency", f"{q} latency", "humanizeDuration", "")}
+    what = {"requests": ("Traffic", "request rate", per_second, " req/s"),
+            "error_ratio": ("Error", "5xx ratio", piped("humanizePercentage"), ""),
+            "latency": ("Latency", f"{q} latency", piped("humanizeDuration"), "")}
     link = t.get("dashboard_url")
     rules = []
     for signal, (source, directions) in SIGNALS.items():
         value = source.format(w=w, q=q)
-        kind, label, fmt, unit = what[signal]
+        kind, label, show, unit = what[signal]
         for direction in directions:
             side = latest(_name(signal, "expected_high" if direction == "up" else "expected_low"))
             if direction == "up":
@@ -193,15 +194,16 @@ def alert_rules(t: dict, alert) -> List[dict]:
             expr += learned
             expr = expr.replace(value, f'{value}{{token!~"__.*"}}', 1)
             moved = "above" if direction == "up" else "below"
-            description = (f"Token {_who()}: {label} {{{{ $value | {fmt} }}}}{unit} over the last {w}, "
-                           f"{moved} its own band ({_band_text(signal, fmt)}{unit}; "
+            description = (f"Token {_who()}: {label} {show()}{unit} over the last {w}, "
+                           f"{moved} its own band ({_band_text(signal, show)}{unit}; "
                            f"sensitivity {{{{ with printf \"token:apitoken_anomaly:band_mads{{token=\\\"%s\\\"}}\" "
                            f"$labels.token | query }}}}{{{{ . | first | value }}}}{{{{ end }}}} MADs).")
             change_word = "drop" if direction == "down" else "spike" if signal == "requests" else "rise"
             rule = alert(t, f"ApiToken{kind}Anomaly", "warning", expr, a["for"],
                          f"Unusual {label} {change_word} for token {{{{ $labels.token }}}}",
                          description, threshold=f"outside the learned band for {a['for']}",
-                         extra_labels={"anomaly": kind.lower(), "direction": direction})
+                         extra_labels={"anomaly": kind.lower(), "direction": direction},
+                         value=f"{show()}{unit}")
             rules.append(rule)
     rules += pattern_alerts(t, alert, latest, learned)
     for rule in rules:
@@ -222,9 +224,10 @@ def pattern_alerts(t: dict, alert, latest, learned: str) -> List[dict]:
          f"offset {fmt_duration(2 * seconds(c))}) > 0\n{learned}"),
         "5m", "Token {{ $labels.token }} calls {{ $labels.route }} for the first time",
         (f"Token {_who()} called {{{{ $labels.route }}}}, a route it had not called in the "
-         f"{r['memory']} before: {{{{ $value | humanize }}}} req/s over the last {w}. A new client "
+         f"{r['memory']} before: {per_second()} req/s over the last {w}. A new client "
          "version, or a key used by someone else?"),
-        threshold=f"not called in {r['memory']}", extra_labels={"anomaly": "pattern"})
+        threshold=f"not called in {r['memory']}", extra_labels={"anomaly": "pattern"},
+        value=f"{per_second()} req/s")
     top = ('{{ with printf "topk(1, token_route:apitoken_anomaly_route_share:now{token=\\"%s\\"} - on (token, route) '
            '(token_route:apitoken_anomaly_route_share:day_before or token_route:apitoken_anomaly_route_share:now * 0))" '
            '$labels.token | query }}{{ with first . }}{{ .Labels.route }}, now '
@@ -238,7 +241,8 @@ def pattern_alerts(t: dict, alert, latest, learned: str) -> List[dict]:
         (f"{{{{ $value | humanizePercentage }}}} of the requests of token {_who()} moved to other routes "
          f"than the same hour yesterday and the day before (alert above {r['mix_divergence'] * 100:g}%). "
          f"Most grown: {top}."),
-        threshold=f"{r['mix_divergence'] * 100:g}% of traffic moved", extra_labels={"anomaly": "pattern"})
+        threshold=f"{r['mix_divergence'] * 100:g}% of traffic moved", extra_labels={"anomaly": "pattern"},
+        value="{{ $value | humanizePercentage }} moved")
     memory = a["countries"]["memory"]
     new_country = alert(
         t, "ApiTokenNewCountry", "warning",
@@ -246,9 +250,10 @@ def pattern_alerts(t: dict, alert, latest, learned: str) -> List[dict]:
          f"unless on (token, country) max_over_time(token_country:apitoken_requests:increase{c}[{memory}] "
          f"offset {fmt_duration(2 * seconds(c))}) > 0\n{learned}"),
         "5m", "Token {{ $labels.token }} is used from {{ $labels.country }} for the first time",
-        (f"Requests with token {_who()} come from {{{{ $labels.country }}}} ({{{{ $value | humanize }}}} req/s "
+        (f"Requests with token {_who()} come from {{{{ $labels.country }}}} ({per_second()} req/s "
          f"over the last {w}), a country none came from in the {memory} before; it was used from "
          '{{ with printf "token:apitoken_countries:count1d{token=\\"%s\\"}" $labels.token | query }}'
          "{{ . | first | value }}{{ end }} countries in the last day. A leaked key?"),
-        threshold=f"no request from there in {memory}", extra_labels={"anomaly": "geographic"})
+        threshold=f"no request from there in {memory}", extra_labels={"anomaly": "geographic"},
+        value=f"{per_second()} req/s")
     return [new_route, mix, new_country]

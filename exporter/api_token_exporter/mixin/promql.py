@@ -78,3 +78,15 @@ TOKEN_STATUS = "max by (token) (apitoken_token_status)"
 
 
 USABLE = f"{TOKEN_STATUS} <= 1"                    # active or rate_limited
+
+
+def per_second(value: str = "$value") -> str:
+    """A template showing a request rate as people read it: 0.02, 2.5, 1.234k (``humanize``
+    alone writes 20m for 0.02, which reads as minutes)."""
+    return (f'{{{{ if lt {value} 1.0 }}}}{{{{ {value} | printf "%.2f" }}}}'
+            f'{{{{ else }}}}{{{{ {value} | humanize }}}}{{{{ end }}}}')
+
+
+def piped(function: str):
+    """A template showing a value through one of Prometheus's template functions."""
+    return lambda value="$value": f"{{{{ {value} | {function} }}}}"

@@ -110,8 +110,15 @@ def _runbook(t: dict, alert: str) -> str:
     return f"{t['runbook_base_url']}#{alert.lower()}"
 
 
+# spent of a budget: "96% of", or past ten times it, "1316 times" (not "1.316e+05% of")
+SPENT = ('{{ if ge $value 10.0 }}{{ $value | printf "%.0f" }} times{{ else }}'
+         '{{ $value | humanizePercentage }} of{{ end }}')
+
+
 def _alert(t, name, severity, expr, for_, summary, description, threshold=None, extra_labels=None,
-           keep_firing_for=None):
+           keep_firing_for=None, value=None):
+    """An alerting rule. ``threshold``: what it fires at, as text; ``value``: a template of the
+    measured value ($value) with its unit, which the console and notifications show beside it."""
     rule = {"alert": name, "expr": expr}
     if seconds(for_) > 0:
         rule["for"] = for_
@@ -121,6 +128,8 @@ def _alert(t, name, severity, expr, for_, summary, description, threshold=None, 
     annotations = {"summary": summary, "description": description, "runbook_url": _runbook(t, name)}
     if threshold is not None:
         annotations["threshold"] = threshold
+    if value is not None:
+        annotations["value"] = value
     rule["annotations"] = annotations
     return rule
 
@@ -144,7 +153,7 @@ def alert_rules(t: dict) -> List[dict]:
             (f"The {q} response time of token {{{{ $labels.token }}}} over the last {w} is about "
              f"{{{{ $value | humanizeDuration }}}} ({severity} above {limit:g}s; a {q} estimated from "
              f"histogram buckets, within one bucket of the true value)."),
-            threshold=f"{limit:g}s"))
+            threshold=f"{limit:g}s", value=f"{{{{ $value | humanizeDuration }}}} {q}"))
     for severity in ("warning", "critical"):
         limit = err[severity]
         rules.append(_alert(
@@ -155,7 +164,7 @@ def alert_rules(t: dict) -> List[dict]:
             f"Token {{{{ $labels.token }}}} gets {severity}-level 5xx errors",
             (f"{{{{ $value | humanizePercentage }}}} of the requests of token {{{{ $labels.token }}}} "
              f"failed with a 5xx status over the last {w} ({severity} above {limit * 100:g}%)."),
-            threshold=f"{limit * 100:g}%"))
+            threshold=f"{limit * 100:g}%", value="{{ $value | humanizePercentage }} 5xx"))
     for severity in ("warning", "critical"):
         factor = spike[severity]
         rules.append(_alert(
@@ -168,7 +177,7 @@ def alert_rules(t: dict) -> List[dict]:
             (f"Token {{{{ $labels.token }}}} sends {{{{ $value | printf \"%.1f\" }}}}x its normal request "
              f"rate (the larger of the same hour last week and the daily average; {severity} above "
              f"{factor:g}x)."),
-            threshold=f"{factor:g}x"))
+            threshold=f"{factor:g}x", value='{{ $value | printf "%.1f" }}x normal'))
     uw = unauth["window"]
     rules.append(_alert(
         t, "ApiTokenUnauthorizedAccess", "critical",
@@ -179,7 +188,8 @@ def alert_rules(t: dict) -> List[dict]:
          f"(missing, invalid, inactive or expired key) in the last {uw} (critical above "
          f"{unauth['critical']:g}).{{{{ if eq $labels.client \"__overflow__\" }}}} These are clients past "
          f"max_clients, counted together.{{{{ end }}}}"),
-        threshold=f"{unauth['critical']:g} per {uw} per client"))
+        threshold=f"{unauth['critical']:g} per {uw} per client",
+        value=f'{{{{ $value | printf "%.0f" }}}} failed in {uw}'))
     rules.append(_alert(
         t, "ApiTokenUnauthorizedAccessApiWide", "warning",
         f":apitoken_auth_failures:count{uw} > {unauth['api_wide_warning']:g}",
@@ -187,7 +197,8 @@ def alert_rules(t: dict) -> List[dict]:
         "Many failed API-key authentications across the API",
         (f"{{{{ $value | printf \"%.0f\" }}}} requests failed authentication in the last {uw}, all "
          f"clients together (warning above {unauth['api_wide_warning']:g})."),
-        threshold=f"{unauth['api_wide_warning']:g} per {uw}"))
+        threshold=f"{unauth['api_wide_warning']:g} per {uw}",
+        value=f'{{{{ $value | printf "%.0f" }}}} failed in {uw}'))
     ratio = rl["approaching_ratio"]
     rules.append(_alert(
         t, "ApiTokenRateLimitApproaching", "warning",
@@ -196,7 +207,7 @@ def alert_rules(t: dict) -> List[dict]:
         "Token {{ $labels.token }} has used most of its {{ $labels.window }} rate limit",
         ("Token {{ $labels.token }} has used {{ $value | humanizePercentage }} of its "
          f"{{{{ $labels.window }}}} window (warning at {ratio * 100:g}%)."),
-        threshold=f"{ratio * 100:g}%", keep_firing_for="5m"))
+        threshold=f"{ratio * 100:g}%", keep_firing_for="5m", value="{{ $value | humanizePercentage }} used"))
     refusing = f"token_window:apitoken_rate_limited:rate{w} > 0"
     for severity, for_ in (("warning", rl["refused_for"]), ("critical", rl["refused_critical_for"])):
         if for_ is None:
@@ -207,20 +218,22 @@ def alert_rules(t: dict) -> List[dict]:
             f"Token {{{{ $labels.token }}}} is being refused with 429{lasting}",
             (f"Token {{{{ $labels.token }}}} is over its {{{{ $labels.window }}}} limit{lasting}: "
              f"{{{{ $value | printf \"%.2f\" }}}} requests per second refused with 429 over the last {w}."),
-            threshold="any 429" if severity == "warning" else f"429s for {for_}"))
+            threshold="any 429" if severity == "warning" else f"429s for {for_}",
+            value='{{ $value | printf "%.2f" }} req/s refused'))
     for window, spec in sorted(rl["exhaustion"].items()):
         horizon = int(seconds(spec["horizon"]))
         rules.append(_alert(
             t, "ApiTokenRateLimitExhaustionPredicted", "warning",
-            (f'predict_linear(apitoken_rate_limit_remaining{{window="{window}"}}[{spec["range"]}], {horizon}) < 0\n'
+            (f'-predict_linear(apitoken_rate_limit_remaining{{window="{window}"}}[{spec["range"]}], {horizon}) > 0\n'
              f'and apitoken_rate_limit_remaining{{window="{window}"}} > 0\n'
              f'and (apitoken_rate_limit_reset_timestamp_seconds{{window="{window}"}} - time()) > {horizon}'),
             rl["exhaustion_for"],
             f"Token {{{{ $labels.token }}}} will run out of its {window} limit before it resets",
             (f"At the pace of the last {spec['range']}, token {{{{ $labels.token }}}} uses up its "
-             f"{window} limit within {spec['horizon']}, before the window resets "
-             f"({{{{ $value | printf \"%.0f\" }}}} requests predicted left)."),
-            threshold=f"0 left within {spec['horizon']}", extra_labels={"window": window}))
+             f"{window} limit within {spec['horizon']}, before the window resets (about "
+             f"{{{{ $value | printf \"%.0f\" }}}} requests more than it has left)."),
+            threshold=f"0 left within {spec['horizon']}", extra_labels={"window": window},
+            value=f'{{{{ $value | printf "%.0f" }}}} requests short in {spec["horizon"]}'))
     budgets = t["budgets"]
     for severity in ("warning", "critical"):
         share = budgets[severity]
@@ -229,17 +242,16 @@ def alert_rules(t: dict) -> List[dict]:
             f"token_period:apitoken_llm_budget:usage_ratio >= {share:g}",
             budgets["for"],
             f"Token {{{{ $labels.token }}}} has spent over {share * 100:g}% of its {{{{ $labels.period }}}} LLM budget",
-            ("Token {{ $labels.token }} has spent {{ $value | humanizePercentage }} of its "
-             f"{{{{ $labels.period }}}} LLM budget ({severity} at {share * 100:g}%)."),
-            threshold=f"{share * 100:g}%"))
+            (f"Token {{{{ $labels.token }}}} has spent {SPENT} its {{{{ $labels.period }}}} LLM budget "
+             f"({severity} at {share * 100:g}%)."),
+            threshold=f"{share * 100:g}%", value=f"{SPENT} budget"))
     rules.append(_alert(
         t, "ApiTokenBudgetExhausted", "critical",
         "token_period:apitoken_llm_budget:usage_ratio >= 1",
         budgets["for"],
         "Token {{ $labels.token }} has used up its {{ $labels.period }} LLM budget",
-        ("Token {{ $labels.token }} has spent {{ $value | humanizePercentage }} of its "
-         "{{ $labels.period }} LLM budget."),
-        threshold="100%"))
+        f"Token {{{{ $labels.token }}}} has spent {SPENT} its {{{{ $labels.period }}}} LLM budget.",
+        threshold="100%", value=f"{SPENT} budget"))
     spans = {"daily": "increase1d", "monthly": "increase30d"}
     for period, spec in sorted(budgets["forecast"].items()):
         horizon = int(seconds(spec["horizon"]))
@@ -255,17 +267,18 @@ def alert_rules(t: dict) -> List[dict]:
              f"its {period} budget of "
              f'{{{{ with printf "max(apitoken_budget_usd{{token=\\"%s\\",period=\\"{period}\\"}})" $labels.token | query }}}}'
              f'${{{{ . | first | value | printf "%.2f" }}}}{{{{ end }}}} within {spec["horizon"]}.'),
-            threshold=f"budget within {spec['horizon']}", extra_labels={"period": period}))
+            threshold=f"budget within {spec['horizon']}", extra_labels={"period": period},
+            value=f'${{{{ $value | printf "%.2f" }}}} in {spec["horizon"]}'))
+    used = f"token:apitoken_requests:rate{w} > 0"
     rules.append(_alert(
         t, "ApiTokenInvalidStillUsed", "warning",
-        (f'(label_replace({TOKEN_STATUS} == 3, "status", "inactive", "", "")\n'
-         f' or label_replace({TOKEN_STATUS} == 2, "status", "expired", "", ""))\n'
-         f"and on (token) token:apitoken_requests:rate{w} > 0"),
+        (f'label_replace({used} and on (token) {TOKEN_STATUS} == 3, "status", "inactive", "", "")\n'
+         f'or label_replace({used} and on (token) {TOKEN_STATUS} == 2, "status", "expired", "", "")'),
         t["token_state"]["for"],
         "Token {{ $labels.token }} is {{ $labels.status }} but still used",
-        ("Requests keep arriving with token {{ $labels.token }}, which is {{ $labels.status }}: "
-         "a client was not told, or the key leaked."),
-        threshold="any request"))
+        ("Requests keep arriving with token {{ $labels.token }}, which is {{ $labels.status }} "
+         f'({{{{ $value | printf "%.2f" }}}} req/s over the last {w}): a client was not told, or the key leaked.'),
+        threshold="any request", value='{{ $value | printf "%.2f" }} req/s'))
     job = t["exporter_job"]
     rules.append(_alert(
         t, "ApiTokenExporterDown", "critical", f'up{{job=~"{job}"}} == 0',
@@ -306,7 +319,7 @@ def alert_rules(t: dict) -> List[dict]:
          "than max_series_per_token allows: its new ones are recorded under __overflow__ and the "
          "status code's class. A client sending raw paths or made-up values, or a budget too small "
          "for this token."),
-        threshold="max_series_per_token"))
+        threshold="max_series_per_token", value='{{ $value | printf "%.0f" }} overflowed in 10m'))
     n = t["notifications"]
     rules.append(_alert(
         t, "AlertmanagerUnreachable", "critical",
@@ -325,7 +338,7 @@ def alert_rules(t: dict) -> List[dict]:
         "Notifications are failing to send",
         "Notifications fail on {{ $labels.instance }}{{ with $labels.integration }} ({{ . }}){{ end }}: "
         "alerts fire but do not reach people.",
-        threshold="any failure"))
+        threshold="any failure", value='{{ $value | printf "%.3f" }} failures/s'))
     rules.append({"alert": "Watchdog", "expr": "vector(1)", "labels": {"severity": "none"},
                   "annotations": {
                       "summary": "Always firing: proves the alerting pipeline works end to end",
@@ -352,7 +365,7 @@ def key_lifecycle_rules(t: dict) -> List[dict]:
         "Key {{ $labels.token }} expires in {{ $value | humanizeDuration }} (warning within "
         f"{k['expiring_within']}): issue a new key or move its expiry (keys update --expires) before "
         "its clients are refused.",
-        threshold=f"{k['expiring_within']} before expiry")]
+        threshold=f"{k['expiring_within']} before expiry", value="expires in {{ $value | humanizeDuration }}")]
     if k.get("unused_for"):
         unused = int(seconds(k["unused_for"]))
         last = "max by (token) (apitoken_token_last_used_timestamp_seconds)"
@@ -366,7 +379,7 @@ def key_lifecycle_rules(t: dict) -> List[dict]:
             "Active key {{ $labels.token }} made no request in the last " + k["unused_for"] + " (or never, "
             "since it was created longer ago): revoke it if nobody needs it (keys revoke). Its last use "
             "survives restarts with state_dir.",
-            threshold=f"unused {k['unused_for']}"))
+            threshold=f"unused {k['unused_for']}", value="unused for {{ $value | humanizeDuration }}"))
     if k.get("not_rotated_for"):
         stale = int(seconds(k["not_rotated_for"]))
         rules.append(_alert(
@@ -376,7 +389,7 @@ def key_lifecycle_rules(t: dict) -> List[dict]:
             "API key {{ $labels.token }} has not been rotated for " + k["not_rotated_for"],
             "Key {{ $labels.token }} was created or last rotated {{ $value | humanizeDuration }} ago (warning "
             f"after {k['not_rotated_for']}): rotate it (keys rotate --grace 24h) and give its clients the new secret.",
-            threshold=f"not rotated {k['not_rotated_for']}"))
+            threshold=f"not rotated {k['not_rotated_for']}", value="{{ $value | humanizeDuration }} since rotated"))
     before = int(seconds(k["old_secret_warn_before"]))
     rules.append(_alert(
         t, "ApiTokenOldSecretStillUsed", "warning",
@@ -387,7 +400,8 @@ def key_lifecycle_rules(t: dict) -> List[dict]:
         "About {{ $value | humanize }} requests of {{ $labels.token }} in the last hour used the secret "
         f"a rotation replaced, and it stops working within {k['old_secret_warn_before']}: find those "
         "clients (the key's requests by route) and give them the new secret.",
-        threshold=f"used within {k['old_secret_warn_before']} of the grace end"))
+        threshold=f"used within {k['old_secret_warn_before']} of the grace end",
+        value="{{ $value | humanize }} requests in 1h"))
     return [{"name": "apitoken.keys", "interval": k["interval"], "rules": rules}]
 
 

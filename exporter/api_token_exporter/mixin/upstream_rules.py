@@ -72,7 +72,7 @@ def alert_rules(t: dict, alert) -> List[dict]:
               ("{{ $value | humanizePercentage }} of the {{ $labels.provider }} pool's {{ $labels.resource }} "
                f"quota is left across its accounts (warning below {share * 100:g}%): the proxy will soon "
                "answer 429 to its clients."),
-              threshold=f"{share * 100:g}% left"),
+              threshold=f"{share * 100:g}% left", value="{{ $value | humanizePercentage }} left"),
         alert(t, "ApiTokenUpstreamCredentialInvalid", "warning",
               'max by (credential, provider) (apitoken_upstream_credential_status{status="invalid"}) == 1',
               u["invalid_for"],
@@ -89,13 +89,14 @@ def alert_rules(t: dict, alert) -> List[dict]:
                "down: clients get 429 (with Retry-After at the earliest reset) or 503."),
               threshold="no active credential"),
         alert(t, "ApiTokenUpstreamExhaustionPredicted", "warning",
-              (f"predict_linear({POOL_REMAINING}[{ex['range']}], {horizon}) < 0\n"
+              (f"-predict_linear({POOL_REMAINING}[{ex['range']}], {horizon}) > 0\n"
                f"and {POOL_REMAINING} > 0\n"
                f"and ({NEXT_RESET} - time()) > {horizon}"),
               u["exhaustion_for"],
               f"The {{{{ $labels.provider }}}} pool runs out of {{{{ $labels.resource }}}} within {ex['horizon']}",
               (f"At the pace of the last {ex['range']}, the {{{{ $labels.provider }}}} pool's "
                f"{{{{ $labels.resource }}}} quota reaches 0 within {ex['horizon']}, before any of its windows "
-               "resets ({{ $value | printf \"%.0f\" }} predicted left)."),
-              threshold=f"0 left within {ex['horizon']}"),
+               "resets (about {{ $value | printf \"%.0f\" }} more than it has left)."),
+              threshold=f"0 left within {ex['horizon']}",
+              value=f'{{{{ $value | printf "%.0f" }}}} short in {ex["horizon"]}'),
     ]}]

@@ -65,7 +65,10 @@
 
   function alertCard(a) {
     const context = [`since ${when(a.since)}`];
-    if (a.value !== null && a.value !== undefined) context.push(`value ${ATE_FORMAT.number(a.value)}`);
+    // the value with its unit as the alert states it; a bare number only for alerts without one
+    if (a.measured) context.push(`measured ${a.measured}`);
+    else if (a.value !== null && a.value !== undefined) context.push(`value ${ATE_FORMAT.number(a.value)}`);
+    if (a.threshold) context.push(`threshold ${a.threshold}`);
     return el("article", {class: "alert", dataset: {alertId: a.id, severity: a.severity, state: a.state},
                           "aria-labelledby": `a-${a.id}`},
       el("header", {},

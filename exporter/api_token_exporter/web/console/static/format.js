@@ -43,13 +43,6 @@ const ATE_FORMAT = (() => {
     return "$" + Number(x).toLocaleString("en-US", {minimumFractionDigits: digits, maximumFractionDigits: digits});
   }
 
-  // an alert's measured value with its unit: "1,316 %", "2.5 s", "0.25"
-  function measured(x, unit) {
-    if (missing(x)) return DASH;
-    const text = unit === "USD" ? usd(x) : number(x);
-    return unit && unit !== "USD" ? `${text} ${unit}` : text;
-  }
-
   const pad = (n) => String(n).padStart(2, "0");
   // Unix seconds (or a Date) in UTC: "2026-12-07" and "2026-12-07 14:05 UTC"
   function isoDate(t) {
@@ -70,7 +63,7 @@ const ATE_FORMAT = (() => {
     return `${pad(d.getUTCHours())}:${pad(d.getUTCMinutes())}:${pad(d.getUTCSeconds())}`;
   }
 
-  return {number, compact, usd, usdTick, measured, isoDate, isoDateTime, isoTime};
+  return {number, compact, usd, usdTick, isoDate, isoDateTime, isoTime};
 })();
 
 if (typeof module !== "undefined") module.exports = ATE_FORMAT;
