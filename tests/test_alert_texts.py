@@ -2,7 +2,7 @@
 other alerts' texts are checked in prometheus/tests/*.yml). The anomaly alerts read what the
 anomaly group records from a day of history; their texts are tested on those recorded values
 given directly, with the shipped alert group alone (what they compute is tested end to end
-against a real Prometheus in test_anomalies.py)."""
+against a real Prometheus in test_anomaly_e2e.py)."""
 import subprocess
 
 import yaml

@@ -15,6 +15,7 @@ import requests
 from werkzeug.serving import make_server
 
 from devstack.demo import CACHED_PROMPT_TOKENS, REASONING_MODELS, create_demo_api
+from api_token_exporter.analytics import queries as analytics
 from api_token_exporter.core.keystore import add_key
 from api_token_exporter.core.pricing import Pricing
 from api_token_exporter.core.usage import LLMUsage
@@ -195,6 +196,56 @@ def test_usage_summary_trends_and_predictions(world):
     p = doc["predictions"]
     assert p["estimatedMonthlyCost"] == pytest.approx(cost / p["monthProgress"], rel=1e-3)
     assert p["projectedTokens"] >= tokens and p["projectedRequests"] >= requests_sent
+
+
+def test_trend_periods_are_the_calendars_cut_to_the_range():
+    def ts(text):
+        return dt.datetime.fromisoformat(text).replace(tzinfo=dt.timezone.utc).timestamp()
+    now = ts("2026-12-07T10:00:00")                       # a Monday
+    weekly = analytics.trend_periods("weekly", now, ts("2026-11-18T00:00:00"))   # from a Wednesday
+    assert [(label, lo, hi) for label, lo, hi in weekly] == [
+        ("2026-11-16", ts("2026-11-18T00:00:00"), ts("2026-11-23T00:00:00")),
+        ("2026-11-23", ts("2026-11-23T00:00:00"), ts("2026-11-30T00:00:00")),
+        ("2026-11-30", ts("2026-11-30T00:00:00"), ts("2026-12-07T00:00:00")),
+        ("2026-12-07", ts("2026-12-07T00:00:00"), now)]
+    monthly = analytics.trend_periods("monthly", now, ts("2025-12-15T00:00:00"), ts("2026-03-01T00:00:00"))
+    assert [p[0] for p in monthly] == ["2025-12", "2026-01", "2026-02"] and monthly[0][1] == ts("2025-12-15T00:00:00")
+    # without a start: the last 30 days, 12 weeks, 12 months, as before
+    assert [len(analytics.trend_periods(v, now)) for v in ("daily", "weekly", "monthly")] == [30, 12, 12]
+    assert analytics.trend_periods("monthly", now)[0][0] == "2026-01"
+    assert analytics.trend_periods("weekly", now)[0][0] == "2026-09-21"
+    with pytest.raises(analytics.AnalyticsError, match="at most 92 points"):
+        analytics.trend_periods("daily", now, now - 92 * 86400 - 1)
+    assert len(analytics.trend_periods("daily", now, ts("2026-09-07T00:00:00"))) == 92
+
+
+def test_usage_trends_follow_a_chosen_range(world):
+    """start and end: each day, week or month of the range, cut to it, so the points add up to
+    the range's total (the console's From and To); view: that trend alone."""
+    now = dt.datetime.now(dt.timezone.utc)
+    tokens = sum(u.input_tokens + u.output_tokens for _, u in world["sent"])
+    start = (now - dt.timedelta(days=9)).date().isoformat()
+    for view, field, points in (("daily", "date", 10), ("weekly", "weekStart", None), ("monthly", "month", None)):
+        doc = requests.get(world["exporter"] + "/api/analytics/usage", headers=ADMIN, timeout=60,
+                           params={"start": start, "view": view}).json()
+        assert list(doc["trends"]) == [view]
+        rows = doc["trends"][view]
+        assert rows[0][field] <= start and sum(r["tokens"] for r in rows) == tokens, (view, rows)
+        if points:
+            assert len(rows) == points and rows[0]["date"] == start
+    past = requests.get(world["exporter"] + "/api/analytics/usage", headers=ADMIN, timeout=60,
+                        params={"start": start, "end": (now - dt.timedelta(days=2)).date().isoformat()}).json()
+    assert [len(past["trends"][v]) for v in ("daily", "weekly", "monthly")][0] == 7
+    assert sum(r["tokens"] for r in past["trends"]["monthly"]) == 0
+    for params, message in (({"view": "hourly"}, "view must be one of daily, weekly, monthly"),
+                            ({"start": "2025-01-01", "view": "daily"}, "the daily trend has at most 92 points"),
+                            ({"start": "2026-01-02", "end": "2026-01-01"}, "start must be before end")):
+        r = requests.get(world["exporter"] + "/api/analytics/usage", headers=ADMIN, params=params, timeout=10)
+        assert r.status_code == 400 and message in r.json()["detail"], (params, r.text)
+    # the breakdown without byDay: a year in one query
+    year = requests.get(world["exporter"] + "/analytics/tokens", headers=ADMIN, timeout=60,
+                        params={"start": (now - dt.timedelta(days=365)).date().isoformat(), "byDay": "false"}).json()
+    assert "byDay" not in year and year["summary"]["totalTokens"] == tokens
 
 
 def test_usage_for_one_token_and_the_scope_it_must_stay_in(world):

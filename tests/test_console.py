@@ -576,7 +576,8 @@ def test_sign_in_and_sign_out_in_the_browser(world, browser):
     wait_for("the charts", lambda: browser.execute_script("return Object.keys(window.ATE_CHARTS).length") == 3)
     assert browser.execute_script("""return [...document.querySelectorAll('input:not([type=hidden]), select')]
         .filter((e) => !e.labels.length && !e.getAttribute('aria-label')).map((e) => e.outerHTML)""") == []
-    assert all(re.match(r"(Requests|LLM tokens|Cost \(USD\)) per day, last 30 days: .+ in total", label)
+    assert all(re.match(r"(Requests|LLM tokens|Cost \(USD\)) per day, \d{4}-\d\d-\d\d to \d{4}-\d\d-\d\d: .+ in total",
+                        label)
                for label in browser.execute_script(
                    "return [...document.querySelectorAll('.plot')].map((p) => p.getAttribute('aria-label'))"))
     by_css(browser, "form.who button").click()
@@ -658,12 +659,25 @@ def expected_usage(usage, breakdown, view):
     }
 
 
-def usage_answer(world, view, headers=ADMIN, token=None):
-    """What the page asks for: the usage document and the breakdown of the last 30 days (UTC)."""
-    start = (dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=29)).strftime("%Y-%m-%d")
+def preset_from(view, today=None):
+    """The first day of a view's usual span up to today (UTC): 30 days, 12 weeks from a
+    Monday, 12 months from a first."""
+    today = today or dt.datetime.now(dt.timezone.utc).date()
+    if view == "daily":
+        return (today - dt.timedelta(days=29)).isoformat()
+    if view == "weekly":
+        return (today - dt.timedelta(days=today.weekday() + 77)).isoformat()
+    month = today.year * 12 + today.month - 1 - 11
+    return dt.date(month // 12, month % 12 + 1, 1).isoformat()
+
+
+def usage_answer(world, view, headers=ADMIN, token=None, start=None):
+    """What the page asks for: the usage document's trend and the breakdown from ``start`` (the
+    view's usual span by default) to today (UTC)."""
+    start = start or preset_from(view)
     extra = {"token": token} if token else {}
-    return expected_usage(get(world, "/api/analytics/usage", headers, **extra),
-                          get(world, "/analytics/tokens", headers, start=start, **extra), view)
+    return expected_usage(get(world, "/api/analytics/usage", headers, view=view, start=start, **extra),
+                          get(world, "/analytics/tokens", headers, start=start, byDay="false", **extra), view)
 
 
 def choose(browser, selector):
@@ -693,9 +707,24 @@ def test_the_usage_page_charts_and_numbers_are_the_json_apis(world, browser):
             assert {"gpt-4o", "gpt-4o-mini", "claude-haiku-4-5"} <= {m[0] for m in shown["models"]}
             screenshot(browser, "usage")
 
+    # the charts follow From and To: ten days, in every view
+    choose(browser, '#view input[value="daily"]')
+    start = (dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=9)).strftime("%Y-%m-%d")
+    browser.execute_script("document.getElementById('f-from').value = arguments[0]", start)
+    by_css(browser, "#filters button[type=submit]").click()
+    for view in ("daily", "weekly"):
+        if view != "daily":
+            choose(browser, f'#view input[value="{view}"]')
+        shown = agree(f"the usage page ({view}) from {start}", lambda: browser.execute_script(PAGE_USAGE),
+                      lambda: usage_answer(world, view, start=start))
+        assert len(shown["charts"]["requests"][0]) == (10 if view == "daily" else len(
+            get(world, "/api/analytics/usage", view="weekly", start=start)["trends"]["weekly"]))
+        assert f"from={start}" in browser.current_url
+
     # one token, and the exports of what is shown
     from selenium.webdriver.support.ui import Select
     choose(browser, '#view input[value="daily"]')
+    browser.execute_script("document.getElementById('f-from').value = arguments[0]", preset_from("daily"))
     Select(by_css(browser, "#f-token")).select_by_value("demo-llm")
     by_css(browser, "#filters button[type=submit]").click()
     shown = agree("the usage page for demo-llm", lambda: browser.execute_script(PAGE_USAGE),
@@ -705,7 +734,7 @@ def test_the_usage_page_charts_and_numbers_are_the_json_apis(world, browser):
     rows = list(csv.DictReader(io.StringIO(downloaded(browser, "usage-daily-demo-llm.csv"))))
     by_css(browser, "#export-json").click()
     exported = json.loads(downloaded(browser, "usage-daily-demo-llm.json"))
-    usage = get(world, "/api/analytics/usage", token="demo-llm")
+    usage = get(world, "/api/analytics/usage", token="demo-llm", view="daily", start=preset_from("daily"))   # as the page asked
     assert [(r["period"], int(r["requests"]), int(r["llm_tokens"]), float(r["cost_usd"])) for r in rows] == \
         [(d["date"], d["requests"], d["tokens"], d["cost"]) for d in usage["trends"]["daily"]]
     assert exported["trend"] == {"view": "daily", "points": usage["trends"]["daily"]}

@@ -121,15 +121,8 @@ def resolve_range(days: Optional[str], start: Optional[str], end: Optional[str],
 
 
 def day_buckets(start: float, end: float) -> List[Tuple[str, float, float]]:
-    buckets = []
-    day = dt.datetime.fromtimestamp(start, UTC).replace(hour=0, minute=0, second=0, microsecond=0)
-    while day.timestamp() < end:
-        nxt = day + dt.timedelta(days=1)
-        lo, hi = max(start, day.timestamp()), min(end, nxt.timestamp())
-        if hi > lo:
-            buckets.append((day.strftime("%Y-%m-%d"), lo, hi))
-        day = nxt
-    return buckets
+    """The (day, start, end) of the UTC days that meet [start, end), each cut to it."""
+    return list(_periods("daily", start, end))
 
 
 Parts = Dict[str, Tuple[str, Tuple[str, ...]]]     # name -> (selector, group-by labels)
@@ -192,17 +185,18 @@ def _add(target: dict, q: str, labels: dict, value: float) -> None:
 
 
 def tokens_report(client: PrometheusClient, scope: Scope, start: float, end: float,
-                  progress: Progress = None, deadline: Optional[float] = None) -> dict:
-    """/analytics/tokens: summary, byModel, byDay, byService."""
-    return tokens_report_rows(client, scope, start, end, progress, deadline)[0]
+                  progress: Progress = None, deadline: Optional[float] = None, by_day: bool = True) -> dict:
+    """/analytics/tokens: summary, byModel, byDay (unless not ``by_day``), byService."""
+    return tokens_report_rows(client, scope, start, end, progress, deadline, by_day)[0]
 
 
 def tokens_report_rows(client: PrometheusClient, scope: Scope, start: float, end: float,
-                       progress: Progress = None, deadline: Optional[float] = None) -> Tuple[dict, List[dict]]:
+                       progress: Progress = None, deadline: Optional[float] = None,
+                       by_day: bool = True) -> Tuple[dict, List[dict]]:
     """The /analytics/tokens document, and its totals per service and model (byModel merges
     services) for the report's rows, from the same queries."""
     m = scope.matcher
-    days = day_buckets(start, end)
+    days = day_buckets(start, end) if by_day else []
     jobs = [(_llm_parts(m, ("service", "model")), start, end)]
     jobs += [(_llm_parts(m, ()), lo, hi) for _, lo, hi in days]
     results = run_queries(client, jobs, progress, deadline=deadline)
@@ -218,12 +212,12 @@ def tokens_report_rows(client: PrometheusClient, scope: Scope, start: float, end
         _add(svc, q, labels, value)
         if model not in svc["models"]:
             svc["models"].append(model)
-    by_day = []
+    days_rows = []
     for (date, _, _), rows in zip(days, results[1:]):
         entry = {"date": date, **_counts()}
         for labels, value in rows:
             _add(entry, labels.get("q"), labels, value)
-        by_day.append(entry)
+        days_rows.append(entry)
     for svc in by_service.values():
         svc["models"].sort()
     doc = {
@@ -236,9 +230,11 @@ def tokens_report_rows(client: PrometheusClient, scope: Scope, start: float, end
                           "days": int(round((end - start) / 86400)) or 1},
         },
         "byModel": sorted(by_model.values(), key=lambda e: (-e["totalTokens"], e["model"])),
-        "byDay": by_day,
+        "byDay": days_rows,
         "byService": dict(sorted(by_service.items())),
     }
+    if not by_day:
+        del doc["byDay"]
     return doc, [by_pair[pair] for pair in sorted(by_pair)]
 
 
@@ -261,11 +257,77 @@ def _usage_entry(rows) -> dict:
     return entry
 
 
+# a trend's points: the field naming each, how many at most, how many by default
+TRENDS = {"daily": ("date", 92, 30), "weekly": ("weekStart", 104, 12), "monthly": ("month", 36, 12)}
+
+
+def _period_start(view: str, at: dt.datetime) -> dt.datetime:
+    day = at.replace(hour=0, minute=0, second=0, microsecond=0)
+    if view == "weekly":
+        return day - dt.timedelta(days=day.weekday())
+    return day.replace(day=1) if view == "monthly" else day
+
+
+def _next_period(view: str, first: dt.datetime) -> dt.datetime:
+    if view == "monthly":
+        return (first + dt.timedelta(days=32)).replace(day=1)
+    return first + dt.timedelta(weeks=1) if view == "weekly" else first + dt.timedelta(days=1)
+
+
+def trend_periods(view: str, now: float, start: Optional[float] = None,
+                  end: Optional[float] = None) -> List[Tuple[str, float, float]]:
+    """The (label, start, end) of each point of a trend: the days, weeks (from Monday) or
+    months (UTC) that meet [start, end), each cut to it. Without ``start``: the last 30 days,
+    12 weeks or 12 months up to ``end`` (default ``now``)."""
+    _, most, default = TRENDS[view]
+    end = now if end is None else end
+    last = _period_start(view, dt.datetime.fromtimestamp(end - 1e-6, UTC))
+    if start is None:
+        first = last
+        for _ in range(default - 1):
+            first = _period_start(view, first - dt.timedelta(days=1))
+        start = first.timestamp()
+    periods = []
+    for period in _periods(view, start, end):
+        periods.append(period)
+        if len(periods) > most:
+            raise AnalyticsError(f"the {view} trend has at most {most} points: choose a shorter range "
+                                 "or a longer period")
+    return periods
+
+
+def _periods(view: str, start: float, end: float):
+    first = _period_start(view, dt.datetime.fromtimestamp(start, UTC))
+    while first.timestamp() < end:
+        nxt = _next_period(view, first)
+        lo, hi = max(start, first.timestamp()), min(end, nxt.timestamp())
+        if hi > lo:
+            yield first.strftime("%Y-%m" if view == "monthly" else "%Y-%m-%d"), lo, hi
+        first = nxt
+
+
+def trend_request(view: Optional[str], start: Optional[str], end: Optional[str],
+                  now: float) -> Tuple[Optional[float], Optional[float], Tuple[str, ...]]:
+    """(start, end, views) of /api/analytics/usage's ``view``, ``start`` and ``end`` parameters."""
+    if view not in (None, "") and view not in TRENDS:
+        raise AnalyticsError(f"view must be one of {', '.join(TRENDS)}, got {view!r}")
+    first = parse_time("start", start) if start else None
+    last = parse_time("end", end) if end else None
+    if last is not None and last > now + 60:
+        raise AnalyticsError("end must not be in the future")
+    if first is not None and first >= (now if last is None else last):
+        raise AnalyticsError("start must be before end")
+    return first, last, (view,) if view else tuple(TRENDS)
+
+
 def usage_report(client: PrometheusClient, scope: Scope, now: float, progress: Progress = None,
-                 deadline: Optional[float] = None, compare: Optional[str] = None) -> dict:
+                 deadline: Optional[float] = None, compare: Optional[str] = None,
+                 start: Optional[float] = None, end: Optional[float] = None,
+                 views: Sequence[str] = tuple(TRENDS)) -> dict:
     """/api/analytics/usage: summary, trends and predictions (UTC calendar); with
     ``compare="previous"`` also ``comparison``: today, this week and this month against the same
-    stretch of the period before (see previous_stretch)."""
+    stretch of the period before (see previous_stretch). The trends of ``views`` cover
+    [start, end) (trend_periods); the summary and predictions are always the calendar's."""
     if compare not in (None, "", "previous"):
         raise AnalyticsError(f"compare must be 'previous', got {compare!r}")
     m = scope.matcher
@@ -274,23 +336,12 @@ def usage_report(client: PrometheusClient, scope: Scope, now: float, progress: P
     month = today.replace(day=1)
     periods = {"today": today.timestamp(), "thisWeek": week.timestamp(),
                "thisMonth": month.timestamp(), "allTime": 0.0}
-    daily = [(today - dt.timedelta(days=i)) for i in range(29, -1, -1)]
-    weekly = [(week - dt.timedelta(weeks=i)) for i in range(11, -1, -1)]
-    monthly = []
-    cursor = month
-    for _ in range(12):
-        monthly.insert(0, cursor)
-        cursor = (cursor - dt.timedelta(days=1)).replace(day=1)
-
-    def span(first: dt.datetime, nxt: dt.datetime):
-        return first.timestamp(), min(now, nxt.timestamp())
+    trend_spans = {view: trend_periods(view, now, start, end) for view in views}
 
     parts = _usage_parts(m)
-    jobs: List[Tuple[Parts, float, float]] = [(parts, start, now) for start in periods.values()]
-    buckets = ([span(d, d + dt.timedelta(days=1)) for d in daily]
-               + [span(w, w + dt.timedelta(weeks=1)) for w in weekly]
-               + [span(mo, (mo + dt.timedelta(days=32)).replace(day=1)) for mo in monthly])
-    jobs += [(parts, lo, hi) for lo, hi in buckets]
+    jobs: List[Tuple[Parts, float, float]] = [(parts, first, now) for first in periods.values()]
+    for spans in trend_spans.values():
+        jobs += [(parts, lo, hi) for _, lo, hi in spans]
     previous = {}
     if compare:
         previous = {name: previous_stretch(name, periods[name], now) for name in COMPARED_PERIODS}
@@ -298,22 +349,19 @@ def usage_report(client: PrometheusClient, scope: Scope, now: float, progress: P
     results = run_queries(client, jobs, progress, deadline=deadline)
 
     summary = {name: _usage_entry(rows) for name, rows in zip(periods, results[:4])}
-    trend_rows = results[4:4 + len(buckets)]
-    trends = {
-        "daily": [{"date": d.strftime("%Y-%m-%d"), **_usage_entry(r)}
-                  for d, r in zip(daily, trend_rows[:30])],
-        "weekly": [{"weekStart": w.strftime("%Y-%m-%d"), **_usage_entry(r)}
-                   for w, r in zip(weekly, trend_rows[30:42])],
-        "monthly": [{"month": mo.strftime("%Y-%m"), **_usage_entry(r)}
-                    for mo, r in zip(monthly, trend_rows[42:])],
-    }
+    at, trends = 4, {}
+    for view, spans in trend_spans.items():
+        field = TRENDS[view][0]
+        trends[view] = [{field: label, **_usage_entry(rows)}
+                        for (label, _, _), rows in zip(spans, results[at:at + len(spans)])]
+        at += len(spans)
     month_seconds = calendar.monthrange(month.year, month.month)[1] * 86400
     elapsed = max(1.0, now - month.timestamp())
     factor = month_seconds / elapsed
     mtd = summary["thisMonth"]
     extra = {}
     if compare:
-        before = results[4 + len(buckets):]
+        before = results[at:]
         extra["comparison"] = {
             name: {"period": {"start": iso(periods[name]), "end": iso(now)},
                    "previousPeriod": {"start": iso(lo), "end": iso(hi)},

@@ -37,6 +37,7 @@ HEALTH_PATH = "/healthz"
 RUNBOOKS_PATH = "/runbooks"       # what each alert's runbook_url points at by default
 ANALYTICS_PATHS = ("/analytics/tokens", "/api/analytics/usage", "/api/analytics/capacity")
 MAX_DURATION_SECONDS = 3600.0
+LONGEST_RANGE_DAYS = 3650          # /analytics/tokens without byDay: one query whatever the range
 MAX_JSON_DEPTH = 8                 # {"events": [{"llm": {...}}]} is 4 deep
 
 
@@ -370,17 +371,24 @@ def build_endpoints(core, serve_metrics: bool = True, admin: bool = True, health
         @app.route("/analytics/tokens", methods=["GET"])
         def analytics_tokens():
             def build(scope):
+                # byDay=false: no query per day, so the range may be as long as Prometheus keeps
+                by_day = request.args.get("byDay", "true") != "false"
                 start, end = analytics.resolve_range(request.args.get("days"), request.args.get("start"),
                                                      request.args.get("end"), time.time(),
-                                                     max_days=s.analytics_max_days)
-                return analytics.tokens_report(client, scope, start, end, deadline=s.prometheus_timeout)
+                                                     max_days=s.analytics_max_days if by_day else LONGEST_RANGE_DAYS)
+                return analytics.tokens_report(client, scope, start, end, deadline=s.prometheus_timeout,
+                                               by_day=by_day)
             return answer(build)
 
         @app.route("/api/analytics/usage", methods=["GET"])
         def analytics_usage():
-            return answer(lambda scope: analytics.usage_report(client, scope, time.time(),
-                                                               deadline=s.prometheus_timeout,
-                                                               compare=request.args.get("compare")))
+            def build(scope):
+                now = time.time()
+                start, end, views = analytics.trend_request(request.args.get("view"), request.args.get("start"),
+                                                            request.args.get("end"), now)
+                return analytics.usage_report(client, scope, now, deadline=s.prometheus_timeout,
+                                              compare=request.args.get("compare"), start=start, end=end, views=views)
+            return answer(build)
 
         @app.route("/api/analytics/capacity", methods=["GET"])
         def analytics_capacity():

@@ -1,12 +1,13 @@
 // Usage: the periods, trends and predictions from /api/analytics/usage, the breakdown by
 // model and service from /analytics/tokens, for one token or all, with CSV and JSON exports of
-// what is shown. Charts are uPlot (vendored in uplot/); each has its data as a table too.
+// what is shown. The charts and the breakdown cover From to To; choosing Daily, Weekly or
+// Monthly moves From to that view's usual span (30 days, 12 weeks, 12 months) unless it was
+// set by hand. Charts are uPlot (vendored in uplot/); each has its data as a table too.
 "use strict";
 
 (() => {
   const {api, el, num, usd, utcDate} = ATE;
-  const VIEWS = {daily: ["date", "per day, last 30 days"], weekly: ["weekStart", "per week, last 12 weeks"],
-                 monthly: ["month", "per month, last 12 months"]};
+  const VIEWS = {daily: ["date", "per day"], weekly: ["weekStart", "per week"], monthly: ["month", "per month"]};
   const CHARTS = {
     requests: {label: "Requests", color: "#0b5cad", kind: "area", format: num},
     tokens: {label: "LLM tokens", color: "#8250df", kind: "bars", format: num},
@@ -16,12 +17,18 @@
   const form = document.getElementById("filters");
   const params = new URLSearchParams(location.search);
   const today = utcDate(new Date());
-  const state = {
-    token: params.get("token") || "",
-    from: params.get("from") || utcDate(new Date(Date.now() - 29 * 86400e3)),
-    to: params.get("to") || today,
-    view: VIEWS[params.get("view")] ? params.get("view") : "daily",
-  };
+  // the first day of a view's usual span ending on the day ``to``: 30 days, or the Monday 11
+  // weeks before to's week, or the first of the month 11 months before to's month
+  function presetFrom(view, to) {
+    const d = new Date(to + "T00:00:00Z");
+    if (view === "daily") d.setUTCDate(d.getUTCDate() - 29);
+    if (view === "weekly") d.setUTCDate(d.getUTCDate() - (d.getUTCDay() + 6) % 7 - 77);
+    if (view === "monthly") { d.setUTCDate(1); d.setUTCMonth(d.getUTCMonth() - 11); }
+    return utcDate(d);
+  }
+  const view = VIEWS[params.get("view")] ? params.get("view") : "daily";
+  const to = params.get("to") || today;
+  const state = {token: params.get("token") || "", from: params.get("from") || presetFrom(view, to), to, view};
   let shown = null;            // the documents on screen, for the exports
 
   form.token.value = state.token;
@@ -40,9 +47,9 @@
 
   // weeks ticked on their Mondays and months on their first day (the points themselves), as
   // many as fit; days where uPlot puts them
-  function xAxis() {
+  function xAxis(view) {
     const axis = {space: 90, values: (u, vals) => vals.map((ts) => F.isoDate(ts))};
-    if (state.view !== "daily") {
+    if (view !== "daily") {
       axis.splits = (u) => {
         const xs = u.data[0], every = Math.max(1, Math.ceil(xs.length * 90 / Math.max(1, u.width)));
         return xs.filter((_, i) => (xs.length - 1 - i) % every === 0);
@@ -51,7 +58,7 @@
     return axis;
   }
 
-  function chartOptions(key, width, step) {
+  function chartOptions(key, width, step, view) {
     const c = CHARTS[key];
     const series = {label: c.label, stroke: c.color, width: 2, value: (u, v) => v === null ? "–" : c.format(v)};
     if (c.kind === "area") series.fill = c.color + "2e";
@@ -62,37 +69,40 @@
       scales: {x: {time: true, range: (u, min, max) => [min - step / 2, max + step / 2]},
                y: {range: (u, min, max) => [0, max > 0 ? max * 1.1 : 1]}},
       series: [{value: (u, ts) => ts === null ? "–" : F.isoDate(ts)}, series],
-      axes: [xAxis(),
+      axes: [xAxis(view),
              {size: 64, values: (u, vals, axis, space, step) => vals.map((v) => key !== "cost" ? F.compact(v)
                : F.usdTick(v, step))}],
       legend: {show: true, live: true},      // the value under the cursor, with its date
     };
   }
 
-  function drawChart(key, rows) {
+  function drawChart(key, rows, asked) {
     const figure = document.getElementById(`chart-${key}`);
     const plot = figure.querySelector(".plot");
-    const [field, words] = VIEWS[state.view];
+    const [field, words] = VIEWS[asked.view];
     const xs = rows.map((r) => epoch(r[field]));
     const ys = rows.map((r) => r[key]);
     const step = xs.length > 1 ? xs[1] - xs[0] : 86400;
     if (charts[key]) charts[key].destroy();
-    charts[key] = new uPlot(chartOptions(key, Math.max(280, plot.clientWidth), step), [xs, ys], plot);
+    charts[key] = new uPlot(chartOptions(key, Math.max(280, plot.clientWidth), step, asked.view), [xs, ys], plot);
     const total = ys.reduce((a, b) => a + b, 0);
-    plot.setAttribute("aria-label", `${CHARTS[key].label} ${words}: ${CHARTS[key].format(total)} in total. The table below has each value.`);
+    plot.setAttribute("aria-label", `${CHARTS[key].label} ${words}, ${asked.from} to ${asked.to}: ` +
+                      `${CHARTS[key].format(total)} in total. The table below has each value.`);
     figure.querySelector(".data").replaceChildren(ATE.table([field === "date" ? "Day" : field === "month" ? "Month" : "Week from",
                                                              CHARTS[key].label],
       rows.map((r) => [r[field], CHARTS[key].format(r[key])]).reverse()));
   }
 
-  function dateRange() {
-    const q = {start: state.from};
-    if (state.to < today) q.end = utcDate(new Date(Date.parse(state.to + "T00:00:00Z") + 86400e3));
+  // From and To as the API's start and end: To's whole day, until now for today
+  function dateRange(filters) {
+    const q = {start: filters.from};
+    if (filters.to < today) q.end = utcDate(new Date(Date.parse(filters.to + "T00:00:00Z") + 86400e3));
     return q;
   }
 
-  function show(usage, breakdown) {
-    shown = {usage, breakdown};
+  // ``asked``: the filters the answers are for (the user may have changed them meanwhile)
+  function show(usage, breakdown, asked) {
+    shown = {usage, breakdown, asked};
     for (const [period, entry] of Object.entries(usage.summary)) {
       const card = document.querySelector(`[data-period="${period}"]`);
       for (const field of ["requests", "tokens", "cost"]) {
@@ -101,8 +111,7 @@
         node.dataset.value = String(entry[field]);
       }
     }
-    const rows = usage.trends[state.view];
-    for (const key of Object.keys(CHARTS)) drawChart(key, rows);
+    for (const key of Object.keys(CHARTS)) drawChart(key, usage.trends[asked.view], asked);
     const p = usage.predictions;
     for (const [key, format] of [["estimatedMonthlyCost", usd], ["projectedRequests", num], ["projectedTokens", num]]) {
       const node = document.querySelector(`[data-prediction="${key}"] .value`);
@@ -123,11 +132,12 @@
   }
 
   async function load() {
+    const asked = {...state};
     const [usage, breakdown] = await Promise.all([
-      api("../api/analytics/usage" + query()),
-      api("../analytics/tokens" + query(dateRange())),
+      api("../api/analytics/usage" + query({view: asked.view, ...dateRange(asked)})),
+      api("../analytics/tokens" + query({...dateRange(asked), byDay: "false"})),
     ]);
-    show(usage, breakdown);
+    show(usage, breakdown, asked);
   }
 
   function remember() {
@@ -144,9 +154,12 @@
     refresh();
   });
   document.getElementById("view").addEventListener("change", (event) => {
+    if (state.from === presetFrom(state.view, state.to)) {
+      state.from = form.from.value = presetFrom(event.target.value, state.to);
+    }
     state.view = event.target.value;
     remember();
-    if (shown) show(shown.usage, shown.breakdown);
+    refresh();
   });
   window.addEventListener("resize", () => {
     for (const [key, chart] of Object.entries(charts)) {
@@ -155,21 +168,21 @@
   });
 
   function slug() {
-    return state.view + (state.token ? "-" + state.token : "");
+    return shown.asked.view + (shown.asked.token ? "-" + shown.asked.token : "");
   }
   document.getElementById("export-csv").addEventListener("click", () => {
     if (!shown) return;
-    const field = VIEWS[state.view][0];
-    const lines = ["period,requests,llm_tokens,cost_usd"].concat(shown.usage.trends[state.view].map(
+    const view = shown.asked.view, field = VIEWS[view][0];
+    const lines = ["period,requests,llm_tokens,cost_usd"].concat(shown.usage.trends[view].map(
       (r) => [r[field], r.requests, r.tokens, r.cost].join(",")));
     ATE.download(`usage-${slug()}.csv`, "text/csv", lines.join("\n") + "\n");
   });
   document.getElementById("export-json").addEventListener("click", () => {
     if (!shown) return;
-    const u = shown.usage;
+    const u = shown.usage, view = shown.asked.view;
     ATE.download(`usage-${slug()}.json`, "application/json", JSON.stringify({
-      generatedAt: u.generatedAt, filters: {...state},
-      summary: u.summary, trend: {view: state.view, points: u.trends[state.view]}, predictions: u.predictions,
+      generatedAt: u.generatedAt, filters: {...shown.asked},
+      summary: u.summary, trend: {view, points: u.trends[view]}, predictions: u.predictions,
       breakdown: {start: shown.breakdown.summary.timeframe.startDate, end: shown.breakdown.summary.timeframe.endDate,
                   byModel: shown.breakdown.byModel, byService: shown.breakdown.byService},
     }, null, 2) + "\n");
