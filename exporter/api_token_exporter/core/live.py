@@ -106,7 +106,7 @@ class RequestFeed:
     def record(self, ts: float, token: Optional[str], method: str, route: str, code: int,
                duration: float) -> None:
         i = next(self._counter)               # atomic: threads never share a number
-        t = token.encode("ascii", "replace") if token else b""
+        t = token.encode("ascii", "replace")[:64] if token else b""      # key ids: at most 64
         m = method.encode("utf-8", "replace")[:10]
         r = route.encode("utf-8", "replace")
         flags = _HAS_TOKEN if token else 0
@@ -114,7 +114,7 @@ class RequestFeed:
             r, flags = r[:152], flags | _ROUTE_CUT
         try:
             _RECORD.pack_into(self._mm, HEADER + (i % SLOTS) * _RECORD.size, ts, duration, code, len(t),
-                              len(m), len(r), flags, m, t[:64], r, i + 1)
+                              len(m), len(r), flags, m, t, r, i + 1)
             _COUNT.pack_into(self._mm, 0, i + 1)
         except (struct.error, ValueError, TypeError):   # a value no record holds is not shown
             pass

@@ -80,7 +80,7 @@ def wsgi_environ(scope, path: str, body: bytes, stream=None) -> dict:
 
 def call_wsgi(app, environ) -> Tuple[int, List[Tuple[bytes, bytes]], object]:
     """(status, headers, body) of a WSGI app's whole answer; the body is the environ's
-    LOOP_STREAM instead where the app set one (send it with ``send_loop_stream``)."""
+    LOOP_STREAM instead where the app set one (send it with ``send_answer``)."""
     answer = {}
 
     def start_response(status, headers, exc_info=None):
@@ -96,7 +96,7 @@ def call_wsgi(app, environ) -> Tuple[int, List[Tuple[bytes, bytes]], object]:
     return int(answer["status"][:3]), _asgi_headers(answer["headers"]), payload
 
 
-async def send_loop_stream(stream, send, receive, timeout: float) -> None:
+async def _send_loop_stream(stream, send, receive, timeout: float) -> None:
     """Send a LOOP_STREAM's chunks (the head is sent) until it ends, the client leaves or does
     not take a chunk within ``timeout``, or the worker drains."""
     gone = asyncio.ensure_future(_watch_disconnect(receive))
@@ -251,7 +251,7 @@ async def send_answer(answer, send, receive, timeout: float) -> None:
         if not isinstance(payload, bytes):
             payload.release()
         raise
-    await send_loop_stream(payload, send, receive, timeout)
+    await _send_loop_stream(payload, send, receive, timeout)
 
 
 def _has_body(headers) -> bool:
