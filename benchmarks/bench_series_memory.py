@@ -239,16 +239,29 @@ def count_series(text: str, n: int) -> dict:
 
 # -- 2. serving the text, and a real Prometheus scraping it --------------------------------------
 class TextServer:
-    """The text at /metrics on 127.0.0.1 (gzip when asked), threaded."""
+    """The text at /metrics on 127.0.0.1 (gzip when asked), threaded. With ``growing``, every
+    counter and histogram sample is its value times the number of scrapes so far: each scrape
+    adds the generated traffic again, so rates are not zero and ratios stay what they were."""
 
-    def __init__(self, body: bytes):
-        plain, packed = body, gzip.compress(body, 1)
+    def __init__(self, body: bytes, growing: bool = False):
+        scaled = _Growing(body) if growing and body else None
+        fixed = (body, gzip.compress(body, 1))
+        lock = threading.Lock()
+        scrapes = [0]
+
+        def current():
+            if scaled is None:
+                return fixed
+            with lock:
+                scrapes[0] += 1
+                return scaled.at(scrapes[0])
 
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
             def do_GET(self):
                 zipped = "gzip" in self.headers.get("Accept-Encoding", "")
+                plain, packed = current()
                 data = packed if zipped else plain
                 self.send_response(200)
                 self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
@@ -270,6 +283,30 @@ class TextServer:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+class _Growing:
+    """The text with its counter and histogram samples multiplied by a scrape number."""
+
+    def __init__(self, body: bytes):
+        text = body.decode()
+        growing = set()
+        for m in re.finditer(r"^# TYPE (\S+) (counter|histogram)$", text, re.M):
+            name = m.group(1)
+            growing.update({name, name + "_total", name + "_bucket", name + "_count", name + "_sum"})
+        self.parts: List[tuple] = []         # (text before the value, value or None)
+        for line in text.split("\n"):
+            head, _, value = line.rpartition(" ")
+            name = re.match(r"[^{ ]*", line).group(0)
+            if line and not line.startswith("#") and name in growing:
+                self.parts.append((head + " ", float(value)))
+            else:
+                self.parts.append((line, None))
+
+    def at(self, n: int):
+        lines = [head if value is None else f"{head}{value * n:.17g}" for head, value in self.parts]
+        plain = "\n".join(lines).encode()
+        return plain, gzip.compress(plain, 1)
 
 
 def free_port() -> int:
@@ -329,10 +366,58 @@ class Measurement:
     scrape_seconds: float = 0.0         # the last scrape of the target
     rule_seconds: float = 0.0           # the slowest group's last evaluation
     missed: float = 0.0                 # rule group iterations missed (evaluation slower than its interval)
+    groups: Dict[str, dict] = field(default_factory=dict)   # per rule group: rules, series, alerts, eval_max
 
     def stat(self, name: str, how: str) -> float:
         values = getattr(self, name)
         return max(values) if how == "max" else statistics.median(values)
+
+
+def shipped_intervals(rules_dir: str) -> Dict[str, float]:
+    """Each rule group's interval as shipped, in seconds: its own, or the evaluation_interval of
+    the checkout's prometheus/prometheus.yml (15 s)."""
+    import yaml
+    default = 15.0
+    config = os.path.join(os.path.dirname(rules_dir), "prometheus.yml")
+    with contextlib.suppress(OSError):
+        with open(config) as fh:
+            default = duration_seconds(((yaml.safe_load(fh) or {}).get("global") or {}).get("evaluation_interval", "15s"))
+    out = {}
+    for path in sorted(glob.glob(os.path.join(rules_dir, "*.yml"))):
+        with open(path) as fh:
+            for group in (yaml.safe_load(fh) or {}).get("groups") or []:
+                out[group["name"]] = duration_seconds(group["interval"]) if group.get("interval") else default
+    return out
+
+
+def duration_seconds(text: str) -> float:
+    units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+    return sum(float(n) * units[u] for n, u in re.findall(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)", str(text)))
+
+
+def group_durations(base: str) -> Dict[str, float]:
+    """The last evaluation's duration of each rule group, by group name."""
+    out = {}
+    for line in http_get(base + "/metrics").decode().splitlines():
+        m = re.match(r'^prometheus_rule_group_last_duration_seconds\{rule_group="[^"]*;([^"]*)"\} (\S+)$', line)
+        if m:
+            out[m.group(1)] = float(m.group(2))
+    return out
+
+
+def group_series(base: str) -> Dict[str, dict]:
+    """Per rule group: its rules, the series its recording rules hold now, its alerts firing or
+    pending."""
+    out = {}
+    for g in json.loads(http_get(base + "/api/v1/rules"))["data"]["groups"]:
+        series = alerts = 0
+        for r in g["rules"]:
+            if r["type"] == "recording":
+                series += int(query(base, f'count({{__name__="{r["name"]}"}})') or 0)
+            else:
+                alerts += len(r.get("alerts") or [])
+        out[g["name"]] = {"rules": len(g["rules"]), "series": series, "alerts": alerts}
+    return out
 
 
 def copy_rules(rules_dir: str, work: str, args) -> List[str]:
@@ -362,7 +447,7 @@ def measure_prometheus(body: bytes, rules_dir: Optional[str], label: str, args) 
     head, sample its memory; always stops it and removes its directory."""
     started = time.monotonic()
     work = tempfile.mkdtemp(prefix="ate-membench-prom-")
-    server = TextServer(body)
+    server = TextServer(body, growing=not args.static)
     proc = None
     log_path = os.path.join(work, "prometheus.log")
 
@@ -468,7 +553,14 @@ def measure_prometheus(body: bytes, rules_dir: Optional[str], label: str, args) 
             m.head_series = int(s["prometheus_tsdb_head_series"])
             m.rule_seconds = max(m.rule_seconds, s.get("max:prometheus_rule_group_last_duration_seconds", 0.0))
             m.missed = s.get("sum:prometheus_rule_group_iterations_missed_total", 0.0)
+            if rule_files:
+                for name, seconds in group_durations(base).items():
+                    entry = m.groups.setdefault(name, {"eval_max": 0.0})
+                    entry["eval_max"] = max(entry["eval_max"], seconds)
             time.sleep(1)
+        if rule_files:
+            for name, counts in group_series(base).items():
+                m.groups.setdefault(name, {"eval_max": 0.0}).update(counts)
         m.scrape_seconds = query(base, f'max(scrape_duration_seconds{{job="{JOB}"}})') or 0.0
         m.seconds = time.monotonic() - started
         log(f"  {label}: RSS max {m.stat('rss', 'max') / MiB:.0f} MiB, heap in use max "
@@ -560,6 +652,26 @@ def table(results: List[Result], how: str) -> str:
     return "\n".join(lines)
 
 
+def group_table(results: List[Result], intervals: Dict[str, Dict[str, float]]) -> str:
+    """Per checkout and rule group: rules, series recorded (per token), alerts, the slowest
+    evaluation seen while sampling and its share of the group's shipped interval."""
+    lines = ["| checkout | rule group | shipped interval | rules | series recorded | per token | alerts "
+             "| slowest evaluation s | share of its interval |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        shipped = intervals.get(r.checkout, {})
+        base = r.base_rules.groups
+        for name, g in r.rules.groups.items():
+            interval = shipped.get(name, 15.0)
+            extra = g.get("series", 0) - base.get(name, {}).get("series", 0)
+            lines.append(f"| {r.checkout} | {name} | {interval:g} s | {g.get('rules', 0)} | {g.get('series', 0):,} | "
+                         f"{extra / r.tokens:.1f} | {g.get('alerts', 0):,} | {g['eval_max']:.2f} | "
+                         f"{g['eval_max'] / interval * 100:.0f} % |")
+        total = sum(g.get("series", 0) - base.get(n, {}).get("series", 0) for n, g in r.rules.groups.items())
+        lines.append(f"| {r.checkout} | all groups | | | | {total / r.tokens:.1f} | | | |")
+    return "\n".join(lines)
+
+
 def details(results: List[Result]) -> str:
     lines = ["| checkout | run | head series | RSS MiB max / median | heap in use MiB max / median "
              "| scrape s | slowest rule group s | missed evaluations | run s |",
@@ -590,6 +702,8 @@ def main(argv=None) -> int:
                    help="app: a Flask app with the middleware via its test client; metrics: the "
                         "recording calls of metrics.py directly")
     p.add_argument("--sample-seconds", type=float, default=30)
+    p.add_argument("--static", action="store_true",
+                   help="serve the same text at every scrape (counters do not grow: every rate is 0)")
     p.add_argument("--scrape-interval", type=int, default=5, help="seconds, also the rule evaluation interval")
     p.add_argument("--settle-timeout", type=float, default=300, help="seconds to wait for scrapes, rules, a stable head")
     p.add_argument("--keep-rule-intervals", action="store_true",
@@ -614,7 +728,8 @@ def main(argv=None) -> int:
     results = [measure_checkout(c, base_plain, args) for c in checkouts]
     version = subprocess.run([args.prometheus, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
     print(f"\n{args.tokens:,} tokens x {ROUTES} routes x GET x (200, 404), daily + monthly budgets, default "
-          f"rate limits, {args.llm_models} LLM models; {args.driver} driver; {version}; scrape and "
+          f"rate limits, {args.llm_models} LLM models; {args.driver} driver; counters "
+          f"{'static' if args.static else 'growing at every scrape'}; {version}; scrape and "
           f"evaluation every {args.scrape_interval} s; memory sampled for {args.sample_seconds:.0f} s")
     scaled = "" if args.tokens == 10_000 else ", scaled to 10,000 tokens"
     print(f"\nMemory above the baseline (an empty target; with rules: the same rules), max of the samples{scaled}:\n")
@@ -626,6 +741,10 @@ def main(argv=None) -> int:
     print(f"\nWith rules: the checkout's prometheus/rules/*.yml, every group evaluated {intervals}; "
           "head series include their output (recording rules, ALERTS), memory includes the work of "
           "evaluating them (missed evaluations below: a group slower than its interval).")
+    print("\nPer rule group, with the rules (series recorded above the empty target's, per token; "
+          "the slowest evaluation while sampling against the group's shipped interval):\n")
+    print(group_table(results, {r.checkout: shipped_intervals(os.path.join(os.path.realpath(c), "prometheus", "rules"))
+                                for r, c in zip(results, checkouts)}))
     print("\nEvery Prometheus run:\n")
     print(details(results))
     print("\nGenerating the text: " + "; ".join(
