@@ -12,7 +12,7 @@ import requests
 from werkzeug.serving import make_server
 
 from api_token_exporter.analytics.rule_backfill import backfill_rules
-from api_token_exporter.mixin import rules as rulegen, thresholds
+from api_token_exporter.mixin import anomaly_rules, rules as rulegen, thresholds
 from api_token_exporter.analytics.importer import Aggregate, ImportResult, build_blocks
 from api_token_exporter.core.keystore import add_key
 from api_token_exporter.web.server import create_app
@@ -25,6 +25,7 @@ pytestmark = pytest.mark.integration
 # minutes instead of the defaults' quarter hours, so the test waits seconds
 FAST = {"rate_window": "2m",              # four samples of the 30 s history in every window
         "anomaly": {"interval": "30s", "for": "20s", "keep_firing_for": "0s"}}
+THRESHOLDS = thresholds.load_thresholds(os.path.join(ROOT, "prometheus", "thresholds.yml"), FAST)
 USUAL = 2.0                      # requests per second in the history
 DAYS = 2
 
@@ -40,7 +41,7 @@ def stack(tmp_path):
     keys_file = str(tmp_path / "keys.yml")
     add_key(keys_file, "shop", name="Shop checkout", tenant="acme")
     rules_dir = tmp_path / "rules"
-    rulegen.write(thresholds.load_thresholds(os.path.join(ROOT, "prometheus", "thresholds.yml"), FAST), str(rules_dir))
+    rulegen.write(THRESHOLDS, str(rules_dir))
 
     # two days at USUAL req/s, ending two minutes ago
     end = time.time() - 120
@@ -97,11 +98,12 @@ def test_a_traffic_spike_reaches_the_webhook_with_its_context(stack):
 
     def query(expr):
         return requests.get(prom + "/api/v1/query", params={"query": expr}, timeout=10).json()["data"]["result"]
-    # learned from the backfilled history: not learning, and a band around USUAL
-    wait_for("the learned band", lambda: query('token:apitoken_anomaly:learning{token="shop"} == 0')
-             and query('token:apitoken_anomaly_requests:upper{token="shop"}'), timeout=180, interval=1.0)
+    # learned from the backfilled history: a baseline a learning period ago, a band around USUAL
+    shop = anomaly_rules.Exprs(THRESHOLDS, "shop")
+    wait_for("the learned band", lambda: query(shop.learned()) and query(shop.upper("requests")),
+             timeout=180, interval=1.0)
     wait_for("a band around the usual rate", lambda: USUAL * 0.9 <= float(
-        query('token:apitoken_anomaly_requests:upper{token="shop"}')[0]["value"][1]) <= USUAL * 1.5, timeout=60, interval=1.0)
+        query(shop.upper("requests"))[0]["value"][1]) <= USUAL * 1.5, timeout=60, interval=1.0)
 
     stop = threading.Event()
 

@@ -7,6 +7,7 @@ import subprocess
 
 import yaml
 
+from api_token_exporter.mixin import anomaly_rules, thresholds
 from support import needs, require_binary
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
@@ -104,6 +105,10 @@ def input_series():
     return [{"series": s, "values": v} for s, v in series]
 
 
+LEARNED = anomaly_rules.Exprs(thresholds.load_thresholds()).learned()
+TOKENS = len(TRAFFIC) + len(ROUTES) + 1          # and travels; only slow has latencies
+
+
 def at(seconds):
     return f"{seconds // 60}m"
 
@@ -139,10 +144,15 @@ def test_each_anomaly_fires_and_nothing_else(tmp_path):
         # a new install, still learning: nothing fires or is pending (the demo's test checks the
         # first minutes, before the anomaly group has run, on a real Prometheus)
         {"expr": 'count(ALERTS{anomaly!=""})', "eval_time": at(2 * HOUR), "exp_samples": []},
-        {"expr": "token:apitoken_anomaly:learning", "eval_time": at(2 * DAY + 12 * HOUR),
-         "exp_samples": [{"labels": f'token:apitoken_anomaly:learning{{token="{t}"}}', "value": int(t == "young")}
-                         for t in list(TRAFFIC) + list(ROUTES) + ["travels"] if t != "slow"] + [
-                            {"labels": 'token:apitoken_anomaly:learning{token="slow"}', "value": 0}]},
+        # learned: every token but the young one had its baseline a learning period ago
+        {"expr": f"count by (token) ({LEARNED})", "eval_time": at(2 * DAY + 12 * HOUR),
+         "exp_samples": [{"labels": f'{{token="{t}"}}', "value": 1}
+                         for t in list(TRAFFIC) + list(ROUTES) + ["travels"] if t != "young"]},
+        # two series per token and signal, nothing per route or country (docs/scaling.md)
+        {"expr": 'count by (__name__) ({__name__=~"token.*:apitoken_anomaly.*"})', "eval_time": at(2 * DAY + 12 * HOUR),
+         "exp_samples": [{"labels": f'{{__name__="token:apitoken_anomaly_{signal}:{what}"}}', "value": n}
+                         for signal, n in (("requests", TOKENS), ("error_ratio", TOKENS), ("latency", 1))
+                         for what in ("median1d", "mad1d")]},
     ]
     # every 5 minutes, as the anomaly group runs (the 5-minute rates it reads are as fresh at its
     # evaluations); a minute would evaluate every rule five times as often for the same answers

@@ -26,7 +26,7 @@ from api_token_exporter.web.server import create_app
 from devstack.stack import find_binary, free_port, prometheus_config, start_prometheus
 from api_token_exporter.core.usage import LLMUsage
 from api_token_exporter.core.validation import ValidationError
-from support import needs
+from support import needs, wait_for
 
 SEED_COLUMNS = ["id", "user_id", "api_key_id", "endpoint", "method", "status_code", "response_time",
                 "created_at", "service", "model", "prompt_tokens", "completion_tokens"]
@@ -249,7 +249,8 @@ def test_the_rule_backfill_records_what_promtool_records(imported, tmp_path):
     from api_token_exporter.alerting.client import Prometheus
     rules = os.path.join(os.path.dirname(__file__), "..", "prometheus", "rules", "apitoken-recording.yml")
     groups = [g for g in rule_backfill.rule_levels([rules])[0] if not g["name"].startswith("apitoken.upstream")]
-    assert {g.get("interval") for g in groups} == {None, "1h"}          # both kinds of group
+    assert {g.get("interval") for g in groups} == {None, "1m", "1h"}    # every kind of group
+    step = {None: 60, "1m": 60, "1h": 3600}
     start = (imported["now"] - 2 * 86400) // 7200 * 7200 + 1800         # not on a block boundary
     end = start + 5 * 3600
     rules_file = tmp_path / "level0.yml"
@@ -266,10 +267,14 @@ def test_the_rule_backfill_records_what_promtool_records(imported, tmp_path):
     prometheus = Prometheus(imported["prom"].url, timeout=120)
     ours = {}
     for group in groups:
-        first = next(min(v) for (name, _), v in theirs.items() if name == group["rules"][0]["record"])
+        names = {r["record"] for r in group["rules"]}
+        recorded = [min(v) for (name, _), v in theirs.items() if name in names]
+        if not recorded:            # nothing to record in this history (no `up`, no LLM cost)
+            continue
+        first = min(recorded)
         text = io.StringIO()
         rule_backfill.evaluate_rules(prometheus, [group], start, end, 60, text,
-                                     offset=first % (3600 if group.get("interval") else 60))
+                                     offset=first % step[group.get("interval")])
         ours.update(_recorded(text.getvalue().splitlines(), _OPENMETRICS, millis=False))
     assert len(ours) > 20 and set(ours) == set(theirs), set(ours) ^ set(theirs)
     for key in ours:
@@ -433,7 +438,7 @@ def rules_loaded(stack):
     found = []
     while time.monotonic() < deadline and not found:
         found = requests.get(stack.prometheus.url + "/api/v1/query", timeout=30, params={
-            "query": "token:apitoken_requests:rate1h", "time": ten_days_ago}).json()["data"]["result"]
+            "query": "last_over_time(token:apitoken_requests:increase1h[2h])", "time": ten_days_ago}).json()["data"]["result"]
         time.sleep(2)
     return found
 
@@ -499,8 +504,12 @@ def test_the_compromised_key_shows_every_kind_of_anomaly_and_no_healthy_key_any(
         assert others == set(), others
         time.sleep(5)
     assert ANOMALY_KINDS <= seen, seen
-    country = requests.get(backfilled.prometheus.url + "/api/v1/query", timeout=30, params={
-        "query": 'ALERTS{alertname="ApiTokenNewCountry", token="demo-compromised"}'}).json()["data"]["result"]
+    # the ALERTS series of a group evaluated once a minute appear from its third evaluation (the
+    # rule's `for` state is restored at the second), minutes after Prometheus started
+    country = wait_for("the new country's ALERTS series", lambda: requests.get(
+        backfilled.prometheus.url + "/api/v1/query", timeout=30, params={
+            "query": 'ALERTS{alertname="ApiTokenNewCountry", token="demo-compromised"}'}).json()["data"]["result"],
+        timeout=300, interval=5)
     assert {r["metric"]["country"] for r in country} == {"BR"}
 
 
@@ -521,7 +530,7 @@ def test_every_recording_rule_answers_on_the_smaller_series(backfilled):
                 names |= recorded
                 if not group["name"].startswith("apitoken.upstream"):
                     backfilled_names |= recorded
-    assert len(names) > 40
+    assert len(names) > 20
 
     def answering(at):
         found = set()
@@ -533,9 +542,9 @@ def test_every_recording_rule_answers_on_the_smaller_series(backfilled):
         return found
 
     # the history has requests, latencies and LLM use; not the live gauges these read (rate-limit
-    # windows, budgets) nor failed authentications by client
-    live_only = {"token_window:apitoken_rate_limit:usage_ratio", "token_period:apitoken_llm_budget:usage_ratio",
-                 "client:apitoken_auth_failures:count1h"}
+    # windows, budgets), nor `up` (the targets' start records), nor failed authentications by client
+    live_only = {"token_period:apitoken_llm_budget:usage_ratio", "client:apitoken_auth_failures:count1h",
+                 "job_instance:apitoken_counts_from_start:5m", "job_instance:apitoken_counts_from_start:1h"}
     assert backfilled_names - live_only - answering(time.time() - 10 * 86400) == set()
     empty = set(names)
     deadline = time.monotonic() + 300           # the first evaluations of every group live

@@ -39,8 +39,10 @@ def validate(t: dict) -> None:
     a = t.get("anomaly")
     if not isinstance(a, dict):
         raise ThresholdError("thresholds: anomaly is missing")
-    for key in ("interval", "learning_period", "for", "keep_firing_for"):
+    for key in ("interval", "baseline_step", "learning_period", "for", "keep_firing_for"):
         seconds(a.get(key))
+    if seconds(a["baseline_step"]) < seconds(a["interval"]):
+        raise ThresholdError("thresholds: anomaly.baseline_step must be at least anomaly.interval")
     if a.get("sensitivity") not in LEVELS:
         raise ThresholdError("thresholds: anomaly.sensitivity must be low, medium or high")
     for level in LEVELS:
@@ -65,87 +67,116 @@ def _name(signal: str, what: str) -> str:
     return f"token:apitoken_anomaly_{signal}:{what}"
 
 
-def _per_token_setting(t: dict, field: str, name: str, w: str) -> dict:
-    """A sensitivity setting per token: the key's own level (apitoken_anomaly_sensitivity, 1-3)
-    mapped through thresholds.yml, else the default level's."""
-    a = t["anomaly"]
-    by_level = [f"(apitoken_anomaly_sensitivity == {i + 1}) * 0 + {a['sensitivities'][lvl][field]:g}"
-                for i, lvl in enumerate(LEVELS)]
-    default = a["sensitivities"][a["sensitivity"]][field]
-    return {"record": name,
-            "expr": ("max by (token) (\n  " + "\n  or ".join(by_level) + "\n)\n"
-                     f"or on (token) token:apitoken_requests:rate{w} * 0 + {default:g}")}
+class Exprs:
+    """The PromQL of the anomaly alerts, for every token or, with ``token``, one (the alerts'
+    texts query their band this way: ``token`` is then a Go template argument, ``%[1]s``)."""
+
+    def __init__(self, t: dict, token: str = ""):
+        self.t, self.a = t, t["anomaly"]
+        self.w, self.q = t["rate_window"], quantile_name(t["latency"]["quantile"])
+        self.one = f'token="{token}"' if token else ""
+        self.step = self.a["interval"]
+        # medians and MADs move slowly: the last one of the hour bridges the group's first
+        # evaluation after a (re)start and a slow evaluation
+        self.keep = fmt_duration(max(2 * seconds(self.step), 3600))
+
+    def sel(self, series: str, *matchers: str) -> str:
+        parts = [m for m in (self.one, *matchers) if m]
+        return series + ("{" + ", ".join(parts) + "}" if parts else "")
+
+    def source(self, signal: str) -> str:
+        return self.sel(SIGNALS[signal][0].format(w=self.w, q=self.q))
+
+    def recorded(self, signal: str, what: str) -> str:
+        """A series of the anomaly group, written once an interval: its last value within the
+        hour (an instant lookup sees only the last 5 minutes)."""
+        return f"last_over_time({self.sel(_name(signal, what))}[{self.keep}])"
+
+    def per_token(self, field: str) -> str:
+        """A sensitivity setting per token: the key's own level (apitoken_anomaly_sensitivity,
+        1-3) mapped through thresholds.yml, else the default level's."""
+        a = self.a
+        levels = " or ".join(f"({self.sel('apitoken_anomaly_sensitivity')} == {i + 1}) * 0 + "
+                             f"{a['sensitivities'][lvl][field]:g}" for i, lvl in enumerate(LEVELS))
+        default = a["sensitivities"][a["sensitivity"]][field]
+        return f"(max by (token) ({levels}) or on (token) {self.source('requests')} * 0 + {default:g})"
+
+    def expected(self, signal: str, side: str) -> str:
+        """The centre: the median of the same hour yesterday and a week ago (the higher for the
+        upper band, the lower for the lower), or the last day's median while neither exists."""
+        agg = "max" if side == "high" else "min"
+        refs = " or ".join(
+            f'label_replace(quantile_over_time(0.5, {self.source(signal)}[1h:{self.step}] offset {offset}), '
+            f'"ref", "{ref}", "", "")' for ref, offset in (("1d", "23h30m"), ("1w", "167h30m")))
+        return f"({agg} without (ref) ({refs}) or {self.recorded(signal, 'median1d')})"
+
+    def spread(self, signal: str) -> str:
+        return f"{self.per_token('mads')} * on (token) {self.recorded(signal, 'mad1d')}"
+
+    def upper(self, signal: str) -> str:
+        return f"({self.expected(signal, 'high')} + on (token) {self.spread(signal)})"
+
+    def lower(self, signal: str) -> str:
+        return f"clamp_min({self.expected(signal, 'low')} - on (token) {self.spread(signal)}, 0)"
+
+    def learned(self) -> str:
+        """The token had its request-rate baseline a learning period ago (none before the
+        anomaly group first ran: nothing may fire then)."""
+        return (f"present_over_time({self.sel(_name('requests', 'median1d'))}[1h] "
+                f"offset {self.a['learning_period']})")
 
 
 def recording_rules(t: dict) -> List[dict]:
-    a, w, q = t["anomaly"], t["rate_window"], quantile_name(t["latency"]["quantile"])
-    rules = [_per_token_setting(t, "mads", "token:apitoken_anomaly:band_mads", w),
-             _per_token_setting(t, "min_change", "token:apitoken_anomaly:min_change", w),
-             {"record": "token:apitoken_anomaly:learning",
-              "expr": (f"token:apitoken_requests:rate{w} * 0 + 1\n"
-                       f"  unless on (token) present_over_time({_name('requests', 'sample')}[1h] offset "
-                       f"{a['learning_period']})\n"
-                       f"or token:apitoken_requests:rate{w} * 0")}]
-    for signal, (source, _) in SIGNALS.items():
-        sample = _name(signal, "sample")
+    """Per token and signal, two series: the median of its last day and the median absolute
+    deviation (MAD) around it, from one value every ``anomaly.baseline_step`` (a subquery of
+    the recorded signal, so no copy of it is kept)."""
+    a, x = t["anomaly"], Exprs(t)
+    step = a["baseline_step"]
+    rules = []
+    for signal in SIGNALS:
+        source = x.source(signal)
         rules += [
-            {"record": sample, "expr": f"{source.format(w=w, q=q)} >= 0"},     # NaN (no requests) is no sample
-            {"record": _name(signal, "median1d"), "expr": f"quantile_over_time(0.5, {sample}[1d])"},
-            {"record": _name(signal, "absdev"), "expr": f"abs({sample} - {_name(signal, 'median1d')})"},
+            {"record": _name(signal, "median1d"), "expr": f"quantile_over_time(0.5, ({source} >= 0)[1d:{step}])"},
             {"record": _name(signal, "mad1d"),
-             "expr": f"quantile_over_time(0.5, {_name(signal, 'absdev')}[1d])"},
+             "expr": (f"quantile_over_time(0.5, abs({source} - on (token) {x.recorded(signal, 'median1d')})"
+                      f"[1d:{step}])")},
         ]
-        seasonal = (f'label_replace(quantile_over_time(0.5, {sample}[1h] offset 23h30m), "ref", "1d", "", "")\n'
-                    f'  or label_replace(quantile_over_time(0.5, {sample}[1h] offset 167h30m), "ref", "1w", "", "")')
-        for side, agg in (("expected_high", "max"), ("expected_low", "min")):
-            rules.append({"record": _name(signal, side),
-                          "expr": f"{agg} without (ref) (\n  {seasonal}\n)\nor {_name(signal, 'median1d')}"})
-        spread = f"on (token) token:apitoken_anomaly:band_mads * on (token) {_name(signal, 'mad1d')}"
-        rules += [
-            {"record": _name(signal, "upper"), "expr": f"{_name(signal, 'expected_high')} + {spread}"},
-            {"record": _name(signal, "lower"),
-             "expr": f"clamp_min({_name(signal, 'expected_low')} - {spread}, 0)"},
-        ]
-    rules += route_mix_rules(t)
-    rules.append({"record": "token:apitoken_countries:count1d",
-                  "expr": (f"count by (token) (sum_over_time(token_country:apitoken_requests:increase{t['coarse_window']}"
-                           f'{{country!~"ZZ|__overflow__"}}[1d]) > 0)')})
     return [{"name": "apitoken.anomaly", "interval": a["interval"], "rules": rules}]
 
 
-def route_mix_rules(t: dict) -> List[dict]:
-    """Each route's share of a token's requests now, against the same hour yesterday and the
-    whole day before; the divergence is the share of traffic that moved (total variation
-    distance, 0 to 1), the smaller of the two, so a mix that changes every night at the same
-    hour is expected."""
-    w, c = t["rate_window"], t["coarse_window"]
-    now = f"token_route:apitoken_requests:rate{w} / on (token) group_left token:apitoken_requests:rate{w}"
-    # an hourly series is written once an hour: an instant lookup 23 h back (5 minutes of
-    # lookback) mostly finds nothing, so take the last value of that hour
-    hour = (f"last_over_time(token_route:apitoken_requests:increase{c}[{c}] offset 23h) / on (token) group_left "
-            f"last_over_time(token:apitoken_requests:increase{c}[{c}] offset 23h)")
-    day = (f"sum_over_time(token_route:apitoken_requests:increase{c}[1d] offset {c}) / on (token) group_left "
-           f"sum_over_time(token:apitoken_requests:increase{c}[1d] offset {c})")
-    rules = [{"record": "token_route:apitoken_anomaly_route_share:now", "expr": now},
-             {"record": "token_route:apitoken_anomaly_route_share:hour_yesterday", "expr": hour},
-             {"record": "token_route:apitoken_anomaly_route_share:day_before", "expr": day}]
+def route_shares_moved(t: dict, token: str = "") -> str:
+    """Per token, the share of its requests that moved to other routes (total variation
+    distance, 0 to 1) against the same hour yesterday and against the whole day before, the
+    smaller of the two: a mix that changes every night at the same hour is expected. From the
+    raw counters at a few instants (a reset in between leaves that series out)."""
+    w, x = t["rate_window"], Exprs(t, token)
+    raw = x.sel("apitoken_requests_total")
+
+    def by_route(expr: str) -> str:
+        return f"sum by (token, route) ({expr})"
+
+    def shares(counts: str) -> str:
+        return f"({counts} / on (token) group_left sum by (token) ({counts}))"
+    now = shares(by_route(f"rate({raw}[{w}])"))
+    bases = {"hour": shares(by_route(f"({raw} offset 23h - {raw} offset 1d >= 0)")),
+             "day": shares(by_route(f"({raw} offset 1h - {raw} offset 25h >= 0)"))}
 
     def distance(base: str) -> str:
-        a, b = "token_route:apitoken_anomaly_route_share:now", f"token_route:apitoken_anomaly_route_share:{base}"
-        return f"0.5 * sum by (token) (abs(({a} or {b} * 0) - ({b} or {a} * 0)))"
-    rules.append({"record": "token:apitoken_anomaly_route_mix:divergence",
-                  "expr": (f'min without (base) (\n  label_replace({distance("hour_yesterday")}, "base", "hour", "", "")\n'
-                           f'  or label_replace({distance("day_before")}, "base", "day", "", "")\n)')})
-    return rules
+        return f"0.5 * sum by (token) (abs(({now} or {base} * 0) - ({base} or {now} * 0)))"
+    return ("min without (base) (" + " or ".join(
+        f'label_replace({distance(b)}, "base", "{name}", "", "")' for name, b in bases.items()) + ")")
 
 
-def _band_text(signal: str, show) -> str:
-    """'expected about X, band Y to Z' from the recorded series, for a notification; ``show``
-    makes the template of one value."""
-    def value(what: str) -> str:
-        return (f'{{{{ with printf "{_name(signal, what)}{{token=\\"%s\\"}}" $labels.token | query }}}}'
+def _band_text(t: dict, signal: str, show) -> str:
+    """'expected about X, band Y to Z' for a notification, queried for the alert's token."""
+    x = Exprs(t, "%[1]s")
+
+    def value(expr: str) -> str:
+        quoted = expr.replace('"', '\\"')
+        return (f'{{{{ with printf "{quoted}" $labels.token | query }}}}'
                 f'{{{{ $v := . | first | value }}}}{show("$v")}{{{{ end }}}}')
-    return f"usually about {value('median1d')}, expected band {value('lower')} to {value('upper')}"
+    return (f"usually about {value(x.recorded(signal, 'median1d'))}, expected band "
+            f"{value(x.lower(signal))} to {value(x.upper(signal))}")
 
 
 def _who() -> str:
@@ -154,19 +185,13 @@ def _who() -> str:
 
 
 def alert_rules(t: dict, alert) -> List[dict]:
-    """``alert``: rulegen's rule builder (name, severity, expr, for, summary, description, ...)."""
+    """``alert``: rulegen's rule builder (name, severity, expr, for, summary, description, ...).
+    The bands are worked out here from the two recorded series (evaluated once a minute)."""
     a, w, q = t["anomaly"], t["rate_window"], quantile_name(t["latency"]["quantile"])
     w_s = int(seconds(w))
-    # the anomaly group writes every `interval`: read its latest value from up to two intervals
-    # back, or an alert evaluated just as the last one left the lookback window would reset `for`
-    keep = fmt_duration(2 * seconds(a["interval"]))
-
-    def latest(series: str) -> str:
-        return f"last_over_time({series}[{keep}])"
-    # `and ... == 0`, not `unless ... == 1`: before the anomaly group first runs there is no
-    # learning series, and nothing may fire then
-    learned = f"and on (token) {latest('token:apitoken_anomaly:learning')} == 0"
-    change = f"(1 + {latest('token:apitoken_anomaly:min_change')})"
+    x = Exprs(t)
+    learned = f"and on (token) {x.learned()}"
+    change = f"(1 + {x.per_token('min_change')})"
     per_hour = a["volume"]["min_requests_per_hour"]
     enough = {"error_ratio": f"and on (token) token:apitoken_requests:rate{w} * {w_s} >= {a['errors']['min_requests']:g}\n"
                              f"and {{value}} >= {a['errors']['min_ratio']:g}",
@@ -175,29 +200,30 @@ def alert_rules(t: dict, alert) -> List[dict]:
             "error_ratio": ("Error", "5xx ratio", piped("humanizePercentage"), ""),
             "latency": ("Latency", f"{q} latency", piped("humanizeDuration"), "")}
     link = t.get("dashboard_url")
+    mads = Exprs(t, "%[1]s").per_token("mads").replace('"', '\\"')
     rules = []
     for signal, (source, directions) in SIGNALS.items():
         value = source.format(w=w, q=q)
         kind, label, show, unit = what[signal]
         for direction in directions:
-            side = latest(_name(signal, "expected_high" if direction == "up" else "expected_low"))
+            side = x.expected(signal, "high" if direction == "up" else "low")
             if direction == "up":
-                expr = (f"{value} > on (token) {latest(_name(signal, 'upper'))}\n"
+                expr = (f"{value} > on (token) {x.upper(signal)}\n"
                         f"and on (token) {value} > on (token) {side} * on (token) {change}\n")
             else:
-                expr = (f"{value} < on (token) {latest(_name(signal, 'lower'))}\n"
+                expr = (f"{value} < on (token) {x.lower(signal)}\n"
                         f"and on (token) {value} < on (token) {side} / on (token) {change}\n")
             if signal == "requests":
                 expr += f"and on (token) ({value} > on (token) {side} or on (token) {side}) * 3600 >= {per_hour:g}\n"
             else:
                 expr += enough[signal].format(value=value) + "\n"
             expr += learned
-            expr = expr.replace(value, f'{value}{{token!~"__.*"}}', 1)
+            expr = f'{value}{{token!~"__.*"}}' + expr[len(value):]
             moved = "above" if direction == "up" else "below"
             description = (f"Token {_who()}: {label} {show()}{unit} over the last {w}, "
-                           f"{moved} its own band ({_band_text(signal, show)}{unit}; "
-                           f"sensitivity {{{{ with printf \"token:apitoken_anomaly:band_mads{{token=\\\"%s\\\"}}\" "
-                           f"$labels.token | query }}}}{{{{ . | first | value }}}}{{{{ end }}}} MADs).")
+                           f"{moved} its own band ({_band_text(t, signal, show)}{unit}; "
+                           f'sensitivity {{{{ with printf "{mads}" $labels.token | query }}}}'
+                           f"{{{{ . | first | value }}}}{{{{ end }}}} MADs).")
             change_word = "drop" if direction == "down" else "spike" if signal == "requests" else "rise"
             rule = alert(t, f"ApiToken{kind}Anomaly", "warning", expr, a["for"],
                          f"Unusual {label} {change_word} for token {{{{ $labels.token }}}}",
@@ -205,37 +231,51 @@ def alert_rules(t: dict, alert) -> List[dict]:
                          extra_labels={"anomaly": kind.lower(), "direction": direction},
                          value=f"{show()}{unit}")
             rules.append(rule)
-    rules += pattern_alerts(t, alert, latest, learned)
+    rules += pattern_alerts(t, alert, learned)
     for rule in rules:
         rule["keep_firing_for"] = a["keep_firing_for"]
         if link:
             rule["annotations"]["dashboard"] = f"{link}/d/ate-token?var-token={{{{ $labels.token }}}}"
-    return rules
+    return [{"name": "apitoken.anomaly.alerts", "interval": "1m", "rules": rules}]
 
 
-def pattern_alerts(t: dict, alert, latest, learned: str) -> List[dict]:
-    """A route the token never called before, and a mix of routes unlike its own."""
-    a, w, c = t["anomaly"], t["rate_window"], t["coarse_window"]
+def _seen_before(series: str, by: str, memory: str) -> str:
+    """The (token, ``by``) pairs with a count above 0 in ``series`` 2 hours, 1, 3 and 7 days and
+    ``memory`` ago: instants, not a range (a counter keeps its count while its exporter keeps it,
+    and a restart without state_dir is bridged by the older instants)."""
+    offsets = ["2h", "1d", "3d", "7d"] + ([memory] if seconds(memory) > 7 * 86400 else [])
+    return " or ".join(f"count by (token, {by}) ({series} offset {o} > 0)" for o in offsets)
+
+
+def pattern_alerts(t: dict, alert, learned: str) -> List[dict]:
+    """A route the token never called before, and a mix of routes unlike its own; a country no
+    request of it came from. From the raw counters: nothing is recorded per route or country."""
+    a, w = t["anomaly"], t["rate_window"]
     r = a["routes"]
+    routes = 'apitoken_requests_total{token!~"__.*", route!="__unmatched__"}'
     new_route = alert(
         t, "ApiTokenNewRoute", "warning",
-        (f'token_route:apitoken_requests:rate{w}{{token!~"__.*", route!="__unmatched__"}} > 0\n'
-         f"unless on (token, route) max_over_time(token_route:apitoken_requests:increase{c}[{r['memory']}] "
-         f"offset {fmt_duration(2 * seconds(c))}) > 0\n{learned}"),
+        (f"sum by (token, route) (rate({routes}[{w}])) > 0\n"
+         f"unless on (token, route) ({_seen_before(routes, 'route', r['memory'])})\n{learned}"),
         "5m", "Token {{ $labels.token }} calls {{ $labels.route }} for the first time",
         (f"Token {_who()} called {{{{ $labels.route }}}}, a route it had not called in the "
          f"{r['memory']} before: {per_second()} req/s over the last {w}. A new client "
          "version, or a key used by someone else?"),
         threshold=f"not called in {r['memory']}", extra_labels={"anomaly": "pattern"},
         value=f"{per_second()} req/s")
-    top = ('{{ with printf "topk(1, token_route:apitoken_anomaly_route_share:now{token=\\"%s\\"} - on (token, route) '
-           '(token_route:apitoken_anomaly_route_share:day_before or token_route:apitoken_anomaly_route_share:now * 0))" '
-           '$labels.token | query }}{{ with first . }}{{ .Labels.route }}, now '
-           '{{ printf "token_route:apitoken_anomaly_route_share:now{token=\\"%s\\",route=\\"%s\\"}" '
-           '.Labels.token .Labels.route | query | first | value | humanizePercentage }} of its requests{{ end }}{{ end }}')
+    x = Exprs(t, "%[1]s")
+    raw = x.sel("apitoken_requests_total")
+    grown = (f"topk(1, sum by (route) (rate({raw}[{w}])) / scalar(sum(rate({raw}[{w}]))) - "
+             f"(sum by (route) ({raw} offset 1h - {raw} offset 25h >= 0) / "
+             f"scalar(sum({raw} offset 1h - {raw} offset 25h >= 0)) or sum by (route) (rate({raw}[{w}])) * 0))")
+    share = (f'sum(rate({x.sel("apitoken_requests_total", "route=%[2]q")}[{w}])) / sum(rate({raw}[{w}]))')
+    top = (f'{{{{ with printf "{grown.replace(chr(34), chr(92) + chr(34))}" $labels.token | query }}}}'
+           '{{ with first . }}{{ .Labels.route }}, now '
+           f'{{{{ printf "{share.replace(chr(34), chr(92) + chr(34))}" $labels.token .Labels.route | query | first | value '
+           '| humanizePercentage }} of its requests{{ end }}{{ end }}')
     mix = alert(
         t, "ApiTokenRouteMixAnomaly", "warning",
-        (f"{latest('token:apitoken_anomaly_route_mix:divergence')} > {r['mix_divergence']:g}\n"
+        (f"{route_shares_moved(t)} > {r['mix_divergence']:g}\n"
          f"and on (token) token:apitoken_requests:rate{w} * {int(seconds(w))} >= {r['min_requests']:g}\n{learned}"),
         a["for"], "Token {{ $labels.token }} calls its routes in an unusual mix",
         (f"{{{{ $value | humanizePercentage }}}} of the requests of token {_who()} moved to other routes "
@@ -244,15 +284,17 @@ def pattern_alerts(t: dict, alert, latest, learned: str) -> List[dict]:
         threshold=f"{r['mix_divergence'] * 100:g}% of traffic moved", extra_labels={"anomaly": "pattern"},
         value="{{ $value | humanizePercentage }} moved")
     memory = a["countries"]["memory"]
+    countries = 'apitoken_requests_by_country_total{token!~"__.*", country!~"ZZ|__overflow__"}'
+    per_day = (f'count(sum by (country) (increase(apitoken_requests_by_country_total'
+               f'{{token=\\"%s\\", country!~\\"ZZ|__overflow__\\"}}[1d])) > 0)')
     new_country = alert(
         t, "ApiTokenNewCountry", "warning",
-        (f'token_country:apitoken_requests:rate{w}{{token!~"__.*", country!~"ZZ|__overflow__"}} > 0\n'
-         f"unless on (token, country) max_over_time(token_country:apitoken_requests:increase{c}[{memory}] "
-         f"offset {fmt_duration(2 * seconds(c))}) > 0\n{learned}"),
+        (f"sum by (token, country) (rate({countries}[{w}])) > 0\n"
+         f"unless on (token, country) ({_seen_before(countries, 'country', memory)})\n{learned}"),
         "5m", "Token {{ $labels.token }} is used from {{ $labels.country }} for the first time",
         (f"Requests with token {_who()} come from {{{{ $labels.country }}}} ({per_second()} req/s "
          f"over the last {w}), a country none came from in the {memory} before; it was used from "
-         '{{ with printf "token:apitoken_countries:count1d{token=\\"%s\\"}" $labels.token | query }}'
+         f'{{{{ with printf "{per_day}" $labels.token | query }}}}'
          "{{ . | first | value }}{{ end }} countries in the last day. A leaked key?"),
         threshold=f"no request from there in {memory}", extra_labels={"anomaly": "geographic"},
         value=f"{per_second()} req/s")

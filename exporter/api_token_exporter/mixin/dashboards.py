@@ -11,7 +11,7 @@ import json
 from typing import Dict, List, Optional
 
 from ..core.metrics import TOKEN_STATUS_VALUES
-from .promql import TOKEN_STATUS, rate_limit
+from .promql import TOKEN_STATUS, rate_limit, rate_limit_used
 from .thresholds import load_thresholds
 
 STATUS_COLOURS = {"active": "green", "rate_limited": "orange", "expired": "red", "inactive": "red"}
@@ -482,7 +482,7 @@ def alerts(t: dict) -> dict:
     b.timeseries("5xx error ratio by token (alert: ApiTokenHighErrorRate)", [target(
         f"token:apitoken_request_errors:ratio_rate{w}", "{{token}}")], "percentunit", lines=th["errors"])
     b.timeseries("Rate-limit window used (alert: ApiTokenRateLimitApproaching)", [target(
-        "token_window:apitoken_rate_limit:usage_ratio", "{{token}} {{window}}")], "percentunit",
+        rate_limit_used(), "{{token}} {{window}}")], "percentunit",
         lines=th["rate_limit"])
     b.timeseries("LLM budget used (alerts: ApiTokenBudgetHigh / Exhausted)", [target(
         "token_period:apitoken_llm_budget:usage_ratio", "{{token}} {{period}}")], "percentunit", lines=th["budget"])

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from ..core.durations import DurationError, format_duration as fmt_duration, prometheus_duration
 
-__all__ = ["ThresholdError", "seconds", "fmt_duration", "quantile_name", "born", "exact_increase", "counted",
-           "rate_limit", "ERRORS", "TOKEN_STATUS", "USABLE"]
+__all__ = ["ThresholdError", "seconds", "fmt_duration", "quantile_name", "counts_from_start", "born",
+           "exact_increase", "counted",
+           "rate_limit", "rate_limit_used", "ERRORS", "TOKEN_STATUS", "USABLE"]
 
 
 class ThresholdError(ValueError):
@@ -28,33 +29,40 @@ def quantile_name(value: float) -> str:
     return "p" + f"{value * 100:g}".replace(".", "_")
 
 
-def born(selector: str, window: str, job: str) -> str:
-    """The series of a counter born within ``window`` whose whole value is what they counted in
-    the window: on a target that was up at the window's start, or one new to Prometheus (no
-    scrape in the day before: a new instance, or Prometheus itself new). Series of a target that
-    was down or away at the window's start and had been scraped before (back with its counts kept
-    in state_dir, or Prometheus back from an outage) are left out: their value is not this
-    window's."""
+def counts_from_start(window: str, job: str) -> str:
+    """Per target: whether a counter series born within ``window`` counted all of its value in
+    the window: the target was up at the window's start, or it is new to Prometheus (no scrape
+    in the day before: a new instance, or Prometheus itself new). A target that was down or away
+    at the window's start and had been scraped before (back with its counts kept in state_dir,
+    or Prometheus back from an outage) is not: its series' values are not this window's.
+    Recorded once per target and window (job_instance:apitoken_counts_from_start:WINDOW)."""
     up = f'up{{job=~"{job}"}}'
-    eligible = f"({up} offset {window} == 1 or {up} unless on (job, instance) present_over_time({up}[1d] offset {window}))"
+    return f"{up} offset {window} == 1 or {up} unless on (job, instance) present_over_time({up}[1d] offset {window})"
+
+
+def born(selector: str, window: str, job: str, recorded: bool = False) -> str:
+    """The series of a counter born within ``window`` whose whole value is what they counted in
+    the window (``counts_from_start``: its record where the rules keep one for ``window``)."""
+    eligible = (f"job_instance:apitoken_counts_from_start:{window}" if recorded
+                else f"({counts_from_start(window, job)})")
     return f"(({selector} unless {selector} offset {window}) and on (job, instance) {eligible})"
 
 
-def exact_increase(counter: str, window: str, job: str) -> str:
+def exact_increase(counter: str, window: str, job: str, recorded: bool = False) -> str:
     """How much each series of a counter rose over ``window``: the difference of the raw samples,
     no extrapolation, so whole events stay whole; a series born within the window counts in full
     (``born``); one with no sample at the window's start that is not born there, or reset within
     it, counts its rise since its lowest sample in the window."""
-    return (f"({counter} - {counter} offset {window} >= 0 or {born(counter, window, job)}"
+    return (f"({counter} - {counter} offset {window} >= 0 or {born(counter, window, job, recorded)}"
             f" or {counter} - min_over_time({counter}[{window}]))")
 
 
-def counted(selector: str, window: str, job: str, fn: str = "rate") -> str:
+def counted(selector: str, window: str, job: str, fn: str = "rate", recorded: bool = False) -> str:
     """rate() or increase() of each series, where a series born within the window counts its
     whole value (``born``): rate() starts from a series' first sample, so the events before it
     (a token's first request, its first 5xx, its first 429 in a window) would be lost. Series
     appear at their first event, not at 0 (docs/metrics.md "Series budget")."""
-    new = born(selector, window, job)
+    new = born(selector, window, job, recorded)
     if fn == "rate":
         new += f" / {int(seconds(window))}"
     return f"({new} or {fn}({selector}[{window}]))"
@@ -90,3 +98,10 @@ def per_second(value: str = "$value") -> str:
 def piped(function: str):
     """A template showing a value through one of Prometheus's template functions."""
     return lambda value="$value": f"{{{{ {value} | {function} }}}}"
+
+
+def rate_limit_used() -> str:
+    """Each (token, window)'s share of its limit used, as the token's last request left it (not
+    recorded: one alert and one dashboard panel read it)."""
+    return ("max by (token, window) (\n"
+            f"  1 - apitoken_rate_limit_remaining / on (token, window) group_left () ({rate_limit()} > 0)\n)")
