@@ -1,24 +1,29 @@
 """Anomaly detection rules: each token against its own learned behaviour (docs/alerts.md).
 
 Three signals per token, read from the recording rules: its request rate (spikes and drops),
-its 5xx ratio and its p95 latency (rises). For each, a group evaluated every ``anomaly.interval``
-keeps one sample per interval and learns, robustly:
+its 5xx ratio and its p95 latency (rises). A group evaluated every ``anomaly.interval`` records
+two series per token and signal, robustly, from one value of the signal every
+``anomaly.baseline_step`` over the last day (a subquery: no copy of the signal is kept):
+
+- ``median1d``, the day's median, and ``mad1d``, the median absolute deviation around it.
+
+The alerts (a group evaluated once a minute) work out the rest where they read it:
 
 - a **centre**: the median of the same hour yesterday and of the same hour a week ago (the
   daily and the weekly cycle), the higher of the two for the upper band and the lower for the
-  lower band, or the last day's median while neither exists;
-- a **spread**: the median absolute deviation (MAD) of the last day's samples around their median;
+  lower band, or the day's median while neither exists;
 - a **band**: centre ± k MADs, k from the token's sensitivity (low, medium, high; per key in
   the key file, else the default).
 
 An alert needs the value outside the band, a minimum relative change from the centre (a flat
 series has a MAD near 0), a minimum volume (a token with a few requests an hour never fires),
-the learning period behind it (``token:apitoken_anomaly:learning`` is 1 until then), ``for``,
-and ends only after ``keep_firing_for`` back inside.
+the learning period behind it (a median recorded that long ago), ``for``, and ends only after
+``keep_firing_for`` back inside.
 
-Usage patterns and countries are learned in Prometheus too, from hourly per-route and
-per-country series: a route or a country unseen for weeks, and a mix of routes unlike both the
-same hour yesterday and the day before.
+Usage patterns and countries are read from the raw per-token counters, at a few instants: a
+route or a country whose counter was 0 or absent hours, days and weeks ago, and a mix of routes
+unlike both the same hour yesterday and the day before. Nothing is recorded per route or
+country (docs/scaling.md: what the rules cost at 10,000 tokens).
 """
 from __future__ import annotations
 
@@ -106,7 +111,7 @@ class Exprs:
         upper band, the lower for the lower), or the last day's median while neither exists."""
         agg = "max" if side == "high" else "min"
         refs = " or ".join(
-            f'label_replace(quantile_over_time(0.5, {self.source(signal)}[1h:{self.step}] offset {offset}), '
+            f'label_replace(quantile_over_time(0.5, {self.source(signal)}[1h:{self.a["baseline_step"]}] offset {offset}), '
             f'"ref", "{ref}", "", "")' for ref, offset in (("1d", "23h30m"), ("1w", "167h30m")))
         return f"({agg} without (ref) ({refs}) or {self.recorded(signal, 'median1d')})"
 
