@@ -49,6 +49,7 @@ SERIES = {
     'token:apitoken_anomaly_latency:mad1d{token="up"}': f"0.05x{BEFORE + AFTER}",
     'apitoken_requests_total{token="up",route="/items",method="GET",code="200"}': grows(12, 0),
     'apitoken_requests_total{token="up",route="/admin/export",method="GET",code="200"}': grows(18, BEFORE),
+    'token:apitoken_anomaly_route_mix:divergence{token="up"}': changes(0.05, 0.6),
     'apitoken_requests_by_country_total{token="up",country="DE"}': grows(12, 0),
     'apitoken_requests_by_country_total{token="up",country="KP"}': grows(12, BEFORE),
 }

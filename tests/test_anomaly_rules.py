@@ -148,11 +148,13 @@ def test_each_anomaly_fires_and_nothing_else(tmp_path):
         {"expr": f"count by (token) ({LEARNED})", "eval_time": at(2 * DAY + 12 * HOUR),
          "exp_samples": [{"labels": f'{{token="{t}"}}', "value": 1}
                          for t in list(TRAFFIC) + list(ROUTES) + ["travels"] if t != "young"]},
-        # two series per token and signal, nothing per route or country (docs/scaling.md)
+        # two series per token and signal and the route mix's, nothing per route or country
+        # (docs/scaling.md)
         {"expr": 'count by (__name__) ({__name__=~"token.*:apitoken_anomaly.*"})', "eval_time": at(2 * DAY + 12 * HOUR),
          "exp_samples": [{"labels": f'{{__name__="token:apitoken_anomaly_{signal}:{what}"}}', "value": n}
                          for signal, n in (("requests", TOKENS), ("error_ratio", TOKENS), ("latency", 1))
-                         for what in ("median1d", "mad1d")]},
+                         for what in ("median1d", "mad1d")] + [
+                            {"labels": '{__name__="token:apitoken_anomaly_route_mix:divergence"}', "value": TOKENS}]},
     ]
     # every 5 minutes, as the anomaly group runs (the 5-minute rates it reads are as fresh at its
     # evaluations); a minute would evaluate every rule five times as often for the same answers

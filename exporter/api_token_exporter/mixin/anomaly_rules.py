@@ -134,7 +134,8 @@ class Exprs:
 def recording_rules(t: dict) -> List[dict]:
     """Per token and signal, two series: the median of its last day and the median absolute
     deviation (MAD) around it, from one value every ``anomaly.baseline_step`` (a subquery of
-    the recorded signal, so no copy of it is kept)."""
+    the recorded signal, so no copy of it is kept); and per token the share of its requests that
+    moved between routes."""
     a, x = t["anomaly"], Exprs(t)
     step = a["baseline_step"]
     rules = []
@@ -146,6 +147,8 @@ def recording_rules(t: dict) -> List[dict]:
              "expr": (f"quantile_over_time(0.5, abs({source} - on (token) {x.recorded(signal, 'median1d')})"
                       f"[1d:{step}])")},
         ]
+    # the route mix reads every raw request series several times: once an interval, not a minute
+    rules.append({"record": "token:apitoken_anomaly_route_mix:divergence", "expr": route_shares_moved(t)})
     return [{"name": "apitoken.anomaly", "interval": a["interval"], "rules": rules}]
 
 
@@ -280,7 +283,8 @@ def pattern_alerts(t: dict, alert, learned: str) -> List[dict]:
            '| humanizePercentage }} of its requests{{ end }}{{ end }}')
     mix = alert(
         t, "ApiTokenRouteMixAnomaly", "warning",
-        (f"{route_shares_moved(t)} > {r['mix_divergence']:g}\n"
+        (f"last_over_time(token:apitoken_anomaly_route_mix:divergence[{fmt_duration(2 * seconds(a['interval']))}])"
+         f" > {r['mix_divergence']:g}\n"
          f"and on (token) token:apitoken_requests:rate{w} * {int(seconds(w))} >= {r['min_requests']:g}\n{learned}"),
         a["for"], "Token {{ $labels.token }} calls its routes in an unusual mix",
         (f"{{{{ $value | humanizePercentage }}}} of the requests of token {_who()} moved to other routes "
@@ -290,8 +294,8 @@ def pattern_alerts(t: dict, alert, learned: str) -> List[dict]:
         value="{{ $value | humanizePercentage }} moved")
     memory = a["countries"]["memory"]
     countries = 'apitoken_requests_by_country_total{token!~"__.*", country!~"ZZ|__overflow__"}'
-    per_day = (f'count(sum by (country) (increase(apitoken_requests_by_country_total'
-               f'{{token=\\"%s\\", country!~\\"ZZ|__overflow__\\"}}[1d])) > 0)')
+    per_day = ('count(sum by (country) (increase(apitoken_requests_by_country_total'
+               '{token=\\"%s\\", country!~\\"ZZ|__overflow__\\"}[1d])) > 0)')
     new_country = alert(
         t, "ApiTokenNewCountry", "warning",
         (f"sum by (token, country) (rate({countries}[{w}])) > 0\n"
