@@ -40,6 +40,7 @@ import tempfile
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
@@ -373,11 +374,10 @@ class Measurement:
         return max(values) if how == "max" else statistics.median(values)
 
 
-def shipped_intervals(rules_dir: str) -> Dict[str, float]:
+def shipped_intervals(rules_dir: str, default: float = 15.0) -> Dict[str, float]:
     """Each rule group's interval as shipped, in seconds: its own, or the evaluation_interval of
-    the checkout's prometheus/prometheus.yml (15 s)."""
+    the checkout's prometheus/prometheus.yml (``default`` without one)."""
     import yaml
-    default = 15.0
     config = os.path.join(os.path.dirname(rules_dir), "prometheus.yml")
     with contextlib.suppress(OSError):
         with open(config) as fh:
@@ -420,21 +420,29 @@ def group_series(base: str) -> Dict[str, dict]:
     return out
 
 
+def run_intervals(rules_dir: str, args) -> Dict[str, float]:
+    """Each group's interval in this run: its shipped one capped at --longest-interval
+    (``--rule-intervals shipped``), or the scrape interval for every group (``scrape``)."""
+    if args.rule_intervals == "scrape":
+        return {name: float(args.scrape_interval) for name in shipped_intervals(rules_dir)}
+    return {name: min(seconds, args.longest_interval)
+            for name, seconds in shipped_intervals(rules_dir, args.scrape_interval).items()}
+
+
 def copy_rules(rules_dir: str, work: str, args) -> List[str]:
-    """The checkout's rule files, copied; every group evaluated at the evaluation interval unless
-    --keep-rule-intervals (the shipped 5m and 1h groups would first run up to an hour later)."""
+    """The checkout's rule files, copied, each group with its interval of this run."""
     import yaml
     sources = sorted(glob.glob(os.path.join(rules_dir, "*.yml")))
     if not sources:
         raise SystemExit(f"no rule files in {rules_dir}")
     os.makedirs(os.path.join(work, "rules"))
+    intervals = run_intervals(rules_dir, args)
     out = []
     for path in sources:
         with open(path) as fh:
             doc = yaml.safe_load(fh) or {}
         for group in doc.get("groups") or []:
-            if not args.keep_rule_intervals:
-                group.pop("interval", None)
+            group["interval"] = f"{intervals[group['name']]:g}s"
         target = os.path.join(work, "rules", os.path.basename(path))
         with open(target, "w") as fh:
             yaml.safe_dump(doc, fh, sort_keys=False)
@@ -442,96 +450,184 @@ def copy_rules(rules_dir: str, work: str, args) -> List[str]:
     return out
 
 
-def measure_prometheus(body: bytes, rules_dir: Optional[str], label: str, args) -> Measurement:
-    """Start Prometheus scraping ``body`` (with the rule files of ``rules_dir``), wait for a stable
-    head, sample its memory; always stops it and removes its directory."""
-    started = time.monotonic()
-    work = tempfile.mkdtemp(prefix="ate-membench-prom-")
-    server = TextServer(body, growing=not args.static)
-    proc = None
-    log_path = os.path.join(work, "prometheus.log")
+HISTORY_STEP = 900          # the anomaly baselines' subquery step (thresholds anomaly.baseline_step)
 
-    def tail() -> str:
-        with contextlib.suppress(OSError), open(log_path, errors="replace") as fh:
-            return "".join(fh.readlines()[-15:])
-        return ""
 
-    try:
-        rule_files = copy_rules(rules_dir, work, args) if rules_dir else []
+def write_history(base: str, rules_dir: str, data_dir: str, args) -> int:
+    """Backfill what the rules read from the past, so they are measured as after weeks of running
+    (in a fresh Prometheus a day-long subquery finds a few steps, a week-ago offset nothing):
+    every per-token recording rule output (``token:...``) that Prometheus at ``base`` holds now,
+    over the last day and around the same time a week ago, at the larger of its group's interval
+    and 15 minutes, each value its current one times 0.85-1.15 (a steady history: the bands hold
+    the present, as on a quiet day). Blocks made by ``promtool tsdb create-blocks-from
+    openmetrics`` in the data directory, read when Prometheus next starts. Returns the samples."""
+    import random
+    import yaml
+    intervals = shipped_intervals(rules_dir)
+    steps: Dict[str, int] = {}
+    for path in sorted(glob.glob(os.path.join(rules_dir, "*.yml"))):
+        with open(path) as fh:
+            for group in (yaml.safe_load(fh) or {}).get("groups") or []:
+                for rule in group.get("rules") or []:
+                    if rule.get("record", "").startswith("token:"):
+                        steps[rule["record"]] = int(max(HISTORY_STEP, intervals[group["name"]]))
+    now = int(time.time()) // HISTORY_STEP * HISTORY_STEP
+    windows = [(now - 86400 - 3600, now - HISTORY_STEP), (now - 7 * 86400 - 7200, now - 7 * 86400 + 3600)]
+    rng = random.Random(args.tokens)
+    samples = 0
+    source = os.path.join(data_dir, "history.om")
+    with open(source, "w") as fh:
+        for name, step in sorted(steps.items()):
+            answer = json.loads(http_get(base + "/api/v1/query?" + urllib.parse.urlencode({"query": name}), 120))
+            if not answer["data"]["result"]:
+                continue
+            fh.write(f"# TYPE {name} gauge\n")
+            for item in answer["data"]["result"]:
+                labels = ",".join(f'{k}="{v}"' for k, v in sorted(item["metric"].items()) if k != "__name__")
+                level = float(item["value"][1])
+                for start, end in windows:
+                    for t in range(start // step * step, end + 1, step):
+                        fh.write(f"{name}{{{labels}}} {level * rng.uniform(0.85, 1.15):.6g} {t}\n")
+                        samples += 1
+        fh.write("# EOF\n")
+    promtool = os.path.join(os.path.dirname(shutil.which(args.prometheus) or args.prometheus), "promtool")
+    proc = subprocess.run([promtool if os.path.exists(promtool) else "promtool", "tsdb",
+                           "create-blocks-from", "openmetrics", "--quiet", source, data_dir],
+                          capture_output=True, text=True)
+    os.remove(source)
+    if proc.returncode != 0:
+        raise SystemExit(f"promtool could not make the history blocks: {proc.stderr[-2000:]}")
+    return samples
+
+
+class PrometheusRun:
+    """One Prometheus in ``work`` (config, data, log), scraping ``port``; started again on the
+    same data by ``restart``."""
+
+    def __init__(self, work: str, target_port: int, rule_files: List[str], label: str, args):
+        self.work, self.label, self.args = work, label, args
+        self.log_path = os.path.join(work, "prometheus.log")
+        self.data = os.path.join(work, "data")
+        self.rule_files = rule_files
         interval = f"{args.scrape_interval}s"
         config = {
             "global": {"scrape_interval": interval, "evaluation_interval": interval,
                        "scrape_timeout": interval},
             "rule_files": rule_files,
-            "scrape_configs": [{"job_name": JOB, "static_configs": [{"targets": [f"127.0.0.1:{server.port}"]}]}],
+            "scrape_configs": [{"job_name": JOB, "static_configs": [{"targets": [f"127.0.0.1:{target_port}"]}]}],
         }
-        cfg_path = os.path.join(work, "prometheus.yml")
-        with open(cfg_path, "w") as fh:
+        self.cfg_path = os.path.join(work, "prometheus.yml")
+        with open(self.cfg_path, "w") as fh:
             json.dump(config, fh)               # JSON is YAML
+        self.proc = None
+        self.base = ""
+
+    def tail(self) -> str:
+        with contextlib.suppress(OSError), open(self.log_path, errors="replace") as fh:
+            return "".join(fh.readlines()[-15:])
+        return ""
+
+    def alive(self) -> None:
+        if self.proc.poll() is not None:
+            raise SystemExit(f"prometheus exited with code {self.proc.returncode}:\n{self.tail()}")
+
+    def start(self) -> None:
         port = free_port()
-        base = f"http://127.0.0.1:{port}"
-        with open(log_path, "ab") as out:
-            proc = subprocess.Popen([args.prometheus, f"--config.file={cfg_path}",
-                                     f"--web.listen-address=127.0.0.1:{port}",
-                                     f"--storage.tsdb.path={os.path.join(work, 'data')}",
-                                     # the rules' calendar expressions look ahead (as stack.py runs it)
-                                     "--enable-feature=promql-negative-offset"],
-                                    stdout=out, stderr=subprocess.STDOUT)
-
-        def alive():
-            if proc.poll() is not None:
-                raise SystemExit(f"prometheus exited with code {proc.returncode}:\n{tail()}")
-
-        deadline = time.monotonic() + 60
+        self.base = f"http://127.0.0.1:{port}"
+        with open(self.log_path, "ab") as out:
+            self.proc = subprocess.Popen([self.args.prometheus, f"--config.file={self.cfg_path}",
+                                          f"--web.listen-address=127.0.0.1:{port}",
+                                          f"--storage.tsdb.path={self.data}",
+                                          # the rules' calendar expressions look ahead (as stack.py runs it)
+                                          "--enable-feature=promql-negative-offset"],
+                                         stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
         while True:
-            alive()
+            self.alive()
             with contextlib.suppress(OSError, urllib.error.URLError):
-                if http_get(base + "/-/ready", 1):
-                    break
+                if http_get(self.base + "/-/ready", 1):
+                    return
             if time.monotonic() > deadline:
-                raise SystemExit(f"prometheus not ready after 60 s:\n{tail()}")
+                raise SystemExit(f"prometheus not ready after 120 s:\n{self.tail()}")
             time.sleep(0.2)
 
-        # the target scraped successfully at least twice, then the rules evaluated
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+    def settle(self, rules_dir: Optional[str]) -> None:
+        """The target scraped successfully twice since start-up, then every rule group evaluated."""
+        args, base, label = self.args, self.base, self.label
+        since = time.time()
         deadline = time.monotonic() + args.settle_timeout
         while True:
-            alive()
+            self.alive()
             targets = json.loads(http_get(base + "/api/v1/targets"))["data"]["activeTargets"]
             t = targets[0] if targets else {}
-            up = query(base, f'sum_over_time(up{{job="{JOB}"}}[1h])')
+            up = query(base, f'sum_over_time(up{{job="{JOB}"}}[{int(time.time() - since) + 1}s])')
             if t.get("health") == "up" and up and up >= 2:
                 break
             if time.monotonic() > deadline:
                 raise SystemExit(f"{label}: fewer than 2 successful scrapes after {args.settle_timeout} s "
-                                 f"(target {t.get('health')}: {t.get('lastError') or 'no error'})\n{tail()}")
+                                 f"(target {t.get('health')}: {t.get('lastError') or 'no error'})\n{self.tail()}")
             time.sleep(1)
         scraped = float(int(time.time()))        # the API's times are compared to the second
-        if rule_files:
-            # every group evaluated once with those samples in place (a group's first evaluation
-            # comes up to one of its intervals after start-up; a slow group runs late)
-            deadline = time.monotonic() + args.settle_timeout + (3600 if args.keep_rule_intervals else 0)
-            while True:
-                alive()
-                groups = json.loads(http_get(base + "/api/v1/rules"))["data"]["groups"]
-                errors = [(r["name"], r["lastError"]) for g in groups for r in g["rules"] if r.get("lastError")]
-                if errors:
-                    raise SystemExit(f"{label}: rules fail to evaluate: {errors[:3]}")
-                loaded = sum(len(g["rules"]) for g in groups)
-                pending = [g["name"] for g in groups if rfc3339(g.get("lastEvaluation")) < scraped]
-                if loaded and not pending:
-                    break
-                if time.monotonic() > deadline:
-                    raise SystemExit(f"{label}: rule groups not evaluated after the second scrape within "
-                                     f"{args.settle_timeout} s: {pending[:5]}")
-                time.sleep(1)
-            log(f"  {label}: {loaded} rules in {len(groups)} groups evaluated")
+        if not self.rule_files:
+            return
+        # every group evaluated once with those samples in place (a group's first evaluation
+        # comes up to one of its intervals after start-up; a slow group runs late)
+        deadline = time.monotonic() + args.settle_timeout + max(run_intervals(rules_dir, args).values())
+        while True:
+            self.alive()
+            groups = json.loads(http_get(base + "/api/v1/rules"))["data"]["groups"]
+            errors = [(r["name"], r["lastError"]) for g in groups for r in g["rules"] if r.get("lastError")]
+            if errors:
+                raise SystemExit(f"{label}: rules fail to evaluate: {errors[:3]}")
+            loaded = sum(len(g["rules"]) for g in groups)
+            pending = [g["name"] for g in groups if rfc3339(g.get("lastEvaluation")) < scraped]
+            if loaded and not pending:
+                break
+            if time.monotonic() > deadline:
+                raise SystemExit(f"{label}: rule groups not evaluated after the second scrape within "
+                                 f"{args.settle_timeout} s: {pending[:5]}")
+            time.sleep(1)
+        log(f"  {label}: {loaded} rules in {len(groups)} groups evaluated")
+
+
+def measure_prometheus(body: bytes, rules_dir: Optional[str], label: str, args) -> Measurement:
+    """Start Prometheus scraping ``body`` (with the rule files of ``rules_dir``; with --history,
+    once more after backfilling their history), wait for a stable head, sample its memory;
+    always stops it and removes its directory."""
+    started = time.monotonic()
+    work = tempfile.mkdtemp(prefix="ate-membench-prom-")
+    server = TextServer(body, growing=not args.static)
+    run = None
+    try:
+        rule_files = copy_rules(rules_dir, work, args) if rules_dir else []
+        run = PrometheusRun(work, server.port, rule_files, label, args)
+        run.start()
+        run.settle(rules_dir)
+        if rule_files and body and args.history:
+            made = time.monotonic()
+            samples = write_history(run.base, rules_dir, run.data, args)
+            run.stop()
+            log(f"  {label}: a day of the recorded series backfilled ({samples:,} samples, "
+                f"{time.monotonic() - made:.0f} s); starting again")
+            run.start()
+            run.settle(rules_dir)
+        base = run.base
 
         # the head is populated: prometheus_tsdb_head_series the same for 3 reads in a row, one
         # scrape interval apart, or one evaluation of the slowest rule group apart if longer
         deadline = time.monotonic() + args.settle_timeout
         reads: List[float] = []
         while True:
-            alive()
+            run.alive()
             own = self_metrics(base)
             reads.append(own["prometheus_tsdb_head_series"])
             if len(reads) >= 3 and reads[-1] == reads[-2] == reads[-3]:
@@ -546,7 +642,7 @@ def measure_prometheus(body: bytes, rules_dir: Optional[str], label: str, args) 
         m = Measurement(label)
         end = time.monotonic() + args.sample_seconds
         while time.monotonic() < end:
-            alive()
+            run.alive()
             s = self_metrics(base)
             m.rss.append(s["process_resident_memory_bytes"])
             m.heap.append(s["go_memstats_heap_inuse_bytes"])
@@ -567,15 +663,11 @@ def measure_prometheus(body: bytes, rules_dir: Optional[str], label: str, args) 
             f"{m.stat('heap', 'max') / MiB:.0f} MiB ({m.seconds:.0f} s)")
         return m
     finally:
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+        if run is not None:
+            run.stop()
         server.close()
         shutil.rmtree(work, ignore_errors=True)
+
 
 
 # -- 3. one checkout, and the comparison ---------------------------------------------------------
@@ -652,23 +744,25 @@ def table(results: List[Result], how: str) -> str:
     return "\n".join(lines)
 
 
-def group_table(results: List[Result], intervals: Dict[str, Dict[str, float]]) -> str:
+def group_table(results: List[Result], rules_dirs: Dict[str, str], args) -> str:
     """Per checkout and rule group: rules, series recorded (per token), alerts, the slowest
-    evaluation seen while sampling and its share of the group's shipped interval."""
-    lines = ["| checkout | rule group | shipped interval | rules | series recorded | per token | alerts "
-             "| slowest evaluation s | share of its interval |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    evaluation seen while sampling and its share of the group's interval in the run."""
+    lines = ["| checkout | rule group | shipped interval | interval in the run | rules | series recorded "
+             "| per token | alerts | slowest evaluation s | share of its interval |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
-        shipped = intervals.get(r.checkout, {})
+        shipped = shipped_intervals(rules_dirs[r.checkout])
+        ran = run_intervals(rules_dirs[r.checkout], args)
         base = r.base_rules.groups
         for name, g in r.rules.groups.items():
-            interval = shipped.get(name, 15.0)
+            interval = ran.get(name, float(args.scrape_interval))
             extra = g.get("series", 0) - base.get(name, {}).get("series", 0)
-            lines.append(f"| {r.checkout} | {name} | {interval:g} s | {g.get('rules', 0)} | {g.get('series', 0):,} | "
+            lines.append(f"| {r.checkout} | {name} | {shipped.get(name, 15.0):g} s | {interval:g} s | "
+                         f"{g.get('rules', 0)} | {g.get('series', 0):,} | "
                          f"{extra / r.tokens:.1f} | {g.get('alerts', 0):,} | {g['eval_max']:.2f} | "
                          f"{g['eval_max'] / interval * 100:.0f} % |")
         total = sum(g.get("series", 0) - base.get(n, {}).get("series", 0) for n, g in r.rules.groups.items())
-        lines.append(f"| {r.checkout} | all groups | | | | {total / r.tokens:.1f} | | | |")
+        lines.append(f"| {r.checkout} | all groups | | | | | {total / r.tokens:.1f} | | | |")
     return "\n".join(lines)
 
 
@@ -701,14 +795,23 @@ def main(argv=None) -> int:
     p.add_argument("--driver", choices=("app", "metrics"), default="app",
                    help="app: a Flask app with the middleware via its test client; metrics: the "
                         "recording calls of metrics.py directly")
-    p.add_argument("--sample-seconds", type=float, default=30)
+    p.add_argument("--sample-seconds", type=float,
+                   help="how long memory and evaluations are sampled (default: the longest group "
+                        "interval of the run, at least 30 s, so every group runs while sampled)")
     p.add_argument("--static", action="store_true",
                    help="serve the same text at every scrape (counters do not grow: every rate is 0)")
-    p.add_argument("--scrape-interval", type=int, default=5, help="seconds, also the rule evaluation interval")
+    p.add_argument("--scrape-interval", type=int, default=15,
+                   help="seconds, also the evaluation interval of groups without their own (shipped: 15)")
     p.add_argument("--settle-timeout", type=float, default=300, help="seconds to wait for scrapes, rules, a stable head")
-    p.add_argument("--keep-rule-intervals", action="store_true",
-                   help="keep the rule groups' own intervals (5m, 1h: waits up to an hour for their "
-                        "first evaluation) instead of evaluating every group at the scrape interval")
+    p.add_argument("--rule-intervals", choices=("shipped", "scrape"), default="shipped",
+                   help="shipped: each group at its own interval, capped at --longest-interval; "
+                        "scrape: every group at the scrape interval (all compete for the cores at once)")
+    p.add_argument("--longest-interval", type=float, default=300,
+                   help="seconds: longer shipped intervals (the 1h group) run at this, so a run does "
+                        "not wait an hour for their first evaluation")
+    p.add_argument("--history", action="store_true",
+                   help="backfill a day (and an hour a week ago) of every per-token recorded series "
+                        "before the run with rules, so their day-long and week-ago reads find data")
     p.add_argument("--generate-timeout", type=float, default=1800)
     p.add_argument("--python", default=sys.executable, help="the interpreter with flask and pyyaml for the generator")
     p.add_argument("--prometheus", default=shutil.which("prometheus") or "prometheus")
@@ -718,6 +821,11 @@ def main(argv=None) -> int:
         p.error("--tokens must be at least 1")
     if args.generate_to:
         return generate(args)
+    if args.sample_seconds is None:
+        longest = max(max(shipped_intervals(os.path.join(os.path.realpath(c), "prometheus", "rules")).values())
+                      for c in (args.compare or [args.checkout]))
+        args.sample_seconds = max(30.0, min(longest, args.longest_interval) if args.rule_intervals == "shipped"
+                                  else args.scrape_interval)
     if not shutil.which(args.prometheus):
         raise SystemExit("prometheus is not installed (Debian: apt-get install prometheus)")
 
@@ -729,22 +837,22 @@ def main(argv=None) -> int:
     version = subprocess.run([args.prometheus, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
     print(f"\n{args.tokens:,} tokens x {ROUTES} routes x GET x (200, 404), daily + monthly budgets, default "
           f"rate limits, {args.llm_models} LLM models; {args.driver} driver; counters "
-          f"{'static' if args.static else 'growing at every scrape'}; {version}; scrape and "
-          f"evaluation every {args.scrape_interval} s; memory sampled for {args.sample_seconds:.0f} s")
+          f"{'static' if args.static else 'growing at every scrape'}; {version}; scrape every "
+          f"{args.scrape_interval} s; memory sampled for {args.sample_seconds:.0f} s")
     scaled = "" if args.tokens == 10_000 else ", scaled to 10,000 tokens"
     print(f"\nMemory above the baseline (an empty target; with rules: the same rules), max of the samples{scaled}:\n")
     print(table(results, "max"))
     print(f"\nThe same with the median of the samples{scaled}:\n")
     print(table(results, "median"))
-    intervals = ("at its own interval" if args.keep_rule_intervals
-                 else f"every {args.scrape_interval} s (the shipped 5m and 1h group intervals replaced)")
-    print(f"\nWith rules: the checkout's prometheus/rules/*.yml, every group evaluated {intervals}; "
+    runs = {"shipped": f"at its shipped interval (those over {args.longest_interval:g} s at {args.longest_interval:g} s)",
+            "scrape": f"every {args.scrape_interval} s (the groups' own intervals replaced)"}
+    print(f"\nWith rules: the checkout's prometheus/rules/*.yml, every group evaluated {runs[args.rule_intervals]}; "
           "head series include their output (recording rules, ALERTS), memory includes the work of "
           "evaluating them (missed evaluations below: a group slower than its interval).")
     print("\nPer rule group, with the rules (series recorded above the empty target's, per token; "
-          "the slowest evaluation while sampling against the group's shipped interval):\n")
-    print(group_table(results, {r.checkout: shipped_intervals(os.path.join(os.path.realpath(c), "prometheus", "rules"))
-                                for r, c in zip(results, checkouts)}))
+          "the slowest evaluation while sampling against the group's interval in this run):\n")
+    print(group_table(results, {r.checkout: os.path.join(os.path.realpath(c), "prometheus", "rules")
+                                for r, c in zip(results, checkouts)}, args))
     print("\nEvery Prometheus run:\n")
     print(details(results))
     print("\nGenerating the text: " + "; ".join(

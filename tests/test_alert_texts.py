@@ -1,5 +1,5 @@
 """What an alert says, rendered by promtool from firing values: the anomaly alerts here (the
-other alerts' texts are checked in prometheus/tests/*.yml). The anomaly alerts read the medians
+other alerts' texts are checked in prometheus/tests/*.yml). The anomaly alerts read the centres
 and MADs the anomaly group records from a day of history; their texts are tested on those
 given directly, with the shipped alert group alone (what the group records is tested end to
 end against a real Prometheus in test_anomaly_e2e.py and test_history.py)."""
@@ -15,7 +15,7 @@ ANOMALY_ALERTS = ("ApiTokenTrafficAnomaly", "ApiTokenErrorAnomaly", "ApiTokenLat
 
 # 25 hours of what the anomaly alerts read, one value a minute, changing at 25h: token
 # "up" busier, failing and slower than its day, calling a new route and from a new country;
-# token "down" quieter. The medians and MADs are given as the anomaly group records them.
+# token "down" quieter. The centres and MADs are given as the anomaly group records them.
 BEFORE, AFTER = 1500, 30                    # values before and after the change
 
 
@@ -37,15 +37,17 @@ SERIES = {
     'apitoken_anomaly_sensitivity{token="down"}': f"3x{BEFORE + AFTER}",                     # high: 3 MADs
     'token:apitoken_requests:rate5m{token="up"}': changes(0.5, 2.5),
     'token:apitoken_requests:rate5m{token="down"}': changes(0.5, 0.02),
-    'token:apitoken_anomaly_requests:median1d{token="up"}': f"0.5x{BEFORE + AFTER}",
+    'token:apitoken_anomaly_requests:centre_high{token="up"}': f"0.5x{BEFORE + AFTER}",
+    'token:apitoken_anomaly_requests:centre_low{token="up"}': f"0.5x{BEFORE + AFTER}",
     'token:apitoken_anomaly_requests:mad1d{token="up"}': f"0.1x{BEFORE + AFTER}",
-    'token:apitoken_anomaly_requests:median1d{token="down"}': f"0.5x{BEFORE + AFTER}",
+    'token:apitoken_anomaly_requests:centre_high{token="down"}': f"0.5x{BEFORE + AFTER}",
+    'token:apitoken_anomaly_requests:centre_low{token="down"}': f"0.5x{BEFORE + AFTER}",
     'token:apitoken_anomaly_requests:mad1d{token="down"}': f"0.1x{BEFORE + AFTER}",
     'token:apitoken_request_errors:ratio_rate5m{token="up"}': changes(0.01, 0.25),
-    'token:apitoken_anomaly_error_ratio:median1d{token="up"}': f"0.01x{BEFORE + AFTER}",
+    'token:apitoken_anomaly_error_ratio:centre_high{token="up"}': f"0.01x{BEFORE + AFTER}",
     'token:apitoken_anomaly_error_ratio:mad1d{token="up"}': f"0.01x{BEFORE + AFTER}",
     'token:apitoken_request_duration_seconds:p95_5m{token="up"}': changes(0.2, 1.5),
-    'token:apitoken_anomaly_latency:median1d{token="up"}': f"0.2x{BEFORE + AFTER}",
+    'token:apitoken_anomaly_latency:centre_high{token="up"}': f"0.2x{BEFORE + AFTER}",
     'token:apitoken_anomaly_latency:mad1d{token="up"}': f"0.05x{BEFORE + AFTER}",
     'apitoken_requests_total{token="up",route="/items",method="GET",code="200"}': grows(12, 0),
     'apitoken_requests_total{token="up",route="/admin/export",method="GET",code="200"}': grows(18, BEFORE),
@@ -60,26 +62,26 @@ EXPECTED = {
     "ApiTokenTrafficAnomaly": [
         ({"anomaly": "traffic", "direction": "up", "token": "up"}, {
             "summary": "Unusual request rate spike for token up",
-            "description": f"Token {WHO}: request rate 2.5 req/s over the last 5m, above its own band (usually "
-                           "about 0.50, expected band 0.10 to 0.90 req/s; sensitivity 4 MADs).",
+            "description": f"Token {WHO}: request rate 2.5 req/s over the last 5m, above its own band (expected "
+                           "about 0.50, band 0.10 to 0.90 req/s; sensitivity 4 MADs).",
             "threshold": "outside the learned band for 15m", "value": "2.5 req/s"}),
         ({"anomaly": "traffic", "direction": "down", "token": "down"}, {
             "summary": "Unusual request rate drop for token down",
             "description": "Token down (Nightly batch, tenant acme): request rate 0.02 req/s over the last 5m, "
-                           "below its own band (usually about 0.50, expected band 0.20 to 0.80 req/s; "
+                           "below its own band (expected about 0.50, band 0.20 to 0.80 req/s; "
                            "sensitivity 3 MADs).",
             "threshold": "outside the learned band for 15m", "value": "0.02 req/s"})],
     "ApiTokenErrorAnomaly": [
         ({"anomaly": "error", "direction": "up", "token": "up"}, {
             "summary": "Unusual 5xx ratio rise for token up",
-            "description": f"Token {WHO}: 5xx ratio 25% over the last 5m, above its own band (usually about "
-                           "1%, expected band 0% to 5%; sensitivity 4 MADs).",
+            "description": f"Token {WHO}: 5xx ratio 25% over the last 5m, above its own band (expected about "
+                           "1%, band 0% to 5%; sensitivity 4 MADs).",
             "threshold": "outside the learned band for 15m", "value": "25%"})],
     "ApiTokenLatencyAnomaly": [
         ({"anomaly": "latency", "direction": "up", "token": "up"}, {
             "summary": "Unusual p95 latency rise for token up",
-            "description": f"Token {WHO}: p95 latency 1.5s over the last 5m, above its own band (usually about "
-                           "200ms, expected band 0s to 400ms; sensitivity 4 MADs).",
+            "description": f"Token {WHO}: p95 latency 1.5s over the last 5m, above its own band (expected about "
+                           "200ms, band 0s to 400ms; sensitivity 4 MADs).",
             "threshold": "outside the learned band for 15m", "value": "1.5s"})],
     "ApiTokenNewRoute": [
         ({"anomaly": "pattern", "route": "/admin/export", "token": "up"}, {

@@ -148,12 +148,14 @@ def test_each_anomaly_fires_and_nothing_else(tmp_path):
         {"expr": f"count by (token) ({LEARNED})", "eval_time": at(2 * DAY + 12 * HOUR),
          "exp_samples": [{"labels": f'{{token="{t}"}}', "value": 1}
                          for t in list(TRAFFIC) + list(ROUTES) + ["travels"] if t != "young"]},
-        # two series per token and signal and the route mix's, nothing per route or country
-        # (docs/scaling.md)
+        # per token and signal a centre per band and a MAD, the route mix's, nothing per route or
+        # country (docs/scaling.md); no 5xx band for the quiet token (a few requests a window)
         {"expr": 'count by (__name__) ({__name__=~"token.*:apitoken_anomaly.*"})', "eval_time": at(2 * DAY + 12 * HOUR),
          "exp_samples": [{"labels": f'{{__name__="token:apitoken_anomaly_{signal}:{what}"}}', "value": n}
-                         for signal, n in (("requests", TOKENS), ("error_ratio", TOKENS), ("latency", 1))
-                         for what in ("median1d", "mad1d")] + [
+                         for signal, whats, n in (("requests", ("centre_high", "centre_low", "mad1d"), TOKENS),
+                                                  ("error_ratio", ("centre_high", "mad1d"), TOKENS - 1),
+                                                  ("latency", ("centre_high", "mad1d"), 1))
+                         for what in whats] + [
                             {"labels": '{__name__="token:apitoken_anomaly_route_mix:divergence"}', "value": TOKENS}]},
     ]
     # every 5 minutes, as the anomaly group runs (the 5-minute rates it reads are as fresh at its

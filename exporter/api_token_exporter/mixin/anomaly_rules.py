@@ -2,22 +2,24 @@
 
 Three signals per token, read from the recording rules: its request rate (spikes and drops),
 its 5xx ratio and its p95 latency (rises). A group evaluated every ``anomaly.interval`` records
-two series per token and signal, robustly, from one value of the signal every
-``anomaly.baseline_step`` over the last day (a subquery: no copy of the signal is kept):
-
-- ``median1d``, the day's median, and ``mad1d``, the median absolute deviation around it.
-
-The alerts (a group evaluated once a minute) work out the rest where they read it:
+per token and signal, from one value of the signal every ``anomaly.baseline_step`` (subqueries:
+no copy of the signal is kept):
 
 - a **centre**: the median of the same hour yesterday and of the same hour a week ago (the
-  daily and the weekly cycle), the higher of the two for the upper band and the lower for the
-  lower band, or the day's median while neither exists;
-- a **band**: centre ± k MADs, k from the token's sensitivity (low, medium, high; per key in
-  the key file, else the default).
+  daily and the weekly cycle), the higher of the two for the upper band (``centre_high``) and
+  the lower for the lower band (``centre_low``, request drops only), or the last day's median
+  while neither exists;
+- ``mad1d``, the median absolute deviation of the last day around its median: the spread.
+
+The alerts (a group evaluated once a minute) read those and make the **band**: centre ± k MADs,
+k from the token's sensitivity (low, medium, high; per key in the key file, else the default).
+The 5xx and latency bands are recorded only for tokens that usually send enough requests in a
+rate window for those alerts (``errors.min_requests``, ``latency.min_requests``): the ratio and
+the p95 of a few requests are noise, not a baseline.
 
 An alert needs the value outside the band, a minimum relative change from the centre (a flat
 series has a MAD near 0), a minimum volume (a token with a few requests an hour never fires),
-the learning period behind it (a median recorded that long ago), ``for``, and ends only after
+the learning period behind it (a spread recorded that long ago), ``for``, and ends only after
 ``keep_firing_for`` back inside.
 
 Usage patterns and countries are read from the raw per-token counters, at a few instants: a
@@ -107,13 +109,8 @@ class Exprs:
         return f"(max by (token) ({levels}) or on (token) {self.source('requests')} * 0 + {default:g})"
 
     def expected(self, signal: str, side: str) -> str:
-        """The centre: the median of the same hour yesterday and a week ago (the higher for the
-        upper band, the lower for the lower), or the last day's median while neither exists."""
-        agg = "max" if side == "high" else "min"
-        refs = " or ".join(
-            f'label_replace(quantile_over_time(0.5, {self.source(signal)}[1h:{self.a["baseline_step"]}] offset {offset}), '
-            f'"ref", "{ref}", "", "")' for ref, offset in (("1d", "23h30m"), ("1w", "167h30m")))
-        return f"({agg} without (ref) ({refs}) or {self.recorded(signal, 'median1d')})"
+        """The recorded centre of the upper (``high``) or the lower (``low``) band."""
+        return self.recorded(signal, f"centre_{side}")
 
     def spread(self, signal: str) -> str:
         return f"{self.per_token('mads')} * on (token) {self.recorded(signal, 'mad1d')}"
@@ -122,31 +119,48 @@ class Exprs:
         return f"({self.expected(signal, 'high')} + on (token) {self.spread(signal)})"
 
     def lower(self, signal: str) -> str:
-        return f"clamp_min({self.expected(signal, 'low')} - on (token) {self.spread(signal)}, 0)"
+        """The lower edge (around the upper band's centre for a signal only watched for rises)."""
+        side = "low" if "down" in SIGNALS[signal][1] else "high"
+        return f"clamp_min({self.expected(signal, side)} - on (token) {self.spread(signal)}, 0)"
 
     def learned(self) -> str:
-        """The token had its request-rate baseline a learning period ago (none before the
+        """The token had its request-rate spread a learning period ago (none before the
         anomaly group first ran: nothing may fire then)."""
-        return (f"present_over_time({self.sel(_name('requests', 'median1d'))}[1h] "
+        return (f"present_over_time({self.sel(_name('requests', 'mad1d'))}[1h] "
                 f"offset {self.a['learning_period']})")
 
 
 def recording_rules(t: dict) -> List[dict]:
-    """Per token and signal, two series: the median of its last day and the median absolute
-    deviation (MAD) around it, from one value every ``anomaly.baseline_step`` (a subquery of
-    the recorded signal, so no copy of it is kept); and per token the share of its requests that
-    moved between routes."""
+    """Per token and signal: the centre of each band the signal has (the median of the same hour
+    yesterday and a week ago, the higher for the upper band and the lower for the lower, or the
+    day's median) and the median absolute deviation (MAD) of the last day around its median,
+    from one value every ``anomaly.baseline_step`` (subqueries of the recorded signal); per
+    token the share of its requests that moved between routes."""
     a, x = t["anomaly"], Exprs(t)
-    step = a["baseline_step"]
+    step, w = a["baseline_step"], t["rate_window"]
     rules = []
-    for signal in SIGNALS:
+    for signal, (_, directions) in SIGNALS.items():
         source = x.source(signal)
-        rules += [
-            {"record": _name(signal, "median1d"), "expr": f"quantile_over_time(0.5, ({source} >= 0)[1d:{step}])"},
-            {"record": _name(signal, "mad1d"),
-             "expr": (f"quantile_over_time(0.5, abs({source} - on (token) {x.recorded(signal, 'median1d')})"
-                      f"[1d:{step}])")},
-        ]
+        day = f"[1d:{step}]"
+        median = f"quantile_over_time(0.5, ({source} >= 0){day})"
+        refs = [f'label_replace(quantile_over_time(0.5, {source}[1h:{step}] offset {offset}), "ref", "{ref}", "", "")'
+                for ref, offset in (("1d", "23h30m"), ("1w", "167h30m"))]
+        # a token with too few requests per window for this signal's alert gets no band
+        volume = ("" if signal == "requests" else
+                  f"\nand on (token) avg_over_time(token:apitoken_requests:increase1h[1d]) * "
+                  f"{int(seconds(w))} / 3600 >= {a['errors' if signal == 'error_ratio' else 'latency']['min_requests']:g}")
+        sides = [side for side, direction in (("high", "up"), ("low", "down")) if direction in directions]
+        for i, side in enumerate(sides):
+            agg = "max" if side == "high" else "min"
+            # the day's median only where neither reference exists; a second side takes it
+            # from the first, recorded just before in the same evaluation
+            fallback = median if i == 0 else _name(signal, f"centre_{sides[0]}")
+            rules.append({"record": _name(signal, f"centre_{side}"),
+                          "expr": f"({agg} without (ref) ({' or '.join(refs)}) or {fallback}){volume}"})
+        # around the day's median as of now (@ end(): worked out once, not at each of the steps)
+        rules.append({"record": _name(signal, "mad1d"),
+                      "expr": (f"quantile_over_time(0.5, abs({source} - on (token) "
+                               f"quantile_over_time(0.5, ({source} >= 0){day} @ end())){day}){volume}")})
     # the route mix reads every raw request series several times: once an interval, not a minute
     rules.append({"record": "token:apitoken_anomaly_route_mix:divergence", "expr": route_shares_moved(t)})
     return [{"name": "apitoken.anomaly", "interval": a["interval"], "rules": rules}]
@@ -175,7 +189,7 @@ def route_shares_moved(t: dict, token: str = "") -> str:
         f'label_replace({distance(b)}, "base", "{name}", "", "")' for name, b in bases.items()) + ")")
 
 
-def _band_text(t: dict, signal: str, show) -> str:
+def _band_text(t: dict, signal: str, side: str, show) -> str:
     """'expected about X, band Y to Z' for a notification, queried for the alert's token."""
     x = Exprs(t, "%[1]s")
 
@@ -183,8 +197,8 @@ def _band_text(t: dict, signal: str, show) -> str:
         quoted = expr.replace('"', '\\"')
         return (f'{{{{ with printf "{quoted}" $labels.token | query }}}}'
                 f'{{{{ $v := . | first | value }}}}{show("$v")}{{{{ end }}}}')
-    return (f"usually about {value(x.recorded(signal, 'median1d'))}, expected band "
-            f"{value(x.lower(signal))} to {value(x.upper(signal))}")
+    return (f"expected about {value(x.expected(signal, side))}, band {value(x.lower(signal))} "
+            f"to {value(x.upper(signal))}")
 
 
 def _who() -> str:
@@ -214,22 +228,23 @@ def alert_rules(t: dict, alert) -> List[dict]:
         value = source.format(w=w, q=q)
         kind, label, show, unit = what[signal]
         for direction in directions:
-            side = x.expected(signal, "high" if direction == "up" else "low")
+            side = "high" if direction == "up" else "low"
+            centre = x.expected(signal, side)
             if direction == "up":
                 expr = (f"{value} > on (token) {x.upper(signal)}\n"
-                        f"and on (token) {value} > on (token) {side} * on (token) {change}\n")
+                        f"and on (token) {value} > on (token) {centre} * on (token) {change}\n")
             else:
                 expr = (f"{value} < on (token) {x.lower(signal)}\n"
-                        f"and on (token) {value} < on (token) {side} / on (token) {change}\n")
+                        f"and on (token) {value} < on (token) {centre} / on (token) {change}\n")
             if signal == "requests":
-                expr += f"and on (token) ({value} > on (token) {side} or on (token) {side}) * 3600 >= {per_hour:g}\n"
+                expr += f"and on (token) ({value} > on (token) {centre} or on (token) {centre}) * 3600 >= {per_hour:g}\n"
             else:
                 expr += enough[signal].format(value=value) + "\n"
             expr += learned
             expr = f'{value}{{token!~"__.*"}}' + expr[len(value):]
             moved = "above" if direction == "up" else "below"
             description = (f"Token {_who()}: {label} {show()}{unit} over the last {w}, "
-                           f"{moved} its own band ({_band_text(t, signal, show)}{unit}; "
+                           f"{moved} its own band ({_band_text(t, signal, side, show)}{unit}; "
                            f'sensitivity {{{{ with printf "{mads}" $labels.token | query }}}}'
                            f"{{{{ . | first | value }}}}{{{{ end }}}} MADs).")
             change_word = "drop" if direction == "down" else "spike" if signal == "requests" else "rise"

@@ -72,15 +72,6 @@ def recording_rules(t: dict) -> List[dict]:
     coarse = [              # once an hour: the target's start is worked out in place
         {"record": f"token:apitoken_requests:increase{c}",
          "expr": f"sum by (token) {counted('apitoken_requests_total', c, job, 'increase')}"},
-        # the usage spike's baseline: the same hour last week, or the day's average if larger (the
-        # mean of the day's hourly increases, whatever the group's interval)
-        {"record": "token:apitoken_requests:baseline_rate",
-         "expr": ("max by (token) (\n"
-                  f'  label_replace(last_over_time(token:apitoken_requests:increase{c}[{c2}] offset 1w) / {int(seconds(c))},'
-                  ' "baseline", "same_hour_last_week", "", "")\n'
-                  "  or\n"
-                  f'  label_replace(avg_over_time(token:apitoken_requests:increase{c}[1d]) / {int(seconds(c))},'
-                  ' "baseline", "daily_average", "", "")\n)')},
         {"record": f"token_service_model:apitoken_llm_cost_usd:increase{c}",
          "expr": f"sum by (token, service, model) (increase(apitoken_llm_cost_usd_total[{c}]))"},
         {"record": "token:apitoken_llm_cost_usd:increase30d",
@@ -89,6 +80,19 @@ def recording_rules(t: dict) -> List[dict]:
     return [{"name": "apitoken.recording", "rules": fast},
             {"name": "apitoken.recording.budgets", "interval": "1m", "rules": budgets},
             {"name": f"apitoken.recording.{c}", "interval": c, "rules": coarse}]
+
+
+def usage_baseline(t: dict) -> str:
+    """The usage spike's "normal" rate per token: the same hour last week, or the day's average if
+    larger (the mean of the day's hourly increases, whatever the group's interval). Not recorded:
+    the spike alerts read two dozen hourly samples per token."""
+    c, c_s = t["coarse_window"], int(seconds(t["coarse_window"]))
+    return ("max by (token) (\n"
+            f'  label_replace(last_over_time(token:apitoken_requests:increase{c}[{c2_of(t)}] offset 1w) / {c_s},'
+            ' "baseline", "same_hour_last_week", "", "")\n'
+            "  or\n"
+            f'  label_replace(avg_over_time(token:apitoken_requests:increase{c}[1d]) / {c_s},'
+            ' "baseline", "daily_average", "", "")\n)')
 
 
 def c2_of(t: dict) -> str:
@@ -158,7 +162,7 @@ def alert_rules(t: dict) -> List[dict]:
         factor = spike[severity]
         rules.append(_alert(
             t, "ApiTokenUsageSpike", severity,
-            (f"token:apitoken_requests:rate{w} / token:apitoken_requests:baseline_rate > {factor:g}\n"
+            (f"token:apitoken_requests:rate{w} / on (token) {usage_baseline(t)} > {factor:g}\n"
              f"and on (token) token:apitoken_requests:rate{w} > {spike['min_requests_per_second']:g}\n"
              f"and on (token) last_over_time(token:apitoken_requests:increase{t['coarse_window']}[{c2_of(t)}] "
              f"offset {spike['learning_period']})"),
