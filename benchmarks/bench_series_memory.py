@@ -459,7 +459,7 @@ def write_history(base: str, rules_dir: str, data_dir: str, args) -> int:
     every per-token recording rule output (``token:...``) that Prometheus at ``base`` holds now,
     over the last day and around the same time a week ago, at the larger of its group's interval
     and 15 minutes, each value its current one times 0.85-1.15 (a steady history: the bands hold
-    the present, as on a quiet day). Blocks made by ``promtool tsdb create-blocks-from
+    the present, as on a quiet day; an ``increase<w>`` is its ``rate`` times the window). Blocks made by ``promtool tsdb create-blocks-from
     openmetrics`` in the data directory, read when Prometheus next starts. Returns the samples."""
     import random
     import yaml
@@ -476,15 +476,25 @@ def write_history(base: str, rules_dir: str, data_dir: str, args) -> int:
     rng = random.Random(args.tokens)
     samples = 0
     source = os.path.join(data_dir, "history.om")
+    current: Dict[str, Dict[str, float]] = {}
+    for name in steps:
+        answer = json.loads(http_get(base + "/api/v1/query?" + urllib.parse.urlencode({"query": name}), 120))
+        current[name] = {",".join(f'{k}="{v}"' for k, v in sorted(item["metric"].items()) if k != "__name__"):
+                         float(item["value"][1]) for item in answer["data"]["result"]}
+    # a fresh Prometheus's increase over an hour covers its minutes: in steady state it is the
+    # rate times the window (level:metric:increase<w> from level:metric:rate<r>)
+    for name in steps:
+        m = re.match(r"^(.*):increase(\w+)$", name)
+        rates = [n for n in current if m and re.match(re.escape(m.group(1)) + r":rate\d+[smh]$", n)]
+        if rates:
+            window = duration_seconds(m.group(2))
+            current[name] = {labels: value * window for labels, value in current[rates[0]].items()}
     with open(source, "w") as fh:
         for name, step in sorted(steps.items()):
-            answer = json.loads(http_get(base + "/api/v1/query?" + urllib.parse.urlencode({"query": name}), 120))
-            if not answer["data"]["result"]:
+            if not current[name]:
                 continue
             fh.write(f"# TYPE {name} gauge\n")
-            for item in answer["data"]["result"]:
-                labels = ",".join(f'{k}="{v}"' for k, v in sorted(item["metric"].items()) if k != "__name__")
-                level = float(item["value"][1])
+            for labels, level in current[name].items():
                 for start, end in windows:
                     for t in range(start // step * step, end + 1, step):
                         fh.write(f"{name}{{{labels}}} {level * rng.uniform(0.85, 1.15):.6g} {t}\n")
@@ -637,10 +647,12 @@ def measure_prometheus(body: bytes, rules_dir: Optional[str], label: str, args) 
                                  f"{[int(r) for r in reads[-6:]]}")
             time.sleep(min(120.0, max(args.scrape_interval,
                                       own.get("max:prometheus_rule_group_last_duration_seconds", 0.0))))
-        log(f"  {label}: head stable at {int(reads[-1])} series; sampling memory for {args.sample_seconds} s")
+        # a run with rules and tokens is sampled long enough for every group to run in it
+        sample = args.sample_seconds if rule_files and body else min(30.0, args.sample_seconds)
+        log(f"  {label}: head stable at {int(reads[-1])} series; sampling memory for {sample:g} s")
 
         m = Measurement(label)
-        end = time.monotonic() + args.sample_seconds
+        end = time.monotonic() + sample
         while time.monotonic() < end:
             run.alive()
             s = self_metrics(base)
@@ -796,8 +808,9 @@ def main(argv=None) -> int:
                    help="app: a Flask app with the middleware via its test client; metrics: the "
                         "recording calls of metrics.py directly")
     p.add_argument("--sample-seconds", type=float,
-                   help="how long memory and evaluations are sampled (default: the longest group "
-                        "interval of the run, at least 30 s, so every group runs while sampled)")
+                   help="how long memory and evaluations are sampled with rules and tokens (default: the "
+                        "longest group interval of the run, at least 30 s, so every group runs while "
+                        "sampled); other runs at most 30 s")
     p.add_argument("--static", action="store_true",
                    help="serve the same text at every scrape (counters do not grow: every rate is 0)")
     p.add_argument("--scrape-interval", type=int, default=15,
@@ -838,7 +851,7 @@ def main(argv=None) -> int:
     print(f"\n{args.tokens:,} tokens x {ROUTES} routes x GET x (200, 404), daily + monthly budgets, default "
           f"rate limits, {args.llm_models} LLM models; {args.driver} driver; counters "
           f"{'static' if args.static else 'growing at every scrape'}; {version}; scrape every "
-          f"{args.scrape_interval} s; memory sampled for {args.sample_seconds:.0f} s")
+          f"{args.scrape_interval} s; memory sampled for {args.sample_seconds:.0f} s with rules (30 s without)")
     scaled = "" if args.tokens == 10_000 else ", scaled to 10,000 tokens"
     print(f"\nMemory above the baseline (an empty target; with rules: the same rules), max of the samples{scaled}:\n")
     print(table(results, "max"))

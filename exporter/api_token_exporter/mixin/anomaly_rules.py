@@ -146,9 +146,11 @@ def recording_rules(t: dict) -> List[dict]:
         refs = [f'label_replace(quantile_over_time(0.5, {source}[1h:{step}] offset {offset}), "ref", "{ref}", "", "")'
                 for ref, offset in (("1d", "23h30m"), ("1w", "167h30m"))]
         # a token with too few requests per window for this signal's alert gets no band
+        c = t["coarse_window"]
         volume = ("" if signal == "requests" else
-                  f"\nand on (token) avg_over_time(token:apitoken_requests:increase1h[1d]) * "
-                  f"{int(seconds(w))} / 3600 >= {a['errors' if signal == 'error_ratio' else 'latency']['min_requests']:g}")
+                  f"\nand on (token) avg_over_time(token:apitoken_requests:increase{c}[1d]) * "
+                  f"{int(seconds(w))} / {int(seconds(c))} >= "
+                  f"{a['errors' if signal == 'error_ratio' else 'latency']['min_requests']:g}")
         sides = [side for side, direction in (("high", "up"), ("low", "down")) if direction in directions]
         for i, side in enumerate(sides):
             agg = "max" if side == "high" else "min"
