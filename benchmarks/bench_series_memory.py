@@ -368,6 +368,7 @@ class Measurement:
     rule_seconds: float = 0.0           # the slowest group's last evaluation
     missed: float = 0.0                 # rule group iterations missed (evaluation slower than its interval)
     groups: Dict[str, dict] = field(default_factory=dict)   # per rule group: rules, series, alerts, eval_max
+    slowest_rules: List[tuple] = field(default_factory=list)  # (seconds, group, rule) of the last evaluations
 
     def stat(self, name: str, how: str) -> float:
         values = getattr(self, name)
@@ -405,13 +406,14 @@ def group_durations(base: str) -> Dict[str, float]:
     return out
 
 
-def group_series(base: str) -> Dict[str, dict]:
+def group_series(base: str, m: Measurement) -> Dict[str, dict]:
     """Per rule group: its rules, the series its recording rules hold now, its alerts firing or
-    pending."""
+    pending; each rule's last evaluation time into ``m.slowest_rules``."""
     out = {}
     for g in json.loads(http_get(base + "/api/v1/rules"))["data"]["groups"]:
         series = alerts = 0
         for r in g["rules"]:
+            m.slowest_rules.append((float(r.get("evaluationTime") or 0), g["name"], r["name"]))
             if r["type"] == "recording":
                 series += int(query(base, f'count({{__name__="{r["name"]}"}})') or 0)
             else:
@@ -545,12 +547,13 @@ class PrometheusRun:
         port = free_port()
         self.base = f"http://127.0.0.1:{port}"
         with open(self.log_path, "ab") as out:
+            env = dict(os.environ, **({"GOMEMLIMIT": self.args.gomemlimit} if self.args.gomemlimit else {}))
             self.proc = subprocess.Popen([self.args.prometheus, f"--config.file={self.cfg_path}",
                                           f"--web.listen-address=127.0.0.1:{port}",
                                           f"--storage.tsdb.path={self.data}",
                                           # the rules' calendar expressions look ahead (as stack.py runs it)
                                           "--enable-feature=promql-negative-offset"],
-                                         stdout=out, stderr=subprocess.STDOUT)
+                                         stdout=out, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 120
         while True:
             self.alive()
@@ -667,7 +670,7 @@ def measure_prometheus(body: bytes, rules_dir: Optional[str], label: str, args) 
                     entry["eval_max"] = max(entry["eval_max"], seconds)
             time.sleep(1)
         if rule_files:
-            for name, counts in group_series(base).items():
+            for name, counts in group_series(base, m).items():
                 m.groups.setdefault(name, {"eval_max": 0.0}).update(counts)
         m.scrape_seconds = query(base, f'max(scrape_duration_seconds{{job="{JOB}"}})') or 0.0
         m.seconds = time.monotonic() - started
@@ -825,6 +828,9 @@ def main(argv=None) -> int:
     p.add_argument("--history", action="store_true",
                    help="backfill a day (and an hour a week ago) of every per-token recorded series "
                         "before the run with rules, so their day-long and week-ago reads find data")
+    p.add_argument("--gomemlimit", metavar="SIZE",
+                   help="GOMEMLIMIT for Prometheus (e.g. 1400MiB, as docker-compose.yml sets it): the Go "
+                        "heap is collected before it passes this, instead of at twice the live heap")
     p.add_argument("--generate-timeout", type=float, default=1800)
     p.add_argument("--python", default=sys.executable, help="the interpreter with flask and pyyaml for the generator")
     p.add_argument("--prometheus", default=shutil.which("prometheus") or "prometheus")
@@ -850,7 +856,8 @@ def main(argv=None) -> int:
     version = subprocess.run([args.prometheus, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
     print(f"\n{args.tokens:,} tokens x {ROUTES} routes x GET x (200, 404), daily + monthly budgets, default "
           f"rate limits, {args.llm_models} LLM models; {args.driver} driver; counters "
-          f"{'static' if args.static else 'growing at every scrape'}; {version}; scrape every "
+          f"{'static' if args.static else 'growing at every scrape'}; {version}"
+          f"{(', GOMEMLIMIT=' + args.gomemlimit) if args.gomemlimit else ''}; scrape every "
           f"{args.scrape_interval} s; memory sampled for {args.sample_seconds:.0f} s with rules (30 s without)")
     scaled = "" if args.tokens == 10_000 else ", scaled to 10,000 tokens"
     print(f"\nMemory above the baseline (an empty target; with rules: the same rules), max of the samples{scaled}:\n")
@@ -866,6 +873,11 @@ def main(argv=None) -> int:
           "the slowest evaluation while sampling against the group's interval in this run):\n")
     print(group_table(results, {r.checkout: os.path.join(os.path.realpath(c), "prometheus", "rules")
                                 for r, c in zip(results, checkouts)}, args))
+    print("\nThe slowest rules (their last evaluation), with the rules:\n")
+    print("| checkout | rule group | rule | seconds |\n|---|---|---|---:|")
+    for r in results:
+        for seconds, group, rule in sorted(r.rules.slowest_rules, reverse=True)[:12]:
+            print(f"| {r.checkout} | {group} | {rule} | {seconds:.2f} |")
     print("\nEvery Prometheus run:\n")
     print(details(results))
     print("\nGenerating the text: " + "; ".join(

@@ -38,13 +38,6 @@ def recording_rules(t: dict) -> List[dict]:
         {"record": f"token:apitoken_request_errors:ratio_rate{w}",
          "expr": (f"(sum by (token) {counted(ERRORS, w, job, recorded=True)} or token:apitoken_requests:rate{w} * 0)\n"
                   f"/\ntoken:apitoken_requests:rate{w} > -1")},
-        # no requests in the window: no quantile (NaN would end the anomaly baselines' medians)
-        {"record": f"token:apitoken_request_duration_seconds:{quantile_name(q)}_{w}",
-         "expr": (f"histogram_quantile({q:g}, sum by (token, le) "
-                  f"(rate(apitoken_request_duration_seconds_bucket[{w}]))) >= 0")},
-        {"record": f"route:apitoken_route_request_duration_seconds:{quantile_name(q)}_{w}",
-         "expr": (f"histogram_quantile({q:g}, sum by (route, le) "
-                  f"(rate(apitoken_route_request_duration_seconds_bucket[{w}]))) >= 0")},
         {"record": f"token_window:apitoken_rate_limited:rate{w}",
          "expr": f"sum by (token, window) {counted('apitoken_rate_limited_total', w, job, recorded=True)}"},
     ]
@@ -77,7 +70,19 @@ def recording_rules(t: dict) -> List[dict]:
         {"record": "token:apitoken_llm_cost_usd:increase30d",
          "expr": f"sum by (token) (sum_over_time(token_service_model:apitoken_llm_cost_usd:increase{c}[30d]))"},
     ]
+    # the quantiles in a group of their own: Prometheus evaluates groups concurrently, so the
+    # request rates and the latencies (a third of the raw series each) share the cores
+    latency = [
+        # no requests in the window: no quantile (NaN would end the anomaly baselines' medians)
+        {"record": f"token:apitoken_request_duration_seconds:{quantile_name(q)}_{w}",
+         "expr": (f"histogram_quantile({q:g}, sum by (token, le) "
+                  f"(rate(apitoken_request_duration_seconds_bucket[{w}]))) >= 0")},
+        {"record": f"route:apitoken_route_request_duration_seconds:{quantile_name(q)}_{w}",
+         "expr": (f"histogram_quantile({q:g}, sum by (route, le) "
+                  f"(rate(apitoken_route_request_duration_seconds_bucket[{w}]))) >= 0")},
+    ]
     return [{"name": "apitoken.recording", "rules": fast},
+            {"name": "apitoken.recording.latency", "rules": latency},
             {"name": "apitoken.recording.budgets", "interval": "1m", "rules": budgets},
             {"name": f"apitoken.recording.{c}", "interval": c, "rules": coarse}]
 
