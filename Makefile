@@ -44,14 +44,13 @@ bench:
 # Prometheus series and memory of the per-token metrics (benchmarks/bench_series_memory.py), the
 # revision OLD (a temporary git worktree) against the working tree; minutes, so not in bench or
 # test, about an hour at the rules' shipped intervals: [OLD=c980e1f] [TOKENS=10000] [LLM_MODELS=0|2]
-# [ARGS="..." instead of the default --history --gomemlimit 1400MiB: a day of the recorded series
-# backfilled, Prometheus's Go heap limit as docker-compose.yml sets it]
+# [ARGS="..." instead of the default --history: a day of the recorded series backfilled]
 bench-memory:
 	@tmp=$$(mktemp -d) && trap 'git worktree remove --force "$$tmp/old" >/dev/null 2>&1; rm -rf "$$tmp"; git worktree prune' EXIT && \
 	trap 'exit 130' INT TERM && \
 	git worktree add --detach -q "$$tmp/old" $(or $(OLD),c980e1f) && \
 	$(VPY) benchmarks/bench_series_memory.py --compare "$$tmp/old" . --tokens $(or $(TOKENS),10000) \
-		--llm-models $(or $(LLM_MODELS),0) $(or $(ARGS),--history --gomemlimit 1400MiB)
+		--llm-models $(or $(LLM_MODELS),0) $(or $(ARGS),--history)
 
 dashboards:
 	api-token-exporter dashboards

@@ -832,8 +832,8 @@ def main(argv=None) -> int:
                    help="backfill a day (and an hour a week ago) of every per-token recorded series "
                         "before the run with rules, so their day-long and week-ago reads find data")
     p.add_argument("--gomemlimit", metavar="SIZE",
-                   help="GOMEMLIMIT for Prometheus (e.g. 1400MiB, as docker-compose.yml sets it): the Go "
-                        "heap is collected before it passes this, instead of at twice the live heap")
+                   help="GOMEMLIMIT for Prometheus (e.g. 1400MiB): the Go heap is collected before it "
+                        "passes this, instead of at twice the live heap")
     p.add_argument("--generate-timeout", type=float, default=1800)
     p.add_argument("--python", default=sys.executable, help="the interpreter with flask and pyyaml for the generator")
     p.add_argument("--prometheus", default=shutil.which("prometheus") or "prometheus")
