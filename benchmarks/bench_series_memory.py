@@ -10,8 +10,10 @@ daily and a monthly LLM budget in the key file, the default rate limits and, wit
    calls of metrics.py (``--driver metrics``: observe_request, set_windows, observe_llm and a
    ScrapeView render). Only public recording calls are used, never family names, so the same
    script measures any checkout.
-2. That text is served on 127.0.0.1 and scraped every 5 s by a real Prometheus (job
-   ``api-token-exporter``), without rules and with the checkout's prometheus/rules/*.yml.
+2. That text is served on 127.0.0.1 (its counters growing by the same traffic again every
+   scrape interval, so every rate is steady) and scraped every 15 s by a real Prometheus (job
+   ``api-token-exporter``), without rules and with the checkout's prometheus/rules/*.yml, each
+   group at its shipped interval; ``--history`` backfills a day of what the rules record first.
 3. Once prometheus_tsdb_head_series is stable for 3 reads, Prometheus's own RSS and Go heap in
    use are sampled for ``--sample-seconds``; the same is done for an empty target (baseline).
 
@@ -240,22 +242,21 @@ def count_series(text: str, n: int) -> dict:
 
 # -- 2. serving the text, and a real Prometheus scraping it --------------------------------------
 class TextServer:
-    """The text at /metrics on 127.0.0.1 (gzip when asked), threaded. With ``growing``, every
-    counter and histogram sample is its value times the number of scrapes so far: each scrape
-    adds the generated traffic again, so rates are not zero and ratios stay what they were."""
+    """The text at /metrics on 127.0.0.1 (gzip when asked), threaded. With ``every`` (seconds),
+    every counter and histogram sample is its value times the periods of ``every`` seconds since
+    the server started, plus one: the generated traffic again every period, so rates are steady
+    in time (whether a scrape came late or Prometheus was restarted) and ratios stay what they
+    were."""
 
-    def __init__(self, body: bytes, growing: bool = False):
-        scaled = _Growing(body) if growing and body else None
+    def __init__(self, body: bytes, every: Optional[float] = None):
+        scaled = _Growing(body) if every and body else None
         fixed = (body, gzip.compress(body, 1))
-        lock = threading.Lock()
-        scrapes = [0]
+        started = time.monotonic()
 
         def current():
             if scaled is None:
                 return fixed
-            with lock:
-                scrapes[0] += 1
-                return scaled.at(scrapes[0])
+            return scaled.at(1 + (time.monotonic() - started) / every)
 
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
@@ -287,7 +288,7 @@ class TextServer:
 
 
 class _Growing:
-    """The text with its counter and histogram samples multiplied by a scrape number."""
+    """The text with its counter and histogram samples multiplied by a growing factor."""
 
     def __init__(self, body: bytes):
         text = body.decode()
@@ -304,7 +305,7 @@ class _Growing:
             else:
                 self.parts.append((line, None))
 
-    def at(self, n: int):
+    def at(self, n: float):
         lines = [head if value is None else f"{head}{value * n:.17g}" for head, value in self.parts]
         plain = "\n".join(lines).encode()
         return plain, gzip.compress(plain, 1)
@@ -369,6 +370,7 @@ class Measurement:
     missed: float = 0.0                 # rule group iterations missed (evaluation slower than its interval)
     groups: Dict[str, dict] = field(default_factory=dict)   # per rule group: rules, series, alerts, eval_max
     slowest_rules: List[tuple] = field(default_factory=list)  # (seconds, group, rule) of the last evaluations
+    rule_costs: List[tuple] = field(default_factory=list)     # (group, rule, seconds, bytes allocated) alone
 
     def stat(self, name: str, how: str) -> float:
         values = getattr(self, name)
@@ -420,6 +422,37 @@ def group_series(base: str, m: Measurement) -> Dict[str, dict]:
                 alerts += len(r.get("alerts") or [])
         out[g["name"]] = {"rules": len(g["rules"]), "series": series, "alerts": alerts}
     return out
+
+
+def allocated_bytes(base: str) -> float:
+    text = http_get(base + "/metrics").decode()
+    return float(re.search(r"^go_memstats_alloc_bytes_total (\S+)$", text, re.M).group(1))
+
+
+def rule_costs(run: "PrometheusRun", at: float, repeat: int = 3) -> List[tuple]:
+    """Each rule of the run evaluated alone, as an instant query at ``at`` on a quiet Prometheus
+    over the run's data (no scrapes, no rules, nothing else allocating): the wall time and the
+    bytes its Go heap allocated (go_memstats_alloc_bytes_total before and after), the least of
+    ``repeat`` evaluations. What a rule allocates is what the garbage collector must catch up
+    with; what it holds while it runs sets how far the heap swings."""
+    import yaml
+    run.stop()
+    run.configure(None)
+    run.start()
+    costs = []
+    for path in run.rule_files:
+        with open(path) as fh:
+            for group in (yaml.safe_load(fh) or {}).get("groups") or []:
+                for rule in group.get("rules") or []:
+                    url = run.base + "/api/v1/query?" + urllib.parse.urlencode({"query": rule["expr"], "time": at})
+                    best = None
+                    for _ in range(repeat):
+                        before, started = allocated_bytes(run.base), time.perf_counter()
+                        http_get(url, 600)
+                        took = (time.perf_counter() - started, allocated_bytes(run.base) - before)
+                        best = min(best or took, took)
+                    costs.append((group["name"], rule.get("record") or rule.get("alert"), *best))
+    return costs
 
 
 def run_intervals(rules_dir: str, args) -> Dict[str, float]:
@@ -521,18 +554,22 @@ class PrometheusRun:
         self.log_path = os.path.join(work, "prometheus.log")
         self.data = os.path.join(work, "data")
         self.rule_files = rule_files
-        interval = f"{args.scrape_interval}s"
-        config = {
-            "global": {"scrape_interval": interval, "evaluation_interval": interval,
-                       "scrape_timeout": interval},
-            "rule_files": rule_files,
-            "scrape_configs": [{"job_name": JOB, "static_configs": [{"targets": [f"127.0.0.1:{target_port}"]}]}],
-        }
         self.cfg_path = os.path.join(work, "prometheus.yml")
-        with open(self.cfg_path, "w") as fh:
-            json.dump(config, fh)               # JSON is YAML
+        self.configure(target_port)
         self.proc = None
         self.base = ""
+
+    def configure(self, target_port: Optional[int]) -> None:
+        """Scrape the target with the rules; without a target, neither (a quiet Prometheus)."""
+        interval = f"{self.args.scrape_interval}s"
+        config = {"global": {"scrape_interval": interval, "evaluation_interval": interval,
+                             "scrape_timeout": interval}}
+        if target_port is not None:
+            config["rule_files"] = self.rule_files
+            config["scrape_configs"] = [{"job_name": JOB,
+                                         "static_configs": [{"targets": [f"127.0.0.1:{target_port}"]}]}]
+        with open(self.cfg_path, "w") as fh:
+            json.dump(config, fh)               # JSON is YAML
 
     def tail(self) -> str:
         with contextlib.suppress(OSError), open(self.log_path, errors="replace") as fh:
@@ -547,7 +584,7 @@ class PrometheusRun:
         port = free_port()
         self.base = f"http://127.0.0.1:{port}"
         with open(self.log_path, "ab") as out:
-            env = dict(os.environ, **({"GOMEMLIMIT": self.args.gomemlimit} if self.args.gomemlimit else {}))
+            env = dict(os.environ, **go_runtime_env(self.args))
             self.proc = subprocess.Popen([self.args.prometheus, f"--config.file={self.cfg_path}",
                                           f"--web.listen-address=127.0.0.1:{port}",
                                           f"--storage.tsdb.path={self.data}",
@@ -618,7 +655,7 @@ def measure_prometheus(body: bytes, rules_dir: Optional[str], label: str, args) 
     always stops it and removes its directory."""
     started = time.monotonic()
     work = tempfile.mkdtemp(prefix="ate-membench-prom-")
-    server = TextServer(body, growing=not args.static)
+    server = TextServer(body, every=None if args.static else args.scrape_interval)
     run = None
     try:
         rule_files = copy_rules(rules_dir, work, args) if rules_dir else []
@@ -676,6 +713,9 @@ def measure_prometheus(body: bytes, rules_dir: Optional[str], label: str, args) 
             for name, counts in group_series(base, m).items():
                 m.groups.setdefault(name, {"eval_max": 0.0}).update(counts)
         m.scrape_seconds = query(base, f'max(scrape_duration_seconds{{job="{JOB}"}})') or 0.0
+        if rule_files and body:
+            log(f"  {label}: each rule alone on a quiet Prometheus over this data")
+            m.rule_costs = rule_costs(run, time.time())
         m.seconds = time.monotonic() - started
         log(f"  {label}: RSS max {m.stat('rss', 'max') / MiB:.0f} MiB, heap in use max "
             f"{m.stat('heap', 'max') / MiB:.0f} MiB ({m.seconds:.0f} s)")
@@ -784,6 +824,35 @@ def group_table(results: List[Result], rules_dirs: Dict[str, str], args) -> str:
     return "\n".join(lines)
 
 
+def cost_table(results: List[Result], rules_dirs: Dict[str, str]) -> str:
+    """Per checkout and rule group, each rule evaluated alone: seconds and MiB allocated per
+    evaluation, and MiB allocated per second at the shipped interval; then the rules that
+    allocate the most per second."""
+    lines = ["| checkout | rule group | shipped interval | seconds per evaluation | MiB allocated per "
+             "evaluation | MiB allocated per second |", "|---|---|---:|---:|---:|---:|"]
+    top = []
+    for r in results:
+        shipped = shipped_intervals(rules_dirs[r.checkout])
+        groups: Dict[str, List[float]] = {}
+        for group, rule, seconds, allocated in r.rules.rule_costs:
+            g = groups.setdefault(group, [0.0, 0.0])
+            g[0] += seconds
+            g[1] += allocated
+            top.append((allocated / shipped.get(group, 15.0), r.checkout, group, rule, seconds, allocated))
+        for group, (seconds, allocated) in groups.items():
+            every = shipped.get(group, 15.0)
+            lines.append(f"| {r.checkout} | {group} | {every:g} s | {seconds:.2f} | {allocated / MiB:,.0f} | "
+                         f"{allocated / MiB / every:.1f} |")
+        lines.append(f"| {r.checkout} | all groups | | {sum(g[0] for g in groups.values()):.2f} | "
+                     f"{sum(g[1] for g in groups.values()) / MiB:,.0f} | "
+                     f"{sum(g[1] / shipped.get(n, 15.0) for n, g in groups.items()) / MiB:.1f} |")
+    lines += ["", "| checkout | rule group | rule | seconds | MiB allocated | MiB per second |",
+              "|---|---|---|---:|---:|---:|"]
+    for rate, checkout, group, rule, seconds, allocated in sorted(top, reverse=True)[:12 * len(results)]:
+        lines.append(f"| {checkout} | {group} | {rule} | {seconds:.2f} | {allocated / MiB:,.0f} | {rate / MiB:.1f} |")
+    return "\n".join(lines)
+
+
 def details(results: List[Result]) -> str:
     lines = ["| checkout | run | head series | RSS MiB max / median | heap in use MiB max / median "
              "| scrape s | slowest rule group s | missed evaluations | run s |",
@@ -800,6 +869,11 @@ def details(results: List[Result]) -> str:
                          f"{m.stat('heap', 'median') / MiB:,.0f} | {m.scrape_seconds:.2f} | "
                          f"{m.rule_seconds:.2f} | {m.missed:.0f} | {m.seconds:.0f} |")
     return "\n".join(lines)
+
+
+def go_runtime_env(args) -> Dict[str, str]:
+    """The Go runtime's settings for Prometheus that the run asks for (none: Go's defaults)."""
+    return {k: str(v) for k, v in (("GOGC", args.gogc), ("GOMEMLIMIT", args.gomemlimit)) if v is not None}
 
 
 def main(argv=None) -> int:
@@ -834,6 +908,9 @@ def main(argv=None) -> int:
     p.add_argument("--gomemlimit", metavar="SIZE",
                    help="GOMEMLIMIT for Prometheus (e.g. 1400MiB): the Go heap is collected before it "
                         "passes this, instead of at twice the live heap")
+    p.add_argument("--gogc", type=int, metavar="PERCENT",
+                   help="GOGC for Prometheus (Go's default 100: collect when the heap reaches twice what "
+                        "was live; the stack ships 50)")
     p.add_argument("--generate-timeout", type=float, default=1800)
     p.add_argument("--python", default=sys.executable, help="the interpreter with flask and pyyaml for the generator")
     p.add_argument("--prometheus", default=shutil.which("prometheus") or "prometheus")
@@ -859,8 +936,8 @@ def main(argv=None) -> int:
     version = subprocess.run([args.prometheus, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
     print(f"\n{args.tokens:,} tokens x {ROUTES} routes x GET x (200, 404), daily + monthly budgets, default "
           f"rate limits, {args.llm_models} LLM models; {args.driver} driver; counters "
-          f"{'static' if args.static else 'growing at every scrape'}; {version}"
-          f"{(', GOMEMLIMIT=' + args.gomemlimit) if args.gomemlimit else ''}; scrape every "
+          f"{'static' if args.static else 'growing by the traffic every scrape interval'}; {version}"
+          f"{''.join(f', {k}={v}' for k, v in go_runtime_env(args).items())}; scrape every "
           f"{args.scrape_interval} s; memory sampled for {args.sample_seconds:.0f} s with rules (30 s without)")
     scaled = "" if args.tokens == 10_000 else ", scaled to 10,000 tokens"
     print(f"\nMemory above the baseline (an empty target; with rules: the same rules), max of the samples{scaled}:\n")
@@ -881,6 +958,10 @@ def main(argv=None) -> int:
     for r in results:
         for seconds, group, rule in sorted(r.rules.slowest_rules, reverse=True)[:12]:
             print(f"| {r.checkout} | {group} | {rule} | {seconds:.2f} |")
+    print("\nEach rule alone (evaluated at the end of the run with rules, on a quiet Prometheus over its "
+          "data; the least of 3):\n")
+    print(cost_table(results, {r.checkout: os.path.join(os.path.realpath(c), "prometheus", "rules")
+                               for r, c in zip(results, checkouts)}))
     print("\nEvery Prometheus run:\n")
     print(details(results))
     print("\nGenerating the text: " + "; ".join(

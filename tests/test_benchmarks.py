@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from support import CHECKOUT, needs
+from support import CHECKOUT, needs, require_binary
 
 pytestmark = pytest.mark.integration
 
@@ -146,3 +146,50 @@ def test_geo_benchmark_measures_every_path():
                  "CountryResolver (MaxMind DB), every address new", "client_ip, no trusted proxies, every address new"):
         micro, rate = number(rows[name]["µs per call"]), number(rows[name]["calls per second"])
         assert 0 < micro < 10_000 and micro * rate == pytest.approx(1e6, rel=0.1), rows[name]   # the same figure twice
+
+
+@needs("prometheus", "slow")
+def test_series_memory_benchmark_measures_every_group_and_rule():
+    """A real Prometheus, tiny: the rules add at most 12 series per token (docs/scaling.md),
+    every group is timed in the run and every rule costed alone on a quiet Prometheus."""
+    require_binary("prometheus")
+    require_binary("promtool")
+    result = subprocess.run([sys.executable, os.path.join(CHECKOUT, "benchmarks", "bench_series_memory.py"),
+                             "--checkout", CHECKOUT, "--tokens", "20", "--history", "--scrape-interval", "5",
+                             "--longest-interval", "20", "--sample-seconds", "5"],
+                            capture_output=True, text=True, timeout=600, cwd=CHECKOUT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = result.stdout
+
+    def rows(header: str):
+        lines = out.splitlines()
+        start = next(i for i, line in enumerate(lines) if line.startswith(header))
+        heads = [c.strip() for c in lines[start].strip("|").split("|")]
+        found = []
+        for line in lines[start + 2:]:
+            if not line.startswith("|"):
+                break
+            found.append(dict(zip(heads, (c.strip() for c in line.strip("|").split("|")))))
+        return found
+
+    import yaml
+    shipped = set()
+    for path in os.listdir(os.path.join(CHECKOUT, "prometheus", "rules")):
+        with open(os.path.join(CHECKOUT, "prometheus", "rules", path)) as fh:
+            shipped |= {g["name"] for g in yaml.safe_load(fh)["groups"]}
+    groups = rows("| checkout | rule group | shipped interval | interval in the run")
+    assert {g["rule group"] for g in groups} == shipped | {"all groups"}
+    total = next(g for g in groups if g["rule group"] == "all groups")
+    # 12 per token, and a few per target or for the whole API (spread over 20 tokens here)
+    assert 20 <= number(total["per token"]) * 20 <= 12 * 20 + 8, total
+    for g in groups[:-1]:
+        assert number(g["slowest evaluation s"]) >= 0 and number(g["series recorded"]) >= 0, g
+    costs = rows("| checkout | rule group | shipped interval | seconds per evaluation")
+    assert {g["rule group"] for g in costs} == shipped | {"all groups"}
+    per_group = [g for g in costs if g["rule group"] != "all groups"]
+    every = next(g for g in costs if g["rule group"] == "all groups")
+    assert abs(sum(number(g["MiB allocated per second"]) for g in per_group)
+               - number(every["MiB allocated per second"])) <= 0.05 * len(per_group) + 0.01
+    assert number(every["MiB allocated per evaluation"]) > 0, every
+    runs = {r["run"]: r for r in rows("| checkout | run | head series")}
+    assert number(runs["20 tokens, rules"]["head series"]) > number(runs["20 tokens, no rules"]["head series"])
