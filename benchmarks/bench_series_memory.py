@@ -486,6 +486,27 @@ def copy_rules(rules_dir: str, work: str, args) -> List[str]:
 
 
 HISTORY_STEP = 900          # the anomaly baselines' subquery step (thresholds anomaly.baseline_step)
+# raw counters the pattern rules read at a few instants hours and days ago (the route mix, new
+# routes and countries): backfilled around each offset the rules name, not for the whole day
+RAW_HISTORY = ("apitoken_requests_total", "apitoken_requests_by_country_total")
+RAW_STEP = 300
+
+
+def raw_windows(rules_dir: str, now: int) -> List[tuple]:
+    """Time ranges around every ``offset`` in the rules up to 8 days, merged: from 10 minutes
+    before to 20 minutes after it (the run reads them for a quarter of an hour)."""
+    offsets = set()
+    for path in glob.glob(os.path.join(rules_dir, "*.yml")):
+        with open(path) as fh:
+            offsets |= {duration_seconds(o) for o in re.findall(r"offset (\w+)", fh.read())}
+    spans = sorted((now - int(o) - 600, now - int(o) + 1200) for o in offsets if 3600 <= o <= 8 * 86400)
+    merged: List[list] = []
+    for start, end in spans:
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return [tuple(span) for span in merged]
 
 
 def write_history(base: str, rules_dir: str, data_dir: str, args) -> int:
@@ -494,7 +515,9 @@ def write_history(base: str, rules_dir: str, data_dir: str, args) -> int:
     every per-token recording rule output (``token:...``) that Prometheus at ``base`` holds now,
     over the last day and around the same time a week ago, at the larger of its group's interval
     and 15 minutes, each value its current one times 0.85-1.15 (a steady history: the bands hold
-    the present, as on a quiet day; an ``increase<w>`` is its ``rate`` times the window). Blocks made by ``promtool tsdb create-blocks-from
+    the present, as on a quiet day; an ``increase<w>`` is its ``rate`` times the window); and the
+    raw request counters around each offset the rules read them at, as if every series had grown
+    at its present rate for 8 days. Blocks made by ``promtool tsdb create-blocks-from
     openmetrics`` in the data directory, read when Prometheus next starts. Returns the samples."""
     import random
     import yaml
@@ -524,7 +547,24 @@ def write_history(base: str, rules_dir: str, data_dir: str, args) -> int:
         if rates:
             window = duration_seconds(m.group(2))
             current[name] = {labels: value * window for labels, value in current[rates[0]].items()}
+    # the raw counters as if each series had grown at its present rate for 8 days
+    raw: Dict[str, Dict[str, float]] = {}
+    for name in RAW_HISTORY:
+        answer = json.loads(http_get(base + "/api/v1/query?" + urllib.parse.urlencode(
+            {"query": f"rate({name}[5m])"}), 120))
+        raw[name] = {",".join(f'{k}="{v}"' for k, v in sorted(item["metric"].items())): float(item["value"][1])
+                     for item in answer["data"]["result"]}
+    origin = now - 8 * 86400 - 3600
     with open(source, "w") as fh:
+        for name, rates in raw.items():
+            if not rates:
+                continue
+            fh.write(f"# TYPE {name.removesuffix('_total')} counter\n")
+            for labels, rate in rates.items():
+                for start, end in raw_windows(rules_dir, now):
+                    for t in range(start // RAW_STEP * RAW_STEP, end + 1, RAW_STEP):
+                        fh.write(f"{name}{{{labels}}} {rate * (t - origin):.6g} {t}\n")
+                        samples += 1
         for name, step in sorted(steps.items()):
             if not current[name]:
                 continue
@@ -666,7 +706,7 @@ def measure_prometheus(body: bytes, rules_dir: Optional[str], label: str, args) 
             made = time.monotonic()
             samples = write_history(run.base, rules_dir, run.data, args)
             run.stop()
-            log(f"  {label}: a day of the recorded series backfilled ({samples:,} samples, "
+            log(f"  {label}: a day of the recorded series and the raw counters at the rules' offsets backfilled ({samples:,} samples, "
                 f"{time.monotonic() - made:.0f} s); starting again")
             run.start()
             run.settle(rules_dir)
