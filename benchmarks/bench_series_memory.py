@@ -554,14 +554,14 @@ def write_history(base: str, rules_dir: str, data_dir: str, args) -> int:
             {"query": f"rate({name}[5m])"}), 120))
         raw[name] = {",".join(f'{k}="{v}"' for k, v in sorted(item["metric"].items())): float(item["value"][1])
                      for item in answer["data"]["result"]}
-    origin = now - 8 * 86400 - 3600
+    origin, spans = now - 8 * 86400 - 3600, raw_windows(rules_dir, now)
     with open(source, "w") as fh:
         for name, rates in raw.items():
             if not rates:
                 continue
             fh.write(f"# TYPE {name.removesuffix('_total')} counter\n")
             for labels, rate in rates.items():
-                for start, end in raw_windows(rules_dir, now):
+                for start, end in spans:
                     for t in range(start // RAW_STEP * RAW_STEP, end + 1, RAW_STEP):
                         fh.write(f"{name}{{{labels}}} {rate * (t - origin):.6g} {t}\n")
                         samples += 1
@@ -706,8 +706,8 @@ def measure_prometheus(body: bytes, rules_dir: Optional[str], label: str, args) 
             made = time.monotonic()
             samples = write_history(run.base, rules_dir, run.data, args)
             run.stop()
-            log(f"  {label}: a day of the recorded series and the raw counters at the rules' offsets backfilled ({samples:,} samples, "
-                f"{time.monotonic() - made:.0f} s); starting again")
+            log(f"  {label}: a day of the recorded series and the raw counters at the rules' offsets "
+                f"backfilled ({samples:,} samples, {time.monotonic() - made:.0f} s); starting again")
             run.start()
             run.settle(rules_dir)
         base = run.base
@@ -950,7 +950,7 @@ def main(argv=None) -> int:
                         "passes this, instead of at twice the live heap")
     p.add_argument("--gogc", type=int, metavar="PERCENT",
                    help="GOGC for Prometheus (Go's default 100: collect when the heap reaches twice what "
-                        "was live; the stack ships 50)")
+                        "was live; Prometheus 2.53 and later default to 75)")
     p.add_argument("--generate-timeout", type=float, default=1800)
     p.add_argument("--python", default=sys.executable, help="the interpreter with flask and pyyaml for the generator")
     p.add_argument("--prometheus", default=shutil.which("prometheus") or "prometheus")
