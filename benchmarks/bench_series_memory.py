@@ -377,6 +377,14 @@ class Measurement:
         return max(values) if how == "max" else statistics.median(values)
 
 
+def rule_groups(paths: List[str]):
+    """Every rule group of the rule files ``paths``, in order."""
+    import yaml
+    for path in paths:
+        with open(path) as fh:
+            yield from (yaml.safe_load(fh) or {}).get("groups") or []
+
+
 def shipped_intervals(rules_dir: str, default: float = 15.0) -> Dict[str, float]:
     """Each rule group's interval as shipped, in seconds: its own, or the evaluation_interval of
     the checkout's prometheus/prometheus.yml (``default`` without one)."""
@@ -385,12 +393,8 @@ def shipped_intervals(rules_dir: str, default: float = 15.0) -> Dict[str, float]
     with contextlib.suppress(OSError):
         with open(config) as fh:
             default = duration_seconds(((yaml.safe_load(fh) or {}).get("global") or {}).get("evaluation_interval", "15s"))
-    out = {}
-    for path in sorted(glob.glob(os.path.join(rules_dir, "*.yml"))):
-        with open(path) as fh:
-            for group in (yaml.safe_load(fh) or {}).get("groups") or []:
-                out[group["name"]] = duration_seconds(group["interval"]) if group.get("interval") else default
-    return out
+    return {group["name"]: duration_seconds(group["interval"]) if group.get("interval") else default
+            for group in rule_groups(sorted(glob.glob(os.path.join(rules_dir, "*.yml"))))}
 
 
 def duration_seconds(text: str) -> float:
@@ -425,8 +429,7 @@ def group_series(base: str, m: Measurement) -> Dict[str, dict]:
 
 
 def allocated_bytes(base: str) -> float:
-    text = http_get(base + "/metrics").decode()
-    return float(re.search(r"^go_memstats_alloc_bytes_total (\S+)$", text, re.M).group(1))
+    return self_metrics(base)["go_memstats_alloc_bytes_total"]
 
 
 def rule_costs(run: "PrometheusRun", at: float, repeat: int = 3) -> List[tuple]:
@@ -435,23 +438,20 @@ def rule_costs(run: "PrometheusRun", at: float, repeat: int = 3) -> List[tuple]:
     bytes its Go heap allocated (go_memstats_alloc_bytes_total before and after), the least of
     ``repeat`` evaluations. What a rule allocates is what the garbage collector must catch up
     with; what it holds while it runs sets how far the heap swings."""
-    import yaml
     run.stop()
     run.configure(None)
     run.start()
     costs = []
-    for path in run.rule_files:
-        with open(path) as fh:
-            for group in (yaml.safe_load(fh) or {}).get("groups") or []:
-                for rule in group.get("rules") or []:
-                    url = run.base + "/api/v1/query?" + urllib.parse.urlencode({"query": rule["expr"], "time": at})
-                    best = None
-                    for _ in range(repeat):
-                        before, started = allocated_bytes(run.base), time.perf_counter()
-                        http_get(url, 600)
-                        took = (time.perf_counter() - started, allocated_bytes(run.base) - before)
-                        best = min(best or took, took)
-                    costs.append((group["name"], rule.get("record") or rule.get("alert"), *best))
+    for group in rule_groups(run.rule_files):
+        for rule in group.get("rules") or []:
+            url = run.base + "/api/v1/query?" + urllib.parse.urlencode({"query": rule["expr"], "time": at})
+            best = None
+            for _ in range(repeat):
+                before, started = allocated_bytes(run.base), time.perf_counter()
+                http_get(url, 600)
+                took = (time.perf_counter() - started, allocated_bytes(run.base) - before)
+                best = min(best or took, took)
+            costs.append((group["name"], rule.get("record") or rule.get("alert"), *best))
     return costs
 
 
@@ -520,15 +520,12 @@ def write_history(base: str, rules_dir: str, data_dir: str, args) -> int:
     at its present rate for 8 days. Blocks made by ``promtool tsdb create-blocks-from
     openmetrics`` in the data directory, read when Prometheus next starts. Returns the samples."""
     import random
-    import yaml
     intervals = shipped_intervals(rules_dir)
     steps: Dict[str, int] = {}
-    for path in sorted(glob.glob(os.path.join(rules_dir, "*.yml"))):
-        with open(path) as fh:
-            for group in (yaml.safe_load(fh) or {}).get("groups") or []:
-                for rule in group.get("rules") or []:
-                    if rule.get("record", "").startswith("token:"):
-                        steps[rule["record"]] = int(max(HISTORY_STEP, intervals[group["name"]]))
+    for group in rule_groups(sorted(glob.glob(os.path.join(rules_dir, "*.yml")))):
+        for rule in group.get("rules") or []:
+            if rule.get("record", "").startswith("token:"):
+                steps[rule["record"]] = int(max(HISTORY_STEP, intervals[group["name"]]))
     now = int(time.time()) // HISTORY_STEP * HISTORY_STEP
     windows = [(now - 86400 - 3600, now - HISTORY_STEP), (now - 7 * 86400 - 7200, now - 7 * 86400 + 3600)]
     rng = random.Random(args.tokens)
@@ -943,7 +940,8 @@ def main(argv=None) -> int:
                    help="seconds: longer shipped intervals (the 1h group) run at this, so a run does "
                         "not wait an hour for their first evaluation")
     p.add_argument("--history", action="store_true",
-                   help="backfill a day (and an hour a week ago) of every per-token recorded series "
+                   help="backfill a day (and an hour a week ago) of every per-token recorded series, "
+                        "and the raw request counters around every offset the rules read them at, "
                         "before the run with rules, so their day-long and week-ago reads find data")
     p.add_argument("--gomemlimit", metavar="SIZE",
                    help="GOMEMLIMIT for Prometheus (e.g. 1400MiB): the Go heap is collected before it "
@@ -991,8 +989,9 @@ def main(argv=None) -> int:
           "evaluating them (missed evaluations below: a group slower than its interval).")
     print("\nPer rule group, with the rules (series recorded above the empty target's, per token; "
           "the slowest evaluation while sampling against the group's interval in this run):\n")
-    print(group_table(results, {r.checkout: os.path.join(os.path.realpath(c), "prometheus", "rules")
-                                for r, c in zip(results, checkouts)}, args))
+    rules_dirs = {r.checkout: os.path.join(os.path.realpath(c), "prometheus", "rules")
+                  for r, c in zip(results, checkouts)}
+    print(group_table(results, rules_dirs, args))
     print("\nThe slowest rules (their last evaluation), with the rules:\n")
     print("| checkout | rule group | rule | seconds |\n|---|---|---|---:|")
     for r in results:
@@ -1000,8 +999,7 @@ def main(argv=None) -> int:
             print(f"| {r.checkout} | {group} | {rule} | {seconds:.2f} |")
     print("\nEach rule alone (evaluated at the end of the run with rules, on a quiet Prometheus over its "
           "data; the least of 3):\n")
-    print(cost_table(results, {r.checkout: os.path.join(os.path.realpath(c), "prometheus", "rules")
-                               for r, c in zip(results, checkouts)}))
+    print(cost_table(results, rules_dirs))
     print("\nEvery Prometheus run:\n")
     print(details(results))
     print("\nGenerating the text: " + "; ".join(

@@ -22,18 +22,23 @@ def run(script, *args):
     return result.stdout
 
 
-def table(out: str, first_header: str):
-    """The Markdown table whose first column is ``first_header``: {first cell: {header: cell}}."""
+def rows(out: str, *first_headers: str):
+    """The rows of the Markdown table whose first columns are ``first_headers``: [{header: cell}]."""
     lines = out.splitlines()
-    start = next(i for i, l in enumerate(lines) if re.match(rf"\|\s*{re.escape(first_header)}\s*\|", l))
+    pattern = "".join(rf"\|\s*{re.escape(h)}\s*" for h in first_headers) + r"\|"
+    start = next(i for i, l in enumerate(lines) if re.match(pattern, l))
     headers = [c.strip() for c in lines[start].strip("|").split("|")]
-    rows = {}
+    found = []
     for line in lines[start + 2:]:
         if not line.startswith("|"):
             break
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        rows[cells[0]] = dict(zip(headers, cells))
-    return rows
+        found.append(dict(zip(headers, (c.strip() for c in line.strip("|").split("|")))))
+    return found
+
+
+def table(out: str, first_header: str):
+    """The Markdown table whose first column is ``first_header``: {first cell: {header: cell}}."""
+    return {row[first_header]: row for row in rows(out, first_header)}
 
 
 def number(cell: str) -> float:
@@ -161,35 +166,24 @@ def test_series_memory_benchmark_measures_every_group_and_rule():
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = result.stdout
 
-    def rows(header: str):
-        lines = out.splitlines()
-        start = next(i for i, line in enumerate(lines) if line.startswith(header))
-        heads = [c.strip() for c in lines[start].strip("|").split("|")]
-        found = []
-        for line in lines[start + 2:]:
-            if not line.startswith("|"):
-                break
-            found.append(dict(zip(heads, (c.strip() for c in line.strip("|").split("|")))))
-        return found
-
     import yaml
     shipped = set()
     for path in os.listdir(os.path.join(CHECKOUT, "prometheus", "rules")):
         with open(os.path.join(CHECKOUT, "prometheus", "rules", path)) as fh:
             shipped |= {g["name"] for g in yaml.safe_load(fh)["groups"]}
-    groups = rows("| checkout | rule group | shipped interval | interval in the run")
+    groups = rows(out, "checkout", "rule group", "shipped interval", "interval in the run")
     assert {g["rule group"] for g in groups} == shipped | {"all groups"}
     total = next(g for g in groups if g["rule group"] == "all groups")
     # 12 per token, and a few per target or for the whole API (spread over 20 tokens here)
     assert 20 <= number(total["per token"]) * 20 <= 12 * 20 + 8, total
     for g in groups[:-1]:
         assert number(g["slowest evaluation s"]) >= 0 and number(g["series recorded"]) >= 0, g
-    costs = rows("| checkout | rule group | shipped interval | seconds per evaluation")
+    costs = rows(out, "checkout", "rule group", "shipped interval", "seconds per evaluation")
     assert {g["rule group"] for g in costs} == shipped | {"all groups"}
     per_group = [g for g in costs if g["rule group"] != "all groups"]
     every = next(g for g in costs if g["rule group"] == "all groups")
     assert abs(sum(number(g["MiB allocated per second"]) for g in per_group)
                - number(every["MiB allocated per second"])) <= 0.05 * len(per_group) + 0.01
     assert number(every["MiB allocated per evaluation"]) > 0, every
-    runs = {r["run"]: r for r in rows("| checkout | run | head series")}
+    runs = {r["run"]: r for r in rows(out, "checkout", "run", "head series")}
     assert number(runs["20 tokens, rules"]["head series"]) > number(runs["20 tokens, no rules"]["head series"])
