@@ -134,8 +134,7 @@ def recording_rules(t: dict) -> List[dict]:
     """Per token and signal: the centre of each band the signal has (the median of the same hour
     yesterday and a week ago, the higher for the upper band and the lower for the lower, or the
     day's median) and the median absolute deviation (MAD) of the last day around its median,
-    from one value every ``anomaly.baseline_step`` (subqueries of the recorded signal); per
-    token the share of its requests that moved between routes."""
+    from one value every ``anomaly.baseline_step`` (subqueries of the recorded signal)."""
     a, x = t["anomaly"], Exprs(t)
     step, w = a["baseline_step"], t["rate_window"]
     rules = []
@@ -163,8 +162,6 @@ def recording_rules(t: dict) -> List[dict]:
         rules.append({"record": _name(signal, "mad1d"),
                       "expr": (f"quantile_over_time(0.5, abs({source} - on (token) "
                                f"quantile_over_time(0.5, ({source} >= 0){day} @ end())){day}){volume}")})
-    # the route mix reads every raw request series several times: once an interval, not a minute
-    rules.append({"record": "token:apitoken_anomaly_route_mix:divergence", "expr": route_shares_moved(t)})
     return [{"name": "apitoken.anomaly", "interval": a["interval"], "rules": rules}]
 
 
@@ -172,7 +169,14 @@ def route_shares_moved(t: dict, token: str = "") -> str:
     """Per token, the share of its requests that moved to other routes (total variation
     distance, 0 to 1) against the same hour yesterday and against the whole day before, the
     smaller of the two: a mix that changes every night at the same hour is expected. From the
-    raw counters at a few instants (a reset in between leaves that series out)."""
+    raw counters at a few instants (a reset in between leaves that series out).
+
+    The distance is 1 minus the overlap, the sum over routes of the smaller of the two shares,
+    each ``now * min(base / now, 1)``: both bases in one vector (a ``base`` label), so the raw
+    counters are read once per base and instant and twice now (the expression every 5 minutes
+    is the most expensive of the rules at 10,000 tokens: docs/scaling.md). The shares now are
+    over the token's recorded request rate. A token with requests the day before and no route
+    in common with either base moved all of them: 1."""
     w, x = t["rate_window"], Exprs(t, token)
     raw = x.sel("apitoken_requests_total")
 
@@ -181,14 +185,14 @@ def route_shares_moved(t: dict, token: str = "") -> str:
 
     def shares(counts: str) -> str:
         return f"({counts} / on (token) group_left sum by (token) ({counts}))"
-    now = shares(by_route(f"rate({raw}[{w}])"))
+    now = f"({by_route(f'rate({raw}[{w}])')} / on (token) group_left {x.sel(f'token:apitoken_requests:rate{w}')})"
     bases = {"hour": shares(by_route(f"({raw} offset 23h - {raw} offset 1d >= 0)")),
              "day": shares(by_route(f"({raw} offset 1h - {raw} offset 25h >= 0)"))}
-
-    def distance(base: str) -> str:
-        return f"0.5 * sum by (token) (abs(({now} or {base} * 0) - ({base} or {now} * 0)))"
-    return ("min without (base) (" + " or ".join(
-        f'label_replace({distance(b)}, "base", "{name}", "", "")' for name, b in bases.items()) + ")")
+    stacked = " or ".join(f'label_replace({b}, "base", "{name}", "", "")' for name, b in bases.items())
+    overlap = (f"sum by (token, base) ({now} * on (token, route) group_right "
+               f"clamp_max(({stacked}) / on (token, route) group_left () ({now} > 0), 1))")
+    busy_before = f"sum_over_time({x.sel('token:apitoken_requests:increase1h')}[1d] offset 1h) > 0"
+    return f"1 - max by (token) ({overlap}) or on (token) ({busy_before}) * 0 + 1"
 
 
 def _band_text(t: dict, signal: str, side: str, show) -> str:
@@ -256,12 +260,18 @@ def alert_rules(t: dict, alert) -> List[dict]:
                          extra_labels={"anomaly": kind.lower(), "direction": direction},
                          value=f"{show()}{unit}")
             rules.append(rule)
-    rules += pattern_alerts(t, alert, learned)
-    for rule in rules:
+    new_route, mix, new_country = pattern_alerts(t, alert, learned)
+    rules.append(mix)
+    for rule in rules + [new_route, new_country]:
         rule["keep_firing_for"] = a["keep_firing_for"]
         if link:
             rule["annotations"]["dashboard"] = f"{link}/d/ate-token?var-token={{{{ $labels.token }}}}"
-    return [{"name": "apitoken.anomaly.alerts", "interval": "1m", "rules": rules}]
+    # what reads the raw per-route and per-country counters (each rule reads all of them several
+    # times, seconds at 10,000 tokens) runs once an anomaly interval, in a group of its own
+    patterns = [{"record": "token:apitoken_anomaly_route_mix:divergence", "expr": route_shares_moved(t)},
+                new_route, new_country]
+    return [{"name": "apitoken.anomaly.alerts", "interval": "1m", "rules": rules},
+            {"name": "apitoken.anomaly.patterns", "interval": a["interval"], "rules": patterns}]
 
 
 def _seen_before(series: str, by: str, memory: str) -> str:
