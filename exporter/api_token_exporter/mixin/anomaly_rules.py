@@ -24,8 +24,9 @@ the learning period behind it (a spread recorded that long ago), ``for``, and en
 
 Usage patterns and countries are read from the raw per-token counters, at a few instants: a
 route or a country whose counter was 0 or absent hours, days and weeks ago, and a mix of routes
-unlike both the same hour yesterday and the day before. Nothing is recorded per route or
-country (docs/scaling.md: what the rules cost at 10,000 tokens).
+unlike both the same hour yesterday and the day before, in a group of their own every
+``anomaly.interval`` (they read every raw request series several times). Nothing is recorded
+per route or country (docs/scaling.md: what the rules cost at 10,000 tokens).
 """
 from __future__ import annotations
 
