@@ -167,3 +167,38 @@ def test_each_anomaly_fires_and_nothing_else(tmp_path):
     result = subprocess.run([require_binary("promtool"), "test", "rules", str(path)], capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
+
+
+def test_route_mix_is_the_share_of_requests_that_moved(tmp_path):
+    """The shipped route-mix expression alone, on 26 hours of counters that change at 25h50m,
+    with the per-token rate and hourly increase it reads given: the same mix 0, half the traffic
+    moved 0.5, every request on routes neither base had 1, a token with no day before none."""
+    groups = yaml.safe_load(open(RULES[1]))["groups"]
+    mix = [r for g in groups for r in g["rules"] if r.get("record") == "token:apitoken_anomaly_route_mix:divergence"]
+    (tmp_path / "mix.yml").write_text(yaml.safe_dump({"groups": [{"name": "mix", "rules": mix}]}))
+    switch, end = 1550, 1560                 # minutes: the mix changes at 25h50m, read at 26h
+
+    def series(token, route, values):
+        return {"series": f'apitoken_requests_total{{{LABELS},token="{token}",route="{route}",method="GET",'
+                          f'code="200"}}', "values": values}
+    steady, stops = f"0+60x{end}", f"0+60x{switch} {60 * switch}+0x{end - switch - 1}"
+    starts = f"_x{switch} 60+60x{end - switch - 1}"
+    inputs = [series("same", "/a", steady), series("same", "/b", steady),
+              series("half", "/a", f"0+60x{switch} {60 * switch + 120}+120x{end - switch - 1}"),
+              series("half", "/b", stops),
+              series("moved", "/a", stops), series("moved", "/c", starts),
+              series("new", "/a", starts)]
+    for token, per_second in (("same", 2), ("half", 2), ("moved", 1)):
+        inputs += [{"series": f'token:apitoken_requests:rate5m{{token="{token}"}}', "values": f"{per_second}x{end}"},
+                   {"series": f'token:apitoken_requests:increase1h{{token="{token}"}}',
+                    "values": f"{per_second * 3600}x{end}"}]
+    inputs.append({"series": 'token:apitoken_requests:rate5m{token="new"}', "values": f"_x{switch} 1x{end - switch - 1}"})
+    check = {"expr": "round(token:apitoken_anomaly_route_mix:divergence, 0.001)", "eval_time": f"{end}m",
+             "exp_samples": [{"labels": f'{{token="{t}"}}',
+                              "value": v} for t, v in (("same", 0), ("half", 0.5), ("moved", 1))]}
+    doc = {"rule_files": ["mix.yml"], "evaluation_interval": "1m",
+           "tests": [{"interval": "1m", "input_series": inputs, "promql_expr_test": [check]}]}
+    (tmp_path / "mix_test.yml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    result = subprocess.run([require_binary("promtool"), "test", "rules", "mix_test.yml"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
