@@ -43,15 +43,16 @@ bench:
 
 # Prometheus series and memory of the per-token metrics (benchmarks/bench_series_memory.py), the
 # revision OLD (a temporary git worktree) against the working tree; minutes, so not in bench or
-# test, about an hour at the rules' shipped intervals: [OLD=c980e1f] [TOKENS=10000] [LLM_MODELS=0|2]
-# [ARGS="..." instead of the default --history: a day of the recorded series and the raw
-# counters at the rules' offsets backfilled]
+# test, about 70 minutes at the rules' shipped intervals: [OLD=c980e1f] [TOKENS=10000] [LLM_MODELS=0|2]
+# [ARGS="..." instead of the default: --history, a day of the recorded series and the raw
+# counters at the rules' offsets backfilled; --settle-timeout 900, as the former layout's rules
+# take minutes to evaluate once over that history]
 bench-memory:
 	@tmp=$$(mktemp -d) && trap 'git worktree remove --force "$$tmp/old" >/dev/null 2>&1; rm -rf "$$tmp"; git worktree prune' EXIT && \
 	trap 'exit 130' INT TERM && \
 	git worktree add --detach -q "$$tmp/old" $(or $(OLD),c980e1f) && \
 	$(VPY) benchmarks/bench_series_memory.py --compare "$$tmp/old" . --tokens $(or $(TOKENS),10000) \
-		--llm-models $(or $(LLM_MODELS),0) $(or $(ARGS),--history)
+		--llm-models $(or $(LLM_MODELS),0) $(or $(ARGS),--history --settle-timeout 900)
 
 dashboards:
 	api-token-exporter dashboards
