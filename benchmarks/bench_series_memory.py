@@ -872,17 +872,16 @@ def cost_table(results: List[Result], rules_dirs: Dict[str, str]) -> str:
         shipped = shipped_intervals(rules_dirs[r.checkout])
         groups: Dict[str, List[float]] = {}
         for group, rule, seconds, allocated in r.rules.rule_costs:
-            g = groups.setdefault(group, [0.0, 0.0])
+            g = groups.setdefault(group, [0.0, 0.0, 0.0])     # seconds, bytes, bytes per second
             g[0] += seconds
             g[1] += allocated
-            top.append((allocated / shipped.get(group, 15.0), r.checkout, group, rule, seconds, allocated))
-        for group, (seconds, allocated) in groups.items():
-            every = shipped.get(group, 15.0)
-            lines.append(f"| {r.checkout} | {group} | {every:g} s | {seconds:.2f} | {allocated / MiB:,.0f} | "
-                         f"{allocated / MiB / every:.1f} |")
-        lines.append(f"| {r.checkout} | all groups | | {sum(g[0] for g in groups.values()):.2f} | "
-                     f"{sum(g[1] for g in groups.values()) / MiB:,.0f} | "
-                     f"{sum(g[1] / shipped.get(n, 15.0) for n, g in groups.items()) / MiB:.1f} |")
+            g[2] += allocated / shipped[group]
+            top.append((allocated / shipped[group], r.checkout, group, rule, seconds, allocated))
+        for group, (seconds, allocated, per_second) in groups.items():
+            lines.append(f"| {r.checkout} | {group} | {shipped[group]:g} s | {seconds:.2f} | "
+                         f"{allocated / MiB:,.0f} | {per_second / MiB:.1f} |")
+        total = [sum(column) for column in zip(*groups.values())] or [0.0, 0.0, 0.0]
+        lines.append(f"| {r.checkout} | all groups | | {total[0]:.2f} | {total[1] / MiB:,.0f} | {total[2] / MiB:.1f} |")
     lines += ["", "| checkout | rule group | rule | seconds | MiB allocated | MiB per second |",
               "|---|---|---|---:|---:|---:|"]
     for rate, checkout, group, rule, seconds, allocated in sorted(top, reverse=True)[:12 * len(results)]:

@@ -186,13 +186,14 @@ def route_shares_moved(t: dict, token: str = "") -> str:
 
     def shares(counts: str) -> str:
         return f"({counts} / on (token) group_left sum by (token) ({counts}))"
-    now = f"({by_route(f'rate({raw}[{w}])')} / on (token) group_left {x.sel(f'token:apitoken_requests:rate{w}')})"
+    now = f"({by_route(f'rate({raw}[{w}])')} / on (token) group_left {x.source('requests')})"
     bases = {"hour": shares(by_route(f"({raw} offset 23h - {raw} offset 1d >= 0)")),
              "day": shares(by_route(f"({raw} offset 1h - {raw} offset 25h >= 0)"))}
     stacked = " or ".join(f'label_replace({b}, "base", "{name}", "", "")' for name, b in bases.items())
     overlap = (f"sum by (token, base) ({now} * on (token, route) group_right "
                f"clamp_max(({stacked}) / on (token, route) group_left () ({now} > 0), 1))")
-    busy_before = f"sum_over_time({x.sel('token:apitoken_requests:increase1h')}[1d] offset 1h) > 0"
+    hourly = x.sel(f"token:apitoken_requests:increase{t['coarse_window']}")
+    busy_before = f"sum_over_time({hourly}[1d] offset 1h) > 0"
     return f"1 - max by (token) ({overlap}) or on (token) ({busy_before}) * 0 + 1"
 
 
