@@ -229,8 +229,9 @@ def test_workers_end_with_a_killed_master_and_a_restart_gets_the_port_and_the_co
 @needs("server")
 def test_sigterm_drains_keep_alive_clients_without_resetting_a_request(tmp_path, keys):
     """SIGTERM under load from kept-alive clients: every request sent is answered (the last ones
-    with Connection: close), then new connections are refused; no request is reset, and what
-    was acknowledged is exactly what the next run counts."""
+    with Connection: close, and the clients reconnect at once), then new connections are refused;
+    no request is reset, neither on a kept-alive connection nor on one the kernel completed as
+    the listener closed, and what was acknowledged is exactly what the next run counts."""
     import threading
     state = tmp_path / "state"
     env = {"ATE_INGEST_TOKEN": "in"}
@@ -253,7 +254,7 @@ def test_sigterm_drains_keep_alive_clients_without_resetting_a_request(tmp_path,
                 refused.append(1)
                 return
             except (ConnectionResetError, BrokenPipeError, http.client.RemoteDisconnected) as exc:
-                resets.append(type(exc).__name__)
+                resets.append((type(exc).__name__, "new connection" if fresh else "kept alive"))
                 conn.close()
                 continue
             acknowledged.append(answer["accepted"])
@@ -278,6 +279,27 @@ def test_sigterm_drains_keep_alive_clients_without_resetting_a_request(tmp_path,
     finally:
         again.send_signal(signal.SIGTERM)
         again.wait(timeout=60)
+
+
+@needs("server")
+def test_workers_replaced_by_a_reload_leave_the_port_accepting(tmp_path, keys):
+    """SIGHUP replaces the workers (each old one told to stop, as on SIGTERM) while the master
+    keeps the listener: new connections go on being answered, and only the master's own stop
+    refuses them."""
+    proc, port = start_serve(tmp_path, "--workers", "2", "--keys-file", keys[0])
+    children = lambda: set(subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                          text=True).stdout.split())
+    first = wait_for("two workers", lambda: len(children()) == 2 and children(), timeout=30)
+    proc.send_signal(signal.SIGHUP)
+    wait_for("two new workers", lambda: (lambda now: len(now) == 2 and not now & first)(children()),
+             timeout=30, interval=0.05)
+    for _ in range(20):               # fresh connections, one per request
+        assert requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5,
+                            headers={"Connection": "close"}).status_code == 200
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
 
 
 @needs("server")

@@ -34,6 +34,7 @@ def run_gunicorn(factory: str, host: str, port: int, workers: int = 1, threads: 
     from gunicorn.util import import_app
 
     from . import gunicorn_conf
+    from .drain import DrainingArbiter
 
     class Server(BaseApplication):
         def load_config(self):
@@ -48,6 +49,12 @@ def run_gunicorn(factory: str, host: str, port: int, workers: int = 1, threads: 
 
         def load(self):
             return import_app(factory)
+
+        def run(self):
+            try:
+                DrainingArbiter(self).run()
+            except RuntimeError as exc:
+                raise SystemExit(f"error: {exc}")
 
     try:
         Server().run()

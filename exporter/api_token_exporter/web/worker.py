@@ -10,15 +10,20 @@ per worker a request is answered 503 at once. Heads are at most 16 KiB (h11's li
 On SIGTERM the worker stops accepting and drains: a request in flight is answered with
 ``Connection: close``, and so is one that comes on an idle kept-alive connection within
 ``DRAIN_IDLE`` seconds (uvicorn would close those at once, resetting a client whose next request
-is already on its way); then the worker exits, within gunicorn's graceful timeout.
+is already on its way), and so is the first request of a connection accepted while draining
+(drain.py: how the listener closes); then the worker exits, within gunicorn's graceful timeout.
 """
 from __future__ import annotations
 
+import sys
+
+from gunicorn.arbiter import Arbiter
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn_worker import UvicornWorker
 
 from ..core.config import load_settings
 from .bridge import DRAINING, WsgiBridge
+from .drain import DrainingServer
 
 DRAIN_IDLE = 1.0
 CLOSE = (b"connection", b"close")
@@ -35,6 +40,8 @@ class HeadTimeoutProtocol(H11Protocol):
     def connection_made(self, transport):
         super().connection_made(transport)
         self.arm_head_timer()
+        if DRAINING.is_set():              # accepted as the worker began to stop
+            self.shutdown()
 
     def on_response_complete(self):
         super().on_response_complete()
@@ -101,6 +108,15 @@ class ServingWorker(UvicornWorker):
         config.timeout_graceful_shutdown = self.cfg.graceful_timeout
         config.access_log = bool(self.cfg.accesslog)
         self.body_timeout = settings.http_body_timeout
+
+    async def _serve(self):
+        """UvicornWorker._serve with the draining server."""
+        self.config.app = self.wsgi
+        server = DrainingServer(config=self.config)
+        self._install_sigquit_handler()
+        await server.serve(sockets=self.sockets)
+        if not server.started:
+            sys.exit(Arbiter.WORKER_BOOT_ERROR)
 
     def load_wsgi(self):
         super().load_wsgi()
