@@ -259,6 +259,7 @@ class Metrics:
         self.upstream = {f.name: f for f in upstream}       # recorded by credential_pool.py
         self.store = Store(families, directory, capacity or DEFAULT_CAPACITY)
         self._window_slots = {}
+        self._limit_slots = {}        # token -> (plan, the gauge slots of each of its windows)
         self._request_slots = {}
         self._configured: tuple = ()
 
@@ -304,6 +305,7 @@ class Metrics:
     def _reopened(self) -> None:
         """After fork: the parent's slots mean nothing in the child's new file."""
         self._window_slots.clear()
+        self._limit_slots.clear()
         self._request_slots.clear()
         self._count_combinations()
         for guard in (self.tokens, self.routes, self.models, self.services, self.clients, self.alertnames):
@@ -407,6 +409,18 @@ class Metrics:
                 if slots is None:
                     slots = self._new_window_slots(token, w.window)
                 store.set_recent3(slots, w.limit, w.remaining, w.reset_at, now)
+
+    def set_limits(self, token: str, decision, now: float) -> None:
+        """A rate-limit decision's windows (limit, remaining, reset time), as of ``now``."""
+        plan = decision.plan
+        cached = self._limit_slots.get(token)
+        store = self.store
+        with store.lock:
+            if cached is None or cached[0] is not plan:
+                cached = (plan, tuple(self._new_window_slots(token, window) for window, _, _ in plan))
+                if self.tokens.admit(token, count=False) == token:     # an overflowed token is not remembered
+                    self._limit_slots[token] = cached
+            store.set_limits(cached[1], plan, decision.values, now)
 
     def _new_window_slots(self, token: str, window: str) -> tuple:
         key = (self.tokens.admit(token), window)

@@ -48,11 +48,25 @@ class WindowState:
 
 
 class Decision:
-    __slots__ = ("allowed", "windows", "refused_by", "plan")
+    """One request's charge. ``values`` holds each window's remaining requests and reset time,
+    flat and in plan order (remaining, reset_at, remaining, reset_at, ...): what the headers and
+    the gauges read on every request, without an object per window; ``refused`` is the index
+    of the window that refused the request, or -1."""
+    __slots__ = ("allowed", "plan", "values", "refused")
 
-    def __init__(self, allowed: bool, windows: List[WindowState], refused_by: Optional[WindowState],
-                 plan: "Plan" = ()):
-        self.allowed, self.windows, self.refused_by, self.plan = allowed, windows, refused_by, plan
+    def __init__(self, plan: "Plan", values: List[float], refused: int = -1):
+        self.plan, self.values, self.refused = plan, values, refused
+        self.allowed = refused < 0
+
+    @property
+    def windows(self) -> List[WindowState]:
+        values = self.values
+        return [WindowState(window, limit, values[2 * i], values[2 * i + 1])
+                for i, (window, limit, _) in enumerate(self.plan)]
+
+    @property
+    def refused_by(self) -> Optional[WindowState]:
+        return None if self.refused < 0 else self.windows[self.refused]
 
 
 Plan = Tuple[Tuple[str, int, int], ...]       # (window, limit, seconds), in window order
@@ -69,8 +83,8 @@ class MemoryBackend:
         self._next_sweep = 0.0
 
     def hit(self, token: str, plan: Plan, now: float) -> Decision:
-        windows: List[WindowState] = []
-        refused = None
+        values: List[float] = []
+        refused = -1
         counters = self._counters
         with self._lock:
             entries = counters.get(token)
@@ -81,23 +95,21 @@ class MemoryBackend:
                 if entry is None:
                     entry = entries[window] = [0, 0.0]
                 if entry[1] <= now:                  # expired, or never started
-                    if refused is not None:          # not charged: the window has not started
-                        windows.append(WindowState(window, limit, limit, now + seconds))
+                    if refused >= 0:                 # not charged: the window has not started
+                        values += (limit, now + seconds)
                         continue
                     entry[0], entry[1] = 0, now + seconds
-                if refused is None:
-                    entry[0] += 1
-                    state = WindowState(window, limit, max(0, limit - entry[0]), entry[1])
-                    if entry[0] > limit:
-                        refused = state
-                else:
-                    state = WindowState(window, limit, max(0, limit - entry[0]), entry[1])
-                windows.append(state)
+                count = entry[0]
+                if refused < 0:
+                    count = entry[0] = count + 1
+                    if count > limit:
+                        refused = len(values) >> 1
+                values += (limit - count if count < limit else 0, entry[1])
             if now >= self._next_sweep:              # forget windows that ended, once a minute
                 self._next_sweep = now + 60.0
                 for k in [k for k, e in counters.items() if all(x[1] <= now for x in e.values())]:
                     del counters[k]
-        return Decision(refused is None, windows, refused, plan)
+        return Decision(plan, values, refused)
 
     def reset(self) -> None:
         with self._lock:
@@ -144,17 +156,14 @@ def redis_call(token: str, plan: Plan) -> Tuple[List[str], List[int]]:
 
 def redis_decision(reply, plan: Plan, now: float) -> Decision:
     """HIT_SCRIPT's reply (count and TTL of every window) as a Decision."""
-    windows: List[WindowState] = []
-    refused = None
-    charging = True
+    values: List[float] = []
+    refused = -1
     for i, (window, limit, seconds) in enumerate(plan):
         count, ttl_ms = int(reply[2 * i]), int(reply[2 * i + 1])
-        reset_at = now + ttl_ms / 1000.0 if ttl_ms >= 0 else now + seconds
-        state = WindowState(window, limit, max(0, limit - count), reset_at)
-        if charging and count > limit:
-            refused, charging = state, False
-        windows.append(state)
-    return Decision(refused is None, windows, refused, plan)
+        values += (max(0, limit - count), now + ttl_ms / 1000.0 if ttl_ms >= 0 else now + seconds)
+        if refused < 0 and count > limit:
+            refused = i
+    return Decision(plan, values, refused)
 
 
 class RedisBackend:

@@ -111,9 +111,9 @@ class UsageCore:
         return None
 
     def _decided(self, key: ApiKey, decision: Decision, now: float) -> Decision:
-        self.metrics.set_windows(key.id, decision.windows, now)
+        self.metrics.set_limits(key.id, decision, now)
         if not decision.allowed:
-            self.metrics.observe_rate_limited(key.id, decision.refused_by.window)
+            self.metrics.observe_rate_limited(key.id, decision.plan[decision.refused][0])
         return decision
 
     # -- recording ---------------------------------------------------------------------------

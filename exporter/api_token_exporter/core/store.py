@@ -378,6 +378,18 @@ class Store:
         v[c] = z
         v[a + 1] = v[b + 1] = v[c + 1] = now
 
+    def set_limits(self, slots: Sequence[Tuple[int, int, int]], plan, values: Sequence[float], now: float) -> None:
+        """Each window of a rate-limit plan into its three gauge_recent slots: the limit, then
+        remaining and reset time from ``values`` (flat, as a Decision holds them)."""
+        v = self.values
+        i = 0
+        for (a, b, c), (_, limit, _) in zip(slots, plan):
+            v[a] = limit
+            v[b] = values[i]
+            v[c] = values[i + 1]
+            v[a + 1] = v[b + 1] = v[c + 1] = now
+            i += 2
+
     def set_recent(self, slot: int, value: float, now: float) -> None:
         """One gauge_recent series, stamped ``now`` (the newest write wins across processes)."""
         v = self.values

@@ -103,38 +103,44 @@ def _limited(key: ApiKey, decision: Optional[Decision], now: float) -> Admission
     headers = rate_limit_headers(decision, now)
     if decision.allowed:
         return key, key.id, None, headers
-    refused = decision.refused_by
-    wait = refused.reset_in(now)
-    return key, key.id, Refusal(429, f"Rate limit exceeded for {refused.window}. Try again in {wait} seconds",
+    refused = decision.refused
+    window = decision.plan[refused][0]
+    wait = max(0, math.ceil(decision.values[2 * refused + 1] - now))
+    return key, key.id, Refusal(429, f"Rate limit exceeded for {window}. Try again in {wait} seconds",
                                 headers + [("Retry-After", str(wait))]), headers
 
 
-_STATIC_HEADERS: Dict[tuple, tuple] = {}
+_STATIC_HEADERS: Dict[int, tuple] = {}
 
 
 def _static_headers(plan) -> tuple:
-    """What a limit plan makes constant: names, limits and the RateLimit-Policy value."""
-    static = _STATIC_HEADERS.get(plan)
-    if static is None:
+    """What a limit plan makes constant: names, limits and the RateLimit-Policy value. Found by
+    the plan's identity (a limiter makes one plan object per set of limits and keeps it)."""
+    static = _STATIC_HEADERS.get(id(plan))
+    if static is None or static[0] is not plan:
         per_window = tuple((f"X-RateLimit-{w.capitalize()}-Limit", str(limit),
                             f"X-RateLimit-{w.capitalize()}-Remaining", f"X-RateLimit-{w.capitalize()}-Reset",
                             f'"{w}";r=') for w, limit, _ in plan)
         policy = ", ".join(f'"{w}";q={limit};w={seconds}' for w, limit, seconds in plan)
-        static = _STATIC_HEADERS[plan] = (per_window, ("RateLimit-Policy", policy))
+        static = _STATIC_HEADERS[id(plan)] = (plan, per_window, ("RateLimit-Policy", policy))
     return static
 
 
 def rate_limit_headers(decision: Decision, now: float) -> Headers:
     """The X-RateLimit-{Window}-{Limit,Remaining,Reset} headers (Reset in seconds) and the IETF
     draft-ietf-httpapi-ratelimit-headers-10 RateLimit-Policy / RateLimit fields."""
-    if not decision.windows:
+    if not decision.plan:
         return []
-    per_window, policy = _static_headers(decision.plan)
+    _, per_window, policy = _static_headers(decision.plan)
+    values = decision.values
     headers: Headers = []
     current = []
-    for s, (limit_name, limit, remaining_name, reset_name, item) in zip(decision.windows, per_window):
-        reset = str(s.reset_in(now))
-        remaining = str(s.remaining)
+    i = 0
+    for limit_name, limit, remaining_name, reset_name, item in per_window:
+        remaining = str(values[i])
+        reset_at = values[i + 1] - now
+        reset = str(math.ceil(reset_at) if reset_at > 0 else 0)
+        i += 2
         headers += ((limit_name, limit), (remaining_name, remaining), (reset_name, reset))
         current.append(f"{item}{remaining};t={reset}")
     headers.append(policy)
