@@ -112,21 +112,35 @@ def _from_events(text: str, model_hint: Optional[str]) -> Optional[Found]:
     return found
 
 
+def media_type(content_type: str) -> str:
+    return (content_type or "").split(";", 1)[0].strip().lower()
+
+
+def carries_usage(content_type: str) -> bool:
+    """Whether a body of this Content-Type can report usage (JSON or server-sent events): the
+    middleware keeps no copy of any other body."""
+    kind = media_type(content_type)
+    return kind == "text/event-stream" or kind == "application/json" or kind.endswith("+json")
+
+
+# every usage report holds one of these keys, as such or, in JSON, with \u escapes
+_MARKERS = (b"usage", b"billed_units", b"\\u")
+
+
 def extract_usage(content_type: str, body: bytes, model_hint: Optional[str] = None) -> Optional[Found]:
     """Usage reported in a response body, or None if it carries none."""
-    content_type = (content_type or "").split(";", 1)[0].strip().lower()
+    if not carries_usage(content_type) or not any(marker in body for marker in _MARKERS):
+        return None                      # most answers of an API: no parse at all
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError:
         return None
-    if content_type == "text/event-stream":
+    if media_type(content_type) == "text/event-stream":
         return _from_events(text, model_hint)
-    if content_type == "application/json" or content_type.endswith("+json"):
-        try:
-            return _from_object(json.loads(text), model_hint)
-        except ValueError:
-            return None
-    return None
+    try:
+        return _from_object(json.loads(text), model_hint)
+    except ValueError:
+        return None
 
 
-__all__: List[str] = ["extract_usage", "Found"]
+__all__: List[str] = ["extract_usage", "carries_usage", "Found"]

@@ -13,7 +13,7 @@ import time
 from typing import Dict, Iterable, Optional, Tuple
 
 from .config import Settings
-from .keystore import KEY_PREFIX, ApiKey, KeyStore, last_good_copy, well_formed_key
+from .keystore import KEY_PREFIX, MAX_KEY_LENGTH, ApiKey, KeyStore, last_good_copy
 from .live import RequestFeed
 from .llmcapture import extract_usage
 from .metrics import UNAUTHENTICATED, Metrics, ScrapeView
@@ -57,7 +57,7 @@ class UsageCore:
         """(key, None) for a usable key, else (key or None, refusal reason)."""
         if not raw:
             return None, "missing"
-        if not well_formed_key(raw):
+        if len(raw) > MAX_KEY_LENGTH:         # not worth hashing; any other unknown value: no key has its hash
             return None, "invalid"
         key, previous = self.keystore.lookup_secret(raw)
         if key is None:
@@ -68,7 +68,7 @@ class UsageCore:
             self.metrics.old_secret_used(key.id)
         if not key.active:
             return key, "inactive"
-        if key.expired():
+        if key.expires_at is not None and key.expired():
             return key, "expired"
         return key, None
 
@@ -90,8 +90,13 @@ class UsageCore:
         ``open`` (the request goes through, counted). In ``closed`` mode StorageUnavailable
         reaches the caller (a 503); in ``local`` mode this process's memory limits answer. The
         circuit breaker logs each change of state; requests are not logged one by one."""
+        plan = key.__dict__.get("_ate_plan") or self._plan(key)
+        limiter = self.limiter
         try:
-            decision = self.limiter.hit_plan(key.id, self._plan(key), now)
+            if limiter.shared:
+                decision = limiter.hit_plan(key.id, plan, now)
+            else:                                  # memory: no breaker, no failure mode
+                decision = limiter.backend.hit(key.id, plan, now)
         except StorageUnavailable as exc:
             return self._storage_unavailable(exc)
         return self._decided(key, decision, now)
@@ -129,9 +134,12 @@ class UsageCore:
                        duration: float, now: Optional[float] = None) -> None:
         """One request: ``token`` is the key id, or None for a missing or unknown key. It is
         counted in the store and written to the live feed."""
-        now = time.time() if now is None else now
-        self.metrics.observe_request(token if token is not None else UNAUTHENTICATED, route, method,
-                                     code, duration, authenticated=token is not None, now=now)
+        if now is None:
+            now = time.time()
+        if token is None:
+            self.metrics.observe_request(UNAUTHENTICATED, route, method, code, duration, False, now)
+        else:
+            self.metrics.observe_request(token, route, method, code, duration, True, now)
         self.feed.record(now, token, method, route, code, duration)
 
     def is_a_key(self, value: str) -> bool:

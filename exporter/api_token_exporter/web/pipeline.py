@@ -116,34 +116,35 @@ _STATIC_HEADERS: Dict[int, tuple] = {}
 def _static_headers(plan) -> tuple:
     """What a limit plan makes constant: names, limits and the RateLimit-Policy value. Found by
     the plan's identity (a limiter makes one plan object per set of limits and keeps it)."""
-    static = _STATIC_HEADERS.get(id(plan))
-    if static is None or static[0] is not plan:
-        per_window = tuple((f"X-RateLimit-{w.capitalize()}-Limit", str(limit),
-                            f"X-RateLimit-{w.capitalize()}-Remaining", f"X-RateLimit-{w.capitalize()}-Reset",
-                            f'"{w}";r=') for w, limit, _ in plan)
-        policy = ", ".join(f'"{w}";q={limit};w={seconds}' for w, limit, seconds in plan)
-        static = _STATIC_HEADERS[id(plan)] = (plan, per_window, ("RateLimit-Policy", policy))
+    per_window = tuple((f"X-RateLimit-{w.capitalize()}-Limit", str(limit),
+                        f"X-RateLimit-{w.capitalize()}-Remaining", f"X-RateLimit-{w.capitalize()}-Reset",
+                        f'"{w}";r=') for w, limit, _ in plan)
+    policy = ", ".join(f'"{w}";q={limit};w={seconds}' for w, limit, seconds in plan)
+    static = _STATIC_HEADERS[id(plan)] = (plan, per_window, ("RateLimit-Policy", policy))
     return static
 
 
 def rate_limit_headers(decision: Decision, now: float) -> Headers:
     """The X-RateLimit-{Window}-{Limit,Remaining,Reset} headers (Reset in seconds) and the IETF
     draft-ietf-httpapi-ratelimit-headers-10 RateLimit-Policy / RateLimit fields."""
-    if not decision.plan:
+    plan = decision.plan
+    if not plan:
         return []
-    _, per_window, policy = _static_headers(decision.plan)
+    static = _STATIC_HEADERS.get(id(plan))
+    if static is None or static[0] is not plan:
+        static = _static_headers(plan)
     values = decision.values
     headers: Headers = []
     current = []
     i = 0
-    for limit_name, limit, remaining_name, reset_name, item in per_window:
+    for limit_name, limit, remaining_name, reset_name, item in static[1]:
         remaining = str(values[i])
-        reset_at = values[i + 1] - now
-        reset = str(math.ceil(reset_at) if reset_at > 0 else 0)
+        reset_in = values[i + 1] - now
+        reset = str(math.ceil(reset_in) if reset_in > 0 else 0)
         i += 2
         headers += ((limit_name, limit), (remaining_name, remaining), (reset_name, reset))
         current.append(f"{item}{remaining};t={reset}")
-    headers.append(policy)
+    headers.append(static[2])
     headers.append(("RateLimit", ", ".join(current)))
     return headers
 

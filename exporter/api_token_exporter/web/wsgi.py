@@ -24,6 +24,7 @@ from ..core.metrics import UNMATCHED_ROUTE
 from ..core.geo import client_ip, parse_trusted_proxies
 from ..core.usage import LLMUsage
 from .endpoints import build_endpoints, serve_metrics_port
+from ..core.llmcapture import carries_usage
 from .pipeline import CURRENT, BodyCapture, admit, capture_llm_usage, current_call, leave, record_llm_usage
 
 log = logging.getLogger("api_token_exporter")
@@ -34,6 +35,7 @@ ENVIRON_ROUTE = "api_token_exporter.route"
 
 _END = object()
 _CONTENT_LENGTH = frozenset(("Content-Length", "content-length", "CONTENT-LENGTH"))
+_CONTENT_TYPE = frozenset(("Content-Type", "content-type", "CONTENT-TYPE"))
 
 
 class _Call:
@@ -59,12 +61,16 @@ class _Call:
         self.llm_recorded = self.done = self.sized = False
 
     def start(self, status, headers, exc_info=None):
-        self.code = _status_code(status)
+        try:
+            self.code = int(status[:3])
+        except (ValueError, TypeError):
+            self.code = 500
         self.headers = headers
-        for name, _ in headers:
+        for name, value in headers:
             if name in _CONTENT_LENGTH:
                 self.sized = True
-                break
+            elif name in _CONTENT_TYPE and self.capture is not None and not carries_usage(value):
+                self.capture = None
         analytics = self.analytics
         if analytics._flask_request is not None:   # Flask calls this inside its request context
             ctx = analytics._flask_request.get(None)
@@ -75,10 +81,10 @@ class _Call:
                     self.environ[ENVIRON_ROUTE] = rule.rule
                 else:
                     self.environ[ENVIRON_ROUTE] = UNMATCHED_ROUTE
-        if self.llm_token is not None and analytics.settings.observe_only:
-            analytics._observe_upstream_limits(self.llm_token, headers, self.code)
+        if self.llm_token is not None and analytics.settings.observe_only:   # the app's X-RateLimit-*
+            self.core.observe_upstream_limits(self.llm_token, headers, self.code)
         if self.extra_headers:
-            headers = list(headers) + self.extra_headers
+            headers = [*headers, *self.extra_headers]
         return self.start_response(status, headers, exc_info)
 
     def __iter__(self):
@@ -100,7 +106,8 @@ class _Call:
                 self.finish()
             yield pending
             pending = following
-        self.finish()
+        if not self.done:                    # no chunk at all
+            self.finish()
 
     def _captured(self, chunks):
         capture = self.capture
@@ -125,20 +132,14 @@ class _Call:
             if close is not None:
                 close()
         finally:
-            self.finish()
+            if not self.done:
+                self.finish()
 
 
 def current_token() -> Optional[str]:
     """The id of the API token of the request being handled, or None."""
     call = current_call()
     return call.llm_token if call is not None else None
-
-
-def _status_code(status: str) -> int:
-    try:
-        return int(status[:3])
-    except (ValueError, TypeError):
-        return 500
 
 
 def json_response(start_response, code: int, body: dict,
@@ -247,6 +248,8 @@ class TokenAnalytics:
 
         environ[ENVIRON_TOKEN] = llm_token
         call = _Call(self, environ, start_response, key, llm_token, started, headers)
+        if llm_token is not None and self.settings.capture_llm_usage:
+            call.capture = BodyCapture(self.settings.capture_max_bytes)   # dropped at start() for a type without usage
         call.context = CURRENT.set(call)       # left when the body is finished
         try:
             call.result = self.app(environ, call.start)
@@ -255,8 +258,6 @@ class TokenAnalytics:
             call.context = None
             self._record(environ, key, 500, started)
             raise
-        if llm_token is not None and self.settings.capture_llm_usage:
-            call.capture = BodyCapture(self.settings.capture_max_bytes)
         return call
 
     def _finish(self, call: _Call) -> None:
@@ -266,14 +267,12 @@ class TokenAnalytics:
             capture_llm_usage(self.core, call.llm_token, call.headers, capture.body())
 
     def _record(self, environ, key: Optional[ApiKey], code: int, started: float) -> None:
-        self.core.record_request(key.id if key is not None else None, self.route_template(environ),
-                                 environ.get("REQUEST_METHOD", "GET"), code,
-                                 time.perf_counter() - started)
-        if key is not None and self.core.countries is not None:
-            self.core.record_country(key.id, client_ip(environ, self._trusted_proxies))
-
-    def _observe_upstream_limits(self, token_id: str, headers, code: int) -> None:
-        self.core.observe_upstream_limits(token_id, headers, code)   # observe-only: the app's X-RateLimit-*
+        core = self.core
+        core.record_request(key.id if key is not None else None,
+                            environ.get(ENVIRON_ROUTE) or self.route_template(environ),
+                            environ.get("REQUEST_METHOD", "GET"), code, time.perf_counter() - started)
+        if key is not None and core.countries is not None:
+            core.record_country(key.id, client_ip(environ, self._trusted_proxies))
 
     def count_llm(self, token: str, usage: LLMUsage) -> LLMUsage:
         return self.core.count_llm(token, usage)
