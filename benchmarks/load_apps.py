@@ -21,3 +21,12 @@ def instrumented():
     app = _app()
     TokenAnalytics(app, metrics_public=True)
     return app
+
+
+def pfe():
+    """prometheus-flask-exporter as its documentation sets it up under gunicorn with several
+    workers (multiprocess mode: PROMETHEUS_MULTIPROC_DIR)."""
+    from prometheus_flask_exporter.multiprocess import GunicornPrometheusMetrics
+    app = _app()
+    GunicornPrometheusMetrics(app)
+    return app

@@ -463,3 +463,25 @@ def test_a_redis_that_does_not_answer_at_start_up_is_logged_not_fatal(keys, capl
     assert asyncio.run(main()) == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
     assert "does not answer at start-up" in caplog.text
     assert get(app, "/api/v1/items", keys[1]["alpha"]).status_code == 200      # fails open
+
+
+def test_server_timing_on_every_answer_of_both_faces_only_when_asked(keys):
+    """server_timing: the W3C Server-Timing field with the middleware's own time, on the app's
+    answer and on each of its own refusals (401, 403, 429), the same from WSGI and ASGI."""
+    import re
+    field = re.compile(r'^apitoken;dur=(\d+\.\d{3});desc="api-token-exporter"$')
+    limits = {"minute": 1, "hour": 100, "day": 100}
+    asgi_app = create_app(keys_file=keys[0], rate_limits=limits, server_timing=True)
+    wsgi = build_app(keys[0], rate_limits=limits, server_timing=True).test_client()
+    asks = [(keys[1]["alpha"], 200), (keys[1]["alpha"], 429), (None, 401), ("atk_nope", 401),
+            (keys[1]["revoked"], 403)]
+    for raw, code in asks:
+        answers = (get(asgi_app, "/api/v1/items", raw),
+                   wsgi.get("/items", headers={"X-API-Key": raw} if raw else {}))
+        for answer in answers:
+            assert answer.status_code == code
+            found = field.match(answer.headers.get("Server-Timing", ""))
+            assert found and float(found.group(1)) > 0, (code, answer.headers)
+    assert "Server-Timing" not in get(create_app(keys_file=keys[0]), "/api/v1/items", keys[1]["beta"]).headers
+    assert "Server-Timing" not in build_app(keys[0]).test_client().get(
+        "/items", headers={"X-API-Key": keys[1]["beta"]}).headers

@@ -70,6 +70,7 @@ class Settings:
     capture_llm_usage: bool = False         # read usage from OpenAI/Anthropic/Cohere responses
     capture_max_bytes: int = 1_048_576      # larger responses are not inspected
     recent_requests: int = 100              # ring buffer behind /admin/stats
+    server_timing: bool = False             # a Server-Timing header with the middleware's own time
     # -- alerting: the alert API
     alertmanager_url: Optional[str] = None  # with admin_token: the alert API (active, history, acknowledge)
     alert_db_url: Optional[str] = None      # alert history: sqlite:///path or postgresql://...; state_dir/alerts.db
@@ -185,7 +186,7 @@ SECTIONS: Dict[str, Tuple[str, ...]] = {
                 "metrics_basic_password", "metrics_bearer_token", "metrics_public", "max_tokens",
                 "max_routes", "max_models", "max_series_per_token", "known_routes", "max_clients", "country_lookup", "geo_database",
                 "max_countries_per_token", "pricing_file", "prices_file", "capture_llm_usage",
-                "capture_max_bytes", "recent_requests"),
+                "capture_max_bytes", "recent_requests", "server_timing"),
     "alerting": ("alertmanager_url", "alert_db_url", "alert_webhook_token", "alert_sync_interval",
                  "alert_rules_dir", "thresholds_file", "alertmanager_config_file"),
     "analytics": ("prometheus_url", "prometheus_timeout", "analytics_max_days", "analytics_cache_seconds",

@@ -40,6 +40,13 @@ _COUNT = struct.Struct("<Q")
 # time, duration, code, lengths of token, method and route, flags, method, token, route, sequence
 _RECORD = struct.Struct("<ddHBBBB10s64s152sQ")
 SIZE = HEADER + SLOTS * _RECORD.size
+# written in three parts: the numbers, the labels (the same for every request of a token,
+# method and route: packed once), the sequence number last
+_NUMBERS = struct.Struct("<ddH")
+_LABELS = struct.Struct("<BBBB10s64s152s")
+_SEQUENCE = struct.Struct("<Q")
+_LABELS_AT, _SEQUENCE_AT = _NUMBERS.size, _NUMBERS.size + _LABELS.size
+KEEP_LABELS = 4096                    # packed label sets kept; past that the cache starts again
 _HAS_TOKEN, _ROUTE_CUT = 1, 2
 STUCK = 64                            # a record still unwritten this far behind the count is lost
 KEEP_DEAD = 120.0                     # seconds the ring of a process that ended is still read
@@ -64,6 +71,7 @@ class RequestFeed:
 
     def _open(self) -> None:
         self._counter = itertools.count()
+        self._labels: Dict[tuple, bytes] = {}
         self.path = None
         self.pid = os.getpid()
         mm = None
@@ -105,19 +113,32 @@ class RequestFeed:
 
     def record(self, ts: float, token: Optional[str], method: str, route: str, code: int,
                duration: float) -> None:
+        labels = self._labels.get((token, method, route))
+        if labels is None:
+            labels = self._pack_labels(token, method, route)
         i = next(self._counter)               # atomic: threads never share a number
+        at = HEADER + (i % SLOTS) * _RECORD.size
+        mm = self._mm
+        try:
+            _NUMBERS.pack_into(mm, at, ts, duration, code)
+        except (struct.error, ValueError, TypeError):   # a value no record holds is not shown
+            return
+        mm[at + _LABELS_AT:at + _SEQUENCE_AT] = labels
+        _SEQUENCE.pack_into(mm, at + _SEQUENCE_AT, i + 1)
+        _COUNT.pack_into(mm, 0, i + 1)
+
+    def _pack_labels(self, token: Optional[str], method: str, route: str) -> bytes:
         t = token.encode("ascii", "replace")[:64] if token else b""      # key ids: at most 64
         m = method.encode("utf-8", "replace")[:10]
         r = route.encode("utf-8", "replace")
         flags = _HAS_TOKEN if token else 0
         if len(r) > 152:
             r, flags = r[:152], flags | _ROUTE_CUT
-        try:
-            _RECORD.pack_into(self._mm, HEADER + (i % SLOTS) * _RECORD.size, ts, duration, code, len(t),
-                              len(m), len(r), flags, m, t, r, i + 1)
-            _COUNT.pack_into(self._mm, 0, i + 1)
-        except (struct.error, ValueError, TypeError):   # a value no record holds is not shown
-            pass
+        labels = _LABELS.pack(len(t), len(m), len(r), flags, m, t, r)
+        if len(self._labels) >= KEEP_LABELS:
+            self._labels = {}
+        self._labels[(token, method, route)] = labels
+        return labels
 
     def rings(self) -> List[Tuple[Optional[str], mmap.mmap]]:
         """(path, map) of this process's ring and every other one in the directory."""

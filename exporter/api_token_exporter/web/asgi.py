@@ -54,7 +54,8 @@ from ..core.keystore import ApiKey, KeyStore
 from ..core.metrics import UNMATCHED_ROUTE
 from .bridge import call_wsgi, send_answer, wsgi_environ
 from .endpoints import build_endpoints, serve_metrics_port
-from .pipeline import CURRENT, BodyCapture, admit, admit_async, capture_llm_usage, current_call, leave, record_llm_usage
+from .pipeline import (CURRENT, BodyCapture, admit, admit_async, capture_llm_usage, current_call, leave,
+                       record_llm_usage, server_timing)
 
 log = logging.getLogger("api_token_exporter")
 
@@ -234,6 +235,11 @@ class TokenAnalytics:
             key, llm_token, refusal, headers = await admit_async(core, raw, observe, self._client, scope)
         else:                                        # no I/O: no coroutine to make and await
             key, llm_token, refusal, headers = admit(core, raw, observe, self._client, scope)
+        if self.settings.server_timing:
+            timing = server_timing(started)
+            headers = [*headers, timing]
+            if refusal is not None:
+                refusal.headers.append(timing)
         if refusal is not None:
             return await self._refuse(scope, send, key, started, refusal)
 

@@ -25,7 +25,8 @@ from ..core.geo import client_ip, parse_trusted_proxies
 from ..core.usage import LLMUsage
 from .endpoints import build_endpoints, serve_metrics_port
 from ..core.llmcapture import carries_usage
-from .pipeline import CURRENT, BodyCapture, admit, capture_llm_usage, current_call, leave, record_llm_usage
+from .pipeline import (CURRENT, BodyCapture, admit, capture_llm_usage, current_call, leave, record_llm_usage,
+                       server_timing)
 
 log = logging.getLogger("api_token_exporter")
 
@@ -241,6 +242,11 @@ class TokenAnalytics:
         started = time.perf_counter()
         key, llm_token, refusal, headers = admit(self.core, environ.get(self._key_environ),
                                                  self.settings.observe_only, self._client_of, environ)
+        if self.settings.server_timing:
+            timing = server_timing(started)
+            headers = [*headers, timing]
+            if refusal is not None:
+                refusal.headers.append(timing)
         if refusal is not None:
             body = json_response(start_response, refusal.code, refusal.body(), refusal.headers)
             self._record(environ, key, refusal.code, started)
