@@ -1,10 +1,11 @@
 """Per-request cost of the ASGI middleware against bare FastAPI and
 prometheus-fastapi-instrumentator (the usual choice for FastAPI metrics).
 
-All variants run in this one process and one event loop, interleaved round by round, each
-request driven through the app's ASGI callable as a server would (a new scope, ``receive``
-giving the empty body, ``send`` taking the start and the body). Reports the median over rounds
-of the mean time per request, and the overhead over bare FastAPI.
+All variants run in this one process and one event loop, each request driven through the
+app's ASGI callable as a server would (a new scope, ``receive`` giving the empty body, ``send``
+taking the start and the body), every variant once per round in a new random order (paired.py).
+Reports the median over rounds of the mean time per request, the overhead over bare FastAPI,
+and the median over rounds of that overhead against prometheus-fastapi-instrumentator's.
 
     python benchmarks/bench_asgi.py [--requests 2000] [--rounds 15]
 """
@@ -13,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -25,6 +25,7 @@ from prometheus_client import CollectorRegistry
 
 from api_token_exporter.web.asgi import TokenAnalytics
 from api_token_exporter.core.keystore import add_key
+from paired import shuffled_order, table
 
 
 def make_fastapi() -> FastAPI:
@@ -96,9 +97,8 @@ async def bench(apps, template, rounds: int, requests: int):
         assert status == 200, status
         await run_once(app, template, 200)
     times = {name: [] for name in apps}
-    for _ in range(rounds):
-        for name, app in apps.items():
-            times[name].append(await run_once(app, template, requests))
+    for name in shuffled_order(apps, rounds):
+        times[name].append(await run_once(apps[name], template, requests))
     return times
 
 
@@ -114,16 +114,10 @@ def main(argv=None) -> int:
         apps = variants(keys_file)
         times = asyncio.run(bench(apps, scope_template(raw), args.rounds, args.requests))
 
-    base = statistics.median(times["bare FastAPI"])
     print(f"python {sys.version.split()[0]}, fastapi {fastapi.__version__}, starlette "
-          f"{starlette.__version__}, {args.rounds} rounds x {args.requests} requests, "
+          f"{starlette.__version__}, {args.rounds} rounds x {args.requests} requests in shuffled order, "
           f"median of per-round means")
-    print("| variant | µs per request | added over bare FastAPI (µs) |")
-    print("|---|---:|---:|")
-    for name, values in times.items():
-        med = statistics.median(values)
-        added = "—" if name == "bare FastAPI" else f"{(med - base) * 1e6:+.1f}"
-        print(f"| {name} | {med * 1e6:.1f} | {added} |")
+    print("\n".join(table(times, "bare FastAPI", "prometheus-fastapi-instrumentator")))
     return 0
 
 

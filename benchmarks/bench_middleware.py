@@ -1,8 +1,10 @@
 """Per-request cost of the middleware against bare Flask and prometheus-flask-exporter.
 
-All variants run in this one process, interleaved round by round, each request driven through
-the WSGI callable exactly as a server would (start_response, iterate, close). Reports the
-median over rounds of the mean time per request, and the overhead over bare Flask.
+All variants run in this one process, each request driven through the WSGI callable exactly
+as a server would (start_response, iterate, close), every variant once per round in a new
+random order (paired.py). Reports the median over rounds of the mean time per request, the
+overhead over bare Flask, and the median over rounds of that overhead against
+prometheus-flask-exporter's in the same round.
 
     python benchmarks/bench_middleware.py [--requests 2000] [--rounds 15]
 """
@@ -10,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -21,6 +22,7 @@ from werkzeug.test import EnvironBuilder
 
 from api_token_exporter import TokenAnalytics
 from api_token_exporter.core.keystore import add_key
+from paired import shuffled_rounds, table
 
 
 def make_flask() -> Flask:
@@ -81,20 +83,11 @@ def main(argv=None) -> int:
             app(dict(environ), lambda s, h, e=None: captured.setdefault("status", s))
             assert captured["status"].startswith("200"), captured
             run_once(app, environ, 200)
-        times = {name: [] for name in apps}
-        for _ in range(args.rounds):
-            for name, app in apps.items():
-                times[name].append(run_once(app, environ, args.requests))
+        times = shuffled_rounds(apps, args.rounds, lambda name: run_once(apps[name], environ, args.requests))
 
-    base = statistics.median(times["bare Flask"])
-    print(f"python {sys.version.split()[0]}, {args.rounds} rounds x {args.requests} requests, "
-          f"median of per-round means")
-    print("| variant | µs per request | added over bare Flask (µs) |")
-    print("|---|---:|---:|")
-    for name, values in times.items():
-        med = statistics.median(values)
-        added = "—" if name == "bare Flask" else f"{(med - base) * 1e6:+.1f}"
-        print(f"| {name} | {med * 1e6:.1f} | {added} |")
+    print(f"python {sys.version.split()[0]}, {args.rounds} rounds x {args.requests} requests in shuffled "
+          f"order, median of per-round means")
+    print("\n".join(table(times, "bare Flask", "prometheus-flask-exporter")))
     return 0
 
 

@@ -108,6 +108,22 @@ def test_load_benchmark_reconciles_exactly():
             assert row["sent = counted on /metrics"] == "yes: 10 of 10"
 
 
+@needs("server")
+def test_throughput_benchmark_loads_each_variant_under_gunicorn_and_counts_every_request():
+    require_binary("wrk")
+    out = run("bench_throughput.py", "--rounds", "1", "--seconds", "1", "--connections", "2",
+              "--workers", "1", "--threads", "2")
+    rows = table(out, "variant")
+    assert set(rows) == {"bare Flask", "api-token-exporter (full)", "prometheus-flask-exporter"}
+    assert rows["bare Flask"]["of bare Flask's (median of rounds)"] == "1.000"
+    for name, row in rows.items():
+        assert number(row["requests/s (median)"]) > 0, row
+        if name != "bare Flask":     # the cost is what the ratio leaves
+            ratio = number(row["of bare Flask's (median of rounds)"])
+            assert abs(number(row["cost"].rstrip(" %")) - (1 - ratio) * 100) <= 0.1, row
+    assert "counted every one" in out, out
+
+
 def test_import_benchmark_imports_every_row():
     out = run("bench_import.py", "--rows", "2000", "--days", "2")
     assert "2,000 rows" in out

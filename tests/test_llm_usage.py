@@ -107,3 +107,48 @@ def test_a_sized_body_is_counted_before_its_last_chunk_is_sent(keys):
                                     token="alpha"))
     body.close()
     assert counted == [0, 1]                 # counted as the last chunk goes out, not after close()
+
+
+# -- the capture's pre-check: a body without a usage key is not parsed, and nothing is lost by it
+def _usage_documents():
+    from hypothesis import strategies as st
+    numbers = st.integers(min_value=0, max_value=10**6)
+    usage = st.fixed_dictionaries({}, optional={
+        "prompt_tokens": numbers, "completion_tokens": numbers, "input_tokens": numbers,
+        "output_tokens": numbers, "cache_read_input_tokens": numbers,
+        "billed_units": st.fixed_dictionaries({"input_tokens": numbers, "output_tokens": numbers})})
+    return st.fixed_dictionaries({}, optional={
+        "usage": usage, "model": st.sampled_from(["gpt-4o", "claude-3-5-sonnet", "command-r"]),
+        "meta": st.fixed_dictionaries({}, optional={"billed_units": st.fixed_dictionaries(
+            {"input_tokens": numbers, "output_tokens": numbers})}),
+        "object": st.sampled_from(["response", "chat.completion"]),
+        "id": st.text(max_size=8), "choices": st.lists(st.text(max_size=8), max_size=2)})
+
+
+def test_the_usage_pre_check_never_changes_what_a_body_reports():
+    """extract_usage skips the parse of a body with no usage key in it: for any document, with
+    keys written plainly or as \\u escapes, it finds what the full parse finds (a key no reader
+    looks at, naming usage, forces the parse)."""
+    import json
+    import re
+    from hypothesis import given, settings, strategies as st
+    from api_token_exporter.core.llmcapture import extract_usage
+
+    def escaped(text: str) -> str:          # every key's letters as \\u escapes
+        return re.sub(r'"([a-z_]+)":', lambda m: '"' + "".join(f"\\u{ord(c):04x}" for c in m.group(1)) + '":', text)
+
+    @settings(max_examples=300, deadline=None)
+    @given(_usage_documents(), st.booleans(), st.sampled_from(["application/json", "text/event-stream"]))
+    def check(doc, escape, content_type):
+        text = json.dumps(doc)
+        forced = json.dumps({**doc, "x_usage_marker": 0})
+        if content_type == "text/event-stream":
+            text, forced = f"data: {text}\n\n", f"data: {forced}\n\n"
+        if escape:
+            text, forced = escaped(text), escaped(forced)
+        assert extract_usage(content_type, text.encode()) == extract_usage(content_type, forced.encode())
+
+    check()
+    assert extract_usage("application/json", b'{"\\u0075sage": {"prompt_tokens": 3, "completion_tokens": 4}}')
+    assert extract_usage("application/json", b'{"id": 7}') is None
+    assert extract_usage("text/html", b'{"usage": {"prompt_tokens": 3}}') is None

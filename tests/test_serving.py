@@ -289,15 +289,17 @@ def test_workers_replaced_by_a_reload_leave_the_port_accepting(tmp_path, keys):
     proc, port = start_serve(tmp_path, "--workers", "2", "--keys-file", keys[0])
     children = lambda: set(subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
                                           text=True).stdout.split())
-    first = wait_for("two workers", lambda: len(children()) == 2 and children(), timeout=30)
-    proc.send_signal(signal.SIGHUP)
-    wait_for("two new workers", lambda: (lambda now: len(now) == 2 and not now & first)(children()),
-             timeout=30, interval=0.05)
-    for _ in range(20):               # fresh connections, one per request
-        assert requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5,
-                            headers={"Connection": "close"}).status_code == 200
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == 0
+    try:
+        first = wait_for("two workers", lambda: len(children()) == 2 and children(), timeout=30)
+        proc.send_signal(signal.SIGHUP)
+        wait_for("two new workers", lambda: (lambda now: len(now) == 2 and not now & first)(children()),
+                 timeout=30, interval=0.05)
+        for _ in range(20):               # fresh connections, one per request
+            assert requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5,
+                                headers={"Connection": "close"}).status_code == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
     with pytest.raises(requests.ConnectionError):
         requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
 

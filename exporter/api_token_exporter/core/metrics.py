@@ -493,39 +493,43 @@ class ScrapeView:
     def window_rows(self, now: float):
         """The rate-limit gauges as of ``now`` (a window that has reset has its whole limit
         left; a limit only where it is not the window's default) and the tokens with a window
-        used up: (limit rows, remaining rows, reset rows, rate-limited tokens). One pass: it runs
-        on every scrape, for every token's windows."""
+        used up: (limit, remaining, reset, rate-limited tokens), each gauge as (keys, values)
+        columns. It runs on every scrape, for every token's windows: list comprehensions over
+        columns, no row objects."""
         m = self.metrics
         store = m.store
         with store.snapshot():
             keys, limits = store.family_data(m.rl_limit)
-            remaining = store.values_by_key(m.rl_remaining)
-            resets = store.values_by_key(m.rl_reset)
+            remaining_keys, remaining = store.family_data(m.rl_remaining)
+            reset_keys, resets = store.family_data(m.rl_reset)
+        if remaining_keys != keys:             # written together, so normally the same order
+            by_key = dict(zip(remaining_keys, remaining))
+            remaining = [by_key.get(k, limit) for k, limit in zip(keys, limits)]
+        if reset_keys != keys:
+            by_key = dict(zip(reset_keys, resets))
+            resets = [by_key.get(k, 0.0) for k in keys]
+        left = [r if at > now else limit for limit, r, at in zip(limits, remaining, resets)]
+        limited = {k[0] for k, n in zip(keys, left) if n <= 0}
         defaults = self.default_limits
-        limit_rows, remaining_rows, reset_rows, limited = [], [], [], set()
-        for key, limit in zip(keys, limits):
-            at = resets.get(key, 0.0)
-            left = remaining.get(key, limit) if at > now else limit
-            if defaults.get(key[1]) != limit:
-                limit_rows.append((key, limit))
-            remaining_rows.append((key, left))
-            reset_rows.append((key, at))
-            if left <= 0:
-                limited.add(key[0])
-        return limit_rows, remaining_rows, reset_rows, limited
+        own = [i for i, (k, limit) in enumerate(zip(keys, limits)) if defaults.get(k[1]) != limit]
+        return ([keys[i] for i in own], [limits[i] for i in own]), (keys, left), (keys, resets), limited
 
     def limited_tokens(self, now: Optional[float] = None) -> set:
         """Tokens with a window used up that has not reset yet: status rate_limited."""
         return self.window_rows(now if now is not None else self.clock())[3]
 
     def derived(self):
+        """The families computed at scrape time, as (family, keys, values)."""
         now = self.clock()
         limit, remaining, reset, limited = self.window_rows(now)
         m = self.metrics
-        out = [(m.rl_limit, limit), (m.rl_remaining, remaining), (m.rl_reset, reset),
-               (DEFAULT_LIMIT, [((w,), float(n)) for w, n in self.default_limits.items()])]
-        if self.keystore is None:
-            return out
+        out = [(m.rl_limit, *limit), (m.rl_remaining, *remaining), (m.rl_reset, *reset)]
+        rows = [(DEFAULT_LIMIT, [((w,), float(n)) for w, n in self.default_limits.items()])]
+        if self.keystore is not None:
+            rows += self._key_rows(now, limited)
+        return out + [(family, [k for k, _ in pairs], [v for _, v in pairs]) for family, pairs in rows]
+
+    def _key_rows(self, now: float, limited: set):
         info, status, budget, sensitivity, times = [], [], [], [], []
         for key in self.keystore.all():
             for event, at in (("created", key.created_at), ("expires", key.expires_at),
@@ -549,8 +553,8 @@ class ScrapeView:
                                      for s in ("closed", "half_open", "open")]))
         if self.pricing is not None:
             health.append((PRICING_INFO, [((self.pricing.version, self.pricing.checksum), 1.0)]))
-        return out + [(INFO, info), (STATUS, status), (BUDGET, budget), (SENSITIVITY, sensitivity),
-                      (KEY_TIMES, times)] + health
+        return [(INFO, info), (STATUS, status), (BUDGET, budget), (SENSITIVITY, sensitivity),
+                (KEY_TIMES, times)] + health
 
     def render(self, accept: Optional[str] = None) -> Tuple[bytes, str]:
         openmetrics = bool(accept) and "application/openmetrics-text" in accept

@@ -43,8 +43,7 @@ import os
 import secrets
 import threading
 import weakref
-from itertools import accumulate
-from operator import add
+from itertools import accumulate, chain, repeat
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 
@@ -436,7 +435,11 @@ class Store:
         scale = family.scale
         if family.kind == "histogram":
             if scale != 1.0:
-                rows = [row[:-1] + [row[-1] / scale] for row in rows]
+                if self.directory:                   # the merge's rows are cached: copies
+                    rows = [row[:-1] + [row[-1] / scale] for row in rows]
+                else:                                # fresh lists from tolist()
+                    for row in rows:
+                        row[-1] /= scale
             return keys, rows
         if scale != 1.0:
             values = [x / scale for x in values]
@@ -522,7 +525,7 @@ class Store:
         return int(sum(self.family_data(family)[1])) if family is not None else 0
 
     # -- exposition --------------------------------------------------------------------------
-    def render(self, derived: Iterable[Tuple[Family, List[Tuple[tuple, float]]]] = (),
+    def render(self, derived: Iterable[Tuple[Family, List[tuple], List[float]]] = (),
                openmetrics: bool = False, skip: Iterable[Family] = ()) -> bytes:
         """The exposition text; stored families in ``skip`` are left to ``derived``. Values are
         finite by construction, so repr() formats them (it parses to the same float as
@@ -536,23 +539,22 @@ class Store:
             if not keys:
                 continue
             prefixes = family.prefixes
-            if family.kind == "histogram":
+            if family.kind == "histogram":       # the whole family in one join
                 nb = len(family.buckets)
-                for key, row in zip(keys, values):
-                    lines = prefixes.get(key)
-                    if lines is None:
-                        lines = prefixes[key] = self._histogram_prefixes(family, key)
-                    acc = list(accumulate(row[:nb + 1]))
-                    acc += (acc[-1], row[nb + 1])
-                    out.append("\n".join(map(add, lines, map(repr, acc))) + "\n")
+                lines = [prefixes.get(key) or self._histogram_prefixes(family, key) for key in keys]
+                numbers: List[float] = []
+                extend, append = numbers.extend, numbers.append
+                for row in values:                # cumulative buckets, +Inf again as the count, sum
+                    extend(accumulate(row[:nb + 1]))
+                    append(numbers[-1])
+                    append(row[nb + 1])
+                out.append(exposition_lines(chain.from_iterable(lines), numbers))
                 continue
-            line_prefixes = self._line_prefixes(family, keys)
-            out.append("\n".join(map(add, line_prefixes, map(repr, values))) + "\n")
-        for family, rows in derived:
+            out.append(exposition_lines(self._line_prefixes(family, keys), values))
+        for family, keys, values in derived:
             self._header(out, family, openmetrics)
-            if rows:                     # per key in the key file, or per token's window: cached
-                line_prefixes = self._line_prefixes(family, [k for k, _ in rows])
-                out.append("\n".join(map(add, line_prefixes, [repr(v) for _, v in rows])) + "\n")
+            if keys:                     # per key in the key file, or per token's window: cached
+                out.append(exposition_lines(self._line_prefixes(family, keys), values))
         if openmetrics:
             out.append("# EOF\n")
         # validation.py keeps lone surrogates out; should one slip past, it must not cost a scrape
@@ -573,8 +575,9 @@ class Store:
     def _histogram_prefixes(family: Family, key: tuple) -> tuple:
         les = [f'le="{float_to_go_string(b)}"' for b in family.buckets] + ['le="+Inf"']
         plain = family.labels_text(key)
-        return tuple([f"{family.name}_bucket{family.labels_text(key, le)} " for le in les]
-                     + [f"{family.name}_count{plain} ", f"{family.name}_sum{plain} "])
+        lines = family.prefixes[key] = tuple([f"{family.name}_bucket{family.labels_text(key, le)} " for le in les]
+                                             + [f"{family.name}_count{plain} ", f"{family.name}_sum{plain} "])
+        return lines
 
     @staticmethod
     def _header(out: List[str], family: Family, openmetrics: bool) -> None:
@@ -582,6 +585,11 @@ class Store:
         if openmetrics and family.kind == "counter" and name.endswith("_total"):
             name = name[:-6]
         out.append(f"# HELP {name} {escape_help(family.help)}\n# TYPE {name} {family.type_name}\n")
+
+
+def exposition_lines(prefixes: Iterable[str], values: Iterable[float]) -> str:
+    """``prefix value`` lines, each ending in a newline, in one join (no string per line)."""
+    return "".join(chain.from_iterable(zip(prefixes, map(repr, values), repeat("\n"))))
 
 
 # -- files: reading, folding ----------------------------------------------------------------
