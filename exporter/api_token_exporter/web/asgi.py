@@ -67,13 +67,13 @@ _NAMES: Dict[str, bytes] = {}
 
 def _encode(headers: List[Tuple[str, str]]) -> List[Tuple[bytes, bytes]]:
     """(str, str) header pairs as ASGI wants them: lower-case names, latin-1 values."""
-    out = []
-    for name, value in headers:
-        encoded = _NAMES.get(name)
-        if encoded is None:
-            encoded = _NAMES[name] = name.lower().encode("latin-1")
-        out.append((encoded, value.encode("latin-1")))
-    return out
+    names = _NAMES
+    return [(names.get(name) or _encoded_name(name), value.encode("latin-1")) for name, value in headers]
+
+
+def _encoded_name(name: str) -> bytes:
+    encoded = _NAMES[name] = name.lower().encode("latin-1")
+    return encoded
 
 
 def route_path(scope, root: Optional[str] = None) -> str:
