@@ -36,6 +36,7 @@ bench:
 	$(VPY) benchmarks/bench_scrape.py
 	$(VPY) benchmarks/bench_ratelimit.py
 	$(VPY) benchmarks/bench_load.py
+	$(VPY) benchmarks/bench_throughput.py
 	$(VPY) benchmarks/bench_import.py
 	$(VPY) benchmarks/bench_geo.py
 	$(VPY) benchmarks/bench_proxy.py

@@ -23,8 +23,8 @@ from ..core.keystore import ApiKey, KeyStore, mask_key
 from ..core.metrics import UNMATCHED_ROUTE
 from ..core.geo import client_ip, parse_trusted_proxies
 from ..core.usage import LLMUsage
-from .endpoints import build_endpoints, serve_metrics_port
 from ..core.llmcapture import carries_usage
+from .endpoints import build_endpoints, serve_metrics_port
 from .pipeline import (CURRENT, BodyCapture, admit, capture_llm_usage, current_call, leave, record_llm_usage,
                        server_timing)
 
