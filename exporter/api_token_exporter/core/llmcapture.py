@@ -119,7 +119,10 @@ def media_type(content_type: str) -> str:
 def carries_usage(content_type: str) -> bool:
     """Whether a body of this Content-Type can report usage (JSON or server-sent events): the
     middleware keeps no copy of any other body."""
-    kind = media_type(content_type)
+    return _reports_usage(media_type(content_type))
+
+
+def _reports_usage(kind: str) -> bool:
     return kind == "text/event-stream" or kind == "application/json" or kind.endswith("+json")
 
 
@@ -129,13 +132,14 @@ _MARKERS = (b"usage", b"billed_units", b"\\u")
 
 def extract_usage(content_type: str, body: bytes, model_hint: Optional[str] = None) -> Optional[Found]:
     """Usage reported in a response body, or None if it carries none."""
-    if not carries_usage(content_type) or not any(marker in body for marker in _MARKERS):
+    kind = media_type(content_type)
+    if not _reports_usage(kind) or not any(marker in body for marker in _MARKERS):
         return None                      # most answers of an API: no parse at all
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError:
         return None
-    if media_type(content_type) == "text/event-stream":
+    if kind == "text/event-stream":
         return _from_events(text, model_hint)
     try:
         return _from_object(json.loads(text), model_hint)

@@ -90,13 +90,8 @@ class UsageCore:
         ``open`` (the request goes through, counted). In ``closed`` mode StorageUnavailable
         reaches the caller (a 503); in ``local`` mode this process's memory limits answer. The
         circuit breaker logs each change of state; requests are not logged one by one."""
-        plan = key.__dict__.get("_ate_plan") or self._plan(key)
-        limiter = self.limiter
         try:
-            if limiter.shared:
-                decision = limiter.hit_plan(key.id, plan, now)
-            else:                                  # memory: no breaker, no failure mode
-                decision = limiter.backend.hit(key.id, plan, now)
+            decision = self.limiter.hit_plan(key.id, self._plan(key), now)
         except StorageUnavailable as exc:
             return self._storage_unavailable(exc)
         return self._decided(key, decision, now)

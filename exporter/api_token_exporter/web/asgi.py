@@ -55,7 +55,7 @@ from ..core.metrics import UNMATCHED_ROUTE
 from .bridge import call_wsgi, send_answer, wsgi_environ
 from .endpoints import build_endpoints, serve_metrics_port
 from .pipeline import (CURRENT, BodyCapture, admit, admit_async, capture_llm_usage, current_call, leave,
-                       record_llm_usage, server_timing)
+                       record_llm_usage, with_server_timing)
 
 log = logging.getLogger("api_token_exporter")
 
@@ -236,10 +236,7 @@ class TokenAnalytics:
         else:                                        # no I/O: no coroutine to make and await
             key, llm_token, refusal, headers = admit(core, raw, observe, self._client, scope)
         if self.settings.server_timing:
-            timing = server_timing(started)
-            headers = [*headers, timing]
-            if refusal is not None:
-                refusal.headers.append(timing)
+            headers = with_server_timing(started, headers, refusal)
         if refusal is not None:
             return await self._refuse(scope, send, key, started, refusal)
 

@@ -149,10 +149,14 @@ def rate_limit_headers(decision: Decision, now: float) -> Headers:
     return headers
 
 
-def server_timing(started: float) -> Tuple[str, str]:
-    """The W3C Server-Timing field: the middleware's own time on this request since ``started``
-    (a ``time.perf_counter()``), in milliseconds; browsers' developer tools show it."""
-    return "Server-Timing", f'apitoken;dur={(time.perf_counter() - started) * 1000:.3f};desc="api-token-exporter"'
+def with_server_timing(started: float, headers: Headers, refusal: Optional[Refusal]) -> Headers:
+    """``headers`` and the W3C Server-Timing field, which browsers' developer tools show: the
+    middleware's own time on this request since ``started`` (a ``time.perf_counter()``), in
+    milliseconds; a refusal's headers get it too."""
+    timing = ("Server-Timing", f'apitoken;dur={(time.perf_counter() - started) * 1000:.3f};desc="api-token-exporter"')
+    if refusal is not None:
+        refusal.headers.append(timing)
+    return [*headers, timing]
 
 
 # -- LLM usage in the app's answer ----------------------------------------------------------------

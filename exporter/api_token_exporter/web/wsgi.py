@@ -26,7 +26,7 @@ from ..core.usage import LLMUsage
 from ..core.llmcapture import carries_usage
 from .endpoints import build_endpoints, serve_metrics_port
 from .pipeline import (CURRENT, BodyCapture, admit, capture_llm_usage, current_call, leave, record_llm_usage,
-                       server_timing)
+                       with_server_timing)
 
 log = logging.getLogger("api_token_exporter")
 
@@ -243,10 +243,7 @@ class TokenAnalytics:
         key, llm_token, refusal, headers = admit(self.core, environ.get(self._key_environ),
                                                  self.settings.observe_only, self._client_of, environ)
         if self.settings.server_timing:
-            timing = server_timing(started)
-            headers = [*headers, timing]
-            if refusal is not None:
-                refusal.headers.append(timing)
+            headers = with_server_timing(started, headers, refusal)
         if refusal is not None:
             body = json_response(start_response, refusal.code, refusal.body(), refusal.headers)
             self._record(environ, key, refusal.code, started)
@@ -274,8 +271,7 @@ class TokenAnalytics:
 
     def _record(self, environ, key: Optional[ApiKey], code: int, started: float) -> None:
         core = self.core
-        core.record_request(key.id if key is not None else None,
-                            environ.get(ENVIRON_ROUTE) or self.route_template(environ),
+        core.record_request(key.id if key is not None else None, self.route_template(environ),
                             environ.get("REQUEST_METHOD", "GET"), code, time.perf_counter() - started)
         if key is not None and core.countries is not None:
             core.record_country(key.id, client_ip(environ, self._trusted_proxies))
