@@ -1,8 +1,11 @@
+import math
 import re
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
-from api_token_exporter.core.ratelimit import RateLimiter, StorageUnavailable
+from api_token_exporter.core.ratelimit import WINDOW_ORDER, Decision, RateLimiter, StorageUnavailable
+from api_token_exporter.web.pipeline import header_builder, rate_limit_headers
 from api_token_exporter.core.metrics import TOKEN_STATUS_VALUES
 from support import build_app, sample_total
 
@@ -118,3 +121,34 @@ def test_limiter_raises_storage_unavailable_without_the_password():
 def test_bad_storage_uri_is_a_clear_error():
     with pytest.raises(ValueError, match="rate-limit storage 'nosuch://x'"):
         RateLimiter("nosuch://x")
+
+
+def reference_headers(plan, values, now):
+    """The rate-limit headers written out the plain way, one window at a time."""
+    headers, current = [], []
+    for i, (window, limit, seconds) in enumerate(plan):
+        name = f"X-RateLimit-{window.capitalize()}"
+        remaining = str(values[2 * i])
+        reset_in = values[2 * i + 1] - now
+        reset = str(math.ceil(reset_in) if reset_in > 0 else 0)
+        headers += [(f"{name}-Limit", str(limit)), (f"{name}-Remaining", remaining), (f"{name}-Reset", reset)]
+        current.append(f'"{window}";r={remaining};t={reset}')
+    policy = ", ".join(f'"{w}";q={limit};w={seconds}' for w, limit, seconds in plan)
+    return headers + [("RateLimit-Policy", policy), ("RateLimit", ", ".join(current))]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(WINDOW_ORDER), st.integers(1, 10**12), min_size=1),
+       st.floats(1e9, 2e9), st.data())
+def test_the_headers_made_for_a_plan_are_the_plain_ones(limits, now, data):
+    plan = RateLimiter().plan(limits)
+    values = []
+    for _, limit, seconds in plan:
+        values += [data.draw(st.integers(0, limit)), data.draw(st.floats(now - 10, now + seconds))]
+    decision = Decision(plan, values)
+    assert rate_limit_headers(decision, now) == reference_headers(plan, values, now)
+
+
+def test_a_plan_with_a_window_of_another_name_is_refused():
+    with pytest.raises(ValueError, match="not a rate-limit window"):
+        header_builder((("week'); import os; ('", 5, 604800),))

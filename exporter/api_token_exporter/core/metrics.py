@@ -344,8 +344,7 @@ class Metrics:
             slots = self._request_slots.get((token, route, method, code, authenticated))
             if slots is None:
                 slots = self._new_request_slots(token, route, method, code, authenticated)
-            counter, histograms, last_used = slots
-            store.observe_all(counter, histograms, duration, last_used, now if now is not None else time.time())
+            store.observe_request(slots, duration, now if now is not None else time.time())
 
     def _new_request_slots(self, token, route, method, code, authenticated) -> tuple:
         """All slots a request writes, found once: the caps and the token's series budget apply
@@ -357,10 +356,10 @@ class Metrics:
         within = self._within_budget(self.requests, key)
         if not within:
             key = (a_token, a_route if a_route in self.known_routes else OVERFLOW, a_method, code_class(code))
-        slots = (store.slot(self.requests, key),
-                 ((store.slot(self.duration, (a_token,)), self.duration),
-                  (store.slot(self.route_duration, (a_route, a_method)), self.route_duration)),
-                 store.slot(self.last_used, (a_token,)) if authenticated else 0)
+        slots = store.request_slots(store.slot(self.requests, key),
+                                    (store.slot(self.duration, (a_token,)), self.duration),
+                                    (store.slot(self.route_duration, (a_route, a_method)), self.route_duration),
+                                    store.slot(self.last_used, (a_token,)) if authenticated else 0)
         if within and (a_token, a_route, a_method) == (token, route, method):   # overflowed ones: not remembered
             self._request_slots[(token, route, method, code, authenticated)] = slots
         return slots
@@ -413,14 +412,24 @@ class Metrics:
     def set_limits(self, token: str, decision, now: float) -> None:
         """A rate-limit decision's windows (limit, remaining, reset time), as of ``now``."""
         plan = decision.plan
-        cached = self._limit_slots.get(token)
         store = self.store
         with store.lock:
+            cached = self._limit_slots.get(token)
             if cached is None or cached[0] is not plan:
-                cached = (plan, tuple(self._new_window_slots(token, window) for window, _, _ in plan))
-                if self.tokens.admit(token, count=False) == token:     # an overflowed token is not remembered
-                    self._limit_slots[token] = cached
-            store.set_limits(cached[1], plan, decision.values, now)
+                cached = self._new_limit_slots(token, plan, now)
+            store.set_limits(cached[1], decision.values, now)
+
+    def _new_limit_slots(self, token: str, plan, now: float) -> tuple:
+        """(plan, the remaining and reset slots of its windows, flat). The limits are written
+        here, once per plan: the newest write of any process wins when they are merged, so the
+        gauge shows the newest plan's (store lock held)."""
+        windows = [self._new_window_slots(token, window) for window, _, _ in plan]
+        for (limit_slot, _, _), (_, limit, _) in zip(windows, plan):
+            self.store.set_recent(limit_slot, limit, now)
+        cached = (plan, tuple(slot for _, remaining, reset in windows for slot in (remaining, reset)))
+        if self.tokens.admit(token, count=False) == token:     # an overflowed token is not remembered
+            self._limit_slots[token] = cached
+        return cached
 
     def _new_window_slots(self, token: str, window: str) -> tuple:
         key = (self.tokens.admit(token), window)

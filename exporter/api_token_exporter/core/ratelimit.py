@@ -79,41 +79,55 @@ class MemoryBackend:
 
     def __init__(self):
         self._counters: Dict[str, Dict[str, list]] = {}   # token -> window -> [count, expires_at]
+        self._lanes: Dict[str, tuple] = {}                # token -> (plan, its windows' entries)
         self._lock = threading.Lock()
         self._next_sweep = 0.0
 
     def hit(self, token: str, plan: Plan, now: float) -> Decision:
         values: List[float] = []
         refused = -1
-        counters = self._counters
         with self._lock:
-            entries = counters.get(token)
-            if entries is None:
-                entries = counters[token] = {}
-            for window, limit, seconds in plan:
-                entry = entries.get(window)
-                if entry is None:
-                    entry = entries[window] = [0, 0.0]
+            lanes = self._lanes.get(token)
+            if lanes is None or lanes[0] is not plan:
+                lanes = self._lanes_of(token, plan)
+            for entry, limit, seconds in lanes[1]:
                 if entry[1] <= now:                  # expired, or never started
                     if refused >= 0:                 # not charged: the window has not started
                         values += (limit, now + seconds)
                         continue
                     entry[0], entry[1] = 0, now + seconds
-                count = entry[0]
                 if refused < 0:
-                    count = entry[0] = count + 1
+                    count = entry[0] = entry[0] + 1
                     if count > limit:
                         refused = len(values) >> 1
+                else:
+                    count = entry[0]
                 values += (limit - count if count < limit else 0, entry[1])
             if now >= self._next_sweep:              # forget windows that ended, once a minute
-                self._next_sweep = now + 60.0
-                for k in [k for k, e in counters.items() if all(x[1] <= now for x in e.values())]:
-                    del counters[k]
+                self._sweep(now)
         return Decision(plan, values, refused)
+
+    def _lanes_of(self, token: str, plan: Plan) -> tuple:
+        """(plan, (entry, limit, seconds) per window): a token's counts in the plan's order, kept
+        by window name, so a new plan for the token (a changed limit) goes on counting them."""
+        entries = self._counters.get(token)
+        if entries is None:
+            entries = self._counters[token] = {}
+        lanes = self._lanes[token] = (plan, tuple((entries.setdefault(window, [0, 0.0]), limit, seconds)
+                                                  for window, limit, seconds in plan))
+        return lanes
+
+    def _sweep(self, now: float) -> None:
+        self._next_sweep = now + 60.0
+        counters = self._counters
+        for k in [k for k, e in counters.items() if all(x[1] <= now for x in e.values())]:
+            del counters[k]
+            self._lanes.pop(k, None)
 
     def reset(self) -> None:
         with self._lock:
             self._counters.clear()
+            self._lanes.clear()
 
 
 # One round trip: charge the windows in order until one is exhausted, report count and TTL of all.

@@ -43,6 +43,7 @@ import os
 import secrets
 import threading
 import weakref
+from bisect import bisect_left
 from itertools import accumulate, chain, repeat
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -355,15 +356,25 @@ class Store:
         scale = family.scale
         self.values[slot] += amount if scale == 1.0 else round(amount * scale)
 
-    def observe_all(self, counter: int, histograms: Sequence[Tuple[int, Family]],
-                    value: float, max_slot: int, stamp: float) -> None:
-        """The request path in one call: +1 on the counter, ``value`` observed into each
-        (slot, family) histogram, ``stamp`` raised into the gauge_max at ``max_slot`` (0: none)."""
+    def request_slots(self, counter: int, token_histogram: Tuple[int, Family],
+                      route_histogram: Tuple[int, Family], max_slot: int) -> tuple:
+        """What ``observe_request`` writes for one kind of request, worked out once: the counter,
+        the two histograms' (slot, family) as first bucket, bounds, sum slot and scale, and the
+        gauge_max slot (0: none)."""
+        (a, fa), (b, fb) = token_histogram, route_histogram
+        return (counter, a, fa.buckets, a + fa.width - 1, fa.scale,
+                b, fb.buckets, b + fb.width - 1, fb.scale, max_slot)
+
+    def observe_request(self, slots: tuple, value: float, stamp: float) -> None:
+        """The request path in one call: +1 on the counter, ``value`` observed into both
+        histograms, ``stamp`` raised into the gauge_max (``slots`` from request_slots)."""
+        counter, a, a_bounds, a_sum, a_scale, b, b_bounds, b_sum, b_scale, max_slot = slots
         v = self.values
         v[counter] += 1.0
-        for slot, layout in histograms:
-            v[slot + bisect.bisect_left(layout.buckets, value)] += 1.0
-            v[slot + layout.width - 1] += round(value * layout.scale)
+        v[a + bisect_left(a_bounds, value)] += 1.0
+        v[a_sum] += round(value * a_scale)
+        v[b + bisect_left(b_bounds, value)] += 1.0
+        v[b_sum] += round(value * b_scale)
         if max_slot and stamp > v[max_slot]:
             v[max_slot] = stamp
 
@@ -377,17 +388,14 @@ class Store:
         v[c] = z
         v[a + 1] = v[b + 1] = v[c + 1] = now
 
-    def set_limits(self, slots: Sequence[Tuple[int, int, int]], plan, values: Sequence[float], now: float) -> None:
-        """Each window of a rate-limit plan into its three gauge_recent slots: the limit, then
-        remaining and reset time from ``values`` (flat, as a Decision holds them)."""
+    def set_limits(self, slots: Sequence[int], values: Sequence[float], now: float) -> None:
+        """Rate-limit windows' remaining requests and reset times into their gauge_recent slots
+        (``slots`` and ``values`` flat and in the same order, as a Decision holds the values),
+        each stamped ``now``."""
         v = self.values
-        i = 0
-        for (a, b, c), (_, limit, _) in zip(slots, plan):
-            v[a] = limit
-            v[b] = values[i]
-            v[c] = values[i + 1]
-            v[a + 1] = v[b + 1] = v[c + 1] = now
-            i += 2
+        for slot, value in zip(slots, values):
+            v[slot] = value
+            v[slot + 1] = now
 
     def set_recent(self, slot: int, value: float, now: float) -> None:
         """One gauge_recent series, stamped ``now`` (the newest write wins across processes)."""

@@ -19,7 +19,7 @@ import zlib
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 from ..core.keystore import ApiKey
-from ..core.ratelimit import Decision, StorageUnavailable
+from ..core.ratelimit import WINDOW_ORDER, Decision, StorageUnavailable
 from ..core.usage import LLMUsage, UsageError
 
 Headers = List[Tuple[str, str]]
@@ -110,18 +110,7 @@ def _limited(key: ApiKey, decision: Optional[Decision], now: float) -> Admission
                                 headers + [("Retry-After", str(wait))]), headers
 
 
-_STATIC_HEADERS: Dict[int, tuple] = {}
-
-
-def _static_headers(plan) -> tuple:
-    """What a limit plan makes constant: names, limits and the RateLimit-Policy value. Found by
-    the plan's identity (a limiter makes one plan object per set of limits and keeps it)."""
-    per_window = tuple((f"X-RateLimit-{w.capitalize()}-Limit", str(limit),
-                        f"X-RateLimit-{w.capitalize()}-Remaining", f"X-RateLimit-{w.capitalize()}-Reset",
-                        f'"{w}";r=') for w, limit, _ in plan)
-    policy = ", ".join(f'"{w}";q={limit};w={seconds}' for w, limit, seconds in plan)
-    static = _STATIC_HEADERS[id(plan)] = (plan, per_window, ("RateLimit-Policy", policy))
-    return static
+_BUILDERS: Dict[int, tuple] = {}
 
 
 def rate_limit_headers(decision: Decision, now: float) -> Headers:
@@ -130,23 +119,33 @@ def rate_limit_headers(decision: Decision, now: float) -> Headers:
     plan = decision.plan
     if not plan:
         return []
-    static = _STATIC_HEADERS.get(id(plan))
-    if static is None or static[0] is not plan:
-        static = _static_headers(plan)
-    values = decision.values
-    headers: Headers = []
-    current = []
-    i = 0
-    for limit_name, limit, remaining_name, reset_name, item in static[1]:
-        remaining = str(values[i])
-        reset_in = values[i + 1] - now
-        reset = str(math.ceil(reset_in) if reset_in > 0 else 0)
-        i += 2
-        headers += ((limit_name, limit), (remaining_name, remaining), (reset_name, reset))
-        current.append(f"{item}{remaining};t={reset}")
-    headers.append(static[2])
-    headers.append(("RateLimit", ", ".join(current)))
-    return headers
+    found = _BUILDERS.get(id(plan))
+    if found is None or found[0] is not plan:
+        found = _BUILDERS[id(plan)] = (plan, header_builder(plan))
+    return found[1](decision.values, now)
+
+
+def header_builder(plan) -> Callable[[List[float], float], Headers]:
+    """The function that makes the headers of a decision on ``plan`` from its values (remaining,
+    reset time, ... per window) and the time: made once per plan (a limiter keeps one plan object
+    per set of limits), with the plan's names and limits written into its code, as
+    collections.namedtuple makes its classes, since it runs on every request."""
+    lines, headers, current = [], [], []
+    for i, (window, limit, seconds) in enumerate(plan):
+        if window not in WINDOW_ORDER or type(limit) is not int or type(seconds) is not int:
+            raise ValueError(f"not a rate-limit window: {window!r}, {limit!r}, {seconds!r}")
+        name = f"X-RateLimit-{window.capitalize()}"
+        lines.append(f"    r{i} = f'{{values[{2 * i}]}}'\n"
+                     f"    t = values[{2 * i + 1}] - now\n"
+                     f"    t{i} = f'{{ceil(t)}}' if t > 0 else '0'\n")
+        headers += [repr((f"{name}-Limit", str(limit))), f"({name + '-Remaining'!r}, r{i})", f"({name + '-Reset'!r}, t{i})"]
+        current.append(f'"{window}";r={{r{i}}};t={{t{i}}}')
+    policy = ", ".join(f'"{w}";q={limit};w={seconds}' for w, limit, seconds in plan)
+    headers += [repr(("RateLimit-Policy", policy)), f"('RateLimit', f{', '.join(current)!r})"]
+    source = "def build(values, now):\n" + "".join(lines) + f"    return [{', '.join(headers)}]\n"
+    namespace = {"ceil": math.ceil}
+    exec(source, namespace)
+    return namespace["build"]
 
 
 def with_server_timing(started: float, headers: Headers, refusal: Optional[Refusal]) -> Headers:

@@ -53,51 +53,56 @@ class _Call:
                  "extra_headers", "code", "headers", "result", "capture", "llm_recorded", "done",
                  "sized", "context")
 
-    def __init__(self, analytics, environ, start_response, key, llm_token, started, extra_headers):
+    def __init__(self, analytics, environ, start_response, key, llm_token, started, extra_headers, capture):
         self.analytics, self.core, self.environ, self.start_response = analytics, analytics.core, environ, start_response
-        self.key, self.llm_token, self.started = key, llm_token, started
-        self.extra_headers = extra_headers
-        self.code, self.headers = 500, ()
-        self.result = self.capture = self.context = None
+        self.key, self.llm_token, self.started, self.extra_headers = key, llm_token, started, extra_headers
+        self.capture, self.code, self.headers, self.result = capture, 500, (), None
         self.llm_recorded = self.done = self.sized = False
 
     def start(self, status, headers, exc_info=None):
         try:
-            self.code = int(status[:3])
+            code = self.code = int(status[:3])
         except (ValueError, TypeError):
-            self.code = 500
+            code = self.code = 500
         self.headers = headers
+        limits = False
         for name, value in headers:
             if name in _CONTENT_LENGTH:
                 self.sized = True
-            elif name in _CONTENT_TYPE and self.capture is not None and not carries_usage(value):
-                self.capture = None
+            elif name in _CONTENT_TYPE:
+                if self.capture is not None and not carries_usage(value):
+                    self.capture = None
+            elif name[:1] in "xX":
+                limits = True                # perhaps the app's X-RateLimit-*
         analytics = self.analytics
-        if analytics._flask_request is not None:   # Flask calls this inside its request context
-            ctx = analytics._flask_request.get(None)
+        flask_request = analytics._flask_request
+        if flask_request is not None:        # Flask calls this inside its request context
+            ctx = flask_request.get(None)
             if ctx is not None:
                 rule = ctx.request.url_rule
                 if rule is not None:
-                    analytics.known_routes.add(rule.rule)     # a route the app has, even if added late
-                    self.environ[ENVIRON_ROUTE] = rule.rule
+                    route = rule.rule
+                    analytics.known_routes.add(route)     # a route the app has, even if added late
+                    self.environ[ENVIRON_ROUTE] = route
                 else:
                     self.environ[ENVIRON_ROUTE] = UNMATCHED_ROUTE
-        if self.llm_token is not None and analytics.settings.observe_only:   # the app's X-RateLimit-*
-            self.core.observe_upstream_limits(self.llm_token, headers, self.code)
+        if (limits or code == 429) and self.llm_token is not None and analytics.settings.observe_only:
+            self.core.observe_upstream_limits(self.llm_token, headers, code)
         if self.extra_headers:
             headers = [*headers, *self.extra_headers]
         return self.start_response(status, headers, exc_info)
 
     def __iter__(self):
         chunks = iter(self.result)
-        if self.sized:
-            return self._look_ahead(chunks)
-        if self.capture is not None:
-            return self._captured(chunks)
-        return chunks                        # streamed: recorded at close()
-
-    def _look_ahead(self, chunks):
         capture = self.capture
+        if not self.sized:                   # streamed: recorded at close()
+            if capture is None:
+                yield from chunks
+            else:
+                for chunk in chunks:
+                    capture.add(chunk)
+                    yield chunk
+            return
         pending = next(chunks, _END)
         while pending is not _END:
             if capture is not None:
@@ -110,20 +115,17 @@ class _Call:
         if not self.done:                    # no chunk at all
             self.finish()
 
-    def _captured(self, chunks):
-        capture = self.capture
-        for chunk in chunks:
-            capture.add(chunk)
-            yield chunk
-
     def finish(self) -> None:
         if self.done:
             return
         self.done = True
-        context, self.context = self.context, None
-        leave(context)
+        leave(self.context)
+        self.context = None
         try:
-            self.analytics._finish(self)
+            self.analytics._record(self.environ, self.key, self.code, self.started)
+            capture = self.capture
+            if capture is not None and not self.llm_recorded and capture.complete:
+                capture_llm_usage(self.core, self.llm_token, self.headers, capture.body())
         except Exception:                    # counting must never break the app's response
             log.exception("request not recorded")
 
@@ -250,9 +252,9 @@ class TokenAnalytics:
             return body
 
         environ[ENVIRON_TOKEN] = llm_token
-        call = _Call(self, environ, start_response, key, llm_token, started, headers)
-        if llm_token is not None and self.settings.capture_llm_usage:
-            call.capture = BodyCapture(self.settings.capture_max_bytes)   # dropped at start() for a type without usage
+        call = _Call(self, environ, start_response, key, llm_token, started, headers,
+                     BodyCapture(self.settings.capture_max_bytes)       # dropped at start() for a type without usage
+                     if llm_token is not None and self.settings.capture_llm_usage else None)
         call.context = CURRENT.set(call)       # left when the body is finished
         try:
             call.result = self.app(environ, call.start)
@@ -263,15 +265,10 @@ class TokenAnalytics:
             raise
         return call
 
-    def _finish(self, call: _Call) -> None:
-        self._record(call.environ, call.key, call.code, call.started)
-        capture = call.capture
-        if capture is not None and not call.llm_recorded and capture.complete:
-            capture_llm_usage(self.core, call.llm_token, call.headers, capture.body())
-
     def _record(self, environ, key: Optional[ApiKey], code: int, started: float) -> None:
         core = self.core
-        core.record_request(key.id if key is not None else None, self.route_template(environ),
+        core.record_request(key.id if key is not None else None,
+                            environ.get(ENVIRON_ROUTE) or self.route_template(environ),
                             environ.get("REQUEST_METHOD", "GET"), code, time.perf_counter() - started)
         if key is not None and core.countries is not None:
             core.record_country(key.id, client_ip(environ, self._trusted_proxies))
