@@ -3,6 +3,7 @@ import dataclasses
 import pathlib
 import re
 
+import yaml
 from flask import Flask, jsonify
 
 from api_token_exporter import TokenAnalytics
@@ -132,3 +133,21 @@ def test_readme_layout_names_every_module_under_its_folder():
                     and f"`{p.name}/`" not in line.group(1)]
     missing += [p.stem for p in package.glob("*.py") if p.stem != "__init__" and f"`{p.stem}`" not in layout]
     assert missing == []
+
+
+def test_the_anomaly_labels_in_the_docs_are_the_rules_own():
+    """A matcher copied from docs/alerts.md's anomaly table matches the alerts the rules fire."""
+    root = pathlib.Path(__file__).parent.parent
+    rules = {}
+    for group in yaml.safe_load((root / "prometheus" / "rules" / "apitoken-anomalies.yml").read_text())["groups"]:
+        for rule in group["rules"]:
+            if "alert" in rule:
+                rules.setdefault(rule["alert"], []).append(rule.get("labels", {}))
+    rows = [line for line in (root / "docs" / "alerts.md").read_text().splitlines()
+            if re.match(r"\| [^|]+ \| `ApiToken\w+` \| `anomaly=", line)]
+    assert len(rows) >= 6
+    for row in rows:
+        name = re.search(r"`(ApiToken\w+)`", row).group(1)
+        assert name in rules, name
+        for label, value in re.findall(r'`(\w+)="(\w+)"`', row):
+            assert any(labels.get(label) == value for labels in rules[name]), (name, label, value, rules[name])
