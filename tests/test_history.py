@@ -5,6 +5,7 @@ import collections
 import csv
 import datetime as dt
 import json
+import math
 import os
 import random
 import re
@@ -566,3 +567,41 @@ def test_the_synthetic_split_adds_up_and_gives_nothing_to_a_zero_weight(n, weigh
     assert len(parts) == len(weights) and sum(parts) == n and min(parts) >= 0
     if any(w > 0 for w in weights):
         assert all(p == 0 for p, w in zip(parts, weights) if w <= 0)
+
+
+def test_the_synthetic_latency_is_each_profiles_own():
+    """A week of the demo's history: each token's latency histogram holds the profile's
+    log-uniform latency, bucket by bucket (the share at or below each bound within 1.5 points
+    of log(bound/low)/log(high/low)), nothing beyond the profile's range, and the p95 Prometheus
+    would read from it (linear within a bucket) inside the bucket of the profile's own p95."""
+    from devstack.synthetic import PROFILES, STEP, generate
+    from api_token_exporter.core.metrics import LATENCY_BUCKETS
+    agg = history.Aggregate(STEP, None)
+    end = 1_700_000_000 // STEP * STEP
+    generate(agg, end - 7 * 86400, end, seed=7, anomalies=())
+    for token, profile in PROFILES.items():
+        if profile.refused:            # its 429s are answered in a millisecond, below its range
+            continue
+        bins = agg.histograms[("apitoken_request_duration_seconds", (token,))].values()
+        per_bucket = [sum(column) for column in zip(*bins)][:len(LATENCY_BUCKETS) + 1]
+        total = sum(per_bucket)
+        assert total > 1000, token
+        low, high = profile.latency
+        cumulative = 0
+        for bound, count in zip(LATENCY_BUCKETS, per_bucket):
+            cumulative += count
+            expected = min(1.0, max(0.0, math.log(bound / low) / math.log(high / low)))
+            assert abs(cumulative / total - expected) < 0.015, (token, bound, cumulative / total, expected)
+            if bound < low:
+                assert cumulative == 0, (token, bound)
+        assert per_bucket[-1] == 0 or high > LATENCY_BUCKETS[-1], (token, "+Inf", per_bucket[-1])
+        true_p95 = low * (high / low) ** 0.95
+        rank, seen, lower = 0.95 * total, 0, 0.0
+        for bound, count in zip(LATENCY_BUCKETS, per_bucket):
+            if seen + count >= rank:
+                read_p95 = lower + (bound - lower) * (rank - seen) / count
+                break
+            seen, lower = seen + count, bound
+        above = [b for b in LATENCY_BUCKETS if b >= true_p95][0]
+        below = max([0.0] + [b for b in LATENCY_BUCKETS if b < true_p95])
+        assert below <= read_p95 <= above, (token, read_p95, true_p95)
