@@ -1,3 +1,4 @@
+import datetime as dt
 import json
 
 import pytest
@@ -379,6 +380,53 @@ def test_prices_update_converts_litellms_map_and_show_says_where_a_price_comes_f
     assert unwritable.returncode == 2 and "cannot write" in unwritable.stderr and "Traceback" not in unwritable.stderr
     bad_version = cli("update", "--from", str(source), "--output", str(out), "--version", "x\ny")
     assert bad_version.returncode == 2 and "printable" in bad_version.stderr
+
+
+def test_prices_update_refuses_to_drop_most_models_and_names_every_change(tmp_path):
+    """A snapshot says the day it was taken; an update that would remove more than a tenth of the
+    models there is refused (nothing written) unless --force; what it adds, removes and reprices
+    is named."""
+    import subprocess
+    import sys
+
+    def litellm_map(models):
+        return json.dumps({name: {"litellm_provider": "openai", "mode": "chat", "input_cost_per_token": price,
+                                  "output_cost_per_token": 2 * price} for name, price in models.items()})
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "api_token_exporter.cli", "prices", *args],
+                              capture_output=True, text=True, timeout=60)
+    big, small, out = tmp_path / "big.json", tmp_path / "small.json", tmp_path / "prices.json"
+    big.write_text(litellm_map({f"model-{i}": 1e-06 for i in range(40)}))
+    done = cli("update", "--from", str(big), "--output", str(out))
+    assert done.returncode == 0, done.stderr
+    taken = json.loads(out.read_text())["date"]
+    assert dt.date.fromisoformat(taken) == dt.datetime.now(dt.timezone.utc).date()
+    assert f"of {taken}, 40 models" in done.stdout
+    shown = cli("show", "openai", "model-1", "--prices", str(out))
+    assert f"taken {taken}" in shown.stdout, shown.stdout
+    written = out.read_text()
+
+    small.write_text(litellm_map({"model-1": 3e-06, "model-2": 1e-06, "model-new": 1e-06}))
+    refused = cli("update", "--from", str(small), "--output", str(out))
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "would remove 38 of the 40 models" in refused.stderr and "--force" in refused.stderr, refused.stderr
+    assert out.read_text() == written
+    forced = cli("update", "--from", str(small), "--output", str(out), "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert "1 added, 38 removed, 1 repriced" in forced.stdout, forced.stdout
+    assert "added: openai/model-new" in forced.stdout and "repriced: openai/model-1" in forced.stdout
+    assert "removed: openai/model-0, openai/model-10," in forced.stdout and "and 28 more" in forced.stdout
+
+    assert cli("update", "--from", str(big), "--output", str(out), "--force").returncode == 0
+    some = tmp_path / "some.json"     # 4 of 40 removed, within the tenth: written without --force
+    some.write_text(litellm_map({**{f"model-{i}": 1e-06 for i in range(36)}, "model-1": 3e-06}))
+    within = cli("update", "--from", str(some), "--output", str(out))
+    assert within.returncode == 0 and "0 added, 4 removed, 1 repriced" in within.stdout, within.stdout
+
+
+def test_the_shipped_snapshot_says_when_it_was_taken():
+    assert price_snapshot.DATE.match(SNAPSHOT["date"]) and Pricing.load().date == SNAPSHOT["date"]
 
 
 def test_odd_usage_blocks_are_refused_with_the_field_named_or_read_as_documented():

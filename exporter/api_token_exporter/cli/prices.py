@@ -6,6 +6,9 @@ import sys
 
 from .common import command_settings
 
+MAX_REMOVED = 0.10       # a new snapshot that drops more of the models is refused without --force
+SHOWN = 10               # models named per kind of change
+
 
 def register(sub) -> None:
     prices = sub.add_parser("prices", help="the LLM price table: show a model's price, update the snapshot")
@@ -27,6 +30,9 @@ def register(sub) -> None:
                                           "$ATE_PRICES_FILE, or llm-prices.json)")
     update.add_argument("--config", help="YAML settings file ($ATE_CONFIG)")
     update.add_argument("--version", help="the version to record (default: the wheel's, or the file's sha256)")
+    update.add_argument("--force", action="store_true",
+                        help=f"write it even if it removes more than {MAX_REMOVED:.0%} of the models the "
+                             "snapshot there has")
     prices.set_defaults(func=run)
 
 
@@ -43,6 +49,14 @@ def run(args) -> int:
                     previous = price_snapshot.load(args.output)
                 except price_snapshot.SnapshotError:
                     pass
+            changes = price_snapshot.compare(previous, snapshot) if previous else None
+            before = sum(len(models) for models in previous["services"].values()) if previous else 0
+            if changes and len(changes["removed"]) > MAX_REMOVED * before and not args.force:
+                print(f"error: {args.source} would remove {len(changes['removed']):,} of the {before:,} models of "
+                      f"{args.output} ({len(changes['removed']) / before:.0%}; more than {MAX_REMOVED:.0%}), "
+                      f"e.g. {_names(changes['removed'])}: is it the whole price map? Nothing was written; "
+                      "--force writes it anyway", file=sys.stderr)
+                return 2
             price_snapshot.write(snapshot, args.output)
             Pricing.load(None, args.output)               # what was written loads
         except (price_snapshot.SnapshotError, PricingError) as exc:
@@ -51,14 +65,16 @@ def run(args) -> int:
         except OSError as exc:
             print(f"error: cannot write {args.output}: {exc.strerror}", file=sys.stderr)
             return 2
-        models = {(s, m) for s, ms in snapshot["services"].items() for m in ms}
-        line = f"wrote {args.output}: {snapshot['version']}, {len(models):,} models of {len(snapshot['services'])} services"
-        if previous:
-            before = {(s, m): p for s, ms in previous["services"].items() for m, p in ms.items()}
-            changed = sum(1 for k in models & set(before) if before[k] != snapshot["services"][k[0]][k[1]])
-            line += (f" (was {previous['version']}: {len(models - set(before))} added, "
-                     f"{len(set(before) - models)} removed, {changed} repriced)")
+        models = sum(len(ms) for ms in snapshot["services"].values())
+        line = (f"wrote {args.output}: {snapshot['version']} of {snapshot['date']}, {models:,} models of "
+                f"{len(snapshot['services'])} services")
+        if changes is not None:
+            line += (f" (was {previous['version']}: {len(changes['added'])} added, "
+                     f"{len(changes['removed'])} removed, {len(changes['repriced'])} repriced)")
         print(line)
+        for kind, found in (changes or {}).items():
+            if found:
+                print(f"  {kind}: {_names(found)}")
         if os.path.abspath(args.output) != os.path.abspath(price_snapshot.DEFAULT_SNAPSHOT_FILE):
             print(f"use it with prices_file: {os.path.abspath(args.output)} (or ATE_PRICES_FILE); "
                   "costs already counted keep the prices they were counted at")
@@ -70,7 +86,7 @@ def run(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     price = pricing.price(args.service, args.model)
-    print(f"price table: {pricing.version} (checksum {pricing.checksum})")
+    print(f"price table: {pricing.version}, taken {pricing.date or 'on an unknown day'} (checksum {pricing.checksum})")
     if price is None:
         print(f"{args.service}/{args.model}: no price: its usage is counted as unpriced")
         return 1
@@ -80,3 +96,8 @@ def run(args) -> int:
         same = f" (the {fallback[kind]} price)" if getattr(price, kind) is None else ""
         print(f"  {kind:<13} {usd:g}{same}")
     return 0
+
+
+def _names(pairs) -> str:
+    shown = ", ".join(f"{service}/{model}" for service, model in pairs[:SHOWN])
+    return shown + (f" and {len(pairs) - SHOWN:,} more" if len(pairs) > SHOWN else "")

@@ -6,13 +6,15 @@ prices per token for thousands of models, and its wheel carries a copy
 (modes chat, completion and responses), names them as usage reports do (service = the provider,
 model = the name without the provider's ``provider/`` prefix) and turns the prices per token into
 USD per 1M tokens for each token type. ``api-token-exporter prices update --from FILE`` writes a
-new snapshot from a newer file or wheel; the snapshot records the source's version and sha256.
+new snapshot from a newer file or wheel; the snapshot records the source's version and sha256
+and the day it was taken (``date``: a price table ages, and the source files carry no date).
 
 Tiered prices (above 200k prompt tokens), batch prices and audio or image tokens are not kept.
 """
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import hashlib
 import json
 import os
@@ -33,6 +35,8 @@ SERVICE_ALIASES = {"cohere_chat": "cohere", "text-completion-openai": "openai", 
 
 
 VERSION = re.compile(r"^[\x20-\x7e]{1,100}$")    # a label value of apitoken_pricing_info
+DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+HEADER = ("source", "version", "source_sha256", "date", "currency", "unit")
 
 
 class SnapshotError(ValueError):
@@ -105,7 +109,8 @@ def read_source(path: str) -> Tuple[dict, str, str]:
     return doc, version or f"sha256:{digest[:12]}", digest
 
 
-def build(path: str, version: Optional[str] = None) -> dict:
+def build(path: str, version: Optional[str] = None, today: Optional[dt.date] = None) -> dict:
+    """A snapshot of the LiteLLM map at ``path``, taken ``today`` (UTC by default)."""
     if version is not None and not VERSION.match(version):
         raise SnapshotError("--version must be 1-100 printable characters")
     source, found_version, digest = read_source(path)
@@ -114,13 +119,13 @@ def build(path: str, version: Optional[str] = None) -> dict:
         raise SnapshotError(f"{path}: no text model with input and output prices: is it LiteLLM's price map?")
     return {"source": "LiteLLM model_prices_and_context_window.json (MIT, Copyright (c) 2023 Berri AI)",
             "version": version or found_version, "source_sha256": digest,
-            "currency": "USD", "unit": "per 1M tokens", "services": services}
+            "date": (today or dt.datetime.now(dt.timezone.utc).date()).isoformat(), "currency": "USD", "unit": "per 1M tokens", "services": services}
 
 
 def write(snapshot: dict, path: str) -> None:
     """One model a line: small diffs when prices change."""
     lines = ["{"]
-    for key in ("source", "version", "source_sha256", "currency", "unit"):
+    for key in (k for k in HEADER if k in snapshot):
         lines.append(f"  {json.dumps(key)}: {json.dumps(snapshot[key])},")
     lines.append('  "services": {')
     services = list(snapshot["services"].items())
@@ -158,4 +163,15 @@ def load(path: Optional[str] = None) -> dict:
         raise SnapshotError(f"services.{bad} must map models to prices")
     if not VERSION.match(str(doc["version"])):
         raise SnapshotError("version must be 1-100 printable characters")
+    if "date" in doc and not DATE.match(str(doc["date"])):
+        raise SnapshotError("date must be a day, YYYY-MM-DD")
     return doc
+
+
+def compare(before: dict, after: dict) -> Dict[str, list]:
+    """What a new snapshot changes: the (service, model) pairs ``added``, ``removed`` and
+    ``repriced``, each sorted."""
+    old = {(s, m): p for s, models in before["services"].items() for m, p in models.items()}
+    new = {(s, m): p for s, models in after["services"].items() for m, p in models.items()}
+    return {"added": sorted(new.keys() - old.keys()), "removed": sorted(old.keys() - new.keys()),
+            "repriced": sorted(k for k in new.keys() & old.keys() if new[k] != old[k])}

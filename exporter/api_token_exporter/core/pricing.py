@@ -81,16 +81,16 @@ def _match(models: Dict[str, Price], model: str, releases_only: bool) -> Optiona
 
 
 @functools.lru_cache(maxsize=4)
-def _load_snapshot(path: str, mtime_ns: int) -> Tuple[Table, str, str]:
-    """The snapshot's prices, version and digest, read once per version of the file (every app
-    and worker loads prices at start)."""
+def _load_snapshot(path: str, mtime_ns: int) -> Tuple[Table, str, str, Optional[str]]:
+    """The snapshot's prices, version, digest and date, read once per version of the file (every
+    app and worker loads prices at start)."""
     try:
         snap = price_snapshot.load(path)
         table = {str(service): {str(m): _price(f"{service}.{m}", p) for m, p in models.items()}
                  for service, models in snap["services"].items()}
     except (price_snapshot.SnapshotError, PricingError) as exc:
         raise PricingError(f"price snapshot {path}: {exc}") from None
-    return table, str(snap["version"]), _digest(table)
+    return table, str(snap["version"]), _digest(table), snap.get("date")
 
 
 def _digest(table: Table) -> str:
@@ -105,12 +105,13 @@ class Pricing:
     listed name followed by a release suffix; then the default."""
 
     def __init__(self, prices: Table, default: Optional[Price] = None, snapshot: Optional[Table] = None,
-                 version: str = "none", snapshot_digest: Optional[str] = None):
+                 version: str = "none", snapshot_digest: Optional[str] = None, date: Optional[str] = None):
         self.tables: List[Table] = [
             {s.lower(): dict(models) for s, models in table.items()} for table in (prices, snapshot or {})]
         self.default = default
         self.listed = frozenset(m for table in self.tables for models in table.values() for m in models)
         self.version = version
+        self.date = date                 # the day the snapshot was taken, where it says
         self._cache: Dict[Tuple[str, str], Optional[Price]] = {}
         self.checksum = hashlib.sha256("".join(
             [snapshot_digest or _digest(self.tables[1]), _digest(self.tables[0]), repr(self.default)]).encode()
@@ -122,7 +123,7 @@ class Pricing:
         snapshot (the packaged one by default)."""
         snapshot_path = snapshot_path or price_snapshot.DEFAULT_SNAPSHOT_FILE
         try:
-            snapshot, version, digest = _load_snapshot(snapshot_path, os.stat(snapshot_path).st_mtime_ns)
+            snapshot, version, digest, date = _load_snapshot(snapshot_path, os.stat(snapshot_path).st_mtime_ns)
         except OSError as exc:
             raise PricingError(f"price snapshot {snapshot_path}: {exc.strerror}") from None
         path = path or DEFAULT_PRICING_FILE
@@ -144,7 +145,8 @@ class Pricing:
                 raise PricingError(f"pricing file {path}: services.{service} must map models to prices")
             prices[str(service)] = {str(m): _price(f"services.{service}.{m}", p) for m, p in models.items()}
         default = doc.get("default")
-        return cls(prices, _price("default", default) if default is not None else None, snapshot, version, digest)
+        return cls(prices, _price("default", default) if default is not None else None, snapshot, version, digest,
+                   date)
 
     def _find(self, service: str, model: str) -> Tuple[Optional[Price], str]:
         service = service.lower()
