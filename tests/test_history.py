@@ -316,10 +316,18 @@ def test_import_from_postgresql(tmp_path, new_database):
                              ":completion_tokens)"),
                      [{k: (None if v == "" else int(v) if k == "api_key_id" else v) for k, v in r.items()}
                       for r in rows])
+        conn.execute(sa.text("create table keyed (id int primary key, api_key_id int, endpoint text, "
+                             "status_code int, created_at timestamp)"))
+        ids = random.Random(6).sample(range(1000, 3000), 400)       # inserted out of order
+        conn.execute(sa.text("insert into keyed values (:id, 17, '/a', :code, :t)"),
+                     [{"id": i, "code": 999 if i == ids[123] else 200, "t": dt.datetime.now() - dt.timedelta(hours=2)}
+                      for i in ids])
     engine.dispose()
     result = history.run_import(new_database, str(tmp_path / "blocks"), table="api_usage")
     assert (result.accepted, result.rejected) == (300, [])
     assert result.blocks and all(os.path.isdir(b) for b in result.blocks)
+    keyed = history.run_import(new_database, str(tmp_path / "k"), table="keyed", dry_run=True)
+    assert keyed.accepted == 399 and [r.line for r in keyed.rejected] == [f"id={ids[123]}"], keyed.rejected
 
 
 def test_raw_paths_need_templates(tmp_path):
@@ -330,7 +338,74 @@ def test_raw_paths_need_templates(tmp_path):
     with pytest.raises(history.ImportFailed, match="route templates"):
         history.run_import(str(src), str(tmp_path / "o"), max_series=10, dry_run=True)
     result = history.run_import(str(src), str(tmp_path / "o"), routes=["/items/<int:id>"], dry_run=True)
-    assert result.accepted == 50 and [(r.line, r.reason) for r in result.rejected] == [(51, "not JSON: Expecting value")]
+    assert result.accepted == 50 and [(r.line, r.reason) for r in result.rejected] == [(51, "not JSON: Expecting value: column 1")]
+
+
+def test_every_line_of_a_file_is_imported_rejected_or_a_counted_blank(tmp_path):
+    """An unclosed quote is its own line's error (the lines after it are read on their own), a
+    field too many or too few is rejected, a blank line is counted: header + imported +
+    rejected + blank = the file's lines. JSON Lines' reasons are whole."""
+    now = time.time()
+    src = tmp_path / "six.csv"
+    src.write_text("created_at,api_key_id,endpoint,method,status_code\n"
+                   f"{now - 60},17,/a,GET,200\n"
+                   f'{now - 59},17,"/x,GET,200\n'
+                   f"{now - 58},17,/a,GET,200\n"
+                   "\n"
+                   f"{now - 57},18,/b,POST,201,extra\n"
+                   f'{now - 56},18,"/b,c",POST,500\n'
+                   f"{now - 55},19,/a,GET\n"
+                   f"{now - 54},19,/a,GET,404\n")
+    result = history.run_import(str(src), str(tmp_path / "o"), dry_run=True, until=now)
+    assert (result.accepted, result.blank) == (4, 1), result
+    assert [(r.line, r.reason) for r in result.rejected] == [
+        (3, "not CSV: unexpected end of data (an unclosed or stray quote)"),
+        (6, "6 fields where the header has 5"), (8, "4 fields where the header has 5")]
+    lines = len(src.read_text().splitlines())
+    assert 1 + result.accepted + len(result.rejected) + result.blank == lines == 9
+    assert result.rows == result.accepted + len(result.rejected) and result.tokens == {"17": 2, "18": 1, "19": 1}
+
+    jsonl = tmp_path / "u.jsonl"
+    jsonl.write_text('{"api_key_id": "17", "endpoint": "/a\\tb"}\n' + '{"api_key_id": "17", "endpoint": "/a\x01"}\n')
+    reasons = [r.reason for r in history.run_import(str(jsonl), str(tmp_path / "o"), dry_run=True).rejected]
+    assert reasons == ["time: missing (column 'created_at')", "not JSON: Invalid control character at: column 37"], reasons
+
+
+def test_an_import_overlapping_an_earlier_one_in_time_is_refused_unless_its_instance_differs(tmp_path):
+    """Two files over the same hours into one directory with the same labels would interleave
+    one series' samples (a fake counter reset): refused with both ranges named; another
+    --instance makes separate series; a later period goes in; a dry run checks too."""
+    now = time.time() // 60 * 60
+    first, second, later = (tmp_path / n for n in ("a.csv", "b.csv", "c.csv"))
+    header = "created_at,api_key_id,endpoint,status_code\n"
+    first.write_text(header + "".join(f"{now - 7200 + i * 60},17,/a,200\n" for i in range(10)))
+    second.write_text(header + "".join(f"{now - 7170 + i * 60},17,/a,200\n" for i in range(10)))
+    later.write_text(header + "".join(f"{now - 1800 + i * 60},17,/a,200\n" for i in range(10)))
+    out = str(tmp_path / "blocks")
+    assert history.run_import(str(first), out, until=now).blocks
+    for dry_run in (True, False):
+        with pytest.raises(history.ImportFailed, match=r"overlap the import of .*a\.csv.*another --instance"):
+            history.run_import(str(second), out, until=now, dry_run=dry_run)
+    with pytest.raises(history.ImportFailed, match=r"\(the same source\)"):
+        history.run_import(str(first), out, until=now)
+    assert history.run_import(str(second), out, until=now, instance="import-2").blocks
+    assert history.run_import(str(later), out, until=now).blocks
+    ledger = json.loads((tmp_path / "blocks" / history.ImportLedger.NAME).read_text())
+    assert [(e["instance"], e["rows"], os.path.basename(e["source"])) for e in ledger] == [
+        ("import", 10, "a.csv"), ("import-2", 10, "b.csv"), ("import", 10, "c.csv")]
+
+
+def test_a_key_file_refuses_rows_of_other_key_ids(tmp_path):
+    keys = tmp_path / "keys.yml"
+    add_key(str(keys), "known")
+    known = [k.id for k in __import__("api_token_exporter.core.keystore", fromlist=["KeyStore"]).KeyStore(str(keys)).all()]
+    now = time.time()
+    src = tmp_path / "u.csv"
+    src.write_text("created_at,api_key_id,endpoint,status_code\n"
+                   f"{now - 60},{known[0]},/a,200\n{now - 59},ghost,/a,200\n")
+    result = history.run_import(str(src), str(tmp_path / "o"), dry_run=True, until=now, known_tokens=known)
+    assert result.accepted == 1 and [(r.line, r.reason) for r in result.rejected] == [
+        (3, "token: 'ghost' is not a key id of the key file")]
 
 
 def test_whole_import_mistakes_are_named_and_odd_rows_are_rejected(tmp_path):

@@ -55,15 +55,17 @@ class ImportFailed(ValueError):
 
 @dataclass
 class Rejected:
-    line: int
+    line: object                      # the line of a file; a database row's primary key, or position
     reason: str
 
 
 @dataclass
 class ImportResult:
-    rows: int = 0
+    rows: int = 0                     # records read (a file's lines but its header and blank ones)
     accepted: int = 0
     rejected: List[Rejected] = field(default_factory=list)
+    blank: int = 0                    # blank lines of a file, skipped
+    tokens: Dict[str, int] = field(default_factory=dict)    # rows imported per key id
     series: int = 0
     samples: int = 0
     first: Optional[float] = None
@@ -72,26 +74,48 @@ class ImportResult:
 
 
 # -- reading: (line of the file or row of the result, record) -----------------------------------
-Records = Iterator[Tuple[int, dict]]
+Records = Iterator[Tuple[object, dict]]
+BLANK: dict = {}                      # a blank line: counted, not a record
 
 
 def read_csv(path: str, columns: Dict[str, str]) -> Records:
+    """One record per physical line: an unclosed quote or a wrong number of fields is that
+    line's error, never a reason to read the lines after it into it (no field of a usage record
+    holds a line break). A line without quotes is split as it is; one with quotes is read by
+    the csv module, strictly."""
+    header = None
     with open(path, newline="", encoding="utf-8-sig") as fh:       # -sig: Excel's byte-order mark
-        reader = csv.DictReader(fh)
-        _check_columns(reader.fieldnames or [], columns, path)
-        for record in reader:
-            yield reader.line_num, record
+        for n, line in enumerate(fh, 1):
+            text = line.rstrip("\r\n")
+            if not text.strip():
+                yield n, BLANK
+                continue
+            try:
+                fields = next(csv.reader((text,), strict=True)) if '"' in text else text.split(",")
+            except csv.Error as exc:
+                if header is None:
+                    raise ImportFailed(f"{path}: line {n}, the header: {exc}") from None
+                yield n, {"__error__": f"not CSV: {exc} (an unclosed or stray quote)"}
+                continue
+            if header is None:
+                _check_columns(fields, columns, path)
+                header = fields
+            elif len(fields) != len(header):
+                yield n, {"__error__": f"{len(fields)} fields where the header has {len(header)}"}
+            else:
+                yield n, dict(zip(header, fields))
 
 
 def read_jsonl(path: str) -> Records:
     with open(path, encoding="utf-8-sig") as fh:
         for n, line in enumerate(fh, 1):
             if not line.strip():
+                yield n, BLANK
                 continue
             try:
                 doc = json.loads(line)
             except json.JSONDecodeError as exc:
-                doc = {"__error__": f"not JSON: {exc.msg}"}
+                doc = {"__error__": f"not JSON: {exc.msg}: column {exc.colno}"}
             yield n, doc if isinstance(doc, dict) else {"__error__": "not a JSON object"}
 
 
@@ -105,7 +129,9 @@ def _check_columns(names, columns: Dict[str, str], where: str) -> None:
 
 def read_sql(url: str, columns: Dict[str, str], table: Optional[str] = None, query: Optional[str] = None,
              batch: int = 10_000) -> Records:
-    """Rows of a table or a query, by SQLAlchemy URL (sqlite:///f.db, postgresql+psycopg://...)."""
+    """Rows of a table or a query, by SQLAlchemy URL (sqlite:///f.db, postgresql+psycopg://...).
+    A table is read in the order of its primary key and a row is named by it (``id=1565``), so a
+    rejected one can be found; a query's rows by their position in its result."""
     from ..core.config import optional_import
     sa = optional_import("sqlalchemy", "history", "Importing from a database")
     try:
@@ -115,20 +141,25 @@ def read_sql(url: str, columns: Dict[str, str], table: Optional[str] = None, que
     n = 0
     try:
         with engine.connect() as conn:
+            key: List[str] = []
             if query:
                 statement = sa.text(query)
             else:
-                statement = sa.select(sa.Table(table, sa.MetaData(), autoload_with=conn))
+                reflected = sa.Table(table, sa.MetaData(), autoload_with=conn)
+                key = [c.name for c in reflected.primary_key.columns]
+                statement = sa.select(reflected).order_by(*reflected.primary_key.columns)
             result = conn.execution_options(stream_results=True).execute(statement)
             keys = list(result.keys())
             _check_columns(keys, columns, f"table {table}" if table else "the query")
+            at = [keys.index(k) for k in key]
             while True:
                 chunk = result.fetchmany(batch)
                 if not chunk:
                     break
                 for row in chunk:
                     n += 1
-                    yield n, dict(zip(keys, row))
+                    name = ", ".join(f"{k}={row[i]}" for k, i in zip(key, at)) if at else n
+                    yield name, dict(zip(keys, row))
     except sa.exc.NoSuchTableError:
         raise ImportFailed(f"no table {table!r} in the database") from None
     except sa.exc.SQLAlchemyError as exc:        # refused connection, bad query, ...
@@ -438,9 +469,11 @@ def run_import(source: str, output_dir: str, *, table: Optional[str] = None, que
                duration_unit: str = "s", pricing: Optional[Pricing] = None, job: str = "api-token-exporter",
                instance: str = "import", routes: Optional[List[str]] = None, max_series: int = 200_000,
                max_age_days: float = 400, progress: Progress = None, promtool: Optional[str] = None,
-               dry_run: bool = False, result: Optional[ImportResult] = None) -> ImportResult:
+               dry_run: bool = False, result: Optional[ImportResult] = None,
+               known_tokens: Optional[Iterable[str]] = None) -> ImportResult:
     """Read, validate, aggregate and write blocks; rejected rows are listed, never fatal. Pass
-    ``result`` to keep what was read (the rejected rows) when the import fails part way."""
+    ``result`` to keep what was read (the rejected rows) when the import fails part way. With
+    ``known_tokens`` (the key ids of a key file), a row of any other key id is rejected."""
     if not 1 <= step <= HEARTBEAT or 86400 % step:
         raise ImportFailed(f"step must divide a day and be at most {HEARTBEAT} seconds (60, 300, ...)")
     to_route = route_matcher(routes or [])
@@ -450,13 +483,20 @@ def run_import(source: str, output_dir: str, *, table: Optional[str] = None, que
     oldest = until - max_age_days * 86400
     agg = Aggregate(step, pricing)
     result = result if result is not None else ImportResult()
+    known = frozenset(known_tokens) if known_tokens is not None else None
+    tokens = result.tokens
     last_report = time.monotonic()
     n = 0
     for where, raw in open_source(source, cols, table, query):
+        if raw is BLANK:
+            result.blank += 1
+            continue
         n += 1
         result.rows = n
         try:
             row = parse_row(raw, cols, scale)
+            if known is not None and row.token not in known:
+                raise validation.ValidationError(f"token: {row.token!r} is not a key id of the key file")
             if row.time >= until:
                 raise validation.ValidationError(f"time: at or after the cut-over {_iso(until)} (live metrics count it)")
             if row.time < oldest:
@@ -468,6 +508,7 @@ def run_import(source: str, output_dir: str, *, table: Optional[str] = None, que
         row.route = to_route(row.route)
         agg.add(row)
         result.accepted += 1
+        tokens[row.token] = tokens.get(row.token, 0) + 1
         if len(agg.counters) + len(agg.histograms) * (len(LATENCY_BUCKETS) + 3) > max_series:
             raise ImportFailed(f"more than {max_series} series after {n} rows: is the route column raw "
                                "paths? Give route templates (--route '/items/<id>'), or raise --max-series")
@@ -477,20 +518,79 @@ def run_import(source: str, output_dir: str, *, table: Optional[str] = None, que
     result.first, result.last = agg.first, agg.last
     if progress:
         progress(f"read {result.rows} rows ({len(result.rejected)} rejected)")
-    if result.accepted and not dry_run:
-        build_blocks(result, agg, output_dir, job, instance, promtool, progress)
+    if result.accepted:
+        ledger = ImportLedger(output_dir)
+        ledger.check(source, job, instance, result.first, result.last, table, query)
+        if not dry_run:
+            build_blocks(result, agg, output_dir, job, instance, promtool, progress)
+            ledger.add(source, job, instance, result, table, query)
     return result
+
+
+class ImportLedger:
+    """The imports written into a directory (``api-token-exporter-imports.json`` there, which
+    Prometheus ignores): a new import whose series would overlap an earlier one's in time is
+    refused. Two imports with the same labels make one series per label set, and their samples
+    interleaved read as counter resets (1, 2, 3, 1, 2, ...); with another ``--instance`` they are
+    separate series, and every sum over instances adds both."""
+
+    NAME = "api-token-exporter-imports.json"
+
+    def __init__(self, directory: str):
+        self.path = os.path.join(directory, self.NAME)
+
+    def entries(self) -> List[dict]:
+        try:
+            with open(self.path, encoding="utf-8") as fh:
+                found = json.load(fh)
+        except FileNotFoundError:
+            return []
+        except (OSError, ValueError) as exc:
+            raise ImportFailed(f"{self.path}: {exc} (the list of earlier imports; fix or remove it)") from None
+        return found if isinstance(found, list) else []
+
+    @staticmethod
+    def _source(source: str, table: Optional[str], query: Optional[str]) -> str:
+        if "://" in source:             # never the URL itself: it may hold a password
+            return f"database {table!r}" if table else f"database query {query!r}"
+        return os.path.abspath(source)
+
+    def check(self, source: str, job: str, instance: str, first: float, last: float,
+              table: Optional[str] = None, query: Optional[str] = None) -> None:
+        for entry in self.entries():
+            if (entry.get("job"), entry.get("instance")) != (job, instance):
+                continue
+            if not (last < entry["first"] or first > entry["last"]):
+                again = " (the same source)" if entry.get("source") == self._source(source, table, query) else ""
+                raise ImportFailed(
+                    f"rows from {_iso(first)} to {_iso(last)} overlap the import of {entry.get('source')}{again} "
+                    f"({_iso(entry['first'])} to {_iso(entry['last'])}, instance={instance!r}) into this "
+                    f"directory: the two would be one series per label set, read as counter resets. Import it "
+                    f"with another --instance (sums over instances add both), or remove that import's blocks "
+                    f"and its entry in {self.path}")
+
+    def add(self, source: str, job: str, instance: str, result: ImportResult, table: Optional[str] = None,
+            query: Optional[str] = None) -> None:
+        entries = self.entries() + [{
+            "source": self._source(source, table, query), "job": job, "instance": instance,
+            "first": result.first, "last": result.last, "rows": result.accepted,
+            "blocks": [os.path.basename(b) for b in result.blocks], "imported_at": _iso(time.time())}]
+        tmp = self.path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(entries, fh, indent=1)
+        os.replace(tmp, self.path)
 
 
 def _iso(t: float) -> str:
     return f"{dt.datetime.fromtimestamp(t, dt.timezone.utc):%Y-%m-%dT%H:%M:%SZ}"
 
 
-def write_rejected(path: str, rejected: List[Rejected]) -> None:
-    """Line of the file (row of the result for a database) and reason, one per rejected record."""
+def write_rejected(path: str, rejected: List[Rejected], where: str = "line") -> None:
+    """Line of the file (for a database ``where="row"``: its primary key or position) and reason,
+    one per rejected record."""
     with open(path, "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["line", "reason"])
+        writer.writerow([where, "reason"])
         for r in rejected:
             writer.writerow([r.line, r.reason])
 

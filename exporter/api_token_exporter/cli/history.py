@@ -42,7 +42,10 @@ def register(sub) -> None:
     where = imp.add_mutually_exclusive_group()
     where.add_argument("--prometheus-data", help="Prometheus's data directory: blocks are moved there")
     where.add_argument("--output", default="import-blocks", help="else, where to write the blocks")
-    imp.add_argument("--rejected", default="import-rejected.csv", help="rejected rows and reasons")
+    imp.add_argument("--keys-file", help="refuse rows whose key id is not in this key file (without it, "
+                                         "every key id is imported, and the summary names them)")
+    imp.add_argument("--rejected", default="import-rejected.csv",
+                     help="rejected rows and reasons, by line (a database's: by primary key)")
     imp.add_argument("--dry-run", action="store_true", help="read and validate only")
     imp.add_argument("--progress", action="store_true", help="progress on stderr even when not a terminal")
     imp.set_defaults(func=run)
@@ -60,33 +63,48 @@ def run(args) -> int:
             return 2
         columns[name] = column
     result = history.ImportResult()
+    where = "row" if "://" in args.source else "line"
     output = args.prometheus_data or args.output
     try:
         until = None if args.until == "now" else history.parse_time(args.until)
         settings = command_settings(args, pricing_file=args.pricing_file, prices_file=args.prices_file)
         pricing = Pricing.load(settings.pricing_file, settings.prices_file)
+        known = None
+        if args.keys_file:
+            from ..core.keystore import KeyStore, KeyStoreError
+            try:
+                known = [k.id for k in KeyStore(args.keys_file).all()]
+            except KeyStoreError as exc:
+                raise ValueError(f"--keys-file: {exc}") from None
         history.run_import(
             args.source, output, table=args.table, query=args.query, columns=columns, until=until,
             step=args.step, duration_unit=args.duration_unit, pricing=pricing, job=args.job,
             instance=args.instance, routes=args.route, max_series=args.max_series,
             max_age_days=args.max_age_days, progress=history.progress_printer(args.progress or sys.stderr.isatty()),
-            dry_run=args.dry_run, result=result)
+            dry_run=args.dry_run, result=result, known_tokens=known)
     except (history.ImportFailed, PricingError, ValueError, OSError) as exc:
         print(f"\nerror: {exc}", file=sys.stderr)
         return 2
     finally:                                   # what was read is reported, even on failure
-        history.write_rejected(args.rejected, result.rejected)
+        history.write_rejected(args.rejected, result.rejected, where)
     if result.rejected:
-        shown = "; ".join(f"line {r.line}: {r.reason}" for r in result.rejected[:3])
+        shown = "; ".join(f"{where} {r.line}: {r.reason}" for r in result.rejected[:3])
         print(f"\n{len(result.rejected)} rows rejected, listed with reasons in {args.rejected} ({shown}"
               f"{'; ...' if len(result.rejected) > 3 else ''})", file=sys.stderr)
     span = ""
     if result.first is not None:
         fmt = lambda t: time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(t))   # noqa: E731
         span = f" from {fmt(result.first)} to {fmt(result.last)}"
-    print(f"\nimported {result.accepted} of {result.rows} rows{span}: {result.series} series, "
-          f"{result.samples} samples, {len(result.blocks)} block(s): {', '.join(result.blocks) or 'none'}"
-          + ("" if args.prometheus_data or not result.blocks else
-             "\nnext: move these block directories into Prometheus's data directory "
-             "(--storage.tsdb.path); it loads them within a minute"), file=sys.stderr)
+    blank = f", {result.blank} blank line{'s' if result.blank > 1 else ''} skipped" if result.blank else ""
+    print(f"\nimported {result.accepted} of {result.rows} rows{span} ({len(result.rejected)} rejected{blank}): "
+          f"{result.series} series, {result.samples} samples, {len(result.blocks)} block(s): "
+          f"{', '.join(result.blocks) or 'none'}", file=sys.stderr)
+    if result.tokens:
+        ids = sorted(result.tokens, key=lambda t: -result.tokens[t])
+        print(f"key ids: {len(ids)} ({', '.join(f'{t} {result.tokens[t]:,}' for t in ids[:10])}"
+              f"{f' and {len(ids) - 10} more' if len(ids) > 10 else ''})"
+              + ("" if args.keys_file else "; --keys-file refuses rows of ids not in a key file"), file=sys.stderr)
+    if result.blocks and not args.prometheus_data:
+        print("next: move these block directories into Prometheus's data directory "
+              "(--storage.tsdb.path); it loads them within a minute", file=sys.stderr)
     return 0 if result.accepted or not result.rows else 1
