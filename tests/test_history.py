@@ -163,6 +163,41 @@ def imported(tmp_path_factory):
         prom.stop()
 
 
+@pytest.mark.integration
+@needs("prometheus")
+def test_an_import_into_a_running_prometheus_backfills_the_recording_rules(tmp_path):
+    """import --prometheus-url: once Prometheus has loaded the imported blocks, the recording
+    rules are evaluated over the imported range, so the hourly counts and the anomaly baselines
+    answer right after the import, without waiting for live time."""
+    now = time.time() // 3600 * 3600
+    rows = seed_rows(3000, now - 2 * 86400, now - 600, random.Random(11))
+    source = tmp_path / "usage.csv"
+    write_csv(source, rows)
+    prom = start_prometheus(str(tmp_path / "prom"), prometheus_config({}, None, str(tmp_path / "no-rules")))
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "api_token_exporter.cli", "import", str(source), "--until", str(now),
+             "--prometheus-data", str(tmp_path / "prom" / "data"), "--prometheus-url", prom.url],
+            capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stderr
+        assert "recording rules backfilled from" in done.stderr, done.stderr
+
+        def query(expr, at):
+            r = requests.get(prom.url + "/api/v1/query", params={"query": expr, "time": at}, timeout=60)
+            assert r.status_code == 200, r.text
+            return {s["metric"].get("token"): float(s["value"][1]) for s in r.json()["data"]["result"]}
+        hour = now - 24 * 3600            # the hour that ended a day before the cut-over
+        counted = query("token:apitoken_requests:increase1h", hour)
+        for token in TOKENS:
+            rows_in_hour = sum(1 for r in rows if r["api_key_id"] == token
+                               and hour - 3600 < history.parse_time(r["created_at"]) <= hour)
+            assert counted.get(token, 0) == pytest.approx(rows_in_hour, rel=0.25, abs=3), (token, counted)
+        baselines = query("token:apitoken_anomaly_requests:mad1d", now - 900)
+        assert set(TOKENS) <= set(baselines), baselines
+    finally:
+        prom.stop()
+
+
 def usage(world, token):
     r = requests.get(world["url"] + "/api/analytics/usage", headers={"X-API-Key": world["raw"][token]}, timeout=60)
     assert r.status_code == 200, r.text

@@ -126,7 +126,8 @@ def backfill_rules(prometheus_url: str, rule_files: List[str], start: float, end
     return moved
 
 
-def wait_for_series(prometheus_url: str, names: List[str], at: float, timeout: float) -> None:
+def wait_for_series(prometheus_url: str, names: List[str], at: float, timeout: float,
+                    what: str = "the backfilled rules") -> None:
     """Until Prometheus answers for one of ``names`` in the hour before ``at``: in the middle of
     the history, as a Prometheus evaluating the same rules live has them near the end at once."""
     prometheus = Prometheus(prometheus_url, timeout=30)
@@ -139,5 +140,5 @@ def wait_for_series(prometheus_url: str, names: List[str], at: float, timeout: f
         except (UpstreamError, ValueError, KeyError):
             pass
         time.sleep(2)
-    raise ImportFailed(f"Prometheus did not load the backfilled rules within {timeout:.0f} s: "
+    raise ImportFailed(f"Prometheus did not load {what} within {timeout:.0f} s: "
                        "is the output its data directory?")

@@ -39,6 +39,15 @@ def register(sub) -> None:
     imp.add_argument("--max-age-days", type=float, default=400,
                      help="refuse rows older than this before the cut-over (default %(default)s, the compose "
                           "stack's retention)")
+    imp.add_argument("--prometheus-url", help="with --prometheus-data, the Prometheus that reads it: once it has "
+                     "loaded the import, the recording rules are backfilled over the imported range, so "
+                     "trends, baselines and forecasts answer at once")
+    imp.add_argument("--rules", action="append", default=[], metavar="FILE",
+                     help="recording rule files to backfill (default: the rules rendered from the thresholds, "
+                          "as `api-token-exporter rules` writes them)")
+    imp.add_argument("--thresholds", help="the thresholds file the default rules are rendered from")
+    imp.add_argument("--load-timeout", type=float, default=300,
+                     help="seconds to wait for Prometheus to load each set of blocks (default %(default)s)")
     where = imp.add_mutually_exclusive_group()
     where.add_argument("--prometheus-data", help="Prometheus's data directory: blocks are moved there")
     where.add_argument("--output", default="import-blocks", help="else, where to write the blocks")
@@ -62,6 +71,10 @@ def run(args) -> int:
                   f"{', '.join(history.DEFAULT_COLUMNS)}", file=sys.stderr)
             return 2
         columns[name] = column
+    if args.prometheus_url and not args.prometheus_data:
+        print("error: --prometheus-url needs --prometheus-data: the rules are evaluated from the blocks that "
+              "Prometheus holds", file=sys.stderr)
+        return 2
     result = history.ImportResult()
     where = "row" if "://" in args.source else "line"
     output = args.prometheus_data or args.output
@@ -82,6 +95,11 @@ def run(args) -> int:
             instance=args.instance, routes=args.route, max_series=args.max_series,
             max_age_days=args.max_age_days, progress=history.progress_printer(args.progress or sys.stderr.isatty()),
             dry_run=args.dry_run, result=result, known_tokens=known)
+        if args.prometheus_url and result.blocks:
+            rule_blocks = backfill_rules(args, result)
+            print(f"\nrecording rules backfilled from {time.strftime('%Y-%m-%d %H:%M:%SZ', time.gmtime(result.first))}"
+                  f" to {time.strftime('%Y-%m-%d %H:%M:%SZ', time.gmtime(result.last))}: {len(rule_blocks)} "
+                  "block(s)", file=sys.stderr)
     except (history.ImportFailed, PricingError, ValueError, OSError) as exc:
         print(f"\nerror: {exc}", file=sys.stderr)
         return 2
@@ -108,3 +126,21 @@ def run(args) -> int:
         print("next: move these block directories into Prometheus's data directory "
               "(--storage.tsdb.path); it loads them within a minute", file=sys.stderr)
     return 0 if result.accepted or not result.rows else 1
+
+
+def backfill_rules(args, result) -> list:
+    """The recording rules over the imported range, from the Prometheus that loaded the import
+    (rule_backfill.py), a dependency level at a time."""
+    import tempfile
+    from ..analytics import rule_backfill
+    with tempfile.TemporaryDirectory(prefix="ate-rules-") as rendered:
+        rules = args.rules
+        if not rules:
+            from ..mixin.rules import write
+            from ..mixin.thresholds import default_thresholds_file, load_thresholds
+            rules = write(load_thresholds(args.thresholds or default_thresholds_file()), rendered)
+        rule_backfill.wait_for_series(args.prometheus_url, ["apitoken_requests_total"],
+                                      min(result.last, result.first + 3600), args.load_timeout,
+                                      what="the imported blocks")
+        return rule_backfill.backfill_rules(args.prometheus_url, rules, result.first, result.last,
+                                            args.prometheus_data, load_timeout=args.load_timeout)
