@@ -56,7 +56,11 @@ TRAFFIC = {   # token: (req/s at t, born at)
     "mod-low": (lambda t: 3.5 if during(t) else 2, 0),             # under its own low sensitivity's 2x
     "errors": (steady(2), 0),
     "slow": (steady(2), 0),
+    "sparse-errors": (steady(0.2), 0),                             # 60 requests a window, 1 % errors
 }
+# sparse-errors: one 5xx every 2 minutes for half an hour (2-3 in a window of 60 requests, 4 %:
+# above min_ratio and every band of a ratio whose median and MAD are 0), no evidence of a change
+SPARSE = (2 * DAY + 8 * HOUR, 2 * DAY + 8 * HOUR + 30 * 60)
 
 
 def nightly(t):                         # 02:00 to 03:00 every night
@@ -73,6 +77,13 @@ ROUTES = {    # token: {route: req/s at t}
 def input_series():
     series = []
     for token, (rate, born) in TRAFFIC.items():
+        if token == "sparse-errors":
+            errors = lambda t: 1 / 120 if during(t, SPARSE) else 0.002        # noqa: E731
+            series += [(f'apitoken_requests_total{{{LABELS},token="{token}",route="/a",method="GET",code="200"}}',
+                        counter(lambda t: rate(t) - errors(t))),
+                       (f'apitoken_requests_total{{{LABELS},token="{token}",route="/a",method="GET",code="500"}}',
+                        counter(errors))]
+            continue
         if token == "errors":      # 1 % errors, 20 % for the hour
             share = lambda t: 0.2 if during(t) else 0.01          # noqa: E731
             series += [(f'apitoken_requests_total{{{LABELS},token="errors",route="/a",method="GET",code="200"}}',
@@ -137,6 +148,8 @@ def test_each_anomaly_fires_and_nothing_else(tmp_path):
             ("ApiTokenTrafficAnomaly", "mod-default", "up"), ("ApiTokenErrorAnomaly", "errors", "up"),
             ("ApiTokenLatencyAnomaly", "slow", "up"), ("ApiTokenNewRoute", "new-route", None),
             ("ApiTokenRouteMixAnomaly", "mix", None), ("ApiTokenNewCountry", "travels", None))},
+        # a few chance errors of a token with little traffic: no evidence, nothing fires
+        {"expr": FIRING, "eval_time": at(SPARSE[1]), "exp_samples": []},
         # the nightly export changes the mix every night at the same hour: expected
         {"expr": FIRING, "eval_time": at(2 * DAY + 2 * HOUR + 40 * 60), "exp_samples": []},
         # two hours after it ended (past keep_firing_for, and /admin known by then): all resolved
