@@ -131,6 +131,13 @@ def test_import_benchmark_imports_every_row():
     for phase in ("read, validate, aggregate (dry run)", "whole import (+ OpenMetrics text, promtool blocks)"):
         seconds, rate = number(rows[phase]["seconds"]), number(rows[phase]["rows per second"])
         assert seconds >= 0 and within_rounding(rate, 2000, seconds, 0.1)         # of a time rounded to 0.1 s
+    out = run("bench_import.py", "--rows", "2000", "--days", "2", "--against", CHECKOUT, "--rounds", "1")
+    rows = table(out, "package")                # against this checkout itself: both import every row
+    assert set(rows) == {"this checkout", CHECKOUT}, rows
+    for row in rows.values():
+        for phase in ("dry run", "whole import"):
+            seconds, rate = number(row[f"{phase} (s)"]), number(row[f"{phase}, rows per second"])
+            assert seconds >= 0 and within_rounding(rate, 2000, seconds, 0.1), row
 
 
 @needs("server")

@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 from ..core import validation
@@ -369,12 +370,14 @@ def write_openmetrics(agg: Aggregate, out, job: str, instance: str) -> Tuple[int
         for key, bins in sorted(by_family[name]):
             series += 1
             prefix = name + labels_text(name, key) + " "
-            total = 0
+            total, line, lines = 0, "", []
             for b, changed in sample_times(bins, step):
-                if changed:
+                if changed:                   # a heartbeat repeats the value's text
                     total += bins[b]
-                out.write(f"{prefix}{float_to_go_string(total / scale)} {(b + 1) * step}\n")   # a bin's end
-                samples += 1
+                    line = f"{prefix}{float_to_go_string(total / scale)} "
+                lines.append(f"{line}{(b + 1) * step}\n")   # a bin's end
+            out.write("".join(lines))
+            samples += len(lines)
     hist_family: Dict[str, list] = {}
     for (name, key), bins in agg.histograms.items():
         hist_family.setdefault(name, []).append((key, bins))
@@ -388,18 +391,20 @@ def write_openmetrics(agg: Aggregate, out, job: str, instance: str) -> Tuple[int
             bucket_prefixes = [f"{name}_bucket{labels_text(name, key, f'le={chr(34)}{le}{chr(34)}')} " for le in les]
             count_prefix = f"{name}_count{labels_text(name, key)} "
             sum_prefix = f"{name}_sum{labels_text(name, key)} "
+            texts: List[str] = []            # each line's name, labels and value, up to the time
+            chunks = []
             for b, changed in sample_times(bins, step):
-                if changed:
+                if changed:                   # a heartbeat repeats the values' texts
                     running = [x + y for x, y in zip(running, bins[b])]
-                t = (b + 1) * step
-                cumulative = 0
-                per_bucket = rebucket(running[:len(LATENCY_BUCKETS) + 1], LATENCY_BUCKETS, bounds)
-                for i, prefix in enumerate(bucket_prefixes):
-                    cumulative += int(per_bucket[i])
-                    out.write(f"{prefix}{cumulative} {t}\n")
-                out.write(f"{count_prefix}{running[-2]} {t}\n")
-                out.write(f"{sum_prefix}{float_to_go_string(running[-1] / MICROSECONDS)} {t}\n")
-                samples += len(les) + 2
+                    per_bucket = rebucket(running[:len(LATENCY_BUCKETS) + 1], LATENCY_BUCKETS, bounds)
+                    texts = [f"{prefix}{cumulative}" for prefix, cumulative in
+                             zip(bucket_prefixes, accumulate(int(n) for n in per_bucket))]
+                    texts += [f"{count_prefix}{running[-2]}",
+                              f"{sum_prefix}{float_to_go_string(running[-1] / MICROSECONDS)}"]
+                end = f" {(b + 1) * step}\n"
+                chunks.append(end.join(texts) + end)
+            out.write("".join(chunks))
+            samples += len(chunks) * (len(les) + 2)
     out.write("# EOF\n")
     return series, samples
 
