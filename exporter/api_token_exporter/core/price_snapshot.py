@@ -119,7 +119,8 @@ def build(path: str, version: Optional[str] = None, today: Optional[dt.date] = N
         raise SnapshotError(f"{path}: no text model with input and output prices: is it LiteLLM's price map?")
     return {"source": "LiteLLM model_prices_and_context_window.json (MIT, Copyright (c) 2023 Berri AI)",
             "version": version or found_version, "source_sha256": digest,
-            "date": (today or dt.datetime.now(dt.timezone.utc).date()).isoformat(), "currency": "USD", "unit": "per 1M tokens", "services": services}
+            "date": (today or dt.datetime.now(dt.timezone.utc).date()).isoformat(),
+            "currency": "USD", "unit": "per 1M tokens", "services": services}
 
 
 def write(snapshot: dict, path: str) -> None:

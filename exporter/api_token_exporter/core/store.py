@@ -31,7 +31,6 @@ the tests check that both expose the same families and samples.
 """
 from __future__ import annotations
 
-import bisect
 import contextlib
 import fcntl
 import glob
@@ -91,7 +90,7 @@ def rebucket(counts: Sequence[float], old: Sequence[float], new: Sequence[float]
     to the first new bucket at or above its old bound (exact where every new bound is an old one)."""
     out = [0.0] * (len(new) + 1)
     for bound, count in zip(old, counts):
-        out[min(bisect.bisect_left(new, bound), len(new))] += count
+        out[min(bisect_left(new, bound), len(new))] += count
     out[len(new)] += counts[len(old)]
     return out
 

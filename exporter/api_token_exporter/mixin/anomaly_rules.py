@@ -41,6 +41,8 @@ SIGNALS = {   # name: (recorded source, directions)
     "latency": ("token:apitoken_request_duration_seconds:{q}_{w}", ("up",)),
 }
 LEVELS = SENSITIVITIES
+# anomaly.errors settings newer than some thresholds files: those files get these
+ERROR_EVIDENCE = {"min_errors": 5, "confidence_z": 3}
 
 
 def validate(t: dict) -> None:
@@ -67,9 +69,9 @@ def validate(t: dict) -> None:
                              "anomaly.countries needs memory") from None
     if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share < 1:
         raise ThresholdError("thresholds: anomaly.routes.mix_divergence must be between 0 and 1")
-    errors = a.get("errors") or {}
-    for key, least in (("min_requests", 0), ("min_ratio", 0), ("min_errors", 0), ("confidence_z", 0)):
-        value = errors.get(key)
+    errors = {**ERROR_EVIDENCE, **(a.get("errors") or {})}
+    for key in ("min_requests", "min_ratio", "min_errors", "confidence_z"):
+        value, least = errors.get(key), 0
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < least:
             raise ThresholdError(f"thresholds: anomaly.errors.{key} must be a number, at least {least}")
     if seconds(a["learning_period"]) < 86400:
@@ -207,11 +209,12 @@ def error_evidence(t: dict) -> str:
     ``anomaly.errors.confidence_z`` standard deviations: the least error ratio that explains
     the errors seen among the requests seen. Two chance errors among 60 requests give about
     0.5 % at z = 3; an hour at 20 % over 600 requests about 15 %."""
-    a, w = t["anomaly"], t["rate_window"]
-    z2 = a["errors"]["confidence_z"] ** 2
+    w, errors = t["rate_window"], {**ERROR_EVIDENCE, **t["anomaly"]["errors"]}
+    z = errors["confidence_z"]
+    z2 = z ** 2
     p = f"token:apitoken_request_errors:ratio_rate{w}"
     n = f"(token:apitoken_requests:rate{w} * {int(seconds(w))})"
-    return (f"(({p} + on (token) {z2 / 2:g} / {n} - on (token) {a['errors']['confidence_z']:g} * "
+    return (f"(({p} + on (token) {z2 / 2:g} / {n} - on (token) {z:g} * "
             f"sqrt({p} * (1 - {p}) / on (token) {n} + on (token) {z2 / 4:g} / {n} ^ 2)) "
             f"/ on (token) (1 + {z2:g} / {n}))")
 
@@ -242,10 +245,11 @@ def alert_rules(t: dict, alert) -> List[dict]:
     learned = f"and on (token) {x.learned()}"
     change = f"(1 + {x.per_token('min_change')})"
     per_hour = a["volume"]["min_requests_per_hour"]
+    errors = {**ERROR_EVIDENCE, **a["errors"]}
     enough = {"error_ratio": f"and on (token) token:apitoken_requests:rate{w} * {w_s} >= {a['errors']['min_requests']:g}\n"
                              f"and {{value}} >= {a['errors']['min_ratio']:g}\n"
                              f"and on (token) {{value}} * on (token) token:apitoken_requests:rate{w} * {w_s} "
-                             f">= {a['errors']['min_errors']:g}\n"
+                             f">= {errors['min_errors']:g}\n"
                              f"and on (token) {error_evidence(t)} > on (token) "
                              f"{x.expected('error_ratio', 'high')} * on (token) {change}",
               "latency": f"and on (token) token:apitoken_requests:rate{w} * {w_s} >= {a['latency']['min_requests']:g}"}
