@@ -146,7 +146,10 @@ def test_the_headers_made_for_a_plan_are_the_plain_ones(limits, now, data):
     for _, limit, seconds in plan:
         values += [data.draw(st.integers(0, limit)), data.draw(st.floats(now - 10, now + seconds))]
     decision = Decision(plan, values)
-    assert rate_limit_headers(decision, now) == reference_headers(plan, values, now)
+    plain = reference_headers(plan, values, now)
+    assert rate_limit_headers(decision, now) == plain
+    assert rate_limit_headers(decision, now, encoded=True) == [      # as ASGI sends them
+        (name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in plain]
 
 
 def test_a_plan_with_a_window_of_another_name_is_refused():

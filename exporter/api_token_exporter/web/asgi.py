@@ -232,11 +232,11 @@ class TokenAnalytics:
                 break
         core, observe = self.core, self.settings.observe_only
         if core.limiter.shared and not observe:      # Redis, asked without blocking the loop
-            key, llm_token, refusal, headers = await admit_async(core, raw, observe, self._client, scope)
+            key, llm_token, refusal, headers = await admit_async(core, raw, observe, self._client, scope, True)
         else:                                        # no I/O: no coroutine to make and await
-            key, llm_token, refusal, headers = admit(core, raw, observe, self._client, scope)
+            key, llm_token, refusal, headers = admit(core, raw, observe, self._client, scope, True)
         if self.settings.server_timing:
-            headers = with_server_timing(started, headers, refusal)
+            headers = with_server_timing(started, headers, refusal, True)
         if refusal is not None:
             return await self._refuse(scope, send, key, started, refusal)
 
@@ -245,7 +245,7 @@ class TokenAnalytics:
             state = scope["state"] = {}
         state["api_key"] = key if llm_token is not None else None
         call = _Request(self, scope, send, key, llm_token, started, scope.get("root_path", ""),
-                        _encode(headers) if headers else None)
+                        headers or None)
         if llm_token is not None and self.settings.capture_llm_usage:
             call.capture = BodyCapture(self.settings.capture_max_bytes)
         context = CURRENT.set(call)          # background tasks run inside the app call too

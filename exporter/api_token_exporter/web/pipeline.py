@@ -49,13 +49,16 @@ class Refusal:
 NO_HEADERS: Headers = ()           # shared: a face only tests it and adds it to a copy
 
 
-def admit(core, raw_key: Optional[str], observe_only: bool, client_of: Callable, request) -> Admission:
+def admit(core, raw_key: Optional[str], observe_only: bool, client_of: Callable, request,
+          encoded: bool = False) -> Admission:
     """Authenticate ``raw_key`` and charge its rate limits. ``client_of(request)`` names the caller
     of a failed authentication (called only then).
 
     Returns (key, token, refusal, headers): the key (also one that was refused), the token whose
     usage the request counts as (None unless it authenticated), a Refusal or None, and the
-    rate-limit headers the app's answer gets. A tuple, not an object: this is every request's path."""
+    rate-limit headers the app's answer gets: (str, str) pairs, or with ``encoded`` (bytes, bytes)
+    pairs with lower-case names as ASGI sends them (a refusal's own headers are str pairs either
+    way). A tuple, not an object: this is every request's path."""
     key, reason = core.authenticate(raw_key)
     if reason is not None:
         return _refused(core, key, reason, observe_only, client_of, request)
@@ -66,14 +69,15 @@ def admit(core, raw_key: Optional[str], observe_only: bool, client_of: Callable,
         decision = core.hit(key, now)
     except StorageUnavailable:
         return key, key.id, _unavailable(core), NO_HEADERS
-    return _limited(key, decision, now)
+    return _limited(key, decision, now, encoded)
 
 
-async def admit_async(core, raw_key: Optional[str], observe_only: bool, client_of: Callable, request) -> Admission:
+async def admit_async(core, raw_key: Optional[str], observe_only: bool, client_of: Callable, request,
+                      encoded: bool = False) -> Admission:
     """``admit`` for an event loop: a shared rate-limit storage is asked without blocking it
     (without one there is no I/O, and ``admit`` answers)."""
     if observe_only or not core.limiter.shared:
-        return admit(core, raw_key, observe_only, client_of, request)
+        return admit(core, raw_key, observe_only, client_of, request, encoded)
     key, reason = core.authenticate(raw_key)
     if reason is not None:
         return _refused(core, key, reason, observe_only, client_of, request)
@@ -82,7 +86,7 @@ async def admit_async(core, raw_key: Optional[str], observe_only: bool, client_o
         decision = await core.hit_async(key, now)
     except StorageUnavailable:
         return key, key.id, _unavailable(core), NO_HEADERS
-    return _limited(key, decision, now)
+    return _limited(key, decision, now, encoded)
 
 
 def _refused(core, key, reason: str, observe_only: bool, client_of, request) -> Admission:
@@ -97,12 +101,12 @@ def _unavailable(core) -> Refusal:
                         f"(storage_failure_mode: closed). Try again in {wait} seconds", [("Retry-After", str(wait))])
 
 
-def _limited(key: ApiKey, decision: Optional[Decision], now: float) -> Admission:
+def _limited(key: ApiKey, decision: Optional[Decision], now: float, encoded: bool = False) -> Admission:
     if decision is None:
         return key, key.id, None, NO_HEADERS
-    headers = rate_limit_headers(decision, now)
     if decision.allowed:
-        return key, key.id, None, headers
+        return key, key.id, None, rate_limit_headers(decision, now, encoded)
+    headers = rate_limit_headers(decision, now)
     refused = decision.refused
     window = decision.plan[refused][0]
     wait = max(0, math.ceil(decision.values[2 * refused + 1] - now))
@@ -110,26 +114,34 @@ def _limited(key: ApiKey, decision: Optional[Decision], now: float) -> Admission
                                 headers + [("Retry-After", str(wait))]), headers
 
 
-_BUILDERS: Dict[int, tuple] = {}
+_BUILDERS: List[Dict[int, tuple]] = [{}, {}]      # by plan identity: str pairs, (bytes, bytes) pairs
 
 
-def rate_limit_headers(decision: Decision, now: float) -> Headers:
+def rate_limit_headers(decision: Decision, now: float, encoded: bool = False) -> Headers:
     """The X-RateLimit-{Window}-{Limit,Remaining,Reset} headers (Reset in seconds) and the IETF
-    draft-ietf-httpapi-ratelimit-headers-10 RateLimit-Policy / RateLimit fields."""
+    draft-ietf-httpapi-ratelimit-headers-10 RateLimit-Policy / RateLimit fields; with ``encoded``
+    as ASGI sends them, (bytes, bytes) with lower-case names."""
     plan = decision.plan
     if not plan:
         return []
-    found = _BUILDERS.get(id(plan))
+    builders = _BUILDERS[encoded]
+    found = builders.get(id(plan))
     if found is None or found[0] is not plan:
-        found = _BUILDERS[id(plan)] = (plan, header_builder(plan))
+        found = builders[id(plan)] = (plan, header_builder(plan, encoded))
     return found[1](decision.values, now)
 
 
-def header_builder(plan) -> Callable[[List[float], float], Headers]:
+def header_builder(plan, encoded: bool = False) -> Callable[[List[float], float], Headers]:
     """The function that makes the headers of a decision on ``plan`` from its values (remaining,
     reset time, ... per window) and the time: made once per plan (a limiter keeps one plan object
     per set of limits), with the plan's names and limits written into its code, as
-    collections.namedtuple makes its classes, since it runs on every request."""
+    collections.namedtuple makes its classes, since it runs on every request. ``encoded``: the
+    pairs as ASGI wants them (every value is ASCII: digits, and the windows' names)."""
+    def pair(name: str, value: Optional[str], code: str = "") -> str:
+        if encoded:
+            return repr((name.lower().encode(), value.encode())) if value is not None else \
+                f"({name.lower().encode()!r}, {code}.encode())"
+        return repr((name, value)) if value is not None else f"({name!r}, {code})"
     lines, headers, current = [], [], []
     for i, (window, limit, seconds) in enumerate(plan):
         if window not in WINDOW_ORDER or type(limit) is not int or type(seconds) is not int:
@@ -138,24 +150,26 @@ def header_builder(plan) -> Callable[[List[float], float], Headers]:
         lines.append(f"    r{i} = f'{{values[{2 * i}]}}'\n"
                      f"    t = values[{2 * i + 1}] - now\n"
                      f"    t{i} = f'{{ceil(t)}}' if t > 0 else '0'\n")
-        headers += [repr((f"{name}-Limit", str(limit))), f"({name + '-Remaining'!r}, r{i})", f"({name + '-Reset'!r}, t{i})"]
+        headers += [pair(f"{name}-Limit", str(limit)), pair(f"{name}-Remaining", None, f"r{i}"),
+                    pair(f"{name}-Reset", None, f"t{i}")]
         current.append(f'"{window}";r={{r{i}}};t={{t{i}}}')
     policy = ", ".join(f'"{w}";q={limit};w={seconds}' for w, limit, seconds in plan)
-    headers += [repr(("RateLimit-Policy", policy)), f"('RateLimit', f{', '.join(current)!r})"]
+    headers += [pair("RateLimit-Policy", policy), pair("RateLimit", None, f"f{', '.join(current)!r}")]
     source = "def build(values, now):\n" + "".join(lines) + f"    return [{', '.join(headers)}]\n"
     namespace = {"ceil": math.ceil}
     exec(source, namespace)
     return namespace["build"]
 
 
-def with_server_timing(started: float, headers: Headers, refusal: Optional[Refusal]) -> Headers:
+def with_server_timing(started: float, headers: Headers, refusal: Optional[Refusal],
+                       encoded: bool = False) -> Headers:
     """``headers`` and the W3C Server-Timing field, which browsers' developer tools show: the
     middleware's own time on this request since ``started`` (a ``time.perf_counter()``), in
-    milliseconds; a refusal's headers get it too."""
-    timing = ("Server-Timing", f'apitoken;dur={(time.perf_counter() - started) * 1000:.3f};desc="api-token-exporter"')
+    milliseconds; a refusal's headers get it too. ``encoded``: as ``admit`` gave ``headers``."""
+    value = f'apitoken;dur={(time.perf_counter() - started) * 1000:.3f};desc="api-token-exporter"'
     if refusal is not None:
-        refusal.headers.append(timing)
-    return [*headers, timing]
+        refusal.headers.append(("Server-Timing", value))
+    return [*headers, (b"server-timing", value.encode()) if encoded else ("Server-Timing", value)]
 
 
 # -- LLM usage in the app's answer ----------------------------------------------------------------
