@@ -314,6 +314,9 @@ def test_the_rule_backfill_records_what_promtool_records(imported, tmp_path):
         ours.update(_recorded(text.getvalue().splitlines(), _OPENMETRICS, millis=False))
     assert len(ours) > 20 and set(ours) == set(theirs), set(ours) ^ set(theirs)
     for key in ours:
+        missing = sorted(set(ours[key]) ^ set(theirs[key]))       # named, should it happen again
+        assert not missing, (key, "only ours" if set(missing) <= set(ours[key]) else "not in ours", missing[:5],
+                             min(theirs[key]), max(theirs[key]), len(ours[key]), len(theirs[key]))
         assert ours[key] == pytest.approx(theirs[key], rel=1e-9), key
 
 
