@@ -359,8 +359,7 @@ class KeyStore:
 
     def lookup_secret(self, raw_key: str) -> Tuple[Optional[ApiKey], bool]:
         """(key, True when ``raw_key`` is the secret a rotation replaced, in grace or not)."""
-        if time.monotonic() - self._last_check >= self.check_interval:   # reload()'s own test, first
-            self.reload()
+        self.reload()
         return self._by_digest.get(_sha256(raw_key.encode("utf-8")).digest(), _UNKNOWN)
 
     def get(self, token_id: str) -> Optional[ApiKey]:

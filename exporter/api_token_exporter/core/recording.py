@@ -90,9 +90,8 @@ class UsageCore:
         ``open`` (the request goes through, counted). In ``closed`` mode StorageUnavailable
         reaches the caller (a 503); in ``local`` mode this process's memory limits answer. The
         circuit breaker logs each change of state; requests are not logged one by one."""
-        plan = key.__dict__.get("_ate_plan")
         try:
-            decision = self.limiter.hit_plan(key.id, plan if plan is not None else self._plan(key), now)
+            decision = self.limiter.hit_plan(key.id, self._plan(key), now)
         except StorageUnavailable as exc:
             return self._storage_unavailable(exc)
         return self._decided(key, decision, now)

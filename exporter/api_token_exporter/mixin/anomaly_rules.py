@@ -45,6 +45,11 @@ LEVELS = SENSITIVITIES
 ERROR_EVIDENCE = {"min_errors": 5, "confidence_z": 3}
 
 
+def error_settings(a: dict) -> dict:
+    """anomaly.errors, with ERROR_EVIDENCE where a thresholds file predates them."""
+    return {**ERROR_EVIDENCE, **(a.get("errors") or {})}
+
+
 def validate(t: dict) -> None:
     a = t.get("anomaly")
     if not isinstance(a, dict):
@@ -69,7 +74,7 @@ def validate(t: dict) -> None:
                              "anomaly.countries needs memory") from None
     if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share < 1:
         raise ThresholdError("thresholds: anomaly.routes.mix_divergence must be between 0 and 1")
-    errors = {**ERROR_EVIDENCE, **(a.get("errors") or {})}
+    errors = error_settings(a)
     for key in ("min_requests", "min_ratio", "min_errors", "confidence_z"):
         value, least = errors.get(key), 0
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < least:
@@ -209,7 +214,7 @@ def error_evidence(t: dict) -> str:
     ``anomaly.errors.confidence_z`` standard deviations: the least error ratio that explains
     the errors seen among the requests seen. Two chance errors among 60 requests give about
     0.5 % at z = 3; an hour at 20 % over 600 requests about 15 %."""
-    w, errors = t["rate_window"], {**ERROR_EVIDENCE, **t["anomaly"]["errors"]}
+    w, errors = t["rate_window"], error_settings(t["anomaly"])
     z = errors["confidence_z"]
     z2 = z ** 2
     p = f"token:apitoken_request_errors:ratio_rate{w}"
@@ -245,9 +250,9 @@ def alert_rules(t: dict, alert) -> List[dict]:
     learned = f"and on (token) {x.learned()}"
     change = f"(1 + {x.per_token('min_change')})"
     per_hour = a["volume"]["min_requests_per_hour"]
-    errors = {**ERROR_EVIDENCE, **a["errors"]}
-    enough = {"error_ratio": f"and on (token) token:apitoken_requests:rate{w} * {w_s} >= {a['errors']['min_requests']:g}\n"
-                             f"and {{value}} >= {a['errors']['min_ratio']:g}\n"
+    errors = error_settings(a)
+    enough = {"error_ratio": f"and on (token) token:apitoken_requests:rate{w} * {w_s} >= {errors['min_requests']:g}\n"
+                             f"and {{value}} >= {errors['min_ratio']:g}\n"
                              f"and on (token) {{value}} * on (token) token:apitoken_requests:rate{w} * {w_s} "
                              f">= {errors['min_errors']:g}\n"
                              f"and on (token) {error_evidence(t)} > on (token) "

@@ -268,7 +268,7 @@ class TokenAnalytics:
     def _record(self, environ, key: Optional[ApiKey], code: int, started: float) -> None:
         core = self.core
         core.record_request(key.id if key is not None else None,
-                            environ.get(ENVIRON_ROUTE) or self.route_template(environ),
+                            self.route_template(environ),
                             environ.get("REQUEST_METHOD", "GET"), code, time.perf_counter() - started)
         if key is not None and core.countries is not None:
             core.record_country(key.id, client_ip(environ, self._trusted_proxies))
